@@ -1,0 +1,198 @@
+# SPDX-License-Identifier: AGPL-3.0-or-later
+"""``sharedllm``: the command line. Also reachable as ``dask sharedllm``.
+
+    sharedllm up --machines 2                      # an embedded local mesh, until Ctrl-C
+    sharedllm generate MODEL "Once upon a time"    # stream tokens (embedded mesh unless --scheduler)
+    sharedllm status --scheduler tcp://host:8786   # machines, resources, rpc-servers
+    sharedllm demo                                 # the quick-start demo on an embedded mesh
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import signal
+import sys
+import time
+
+import click
+
+from sharedllm.errors import MeshError
+
+logger = logging.getLogger("sharedllm.cli")
+
+
+def _setup_logging(verbose: int) -> None:
+    level = logging.DEBUG if verbose > 1 else logging.INFO if verbose else logging.WARNING
+    fmt = "%(asctime)s %(name)s %(levelname)s %(message)s"
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format=fmt)
+    logging.getLogger("sharedllm").setLevel(level if verbose else logging.INFO)
+    # Dask's own chatter (comm retries, closing clients) is noise for a command-line user.
+    logging.getLogger("distributed").setLevel(logging.DEBUG if verbose > 1 else logging.ERROR)
+
+
+def friendly_errors(fn):
+    """Turn expected failures into one line on stderr and exit status 1 (2 for usage errors)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except click.exceptions.Exit:
+            raise
+        except click.ClickException:
+            raise
+        except (MeshError, ValueError, OSError, TimeoutError) as exc:
+            msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            click.echo(f"error: {msg}", err=True)
+            sys.exit(1)
+        except KeyboardInterrupt:
+            click.echo("interrupted", err=True)
+            sys.exit(130)
+
+    return wrapper
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("-v", "--verbose", count=True, help="more log output (-vv for debug)")
+@click.version_option(package_name="sharedllm")
+def cli(verbose: int) -> None:
+    """SharedLLM: run one GGUF model split across the machines of a mesh."""
+    _setup_logging(verbose)
+
+
+def _connect(scheduler: str | None, machines: int):
+    """A (mesh, closer) pair: the scheduler at ``scheduler``, or an embedded local mesh of ``machines`` machines."""
+    from sharedllm.client import Mesh
+    from sharedllm.local import LocalMesh
+
+    if scheduler:
+        mesh = Mesh.connect(scheduler)
+        return mesh, mesh.close
+    click.echo(f"starting an embedded mesh of {machines} machine(s) on this host...", err=True)
+    lm = LocalMesh(machines=machines).start()
+    return lm.mesh(), lm.close
+
+
+@cli.command()
+@click.option("--machines", default=2, show_default=True, help="emulated machines (one worker and rpc-server each)")
+@click.option("--host", default="127.0.0.1", show_default=True, help="address to listen on")
+@friendly_errors
+def up(machines: int, host: str) -> None:
+    """Start an embedded local mesh: a scheduler and one worker per emulated machine. Ctrl-C stops it."""
+    from sharedllm.local import LocalMesh
+
+    lm = LocalMesh(machines=machines, host=host)
+    click.echo(f"starting {machines} machine(s)...", err=True)
+    lm.start()
+    try:
+        click.echo(f"scheduler: {lm.address}")
+        click.echo(f"dashboard: {lm.dashboard_link}")
+        click.echo(str(lm.mesh().machines()))
+        click.echo(f"\nconnect:  python -c 'import sharedllm, distributed; "
+                   f"m = sharedllm.Mesh(distributed.Client(\"{lm.address}\")); print(m.machines())'")
+        click.echo(f"generate: sharedllm generate gemma-3-270m 'Once upon a time' --scheduler {lm.address}")
+        click.echo("Ctrl-C to stop", err=True)
+        stop = []
+        signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
+        while not stop:
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        click.echo("stopping the mesh...", err=True)
+        lm.close()
+
+
+@cli.command()
+@click.argument("model")
+@click.argument("prompt")
+@click.option("--scheduler", default=None, help="scheduler address; without it an embedded mesh is started")
+@click.option("--machines", default=2, show_default=True, help="machines of the embedded mesh")
+@click.option("--max-tokens", default=128, show_default=True)
+@click.option("--temperature", default=0.0, show_default=True)
+@click.option("--seed", default=None, type=int)
+@click.option("--n-ctx", default=2048, show_default=True)
+@click.option("--chat", is_flag=True, help="treat PROMPT as a user chat message (chat template from the GGUF)")
+@friendly_errors
+def generate(model, prompt, scheduler, machines, max_tokens, temperature, seed, n_ctx, chat) -> None:
+    """Stream a completion of PROMPT by MODEL (a .gguf path or 'gemma-3-270m') to stdout."""
+    from sharedllm import models
+
+    models.resolve(model)  # a bad path fails here, before any process starts
+    mesh, close = _connect(scheduler, machines)
+    try:
+        extra = {"seed": seed} if seed is not None else {}
+        with mesh.load(model, n_ctx=n_ctx, **extra) as llm:
+            click.echo(str(llm.topology), err=True)
+            kwargs = {"max_tokens": max_tokens, "temperature": temperature, "stream": True}
+            if chat:
+                for chunk in llm.create_chat_completion([{"role": "user", "content": prompt}], **kwargs):
+                    click.echo(chunk["choices"][0]["delta"].get("content", ""), nl=False)
+            else:
+                click.echo(prompt, nl=False)
+                for chunk in llm.create_completion(prompt, **kwargs):
+                    click.echo(chunk["choices"][0]["text"], nl=False)
+            click.echo()
+    finally:
+        close()
+
+
+@cli.command()
+@click.option("--scheduler", required=True, envvar="SHAREDLLM_SCHEDULER", help="scheduler address")
+@click.option("--json", "as_json", is_flag=True, help="machine-readable output")
+@friendly_errors
+def status(scheduler: str, as_json: bool) -> None:
+    """Show the machines of a mesh: resources and rpc-servers."""
+    from sharedllm.client import Mesh
+    from sharedllm.ggml import build_info
+
+    with Mesh.connect(scheduler) as mesh:
+        machines = mesh.machines()
+        if as_json:
+            click.echo(json.dumps({"scheduler": scheduler, "machines": list(machines)}, indent=2, default=str))
+            return
+        click.echo(str(machines))
+        mine = build_info()
+        for m in machines:
+            proto = (m.get("rpc") or {}).get("protocol")
+            if proto and proto.split(".")[0] != mine["rpc_protocol"].split(".")[0]:
+                click.echo(f"warning: {m['machine_id']} speaks RPC protocol {proto}, this client "
+                           f"{mine['rpc_protocol']}: it will not be placed", err=True)
+
+
+@cli.command()
+@click.option("--machines", default=2, show_default=True)
+@click.option("--max-tokens", default=64, show_default=True)
+@friendly_errors
+def demo(machines: int, max_tokens: int) -> None:
+    """The quick start: an embedded mesh, Gemma 3 270M split across it, real tokens streamed."""
+    from sharedllm.local import LocalMesh
+
+    click.echo(f"starting an embedded mesh of {machines} machines (a scheduler, {machines} workers, "
+               f"{machines} rpc-servers)...", err=True)
+    with LocalMesh(machines=machines) as lm:
+        mesh = lm.mesh()
+        click.echo(f"scheduler {lm.address}, dashboard {lm.dashboard_link}\n")
+        click.echo(str(mesh.machines()) + "\n")
+        with mesh.load("gemma-3-270m", n_ctx=2048) as llm:
+            click.echo(str(llm.topology) + "\n")
+            click.echo(f"(planned in {llm.plan_ms:.0f} ms, loaded in {llm.load_seconds:.1f} s)\n")
+            prompt = "Once upon a time"
+            click.echo(prompt, nl=False)
+            t0, n = time.perf_counter(), 0
+            for chunk in llm.create_completion(prompt, max_tokens=max_tokens, temperature=0, stream=True):
+                click.echo(chunk["choices"][0]["text"], nl=False)
+                n += 1
+            dt = time.perf_counter() - t0
+            click.echo(f"\n\n[{n} tokens in {dt:.1f} s, {n / dt:.1f} tok/s across {len(llm.topology.machines)} "
+                       "machines]")
+
+
+def main() -> None:
+    cli()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,276 @@
+# SPDX-License-Identifier: AGPL-3.0-or-later
+"""The SharedLLM scheduler plugin: the registry of machines, one rpc-server actor per machine, and planning.
+
+Installed by ``dask scheduler --preload sharedllm.scheduler``. Handlers, callable from any client as
+``await client.scheduler.<name>(...)``:
+
+- ``sharedllm_state()``: every machine with its workers, resources, rpc-server state and build;
+- ``sharedllm_plan(estimate=..., ...)``: a topology for a model estimate, or ``ModelTooLarge`` / ``NoMachines``.
+
+Actors are created through a client the plugin owns, so they belong to the scheduler side and outlive user clients.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from distributed import SchedulerPlugin
+
+from sharedllm.errors import MeshError, NoMachines
+from sharedllm.gguf import ModelEstimate
+from sharedllm.placement import DeviceSlot, plan
+
+logger = logging.getLogger("sharedllm.scheduler")
+
+EXTENSION = "sharedllm"
+
+
+@dataclass
+class ActorRecord:
+    """The actor of one machine: which worker holds it, and its Dask future/handle."""
+
+    worker: str
+    key: str
+    future: Any = None
+    actor: Any = None
+    state: dict | None = None
+    created: float = field(default_factory=time.time)
+
+
+class MeshPlugin(SchedulerPlugin):
+    """Tracks machines and pins exactly one ``RPCServerActor`` per machine."""
+
+    name = "sharedllm-mesh"
+    idempotent = True
+
+    def __init__(self, reconcile_interval: float = 0.5, actor_start_timeout: float = 90.0):
+        if reconcile_interval <= 0:
+            raise ValueError(f"reconcile_interval must be positive, got {reconcile_interval}")
+        self.reconcile_interval = reconcile_interval
+        self.actor_start_timeout = actor_start_timeout
+        self.scheduler = None
+        self.actors: dict[str, ActorRecord] = {}
+        self._pending: dict[str, asyncio.Task] = {}
+        self._client = None
+        self._generation = 0
+        self._wake: asyncio.Event | None = None
+        self._task: asyncio.Task | None = None
+        self._closing = False
+
+    # --- lifecycle ---------------------------------------------------------------------------------------------
+
+    async def start(self, scheduler) -> None:
+        self.scheduler = scheduler
+        scheduler.handlers["sharedllm_state"] = self.handle_state
+        scheduler.handlers["sharedllm_plan"] = self.handle_plan
+        scheduler.extensions[EXTENSION] = self
+        self._wake = asyncio.Event()
+        self._task = asyncio.ensure_future(self._reconcile_loop())
+        logger.info("SharedLLM mesh plugin started")
+
+    async def close(self) -> None:
+        self._closing = True
+        if self._task:
+            self._task.cancel()
+        for t in self._pending.values():
+            t.cancel()
+        for rec in list(self.actors.values()):
+            await self._stop_actor(rec, timeout=5)
+        self.actors.clear()
+        if self._client is not None:
+            with contextlib.suppress(Exception):
+                await self._client.close(timeout=5)
+
+    def add_worker(self, scheduler=None, worker: str | None = None) -> None:
+        # Do not create actors here: the worker has not had its registration reply yet (see NOTES).
+        if self._wake:
+            self._wake.set()
+
+    def remove_worker(self, scheduler=None, worker: str | None = None, **kwargs) -> None:
+        for machine, rec in list(self.actors.items()):
+            if rec.worker == worker:
+                logger.warning("worker %s holding the rpc-server actor of machine %s left", worker, machine)
+                self.actors.pop(machine)
+                self._release(rec)
+        if self._wake:
+            self._wake.set()
+
+    # --- registry ----------------------------------------------------------------------------------------------
+
+    def worker_report(self, addr: str) -> dict | None:
+        """The latest sharedllm heartbeat payload of a worker (metrics), else its registration info."""
+        ws = self.scheduler.workers.get(addr)
+        if ws is None:
+            return None
+        return ws.metrics.get(EXTENSION) or ws.extra.get(EXTENSION)
+
+    def machine_workers(self) -> dict[str, list[str]]:
+        """machine id -> addresses of its live workers, oldest first."""
+        out: dict[str, list[str]] = {}
+        for addr in self.scheduler.workers:
+            rep = self.worker_report(addr)
+            if rep and rep.get("machine_id"):
+                out.setdefault(rep["machine_id"], []).append(addr)
+        return out
+
+    def machines(self) -> list[dict]:
+        """The mesh state: one record per machine."""
+        out = []
+        for machine, workers in sorted(self.machine_workers().items()):
+            rec = self.actors.get(machine)
+            holder = rec.worker if rec else None
+            rep = self.worker_report(holder) if holder else None
+            rep = rep or self.worker_report(workers[0])
+            rpc = rep.get("rpc") if holder else None
+            if rpc is None and rec is not None and rec.state:
+                rpc = rec.state
+            if rpc is None:
+                rpc = {"state": "starting" if machine in self._pending else "stopped"}
+            out.append(
+                {
+                    "machine_id": machine,
+                    "workers": workers,
+                    "actor_worker": holder,
+                    "actor_key": rec.key if rec else None,
+                    "resources": rep.get("resources"),
+                    "rpc": rpc,
+                    "build": rep.get("build"),
+                }
+            )
+        return out
+
+    # --- actors ------------------------------------------------------------------------------------------------
+
+    async def _reconcile_loop(self) -> None:
+        while not self._closing:
+            try:
+                await self.reconcile()
+            except Exception:
+                logger.exception("sharedllm: reconciling rpc-server actors failed")
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self.reconcile_interval)
+            self._wake.clear()
+
+    async def reconcile(self) -> None:
+        """Make sure every machine with a live worker has exactly one actor, and none lingers elsewhere."""
+        by_machine = self.machine_workers()
+        for machine, rec in list(self.actors.items()):
+            if machine not in by_machine or rec.worker not in self.scheduler.workers:
+                self.actors.pop(machine)
+                self._release(rec)
+        for machine, workers in by_machine.items():
+            if machine not in self.actors and machine not in self._pending:
+                self._pending[machine] = asyncio.ensure_future(self._pin(machine, workers[0]))
+
+    async def _get_client(self):
+        if self._client is None:
+            from distributed import Client
+
+            self._client = await Client(
+                self.scheduler.address,
+                asynchronous=True,
+                name="sharedllm-mesh",
+                security=getattr(self.scheduler, "security", None),
+            )
+        return self._client
+
+    async def _pin(self, machine: str, worker: str) -> None:
+        from sharedllm.actor import RPCServerActor
+
+        try:
+            client = await self._get_client()
+            self._generation += 1
+            key = f"sharedllm-rpc-{machine}-{self._generation}"
+            fut = client.submit(
+                RPCServerActor, machine, actor=True, workers=[worker], allow_other_workers=False, key=key, pure=False
+            )
+            rec = ActorRecord(worker=worker, key=key, future=fut)
+            actor = await asyncio.wait_for(fut, self.actor_start_timeout)
+            rec.actor = actor
+            if worker not in self.scheduler.workers:
+                self._release(rec)
+                return
+            self.actors[machine] = rec
+            logger.info("pinned the rpc-server actor of machine %s on %s", machine, worker)
+            rec.state = await asyncio.wait_for(actor.start(), self.actor_start_timeout)
+            logger.info("machine %s: rpc-server %s %s", machine, rec.state.get("state"), rec.state.get("endpoint"))
+        except Exception as exc:
+            logger.warning("could not start the rpc-server actor of machine %s on %s: %s", machine, worker, exc)
+        finally:
+            self._pending.pop(machine, None)
+
+    def _release(self, rec: ActorRecord) -> None:
+        if rec.future is not None:
+            with contextlib.suppress(Exception):
+                rec.future.release()
+
+    async def _stop_actor(self, rec: ActorRecord, timeout: float) -> None:
+        if rec.actor is not None and rec.worker in self.scheduler.workers:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(rec.actor.stop(), timeout)
+        self._release(rec)
+
+    # --- handlers ----------------------------------------------------------------------------------------------
+
+    async def handle_state(self) -> dict:
+        return {"machines": self.machines(), "time": time.time()}
+
+    def device_slots(self, machines: list[dict], build: dict | None = None) -> tuple[list[DeviceSlot], list[str]]:
+        """Ready devices with fresh free memory, plus the reasons machines were left out."""
+        slots: list[DeviceSlot] = []
+        skipped: list[str] = []
+        want_proto = (build or {}).get("rpc_protocol")
+        for m in machines:
+            rpc, res = m["rpc"], m.get("resources") or {}
+            if rpc.get("state") != "ready":
+                why = f": {rpc['reason']}" if rpc.get("reason") else ""
+                skipped.append(f"{m['machine_id']} (rpc-server {rpc.get('state')}{why})")
+                continue
+            if want_proto and rpc.get("protocol") and rpc["protocol"].split(".")[0] != want_proto.split(".")[0]:
+                skipped.append(f"{m['machine_id']} (RPC protocol {rpc['protocol']}, client has {want_proto})")
+                continue
+            gpus = {f"CUDA{g['index']}": g for g in res.get("gpus", [])}
+            for i, dev in enumerate(rpc.get("devices", [])):
+                free, total = dev["memory_free"], dev["memory_total"]
+                if dev["kind"] == "cpu" and res.get("ram_available"):
+                    free, total = res["ram_available"], res["ram_total"]  # fresh, the server's figure is from its start
+                elif dev["name"] in gpus:
+                    free, total = gpus[dev["name"]]["memory_free"], gpus[dev["name"]]["memory_total"]
+                slots.append(DeviceSlot(m["machine_id"], rpc["endpoint"], i, dev["name"], free, total,
+                                        "cpu" if dev["kind"] == "cpu" else "gpu"))
+        return slots, skipped
+
+    async def handle_plan(
+        self,
+        estimate: dict,
+        strategy: str = "spread",
+        headroom: float = 0.10,
+        max_devices: int | None = None,
+        machines: list[str] | None = None,
+        build: dict | None = None,
+    ) -> dict:
+        t0 = time.perf_counter()
+        state = self.machines()
+        if machines:
+            unknown = set(machines) - {m["machine_id"] for m in state}
+            if unknown:
+                raise MeshError(f"unknown machine(s) {sorted(unknown)}; `sharedllm status` lists the mesh")
+            state = [m for m in state if m["machine_id"] in machines]
+        slots, skipped = self.device_slots(state, build)
+        if not slots:
+            why = f"; left out: {', '.join(skipped)}" if skipped else ""
+            raise NoMachines(
+                f"no machine in the mesh has a ready rpc-server ({len(state)} machine(s) known{why}); start workers "
+                "with `dask worker ADDR --preload sharedllm.worker` or wait for their rpc-servers"
+            )
+        topo = plan(slots, ModelEstimate.from_dict(estimate), headroom=headroom, strategy=strategy,
+                    max_devices=max_devices)
+        d = topo.to_dict()
+        d["planning_ms"] = (time.perf_counter() - t0) * 1000
+        d["skipped"] = skipped
+        return d

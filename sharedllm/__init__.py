@@ -1,0 +1,45 @@
+# SPDX-License-Identifier: AGPL-3.0-or-later
+"""SharedLLM: one GGUF model split across the machines of a mesh (llama.cpp RPC + a Dask actor system).
+
+    from distributed import Client
+    import sharedllm
+
+    mesh = sharedllm.Mesh(Client("tcp://machine1:8786"))
+    with mesh.load("/models/gemma-3-270m-q4_k_m.gguf", n_ctx=2048) as llm:
+        print(llm.create_completion("Once upon a time", max_tokens=64, temperature=0))
+"""
+
+from __future__ import annotations
+
+from importlib import import_module
+
+from sharedllm.errors import (
+    EngineError,
+    InvalidModel,
+    MeshError,
+    ModelError,
+    ModelNotFound,
+    ModelTooLarge,
+    NoMachines,
+    RPCServerError,
+    SchedulerUnreachable,
+    WorkerLost,
+)
+
+__version__ = "0.1.0"
+
+# Imported lazily: the rpc-server and engine processes import this package and must start without Dask.
+_LAZY = {"Mesh": "sharedllm.client", "MeshModel": "sharedllm.client", "LocalMesh": "sharedllm.local",
+         "Topology": "sharedllm.placement"}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'sharedllm' has no attribute {name!r}")
+
+
+__all__ = [
+    "EngineError", "InvalidModel", "LocalMesh", "Mesh", "MeshError", "MeshModel", "ModelError", "ModelNotFound",
+    "ModelTooLarge", "NoMachines", "RPCServerError", "SchedulerUnreachable", "Topology", "WorkerLost",
+]

@@ -1,0 +1,446 @@
+# SPDX-License-Identifier: AGPL-3.0-or-later
+"""The engine: a disposable child process that holds the llama.cpp context.
+
+llama.cpp calls ``GGML_ABORT`` (and the process exits with status 134) when an rpc-server dies, a handshake fails or
+a tensor is malformed. So the context never lives in the user's interpreter: ``Engine`` starts
+``python -m sharedllm.engine``, talks to it over its stdin/stdout with length-prefixed pickle frames, and turns its
+death into a typed exception that names the machine or the file. Tokens are forwarded as the child produces them.
+
+No Dask here: the engine knows endpoints and a tensor split, nothing about the mesh.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import pickle
+import select
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from sharedllm.errors import EngineError, InvalidModel, MeshError, WorkerLost
+
+logger = logging.getLogger(__name__)
+
+_HEADER = struct.Struct("<I")
+
+
+@dataclass(frozen=True)
+class EngineStage:
+    """One device the engine loads layers onto: device ``device_index`` of the rpc-server at ``endpoint``."""
+
+    endpoint: str
+    device_index: int = 0
+    machine_id: str = ""
+
+
+@dataclass
+class EngineSpec:
+    """Everything the child needs to build its ``llama_cpp.Llama``."""
+
+    model_path: str
+    stages: list[EngineStage] = field(default_factory=list)  # empty: a plain local model
+    tensor_split: list[float] = field(default_factory=list)
+    llama_kwargs: dict[str, Any] = field(default_factory=dict)
+    use_extra_bufts: bool = False  # False: the same CPU kernels as an rpc-server (see NOTES, the oracle)
+    # False: every request starts from an empty context. Reusing a cached prompt prefix re-evaluates the last prompt
+    # token alone, and a batch of one takes other kernels than the full prompt: greedy text can then differ from a
+    # fresh run. True trades that reproducibility for speed on long shared prefixes (chat).
+    reuse_prompt_cache: bool = False
+
+
+# --- framing, shared by both sides -------------------------------------------------------------------------------
+
+
+def _write_frame(fd: int, obj: Any) -> None:
+    data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+    buf = _HEADER.pack(len(data)) + data
+    while buf:
+        n = os.write(fd, buf)
+        buf = buf[n:]
+
+
+class _FrameReader:
+    """Reads frames from a pipe with an optional deadline; ``EOFError`` when the other side is gone."""
+
+    def __init__(self, fd: int):
+        self.fd = fd
+        self.buf = bytearray()
+
+    def _fill(self, n: int, deadline: float | None) -> None:
+        while len(self.buf) < n:
+            if deadline is not None:
+                left = deadline - time.monotonic()
+                if left <= 0 or not select.select([self.fd], [], [], left)[0]:
+                    raise TimeoutError
+            chunk = os.read(self.fd, max(65536, n - len(self.buf)))
+            if not chunk:
+                raise EOFError
+            self.buf += chunk
+
+    def read(self, timeout: float | None = None) -> Any:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        self._fill(_HEADER.size, deadline)
+        (size,) = _HEADER.unpack_from(self.buf)
+        self._fill(_HEADER.size + size, deadline)
+        data = bytes(self.buf[_HEADER.size : _HEADER.size + size])
+        del self.buf[: _HEADER.size + size]
+        return pickle.loads(data)
+
+    def ready(self) -> bool:
+        return len(self.buf) >= _HEADER.size or bool(select.select([self.fd], [], [], 0)[0])
+
+
+# --- parent side -------------------------------------------------------------------------------------------------
+
+
+class Engine:
+    """Client-side handle on one engine process.
+
+    ``load_timeout`` bounds model loading (uploading weights to every rpc-server); ``token_timeout`` bounds the gap
+    between two streamed tokens. An rpc-server that hangs (the RPC protocol has no timeouts) is detected by them.
+    """
+
+    def __init__(
+        self,
+        spec: EngineSpec,
+        *,
+        load_timeout: float = 600.0,
+        token_timeout: float = 120.0,
+        on_progress: Callable[[float], None] | None = None,
+        probe: Callable[[EngineSpec], tuple[str, str] | None] | None = None,
+    ):
+        self.spec = spec
+        self.load_timeout = load_timeout
+        self.token_timeout = token_timeout
+        self.on_progress = on_progress
+        self._probe = probe or _probe_stages
+        self._lock = threading.Lock()
+        self._log = tempfile.NamedTemporaryFile(prefix="sharedllm-engine-", suffix=".log", delete=False)
+        self.info: dict[str, Any] = {}
+        self._proc: subprocess.Popen | None = None
+        self._reader: _FrameReader | None = None
+
+    @property
+    def log_path(self) -> str:
+        return self._log.name
+
+    @property
+    def alive(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    def start(self) -> dict[str, Any]:
+        """Start the child and load the model. Returns what the child reports (devices, load time, n_ctx...)."""
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        self._proc = subprocess.Popen(
+            [sys.executable, "-m", "sharedllm.engine", str(os.getpid())],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self._log,
+            env=env,
+            start_new_session=True,  # Ctrl-C in the user's terminal reaches the user's code, not the engine
+        )
+        self._reader = _FrameReader(self._proc.stdout.fileno())
+        self._send({"op": "init", "spec": self.spec})
+        deadline = time.monotonic() + self.load_timeout
+        while True:
+            msg = self._recv(deadline - time.monotonic(), during="loading the model")
+            if msg[0] == "progress":
+                if self.on_progress:
+                    self.on_progress(msg[1])
+            elif msg[0] == "ready":
+                self.info = msg[1]
+                return self.info
+            elif msg[0] == "error":
+                self.close()
+                raise _rebuild(msg[1], msg[2], self.spec)
+
+    def call(self, method: str, kwargs: dict[str, Any]) -> Any:
+        """Run ``Llama.<method>(**kwargs)`` without streaming and return its result."""
+        with self._lock:
+            self._send({"op": "call", "method": method, "kwargs": kwargs, "stream": False})
+            while True:
+                msg = self._recv(self.load_timeout, during=f"{method}")
+                if msg[0] == "result":
+                    return msg[1]
+                if msg[0] == "error":
+                    raise _rebuild(msg[1], msg[2], self.spec)
+
+    def stream(self, method: str, kwargs: dict[str, Any]) -> Iterator[dict]:
+        """Run ``Llama.<method>(**kwargs, stream=True)`` and yield its chunks as the child produces them."""
+        with self._lock:
+            self._send({"op": "call", "method": method, "kwargs": kwargs, "stream": True})
+            finished = False
+            try:
+                first = True
+                while True:
+                    # The first chunk waits for the prompt to be processed; later ones for one decode step.
+                    msg = self._recv(self.load_timeout if first else self.token_timeout, during=method)
+                    first = False
+                    if msg[0] == "chunk":
+                        yield msg[1]
+                    elif msg[0] == "done":
+                        finished = True
+                        return
+                    elif msg[0] == "error":
+                        finished = True
+                        raise _rebuild(msg[1], msg[2], self.spec)
+            finally:
+                if not finished and self.alive:
+                    self._cancel()
+
+    def _cancel(self) -> None:
+        # The caller stopped reading: stop generating, then drain what is in flight so the next call starts clean.
+        try:
+            self._send({"op": "cancel"})
+            while self._recv(self.token_timeout, during="cancelling")[0] not in ("done", "error"):
+                pass
+        except MeshError:
+            pass
+
+    def _send(self, msg: dict) -> None:
+        if not self.alive:
+            raise self._failure("the engine is not running")
+        try:
+            _write_frame(self._proc.stdin.fileno(), msg)
+        except OSError:
+            raise self._failure("the engine stopped accepting requests") from None
+
+    def _recv(self, timeout: float, during: str) -> tuple:
+        try:
+            return self._reader.read(timeout=max(timeout, 0.0))
+        except TimeoutError:
+            self._kill()
+            raise self._failure(f"no answer for {timeout:.0f}s while {during}", hung=True) from None
+        except EOFError:
+            self._proc.wait()
+            raise self._failure(f"the engine died while {during}") from None
+
+    def _failure(self, what: str, hung: bool = False) -> MeshError:
+        """Turn a dead or hung engine into a typed error that names the machine that caused it, when known."""
+        self._kill()
+        tail = self.log_tail()
+        culprit = self._probe(self.spec) if self.spec.stages else None
+        code = self._proc.returncode if self._proc else None
+        if culprit:
+            endpoint, state = culprit
+            machine = next((s.machine_id for s in self.spec.stages if s.endpoint == endpoint), "") or endpoint
+            return WorkerLost(
+                f"machine {machine} (rpc-server {endpoint}) {state}: {what}; the session must be reloaded on the "
+                "remaining machines",
+                machine=machine,
+                endpoint=endpoint,
+            )
+        last = tail.strip().splitlines()[-1] if tail.strip() else "no output"
+        if hung:
+            return EngineError(f"engine {what}; raise token_timeout if the model is this slow (log: {self.log_path})")
+        return EngineError(f"engine exited with status {code} {what}: {last} (log: {self.log_path})")
+
+    def log_tail(self, n: int = 4000) -> str:
+        try:
+            with open(self.log_path, "rb") as f:
+                f.seek(max(0, os.path.getsize(self.log_path) - n))
+                return f.read().decode(errors="replace")
+        except OSError:
+            return ""
+
+    def _kill(self) -> None:
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.kill()
+            self._proc.wait()
+
+    def close(self) -> None:
+        """Stop the child (politely, then by force) and remove its log."""
+        if self._proc is None:
+            return
+        if self._proc.poll() is None:
+            with contextlib.suppress(Exception):
+                _write_frame(self._proc.stdin.fileno(), {"op": "close"})
+            try:
+                self._proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self._kill()
+        for f in (self._proc.stdin, self._proc.stdout):
+            with contextlib.suppress(Exception):
+                f.close()
+        self._log.close()
+        with contextlib.suppress(OSError):
+            os.unlink(self.log_path)
+        self._proc = None
+
+
+def _probe_stages(spec: EngineSpec) -> tuple[str, str] | None:
+    """After the engine is gone, find the rpc-server that refuses or hangs. None when every server answers."""
+    from sharedllm.ggml import rpc_hello
+
+    for endpoint in dict.fromkeys(s.endpoint for s in spec.stages):
+        try:
+            rpc_hello(endpoint, timeout=3.0)
+        except TimeoutError:
+            return endpoint, "stopped answering"
+        except OSError:
+            return endpoint, "is unreachable"
+    return None
+
+
+def _rebuild(kind: str, message: str, spec: EngineSpec) -> Exception:
+    if kind == "model":
+        return InvalidModel(f"{spec.model_path}: llama.cpp could not load the model: {message}", spec.model_path)
+    if kind == "value":
+        return ValueError(message)
+    return EngineError(message)
+
+
+# --- child side --------------------------------------------------------------------------------------------------
+
+
+def _watch_parent(parent_pid: int) -> None:
+    while True:
+        if os.getppid() != parent_pid:
+            os._exit(0)
+        time.sleep(0.5)
+
+
+def _build_llama(spec: EngineSpec, out_fd: int):
+    import ctypes
+
+    import llama_cpp
+    import llama_cpp.llama_cpp as lib
+
+    from sharedllm import ggml
+
+    handles: list[int] = []
+    devices: list[dict] = []
+    servers: dict[str, list] = {}
+    for st in spec.stages:
+        if st.endpoint not in servers:
+            servers[st.endpoint] = ggml.add_server(st.endpoint)
+        devs = servers[st.endpoint]
+        if st.device_index >= len(devs):
+            raise RuntimeError(f"rpc-server {st.endpoint} has {len(devs)} device(s), no device {st.device_index}")
+        dev, h = devs[st.device_index]
+        handles.append(h)
+        devices.append({"endpoint": st.endpoint, "machine_id": st.machine_id, **dev.to_dict()})
+
+    dev_array = (ctypes.c_void_p * (len(handles) + 1))(*handles, None)
+
+    @ctypes.CFUNCTYPE(ctypes.c_bool, ctypes.c_float, ctypes.c_void_p)
+    def progress(fraction, _user):
+        _write_frame(out_fd, ("progress", float(fraction)))
+        return True
+
+    original = lib.llama_model_default_params
+
+    def patched():
+        params = original()
+        if handles:
+            params.devices = ctypes.cast(dev_array, ctypes.c_void_p)
+        params.use_extra_bufts = spec.use_extra_bufts
+        params.progress_callback = progress
+        return params
+
+    kwargs = dict(spec.llama_kwargs)
+    kwargs.setdefault("verbose", False)
+    if "chat_format" not in kwargs and "chat_handler" not in kwargs:
+        kwargs["chat_format"] = _fallback_chat_format(spec.model_path)
+        if kwargs["chat_format"] is None:
+            del kwargs["chat_format"]
+    if handles:
+        kwargs["n_gpu_layers"] = -1
+        kwargs["tensor_split"] = spec.tensor_split or None
+    lib.llama_model_default_params = patched
+    try:
+        llm = llama_cpp.Llama(model_path=spec.model_path, **kwargs)
+    finally:
+        lib.llama_model_default_params = original
+    llm._sharedllm_keepalive = (dev_array, progress)  # the C side keeps pointers to both
+    return llm, devices
+
+
+def _fallback_chat_format(path: str) -> str | None:
+    """A chat format for GGUFs that carry no ``tokenizer.chat_template`` (llama-cpp-python would pick llama-2)."""
+    from sharedllm.gguf import read_gguf
+
+    try:
+        g = read_gguf(path)
+    except Exception:
+        return None
+    if g.metadata.get("tokenizer.chat_template"):
+        return None
+    arch = g.architecture or ""
+    return "gemma" if arch.startswith("gemma") else None
+
+
+def _child_main(parent_pid: int) -> int:
+    # Frames go out on a private copy of stdout; anything else printed (llama.cpp, Python) lands in the log (stderr).
+    out_fd = os.dup(1)
+    os.dup2(2, 1)
+    in_fd = 0
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s engine %(levelname)s %(message)s")
+    threading.Thread(target=_watch_parent, args=(parent_pid,), daemon=True).start()
+    reader = _FrameReader(in_fd)
+    try:
+        init = reader.read()
+    except EOFError:
+        return 0
+    spec: EngineSpec = init["spec"]
+    t0 = time.perf_counter()
+    try:
+        llm, devices = _build_llama(spec, out_fd)
+    except ValueError as exc:  # llama-cpp-python: "Failed to load model from file"
+        _write_frame(out_fd, ("error", "model", str(exc)))
+        return 1
+    except Exception as exc:
+        _write_frame(out_fd, ("error", "engine", f"{type(exc).__name__}: {exc}"))
+        return 1
+    info = {
+        "load_seconds": time.perf_counter() - t0,
+        "devices": devices,
+        "n_ctx": llm.n_ctx(),
+        "n_vocab": llm.n_vocab(),
+        "pid": os.getpid(),
+        "metadata": dict(llm.metadata),
+    }
+    _write_frame(out_fd, ("ready", info))
+    while True:
+        try:
+            msg = reader.read()
+        except EOFError:
+            return 0
+        op = msg.get("op")
+        if op == "close":
+            return 0
+        if op != "call":  # a late "cancel" for a stream that already ended needs no answer
+            continue
+        fn = getattr(llm, msg["method"])
+        if not spec.reuse_prompt_cache:
+            llm.reset()
+        try:
+            if not msg["stream"]:
+                _write_frame(out_fd, ("result", fn(**msg["kwargs"])))
+                continue
+            for chunk in fn(**msg["kwargs"], stream=True):
+                _write_frame(out_fd, ("chunk", chunk))
+                if reader.ready():
+                    nxt = reader.read()
+                    if nxt.get("op") == "cancel":
+                        break
+                    if nxt.get("op") == "close":
+                        return 0
+            _write_frame(out_fd, ("done",))
+        except (ValueError, TypeError) as exc:  # bad arguments, prompt longer than the context...
+            _write_frame(out_fd, ("error", "value", str(exc)))
+        except Exception as exc:
+            _write_frame(out_fd, ("error", "engine", f"{type(exc).__name__}: {exc}"))
+
+
+if __name__ == "__main__":
+    sys.exit(_child_main(int(sys.argv[1]) if len(sys.argv) > 1 else os.getppid()))

@@ -1,0 +1,75 @@
+# SPDX-License-Identifier: AGPL-3.0-or-later
+"""Errors users can catch. Each message names the thing that failed and the way out."""
+
+from __future__ import annotations
+
+
+class MeshError(Exception):
+    """Base class of every SharedLLM error."""
+
+
+class ModelError(MeshError):
+    """A model file is missing, unreadable or not a usable GGUF. ``path`` names the file."""
+
+    def __init__(self, message: str, path: str | None = None):
+        super().__init__(message)
+        self.path = path
+
+    def __reduce__(self):  # keep the attributes across pickling (Dask RPC, the engine pipe)
+        return (type(self), (str(self), self.path))
+
+
+class ModelNotFound(ModelError):
+    """The model reference does not point at an existing file."""
+
+
+class InvalidModel(ModelError):
+    """The file exists but is not a valid GGUF model (bad magic, truncated, out-of-bounds tensor data...)."""
+
+
+class ModelTooLarge(MeshError):
+    """The mesh does not have the memory the model needs. Raised before any byte is uploaded."""
+
+    def __init__(self, message: str, needed: int = 0, available: int = 0):
+        super().__init__(message)
+        self.needed = needed
+        self.available = available
+
+    def __reduce__(self):
+        return (type(self), (str(self), self.needed, self.available))
+
+
+class NoMachines(MeshError):
+    """The mesh has no machine with a ready rpc-server."""
+
+
+class SchedulerUnreachable(MeshError):
+    """The Dask scheduler cannot be reached, or it does not run the SharedLLM preload."""
+
+
+class RPCServerError(MeshError):
+    """An rpc-server could not be started, or does not answer."""
+
+
+class EngineError(MeshError):
+    """The engine process (which holds the llama.cpp context) failed."""
+
+
+class WorkerLost(EngineError):
+    """A machine of the session's topology died or stopped answering. ``machine`` and ``endpoint`` name it."""
+
+    def __init__(self, message: str, machine: str | None = None, endpoint: str | None = None):
+        super().__init__(message)
+        self.machine = machine
+        self.endpoint = endpoint
+
+    def __reduce__(self):
+        return (type(self), (str(self), self.machine, self.endpoint))
+
+
+def gib(n: float) -> str:
+    """Format a byte count for humans (``1.23 GiB``, ``512.0 MiB``)."""
+    for unit, size in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if abs(n) >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{int(n)} B"

@@ -1,0 +1,194 @@
+# SPDX-License-Identifier: AGPL-3.0-or-later
+"""An embedded mesh on this host: a real ``dask scheduler`` and one ``dask worker`` per emulated machine.
+
+Each worker gets its own ``--machine-id``, so one host emulates several machines, each with its own rpc-server.
+Used by ``sharedllm up``, ``sharedllm generate`` without ``--scheduler``, the demo and the integration tests.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import weakref
+from dataclasses import dataclass
+from pathlib import Path
+
+from sharedllm.errors import MeshError
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class _Proc:
+    name: str
+    popen: subprocess.Popen
+    log: Path
+    machine_id: str | None = None
+
+
+def _kill_group(pid: int, sig: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, sig)
+
+
+def _cleanup(procs: list[_Proc]) -> None:
+    # Every process was started in its own session: killing the group also stops its rpc-servers and engines.
+    for p in procs:
+        _kill_group(p.popen.pid, signal.SIGKILL)
+        with contextlib.suppress(Exception):
+            p.popen.wait(timeout=5)
+
+
+class LocalMesh:
+    """Start a local mesh: ``with LocalMesh(machines=2) as lm: mesh = lm.mesh()``.
+
+    ``host`` is where everything listens (loopback by default). ``nanny=False`` runs workers without a nanny, so a
+    killed worker stays dead (fault tests); with a nanny it is restarted, as in production.
+    """
+
+    def __init__(
+        self,
+        machines: int = 2,
+        *,
+        host: str = "127.0.0.1",
+        nanny: bool = True,
+        dashboard: bool = True,
+        workdir: str | os.PathLike | None = None,
+        rpc_threads: int | None = None,
+        start_timeout: float = 120.0,
+    ):
+        if machines < 0:
+            raise ValueError(f"machines must be >= 0, got {machines}")
+        self.n_machines = machines
+        self.host = host
+        self.nanny = nanny
+        self.dashboard = dashboard
+        self.rpc_threads = rpc_threads
+        self.start_timeout = start_timeout
+        self._tmp = None if workdir else tempfile.TemporaryDirectory(prefix="sharedllm-mesh-")
+        self.workdir = Path(workdir or self._tmp.name)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.scheduler: _Proc | None = None
+        self.workers: list[_Proc] = []
+        self.address: str | None = None
+        self.dashboard_link: str | None = None
+        self._client = None
+        self._procs: list[_Proc] = []  # every process started; the finalizer kills them if close() is never called
+        self._finalizer = weakref.finalize(self, _cleanup, self._procs)
+
+    # --- processes ---------------------------------------------------------------------------------------------
+
+    def _spawn(self, name: str, cmd: list[str], machine_id: str | None = None) -> _Proc:
+        log = self.workdir / f"{name}.log"
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        with open(log, "ab") as f:
+            popen = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+                                     start_new_session=True)
+        proc = _Proc(name, popen, log, machine_id)
+        self._procs.append(proc)
+        return proc
+
+    def start(self) -> LocalMesh:
+        """Start the scheduler and the workers, and wait until every machine's rpc-server is ready."""
+        sched_file = self.workdir / "scheduler.json"
+        cmd = [sys.executable, "-m", "dask", "scheduler", "--host", self.host, "--port", "0",
+               "--scheduler-file", str(sched_file), "--no-show"]
+        cmd += ["--dashboard-address", f"{self.host}:0"] if self.dashboard else ["--no-dashboard"]
+        cmd += ["--preload", "sharedllm.scheduler"]
+        self.scheduler = self._spawn("scheduler", cmd)
+        deadline = time.monotonic() + self.start_timeout
+        while not sched_file.exists():
+            if self.scheduler.popen.poll() is not None or time.monotonic() > deadline:
+                self.close()
+                raise MeshError(f"the local scheduler did not start: {self._tail(self.scheduler)}")
+            time.sleep(0.1)
+        info = json.loads(sched_file.read_text())
+        self.address = info["address"]
+        port = info.get("services", {}).get("dashboard")
+        self.dashboard_link = f"http://{self.host}:{port}/status" if port else None
+        for i in range(self.n_machines):
+            self.add_machine(f"machine-{i + 1}")
+        self.mesh().wait_for_machines(self.n_machines, timeout=max(1.0, deadline - time.monotonic()))
+        logger.info("local mesh up: scheduler %s, dashboard %s", self.address, self.dashboard_link)
+        return self
+
+    def add_machine(self, machine_id: str, nworkers: int = 1, wait: bool = False) -> list[_Proc]:
+        """Start ``dask worker --nworkers N`` for one emulated machine."""
+        cmd = [sys.executable, "-m", "dask", "worker", self.address, "--host", self.host, "--nthreads", "1",
+               "--nworkers", str(nworkers), "--memory-limit", "0", "--no-dashboard",
+               "--local-directory", str(self.workdir / machine_id), "--name", machine_id,
+               "--nanny" if self.nanny else "--no-nanny",
+               "--preload", "sharedllm.worker", "--machine-id", machine_id]
+        if self.rpc_threads:
+            cmd += ["--rpc-threads", str(self.rpc_threads)]
+        proc = self._spawn(f"worker-{machine_id}-{len(self.workers)}", cmd, machine_id)
+        self.workers.append(proc)
+        if wait:
+            self.mesh().wait_for_machines(len({w.machine_id for w in self.workers}), timeout=self.start_timeout)
+        return [proc]
+
+    def stop_machine(self, machine_id: str, sig: int = signal.SIGTERM) -> None:
+        """Stop every ``dask worker`` process of an emulated machine (SIGKILL for a crash)."""
+        for p in self.workers:
+            if p.machine_id == machine_id and p.popen.poll() is None:
+                _kill_group(p.popen.pid, sig)
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    p.popen.wait(timeout=30)
+
+    def _tail(self, p: _Proc, n: int = 5) -> str:
+        try:
+            return " | ".join(p.log.read_text(errors="replace").strip().splitlines()[-n:])
+        except OSError:
+            return "no log"
+
+    # --- clients -----------------------------------------------------------------------------------------------
+
+    def client(self):
+        """A synchronous ``distributed.Client`` for this mesh (shared, closed with the mesh)."""
+        if self._client is None:
+            from distributed import Client
+
+            self._client = Client(self.address, timeout=30)
+        return self._client
+
+    def mesh(self):
+        from sharedllm.client import Mesh
+
+        return Mesh(self.client())
+
+    def close(self) -> None:
+        """Stop every process (workers first, so their rpc-servers stop cleanly), then the scheduler."""
+        if self._client is not None:
+            with contextlib.suppress(Exception):
+                self._client.close(timeout=10)
+            self._client = None
+        for p in self.workers:
+            _kill_group(p.popen.pid, signal.SIGTERM)
+        for p in self.workers:
+            try:
+                p.popen.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                _kill_group(p.popen.pid, signal.SIGKILL)
+        if self.scheduler is not None:
+            _kill_group(self.scheduler.popen.pid, signal.SIGTERM)
+            try:
+                self.scheduler.popen.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                _kill_group(self.scheduler.popen.pid, signal.SIGKILL)
+        self._finalizer()  # anything left in the groups (rpc-servers of killed workers)
+        if self._tmp is not None:
+            with contextlib.suppress(Exception):
+                self._tmp.cleanup()
+
+    def __enter__(self) -> LocalMesh:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -1,0 +1,132 @@
+# SPDX-License-Identifier: AGPL-3.0-or-later
+"""Worker preload: ``dask worker ADDR --preload sharedllm.worker [--machine-id ID] [--rpc-host H] ...``.
+
+Thin adapter: it installs ``MachineReporter``, which reports this machine's resources and its rpc-server's state to the
+scheduler with every heartbeat, and gives the per-machine actor a place to live.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import click
+from distributed import WorkerPlugin
+from distributed.comm.addressing import get_address_host
+
+from sharedllm import resources
+from sharedllm.actor import RPCServerConfig, RPCServerSupervisor
+
+logger = logging.getLogger(__name__)
+
+EXTENSION = "sharedllm"
+
+
+class MachineAgent:
+    """Per-worker state: which machine this worker belongs to, and the rpc-server supervisor if it holds the actor."""
+
+    def __init__(self, worker, machine_id: str, config: RPCServerConfig):
+        self.worker = worker
+        self.machine_id = machine_id
+        self.config = config
+        self.supervisor: RPCServerSupervisor | None = None
+        self._build: dict | None = None
+
+    def new_supervisor(self, machine_id: str) -> RPCServerSupervisor:
+        if machine_id != self.machine_id:
+            raise ValueError(f"actor for machine {machine_id} landed on a worker of machine {self.machine_id}")
+        if self.supervisor is not None and self.supervisor.status.state not in ("stopped", "failed"):
+            return self.supervisor  # the actor was re-created on the same worker: keep the running server
+        workdir = Path(self.worker.local_directory) / "sharedllm-rpc"
+        self.supervisor = RPCServerSupervisor(self.config, workdir)
+        return self.supervisor
+
+    def build(self) -> dict:
+        if self._build is None:
+            import llama_cpp
+
+            self._build = {"llama_cpp_python": llama_cpp.__version__, "rpc": bool(llama_cpp.llama_supports_rpc())}
+        return self._build
+
+    def report(self, worker=None) -> dict:
+        """The heartbeat payload: machine identity, resources, rpc-server state, build."""
+        res = resources.probe(self.machine_id)
+        sup = self.supervisor
+        return {
+            "machine_id": self.machine_id,
+            "resources": res.to_dict(),
+            "rpc": sup.status.to_dict() if sup else None,
+            "build": self.build(),
+            "pid": os.getpid(),
+        }
+
+    async def close(self) -> None:
+        if self.supervisor is not None:
+            await self.supervisor.stop()
+
+
+class MachineReporter(WorkerPlugin):
+    """Reports the machine (CPUs, RAM, every GPU through NVML) and its rpc-server to the scheduler."""
+
+    name = "sharedllm-machine"
+    idempotent = True
+
+    def __init__(
+        self,
+        machine_id: str | None = None,
+        rpc_host: str | None = None,
+        rpc_port: int = 0,
+        rpc_threads: int | None = None,
+        rpc_devices: tuple[str, ...] = (),
+        cache_dir: str | None = None,
+    ):
+        self.machine_id = resources.machine_id(machine_id)  # validates an override, raises ValueError
+        if rpc_threads is not None and rpc_threads < 1:
+            raise ValueError(f"rpc_threads must be at least 1, got {rpc_threads}")
+        if not 0 <= rpc_port < 65536:
+            raise ValueError(f"rpc_port must be 0..65535, got {rpc_port}")
+        self.rpc_host = rpc_host
+        self.rpc_port = rpc_port
+        self.rpc_threads = rpc_threads
+        self.rpc_devices = tuple(rpc_devices)
+        self.cache_dir = cache_dir
+
+    def setup(self, worker) -> None:
+        host = self.rpc_host or get_address_host(worker.address)
+        if host not in ("127.0.0.1", "localhost", "::1"):
+            logger.warning(
+                "rpc-server of machine %s will listen on %s: llama.cpp's RPC port has no authentication, keep it "
+                "on a trusted network", self.machine_id, host,
+            )
+        cache = self.cache_dir or str(
+            Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "sharedllm" / "tensor-cache"
+            / self.machine_id
+        )
+        config = RPCServerConfig(
+            host=host, port=self.rpc_port, threads=self.rpc_threads, devices=self.rpc_devices, cache_dir=cache
+        )
+        agent = MachineAgent(worker, self.machine_id, config)
+        worker.extensions[EXTENSION] = agent
+        worker.startup_information[EXTENSION] = agent.report
+        worker.metrics[EXTENSION] = agent.report
+        logger.info("sharedllm: worker %s belongs to machine %s", worker.address, self.machine_id)
+
+    async def teardown(self, worker) -> None:
+        agent = worker.extensions.pop(EXTENSION, None)
+        if agent is not None:
+            await agent.close()
+
+
+@click.command()
+@click.option("--machine-id", default=None, help="machine identity (default: SHAREDLLM_MACHINE_ID, else the host's)")
+@click.option("--rpc-host", default=None, help="address the rpc-server binds (default: the worker's address)")
+@click.option("--rpc-port", type=int, default=0, show_default=True, help="rpc-server port (0: a free one)")
+@click.option("--rpc-threads", type=int, default=None, help="rpc-server CPU threads (default: every core)")
+@click.option("--rpc-device", "rpc_devices", multiple=True, help="device to serve, repeatable (default: GPUs or CPU)")
+@click.option("--cache-dir", default=None, help="rpc-server tensor cache directory")
+async def dask_setup(worker, machine_id, rpc_host, rpc_port, rpc_threads, rpc_devices, cache_dir):
+    await worker.plugin_add(
+        MachineReporter(machine_id, rpc_host, rpc_port, rpc_threads, tuple(rpc_devices), cache_dir),
+        catch_errors=False,
+    )
