@@ -309,11 +309,46 @@ def _watch_parent(parent_pid: int) -> None:
         time.sleep(0.5)
 
 
-def _build_llama(spec: EngineSpec, out_fd: int):
+def build_llama(model_path: str, *, devices: list[int] = (), use_extra_bufts: bool = False, progress=None, **kwargs):
+    """Construct ``llama_cpp.Llama`` with the model parameters its constructor does not expose.
+
+    ``devices`` (raw ggml device handles) become ``llama_model_params.devices``; ``use_extra_bufts=False`` gives the
+    CPU kernels an rpc-server uses, which makes local greedy output the oracle for mesh output (see NOTES).
+    Call it in a process that may die: with RPC devices llama.cpp aborts on a lost server.
+    """
     import ctypes
 
     import llama_cpp
     import llama_cpp.llama_cpp as lib
+
+    dev_array = (ctypes.c_void_p * (len(devices) + 1))(*devices, None)
+    original = lib.llama_model_default_params
+
+    def patched():
+        params = original()
+        if devices:
+            params.devices = ctypes.cast(dev_array, ctypes.c_void_p)
+        params.use_extra_bufts = use_extra_bufts
+        if progress is not None:
+            params.progress_callback = progress
+        return params
+
+    kwargs.setdefault("verbose", False)
+    if "chat_format" not in kwargs and "chat_handler" not in kwargs:
+        fallback = _fallback_chat_format(model_path)
+        if fallback:
+            kwargs["chat_format"] = fallback
+    lib.llama_model_default_params = patched
+    try:
+        llm = llama_cpp.Llama(model_path=model_path, **kwargs)
+    finally:
+        lib.llama_model_default_params = original
+    llm._sharedllm_keepalive = (dev_array, progress)  # the C side keeps pointers to both
+    return llm
+
+
+def _build_llama(spec: EngineSpec, out_fd: int):
+    import ctypes
 
     from sharedllm import ggml
 
@@ -330,38 +365,17 @@ def _build_llama(spec: EngineSpec, out_fd: int):
         handles.append(h)
         devices.append({"endpoint": st.endpoint, "machine_id": st.machine_id, **dev.to_dict()})
 
-    dev_array = (ctypes.c_void_p * (len(handles) + 1))(*handles, None)
-
     @ctypes.CFUNCTYPE(ctypes.c_bool, ctypes.c_float, ctypes.c_void_p)
     def progress(fraction, _user):
         _write_frame(out_fd, ("progress", float(fraction)))
         return True
 
-    original = lib.llama_model_default_params
-
-    def patched():
-        params = original()
-        if handles:
-            params.devices = ctypes.cast(dev_array, ctypes.c_void_p)
-        params.use_extra_bufts = spec.use_extra_bufts
-        params.progress_callback = progress
-        return params
-
     kwargs = dict(spec.llama_kwargs)
-    kwargs.setdefault("verbose", False)
-    if "chat_format" not in kwargs and "chat_handler" not in kwargs:
-        kwargs["chat_format"] = _fallback_chat_format(spec.model_path)
-        if kwargs["chat_format"] is None:
-            del kwargs["chat_format"]
     if handles:
         kwargs["n_gpu_layers"] = -1
         kwargs["tensor_split"] = spec.tensor_split or None
-    lib.llama_model_default_params = patched
-    try:
-        llm = llama_cpp.Llama(model_path=spec.model_path, **kwargs)
-    finally:
-        lib.llama_model_default_params = original
-    llm._sharedllm_keepalive = (dev_array, progress)  # the C side keeps pointers to both
+    llm = build_llama(spec.model_path, devices=handles, use_extra_bufts=spec.use_extra_bufts, progress=progress,
+                      **kwargs)
     return llm, devices
 
 

@@ -94,8 +94,8 @@ _SCALAR = {t: struct.Struct("<" + f) for t, f in _SCALAR_FMT.items()}
 # reader allocate or loop beyond the size of the file.
 _MIN_SIZE = {**{t: s.size for t, s in _SCALAR.items()}, STRING: 8, ARRAY: 12}
 _U32, _U64 = _SCALAR[UINT32], _SCALAR[UINT64]
-_INTS = (UINT8, INT8, UINT16, INT16, UINT32, INT32, UINT64, INT64)
 _BLK = re.compile(r"blk\.(\d+)\.")
+_ARCH = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 
 
 @dataclass(frozen=True)
@@ -196,6 +196,12 @@ class ModelEstimate:
 
 
 _REDOWNLOAD = "re-download the model"
+
+
+def _short(value: Any) -> str:
+    """A value from the file, for a message: repr keeps it on one line, the cut keeps the line short."""
+    r = repr(value)
+    return r if len(r) <= 60 else r[:57] + "..."
 
 
 class _Cursor:
@@ -336,7 +342,7 @@ def _parse(cur: _Cursor) -> GGUFFile:
     cur.pos = 4
     version = cur.scalar(_U32)
     if version not in SUPPORTED_VERSIONS:
-        hint = " (big-endian GGUF?)" if version & 0xFFFF == 0 else ""
+        hint = " (big-endian GGUF?)" if version and version & 0xFFFF == 0 else ""
         raise InvalidModel(
             f"{p}: unsupported GGUF version {version}{hint}; SharedLLM reads versions 2 and 3, convert the model "
             f"with a recent llama.cpp",
@@ -360,7 +366,7 @@ def _parse(cur: _Cursor) -> GGUFFile:
         if key == "general.alignment":
             alignment = metadata[key]
             if vtype != UINT32 or alignment <= 0 or alignment & (alignment - 1):
-                raise cur.invalid(f"corrupt GGUF: general.alignment {alignment!r} is not a power of 2 (as uint32)")
+                raise cur.invalid(f"corrupt GGUF: general.alignment {_short(alignment)} is not a power of 2 uint32")
 
     tensors: list[tuple[str, tuple[int, ...], int, int, int]] = []
     names: set[str] = set()
@@ -412,16 +418,18 @@ def _parse(cur: _Cursor) -> GGUFFile:
 def _check_model(cur: _Cursor, metadata: dict[str, Any], tensors: list[TensorInfo]) -> None:
     """What llama.cpp needs to even pick a model class: an architecture and a sane block count."""
     arch = metadata.get("general.architecture")
-    if not isinstance(arch, str) or not arch:
+    if arch is None:
         raise InvalidModel(
             f"{cur.path}: GGUF metadata has no general.architecture, so it is not a llama.cpp model; "
             f"convert the model with llama.cpp's convert_hf_to_gguf.py",
             cur.path,
         )
+    if not isinstance(arch, str) or not _ARCH.fullmatch(arch):
+        raise cur.invalid(f"corrupt GGUF: general.architecture {_short(arch)} is not an architecture name")
     n_layer = metadata.get(f"{arch}.block_count")
     if type(n_layer) is not int or not 0 < n_layer <= len(tensors):
         raise cur.invalid(
-            f"corrupt GGUF: {arch}.block_count is {n_layer!r}, expected a layer count between 1 and the "
+            f"corrupt GGUF: {arch}.block_count is {_short(n_layer)}, expected a layer count between 1 and the "
             f"{len(tensors)} tensors"
         )
     seen = set()
@@ -439,7 +447,7 @@ def _int_param(gguf: GGUFFile, key: str, default: int | None = None) -> int:
     value = gguf.get(key, default)
     if type(value) is not int or value < 0:
         raise InvalidModel(
-            f"{gguf.path}: GGUF metadata {gguf.architecture}.{key} is {value!r}, expected a count; {_REDOWNLOAD}",
+            f"{gguf.path}: GGUF metadata {gguf.architecture}.{key} is {_short(value)}, expected a count; {_REDOWNLOAD}",
             gguf.path,
         )
     return value

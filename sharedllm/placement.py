@@ -343,10 +343,12 @@ def _check_fits(
 ) -> None:
     """Raise ModelTooLarge when the devices in ``pool`` cannot hold the model, before anything else happens."""
     total = sum(slots)
-    n = max(1, len(pool))
+    # With no usable device (each one's compute buffer alone is too big), report against every device.
+    counted = pool or list(range(len(ordered)))
+    n = len(counted)
     needed = total + estimate.compute_bytes * n
     # Both sides count the compute buffers, so needed > available exactly when the usable capacity is short.
-    available = int(sum(budget[i] for i in pool))
+    available = int(sum(budget[i] for i in counted))
     if not pool or total > sum(capacity[i] for i in pool):
         weights = sum(estimate.layer_weight_bytes) + estimate.output_bytes
         kv = sum(estimate.layer_kv_bytes)

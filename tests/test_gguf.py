@@ -301,6 +301,7 @@ def test_corrupt_content(tmp_path):
         "duplicate": gguf_bytes([*MODEL_KVS, MODEL_KVS[1]], MODEL_TENSORS),
         "no tensors": gguf_bytes(MODEL_KVS, []),
         "general.architecture": gguf_bytes(MODEL_KVS[1:], MODEL_TENSORS),
+        "architecture name": gguf_bytes([("general.architecture", STRING, "ll\nama"), *MODEL_KVS[1:]], MODEL_TENSORS),
         "block_count": gguf_bytes([MODEL_KVS[0], *MODEL_KVS[2:]], MODEL_TENSORS),
         "beyond": gguf_bytes([MODEL_KVS[0], ("llama.block_count", UINT32, 1), *MODEL_KVS[2:]], MODEL_TENSORS),
         "deeper": gguf_bytes([*MODEL_KVS, ("deep", ARRAY, _nest(20))], MODEL_TENSORS),

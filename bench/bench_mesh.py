@@ -1,0 +1,450 @@
+# SPDX-License-Identifier: AGPL-3.0-or-later
+"""Benchmark: SharedLLM's mesh against raw llama.cpp RPC and a plain local model, on the same rpc-servers.
+
+    .venv/bin/python bench/bench_mesh.py [--tokens 128] [--repeats 3] [--machines 2] [--out bench/results/latest.json]
+
+Setups, all on Gemma 3 270M Q4_K_M, n_ctx 2048, the same prompt and greedy parameters:
+
+- ``local``: ``llama_cpp.Llama`` in this process, every core, ``use_extra_bufts=False`` (the CPU kernels an
+  rpc-server uses, so its greedy text is the oracle). ``local (default kernels)`` is the same with llama.cpp's default
+  repacked weights, for information only.
+- ``raw-rpc``: llama.cpp RPC driven by hand in a fresh process that imports llama_cpp and ctypes only (never
+  sharedllm): ``ggml_backend_rpc_add_server`` for each endpoint, ``llama_model_params.devices`` and ``tensor_split``
+  copied from the mesh's topology, ``n_gpu_layers=-1``. Its rpc-servers are the mesh's own, used while no mesh
+  session holds them.
+- ``mesh``: ``LocalMesh(machines=N)``, ``mesh.load("gemma-3-270m", n_ctx=2048)`` and a streamed completion.
+
+Repeats are interleaved (local, raw-rpc, mesh, local default, then again) and the medians are reported. The table goes
+to stdout; the raw numbers go to ``--out`` as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import datetime
+import json
+import logging
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+# Nothing from sharedllm at module level: the raw-rpc child runs this file and must not import it.
+
+logger = logging.getLogger("bench_mesh")
+
+PROMPT = (
+    "Once upon a time, in a small village at the edge of a great forest, there lived an old clockmaker who"
+)
+N_CTX = 2048
+MODEL_NAME = "gemma-3-270m"
+RAW_RESULT_PREFIX = "BENCH_RAW_RPC_RESULT "
+LOCAL, LOCAL_DEFAULT, RAW, MESH = "local", "local (default kernels)", "raw-rpc", "mesh"
+SETUPS = (LOCAL, RAW, MESH, LOCAL_DEFAULT)
+ORACLE_SETUPS = (LOCAL, RAW, MESH)  # same kernels, so the same greedy text
+TARGET_RATIO = 0.95
+
+
+def completion_kwargs(tokens: int) -> dict[str, Any]:
+    """The one set of sampling parameters every setup uses: greedy, ``tokens`` tokens."""
+    return {"max_tokens": tokens, "temperature": 0.0, "top_k": 1, "top_p": 1.0, "repeat_penalty": 1.0, "seed": 0}
+
+
+# --- measuring one streamed completion (shared by this process and the raw-rpc child) ------------------------------
+
+
+def timed_stream(start: Callable[[], Iterator[dict]]) -> dict[str, Any]:
+    """Consume a streamed completion and time it.
+
+    ``ttft_ms``: from the request to the first token chunk (prompt processing included). ``decode_tps``: tokens after
+    the first over the time from the first token chunk to the last. The closing chunk llama-cpp-python sends after the
+    last token (empty text, a finish_reason) is not a token.
+    """
+    t0 = time.perf_counter()
+    stamps: list[float] = []
+    parts: list[str] = []
+    finish = None
+    for chunk in start():
+        now = time.perf_counter()
+        choice = chunk["choices"][0]
+        if choice.get("finish_reason") is not None and not choice.get("text"):
+            finish = choice["finish_reason"]
+            continue
+        stamps.append(now)
+        parts.append(choice.get("text") or "")
+        finish = choice.get("finish_reason") or finish
+    t_end = time.perf_counter()
+    n = len(stamps)
+    decode_s = stamps[-1] - stamps[0] if n > 1 else 0.0
+    return {
+        "tokens": n,
+        "ttft_ms": (stamps[0] - t0) * 1000 if n else None,
+        "decode_tps": (n - 1) / decode_s if decode_s > 0 else None,
+        "decode_s": decode_s,
+        "total_s": t_end - t0,
+        "finish_reason": finish,
+        "text": "".join(parts),
+    }
+
+
+def _llama_cpp_lib_dir() -> Path:
+    import llama_cpp
+
+    return Path(llama_cpp.__file__).parent / "lib"
+
+
+@contextlib.contextmanager
+def patched_model_params(devices: list[int] | None, use_extra_bufts: bool) -> Iterator[Any]:
+    """While ``Llama()`` is constructed, make ``llama_model_default_params`` carry our devices and buffer choice.
+
+    The Python ``Llama`` class exposes neither ``devices`` nor ``use_extra_bufts``; sharedllm.engine injects them the
+    same way. ``devices`` are raw ggml device handles (a NULL-terminated array is built here); None leaves the default.
+    """
+    import llama_cpp.llama_cpp as lib
+
+    dev_array = (ctypes.c_void_p * (len(devices) + 1))(*devices, None) if devices else None
+    original = lib.llama_model_default_params
+
+    def patched():
+        params = original()
+        if dev_array is not None:
+            params.devices = ctypes.cast(dev_array, ctypes.c_void_p)
+        params.use_extra_bufts = use_extra_bufts
+        return params
+
+    lib.llama_model_default_params = patched
+    try:
+        yield dev_array  # the caller keeps it alive as long as the model (the engine does the same)
+    finally:
+        lib.llama_model_default_params = original
+
+
+def run_llama(model_path: str, llama_kwargs: dict[str, Any], tokens: int, *, devices: list[int] | None,
+              use_extra_bufts: bool) -> dict[str, Any]:
+    """Build a ``llama_cpp.Llama`` (timed: the load), stream one completion, free the model."""
+    import llama_cpp
+
+    t0 = time.perf_counter()
+    with patched_model_params(devices, use_extra_bufts) as dev_array:
+        llm = llama_cpp.Llama(model_path=model_path, **llama_kwargs)
+    llm._bench_keepalive = dev_array
+    load_s = time.perf_counter() - t0
+    try:
+        res = timed_stream(lambda: llm.create_completion(PROMPT, stream=True, **completion_kwargs(tokens)))
+    finally:
+        llm.close()
+    res["load_s"] = load_s
+    res["plan_ms"] = None
+    return res
+
+
+# --- raw-rpc: runs in a fresh process that never imports sharedllm ----------------------------------------------
+
+
+def raw_rpc_child(spec: dict[str, Any]) -> dict[str, Any]:
+    """Hand-driven llama.cpp RPC: register the servers, pick their devices, load with the given split, generate."""
+    lib_dir = _llama_cpp_lib_dir()
+    ggml = ctypes.CDLL(str(lib_dir / "libggml.so"), mode=ctypes.RTLD_GLOBAL)
+    rpc = ctypes.CDLL(str(lib_dir / "libggml-rpc.so"), mode=ctypes.RTLD_GLOBAL)
+    rpc.ggml_backend_rpc_add_server.restype = ctypes.c_void_p
+    rpc.ggml_backend_rpc_add_server.argtypes = [ctypes.c_char_p]
+    ggml.ggml_backend_reg_dev_count.restype = ctypes.c_size_t
+    ggml.ggml_backend_reg_dev_count.argtypes = [ctypes.c_void_p]
+    ggml.ggml_backend_reg_dev_get.restype = ctypes.c_void_p
+    ggml.ggml_backend_reg_dev_get.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+
+    regs: dict[str, int] = {}
+    devices: list[int] = []
+    for endpoint, index in spec["stages"]:
+        if endpoint not in regs:
+            regs[endpoint] = rpc.ggml_backend_rpc_add_server(endpoint.encode())
+            if not regs[endpoint]:
+                raise RuntimeError(f"ggml_backend_rpc_add_server({endpoint}) failed")
+        if index >= ggml.ggml_backend_reg_dev_count(regs[endpoint]):
+            raise RuntimeError(f"rpc-server {endpoint} has no device {index}")
+        devices.append(ggml.ggml_backend_reg_dev_get(regs[endpoint], index))
+    # The engine's Llama arguments, nothing more: n_ctx, every layer on the given devices, the mesh's split.
+    kwargs = {"n_ctx": spec["n_ctx"], "n_gpu_layers": -1, "tensor_split": spec["tensor_split"], "verbose": False}
+    res = run_llama(spec["model_path"], kwargs, spec["tokens"], devices=devices, use_extra_bufts=False)
+    res["imported_sharedllm"] = any(m == "sharedllm" or m.startswith("sharedllm.") for m in sys.modules)
+    return res
+
+
+def run_raw_rpc(model_path: str, stages: list[tuple[str, int]], tensor_split: list[float], tokens: int,
+                timeout: float = 300.0) -> dict[str, Any]:
+    """Run :func:`raw_rpc_child` in a fresh interpreter (llama.cpp aborts the process if an rpc-server misbehaves)."""
+    spec = {"model_path": model_path, "stages": stages, "tensor_split": tensor_split, "n_ctx": N_CTX, "tokens": tokens}
+    with tempfile.TemporaryFile() as err:
+        t0 = time.perf_counter()
+        proc = subprocess.run(
+            [sys.executable, os.path.abspath(__file__), "--raw-rpc-child", json.dumps(spec)],
+            stdout=subprocess.PIPE, stderr=err, stdin=subprocess.DEVNULL, timeout=timeout, text=True,
+        )
+        wall = time.perf_counter() - t0
+        err.seek(0)
+        stderr = err.read().decode(errors="replace")
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(RAW_RESULT_PREFIX)]
+    if proc.returncode != 0 or not lines:
+        raise RuntimeError(f"raw-rpc child exited with status {proc.returncode}: {stderr.strip()[-2000:]}")
+    res = json.loads(lines[-1][len(RAW_RESULT_PREFIX):])
+    if res.pop("imported_sharedllm"):
+        raise RuntimeError("the raw-rpc child imported sharedllm; it must use llama_cpp and ctypes only")
+    res["process_s"] = wall
+    return res
+
+
+# --- local and mesh -------------------------------------------------------------------------------------------
+
+
+def run_local(model_path: str, tokens: int, use_extra_bufts: bool) -> dict[str, Any]:
+    kwargs = {"n_ctx": N_CTX, "n_threads": os.cpu_count() or 1, "verbose": False}
+    return run_llama(model_path, kwargs, tokens, devices=None, use_extra_bufts=use_extra_bufts)
+
+
+def run_mesh(mesh, tokens: int) -> tuple[dict[str, Any], Any]:
+    """Load the model on the mesh (timed: planning, engine start, upload), stream one completion, close it."""
+    t0 = time.perf_counter()
+    llm = mesh.load(MODEL_NAME, n_ctx=N_CTX)
+    load_s = time.perf_counter() - t0
+    with llm:
+        res = timed_stream(lambda: llm.create_completion(PROMPT, stream=True, **completion_kwargs(tokens)))
+        res["load_s"] = load_s
+        res["plan_ms"] = llm.plan_ms
+        res["engine_load_s"] = llm._engine.info.get("load_seconds")
+        topo = llm.topology
+    return res, topo
+
+
+# --- report ---------------------------------------------------------------------------------------------------
+
+_METRICS = ("decode_tps", "ttft_ms", "load_s", "plan_ms")
+
+
+def medians(runs: list[dict[str, Any]]) -> dict[str, float | None]:
+    out: dict[str, float | None] = {}
+    for key in (*_METRICS, "tokens"):
+        vals = [r[key] for r in runs if r.get(key) is not None]
+        out[key] = statistics.median(vals) if vals else None
+    return out
+
+
+def _fmt(v: float | None, digits: int) -> str:
+    return "-" if v is None else f"{v:.{digits}f}"
+
+
+def table_rows(summary: dict[str, Any]) -> list[list[str]]:
+    raw_tps = summary[RAW]["median"]["decode_tps"]
+    rows = [["setup", "decode tok/s", "(min-max)", "TTFT ms", "load s", "plan ms", "tokens", "vs raw-rpc"]]
+    for name in SETUPS:
+        runs, med = summary[name]["runs"], summary[name]["median"]
+        tps = [r["decode_tps"] for r in runs if r.get("decode_tps")]
+        spread = f"{min(tps):.1f}-{max(tps):.1f}" if tps else "-"
+        ratio = med["decode_tps"] / raw_tps if med["decode_tps"] and raw_tps else None
+        rows.append([
+            name, _fmt(med["decode_tps"], 1), spread, _fmt(med["ttft_ms"], 0), _fmt(med["load_s"], 2),
+            _fmt(med["plan_ms"], 0), _fmt(med["tokens"], 0), "-" if ratio is None else f"{ratio:.2f}x",
+        ])
+    return rows
+
+
+def render(rows: list[list[str]], markdown: bool) -> str:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    numeric = [i > 0 for i in range(len(rows[0]))]
+    if markdown:
+        out = ["| " + " | ".join(rows[0]) + " |",
+               "|" + "|".join("---:" if n else ":---" for n in numeric) + "|"]
+        out += ["| " + " | ".join(r) + " |" for r in rows[1:]]
+        return "\n".join(out)
+
+    def line(r: list[str]) -> str:
+        cells = [c.rjust(w) if n else c.ljust(w) for c, w, n in zip(r, widths, numeric, strict=True)]
+        return "  ".join(cells).rstrip()
+
+    return "\n".join([line(rows[0]), "  ".join("-" * w for w in widths), *(line(r) for r in rows[1:])])
+
+
+def cpu_idle_fraction(seconds: float = 1.0) -> float | None:
+    """How idle the whole machine is over ``seconds`` (from /proc/stat): other work skews every number here."""
+
+    def sample() -> tuple[int, int]:
+        vals = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+        return vals[3] + vals[4], sum(vals)  # idle + iowait, total
+
+    try:
+        idle0, total0 = sample()
+        time.sleep(seconds)
+        idle1, total1 = sample()
+    except (OSError, ValueError, IndexError):
+        return None
+    return (idle1 - idle0) / max(1, total1 - total0)
+
+
+def machine_info() -> dict[str, Any]:
+    import distributed
+    import llama_cpp
+
+    cpu_model = ""
+    with contextlib.suppress(OSError):
+        for ln in Path("/proc/cpuinfo").read_text().splitlines():
+            if ln.startswith("model name"):
+                cpu_model = ln.split(":", 1)[1].strip()
+                break
+    return {
+        "cpu_count": os.cpu_count(),
+        "cpu_affinity": len(os.sched_getaffinity(0)),
+        "cpu_model": cpu_model,
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "llama_cpp_python": llama_cpp.__version__,
+        "distributed": distributed.__version__,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "loadavg": os.getloadavg(),
+    }
+
+
+# --- main -----------------------------------------------------------------------------------------------------
+
+
+def benchmark(args: argparse.Namespace) -> dict[str, Any]:
+    from sharedllm import models
+    from sharedllm.local import LocalMesh
+
+    model_path = str(models.default_model_path())
+    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in SETUPS}
+    t_start = time.perf_counter()
+    with LocalMesh(machines=args.machines, dashboard=False) as lm:
+        mesh = lm.mesh()
+        idle = cpu_idle_fraction()
+        if idle is not None and idle < 0.9:
+            logger.warning("the machine is only %.0f%% idle before the benchmark (other processes are running): "
+                           "expect low and noisy numbers", idle * 100)
+        # Warm-up (not counted): page cache, the rpc-servers' tensor caches, and the topology raw-rpc reuses.
+        logger.info("warm-up: mesh load and %d tokens", min(args.tokens, 8))
+        _, topo = run_mesh(mesh, min(args.tokens, 8))
+        stages = [(s.endpoint, s.device_index) for s in topo.stages]
+        split = topo.tensor_split
+        logger.info("topology: endpoints %s, tensor_split %s\n%s", topo.endpoints, split, topo)
+        for r in range(args.repeats):
+            for name in SETUPS:
+                logger.info("repeat %d/%d: %s", r + 1, args.repeats, name)
+                if name == LOCAL:
+                    res = run_local(model_path, args.tokens, use_extra_bufts=False)
+                elif name == LOCAL_DEFAULT:
+                    res = run_local(model_path, args.tokens, use_extra_bufts=True)
+                elif name == RAW:
+                    res = run_raw_rpc(model_path, stages, split, args.tokens)
+                else:
+                    res, t = run_mesh(mesh, args.tokens)
+                    if t.tensor_split != split or t.endpoints != topo.endpoints:
+                        logger.warning("repeat %d planned another topology: %s %s", r + 1, t.endpoints, t.tensor_split)
+                res["repeat"] = r
+                res["loadavg_1m_after"] = os.getloadavg()[0]
+                runs[name].append(res)
+                logger.info("  %s: %.1f tok/s decode, TTFT %.0f ms, load %.2f s, %d tokens", name,
+                            res["decode_tps"] or 0, res["ttft_ms"] or 0, res["load_s"], res["tokens"])
+    total_s = time.perf_counter() - t_start
+
+    summary = {name: {"runs": runs[name], "median": medians(runs[name])} for name in SETUPS}
+    oracle_texts = {r["text"] for name in ORACLE_SETUPS for r in runs[name]}
+    texts_match = len(oracle_texts) == 1
+    token_counts = {r["tokens"] for name in SETUPS for r in runs[name]}
+
+    def ratio(a: str, b: str) -> float | None:
+        x, y = summary[a]["median"]["decode_tps"], summary[b]["median"]["decode_tps"]
+        return x / y if x and y else None
+
+    per_repeat = [
+        rm["decode_tps"] / rr["decode_tps"] if rm["decode_tps"] and rr["decode_tps"] else None
+        for rm, rr in zip(runs[MESH], runs[RAW], strict=True)
+    ]
+    return {
+        "machine": {**machine_info(), "idle_before": idle},
+        "config": {"tokens": args.tokens, "repeats": args.repeats, "machines": args.machines, "n_ctx": N_CTX,
+                   "model": model_path, "prompt": PROMPT, "completion_kwargs": completion_kwargs(args.tokens),
+                   "local_threads": os.cpu_count(), "rpc_threads": "every core (LocalMesh default)"},
+        "topology": {"endpoints": topo.endpoints, "tensor_split": split, "stages": stages,
+                     "plan": topo.to_dict()},
+        "setups": summary,
+        "ratios": {
+            "mesh/raw-rpc decode": ratio(MESH, RAW),
+            "mesh/raw-rpc decode per repeat": per_repeat,
+            "mesh/local decode": ratio(MESH, LOCAL),
+            "raw-rpc/local decode": ratio(RAW, LOCAL),
+            "local default/local decode": ratio(LOCAL_DEFAULT, LOCAL),
+            "target mesh/raw-rpc": TARGET_RATIO,
+        },
+        "texts_match": texts_match,
+        "texts": {name: runs[name][0]["text"] for name in SETUPS},
+        "distinct_oracle_texts": sorted(oracle_texts),
+        "same_token_count": len(token_counts) == 1,
+        "total_seconds": total_s,
+    }
+
+
+def report(result: dict[str, Any], markdown: bool) -> str:
+    cfg, m, ratios = result["config"], result["machine"], result["ratios"]
+    rows = table_rows(result["setups"])
+    r = ratios["mesh/raw-rpc decode"]
+    verdict = "meets" if r is not None and r >= TARGET_RATIO else "BELOW"
+    split = result["topology"]["tensor_split"]
+    lines = [
+        f"Gemma 3 270M Q4_K_M, n_ctx {cfg['n_ctx']}, {cfg['tokens']} greedy tokens, median of {cfg['repeats']} "
+        f"interleaved repeats, {cfg['machines']} loopback machines (tensor_split {split}), "
+        f"{m['cpu_count']} CPUs, llama-cpp-python {m['llama_cpp_python']}",
+        "",
+        render(rows, markdown),
+        "",
+        f"mesh/raw-rpc decode tok/s: {r:.3f} ({verdict} the {TARGET_RATIO} target; per repeat "
+        + ", ".join("-" if x is None else f"{x:.2f}" for x in ratios["mesh/raw-rpc decode per repeat"]) + ")"
+        if r is not None else "mesh/raw-rpc decode tok/s: n/a",
+        "greedy texts of local (use_extra_bufts=False), raw-rpc and mesh: "
+        + ("identical" if result["texts_match"] else f"DIFFER ({len(result['distinct_oracle_texts'])} variants)"),
+        "local (default kernels) text: "
+        + ("same" if result["texts"][LOCAL_DEFAULT] == result["texts"][LOCAL] else "differs (expected: other kernels)"),
+    ]
+    idle = m.get("idle_before")
+    if idle is not None and idle < 0.9:
+        lines.append(f"WARNING: the machine was only {idle:.0%} idle before the run: other processes skew the numbers")
+    if not result["same_token_count"]:
+        lines.append("WARNING: the setups generated different numbers of tokens")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--tokens", type=int, default=128, help="tokens to generate per run (default 128)")
+    p.add_argument("--repeats", type=int, default=3, help="interleaved repeats per setup (default 3)")
+    p.add_argument("--machines", type=int, default=2, help="loopback machines in the mesh (default 2)")
+    p.add_argument("--out", default="bench/results/latest.json", help="JSON results file")
+    p.add_argument("--markdown", action="store_true", help="print the table as Markdown")
+    p.add_argument("--raw-rpc-child", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+
+    if args.raw_rpc_child is not None:
+        res = raw_rpc_child(json.loads(args.raw_rpc_child))
+        print(RAW_RESULT_PREFIX + json.dumps(res), flush=True)
+        return 0
+
+    if args.tokens < 2 or args.repeats < 1 or args.machines < 1:
+        p.error("--tokens must be >= 2, --repeats and --machines >= 1")
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s %(message)s")
+    logging.getLogger("distributed").setLevel(logging.WARNING)
+    result = benchmark(args)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(report(result, args.markdown))
+    logger.info("wrote %s (%.0f s in all)", out, result["total_seconds"])
+    return 0 if result["texts_match"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

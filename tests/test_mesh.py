@@ -1,0 +1,128 @@
+# SPDX-License-Identifier: AGPL-3.0-or-later
+"""End to end on a real loopback mesh: real dask scheduler/workers, real rpc-servers, the real Gemma 270M."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+
+import pytest
+
+from sharedllm.errors import ModelTooLarge, WorkerLost
+from tests.conftest import N_CTX, PROMPT, machine, wait_for
+
+pytestmark = pytest.mark.mesh
+
+TWO = ["machine-1", "machine-2"]
+
+
+async def _leave(dask_worker):
+    # Close shortly after answering, so client.run gets its reply first.
+    asyncio.get_running_loop().call_later(0.2, lambda: asyncio.ensure_future(dask_worker.close(reason="test")))
+
+
+def test_machines_report_resources_and_ready_rpc_servers(mesh):
+    table = mesh.machines()
+    by_id = {m["machine_id"]: m for m in table}
+    assert set(TWO) <= set(by_id)
+    for mid in TWO:
+        m = by_id[mid]
+        res, rpc = m["resources"], m["rpc"]
+        assert res["machine_id"] == mid
+        assert res["cpu_count"] >= 1 and res["ram_total"] >= res["ram_available"] > 0
+        assert all(g["memory_total"] >= g["memory_free"] for g in res["gpus"])  # none here; fake NVML in unit tests
+        assert rpc["state"] == "ready", rpc
+        assert rpc["protocol"].split(".")[0] == "7"
+        assert rpc["devices"][0]["name"] == "CPU"
+        assert m["actor_worker"] in m["workers"]
+    text = str(table)
+    assert "machine-1" in text and "ready" in text
+
+
+def test_greedy_mesh_equals_local(mesh, local_greedy):
+    with mesh.load("gemma-3-270m", n_ctx=N_CTX, machines=TWO) as llm:
+        # The layers really are spread: two machines, contiguous slots covering every layer and the output.
+        assert llm.topology.machines == TWO
+        assert sum(llm.topology.tensor_split) == llm.topology.n_layer + 1
+        assert [d["endpoint"] for d in llm.devices] == llm.topology.endpoints
+        assert llm.plan_ms < 200
+        out = llm.create_completion(PROMPT, max_tokens=64, temperature=0)
+        assert out["object"] == "text_completion"
+        assert out["usage"]["completion_tokens"] == 64
+        assert out["choices"][0]["text"] == local_greedy["completion"]
+
+        chunks = list(llm.create_completion(PROMPT, max_tokens=64, temperature=0, stream=True))
+        assert len(chunks) > 10  # streamed token by token, not one blob
+        assert "".join(c["choices"][0]["text"] for c in chunks) == local_greedy["completion"]
+
+        chat = llm.create_chat_completion([{"role": "user", "content": "Name a colour."}], max_tokens=24,
+                                          temperature=0)
+        assert chat["object"] == "chat.completion"
+        assert chat["choices"][0]["message"]["role"] == "assistant"
+        assert chat["choices"][0]["message"]["content"] == local_greedy["chat"]
+
+
+def test_stream_stopped_early_leaves_the_session_usable(mesh, local_greedy):
+    with mesh.load("gemma-3-270m", n_ctx=N_CTX, machines=TWO) as llm:
+        it = llm.create_completion(PROMPT, max_tokens=64, temperature=0, stream=True)
+        first = [next(it) for _ in range(3)]
+        it.close()
+        assert first[0]["choices"][0]["text"]
+        out = llm.create_completion(PROMPT, max_tokens=64, temperature=0)
+        assert out["choices"][0]["text"] == local_greedy["completion"]
+
+
+def test_model_too_large_is_refused_before_upload(mesh):
+    # The KV cache of a 4M-token context needs ~70 GiB: more than the two machines have.
+    with pytest.raises(ModelTooLarge) as err:
+        mesh.load("gemma-3-270m", n_ctx=4_000_000, machines=TWO)
+    assert err.value.needed > err.value.available > 0
+    assert "gemma-3-270m" in str(err.value) and "n_ctx" in str(err.value)
+
+
+def test_kill_rpc_server_mid_stream_raises_typed_error_and_server_restarts(mesh):
+    victim = machine(mesh, "machine-2")["rpc"]
+    with mesh.load("gemma-3-270m", n_ctx=N_CTX, machines=TWO) as llm:
+        it = llm.create_completion(PROMPT, max_tokens=256, temperature=0, stream=True)
+        next(it)
+        os.kill(victim["pid"], signal.SIGKILL)
+        with pytest.raises(WorkerLost) as err:
+            for _ in it:
+                pass
+        assert err.value.machine == "machine-2"
+        assert victim["endpoint"] in str(err.value)
+        with pytest.raises(Exception, match="failed earlier"):
+            llm.create_completion(PROMPT, max_tokens=4)
+    # This process is alive (we are here); the actor brings the rpc-server back on the same endpoint.
+    back = wait_for(lambda: (m := machine(mesh, "machine-2")) and m["rpc"]["state"] == "ready"
+                    and m["rpc"]["pid"] != victim["pid"] and m["rpc"], what="rpc-server restart")
+    assert back["restarts"] >= 1
+    assert back["endpoint"] == victim["endpoint"]
+
+
+def test_one_actor_per_machine_and_repinning(mesh_cluster, mesh):
+    """`dask worker --nworkers 2` on one machine gives one actor; when its worker leaves, it is pinned again."""
+    client = mesh_cluster.client()
+    mesh_cluster.add_machine("multi", nworkers=2)
+    m = wait_for(lambda: (m := machine(mesh, "multi")) and len(m["workers"]) == 2 and m["rpc"]["state"] == "ready"
+                 and m, what="machine 'multi' with 2 workers and a ready rpc-server")
+
+    def actors_on(workers):
+        counts = client.run(lambda dask_worker: len(dask_worker.state.actors), workers=workers)
+        return sum(counts.values())
+
+    assert actors_on(m["workers"]) == 1
+    keys = client.run_on_scheduler(
+        lambda dask_scheduler: [k for k in dask_scheduler.tasks if str(k).startswith("sharedllm-rpc-multi")])
+    assert len(keys) == 1
+    holder, other = m["actor_worker"], next(w for w in m["workers"] if w != m["actor_worker"])
+
+    # retire_workers refuses workers that hold actors, so the holder leaves the way a stopped worker does.
+    client.run(_leave, workers=[holder])
+    m2 = wait_for(lambda: (x := machine(mesh, "multi")) and x["actor_worker"] == other
+                  and x["rpc"]["state"] == "ready" and x, what="actor pinned again on the remaining worker")
+    assert list(m2["workers"]) == [other]
+    assert actors_on([other]) == 1
+    mesh_cluster.stop_machine("multi")
+    wait_for(lambda: machine(mesh, "multi") is None, what="machine 'multi' to leave")
