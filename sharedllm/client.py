@@ -93,7 +93,7 @@ class Mesh:
 
         addr = getattr(self.client.scheduler, "address", "?")
         try:
-            return self.client.sync(getattr(self.client.scheduler, handler), **kwargs, callback_timeout=self.timeout)
+            result = self.client.sync(getattr(self.client.scheduler, handler), **kwargs, callback_timeout=self.timeout)
         except MeshError:
             raise
         except (OSError, CommClosedError, TimeoutError) as exc:
@@ -108,6 +108,12 @@ class Mesh:
                     "`dask scheduler --preload sharedllm.scheduler`"
                 ) from exc
             raise
+        if result is None:  # a scheduler without the handler logs "No handler ... found" and answers nothing
+            raise SchedulerUnreachable(
+                f"the Dask scheduler at {addr} does not run SharedLLM; start it with "
+                "`dask scheduler --preload sharedllm.scheduler`"
+            )
+        return result
 
     def state(self) -> dict:
         """The raw mesh state from the scheduler."""

@@ -100,7 +100,8 @@ class LocalMesh:
         sched_file = self.workdir / "scheduler.json"
         cmd = [sys.executable, "-m", "dask", "scheduler", "--host", self.host, "--port", "0",
                "--scheduler-file", str(sched_file), "--no-show"]
-        cmd += ["--dashboard-address", f"{self.host}:0"] if self.dashboard else ["--no-dashboard"]
+        # The HTTP server (health, metrics) listens even without the dashboard: always on a free port.
+        cmd += ["--dashboard-address", f"{self.host}:0"] + ([] if self.dashboard else ["--no-dashboard"])
         cmd += ["--preload", "sharedllm.scheduler"]
         self.scheduler = self._spawn("scheduler", cmd)
         deadline = time.monotonic() + self.start_timeout

@@ -1,0 +1,121 @@
+# SPDX-License-Identifier: AGPL-3.0-or-later
+"""The `sharedllm` command line, run as a user runs it, against real `dask scheduler`/`dask worker` processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import PROMPT
+
+pytestmark = pytest.mark.mesh
+
+BIN = Path(sys.executable).parent
+
+
+def run_cli(*args: str, timeout: float = 180) -> subprocess.CompletedProcess:
+    return subprocess.run([str(BIN / "sharedllm"), *args], capture_output=True, text=True, timeout=timeout,
+                          stdin=subprocess.DEVNULL)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_status_table_and_json(mesh_cluster, mesh):
+    out = run_cli("status", "--scheduler", mesh_cluster.address)
+    assert out.returncode == 0, out.stderr
+    assert "machine-1" in out.stdout and "machine-2" in out.stdout and "ready" in out.stdout
+    js = run_cli("status", "--scheduler", mesh_cluster.address, "--json")
+    assert js.returncode == 0, js.stderr
+    data = json.loads(js.stdout)
+    assert {m["machine_id"] for m in data["machines"]} == {m["machine_id"] for m in mesh.machines()}
+    assert all(m["rpc"]["state"] == "ready" for m in data["machines"])
+
+
+def test_generate_streams_the_greedy_text(mesh_cluster, local_greedy):
+    out = run_cli("generate", "gemma-3-270m", PROMPT, "--scheduler", mesh_cluster.address, "--max-tokens", "16")
+    assert out.returncode == 0, out.stderr
+    text = out.stdout.rstrip("\n")
+    assert len(text) > len(PROMPT) + 10
+    assert (PROMPT + local_greedy["completion"]).startswith(text)  # 16 greedy tokens: a prefix of the 64
+    assert "machine-1" in out.stderr and "machine-2" in out.stderr  # the topology table
+
+
+def test_errors_are_one_line_and_nonzero(tmp_path):
+    missing = run_cli("generate", str(tmp_path / "missing.gguf"), "hi")
+    assert missing.returncode == 1
+    assert missing.stderr.strip().count("\n") == 0
+    assert missing.stderr.startswith("error: model file") and "does not exist" in missing.stderr
+
+    addr = f"tcp://127.0.0.1:{_free_port()}"
+    down = run_cli("status", "--scheduler", addr)
+    assert down.returncode == 1
+    assert down.stderr.strip().count("\n") == 0
+    assert "cannot reach the Dask scheduler" in down.stderr and addr in down.stderr
+
+
+def test_documented_dask_commands_with_preloads(tmp_path):
+    """`dask scheduler --preload sharedllm.scheduler` + `dask worker --preload sharedllm.worker`, as in the README."""
+    port = _free_port()
+    addr = f"tcp://127.0.0.1:{port}"
+    env = dict(os.environ, SHAREDLLM_MACHINE_ID="cli-box")
+    procs = [subprocess.Popen([str(BIN / "dask"), "scheduler", "--host", "127.0.0.1", "--port", str(port),
+                               "--dashboard-address", "127.0.0.1:0", "--preload", "sharedllm.scheduler"],
+                              stdout=subprocess.DEVNULL, stderr=open(tmp_path / "s.log", "wb"),
+                              start_new_session=True)]
+    try:
+        time.sleep(1.0)
+        procs.append(subprocess.Popen([str(BIN / "dask"), "worker", addr, "--host", "127.0.0.1", "--nworkers", "2",
+                                       "--preload", "sharedllm.worker"],
+                                      stdout=subprocess.DEVNULL, stderr=open(tmp_path / "w.log", "wb"), env=env,
+                                      start_new_session=True))
+        deadline = time.monotonic() + 90
+        while True:
+            js = run_cli("status", "--scheduler", addr, "--json")
+            machines = json.loads(js.stdout)["machines"] if js.returncode == 0 else []
+            if machines and len(machines[0]["workers"]) == 2 and machines[0]["rpc"]["state"] == "ready":
+                break
+            assert time.monotonic() < deadline, f"mesh never got ready: {js.stderr} {machines}"
+            time.sleep(0.5)
+        assert [m["machine_id"] for m in machines] == ["cli-box"]  # --nworkers 2 on one host: one machine
+    finally:
+        for p in reversed(procs):
+            os.killpg(p.pid, signal.SIGTERM)
+        for p in procs:
+            try:
+                p.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(p.pid, signal.SIGKILL)
+
+
+def test_up_starts_and_stops_an_embedded_mesh():
+    proc = subprocess.Popen([str(BIN / "sharedllm"), "up", "--machines", "1"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        lines = []
+        deadline = time.monotonic() + 120
+        while not any(ln.startswith("dashboard:") for ln in lines):
+            assert time.monotonic() < deadline and proc.poll() is None, proc.stderr.read()
+            lines.append(proc.stdout.readline())
+        address = next(ln.split()[1] for ln in lines if ln.startswith("scheduler:"))
+        status = run_cli("status", "--scheduler", address)
+        assert status.returncode == 0 and "machine-1" in status.stdout and "ready" in status.stdout
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=60) == 0
+        down = run_cli("status", "--scheduler", address)
+        assert down.returncode == 1  # everything it started is gone
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
