@@ -24,6 +24,7 @@ import argparse
 import contextlib
 import ctypes
 import datetime
+import itertools
 import json
 import logging
 import os
@@ -84,10 +85,17 @@ def timed_stream(start: Callable[[], Iterator[dict]]) -> dict[str, Any]:
     t_end = time.perf_counter()
     n = len(stamps)
     decode_s = stamps[-1] - stamps[0] if n > 1 else 0.0
+    gaps = sorted(b - a for a, b in itertools.pairwise(stamps))
+    gap_p50 = gaps[len(gaps) // 2] if gaps else None
     return {
         "tokens": n,
         "ttft_ms": (stamps[0] - t0) * 1000 if n else None,
         "decode_tps": (n - 1) / decode_s if decode_s > 0 else None,
+        # The median gap between tokens shrugs off a few slow tokens (another process took the CPU for a moment).
+        "gap_p50_ms": gap_p50 * 1000 if gap_p50 else None,
+        "gap_p90_ms": gaps[len(gaps) * 9 // 10] * 1000 if gaps else None,
+        "gap_max_ms": gaps[-1] * 1000 if gaps else None,
+        "decode_tps_p50gap": 1 / gap_p50 if gap_p50 else None,
         "decode_s": decode_s,
         "total_s": t_end - t0,
         "finish_reason": finish,
@@ -225,14 +233,16 @@ def run_mesh(mesh, tokens: int) -> tuple[dict[str, Any], Any]:
 
 # --- report ---------------------------------------------------------------------------------------------------
 
-_METRICS = ("decode_tps", "ttft_ms", "load_s", "plan_ms")
+_METRICS = ("decode_tps", "decode_tps_p50gap", "ttft_ms", "load_s", "plan_ms", "tokens")
 
 
 def medians(runs: list[dict[str, Any]]) -> dict[str, float | None]:
     out: dict[str, float | None] = {}
-    for key in (*_METRICS, "tokens"):
+    for key in _METRICS:
         vals = [r[key] for r in runs if r.get(key) is not None]
         out[key] = statistics.median(vals) if vals else None
+    foreign = [r["cpu"]["foreign_pct"] for r in runs if "cpu" in r]
+    out["foreign_cpu_pct"] = statistics.median(foreign) if foreign else None
     return out
 
 
@@ -242,7 +252,8 @@ def _fmt(v: float | None, digits: int) -> str:
 
 def table_rows(summary: dict[str, Any]) -> list[list[str]]:
     raw_tps = summary[RAW]["median"]["decode_tps"]
-    rows = [["setup", "decode tok/s", "(min-max)", "TTFT ms", "load s", "plan ms", "tokens", "vs raw-rpc"]]
+    rows = [["setup", "decode tok/s", "(min-max)", "TTFT ms", "load s", "plan ms", "tokens", "vs raw-rpc",
+             "others' CPU"]]
     for name in SETUPS:
         runs, med = summary[name]["runs"], summary[name]["median"]
         tps = [r["decode_tps"] for r in runs if r.get("decode_tps")]
@@ -251,6 +262,7 @@ def table_rows(summary: dict[str, Any]) -> list[list[str]]:
         rows.append([
             name, _fmt(med["decode_tps"], 1), spread, _fmt(med["ttft_ms"], 0), _fmt(med["load_s"], 2),
             _fmt(med["plan_ms"], 0), _fmt(med["tokens"], 0), "-" if ratio is None else f"{ratio:.2f}x",
+            _fmt(med["foreign_cpu_pct"], 0) + "%",
         ])
     return rows
 
@@ -269,6 +281,41 @@ def render(rows: list[list[str]], markdown: bool) -> str:
         return "  ".join(cells).rstrip()
 
     return "\n".join([line(rows[0]), "  ".join("-" * w for w in widths), *(line(r) for r in rows[1:])])
+
+
+class CpuMeter:
+    """Over one run: CPU seconds the whole machine used, and how much of that was not this benchmark's processes.
+
+    ``foreign`` is the noise: another session's tests, a compiler... This benchmark's processes are this one and its
+    descendants (the mesh's scheduler, workers, rpc-servers, engines, the raw-rpc child), reaped ones included.
+    """
+
+    def __init__(self) -> None:
+        self.wall0, self.busy0, self.ours0 = time.perf_counter(), self._busy(), self._ours()
+
+    @staticmethod
+    def _busy() -> float:
+        vals = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:9]]
+        return (sum(vals) - vals[3] - vals[4]) / os.sysconf("SC_CLK_TCK")  # all but idle and iowait; steal counts
+
+    @staticmethod
+    def _ours() -> float:
+        import psutil
+
+        me = psutil.Process()
+        t = me.cpu_times()
+        total = t.user + t.system + t.children_user + t.children_system
+        for child in me.children(recursive=True):
+            with contextlib.suppress(psutil.Error):
+                ct = child.cpu_times()
+                total += ct.user + ct.system
+        return total
+
+    def stop(self) -> dict[str, float]:
+        wall, busy, ours = time.perf_counter() - self.wall0, self._busy() - self.busy0, self._ours() - self.ours0
+        foreign = max(0.0, busy - ours)
+        return {"wall_s": wall, "cpu_busy_s": busy, "cpu_ours_s": ours, "cpu_foreign_s": foreign,
+                "foreign_pct": 100 * foreign / (wall * (os.cpu_count() or 1)) if wall > 0 else 0.0}
 
 
 def cpu_idle_fraction(seconds: float = 1.0) -> float | None:
@@ -313,6 +360,26 @@ def machine_info() -> dict[str, Any]:
 # --- main -----------------------------------------------------------------------------------------------------
 
 
+@contextlib.contextmanager
+def mesh_env(assignments: list[str]) -> Iterator[None]:
+    """Set ``KEY=VALUE`` environment variables for the duration (while the mesh's processes start)."""
+    saved = {}
+    for a in assignments:
+        key, sep, value = a.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--rpc-env wants KEY=VALUE, got {a!r}")
+        saved.setdefault(key, os.environ.get(key))
+        os.environ[key] = value
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
 def benchmark(args: argparse.Namespace) -> dict[str, Any]:
     from sharedllm import models
     from sharedllm.local import LocalMesh
@@ -320,7 +387,9 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
     model_path = str(models.default_model_path())
     runs: dict[str, list[dict[str, Any]]] = {name: [] for name in SETUPS}
     t_start = time.perf_counter()
-    with LocalMesh(machines=args.machines, dashboard=False) as lm:
+    with mesh_env(args.rpc_env):  # the mesh's processes (so its rpc-servers) inherit it; nothing else does
+        lm = LocalMesh(machines=args.machines, dashboard=False).start()
+    with lm:
         mesh = lm.mesh()
         idle = cpu_idle_fraction()
         if idle is not None and idle < 0.9:
@@ -335,6 +404,7 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
         for r in range(args.repeats):
             for name in SETUPS:
                 logger.info("repeat %d/%d: %s", r + 1, args.repeats, name)
+                meter = CpuMeter()
                 if name == LOCAL:
                     res = run_local(model_path, args.tokens, use_extra_bufts=False)
                 elif name == LOCAL_DEFAULT:
@@ -346,10 +416,12 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
                     if t.tensor_split != split or t.endpoints != topo.endpoints:
                         logger.warning("repeat %d planned another topology: %s %s", r + 1, t.endpoints, t.tensor_split)
                 res["repeat"] = r
-                res["loadavg_1m_after"] = os.getloadavg()[0]
+                res["cpu"] = meter.stop()
                 runs[name].append(res)
-                logger.info("  %s: %.1f tok/s decode, TTFT %.0f ms, load %.2f s, %d tokens", name,
-                            res["decode_tps"] or 0, res["ttft_ms"] or 0, res["load_s"], res["tokens"])
+                logger.info("  %s: %.1f tok/s decode (%.1f by median gap), TTFT %.0f ms, load %.2f s, %d tokens, "
+                            "%.0f%% of the CPU taken by other processes", name, res["decode_tps"] or 0,
+                            res["decode_tps_p50gap"] or 0, res["ttft_ms"] or 0, res["load_s"], res["tokens"],
+                            res["cpu"]["foreign_pct"])
     total_s = time.perf_counter() - t_start
 
     summary = {name: {"runs": runs[name], "median": medians(runs[name])} for name in SETUPS}
@@ -357,8 +429,8 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
     texts_match = len(oracle_texts) == 1
     token_counts = {r["tokens"] for name in SETUPS for r in runs[name]}
 
-    def ratio(a: str, b: str) -> float | None:
-        x, y = summary[a]["median"]["decode_tps"], summary[b]["median"]["decode_tps"]
+    def ratio(a: str, b: str, key: str = "decode_tps") -> float | None:
+        x, y = summary[a]["median"][key], summary[b]["median"][key]
         return x / y if x and y else None
 
     per_repeat = [
@@ -369,13 +441,15 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
         "machine": {**machine_info(), "idle_before": idle},
         "config": {"tokens": args.tokens, "repeats": args.repeats, "machines": args.machines, "n_ctx": N_CTX,
                    "model": model_path, "prompt": PROMPT, "completion_kwargs": completion_kwargs(args.tokens),
-                   "local_threads": os.cpu_count(), "rpc_threads": "every core (LocalMesh default)"},
+                   "local_threads": os.cpu_count(), "rpc_threads": "every core (LocalMesh default)",
+                   "rpc_env": args.rpc_env},
         "topology": {"endpoints": topo.endpoints, "tensor_split": split, "stages": stages,
                      "plan": topo.to_dict()},
         "setups": summary,
         "ratios": {
             "mesh/raw-rpc decode": ratio(MESH, RAW),
             "mesh/raw-rpc decode per repeat": per_repeat,
+            "mesh/raw-rpc decode by median gap": ratio(MESH, RAW, "decode_tps_p50gap"),
             "mesh/local decode": ratio(MESH, LOCAL),
             "raw-rpc/local decode": ratio(RAW, LOCAL),
             "local default/local decode": ratio(LOCAL_DEFAULT, LOCAL),
@@ -398,21 +472,25 @@ def report(result: dict[str, Any], markdown: bool) -> str:
     lines = [
         f"Gemma 3 270M Q4_K_M, n_ctx {cfg['n_ctx']}, {cfg['tokens']} greedy tokens, median of {cfg['repeats']} "
         f"interleaved repeats, {cfg['machines']} loopback machines (tensor_split {split}), "
-        f"{m['cpu_count']} CPUs, llama-cpp-python {m['llama_cpp_python']}",
+        f"{m['cpu_count']} CPUs, llama-cpp-python {m['llama_cpp_python']}"
+        + (f", rpc-server env {' '.join(cfg['rpc_env'])}" if cfg["rpc_env"] else ""),
         "",
         render(rows, markdown),
         "",
         f"mesh/raw-rpc decode tok/s: {r:.3f} ({verdict} the {TARGET_RATIO} target; per repeat "
         + ", ".join("-" if x is None else f"{x:.2f}" for x in ratios["mesh/raw-rpc decode per repeat"]) + ")"
         if r is not None else "mesh/raw-rpc decode tok/s: n/a",
+        f"mesh/raw-rpc by median inter-token gap (robust to short stalls): "
+        f"{_fmt(ratios['mesh/raw-rpc decode by median gap'], 3)}",
         "greedy texts of local (use_extra_bufts=False), raw-rpc and mesh: "
         + ("identical" if result["texts_match"] else f"DIFFER ({len(result['distinct_oracle_texts'])} variants)"),
         "local (default kernels) text: "
         + ("same" if result["texts"][LOCAL_DEFAULT] == result["texts"][LOCAL] else "differs (expected: other kernels)"),
     ]
-    idle = m.get("idle_before")
-    if idle is not None and idle < 0.9:
-        lines.append(f"WARNING: the machine was only {idle:.0%} idle before the run: other processes skew the numbers")
+    foreign = max((r["cpu"]["foreign_pct"] for s in result["setups"].values() for r in s["runs"]), default=0.0)
+    if foreign >= 5:
+        lines.append(f"WARNING: other processes took up to {foreign:.0f}% of the CPU during a run (column "
+                     "others' CPU): those numbers are skewed; rerun on a quiet machine")
     if not result["same_token_count"]:
         lines.append("WARNING: the setups generated different numbers of tokens")
     return "\n".join(lines)
@@ -425,6 +503,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--machines", type=int, default=2, help="loopback machines in the mesh (default 2)")
     p.add_argument("--out", default="bench/results/latest.json", help="JSON results file")
     p.add_argument("--markdown", action="store_true", help="print the table as Markdown")
+    p.add_argument("--rpc-env", action="append", default=[], metavar="KEY=VALUE",
+                   help="environment for the mesh's processes and so its rpc-servers, repeatable "
+                        "(e.g. GOMP_SPINCOUNT=10000); local runs and engines do not get it")
     p.add_argument("--raw-rpc-child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
 

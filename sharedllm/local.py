@@ -107,8 +107,9 @@ class LocalMesh:
         deadline = time.monotonic() + self.start_timeout
         while not sched_file.exists():
             if self.scheduler.popen.poll() is not None or time.monotonic() > deadline:
+                why = self._tail(self.scheduler)  # read before close() removes the work directory
                 self.close()
-                raise MeshError(f"the local scheduler did not start: {self._tail(self.scheduler)}")
+                raise MeshError(f"the local scheduler did not start: {why}")
             time.sleep(0.1)
         info = json.loads(sched_file.read_text())
         self.address = info["address"]
@@ -120,8 +121,10 @@ class LocalMesh:
         logger.info("local mesh up: scheduler %s, dashboard %s", self.address, self.dashboard_link)
         return self
 
-    def add_machine(self, machine_id: str, nworkers: int = 1, wait: bool = False) -> list[_Proc]:
-        """Start ``dask worker --nworkers N`` for one emulated machine."""
+    def add_machine(
+        self, machine_id: str, nworkers: int = 1, wait: bool = False, rpc_devices: tuple[str, ...] = ()
+    ) -> list[_Proc]:
+        """Start ``dask worker --nworkers N`` for one emulated machine (``rpc_devices``: what its server serves)."""
         cmd = [sys.executable, "-m", "dask", "worker", self.address, "--host", self.host, "--nthreads", "1",
                "--nworkers", str(nworkers), "--memory-limit", "0", "--no-dashboard",
                "--local-directory", str(self.workdir / machine_id), "--name", machine_id,
@@ -129,6 +132,8 @@ class LocalMesh:
                "--preload", "sharedllm.worker", "--machine-id", machine_id]
         if self.rpc_threads:
             cmd += ["--rpc-threads", str(self.rpc_threads)]
+        for dev in rpc_devices:
+            cmd += ["--rpc-device", dev]
         proc = self._spawn(f"worker-{machine_id}-{len(self.workers)}", cmd, machine_id)
         self.workers.append(proc)
         if wait:
