@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -42,6 +43,36 @@ class ActorRecord:
     created: float = field(default_factory=time.time)
 
 
+@dataclass
+class Session:
+    """A model loaded by a client on some machines: what it holds and how fast it generates."""
+
+    session_id: str
+    client: str
+    model: str
+    topology: dict
+    opened: float = field(default_factory=time.time)
+    requests: int = 0
+    tokens: int = 0
+    seconds: float = 0.0  # time spent generating those tokens
+    last_tok_s: float = 0.0
+    last_ttft_ms: float | None = None
+    last_report: float = field(default_factory=time.time)
+    history: deque = field(default_factory=lambda: deque(maxlen=600))  # (time, tokens/s)
+
+    @property
+    def machines(self) -> list[str]:
+        return list(dict.fromkeys(st["machine_id"] for st in self.topology.get("stages", [])))
+
+    def to_dict(self) -> dict:
+        return {
+            "session_id": self.session_id, "client": self.client, "model": self.model, "topology": self.topology,
+            "machines": self.machines, "opened": self.opened, "requests": self.requests, "tokens": self.tokens,
+            "seconds": self.seconds, "last_tok_s": self.last_tok_s, "last_ttft_ms": self.last_ttft_ms,
+            "last_report": self.last_report, "history": list(self.history),
+        }
+
+
 class MeshPlugin(SchedulerPlugin):
     """Tracks machines and pins exactly one ``RPCServerActor`` per machine."""
 
@@ -61,6 +92,10 @@ class MeshPlugin(SchedulerPlugin):
         self._wake: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
         self._closing = False
+        self.sessions: dict[str, Session] = {}
+        self.ended: deque[dict] = deque(maxlen=100)  # recently closed sessions, newest last
+        self.tokens_total = 0
+        self._session_seq = 0
 
     # --- lifecycle ---------------------------------------------------------------------------------------------
 
@@ -68,6 +103,9 @@ class MeshPlugin(SchedulerPlugin):
         self.scheduler = scheduler
         scheduler.handlers["sharedllm_state"] = self.handle_state
         scheduler.handlers["sharedllm_plan"] = self.handle_plan
+        scheduler.handlers["sharedllm_session_open"] = self.handle_session_open
+        scheduler.handlers["sharedllm_session_report"] = self.handle_session_report
+        scheduler.handlers["sharedllm_session_close"] = self.handle_session_close
         scheduler.extensions[EXTENSION] = self
         self._wake = asyncio.Event()
         self._task = asyncio.ensure_future(self._reconcile_loop())
@@ -218,7 +256,48 @@ class MeshPlugin(SchedulerPlugin):
     # --- handlers ----------------------------------------------------------------------------------------------
 
     async def handle_state(self) -> dict:
-        return {"machines": self.machines(), "time": time.time()}
+        return {
+            "machines": self.machines(),
+            "sessions": [x.to_dict() for x in self.sessions.values()],
+            "tokens_total": self.tokens_total,
+            "time": time.time(),
+        }
+
+    # --- sessions ----------------------------------------------------------------------------------------------
+
+    async def handle_session_open(self, model: str, topology: dict, client: str = "") -> dict:
+        self._session_seq += 1
+        sid = f"s{self._session_seq}-{int(time.time() * 1000) % 100000:05d}"
+        self.sessions[sid] = Session(sid, client, model, topology)
+        logger.info("session %s opened by %s: %s on %s", sid, client or "?", model, self.sessions[sid].machines)
+        return {"session_id": sid}
+
+    async def handle_session_report(
+        self, session_id: str, tokens: int, seconds: float, ttft_ms: float | None = None, request_done: bool = False
+    ) -> dict:
+        sess = self.sessions.get(session_id)
+        if sess is None:
+            return {"status": "unknown-session"}
+        now = time.time()
+        sess.tokens += tokens
+        sess.seconds += seconds
+        sess.requests += int(request_done)
+        if seconds > 0 and tokens > 0:
+            sess.last_tok_s = tokens / seconds
+            sess.history.append((now, sess.last_tok_s))
+        if ttft_ms is not None:
+            sess.last_ttft_ms = ttft_ms
+        sess.last_report = now
+        self.tokens_total += tokens
+        return {"status": "OK"}
+
+    async def handle_session_close(self, session_id: str, reason: str = "closed") -> dict:
+        sess = self.sessions.pop(session_id, None)
+        if sess is None:
+            return {"status": "unknown-session"}
+        self.ended.append({**sess.to_dict(), "closed": time.time(), "reason": reason})
+        logger.info("session %s closed (%s): %d tokens in %d requests", session_id, reason, sess.tokens, sess.requests)
+        return {"status": "OK"}
 
     def device_slots(self, machines: list[dict], build: dict | None = None) -> tuple[list[DeviceSlot], list[str]]:
         """Ready devices with fresh free memory, plus the reasons machines were left out."""

@@ -182,6 +182,9 @@ class Mesh:
         ...). Errors: ``ModelNotFound``/``InvalidModel`` for the file, ``ModelTooLarge``/``NoMachines`` for the mesh,
         ``WorkerLost`` when a machine cannot be reached, ``SchedulerUnreachable`` for the scheduler.
         """
+        from sharedllm.ggml import build_info
+
+        build_info()  # measured once per library build and cached; not part of planning time
         t0 = time.perf_counter()
         topo = self.plan(model, n_ctx, strategy=strategy, headroom=headroom, machines=machines,
                          max_devices=max_devices)
@@ -198,7 +201,17 @@ class Mesh:
                         on_progress=on_progress or _log_progress(topo.model))
         info = engine.start()
         logger.info("loaded %s on %d machine(s) in %.1fs", topo.model, len(topo.machines), info["load_seconds"])
-        return MeshModel(engine, topo, plan_ms=plan_ms, load_seconds=time.perf_counter() - t0)
+        session = self._call("sharedllm_session_open", model=os.path.basename(topo.model), topology=topo.to_dict(),
+                             client=getattr(self.client, "id", ""))["session_id"]
+        return MeshModel(engine, topo, plan_ms=plan_ms, load_seconds=time.perf_counter() - t0, mesh=self,
+                         session_id=session)
+
+    def _report(self, handler: str, **kwargs) -> None:
+        # Statistics for the dashboard: never let a slow or gone scheduler break generation.
+        try:
+            self._call(handler, **kwargs)
+        except Exception as exc:
+            logger.debug("could not report %s: %s", handler, exc)
 
 
 def _check_reachable(topo: Topology) -> None:
@@ -237,12 +250,25 @@ def _log_progress(name: str) -> Callable[[float], None]:
 class MeshModel:
     """A model loaded across the mesh. Mirrors ``llama_cpp.Llama``'s completion API; use as a context manager."""
 
-    def __init__(self, engine: Engine, topology: Topology, *, plan_ms: float = 0.0, load_seconds: float = 0.0):
+    REPORT_EVERY = 2.0  # seconds between throughput reports to the scheduler during a long stream
+
+    def __init__(
+        self,
+        engine: Engine,
+        topology: Topology,
+        *,
+        plan_ms: float = 0.0,
+        load_seconds: float = 0.0,
+        mesh: Mesh | None = None,
+        session_id: str | None = None,
+    ):
         self._engine = engine
         self.topology = topology
         self.plan_ms = plan_ms
         self.load_seconds = load_seconds
         self.metadata: dict = engine.info.get("metadata", {})
+        self.session_id = session_id
+        self._mesh = mesh
         self._failed: Exception | None = None
 
     def n_ctx(self) -> int:
@@ -260,18 +286,39 @@ class MeshModel:
             raise EngineError("this model handle is closed; load the model again")
         if kwargs.pop("stream", False):
             return self._guard(self._engine.stream(method, kwargs))
+        t0 = time.perf_counter()
         try:
-            return self._engine.call(method, kwargs)
+            out = self._engine.call(method, kwargs)
         except EngineError as exc:
             self._failed = exc
             raise
+        tokens = (out.get("usage") or {}).get("completion_tokens", 0)
+        self._stats(tokens, time.perf_counter() - t0, None, done=True)
+        return out
 
     def _guard(self, it: Iterator[dict]) -> Iterator[dict]:
+        t0 = time.perf_counter()
+        ttft, n, mark, last = None, 0, 0, t0
         try:
-            yield from it
+            for chunk in it:
+                now = time.perf_counter()
+                if ttft is None:
+                    ttft, last = (now - t0) * 1000, now
+                n += 1
+                if now - last >= self.REPORT_EVERY:
+                    self._stats(n - mark, now - last, ttft, done=False)
+                    mark, last, ttft = n, now, None
+                yield chunk
         except EngineError as exc:
             self._failed = exc
             raise
+        finally:
+            self._stats(n - mark, time.perf_counter() - last, ttft, done=True)
+
+    def _stats(self, tokens: int, seconds: float, ttft_ms: float | None, done: bool) -> None:
+        if self._mesh is not None and self.session_id:
+            self._mesh._report("sharedllm_session_report", session_id=self.session_id, tokens=tokens,
+                               seconds=seconds, ttft_ms=ttft_ms, request_done=done)
 
     def create_completion(self, prompt: str | list[int], **kwargs) -> dict | Iterator[dict]:
         """Same arguments and result as ``llama_cpp.Llama.create_completion``; ``stream=True`` yields chunks."""
@@ -288,6 +335,9 @@ class MeshModel:
         if self._engine is not None:
             self._engine.close()
             self._engine = None
+            if self._mesh is not None and self.session_id:
+                reason = f"failed: {self._failed}" if self._failed else "closed"
+                self._mesh._report("sharedllm_session_close", session_id=self.session_id, reason=reason)
 
     def __enter__(self) -> MeshModel:
         return self
@@ -296,10 +346,13 @@ class MeshModel:
         self.close()
 
     def __del__(self):
-        try:
-            self.close()
-        except Exception:
-            pass
+        # Only stop the child: no scheduler call from a finalizer (it may run at interpreter shutdown).
+        engine = getattr(self, "_engine", None)
+        if engine is not None:
+            try:
+                engine.close()
+            except Exception:
+                pass
 
     def __repr__(self) -> str:
         return f"<MeshModel {self.topology.model} on {len(self.topology.stages)} device(s)>"

@@ -62,6 +62,14 @@ def test_greedy_mesh_equals_local(mesh, local_greedy):
         assert chat["choices"][0]["message"]["role"] == "assistant"
         assert chat["choices"][0]["message"]["content"] == local_greedy["chat"]
 
+        # The scheduler saw the session: its machines and the tokens it generated (64 + 64 + the chat's).
+        sess = next(x for x in mesh.state()["sessions"] if x["session_id"] == llm.session_id)
+        assert list(sess["machines"]) == TWO
+        assert sess["requests"] == 3
+        assert sess["tokens"] >= 128 + chat["usage"]["completion_tokens"] - 1
+        assert sess["last_tok_s"] > 0
+    assert all(x["session_id"] != llm.session_id for x in mesh.state()["sessions"])
+
 
 def test_stream_stopped_early_leaves_the_session_usable(mesh, local_greedy):
     with mesh.load("gemma-3-270m", n_ctx=N_CTX, machines=TWO) as llm:
