@@ -10,7 +10,6 @@
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import signal
 import sys
@@ -140,29 +139,6 @@ def generate(model, prompt, scheduler, machines, max_tokens, temperature, seed, 
 
 
 @cli.command()
-@click.option("--scheduler", required=True, envvar="SHAREDLLM_SCHEDULER", help="scheduler address")
-@click.option("--json", "as_json", is_flag=True, help="machine-readable output")
-@friendly_errors
-def status(scheduler: str, as_json: bool) -> None:
-    """Show the machines of a mesh: resources and rpc-servers."""
-    from sharedllm.client import Mesh
-    from sharedllm.ggml import build_info
-
-    with Mesh.connect(scheduler) as mesh:
-        machines = mesh.machines()
-        if as_json:
-            click.echo(json.dumps({"scheduler": scheduler, "machines": list(machines)}, indent=2, default=str))
-            return
-        click.echo(str(machines))
-        mine = build_info()
-        for m in machines:
-            proto = (m.get("rpc") or {}).get("protocol")
-            if proto and proto.split(".")[0] != mine["rpc_protocol"].split(".")[0]:
-                click.echo(f"warning: {m['machine_id']} speaks RPC protocol {proto}, this client "
-                           f"{mine['rpc_protocol']}: it will not be placed", err=True)
-
-
-@cli.command()
 @click.option("--machines", default=2, show_default=True)
 @click.option("--max-tokens", default=64, show_default=True)
 @friendly_errors
@@ -188,6 +164,16 @@ def demo(machines: int, max_tokens: int) -> None:
             dt = time.perf_counter() - t0
             click.echo(f"\n\n[{n} tokens in {dt:.1f} s, {n / dt:.1f} tok/s across {len(llm.topology.machines)} "
                        "machines]")
+
+
+def _register() -> None:
+    # Commands that live in their own modules.
+    from sharedllm.cli.status import status
+
+    cli.add_command(status)
+
+
+_register()
 
 
 def main() -> None:
