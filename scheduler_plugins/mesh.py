@@ -22,7 +22,7 @@ from typing import Any
 
 from distributed import SchedulerPlugin
 
-from sharedllm.errors import MeshError, NoMachines
+from sharedllm.errors import MeshBusy, MeshError, NoMachines
 from sharedllm.gguf import ModelEstimate
 from sharedllm.placement import DeviceSlot, plan
 
@@ -58,6 +58,7 @@ class Session:
     last_tok_s: float = 0.0
     last_ttft_ms: float | None = None
     last_report: float = field(default_factory=time.time)
+    recoveries: int = 0  # engines this session's client rebuilt after losing a machine (reported by the client)
     history: deque = field(default_factory=lambda: deque(maxlen=600))  # (time, tokens/s)
 
     @property
@@ -69,7 +70,7 @@ class Session:
             "session_id": self.session_id, "client": self.client, "model": self.model, "topology": self.topology,
             "machines": self.machines, "opened": self.opened, "requests": self.requests, "tokens": self.tokens,
             "seconds": self.seconds, "last_tok_s": self.last_tok_s, "last_ttft_ms": self.last_ttft_ms,
-            "last_report": self.last_report, "history": list(self.history),
+            "last_report": self.last_report, "history": list(self.history), "recoveries": self.recoveries,
         }
 
 
@@ -96,6 +97,8 @@ class MeshPlugin(SchedulerPlugin):
         self.ended: deque[dict] = deque(maxlen=100)  # recently closed sessions, newest last
         self.tokens_total = 0
         self._session_seq = 0
+        self._waiters: deque[asyncio.Future] = deque()  # FIFO of sessions waiting for leased machines
+        self.draining: set[str] = set()
 
     # --- lifecycle ---------------------------------------------------------------------------------------------
 
@@ -103,6 +106,8 @@ class MeshPlugin(SchedulerPlugin):
         self.scheduler = scheduler
         scheduler.handlers["sharedllm_state"] = self.handle_state
         scheduler.handlers["sharedllm_plan"] = self.handle_plan
+        scheduler.handlers["sharedllm_acquire"] = self.handle_acquire
+        scheduler.handlers["sharedllm_drain"] = self.handle_drain
         scheduler.handlers["sharedllm_session_open"] = self.handle_session_open
         scheduler.handlers["sharedllm_session_report"] = self.handle_session_report
         scheduler.handlers["sharedllm_session_close"] = self.handle_session_close
@@ -266,18 +271,22 @@ class MeshPlugin(SchedulerPlugin):
     # --- sessions ----------------------------------------------------------------------------------------------
 
     async def handle_session_open(self, model: str, topology: dict, client: str = "") -> dict:
-        self._session_seq += 1
-        sid = f"s{self._session_seq}-{int(time.time() * 1000) % 100000:05d}"
-        self.sessions[sid] = Session(sid, client, model, topology)
-        logger.info("session %s opened by %s: %s on %s", sid, client or "?", model, self.sessions[sid].machines)
-        return {"session_id": sid}
+        """Register a session on an explicit topology (leases its machines as they are)."""
+        return self._open_session(model, topology, client)
 
     async def handle_session_report(
-        self, session_id: str, tokens: int, seconds: float, ttft_ms: float | None = None, request_done: bool = False
+        self,
+        session_id: str,
+        tokens: int,
+        seconds: float,
+        ttft_ms: float | None = None,
+        request_done: bool = False,
+        recovered: bool = False,
     ) -> dict:
         sess = self.sessions.get(session_id)
         if sess is None:
             return {"status": "unknown-session"}
+        sess.recoveries += int(recovered)
         now = time.time()
         sess.tokens += tokens
         sess.seconds += seconds
@@ -292,12 +301,16 @@ class MeshPlugin(SchedulerPlugin):
         return {"status": "OK"}
 
     async def handle_session_close(self, session_id: str, reason: str = "closed") -> dict:
+        return {"status": "OK" if self._close_session(session_id, reason) else "unknown-session"}
+
+    def _close_session(self, session_id: str, reason: str) -> bool:
         sess = self.sessions.pop(session_id, None)
         if sess is None:
-            return {"status": "unknown-session"}
+            return False
         self.ended.append({**sess.to_dict(), "closed": time.time(), "reason": reason})
         logger.info("session %s closed (%s): %d tokens in %d requests", session_id, reason, sess.tokens, sess.requests)
-        return {"status": "OK"}
+        self._released()
+        return True
 
     def device_slots(self, machines: list[dict], build: dict | None = None) -> tuple[list[DeviceSlot], list[str]]:
         """Ready devices with fresh free memory, plus the reasons machines were left out."""
@@ -324,15 +337,18 @@ class MeshPlugin(SchedulerPlugin):
                                         "cpu" if dev["kind"] == "cpu" else "gpu"))
         return slots, skipped
 
-    async def handle_plan(
+    def _plan(
         self,
         estimate: dict,
         strategy: str = "spread",
         headroom: float = 0.10,
         max_devices: int | None = None,
         machines: list[str] | None = None,
+        exclude: list[str] | None = None,
         build: dict | None = None,
+        free_only: bool = False,
     ) -> dict:
+        """Plan over the ready machines (``free_only``: those no session leases and that are not draining)."""
         t0 = time.perf_counter()
         state = self.machines()
         if machines:
@@ -340,11 +356,19 @@ class MeshPlugin(SchedulerPlugin):
             if unknown:
                 raise MeshError(f"unknown machine(s) {sorted(unknown)}; `sharedllm status` lists the mesh")
             state = [m for m in state if m["machine_id"] in machines]
-        slots, skipped = self.device_slots(state, build)
+        skipped = [f"{m['machine_id']} (excluded)" for m in state if m["machine_id"] in (exclude or ())]
+        state = [m for m in state if m["machine_id"] not in (exclude or ())]
+        if free_only:
+            leased = self.leased_machines()
+            skipped += [f"{m['machine_id']} (leased)" for m in state if m["machine_id"] in leased]
+            skipped += [f"{m['machine_id']} (draining)" for m in state if m["machine_id"] in self.draining]
+            state = [m for m in state if m["machine_id"] not in leased and m["machine_id"] not in self.draining]
+        slots, skipped_dev = self.device_slots(state, build)
+        skipped += skipped_dev
         if not slots:
             why = f"; left out: {', '.join(skipped)}" if skipped else ""
             raise NoMachines(
-                f"no machine in the mesh has a ready rpc-server ({len(state)} machine(s) known{why}); start workers "
+                f"no machine in the mesh has a ready rpc-server ({len(state)} machine(s) usable{why}); start workers "
                 "with `dask worker ADDR --preload sharedllm.worker` or wait for their rpc-servers"
             )
         topo = plan(slots, ModelEstimate.from_dict(estimate), headroom=headroom, strategy=strategy,
@@ -353,3 +377,83 @@ class MeshPlugin(SchedulerPlugin):
         d["planning_ms"] = (time.perf_counter() - t0) * 1000
         d["skipped"] = skipped
         return d
+
+    async def handle_plan(self, estimate: dict, **kwargs) -> dict:
+        """A topology over every ready machine, leased or not (a dry run: nothing is reserved)."""
+        return self._plan(estimate, **kwargs)
+
+    # --- leases ------------------------------------------------------------------------------------------------
+
+    def leased_machines(self) -> set[str]:
+        return {m for sess in self.sessions.values() for m in sess.machines}
+
+    async def handle_acquire(
+        self,
+        estimate: dict,
+        model: str = "",
+        client: str = "",
+        wait_timeout: float = 60.0,
+        **plan_kwargs,
+    ) -> dict:
+        """Plan over free machines and lease them to a new session, atomically. When the model would fit but the
+        machines it needs are leased, wait in a FIFO queue for a release, up to ``wait_timeout`` seconds."""
+        deadline = time.monotonic() + wait_timeout
+        first = True
+        err: Exception | None = None
+        while True:
+            if not (first and self._waiters):  # someone queued before us: keep FIFO order
+                try:
+                    topo = self._plan(estimate, free_only=True, **plan_kwargs)
+                except MeshError as exc:
+                    err = exc
+                    self._plan(estimate, **plan_kwargs)  # raises when the model cannot fit even on an idle mesh
+                else:
+                    return self._open_session(model, topo, client)
+            first = False
+            left = deadline - time.monotonic()
+            if left <= 0:
+                busy = sorted(self.leased_machines() | self.draining)
+                raise MeshBusy(
+                    f"every machine that can hold {model or 'the model'} is busy ({len(self.sessions)} session(s); "
+                    f"in use or draining: {', '.join(busy) or 'none'}); waited {wait_timeout:.0f}s: retry later, "
+                    f"raise wait_timeout, or add machines ({err})"
+                )
+            waiter = asyncio.get_running_loop().create_future()
+            self._waiters.append(waiter)
+            try:
+                await asyncio.wait_for(waiter, left)
+            except asyncio.TimeoutError:
+                pass
+            finally:
+                with contextlib.suppress(ValueError):
+                    self._waiters.remove(waiter)
+
+    def _open_session(self, model: str, topology: dict, client: str) -> dict:
+        self._session_seq += 1
+        sid = f"s{self._session_seq}-{int(time.time() * 1000) % 100000:05d}"
+        sess = Session(sid, client, model, topology)
+        self.sessions[sid] = sess
+        logger.info("session %s opened by %s: %s on %s", sid, client or "?", model, sess.machines)
+        return {"session_id": sid, "topology": topology}
+
+    def _released(self) -> None:
+        # Wake every waiter in FIFO order; each re-plans in turn and requeues if it still does not fit.
+        for w in list(self._waiters):
+            if not w.done():
+                w.set_result(None)
+
+    def remove_client(self, scheduler=None, client: str | None = None) -> None:
+        # A client that disconnects (killed, or gone without closing its models) loses its leases.
+        for sid, sess in list(self.sessions.items()):
+            if sess.client and sess.client == client:
+                self._close_session(sid, "lease expired: client disconnected")
+
+    async def handle_drain(self, machine: str, undrain: bool = False) -> dict:
+        """Stop new leases on ``machine`` (or allow them again); report the sessions still using it."""
+        if undrain:
+            self.draining.discard(machine)
+            self._released()
+        else:
+            self.draining.add(machine)
+        using = [sid for sid, sess in self.sessions.items() if machine in sess.machines]
+        return {"machine": machine, "draining": machine in self.draining, "sessions": using}

@@ -16,6 +16,7 @@ from importlib import import_module
 from sharedllm.errors import (
     EngineError,
     InvalidModel,
+    MeshBusy,
     MeshError,
     ModelError,
     ModelNotFound,
@@ -40,6 +41,6 @@ def __getattr__(name: str):
 
 
 __all__ = [
-    "EngineError", "InvalidModel", "LocalMesh", "Mesh", "MeshError", "MeshModel", "ModelError", "ModelNotFound",
-    "ModelTooLarge", "NoMachines", "RPCServerError", "SchedulerUnreachable", "Topology", "WorkerLost",
+    "EngineError", "InvalidModel", "LocalMesh", "Mesh", "MeshBusy", "MeshError", "MeshModel", "ModelError",
+    "ModelNotFound", "ModelTooLarge", "NoMachines", "RPCServerError", "SchedulerUnreachable", "Topology", "WorkerLost",
 ]

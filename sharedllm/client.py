@@ -14,13 +14,24 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 from sharedllm import gguf, models
 from sharedllm.engine import Engine, EngineSpec, EngineStage
-from sharedllm.errors import EngineError, MeshError, NoMachines, SchedulerUnreachable, WorkerLost, gib
+from sharedllm.errors import (
+    EngineError,
+    MeshBusy,
+    MeshError,
+    ModelTooLarge,
+    NoMachines,
+    SchedulerUnreachable,
+    WorkerLost,
+    gib,
+)
 from sharedllm.placement import Topology
 
 logger = logging.getLogger(__name__)
@@ -171,40 +182,41 @@ class Mesh:
         headroom: float = 0.10,
         machines: list[str] | None = None,
         max_devices: int | None = None,
+        wait_timeout: float = 60.0,
         load_timeout: float = 600.0,
-        token_timeout: float = 120.0,
+        token_timeout: float = 60.0,
+        max_recoveries: int = 3,
         on_progress: Callable[[float], None] | None = None,
         **llama_kwargs,
     ) -> MeshModel:
         """Load ``model`` across the mesh and return a handle with ``llama_cpp.Llama``'s completion methods.
 
+        The session leases its machines: no other session uses them until it closes (or its client disconnects).
+        When every machine that could hold the model is leased, ``load`` waits up to ``wait_timeout`` seconds in a
+        FIFO queue, then raises ``MeshBusy``. When a machine dies mid-generation, the handle reloads the model on
+        the remaining machines and replays the request, up to ``max_recoveries`` times; the caller's stream goes on.
+
         ``llama_kwargs`` go to ``llama_cpp.Llama`` in the engine (``n_threads``, ``n_batch``, ``seed``, ``chat_format``,
         ...). Errors: ``ModelNotFound``/``InvalidModel`` for the file, ``ModelTooLarge``/``NoMachines`` for the mesh,
-        ``WorkerLost`` when a machine cannot be reached, ``SchedulerUnreachable`` for the scheduler.
+        ``MeshBusy`` after waiting, ``WorkerLost`` when a machine is lost and recovery is exhausted,
+        ``SchedulerUnreachable`` for the scheduler.
         """
         from sharedllm.ggml import build_info
 
+        if max_recoveries < 0:
+            raise ValueError(f"max_recoveries must be >= 0, got {max_recoveries}")
         build_info()  # measured once per library build and cached; not part of planning time
-        t0 = time.perf_counter()
-        topo = self.plan(model, n_ctx, strategy=strategy, headroom=headroom, machines=machines,
-                         max_devices=max_devices)
-        plan_ms = (time.perf_counter() - t0) * 1000
-        logger.info("topology for %s (planned in %.0f ms):\n%s", topo.model, plan_ms, topo)
-        _check_reachable(topo)
-        spec = EngineSpec(
-            model_path=str(models.resolve(model)),
-            stages=[EngineStage(s.endpoint, s.device_index, s.machine_id) for s in topo.stages],
-            tensor_split=topo.tensor_split,
+        path = models.resolve(model)
+        estimate = gguf.estimate_memory(gguf.read_gguf(path), n_ctx)
+        handle = MeshModel(
+            self, path, estimate,
+            plan_kwargs={"strategy": strategy, "headroom": headroom, "machines": machines, "max_devices": max_devices},
             llama_kwargs={"n_ctx": n_ctx, **llama_kwargs},
+            wait_timeout=wait_timeout, load_timeout=load_timeout, token_timeout=token_timeout,
+            max_recoveries=max_recoveries, on_progress=on_progress,
         )
-        engine = Engine(spec, load_timeout=load_timeout, token_timeout=token_timeout,
-                        on_progress=on_progress or _log_progress(topo.model))
-        info = engine.start()
-        logger.info("loaded %s on %d machine(s) in %.1fs", topo.model, len(topo.machines), info["load_seconds"])
-        session = self._call("sharedllm_session_open", model=os.path.basename(topo.model), topology=topo.to_dict(),
-                             client=getattr(self.client, "id", ""))["session_id"]
-        return MeshModel(engine, topo, plan_ms=plan_ms, load_seconds=time.perf_counter() - t0, mesh=self,
-                         session_id=session)
+        handle._open()
+        return handle
 
     def _report(self, handler: str, **kwargs) -> None:
         # Statistics for the dashboard: never let a slow or gone scheduler break generation.
@@ -248,96 +260,119 @@ def _log_progress(name: str) -> Callable[[float], None]:
 
 
 class MeshModel:
-    """A model loaded across the mesh. Mirrors ``llama_cpp.Llama``'s completion API; use as a context manager."""
+    """A model loaded across the mesh. Mirrors ``llama_cpp.Llama``'s completion API; use as a context manager.
+
+    The handle owns a lease on its machines and an engine process. If a machine dies during a request, the handle
+    leases a new topology without it, starts a new engine and replays the request: greedy (or seeded) decoding
+    regenerates exactly the tokens already delivered, which are checked and skipped, and the stream goes on.
+    """
 
     REPORT_EVERY = 2.0  # seconds between throughput reports to the scheduler during a long stream
 
     def __init__(
         self,
-        engine: Engine,
-        topology: Topology,
+        mesh: Mesh,
+        path: Path,
+        estimate: gguf.ModelEstimate,
         *,
-        plan_ms: float = 0.0,
-        load_seconds: float = 0.0,
-        mesh: Mesh | None = None,
-        session_id: str | None = None,
+        plan_kwargs: dict,
+        llama_kwargs: dict,
+        wait_timeout: float,
+        load_timeout: float,
+        token_timeout: float,
+        max_recoveries: int,
+        on_progress: Callable[[float], None] | None = None,
     ):
-        self._engine = engine
-        self.topology = topology
-        self.plan_ms = plan_ms
-        self.load_seconds = load_seconds
-        self.metadata: dict = engine.info.get("metadata", {})
-        self.session_id = session_id
         self._mesh = mesh
+        self.path = path
+        self.estimate = estimate
+        self._plan_kwargs = plan_kwargs
+        self._llama_kwargs = llama_kwargs
+        self._wait_timeout = wait_timeout
+        self._load_timeout = load_timeout
+        self._token_timeout = token_timeout
+        self.max_recoveries = max_recoveries
+        self._on_progress = on_progress
+        self._engine: Engine | None = None
+        self._excluded: list[str] = []
+        self.topology: Topology | None = None
+        self.session_id: str | None = None
+        self.plan_ms = 0.0
+        self.load_seconds = 0.0
+        self.metadata: dict = {}
+        self.recoveries: list[dict] = []  # one record per recovery: lost machine, reason, seconds to reload
         self._failed: Exception | None = None
+        self._closed = False
 
-    def n_ctx(self) -> int:
-        return self._engine.info["n_ctx"]
+    # --- lifecycle ---------------------------------------------------------------------------------------------
 
-    @property
-    def devices(self) -> list[dict]:
-        """The devices the engine loaded onto, as llama.cpp saw them."""
-        return self._engine.info["devices"]
+    def _open(self) -> None:
+        """Lease a topology (excluding machines lost earlier), check every server answers, start the engine."""
+        from sharedllm.ggml import build_info
 
-    def _run(self, method: str, kwargs: dict) -> dict | Iterator[dict]:
-        if self._failed is not None:
-            raise EngineError(f"this model handle failed earlier ({self._failed}); load the model again")
-        if self._engine is None:
-            raise EngineError("this model handle is closed; load the model again")
-        if kwargs.pop("stream", False):
-            return self._guard(self._engine.stream(method, kwargs))
         t0 = time.perf_counter()
+        name = os.path.basename(str(self.path))
+        d = self._mesh._call(
+            "sharedllm_acquire",
+            estimate=self.estimate.to_dict(), model=name, client=getattr(self._mesh.client, "id", ""),
+            wait_timeout=self._wait_timeout, exclude=self._excluded or None, build=build_info(), **self._plan_kwargs,
+        )
+        self.plan_ms = (time.perf_counter() - t0) * 1000
+        self.session_id = d["session_id"]
+        topo = self.topology = Topology.from_dict(d["topology"])
+        logger.info("topology for %s (planned in %.0f ms):\n%s", name, self.plan_ms, topo)
         try:
-            out = self._engine.call(method, kwargs)
-        except EngineError as exc:
-            self._failed = exc
+            _check_reachable(topo)
+            spec = EngineSpec(
+                model_path=str(self.path),
+                stages=[EngineStage(s.endpoint, s.device_index, s.machine_id) for s in topo.stages],
+                tensor_split=topo.tensor_split,
+                llama_kwargs=self._llama_kwargs,
+            )
+            self._engine = Engine(spec, load_timeout=self._load_timeout, token_timeout=self._token_timeout,
+                                  on_progress=self._on_progress or _log_progress(name))
+            info = self._engine.start()
+        except BaseException as exc:
+            self._release(f"failed to load: {exc}")
             raise
-        tokens = (out.get("usage") or {}).get("completion_tokens", 0)
-        self._stats(tokens, time.perf_counter() - t0, None, done=True)
-        return out
+        self.metadata = info.get("metadata", {})
+        self.load_seconds = time.perf_counter() - t0
+        logger.info("loaded %s on %d machine(s) in %.1fs", name, len(topo.machines), self.load_seconds)
 
-    def _guard(self, it: Iterator[dict]) -> Iterator[dict]:
-        t0 = time.perf_counter()
-        ttft, n, mark, last = None, 0, 0, t0
-        try:
-            for chunk in it:
-                now = time.perf_counter()
-                if ttft is None:
-                    ttft, last = (now - t0) * 1000, now
-                n += 1
-                if now - last >= self.REPORT_EVERY:
-                    self._stats(n - mark, now - last, ttft, done=False)
-                    mark, last, ttft = n, now, None
-                yield chunk
-        except EngineError as exc:
-            self._failed = exc
-            raise
-        finally:
-            self._stats(n - mark, time.perf_counter() - last, ttft, done=True)
-
-    def _stats(self, tokens: int, seconds: float, ttft_ms: float | None, done: bool) -> None:
-        if self._mesh is not None and self.session_id:
-            self._mesh._report("sharedllm_session_report", session_id=self.session_id, tokens=tokens,
-                               seconds=seconds, ttft_ms=ttft_ms, request_done=done)
-
-    def create_completion(self, prompt: str | list[int], **kwargs) -> dict | Iterator[dict]:
-        """Same arguments and result as ``llama_cpp.Llama.create_completion``; ``stream=True`` yields chunks."""
-        return self._run("create_completion", {"prompt": prompt, **kwargs})
-
-    __call__ = create_completion
-
-    def create_chat_completion(self, messages: list[dict], **kwargs) -> dict | Iterator[dict]:
-        """Same arguments and result as ``llama_cpp.Llama.create_chat_completion`` (chat template from the GGUF)."""
-        return self._run("create_chat_completion", {"messages": messages, **kwargs})
-
-    def close(self) -> None:
-        """Stop the engine; the rpc-servers are free for the next session."""
+    def _release(self, reason: str) -> None:
         if self._engine is not None:
             self._engine.close()
             self._engine = None
-            if self._mesh is not None and self.session_id:
-                reason = f"failed: {self._failed}" if self._failed else "closed"
-                self._mesh._report("sharedllm_session_close", session_id=self.session_id, reason=reason)
+        if self.session_id:
+            self._mesh._report("sharedllm_session_close", session_id=self.session_id, reason=reason)
+            self.session_id = None
+
+    def _recover(self, exc: EngineError, attempt: int) -> None:
+        """Replace a failed engine: lease a topology without the lost machine and load the model there."""
+        t0 = time.perf_counter()
+        lost = getattr(exc, "machine", None)
+        self._release(f"failed: {exc}")
+        if lost and lost not in self._excluded:
+            self._excluded.append(lost)
+        time.sleep(min(0.25 * 2**attempt, 4.0))  # backoff: the mesh may still be noticing the loss
+        logger.warning("recovering %s after: %s (attempt %d of %d)", self.path.name, exc, attempt + 1,
+                       self.max_recoveries)
+        try:
+            self._open()
+        except (ModelTooLarge, NoMachines, MeshBusy) as err:
+            raise type(err)(
+                f"lost machine {lost or '?'} ({exc}); the remaining mesh cannot take over: {err}"
+            ) from err
+        self.recoveries.append({"lost": lost, "reason": str(exc), "seconds": time.perf_counter() - t0,
+                                "machines": self.topology.machines})
+        self._mesh._report("sharedllm_session_report", session_id=self.session_id, tokens=0, seconds=0.0,
+                           recovered=True)
+
+    def close(self) -> None:
+        """Stop the engine and give the lease back; the rpc-servers are free for the next session."""
+        if not self._closed:
+            self._closed = True
+            self._release(f"failed: {self._failed}" if self._failed else "closed")
 
     def __enter__(self) -> MeshModel:
         return self
@@ -355,7 +390,117 @@ class MeshModel:
                 pass
 
     def __repr__(self) -> str:
-        return f"<MeshModel {self.topology.model} on {len(self.topology.stages)} device(s)>"
+        where = f"on {len(self.topology.stages)} device(s)" if self.topology else "(not loaded)"
+        return f"<MeshModel {self.path.name} {where}>"
+
+    # --- requests ----------------------------------------------------------------------------------------------
+
+    def n_ctx(self) -> int:
+        return self._engine.info["n_ctx"]
+
+    @property
+    def devices(self) -> list[dict]:
+        """The devices the engine loaded onto, as llama.cpp saw them."""
+        return self._engine.info["devices"]
+
+    def _check_usable(self) -> None:
+        if self._closed:
+            raise EngineError("this model handle is closed; load the model again")
+        if self._failed is not None:
+            raise EngineError(f"this model handle failed earlier ({self._failed}); load the model again")
+
+    def _run(self, method: str, kwargs: dict) -> dict | Iterator[dict]:
+        self._check_usable()
+        if kwargs.get("temperature", 0.8) > 0 and kwargs.get("seed") is None and "seed" not in self._llama_kwargs:
+            # A replay after a lost machine must draw the same random numbers: fix the seed now.
+            kwargs["seed"] = random.randrange(2**31)
+        if kwargs.pop("stream", False):
+            return self._stream(method, kwargs)
+        for attempt in range(self.max_recoveries + 1):
+            t0 = time.perf_counter()
+            try:
+                out = self._engine.call(method, kwargs)
+            except EngineError as exc:
+                if attempt >= self.max_recoveries:
+                    self._failed = exc
+                    raise
+                self._recover(exc, attempt)
+                continue
+            tokens = (out.get("usage") or {}).get("completion_tokens", 0)
+            self._stats(tokens, time.perf_counter() - t0, None, done=True)
+            return out
+        raise AssertionError("unreachable")
+
+    def _stream(self, method: str, kwargs: dict) -> Iterator[dict]:
+        delivered: list[str] = []  # text of every chunk the caller has seen
+        ident: tuple | None = None  # id and created of the first attempt, kept across replays
+        t0 = time.perf_counter()
+        ttft, mark, last = None, 0, t0
+        try:
+            for attempt in range(self.max_recoveries + 1):
+                seen = 0
+                try:
+                    for chunk in self._engine.stream(method, kwargs):
+                        text = _chunk_text(chunk)
+                        if seen < len(delivered):
+                            # Replaying: the same tokens must come again; they were delivered already.
+                            if text != delivered[seen]:
+                                raise EngineError(
+                                    f"the replay after a lost machine diverged at chunk {seen} ({text!r} instead "
+                                    f"of {delivered[seen]!r}); use temperature=0 or an explicit seed"
+                                )
+                            seen += 1
+                            continue
+                        if ident is None:
+                            ident = (chunk.get("id"), chunk.get("created"))
+                        else:
+                            chunk = {**chunk, "id": ident[0], "created": ident[1]}
+                        delivered.append(text)
+                        seen += 1
+                        now = time.perf_counter()
+                        if ttft is None:
+                            ttft, last = (now - t0) * 1000, now
+                        if now - last >= self.REPORT_EVERY:
+                            self._stats(len(delivered) - mark, now - last, ttft, done=False)
+                            mark, last, ttft = len(delivered), now, None
+                        yield chunk
+                    return
+                except WorkerLost as exc:
+                    if attempt >= self.max_recoveries:
+                        raise
+                    self._recover(exc, attempt)
+                except EngineError as exc:
+                    if attempt >= self.max_recoveries or "diverged" in str(exc):
+                        raise
+                    self._recover(exc, attempt)
+        except EngineError as exc:
+            self._failed = exc
+            raise
+        finally:
+            self._stats(len(delivered) - mark, time.perf_counter() - last, ttft, done=True)
+
+    def _stats(self, tokens: int, seconds: float, ttft_ms: float | None, done: bool) -> None:
+        if self.session_id:
+            self._mesh._report("sharedllm_session_report", session_id=self.session_id, tokens=tokens,
+                               seconds=seconds, ttft_ms=ttft_ms, request_done=done)
+
+    def create_completion(self, prompt: str | list[int], **kwargs) -> dict | Iterator[dict]:
+        """Same arguments and result as ``llama_cpp.Llama.create_completion``; ``stream=True`` yields chunks."""
+        return self._run("create_completion", {"prompt": prompt, **kwargs})
+
+    __call__ = create_completion
+
+    def create_chat_completion(self, messages: list[dict], **kwargs) -> dict | Iterator[dict]:
+        """Same arguments and result as ``llama_cpp.Llama.create_chat_completion`` (chat template from the GGUF)."""
+        return self._run("create_chat_completion", {"messages": messages, **kwargs})
+
+
+def _chunk_text(chunk: dict) -> str:
+    choice = (chunk.get("choices") or [{}])[0]
+    if "text" in choice:
+        return choice["text"] or ""
+    delta = choice.get("delta") or {}
+    return f"{delta.get('role', '')}\x00{delta.get('content') or ''}"
 
 
 __all__ = ["MachineTable", "Mesh", "MeshModel"]

@@ -39,6 +39,10 @@ class ModelTooLarge(MeshError):
         return (type(self), (str(self), self.needed, self.available))
 
 
+class MeshBusy(MeshError):
+    """Every machine that could hold the model is leased by other sessions, and the wait timed out."""
+
+
 class NoMachines(MeshError):
     """The mesh has no machine with a ready rpc-server."""
 
