@@ -99,12 +99,13 @@ class Mesh:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def _call(self, handler: str, **kwargs) -> Any:
+    def _call(self, handler: str, *, timeout: float | None = None, **kwargs) -> Any:
         from distributed.comm.core import CommClosedError
 
         addr = getattr(self.client.scheduler, "address", "?")
         try:
-            result = self.client.sync(getattr(self.client.scheduler, handler), **kwargs, callback_timeout=self.timeout)
+            result = self.client.sync(getattr(self.client.scheduler, handler), **kwargs,
+                                      callback_timeout=timeout or self.timeout)
         except MeshError:
             raise
         except (OSError, CommClosedError, TimeoutError) as exc:
@@ -316,6 +317,7 @@ class MeshModel:
             "sharedllm_acquire",
             estimate=self.estimate.to_dict(), model=name, client=getattr(self._mesh.client, "id", ""),
             wait_timeout=self._wait_timeout, exclude=self._excluded or None, build=build_info(), **self._plan_kwargs,
+            timeout=self._wait_timeout + self._mesh.timeout,  # the scheduler may queue us for wait_timeout
         )
         self.plan_ms = (time.perf_counter() - t0) * 1000
         self.session_id = d["session_id"]

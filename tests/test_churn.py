@@ -1,0 +1,212 @@
+# SPDX-License-Identifier: AGPL-3.0-or-later
+"""Fault injection on the real loopback mesh: generations outlive lost machines, leases, hung peers, dead clients."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+
+import pytest
+
+from sharedllm.errors import MeshBusy
+from tests.conftest import N_CTX, PROMPT, machine, wait_for
+
+pytestmark = pytest.mark.mesh
+
+TWO = ["machine-1", "machine-2"]
+
+
+def ready_again(mesh, machine_id: str, old_pid: int | None = None, timeout: float = 90.0) -> dict:
+    """Wait until a machine's rpc-server is ready (and, if given, is a new process)."""
+    return wait_for(
+        lambda: (m := machine(mesh, machine_id)) and m["rpc"]["state"] == "ready" and m["rpc"]["pid"] != old_pid
+        and m["rpc"], timeout=timeout, what=f"{machine_id}'s rpc-server to be ready",
+    )
+
+
+def stream_with_fault(llm, fault, after: int = 8, **kwargs) -> tuple[str, float]:
+    """Stream a greedy completion, call ``fault()`` after ``after`` chunks; return the text and the seconds from the
+    fault to the next chunk."""
+    text, n, t_fault, gap = "", 0, None, 0.0
+    for chunk in llm.create_completion(PROMPT, max_tokens=64, temperature=0, stream=True, **kwargs):
+        if t_fault is not None and not gap:
+            gap = time.perf_counter() - t_fault
+        text += chunk["choices"][0]["text"]
+        n += 1
+        if n == after:
+            fault()
+            t_fault = time.perf_counter()
+    return text, gap
+
+
+def test_kill_rpc_server_mid_stream_the_stream_goes_on(mesh, local_greedy):
+    victim = machine(mesh, "machine-2")["rpc"]
+    with mesh.load("gemma-3-270m", n_ctx=N_CTX, machines=TWO) as llm:
+        text, gap = stream_with_fault(llm, lambda: os.kill(victim["pid"], signal.SIGKILL))
+        assert text == local_greedy["completion"]  # no duplicated, no missing text
+        assert [r["lost"] for r in llm.recoveries] == ["machine-2"]
+        assert llm.topology.machines == ["machine-1"]
+        assert gap < 10
+        # The handle keeps working on its new topology.
+        again = llm.create_completion(PROMPT, max_tokens=64, temperature=0)
+        assert again["choices"][0]["text"] == local_greedy["completion"]
+    ready_again(mesh, "machine-2", victim["pid"])
+
+
+def test_kill_worker_holding_the_actor_mid_stream(mesh_cluster, mesh, local_greedy):
+    client = mesh_cluster.client()
+    m2 = machine(mesh, "machine-2")
+    worker_pid = client.run(os.getpid, workers=[m2["actor_worker"]])[m2["actor_worker"]]
+    with mesh.load("gemma-3-270m", n_ctx=N_CTX, machines=TWO) as llm:
+        text, gap = stream_with_fault(llm, lambda: os.kill(worker_pid, signal.SIGKILL))
+        assert text == local_greedy["completion"]
+        assert [r["lost"] for r in llm.recoveries] == ["machine-2"]
+        assert gap < 10
+    # The nanny restarts the worker; the scheduler pins a new actor and the machine serves again.
+    ready_again(mesh, "machine-2", m2["rpc"]["pid"])
+
+
+def test_three_machines_one_killed_continues_on_the_other_two(mesh_cluster, mesh, local_greedy):
+    mesh_cluster.add_machine("machine-3")
+    ready_again(mesh, "machine-3")
+    three = ["machine-1", "machine-2", "machine-3"]
+    try:
+        with mesh.load("gemma-3-270m", n_ctx=N_CTX, machines=three) as llm:
+            assert llm.topology.machines == three
+            victim = machine(mesh, "machine-1")["rpc"]
+            text, _ = stream_with_fault(llm, lambda: os.kill(victim["pid"], signal.SIGKILL))
+            assert text == local_greedy["completion"]
+            assert llm.topology.machines == ["machine-2", "machine-3"]
+        ready_again(mesh, "machine-1", victim["pid"])
+    finally:
+        mesh_cluster.stop_machine("machine-3")
+        wait_for(lambda: machine(mesh, "machine-3") is None, what="machine-3 to leave")
+
+
+def test_hung_rpc_server_is_detected_and_left_behind(mesh, local_greedy):
+    victim = machine(mesh, "machine-2")["rpc"]
+    stopped = []
+
+    def hang():
+        os.kill(victim["pid"], signal.SIGSTOP)
+        stopped.append(time.perf_counter())
+
+    try:
+        with mesh.load("gemma-3-270m", n_ctx=N_CTX, machines=TWO, token_timeout=3.0) as llm:
+            text, gap = stream_with_fault(llm, hang)
+            assert text == local_greedy["completion"]
+            assert llm.recoveries[0]["lost"] == "machine-2"
+            assert "stopped answering" in llm.recoveries[0]["reason"]
+            assert gap < 20  # token_timeout + probe + reload: bounded, not forever
+    finally:
+        if stopped:
+            os.kill(victim["pid"], signal.SIGCONT)
+    ready_again(mesh, "machine-2")
+
+
+def test_two_clients_at_once_get_disjoint_machines_and_both_finish(mesh_cluster, local_greedy):
+    from distributed import Client
+
+    from sharedllm.client import Mesh
+
+    results, errors = {}, []
+
+    def run(name):
+        try:
+            with Client(mesh_cluster.address, timeout=30) as c:
+                with Mesh(c).load("gemma-3-270m", n_ctx=N_CTX, machines=TWO, strategy="pack") as llm:
+                    results[name] = ("".join(ch["choices"][0]["text"] for ch in llm.create_completion(
+                        PROMPT, max_tokens=64, temperature=0, stream=True)), llm.topology.machines)
+        except Exception as exc:  # surfaced by the assertions below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(n,)) for n in ("a", "b")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert not errors, errors
+    assert {results["a"][0], results["b"][0]} == {local_greedy["completion"]}
+    assert set(results["a"][1]).isdisjoint(results["b"][1])  # each session leased its own machine
+
+
+def test_a_leased_mesh_queues_then_refuses_with_mesh_busy(mesh_cluster, mesh):
+    from distributed import Client
+
+    from sharedllm.client import Mesh
+
+    with mesh.load("gemma-3-270m", n_ctx=N_CTX, machines=TWO) as llm:
+        with Client(mesh_cluster.address, timeout=30) as c:
+            t0 = time.perf_counter()
+            with pytest.raises(MeshBusy, match="busy") as err:
+                Mesh(c).load("gemma-3-270m", n_ctx=N_CTX, machines=TWO, wait_timeout=2)
+            assert 2 <= time.perf_counter() - t0 < 30
+            assert "machine-1" in str(err.value)
+            # A waiter is served in turn once the lease is released.
+            got = []
+            waiter = threading.Thread(target=lambda: got.append(
+                Mesh(c).load("gemma-3-270m", n_ctx=N_CTX, machines=TWO, wait_timeout=120)))
+            waiter.start()
+            time.sleep(1.0)
+            assert not got  # still waiting: the first session holds the machines
+            llm.close()  # release the lease: the waiter gets the machines
+            waiter.join(timeout=120)
+            assert got and got[0].topology.machines == TWO
+            got[0].close()
+
+
+def test_killed_client_lease_expires(mesh_cluster, mesh):
+    script = textwrap.dedent(f"""
+        import time
+        from distributed import Client
+        from sharedllm.client import Mesh
+        llm = Mesh(Client({mesh_cluster.address!r})).load("gemma-3-270m", n_ctx={N_CTX}, machines={TWO!r})
+        print("LOADED", llm.session_id, flush=True)
+        time.sleep(600)
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        line = proc.stdout.readline()
+        assert line.startswith("LOADED"), line
+        sid = line.split()[1]
+        assert any(s["session_id"] == sid for s in mesh.state()["sessions"])
+        proc.kill()
+        proc.wait()
+        wait_for(lambda: all(s["session_id"] != sid for s in mesh.state()["sessions"]), timeout=60,
+                 what="the killed client's lease to expire")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    # Its machines are usable again (the engine child exited with its parent).
+    with mesh.load("gemma-3-270m", n_ctx=N_CTX, machines=TWO, wait_timeout=30) as llm:
+        assert llm.create_completion(PROMPT, max_tokens=4, temperature=0)["choices"][0]["text"]
+
+
+def test_version_skew_is_refused_in_placement(mesh):
+    from sharedllm.errors import NoMachines
+    from sharedllm.gguf import estimate_memory, read_gguf
+    from sharedllm.models import default_model_path
+
+    est = estimate_memory(read_gguf(default_model_path()), N_CTX).to_dict()
+    with pytest.raises(NoMachines) as err:
+        mesh._call("sharedllm_plan", estimate=est, machines=TWO, build={"rpc_protocol": "99.0.0"})
+    assert "machine-1 (RPC protocol 7.0.0, client has 99.0.0)" in str(err.value)
+
+
+def test_drain_stops_new_leases(mesh):
+    from sharedllm.errors import MeshBusy, NoMachines
+
+    out = mesh._call("sharedllm_drain", machine="machine-2")
+    assert out["draining"] and list(out["sessions"]) == []
+    try:
+        with mesh.load("gemma-3-270m", n_ctx=N_CTX, machines=TWO, wait_timeout=30) as llm:
+            assert llm.topology.machines == ["machine-1"]
+        with pytest.raises((MeshBusy, NoMachines)):
+            mesh.load("gemma-3-270m", n_ctx=N_CTX, machines=["machine-2"], wait_timeout=1)
+    finally:
+        mesh._call("sharedllm_drain", machine="machine-2", undrain=True)
