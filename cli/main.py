@@ -77,12 +77,17 @@ def _connect(scheduler: str | None, machines: int):
 @cli.command()
 @click.option("--machines", default=2, show_default=True, help="emulated machines (one worker and rpc-server each)")
 @click.option("--host", default="127.0.0.1", show_default=True, help="address to listen on")
+@click.option("--state-path", envvar="SHAREDLLM_STATE_PATH", default=None,
+              help="SQLite file keeping the scheduler's registry across restarts")
 @friendly_errors
-def up(machines: int, host: str) -> None:
-    """Start an embedded local mesh: a scheduler and one worker per emulated machine. Ctrl-C stops it."""
+def up(machines: int, host: str, state_path: str | None) -> None:
+    """Start an embedded local mesh: a scheduler and one worker per emulated machine. Ctrl-C stops it.
+
+    Like a service manager, it restarts what dies: the scheduler on its port with its state file, and the workers.
+    """
     from sharedllm.local import LocalMesh
 
-    lm = LocalMesh(machines=machines, host=host)
+    lm = LocalMesh(machines=machines, host=host, state_path=state_path)
     click.echo(f"starting {machines} machine(s)...", err=True)
     lm.start()
     try:
@@ -97,6 +102,8 @@ def up(machines: int, host: str) -> None:
         signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
         while not stop:
             time.sleep(0.5)
+            for name in lm.supervise():
+                click.echo(f"restarted {name}", err=True)
     except KeyboardInterrupt:
         pass
     finally:
@@ -168,9 +175,13 @@ def demo(machines: int, max_tokens: int) -> None:
 
 def _register() -> None:
     # Commands that live in their own modules.
+    from sharedllm.cli.drain import drain
+    from sharedllm.cli.serve import serve
     from sharedllm.cli.status import status
 
     cli.add_command(status)
+    cli.add_command(drain)
+    cli.add_command(serve)
 
 
 _register()

@@ -80,10 +80,23 @@ class MeshPlugin(SchedulerPlugin):
     name = "sharedllm-mesh"
     idempotent = True
 
-    def __init__(self, reconcile_interval: float = 0.5, actor_start_timeout: float = 90.0):
+    def __init__(
+        self,
+        reconcile_interval: float = 0.5,
+        actor_start_timeout: float = 90.0,
+        state_path: str | None = None,
+        persist_interval: float = 5.0,
+    ):
         if reconcile_interval <= 0:
             raise ValueError(f"reconcile_interval must be positive, got {reconcile_interval}")
+        if persist_interval <= 0:
+            raise ValueError(f"persist_interval must be positive, got {persist_interval}")
         self.reconcile_interval = reconcile_interval
+        self.state_path = state_path
+        self.persist_interval = persist_interval
+        self.store = None
+        self.known: dict[str, dict] = {}  # every machine ever seen (persisted), with its last report
+        self._persisted_at = 0.0
         self.actor_start_timeout = actor_start_timeout
         self.scheduler = None
         self.actors: dict[str, ActorRecord] = {}
@@ -113,10 +126,54 @@ class MeshPlugin(SchedulerPlugin):
         scheduler.handlers["sharedllm_session_close"] = self.handle_session_close
         scheduler.extensions[EXTENSION] = self
         self._wake = asyncio.Event()
+        if self.state_path:
+            self._restore()
         self._task = asyncio.ensure_future(self._reconcile_loop())
         logger.info("SharedLLM mesh plugin started")
+        try:  # observability is optional: the mesh runs without its metrics and dashboard page
+            from sharedllm.scheduler_plugins.metrics import install_metrics
+
+            install_metrics(self)
+            from sharedllm.scheduler_plugins.dashboard import install_dashboard
+
+            install_dashboard(scheduler, self)  # no-op under --no-dashboard
+        except Exception:
+            logger.exception("sharedllm: could not install the metrics or the dashboard page")
+
+    def _restore(self) -> None:
+        from sharedllm.scheduler_plugins.state import StateStore
+
+        self.store = StateStore(self.state_path)
+        saved = self.store.load()
+        self.known = saved["machines"]
+        self.draining = set(saved["policy"].get("draining", []))
+        now = time.time()
+        for sess in saved["sessions"]:
+            if sess["closed"] is None:  # open when the scheduler died: its client lost it with the scheduler
+                sess.update(closed=now, reason="interrupted: the scheduler restarted")
+            self.ended.append(sess)
+        self.persist()
+        logger.info("restored scheduler state from %s: %d machine(s) known, %d session(s) in history",
+                    self.state_path, len(self.known), len(saved["sessions"]))
+
+    def persist(self) -> None:
+        """Write the registry to the state file (one transaction). Called periodically and on close."""
+        if self.store is None:
+            return
+        live = self.machines()
+        now = time.time()
+        for m in live:
+            first = self.known.get(m["machine_id"], {}).get("first_seen", now)
+            self.known[m["machine_id"]] = {**m, "first_seen": first, "last_seen": now}
+        sessions = [{**x.to_dict(), "closed": None, "reason": None} for x in self.sessions.values()]
+        self.store.save(live, [*self.ended, *sessions], {"draining": sorted(self.draining)}, now=now)
+        self._persisted_at = time.monotonic()
 
     async def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self.persist()
+            if self.store is not None:
+                self.store.close()
         self._closing = True
         if self._task:
             self._task.cancel()
@@ -187,12 +244,23 @@ class MeshPlugin(SchedulerPlugin):
             )
         return out
 
+    def offline_machines(self) -> list[dict]:
+        """Machines seen before (this run or a previous one, from the state file) that have no live worker."""
+        live = set(self.machine_workers())
+        return [
+            {"machine_id": mid, "first_seen": rec.get("first_seen"), "last_seen": rec.get("last_seen"),
+             "build": rec.get("build")}
+            for mid, rec in sorted(self.known.items()) if mid not in live
+        ]
+
     # --- actors ------------------------------------------------------------------------------------------------
 
     async def _reconcile_loop(self) -> None:
         while not self._closing:
             try:
                 await self.reconcile()
+                if self.store is not None and time.monotonic() - self._persisted_at >= self.persist_interval:
+                    self.persist()
             except Exception:
                 logger.exception("sharedllm: reconciling rpc-server actors failed")
             with contextlib.suppress(asyncio.TimeoutError):
@@ -265,6 +333,9 @@ class MeshPlugin(SchedulerPlugin):
             "machines": self.machines(),
             "sessions": [x.to_dict() for x in self.sessions.values()],
             "tokens_total": self.tokens_total,
+            "known_machines": self.offline_machines(),
+            "recent_sessions": list(self.ended)[-20:],
+            "draining": sorted(self.draining),
             "time": time.time(),
         }
 
@@ -298,6 +369,9 @@ class MeshPlugin(SchedulerPlugin):
             sess.last_ttft_ms = ttft_ms
         sess.last_report = now
         self.tokens_total += tokens
+        from sharedllm.scheduler_plugins.metrics import record_session_report
+
+        record_session_report(self, session_id, ttft_ms, request_done, recovered)  # never raises
         return {"status": "OK"}
 
     async def handle_session_close(self, session_id: str, reason: str = "closed") -> dict:
@@ -308,6 +382,9 @@ class MeshPlugin(SchedulerPlugin):
         if sess is None:
             return False
         self.ended.append({**sess.to_dict(), "closed": time.time(), "reason": reason})
+        from sharedllm.scheduler_plugins.metrics import record_session_close
+
+        record_session_close(self, session_id, reason)  # never raises
         logger.info("session %s closed (%s): %d tokens in %d requests", session_id, reason, sess.tokens, sess.requests)
         self._released()
         return True

@@ -63,6 +63,8 @@ class LocalMesh:
         workdir: str | os.PathLike | None = None,
         rpc_threads: int | None = None,
         start_timeout: float = 120.0,
+        state_path: str | os.PathLike | None = None,
+        persist_interval: float = 5.0,
     ):
         if machines < 0:
             raise ValueError(f"machines must be >= 0, got {machines}")
@@ -72,6 +74,9 @@ class LocalMesh:
         self.dashboard = dashboard
         self.rpc_threads = rpc_threads
         self.start_timeout = start_timeout
+        self.state_path = state_path
+        self.persist_interval = persist_interval
+        self._stopped: set[str] = set()  # machines stopped on purpose: supervise() leaves them down
         self._tmp = None if workdir else tempfile.TemporaryDirectory(prefix="sharedllm-mesh-")
         self.workdir = Path(workdir or self._tmp.name)
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -95,14 +100,16 @@ class LocalMesh:
         self._procs.append(proc)
         return proc
 
-    def start(self) -> LocalMesh:
-        """Start the scheduler and the workers, and wait until every machine's rpc-server is ready."""
+    def _start_scheduler(self, port: int = 0, dashboard_port: int = 0) -> None:
         sched_file = self.workdir / "scheduler.json"
-        cmd = [sys.executable, "-m", "dask", "scheduler", "--host", self.host, "--port", "0",
+        sched_file.unlink(missing_ok=True)
+        cmd = [sys.executable, "-m", "dask", "scheduler", "--host", self.host, "--port", str(port),
                "--scheduler-file", str(sched_file), "--no-show"]
         # The HTTP server (health, metrics) listens even without the dashboard: always on a free port.
-        cmd += ["--dashboard-address", f"{self.host}:0"] + ([] if self.dashboard else ["--no-dashboard"])
+        cmd += ["--dashboard-address", f"{self.host}:{dashboard_port}"] + ([] if self.dashboard else ["--no-dashboard"])
         cmd += ["--preload", "sharedllm.scheduler"]
+        if self.state_path:
+            cmd += ["--state-path", str(self.state_path), "--persist-interval", str(self.persist_interval)]
         self.scheduler = self._spawn("scheduler", cmd)
         deadline = time.monotonic() + self.start_timeout
         while not sched_file.exists():
@@ -115,16 +122,44 @@ class LocalMesh:
         self.address = info["address"]
         port = info.get("services", {}).get("dashboard")
         self.dashboard_link = f"http://{self.host}:{port}/status" if port else None
+        if self._client is not None:  # a client of the previous scheduler is useless now
+            with contextlib.suppress(Exception):
+                self._client.close(timeout=5)
+            self._client = None
+
+    def start(self) -> LocalMesh:
+        """Start the scheduler and the workers, and wait until every machine's rpc-server is ready."""
+        deadline = time.monotonic() + self.start_timeout
+        self._start_scheduler()
         for i in range(self.n_machines):
             self.add_machine(f"machine-{i + 1}")
         self.mesh().wait_for_machines(self.n_machines, timeout=max(1.0, deadline - time.monotonic()))
         logger.info("local mesh up: scheduler %s, dashboard %s", self.address, self.dashboard_link)
         return self
 
+    def supervise(self) -> list[str]:
+        """Restart what died, as systemd's ``Restart=always`` would: the scheduler on its old port (with its state
+        file), then every worker whose process exited (workers exit when their scheduler is lost)."""
+        restarted = []
+        if self.scheduler is not None and self.scheduler.popen.poll() is not None:
+            port = int(self.address.rsplit(":", 1)[1])
+            dash = int(self.dashboard_link.split(":")[2].split("/")[0]) if self.dashboard_link else 0
+            logger.warning("scheduler exited with status %s; restarting it on port %d",
+                           self.scheduler.popen.returncode, port)
+            self._start_scheduler(port, dash)
+            restarted.append("scheduler")
+        for k, p in enumerate(self.workers):
+            if p.popen.poll() is not None and p.machine_id not in self._stopped:
+                logger.warning("worker of %s exited with status %s; restarting it", p.machine_id, p.popen.returncode)
+                self.workers[k] = self._spawn(p.name, p.popen.args, p.machine_id)
+                restarted.append(p.name)
+        return restarted
+
     def add_machine(
         self, machine_id: str, nworkers: int = 1, wait: bool = False, rpc_devices: tuple[str, ...] = ()
     ) -> list[_Proc]:
         """Start ``dask worker --nworkers N`` for one emulated machine (``rpc_devices``: what its server serves)."""
+        self._stopped.discard(machine_id)
         cmd = [sys.executable, "-m", "dask", "worker", self.address, "--host", self.host, "--nthreads", "1",
                "--nworkers", str(nworkers), "--memory-limit", "0", "--no-dashboard",
                "--local-directory", str(self.workdir / machine_id), "--name", machine_id,
@@ -142,6 +177,7 @@ class LocalMesh:
 
     def stop_machine(self, machine_id: str, sig: int = signal.SIGTERM) -> None:
         """Stop every ``dask worker`` process of an emulated machine (SIGKILL for a crash)."""
+        self._stopped.add(machine_id)
         for p in self.workers:
             if p.machine_id == machine_id and p.popen.poll() is None:
                 _kill_group(p.popen.pid, sig)

@@ -11,6 +11,11 @@ from sharedllm.scheduler_plugins import MeshPlugin
 @click.command()
 @click.option("--reconcile-interval", type=float, default=0.5, show_default=True,
               help="seconds between checks that every machine has its rpc-server actor")
-def dask_setup(scheduler, reconcile_interval):
+@click.option("--state-path", envvar="SHAREDLLM_STATE_PATH", default=None,
+              help="SQLite file that keeps the registry across restarts (default: none, state is lost on exit)")
+@click.option("--persist-interval", type=float, default=5.0, show_default=True,
+              help="seconds between writes of the state file")
+def dask_setup(scheduler, reconcile_interval, state_path, persist_interval):
     # The scheduler calls start() on every plugin added before it finishes starting (see NOTES).
-    scheduler.add_plugin(MeshPlugin(reconcile_interval=reconcile_interval))
+    scheduler.add_plugin(MeshPlugin(reconcile_interval=reconcile_interval, state_path=state_path,
+                                    persist_interval=persist_interval))

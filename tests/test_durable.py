@@ -1,0 +1,68 @@
+# SPDX-License-Identifier: AGPL-3.0-or-later
+"""The scheduler's state outlives a kill -9; supervised workers rejoin."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import time
+
+import pytest
+
+from sharedllm.local import LocalMesh
+from sharedllm.scheduler_plugins.state import StateStore
+from tests.conftest import N_CTX, machine, wait_for
+
+pytestmark = pytest.mark.mesh
+
+
+def test_scheduler_kill_9_then_restart_restores_the_registry(tmp_path):
+    state = tmp_path / "scheduler-state.db"
+    with LocalMesh(machines=1, dashboard=False, state_path=state, persist_interval=0.5) as lm:
+        mesh = lm.mesh()
+        with mesh.load("gemma-3-270m", n_ctx=N_CTX) as llm:
+            llm.create_completion("Hello", max_tokens=4, temperature=0)
+            sid = llm.session_id
+        mesh._call("sharedllm_drain", machine="machine-1")
+        time.sleep(1.5)  # a few persist intervals
+        old_address = lm.address
+        os.kill(lm.scheduler.popen.pid, signal.SIGKILL)
+        lm.scheduler.popen.wait()
+
+        assert "scheduler" in lm.supervise()  # what `sharedllm up` (or systemd) does: start it again
+        assert lm.address == old_address  # same port, so the workers' command lines still point at it
+        st = lm.mesh().state()
+        assert "machine-1" in {m["machine_id"] for m in st["known_machines"]} | {
+            m["machine_id"] for m in st["machines"]}
+        assert list(st["draining"]) == ["machine-1"]  # policy survived
+        assert any(s["session_id"] == sid and s["tokens"] >= 4 for s in st["recent_sessions"])
+
+        # Live state is rebuilt from the workers as they rejoin (restarted by the supervisor if they exited).
+        def rejoined():
+            lm.supervise()
+            m = machine(lm.mesh(), "machine-1")
+            return m and m["rpc"]["state"] == "ready"
+
+        wait_for(rejoined, timeout=120, interval=1.0, what="machine-1 to rejoin the restarted scheduler")
+
+
+def test_state_store_round_trip_and_bad_file(tmp_path):
+    store = StateStore(tmp_path / "s.db")
+    machines = [{"machine_id": "m1", "resources": {"cpu_count": 4}, "rpc": {"state": "ready"}, "build": {"x": 1}}]
+    sessions = [{"session_id": "s1", "client": "c", "model": "g.gguf", "machines": ["m1"], "opened": 1.0,
+                 "closed": None, "tokens": 5, "requests": 1, "recoveries": 0, "reason": None}]
+    store.save(machines, sessions, {"draining": ["m1"]}, now=100.0)
+    store.save(machines, sessions, {"draining": []}, now=200.0)
+    store.close()
+    loaded = StateStore(tmp_path / "s.db").load()
+    assert loaded["machines"]["m1"]["first_seen"] == 100.0 and loaded["machines"]["m1"]["last_seen"] == 200.0
+    assert loaded["machines"]["m1"]["resources"] == {"cpu_count": 4}
+    assert loaded["sessions"][0]["machines"] == ["m1"] and loaded["sessions"][0]["tokens"] == 5
+    assert loaded["policy"] == {"draining": []}
+
+    bad = tmp_path / "bad.db"
+    bad.write_bytes(b"this is not sqlite" * 100)
+    with pytest.raises(ValueError, match="not a usable SQLite database"):
+        StateStore(bad)
+    assert sqlite3.sqlite_version  # the stdlib module is what we rely on
