@@ -51,6 +51,7 @@ class RPCServerConfig:
     max_restarts: int = 5  # within restart_window seconds, then the server is marked failed
     restart_window: float = 300.0
     backoff: float = 1.0
+    cooldown: float = 60.0  # after a crash loop
 
 
 class RPCServerSupervisor:
@@ -154,7 +155,7 @@ class RPCServerSupervisor:
         c = self.config
         while not self._stopping:
             proc = self._proc
-            if proc is None or (self.status.state == "failed" and proc.returncode is not None):
+            if proc is None:
                 return
             code = await proc.wait()
             if self._stopping:
@@ -164,8 +165,14 @@ class RPCServerSupervisor:
             reason = f"rpc-server exited with status {code}: {self._log_tail()}"
             logger.warning("%s", reason)
             if len(self._restart_times) > c.max_restarts:
-                self._set(state="failed", reason=f"crash loop ({len(self._restart_times)} exits): {reason}", pid=None)
-                return
+                # Crash loop: marked failed (placement leaves it out), then one fresh try after a cool-down.
+                self._set(state="failed", reason=f"crash loop ({len(self._restart_times)} exits in "
+                          f"{c.restart_window:.0f}s), next try in {c.cooldown:.0f}s: {reason}", pid=None)
+                await asyncio.sleep(c.cooldown)
+                self._restart_times.clear()
+                if not self._stopping:
+                    await self._launch()
+                continue
             self._set(state="restarting", reason=reason, restarts=self.status.restarts + 1, pid=None)
             await asyncio.sleep(c.backoff * 2 ** (len(self._restart_times) - 1))
             if not self._stopping:
