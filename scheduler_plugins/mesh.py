@@ -428,12 +428,12 @@ class MeshPlugin(SchedulerPlugin):
         """Plan over the ready machines (``free_only``: those no session leases and that are not draining)."""
         t0 = time.perf_counter()
         state = self.machines()
+        skipped = []
         if machines:
-            unknown = set(machines) - {m["machine_id"] for m in state}
-            if unknown:
-                raise MeshError(f"unknown machine(s) {sorted(unknown)}; `sharedllm status` lists the mesh")
+            # A requested machine may be away for a moment (its worker restarting): leave it out, say so.
+            skipped += [f"{mid} (not connected)" for mid in machines if mid not in {m["machine_id"] for m in state}]
             state = [m for m in state if m["machine_id"] in machines]
-        skipped = [f"{m['machine_id']} (excluded)" for m in state if m["machine_id"] in (exclude or ())]
+        skipped += [f"{m['machine_id']} (excluded)" for m in state if m["machine_id"] in (exclude or ())]
         state = [m for m in state if m["machine_id"] not in (exclude or ())]
         if free_only:
             leased = self.leased_machines()

@@ -106,7 +106,8 @@ class RPCServerSupervisor:
         log = open(self.log_path, "ab")
         try:
             self._proc = await asyncio.create_subprocess_exec(
-                *cmd, stdout=asyncio.subprocess.PIPE, stderr=log, stdin=asyncio.subprocess.DEVNULL
+                *cmd, stdout=asyncio.subprocess.PIPE, stderr=log, stdin=asyncio.subprocess.DEVNULL,
+                env=dict(os.environ, GGML_NO_BACKTRACE="1"),  # a crash must not wait for gdb
             )
         finally:
             log.close()

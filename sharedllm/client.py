@@ -322,6 +322,9 @@ class MeshModel:
         self.plan_ms = (time.perf_counter() - t0) * 1000
         self.session_id = d["session_id"]
         topo = self.topology = Topology.from_dict(d["topology"])
+        # Which rpc-server process each machine ran when we leased it: a later restart betrays a lost machine.
+        self._servers_seen = {m["machine_id"]: (m.get("rpc") or {}).get("pid") for m in self._mesh.machines()
+                              if m["machine_id"] in topo.machines}
         logger.info("topology for %s (planned in %.0f ms):\n%s", name, self.plan_ms, topo)
         try:
             _check_reachable(topo)
@@ -352,7 +355,7 @@ class MeshModel:
     def _recover(self, exc: EngineError, attempt: int) -> None:
         """Replace a failed engine: lease a topology without the lost machine and load the model there."""
         t0 = time.perf_counter()
-        lost = getattr(exc, "machine", None)
+        lost = getattr(exc, "machine", None) or self._find_lost()
         self._release(f"failed: {exc}")
         if lost and lost not in self._excluded:
             self._excluded.append(lost)
@@ -369,6 +372,19 @@ class MeshModel:
                                 "machines": self.topology.machines})
         self._mesh._report("sharedllm_session_report", session_id=self.session_id, tokens=0, seconds=0.0,
                            recovered=True)
+
+    def _find_lost(self) -> str | None:
+        """The machine of our topology that is gone, not ready, or whose rpc-server restarted since we leased it
+        (its supervisor can bring it back before the engine's failure is probed)."""
+        try:
+            now = {m["machine_id"]: m.get("rpc") or {} for m in self._mesh.machines()}
+        except MeshError:
+            return None
+        for mid, pid in getattr(self, "_servers_seen", {}).items():
+            rpc = now.get(mid)
+            if rpc is None or rpc.get("state") != "ready" or rpc.get("pid") != pid:
+                return mid
+        return None
 
     def close(self) -> None:
         """Stop the engine and give the lease back; the rpc-servers are free for the next session."""

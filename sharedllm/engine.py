@@ -139,7 +139,8 @@ class Engine:
 
     def start(self) -> dict[str, Any]:
         """Start the child and load the model. Returns what the child reports (devices, load time, n_ctx...)."""
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        # GGML_NO_BACKTRACE: on abort, ggml would attach gdb to print a backtrace, which takes seconds.
+        env = dict(os.environ, PYTHONUNBUFFERED="1", GGML_NO_BACKTRACE="1")
         self._proc = subprocess.Popen(
             [sys.executable, "-m", "sharedllm.engine", str(os.getpid())],
             stdin=subprocess.PIPE,
