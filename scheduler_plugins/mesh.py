@@ -559,19 +559,19 @@ class MeshPlugin(SchedulerPlugin):
             if sess.client and sess.client == client:
                 self._close_session(sid, "lease expired: client disconnected")
 
-    async def handle_catalog(self, op: str = "list", entry: dict | None = None, name: str | None = None) -> dict:
-        """The model catalog: ``op`` is ``list``, ``add`` (``entry``) or ``remove`` (``name``). Persisted."""
-        if op == "list":
+    async def handle_catalog(self, action: str = "list", entry: dict | None = None, name: str | None = None) -> dict:
+        """The model catalog: ``action`` is ``list``, ``add`` (``entry``) or ``remove`` (``name``). Persisted."""
+        if action == "list":
             return {"models": sorted(self.catalog.values(), key=lambda e: e["name"])}
-        if op == "add":
+        if action == "add":
             e = validate_catalog_entry(entry or {})
             self.catalog[e["name"]] = e
-        elif op == "remove":
+        elif action == "remove":
             if name not in self.catalog:
                 raise MeshError(f"no model {name!r} in the catalog; `sharedllm models list` shows it")
             del self.catalog[name]
         else:
-            raise MeshError(f"unknown catalog operation {op!r}; use list, add or remove")
+            raise MeshError(f"unknown catalog action {action!r}; use list, add or remove")
         self.persist()
         return {"models": sorted(self.catalog.values(), key=lambda e: e["name"])}
 

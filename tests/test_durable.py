@@ -26,7 +26,7 @@ def test_scheduler_kill_9_then_restart_restores_the_registry(tmp_path):
             sid = llm.session_id
         mesh._call("sharedllm_drain", machine="machine-1")
         entry = {"name": "tiny", "url": "https://models.example/tiny.gguf", "sha256": "ab" * 32, "size": 1234}
-        mesh._call("sharedllm_catalog", op="add", entry=entry)
+        mesh._call("sharedllm_catalog", action="add", entry=entry)
         time.sleep(1.5)  # a few persist intervals
         old_address = lm.address
         os.kill(lm.scheduler.popen.pid, signal.SIGKILL)
