@@ -453,7 +453,7 @@ class MeshModel:
         delivered: list[str] = []  # text of every chunk the caller has seen
         ident: tuple | None = None  # id and created of the first attempt, kept across replays
         t0 = time.perf_counter()
-        ttft, mark, last = None, 0, t0
+        ttft, mark, last, first = None, 0, t0, True
         try:
             for attempt in range(self.max_recoveries + 1):
                 seen = 0
@@ -476,7 +476,8 @@ class MeshModel:
                         delivered.append(text)
                         seen += 1
                         now = time.perf_counter()
-                        if ttft is None:
+                        if first:  # time to first token, reported once per request
+                            first = False
                             ttft, last = (now - t0) * 1000, now
                         if now - last >= self.REPORT_EVERY:
                             self._stats(len(delivered) - mark, now - last, ttft, done=False)

@@ -1,0 +1,425 @@
+# SPDX-License-Identifier: AGPL-3.0-or-later
+"""Prometheus metrics of a SharedLLM mesh, served on the Dask scheduler's existing ``/metrics`` page.
+
+Distributed's ``/metrics`` handler writes ``prometheus_client.generate_latest()`` of the process-wide default registry.
+:func:`install_metrics` registers one :class:`MeshCollector` there (once per process, however many schedulers start in
+it), so every scrape also carries the ``sharedllm_*`` series below, computed from the live plugin state:
+
+==========================================================  =========  ============================================
+name                                                        type       what
+==========================================================  =========  ============================================
+``sharedllm_machines{state}``                               gauge      machines by rpc-server state
+``sharedllm_machine_info{machine,state,endpoint,...}``      gauge      1 per machine; its rpc-server and build
+``sharedllm_device_memory_total_bytes{machine,device}``     gauge      RAM and every GPU of every machine
+``sharedllm_device_memory_free_bytes{machine,device}``      gauge      free memory, as last reported
+``sharedllm_device_memory_reserved_bytes{machine,device}``  gauge      what active sessions' stages take there
+``sharedllm_gpu_utilization_ratio{machine,device}``         gauge      NVML utilization, 0 to 1
+``sharedllm_sessions_active``                               gauge      models loaded on the mesh now
+``sharedllm_session_tokens_per_second{session,model}``      gauge      last reported throughput of each session
+``sharedllm_tokens_generated_total``                        counter    tokens generated since the scheduler started
+``sharedllm_requests_total``                                counter    completed requests
+``sharedllm_time_to_first_token_seconds``                   histogram  per streamed request
+``sharedllm_sessions_closed_total{reason}``                 counter    ``closed``, ``failed`` or ``expired`` (the
+                                                                       client disconnected and lost its lease)
+``sharedllm_engine_failures_total``                         counter    sessions closed because their engine failed
+                                                                       (close reason ``failed...``)
+``sharedllm_engine_recoveries_total``                       counter    engines a client rebuilt on the remaining
+                                                                       machines after losing one (``recovered``)
+``sharedllm_machines_leased`` / ``..._draining``            gauge      machines leased by a session / draining
+``sharedllm_lease_waiters``                                 gauge      sessions queued for leased machines
+``sharedllm_rpc_server_restarts_total{machine}``            counter    restarts of each machine's rpc-server by its
+                                                                       actor (resets when the actor is re-pinned)
+==========================================================  =========  ============================================
+
+Observations the state does not keep (first-token times, requests, recoveries, closes and failures) are recorded by
+two hook calls in ``MeshPlugin``'s session handlers: :func:`record_session_report` and :func:`record_session_close`.
+They are plain Python, never raise, and need no ``prometheus_client``; only the collector does. The histogram takes one
+first-token time per request: the first report of a request that carries one (later reports of a long stream may
+carry one again).
+
+The pure helpers :func:`device_memory` and :func:`session_stages` turn the scheduler's state (``sharedllm_state``) into
+per-device memory and per-stage layer ranges; the dashboard page and ``sharedllm status`` use the same ones.
+"""
+
+from __future__ import annotations
+
+import bisect
+import logging
+import threading
+import weakref
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+logger = logging.getLogger("sharedllm.metrics")
+
+PREFIX = "sharedllm"
+RPC_STATES = ("ready", "starting", "restarting", "stopped", "failed")
+# Seconds. First tokens over the mesh take from tens of milliseconds (GPUs) to seconds (CPUs, long prompts).
+TTFT_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+
+# --- what the state means, per device and per stage (pure) -------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DeviceMemory:
+    """One memory pool of one machine: its RAM or one GPU. ``reserved`` is what active sessions' stages take there."""
+
+    machine_id: str
+    device: str  # "RAM", or the rpc-server's device name ("CUDA0")
+    label: str  # for humans: "RAM", "CUDA0 NVIDIA H100"
+    kind: str  # "ram" or "gpu"
+    total: int
+    free: int
+    reserved: int = 0
+    utilization: float | None = None  # GPUs with NVML: 0 to 1
+
+    @property
+    def used_other(self) -> int:
+        """Used memory not counted as reserved by SharedLLM (other programs, the OS, or the stage's slack)."""
+        return max(self.total - self.free - self.reserved, 0)
+
+    @property
+    def free_shown(self) -> int:
+        """Free memory once the reservation is taken out: the three parts add up to ``total``."""
+        return max(self.total - self.used_other - self.reserved, 0)
+
+
+@dataclass(frozen=True)
+class StageView:
+    """One stage of one session's topology: a machine's device holding the slot range ``[first, end)``."""
+
+    session_id: str
+    model: str
+    machine_id: str
+    device: str
+    first: int
+    end: int
+    n_layer: int
+    bytes: int
+
+    @property
+    def layers(self) -> str:
+        """The range for humans, as the topology table writes it: ``"0-17"``, ``"18-25 + output"``, ``"output"``."""
+        has_output = self.end == self.n_layer + 1
+        last = self.end - 1 if has_output else self.end
+        text = "" if last <= self.first else str(self.first) if last - self.first == 1 else f"{self.first}-{last - 1}"
+        if has_output:
+            text = f"{text} + output" if text else "output"
+        return text
+
+
+def session_stages(sessions: Iterable[dict]) -> list[StageView]:
+    """Every stage of every session (dicts as ``Session.to_dict`` gives them), in session then slot order."""
+    out = []
+    for s in sessions:
+        topo = s.get("topology") or {}
+        n_layer = int(topo.get("n_layer", 0))
+        for st in topo.get("stages", []):
+            first = int(st["first_slot"])
+            out.append(StageView(
+                session_id=s["session_id"], model=s.get("model", "?"), machine_id=st["machine_id"],
+                device=str(st.get("device_name") or "?"), first=first, end=first + int(st["n_slots"]), n_layer=n_layer,
+                bytes=int(st.get("weight_bytes", 0)) + int(st.get("kv_bytes", 0)) + int(st.get("compute_bytes", 0)),
+            ))
+    return out
+
+
+def device_memory(machines: Iterable[dict], sessions: Iterable[dict]) -> list[DeviceMemory]:
+    """RAM and every GPU of every machine, with the bytes the given sessions' stages reserve on each.
+
+    A stage on a ``CUDA<i>`` device counts against GPU ``i`` (NVML numbering, as placement does); a stage on any other
+    device (the rpc-server's CPU) counts against the machine's RAM. Devices an rpc-server serves that NVML does not see
+    (another backend) are listed with the figures the rpc-server reported at its start.
+    """
+    sessions = list(sessions)
+    out: list[DeviceMemory] = []
+    for m in machines:
+        mid = m["machine_id"]
+        res, rpc = m.get("resources") or {}, m.get("rpc") or {}
+        gpus = {f"CUDA{g['index']}": g for g in res.get("gpus") or []}
+        extra = {d["name"]: d for d in rpc.get("devices") or [] if d.get("kind") != "cpu" and d["name"] not in gpus}
+        reserved: dict[str, int] = {}
+        for st in session_stages(sessions):
+            if st.machine_id == mid:
+                dev = st.device if st.device in gpus or st.device in extra else "RAM"
+                reserved[dev] = reserved.get(dev, 0) + st.bytes
+        if res:
+            total, avail = int(res.get("ram_total", 0)), int(res.get("ram_available", 0))
+            out.append(DeviceMemory(mid, "RAM", "RAM", "ram", total, avail, reserved.get("RAM", 0)))
+        for name, g in gpus.items():
+            util = g.get("utilization")
+            out.append(DeviceMemory(mid, name, f"{name} {g.get('name', '')}".strip(), "gpu", int(g["memory_total"]),
+                                    int(g["memory_free"]), reserved.get(name, 0),
+                                    None if util is None else float(util) / 100.0))
+        for name, d in extra.items():
+            out.append(DeviceMemory(mid, name, f"{name} {d.get('description', '')}".strip(), "gpu",
+                                    int(d.get("memory_total", 0)), int(d.get("memory_free", 0)), reserved.get(name, 0)))
+    return out
+
+
+# --- observations made by the plugin's handlers -------------------------------------------------------------------
+
+
+class MeshObservations:
+    """Counters and the first-token histogram of one scheduler's mesh. Thread-safe: scrapes run on the event loop,
+    but nothing stops a collector from being read elsewhere."""
+
+    def __init__(self, buckets: tuple[float, ...] = TTFT_BUCKETS):
+        if list(buckets) != sorted(buckets) or not buckets:
+            raise ValueError(f"histogram buckets must be a non-empty increasing sequence, got {buckets}")
+        self.buckets = tuple(float(b) for b in buckets)
+        self.ttft_counts = [0] * (len(self.buckets) + 1)  # the last one is +Inf
+        self.ttft_sum = 0.0
+        self.requests = 0
+        self.closed: dict[str, int] = {"closed": 0, "failed": 0, "expired": 0}
+        self.engine_failures = 0
+        self.engine_recoveries = 0
+        self._timed: set[str] = set()  # sessions whose current request already gave its first-token time
+        self._lock = threading.Lock()
+
+    def observe_ttft(self, seconds: float) -> None:
+        """Count one time to first token."""
+        with self._lock:
+            self.ttft_counts[bisect.bisect_left(self.buckets, seconds)] += 1
+            self.ttft_sum += seconds
+
+    def ttft_histogram(self) -> tuple[list[tuple[str, float]], float]:
+        """Cumulative buckets as Prometheus wants them (``le`` label, count), ending with ``+Inf``, and the sum."""
+        with self._lock:
+            counts, total = list(self.ttft_counts), self.ttft_sum
+        out, acc = [], 0
+        for le, n in zip([*map(_le, self.buckets), "+Inf"], counts, strict=True):
+            acc += n
+            out.append((le, float(acc)))
+        return out, total
+
+    @property
+    def ttft_count(self) -> int:
+        return sum(self.ttft_counts)
+
+    def session_closed(self, session_id: str, reason: str) -> None:
+        """Count one closed session; a reason starting with ``failed`` is an engine failure."""
+        kind = close_kind(reason)
+        with self._lock:
+            self.closed[kind] = self.closed.get(kind, 0) + 1
+            self.engine_failures += int(kind == "failed")
+            self._timed.discard(session_id)
+
+    def report(
+        self, session_id: str, ttft_ms: float | None, request_done: bool, recovered: bool
+    ) -> None:
+        """Count one throughput report: the first-token time (only the first one a request reports: later reports of
+        a long stream may carry one again), a completed request, an engine recovery."""
+        with self._lock:
+            first = ttft_ms is not None and ttft_ms >= 0 and session_id not in self._timed
+            if first:
+                self._timed.add(session_id)
+            if request_done:
+                self._timed.discard(session_id)
+            self.requests += int(bool(request_done))
+            self.engine_recoveries += int(bool(recovered))
+        if first:
+            self.observe_ttft(float(ttft_ms) / 1000.0)
+
+
+def close_kind(reason: str) -> str:
+    """``failed`` (the engine failed, or failed to load), ``expired`` (the client went away) or ``closed``."""
+    reason = str(reason)
+    if reason.startswith("failed"):
+        return "failed"
+    if reason.startswith("lease expired"):
+        return "expired"
+    return "closed"
+
+
+def _le(b: float) -> str:
+    return repr(float(b))
+
+
+_OBSERVATIONS: weakref.WeakKeyDictionary[Any, MeshObservations] = weakref.WeakKeyDictionary()
+
+
+def observations(plugin: Any) -> MeshObservations:
+    """The observations of one ``MeshPlugin`` (created on first use)."""
+    obs = _OBSERVATIONS.get(plugin)
+    if obs is None:
+        obs = _OBSERVATIONS[plugin] = MeshObservations()
+    return obs
+
+
+def record_session_report(
+    plugin: Any, session_id: str, ttft_ms: float | None, request_done: bool, recovered: bool = False
+) -> None:
+    """Hook for ``MeshPlugin.handle_session_report``: first-token time, completed requests, recoveries. Never
+    raises. (Tokens are counted by the plugin itself, in ``tokens_total``.)"""
+    try:
+        observations(plugin).report(session_id, ttft_ms, request_done, recovered)
+    except Exception:
+        logger.exception("sharedllm metrics: could not record a session report")
+
+
+def record_session_close(plugin: Any, session_id: str, reason: str) -> None:
+    """Hook for ``MeshPlugin``'s session close: closed sessions and engine failures. Never raises."""
+    try:
+        observations(plugin).session_closed(session_id, reason)
+    except Exception:
+        logger.exception("sharedllm metrics: could not record a closed session")
+
+
+# --- the Prometheus collector -------------------------------------------------------------------------------------
+
+
+class MeshCollector:
+    """A ``prometheus_client`` custom collector for the ``sharedllm_*`` series of the running mesh plugin.
+
+    One instance serves the whole process (the default registry is process-wide, as distributed's own collectors are).
+    When several schedulers live in one process, the most recently installed plugin whose scheduler still runs is the
+    one reported.
+    """
+
+    def __init__(self) -> None:
+        self._plugins: list[weakref.ref] = []
+
+    def track(self, plugin: Any) -> None:
+        """Report ``plugin`` from now on (idempotent)."""
+        self._plugins = [r for r in self._plugins if r() is not None and r() is not plugin]
+        self._plugins.append(weakref.ref(plugin))
+
+    def plugin(self) -> Any | None:
+        """The plugin to report: the latest one whose scheduler is running."""
+        for ref in reversed(self._plugins):
+            p = ref()
+            sched = getattr(p, "scheduler", None)
+            if p is not None and sched is not None and str(getattr(sched, "status", "")).endswith("running"):
+                return p
+        return None
+
+    def collect(self) -> Iterator[Any]:
+        """Yield the metric families; nothing when no mesh plugin runs in this process."""
+        plugin = self.plugin()
+        if plugin is None:
+            return
+        try:
+            yield from _families(plugin)
+        except Exception:  # a scrape must never break the scheduler's /metrics page
+            logger.exception("sharedllm metrics: collecting failed")
+
+
+def _families(plugin: Any) -> Iterator[Any]:
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+
+    machines = plugin.machines()
+    sessions = [s.to_dict() for s in plugin.sessions.values()]
+    obs = observations(plugin)
+
+    states = GaugeMetricFamily(f"{PREFIX}_machines", "Machines of the mesh by rpc-server state", labels=["state"])
+    counts = dict.fromkeys(RPC_STATES, 0)
+    for m in machines:
+        st = (m.get("rpc") or {}).get("state") or "unknown"
+        counts[st] = counts.get(st, 0) + 1
+    for st, n in counts.items():
+        states.add_metric([st], n)
+    yield states
+
+    info = GaugeMetricFamily(f"{PREFIX}_machine_info", "One per machine: its rpc-server state, endpoint and build",
+                             labels=["machine", "state", "endpoint", "protocol", "llama_cpp_python"])
+    restarts = CounterMetricFamily(f"{PREFIX}_rpc_server_restarts",
+                                   "Restarts of each machine's rpc-server by its actor", labels=["machine"])
+    for m in machines:
+        rpc, build = m.get("rpc") or {}, m.get("build") or {}
+        info.add_metric([m["machine_id"], str(rpc.get("state") or "unknown"), str(rpc.get("endpoint") or ""),
+                         str(rpc.get("protocol") or ""), str(build.get("llama_cpp_python") or "")], 1)
+        restarts.add_metric([m["machine_id"]], float(rpc.get("restarts") or 0))
+    yield info
+    yield restarts
+
+    labels = ["machine", "device", "kind"]
+    total = GaugeMetricFamily(f"{PREFIX}_device_memory_total_bytes", "Memory of each device (RAM or GPU)",
+                              labels=labels)
+    free = GaugeMetricFamily(f"{PREFIX}_device_memory_free_bytes", "Free memory of each device, as last reported",
+                             labels=labels)
+    reserved = GaugeMetricFamily(f"{PREFIX}_device_memory_reserved_bytes",
+                                 "Memory the active sessions' stages take on each device", labels=labels)
+    util = GaugeMetricFamily(f"{PREFIX}_gpu_utilization_ratio", "GPU utilization from NVML, 0 to 1",
+                             labels=["machine", "device"])
+    for d in device_memory(machines, sessions):
+        key = [d.machine_id, d.device, d.kind]
+        total.add_metric(key, d.total)
+        free.add_metric(key, d.free)
+        reserved.add_metric(key, d.reserved)
+        if d.utilization is not None:
+            util.add_metric([d.machine_id, d.device], d.utilization)
+    yield from (total, free, reserved, util)
+
+    yield GaugeMetricFamily(f"{PREFIX}_sessions_active", "Models loaded on the mesh now", value=len(sessions))
+    tps = GaugeMetricFamily(f"{PREFIX}_session_tokens_per_second", "Last reported tokens per second of each session",
+                            labels=["session", "model"])
+    for s in sessions:
+        tps.add_metric([s["session_id"], s.get("model", "")], float(s.get("last_tok_s") or 0.0))
+    yield tps
+
+    yield CounterMetricFamily(f"{PREFIX}_tokens_generated", "Tokens generated on the mesh since the scheduler started",
+                              value=float(plugin.tokens_total))
+    yield CounterMetricFamily(f"{PREFIX}_requests", "Completed generation requests", value=float(obs.requests))
+    buckets, ttft_sum = obs.ttft_histogram()
+    yield HistogramMetricFamily(f"{PREFIX}_time_to_first_token_seconds", "Time to first token of streamed requests",
+                                buckets=buckets, sum_value=ttft_sum)
+    closed = CounterMetricFamily(f"{PREFIX}_sessions_closed", "Sessions closed, by how they ended", labels=["reason"])
+    for reason, n in obs.closed.items():
+        closed.add_metric([reason], float(n))
+    yield closed
+    yield CounterMetricFamily(f"{PREFIX}_engine_failures", "Sessions closed because their engine failed",
+                              value=float(obs.engine_failures))
+    yield CounterMetricFamily(f"{PREFIX}_engine_recoveries",
+                              "Engines rebuilt on the remaining machines after a machine was lost",
+                              value=float(obs.engine_recoveries))
+    leased = getattr(plugin, "leased_machines", None)
+    yield GaugeMetricFamily(f"{PREFIX}_machines_leased", "Machines leased by a session",
+                            value=len(leased()) if callable(leased) else 0)
+    yield GaugeMetricFamily(f"{PREFIX}_machines_draining", "Machines that take no new lease",
+                            value=len(getattr(plugin, "draining", ()) or ()))
+    yield GaugeMetricFamily(f"{PREFIX}_lease_waiters", "Sessions waiting in the queue for leased machines",
+                            value=len(getattr(plugin, "_waiters", ()) or ()))
+
+
+_COLLECTOR: MeshCollector | None = None
+_COLLECTOR_LOCK = threading.Lock()
+
+
+def install_metrics(plugin: Any) -> bool:
+    """Add the ``sharedllm_*`` series to the scheduler's ``/metrics`` page. False when ``prometheus_client`` is
+    missing (distributed then serves a page saying metrics are unavailable). Idempotent, once per process."""
+    global _COLLECTOR
+    observations(plugin)
+    try:
+        import prometheus_client
+    except ImportError:
+        logger.warning("prometheus_client is not installed: no sharedllm metrics on /metrics")
+        return False
+    with _COLLECTOR_LOCK:
+        if _COLLECTOR is None:
+            collector = MeshCollector()
+            collector.track(plugin)
+            prometheus_client.REGISTRY.register(collector)
+            _COLLECTOR = collector
+        else:
+            _COLLECTOR.track(plugin)
+    logger.info("sharedllm metrics installed on the scheduler's /metrics")
+    return True
+
+
+__all__ = [
+    "DeviceMemory",
+    "MeshCollector",
+    "MeshObservations",
+    "StageView",
+    "close_kind",
+    "device_memory",
+    "install_metrics",
+    "observations",
+    "record_session_close",
+    "record_session_report",
+    "session_stages",
+]
