@@ -126,7 +126,8 @@ def generate(model, prompt, scheduler, machines, max_tokens, temperature, seed, 
     """Stream a completion of PROMPT by MODEL (a .gguf path or 'gemma-3-270m') to stdout."""
     from sharedllm import models
 
-    models.resolve(model)  # a bad path fails here, before any process starts
+    if not models.needs_catalog(model):
+        models.resolve(model)  # a bad path or URL fails here, before any process starts
     mesh, close = _connect(scheduler, machines)
     try:
         extra = {"seed": seed} if seed is not None else {}
@@ -176,12 +177,13 @@ def demo(machines: int, max_tokens: int) -> None:
 def _register() -> None:
     # Commands that live in their own modules.
     from sharedllm.cli.drain import drain
+    from sharedllm.cli.models import models
     from sharedllm.cli.serve import serve
     from sharedllm.cli.status import status
+    from sharedllm.cli.trust import clients, trust
 
-    cli.add_command(status)
-    cli.add_command(drain)
-    cli.add_command(serve)
+    for command in (status, drain, serve, models, trust, clients):
+        cli.add_command(command)
 
 
 _register()

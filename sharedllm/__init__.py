@@ -22,6 +22,7 @@ from sharedllm.errors import (
     ModelNotFound,
     ModelTooLarge,
     NoMachines,
+    RateLimited,
     RPCServerError,
     SchedulerUnreachable,
     WorkerLost,
@@ -42,5 +43,6 @@ def __getattr__(name: str):
 
 __all__ = [
     "EngineError", "InvalidModel", "LocalMesh", "Mesh", "MeshBusy", "MeshError", "MeshModel", "ModelError",
-    "ModelNotFound", "ModelTooLarge", "NoMachines", "RPCServerError", "SchedulerUnreachable", "Topology", "WorkerLost",
+    "ModelNotFound", "ModelTooLarge", "NoMachines", "RPCServerError", "RateLimited", "SchedulerUnreachable",
+    "Topology", "WorkerLost",
 ]

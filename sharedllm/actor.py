@@ -34,6 +34,7 @@ class RPCServerState:
     threads: int | None = None
     restarts: int = 0
     reason: str | None = None
+    cache: dict = field(default_factory=dict)  # tensor cache: files, bytes, cap
     since: float = field(default_factory=time.time)
 
     def to_dict(self) -> dict:
@@ -52,6 +53,7 @@ class RPCServerConfig:
     restart_window: float = 300.0
     backoff: float = 1.0
     cooldown: float = 60.0  # after a crash loop
+    cache_cap: int = 10 << 30  # bytes of tensor cache kept (least recently used files are evicted beyond it)
 
 
 class RPCServerSupervisor:
@@ -93,8 +95,7 @@ class RPCServerSupervisor:
         from sharedllm.rpc_server import READY_PREFIX
 
         c = self.config
-        ready_file = self.workdir / "ready.json"
-        ready_file.unlink(missing_ok=True)
+        self.maintain_cache()  # never during a load: the server is not running yet
         threads = c.threads or len(os.sched_getaffinity(0))  # every core: stages never compute at once (NOTES)
         cmd = [sys.executable, "-m", "sharedllm.rpc_server", "--host", c.host, "--port", str(c.port),
                "--threads", str(threads), "--parent-pid", str(os.getpid())]
@@ -111,6 +112,7 @@ class RPCServerSupervisor:
             )
         finally:
             log.close()
+        self._started_at = time.time()
         info = None
         deadline = time.monotonic() + c.start_timeout
         try:
@@ -165,6 +167,7 @@ class RPCServerSupervisor:
             self._restart_times = [t for t in self._restart_times if now - t < c.restart_window] + [now]
             reason = f"rpc-server exited with status {code}: {self._log_tail()}"
             logger.warning("%s", reason)
+            self._discard_partial_cache()
             if len(self._restart_times) > c.max_restarts:
                 # Crash loop: marked failed (placement leaves it out), then one fresh try after a cool-down.
                 self._set(state="failed", reason=f"crash loop ({len(self._restart_times)} exits in "
@@ -178,6 +181,37 @@ class RPCServerSupervisor:
             await asyncio.sleep(c.backoff * 2 ** (len(self._restart_times) - 1))
             if not self._stopping:
                 await self._launch()
+
+    def maintain_cache(self) -> dict:
+        """Evict least recently used tensor-cache files beyond the cap; refresh the reported cache stats.
+
+        Call it only while no session is loading (before a start, after a session ends): the server writes cache
+        files during a load."""
+        from sharedllm import tensor_cache
+
+        d = self.config.cache_dir
+        if not d:
+            return {}
+        try:
+            evicted = tensor_cache.prune(d, self.config.cache_cap)
+            if evicted:
+                logger.info("tensor cache %s: evicted %d file(s) beyond %d MiB", d, len(evicted),
+                            self.config.cache_cap >> 20)
+            self.status.cache = {**tensor_cache.stats(d), "cap": self.config.cache_cap}
+        except OSError as exc:
+            logger.warning("could not maintain the tensor cache %s: %s", d, exc)
+        return self.status.cache
+
+    def _discard_partial_cache(self) -> None:
+        # llama.cpp writes cache files with an unchecked ofstream: a crash mid-write leaves a truncated file that a
+        # later load would take as a hit (wrong weights). Drop what the dead server wrote.
+        from sharedllm import tensor_cache
+
+        if self.config.cache_dir and getattr(self, "_started_at", None):
+            with contextlib.suppress(OSError):
+                dropped = tensor_cache.discard_since(self.config.cache_dir, self._started_at)
+                if dropped:
+                    logger.warning("dropped %d tensor-cache file(s) written by the crashed rpc-server", len(dropped))
 
     def _log_tail(self) -> str:
         try:
@@ -232,3 +266,6 @@ class RPCServerActor:
 
     async def status(self) -> dict:
         return self.supervisor.status.to_dict()
+
+    async def maintain_cache(self) -> dict:
+        return await asyncio.to_thread(self.supervisor.maintain_cache)

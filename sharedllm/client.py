@@ -148,6 +148,12 @@ class Mesh:
                                  f"check the workers' logs:\n{table}")
             time.sleep(0.2)
 
+    def resolve(self, model: str | os.PathLike) -> Path:
+        """A local GGUF for ``model``: a path, a URL (``URL#sha256=HEX``, downloaded and verified) or a name from
+        the scheduler's catalog (downloaded into the model cache on first use)."""
+        catalog = self._call("sharedllm_catalog", action="list") if models.needs_catalog(model) else None
+        return models.resolve(model, catalog)
+
     def plan(
         self,
         model: str | os.PathLike,
@@ -159,7 +165,7 @@ class Mesh:
         max_devices: int | None = None,
     ) -> Topology:
         """Plan a topology for ``model`` without loading it. Raises ``ModelTooLarge`` when the mesh cannot hold it."""
-        path = models.resolve(model)
+        path = self.resolve(model)
         estimate = gguf.estimate_memory(gguf.read_gguf(path), n_ctx)
         from sharedllm.ggml import build_info
 
@@ -187,6 +193,9 @@ class Mesh:
         load_timeout: float = 600.0,
         token_timeout: float = 60.0,
         max_recoveries: int = 3,
+        privacy: str = "any",
+        min_trust: float | None = None,
+        labels: dict[str, str] | None = None,
         on_progress: Callable[[float], None] | None = None,
         **llama_kwargs,
     ) -> MeshModel:
@@ -200,18 +209,24 @@ class Mesh:
         ``llama_kwargs`` go to ``llama_cpp.Llama`` in the engine (``n_threads``, ``n_batch``, ``seed``, ``chat_format``,
         ...). Errors: ``ModelNotFound``/``InvalidModel`` for the file, ``ModelTooLarge``/``NoMachines`` for the mesh,
         ``MeshBusy`` after waiting, ``WorkerLost`` when a machine is lost and recovery is exhausted,
-        ``SchedulerUnreachable`` for the scheduler.
+        ``RateLimited`` over the client's limits, ``SchedulerUnreachable`` for the scheduler.
+
+        Sensitive requests: ``privacy="trusted"`` places the model only on machines out of probation with a trust
+        score of at least 0.7; ``min_trust`` sets a minimum score; ``labels`` (e.g. ``{"owner": "alice"}``) must
+        match the machines' ``--label``s. When no machine qualifies the load fails; it never goes elsewhere, and
+        recoveries keep the same restrictions.
         """
         from sharedllm.ggml import build_info
 
         if max_recoveries < 0:
             raise ValueError(f"max_recoveries must be >= 0, got {max_recoveries}")
         build_info()  # measured once per library build and cached; not part of planning time
-        path = models.resolve(model)
+        path = self.resolve(model)
         estimate = gguf.estimate_memory(gguf.read_gguf(path), n_ctx)
         handle = MeshModel(
             self, path, estimate,
-            plan_kwargs={"strategy": strategy, "headroom": headroom, "machines": machines, "max_devices": max_devices},
+            plan_kwargs={"strategy": strategy, "headroom": headroom, "machines": machines, "max_devices": max_devices,
+                         "privacy": privacy, "min_trust": min_trust, "labels": labels},
             llama_kwargs={"n_ctx": n_ctx, **llama_kwargs},
             wait_timeout=wait_timeout, load_timeout=load_timeout, token_timeout=token_timeout,
             max_recoveries=max_recoveries, on_progress=on_progress,
@@ -371,7 +386,7 @@ class MeshModel:
         self.recoveries.append({"lost": lost, "reason": str(exc), "seconds": time.perf_counter() - t0,
                                 "machines": self.topology.machines})
         self._mesh._report("sharedllm_session_report", session_id=self.session_id, tokens=0, seconds=0.0,
-                           recovered=True)
+                           recovered=True, lost=lost)
 
     def _find_lost(self) -> str | None:
         """The machine of our topology that is gone, not ready, or whose rpc-server restarted since we leased it
@@ -429,6 +444,7 @@ class MeshModel:
 
     def _run(self, method: str, kwargs: dict) -> dict | Iterator[dict]:
         self._check_usable()
+        self._mesh._call("sharedllm_request", session_id=self.session_id)  # RateLimited when over the limits
         if kwargs.get("temperature", 0.8) > 0 and kwargs.get("seed") is None and "seed" not in self._llama_kwargs:
             # A replay after a lost machine must draw the same random numbers: fix the seed now.
             kwargs["seed"] = random.randrange(2**31)

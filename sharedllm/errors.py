@@ -43,6 +43,17 @@ class MeshBusy(MeshError):
     """Every machine that could hold the model is leased by other sessions, and the wait timed out."""
 
 
+class RateLimited(MeshError):
+    """This client is over one of the mesh's limits; ``retry_after`` says when to try again (seconds)."""
+
+    def __init__(self, message: str, retry_after: float = 1.0):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+    def __reduce__(self):
+        return (type(self), (str(self), self.retry_after))
+
+
 class NoMachines(MeshError):
     """The mesh has no machine with a ready rpc-server."""
 

@@ -65,6 +65,8 @@ class LocalMesh:
         start_timeout: float = 120.0,
         state_path: str | os.PathLike | None = None,
         persist_interval: float = 5.0,
+        secret: str | None = "auto",
+        scheduler_args: list[str] | None = None,
     ):
         if machines < 0:
             raise ValueError(f"machines must be >= 0, got {machines}")
@@ -77,6 +79,14 @@ class LocalMesh:
         self.state_path = state_path
         self.persist_interval = persist_interval
         self._stopped: set[str] = set()  # machines stopped on purpose: supervise() leaves them down
+        self.scheduler_args = list(scheduler_args or [])  # extra options for the sharedllm.scheduler preload
+        # The cluster secret every process of this mesh gets through its environment ("auto": a fresh one).
+        from sharedllm import security
+
+        env_secret = os.environ.get(security.ENV_SECRET)
+        self.secret = security.generate_secret() if secret == "auto" and not env_secret else (secret or None)
+        if secret == "auto" and env_secret:
+            self.secret = env_secret
         self._tmp = None if workdir else tempfile.TemporaryDirectory(prefix="sharedllm-mesh-")
         self.workdir = Path(workdir or self._tmp.name)
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -93,6 +103,11 @@ class LocalMesh:
     def _spawn(self, name: str, cmd: list[str], machine_id: str | None = None) -> _Proc:
         log = self.workdir / f"{name}.log"
         env = dict(os.environ, PYTHONUNBUFFERED="1")
+        if self.secret:
+            from sharedllm import security
+
+            env[security.ENV_SECRET] = self.secret
+            env.pop(security.ENV_SECRET_FILE, None)
         with open(log, "ab") as f:
             popen = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
                                      start_new_session=True)
@@ -110,6 +125,7 @@ class LocalMesh:
         cmd += ["--preload", "sharedllm.scheduler"]
         if self.state_path:
             cmd += ["--state-path", str(self.state_path), "--persist-interval", str(self.persist_interval)]
+        cmd += self.scheduler_args
         self.scheduler = self._spawn("scheduler", cmd)
         deadline = time.monotonic() + self.start_timeout
         while not sched_file.exists():
@@ -156,7 +172,12 @@ class LocalMesh:
         return restarted
 
     def add_machine(
-        self, machine_id: str, nworkers: int = 1, wait: bool = False, rpc_devices: tuple[str, ...] = ()
+        self,
+        machine_id: str,
+        nworkers: int = 1,
+        wait: bool = False,
+        rpc_devices: tuple[str, ...] = (),
+        labels: dict[str, str] | None = None,
     ) -> list[_Proc]:
         """Start ``dask worker --nworkers N`` for one emulated machine (``rpc_devices``: what its server serves)."""
         self._stopped.discard(machine_id)
@@ -169,6 +190,8 @@ class LocalMesh:
             cmd += ["--rpc-threads", str(self.rpc_threads)]
         for dev in rpc_devices:
             cmd += ["--rpc-device", dev]
+        for key, value in (labels or {}).items():
+            cmd += ["--label", f"{key}={value}"]
         proc = self._spawn(f"worker-{machine_id}-{len(self.workers)}", cmd, machine_id)
         self.workers.append(proc)
         if wait:

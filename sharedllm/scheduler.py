@@ -3,6 +3,9 @@
 
 from __future__ import annotations
 
+import logging
+import os
+
 import click
 
 from sharedllm.scheduler_plugins import MeshPlugin
@@ -15,7 +18,22 @@ from sharedllm.scheduler_plugins import MeshPlugin
               help="SQLite file that keeps the registry across restarts (default: none, state is lost on exit)")
 @click.option("--persist-interval", type=float, default=5.0, show_default=True,
               help="seconds between writes of the state file")
-def dask_setup(scheduler, reconcile_interval, state_path, persist_interval):
+@click.option("--secret-file", default=None, help="file holding the cluster secret (else $SHAREDLLM_CLUSTER_SECRET)")
+@click.option("--requests-per-minute", type=float, default=120.0, show_default=True, help="per-client rate limit")
+@click.option("--tokens-per-minute", type=float, default=60_000.0, show_default=True, help="per-client rate limit")
+@click.option("--max-leases", type=int, default=4, show_default=True, help="concurrent leases per client")
+def dask_setup(scheduler, reconcile_interval, state_path, persist_interval, secret_file, requests_per_minute,
+               tokens_per_minute, max_leases):
+    from sharedllm.scheduler_plugins.trust import Limits
+    from sharedllm.security import load_secret
+
+    try:
+        secret = load_secret(secret_file)
+    except ValueError:
+        # A preload's exception is only logged and the scheduler would run unprotected: fail closed instead.
+        logging.getLogger("sharedllm.scheduler").exception("cannot load the cluster secret; stopping")
+        os._exit(2)
+    limits = Limits(requests_per_minute, tokens_per_minute, max_leases)
     # The scheduler calls start() on every plugin added before it finishes starting (see NOTES).
     scheduler.add_plugin(MeshPlugin(reconcile_interval=reconcile_interval, state_path=state_path,
-                                    persist_interval=persist_interval))
+                                    persist_interval=persist_interval, secret=secret, limits=limits))

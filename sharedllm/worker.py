@@ -26,9 +26,10 @@ EXTENSION = "sharedllm"
 class MachineAgent:
     """Per-worker state: which machine this worker belongs to, and the rpc-server supervisor if it holds the actor."""
 
-    def __init__(self, worker, machine_id: str, config: RPCServerConfig):
+    def __init__(self, worker, machine_id: str, config: RPCServerConfig, labels: dict[str, str] | None = None):
         self.worker = worker
         self.machine_id = machine_id
+        self.labels = dict(labels or {})
         self.config = config
         self.supervisor: RPCServerSupervisor | None = None
         self._build: dict | None = None
@@ -58,6 +59,7 @@ class MachineAgent:
             "resources": res.to_dict(),
             "rpc": sup.status.to_dict() if sup else None,
             "build": self.build(),
+            "labels": self.labels,
             "pid": os.getpid(),
         }
 
@@ -80,8 +82,14 @@ class MachineReporter(WorkerPlugin):
         rpc_threads: int | None = None,
         rpc_devices: tuple[str, ...] = (),
         cache_dir: str | None = None,
+        cache_cap: int = 10 << 30,
+        labels: dict[str, str] | None = None,
     ):
         self.machine_id = resources.machine_id(machine_id)  # validates an override, raises ValueError
+        if cache_cap < 0:
+            raise ValueError(f"cache_cap must be >= 0 bytes, got {cache_cap}")
+        self.cache_cap = cache_cap
+        self.labels = dict(labels or {})
         if rpc_threads is not None and rpc_threads < 1:
             raise ValueError(f"rpc_threads must be at least 1, got {rpc_threads}")
         if not 0 <= rpc_port < 65536:
@@ -104,9 +112,10 @@ class MachineReporter(WorkerPlugin):
             / self.machine_id
         )
         config = RPCServerConfig(
-            host=host, port=self.rpc_port, threads=self.rpc_threads, devices=self.rpc_devices, cache_dir=cache
+            host=host, port=self.rpc_port, threads=self.rpc_threads, devices=self.rpc_devices, cache_dir=cache,
+            cache_cap=self.cache_cap,
         )
-        agent = MachineAgent(worker, self.machine_id, config)
+        agent = MachineAgent(worker, self.machine_id, config, self.labels)
         worker.extensions[EXTENSION] = agent
         worker.startup_information[EXTENSION] = agent.report
         worker.metrics[EXTENSION] = agent.report
@@ -125,8 +134,39 @@ class MachineReporter(WorkerPlugin):
 @click.option("--rpc-threads", type=int, default=None, help="rpc-server CPU threads (default: every core)")
 @click.option("--rpc-device", "rpc_devices", multiple=True, help="device to serve, repeatable (default: GPUs or CPU)")
 @click.option("--cache-dir", default=None, help="rpc-server tensor cache directory")
-async def dask_setup(worker, machine_id, rpc_host, rpc_port, rpc_threads, rpc_devices, cache_dir):
-    await worker.plugin_add(
-        MachineReporter(machine_id, rpc_host, rpc_port, rpc_threads, tuple(rpc_devices), cache_dir),
-        catch_errors=False,
-    )
+@click.option("--cache-cap", default="10GiB", show_default=True,
+              help="tensor cache size cap; least recently used files are evicted beyond it")
+@click.option("--label", "labels", multiple=True, help="KEY=VALUE label for route-sensitive placement, repeatable")
+@click.option("--secret-file", default=None, help="file holding the cluster secret (else $SHAREDLLM_CLUSTER_SECRET)")
+async def dask_setup(worker, machine_id, rpc_host, rpc_port, rpc_threads, rpc_devices, cache_dir, cache_cap, labels,
+                     secret_file):
+    from dask.utils import parse_bytes
+
+    pairs = {}
+    for item in labels:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise click.BadParameter(f"--label wants KEY=VALUE, got {item!r}")
+        pairs[key] = value
+    plugin = MachineReporter(machine_id, rpc_host, rpc_port, rpc_threads, tuple(rpc_devices), cache_dir,
+                             parse_bytes(cache_cap), pairs)
+    await vouch(worker, plugin.machine_id, secret_file)
+    await worker.plugin_add(plugin, catch_errors=False)
+
+
+async def vouch(worker, machine_id: str, secret_file: str | None) -> None:
+    """Answer the scheduler's challenge with the cluster secret; the proof travels with the registration."""
+    from sharedllm import security
+
+    secret = security.load_secret(secret_file)
+    if secret is None:
+        logger.warning("no cluster secret (SHAREDLLM_CLUSTER_SECRET or --secret-file): a scheduler that requires "
+                       "one will refuse this worker")
+        return
+    answer = await worker.scheduler.sharedllm_challenge()
+    nonce = (answer or {}).get("nonce")
+    if not nonce:
+        logger.warning("the scheduler does not check cluster secrets: any worker can join this mesh")
+        return
+    proof = {"nonce": nonce, "machine_id": machine_id, "proof": security.worker_proof(secret, nonce, machine_id)}
+    worker.startup_information["sharedllm_auth"] = lambda _worker: proof

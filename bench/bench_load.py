@@ -1,0 +1,327 @@
+# SPDX-License-Identifier: AGPL-3.0-or-later
+"""Benchmark: cold against warm model load through the mesh (the rpc-servers' tensor cache).
+
+    .venv/bin/python bench/bench_load.py [--repeats 3] [--link-mbps 0 --link-mbps 1000] [--out bench/results/load.json]
+
+(default links: loopback, then 1000 and 100 Mbit/s emulated)
+
+Gemma 3 270M Q4_K_M, n_ctx 2048, an embedded ``LocalMesh(machines=2)``. Each repeat starts a fresh mesh whose
+rpc-servers get empty tensor caches (``XDG_CACHE_HOME`` points the workers at a new temporary directory; the default
+cache is ``$XDG_CACHE_HOME/sharedllm/tensor-cache/<machine>``), then times:
+
+- ``cold``: the first ``mesh.load`` (lease, plan, probe, engine start, llama.cpp load with every weight uploaded;
+  weights over 10 MiB are also written to the server's cache);
+- ``warm``: the same load again on the same rpc-servers (llama.cpp sends each big weight's hash, and the server reads
+  it from its cache instead of receiving it).
+
+Both load the same model file, which is read once before timing so that the page cache is warm for both. Each load
+also generates 4 greedy tokens: cold and warm must give the same text, or the cache served wrong weights.
+
+``--link-mbps N`` (repeatable; 0 is plain loopback) emulates a network link of N Mbit/s between the client and the
+rpc-servers: every rpc-server endpoint of the leased topology is replaced by a local TCP proxy that paces both
+directions to that rate. Lease, planning, the RPC probe and the engine are the mesh's own; only the byte path is
+slowed. On loopback, uploads cost little, so the cache saves little; on a real link, the upload dominates.
+The table goes to stdout; the raw numbers go to ``--out`` as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import datetime
+import json
+import logging
+import os
+import platform
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger("bench_load")
+
+N_CTX = 2048
+PROMPT = "Once upon a time"
+TARGET = 2.0  # warm at least 2x faster than cold
+
+
+# --- an emulated link: a paced TCP proxy in front of each rpc-server ------------------------------------------------
+
+
+class PacedProxy:
+    """Listen on a loopback port and forward every connection to ``target``, each direction paced to ``mbps``."""
+
+    def __init__(self, target: str, mbps: float):
+        host, port = target.rsplit(":", 1)
+        self.target = (host, int(port))
+        self.rate = mbps * 1e6 / 8  # bytes per second
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.endpoint = f"127.0.0.1:{self.sock.getsockname()[1]}"
+        self.closed = False
+        threading.Thread(target=self._accept, daemon=True, name=f"proxy-{self.endpoint}").start()
+
+    def _accept(self) -> None:
+        while not self.closed:
+            try:
+                client, _ = self.sock.accept()
+            except OSError:
+                return
+            try:
+                server = socket.create_connection(self.target)
+            except OSError:
+                client.close()
+                continue
+            for s in (client, server):
+                s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            for a, b in ((client, server), (server, client)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    def _pump(self, src: socket.socket, dst: socket.socket) -> None:
+        t0, sent = time.monotonic(), 0
+        try:
+            while data := src.recv(256 << 10):
+                dst.sendall(data)
+                sent += len(data)
+                ahead = sent / self.rate - (time.monotonic() - t0)
+                if ahead > 0:
+                    time.sleep(ahead)
+                elif ahead < -0.05:  # idle gaps do not bank credit for later bursts
+                    t0, sent = time.monotonic(), 0
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                with contextlib.suppress(OSError):
+                    s.shutdown(socket.SHUT_RDWR)
+                s.close()
+
+    def close(self) -> None:
+        self.closed = True
+        self.sock.close()
+
+
+@contextlib.contextmanager
+def routed_through(proxies: dict[str, str]) -> Iterator[None]:
+    """Make the client's topologies use the proxy endpoints (the bench's only intrusion into the library)."""
+    from sharedllm.placement import Topology
+
+    original = Topology.__dict__["from_dict"]
+
+    def from_dict(cls, d: dict) -> Topology:
+        topo = original.__func__(cls, d)
+        stages = tuple(dataclasses.replace(s, endpoint=proxies.get(s.endpoint, s.endpoint)) for s in topo.stages)
+        return dataclasses.replace(topo, stages=stages)
+
+    Topology.from_dict = classmethod(from_dict)
+    try:
+        yield
+    finally:
+        Topology.from_dict = original
+
+
+# --- measuring -----------------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def environ(**values: str) -> Iterator[None]:
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def timed_load(mesh, model_path: str) -> dict[str, Any]:
+    """One ``mesh.load``: wall seconds to a usable handle, and where they went; then 4 greedy tokens."""
+    t0 = time.perf_counter()
+    with mesh.load(model_path, n_ctx=N_CTX) as llm:
+        wall = time.perf_counter() - t0
+        engine_s = (llm._engine.info or {}).get("load_seconds") if llm._engine else None
+        text = llm.create_completion(PROMPT, max_tokens=4, temperature=0)["choices"][0]["text"]
+        return {"load_s": wall, "handle_load_s": llm.load_seconds, "lease_ms": llm.plan_ms,
+                "engine_llama_load_s": engine_s,
+                "other_s": wall - engine_s - llm.plan_ms / 1000 if engine_s is not None else None,
+                "text": text, "machines": llm.topology.machines, "endpoints": llm.topology.endpoints}
+
+
+def cache_stats(root: Path) -> dict[str, dict[str, int]]:
+    from sharedllm import tensor_cache
+
+    base = root / "sharedllm" / "tensor-cache"
+    return {d.name: tensor_cache.stats(d) for d in sorted(base.iterdir())} if base.exists() else {}
+
+
+def one_repeat(model_path: str, mbps: float, machines: int) -> dict[str, Any]:
+    from sharedllm.local import LocalMesh
+
+    root = Path(tempfile.mkdtemp(prefix="sharedllm-bench-load-"))
+    try:
+        # The workers (and so their rpc-servers) take their default cache directory from XDG_CACHE_HOME.
+        lm = LocalMesh(machines=machines, dashboard=False)
+        try:
+            with environ(XDG_CACHE_HOME=str(root)):
+                lm.start()  # not `with lm:`, whose __enter__ would start a second mesh outside this environment
+            mesh = lm.mesh()
+            empty = cache_stats(root)
+            proxies: dict[str, PacedProxy] = {}
+            if mbps:
+                for m in mesh.machines():
+                    ep = m["rpc"]["endpoint"]
+                    proxies[ep] = PacedProxy(ep, mbps)
+            route = routed_through({k: p.endpoint for k, p in proxies.items()}) if proxies else contextlib.nullcontext()
+            try:
+                with route:
+                    cold = timed_load(mesh, model_path)
+                    after_cold = cache_stats(root)
+                    warm = timed_load(mesh, model_path)
+            finally:
+                for p in proxies.values():
+                    p.close()
+        finally:
+            lm.close()
+        return {"cold": cold, "warm": warm, "cache_before": empty, "cache_after_cold": after_cold}
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+LOCAL_LOAD_CHILD = """
+import sys, time
+import llama_cpp  # imported before the clock starts, as in the engine
+from sharedllm.engine import build_llama
+t0 = time.perf_counter()
+llm = build_llama(sys.argv[1], n_ctx=int(sys.argv[2]), use_extra_bufts=False)
+print(time.perf_counter() - t0)
+"""
+
+
+def local_load_s(model_path: str) -> float:
+    """The floor: llama.cpp loading the model in one process with no RPC at all (a fresh process each time)."""
+    out = subprocess.run([sys.executable, "-c", LOCAL_LOAD_CHILD, model_path, str(N_CTX)], capture_output=True,
+                         text=True, check=True, timeout=300)
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def machine_info() -> dict[str, Any]:
+    import llama_cpp
+
+    return {"cpu_count": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
+            "llama_cpp_python": llama_cpp.__version__, "date": datetime.datetime.now().isoformat(timespec="seconds")}
+
+
+def benchmark(args: argparse.Namespace) -> dict[str, Any]:
+    from sharedllm import models
+
+    model_path = str(models.default_model_path())
+    with open(model_path, "rb") as f:  # warm the page cache: both loads read the file from memory
+        while f.read(16 << 20):
+            pass
+    local = [local_load_s(model_path) for _ in range(args.repeats)]
+    logger.info("llama.cpp loads the model locally, without RPC, in %.2f s (median)", statistics.median(local))
+    scenarios = []
+    for mbps in args.link_mbps:
+        runs = []
+        for r in range(args.repeats):
+            logger.info("link %s, repeat %d/%d: fresh mesh, empty tensor caches", _link(mbps), r + 1, args.repeats)
+            res = one_repeat(model_path, mbps, args.machines)
+            logger.info("  cold %.2f s (llama.cpp load %.2f s), warm %.2f s (llama.cpp load %.2f s); caches after "
+                        "cold: %s", res["cold"]["load_s"], res["cold"]["engine_llama_load_s"], res["warm"]["load_s"],
+                        res["warm"]["engine_llama_load_s"], res["cache_after_cold"])
+            runs.append(res)
+        med = {kind: {key: statistics.median(run[kind][key] for run in runs)
+                      for key in ("load_s", "engine_llama_load_s", "lease_ms", "other_s")}
+               for kind in ("cold", "warm")}
+        cached = [sum(s["bytes"] for s in run["cache_after_cold"].values()) for run in runs]
+        scenarios.append({
+            "link_mbps": mbps, "runs": runs, "median": med,
+            "speedup": med["cold"]["load_s"] / med["warm"]["load_s"],
+            "speedup_llama_load": med["cold"]["engine_llama_load_s"] / med["warm"]["engine_llama_load_s"],
+            "cached_bytes": statistics.median(cached),
+            "texts_match": len({run[k]["text"] for run in runs for k in ("cold", "warm")}) == 1,
+            "caches_empty_before_cold": all(not any(s["files"] for s in run["cache_before"].values()) for run in runs),
+        })
+    return {"machine": machine_info(),
+            "config": {"model": model_path, "n_ctx": N_CTX, "machines": args.machines, "repeats": args.repeats,
+                       "link_mbps": args.link_mbps, "target_speedup": TARGET},
+            "local_load_s": {"runs": local, "median": statistics.median(local)},
+            "scenarios": scenarios}
+
+
+def _link(mbps: float) -> str:
+    return "loopback" if not mbps else f"{mbps:g} Mbit/s (emulated)"
+
+
+def report(result: dict[str, Any], markdown: bool) -> str:
+    from sharedllm.errors import gib
+
+    rows = [["link", "cold load s", "warm load s", "speedup", "llama.cpp load cold/warm s", "lease+probe+engine "
+             "start s", "cached"]]
+    for sc in result["scenarios"]:
+        c, w = sc["median"]["cold"], sc["median"]["warm"]
+        rows.append([_link(sc["link_mbps"]), f"{c['load_s']:.2f}", f"{w['load_s']:.2f}", f"{sc['speedup']:.2f}x",
+                     f"{c['engine_llama_load_s']:.2f} / {w['engine_llama_load_s']:.2f}",
+                     f"{c['load_s'] - c['engine_llama_load_s']:.2f} / {w['load_s'] - w['engine_llama_load_s']:.2f}",
+                     gib(sc["cached_bytes"])])
+    cfg, m = result["config"], result["machine"]
+    lines = [f"Gemma 3 270M Q4_K_M load through a {cfg['machines']}-machine mesh, n_ctx {cfg['n_ctx']}, median of "
+             f"{cfg['repeats']} repeats (fresh mesh and empty tensor caches each), {m['cpu_count']} CPUs, "
+             f"llama-cpp-python {m['llama_cpp_python']}", "", render(rows, markdown), ""]
+    lines.append(f"floor: llama.cpp alone loads the model from the same file, without RPC, in "
+                 f"{result['local_load_s']['median']:.2f} s (median)")
+    for sc in result["scenarios"]:
+        verdict = "meets" if sc["speedup"] >= TARGET else "BELOW"
+        lines.append(f"{_link(sc['link_mbps'])}: warm is {sc['speedup']:.2f}x faster than cold ({verdict} the "
+                     f"{TARGET:g}x target); greedy text cold = warm: {'yes' if sc['texts_match'] else 'NO'}; caches "
+                     f"empty before each cold load: {'yes' if sc['caches_empty_before_cold'] else 'NO'}")
+    return "\n".join(lines)
+
+
+def render(rows: list[list[str]], markdown: bool) -> str:
+    if markdown:
+        out = ["| " + " | ".join(rows[0]) + " |", "|:---|" + "---:|" * (len(rows[0]) - 1)]
+        return "\n".join(out + ["| " + " | ".join(r) + " |" for r in rows[1:]])
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+
+    def line(r: list[str]) -> str:
+        cells = (c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True)))
+        return "  ".join(cells).rstrip()
+
+    return "\n".join([line(rows[0]), "  ".join("-" * w for w in widths), *(line(r) for r in rows[1:])])
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--repeats", type=int, default=3, help="fresh meshes per link (default 3)")
+    p.add_argument("--machines", type=int, default=2, help="loopback machines in the mesh (default 2)")
+    p.add_argument("--link-mbps", type=float, action="append", default=None, metavar="MBPS",
+                   help="emulated link speed, repeatable; 0 = plain loopback (default: 0, 1000 and 100)")
+    p.add_argument("--out", default="bench/results/load.json", help="JSON results file")
+    p.add_argument("--markdown", action="store_true", help="print the table as Markdown")
+    args = p.parse_args(argv)
+    args.link_mbps = args.link_mbps or [0.0, 1000.0, 100.0]
+    if args.repeats < 1 or args.machines < 1 or any(x < 0 for x in args.link_mbps):
+        p.error("--repeats and --machines must be >= 1, --link-mbps >= 0")
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s %(message)s")
+    logging.getLogger("distributed").setLevel(logging.WARNING)
+    result = benchmark(args)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(report(result, args.markdown))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

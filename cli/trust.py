@@ -1,0 +1,99 @@
+# SPDX-License-Identifier: AGPL-3.0-or-later
+"""``sharedllm trust list | ban MACHINE | unban MACHINE`` and ``sharedllm clients list | ban | unban``."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import click
+
+from sharedllm.cli.main import friendly_errors
+
+_scheduler = click.option("--scheduler", required=True, envvar="SHAREDLLM_SCHEDULER", help="scheduler address")
+
+
+def _call(scheduler: str, handler: str, **kwargs) -> dict:
+    from sharedllm.client import Mesh
+
+    with Mesh.connect(scheduler) as mesh:
+        return mesh._call(handler, **kwargs)
+
+
+@click.group()
+def trust() -> None:
+    """The trust registry: every machine's record and score; bans."""
+
+
+@trust.command("list")
+@_scheduler
+@click.option("--json", "as_json", is_flag=True, help="machine-readable output")
+@friendly_errors
+def trust_list(scheduler: str, as_json: bool) -> None:
+    """Every machine the mesh has vouched for, with its trust score."""
+    rows = _call(scheduler, "sharedllm_trust")["machines"]
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    click.echo(f"{'MACHINE':<20} {'SCORE':>5}  {'STATE':<10} {'SESSIONS':>8} {'TOKENS':>9} {'FAILURES':>8}  "
+               f"{'LAST SEEN':<19} LABELS")
+    for r in rows:
+        state = "banned" if r["banned"] else "probation" if r["probation"] else "trusted" if r["score"] >= 0.7 else "-"
+        seen = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["last_seen"]))
+        labels = ",".join(f"{k}={v}" for k, v in r["labels"].items()) or "-"
+        click.echo(f"{r['machine_id']:<20} {r['score']:>5.2f}  {state:<10} {r['sessions']:>8} {r['tokens']:>9} "
+                   f"{r['failures']:>8}  {seen:<19} {labels}")
+
+
+@trust.command("ban")
+@click.argument("machine")
+@_scheduler
+@friendly_errors
+def trust_ban(machine: str, scheduler: str) -> None:
+    """Never place anything on MACHINE again (until unbanned)."""
+    _call(scheduler, "sharedllm_trust", action="ban", machine=machine)
+    click.echo(f"{machine} is banned: it will not be placed")
+
+
+@trust.command("unban")
+@click.argument("machine")
+@_scheduler
+@friendly_errors
+def trust_unban(machine: str, scheduler: str) -> None:
+    """Allow MACHINE in placement again."""
+    _call(scheduler, "sharedllm_trust", action="unban", machine=machine)
+    click.echo(f"{machine} is no longer banned")
+
+
+@click.group()
+def clients() -> None:
+    """Clients of the mesh and their leases; bans."""
+
+
+@clients.command("list")
+@_scheduler
+@friendly_errors
+def clients_list(scheduler: str) -> None:
+    """Connected (and banned) clients with their sessions."""
+    for c in _call(scheduler, "sharedllm_clients")["clients"]:
+        click.echo(f"{c['client']}  {'banned' if c['banned'] else 'ok'}  sessions: {', '.join(c['sessions']) or '-'}")
+
+
+@clients.command("ban")
+@click.argument("client")
+@_scheduler
+@friendly_errors
+def clients_ban(client: str, scheduler: str) -> None:
+    """Refuse CLIENT's requests and end its sessions."""
+    _call(scheduler, "sharedllm_clients", action="ban", client=client)
+    click.echo(f"client {client} is banned")
+
+
+@clients.command("unban")
+@click.argument("client")
+@_scheduler
+@friendly_errors
+def clients_unban(client: str, scheduler: str) -> None:
+    """Accept CLIENT's requests again."""
+    _call(scheduler, "sharedllm_clients", action="unban", client=client)
+    click.echo(f"client {client} is no longer banned")

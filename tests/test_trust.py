@@ -1,0 +1,203 @@
+# SPDX-License-Identifier: AGPL-3.0-or-later
+"""Vouching with the cluster secret, the trust registry, route-sensitive placement and rate limits."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from sharedllm import security
+from sharedllm.errors import NoMachines, RateLimited
+from sharedllm.scheduler_plugins.trust import Admission, RateLimiter, TrustRecord, TrustRegistry
+from tests.conftest import N_CTX, PROMPT, machine, wait_for
+
+# --- unit ------------------------------------------------------------------------------------------------------
+
+
+def test_admission_accepts_the_right_secret_once():
+    secret = security.generate_secret().encode()
+    adm = Admission(secret)
+    nonce = adm.challenge()
+    good = {"nonce": nonce, "machine_id": "m1", "proof": security.worker_proof(secret, nonce, "m1")}
+    assert adm.check(good, "tcp://a") is None
+    assert "already used" in adm.check(good, "tcp://b")  # a replayed answer
+    n2 = adm.challenge()
+    wrong = {"nonce": n2, "machine_id": "m1", "proof": security.worker_proof(b"x" * 32, n2, "m1")}
+    assert "wrong cluster secret" in adm.check(wrong, "tcp://c")
+    n3 = adm.challenge()
+    other = {"nonce": n3, "machine_id": "m2", "proof": security.worker_proof(secret, n3, "m1")}
+    assert "wrong cluster secret" in adm.check(other, "tcp://d")  # a proof is bound to its machine id
+    assert "no cluster-secret proof" in adm.check(None, "tcp://e")
+    assert len(adm.refused) == 4
+
+
+def test_secret_loading(tmp_path, monkeypatch):
+    monkeypatch.delenv(security.ENV_SECRET, raising=False)
+    monkeypatch.delenv(security.ENV_SECRET_FILE, raising=False)
+    assert security.load_secret() is None
+    monkeypatch.setenv(security.ENV_SECRET, "short")
+    with pytest.raises(security.SecretError, match="too short"):
+        security.load_secret()
+    f = tmp_path / "secret"
+    f.write_text("s" * 40 + "\n")
+    assert security.load_secret(f) == b"s" * 40
+    with pytest.raises(security.SecretError, match="cannot read"):
+        security.load_secret(tmp_path / "missing")
+
+
+def test_trust_scores_and_qualification():
+    reg = TrustRegistry()
+    reg.seen("a", {"owner": "alice"})
+    assert reg.records["a"].probation and reg.records["a"].score == 0.5
+    assert "not trusted" in reg.qualifies("a", "trusted")
+    for _ in range(TrustRecord.PROBATION_SESSIONS):
+        reg.served(["a"], tokens=100)
+    assert not reg.records["a"].probation and reg.records["a"].score >= 0.7
+    assert reg.qualifies("a", "trusted") is None
+    assert reg.qualifies("a", labels={"owner": "alice"}) is None
+    assert "label owner" in reg.qualifies("a", labels={"owner": "bob"})
+    reg.failed("a")
+    reg.failed("a")
+    assert reg.records["a"].score < 0.7 and "not trusted" in reg.qualifies("a", "trusted")
+    reg.set_banned("a", True)
+    assert reg.qualifies("a") == "banned"
+    copy = TrustRegistry()
+    copy.load(reg.to_dict())
+    assert copy.records["a"].banned and copy.records["a"].failures == 2
+
+
+def test_rate_limiter_trips_and_recovers(monkeypatch):
+    from sharedllm.scheduler_plugins import trust as trust_mod
+
+    now = [1000.0]
+    monkeypatch.setattr(trust_mod.time, "monotonic", lambda: now[0])
+    rl = RateLimiter(trust_mod.Limits(requests_per_minute=3, tokens_per_minute=100, concurrent_leases=1))
+    assert all(rl.check_request("c") is None for _ in range(3))
+    why, wait = rl.check_request("c")
+    assert "requests/minute" in why and 0 < wait <= 20
+    now[0] += wait + 0.01
+    assert rl.check_request("c") is None
+    rl.charge_tokens("c", 500)
+    assert "tokens/minute" in rl.check_request("c")[0]
+    assert "leases" in rl.check_request("d", leases=1, new_lease=True)[0]
+    rl.banned.add("e")
+    assert "banned" in rl.check_request("e")[0]
+
+
+# --- on a real mesh --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def guarded_mesh():
+    """A 2-machine mesh with a cluster secret and tight rate limits, machine-2 labelled owner=alice."""
+    from sharedllm.local import LocalMesh
+
+    lm = LocalMesh(machines=0, dashboard=False, scheduler_args=["--requests-per-minute", "6"])
+    lm.start()
+    lm.add_machine("machine-1")
+    lm.add_machine("machine-2", labels={"owner": "alice"})
+    lm.mesh().wait_for_machines(2, timeout=120)
+    yield lm
+    lm.close()
+
+
+def _intruder(lm, env_secret: str | None, tmp_path) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SHAREDLLM_CLUSTER_SECRET")}
+    if env_secret:
+        env[security.ENV_SECRET] = env_secret
+    return subprocess.run(
+        [sys.executable, "-m", "dask", "worker", lm.address, "--no-nanny", "--no-dashboard", "--host", "127.0.0.1",
+         "--preload", "sharedllm.worker", "--machine-id", "intruder"],
+        capture_output=True, text=True, timeout=120, env=env, cwd=tmp_path,
+    )
+
+
+@pytest.mark.mesh
+def test_wrong_or_missing_secret_is_refused(guarded_mesh, tmp_path):
+    for secret, why in [("w" * 40, "wrong cluster secret"), (None, "no cluster-secret proof")]:
+        out = _intruder(guarded_mesh, secret, tmp_path)
+        assert out.returncode != 0
+        assert f"SharedLLM refused this worker: {why}" in out.stderr
+        assert machine(guarded_mesh.mesh(), "intruder") is None
+    log = guarded_mesh.scheduler.log.read_text()
+    assert "refused worker" in log and "wrong cluster secret for machine intruder" in log
+
+
+@pytest.mark.mesh
+def test_a_replayed_registration_is_refused(guarded_mesh):
+    from distributed.core import connect
+
+    client = guarded_mesh.client()
+    addr = machine(guarded_mesh.mesh(), "machine-1")["workers"][0]
+    # The proof machine-1's worker sent when it joined (its nonce is spent).
+    proof = client.run_on_scheduler(lambda dask_scheduler: dask_scheduler.workers[addr].extra["sharedllm_auth"])
+
+    async def replay():
+        comm = await connect(guarded_mesh.address)
+        await comm.write({"op": "register-worker", "address": "tcp://127.0.0.1:9", "extra": {"sharedllm_auth": proof},
+                          "reply": True})
+        answer = await comm.read()
+        await comm.close()
+        return answer
+
+    answer = client.sync(replay)
+    assert answer["status"] == "error" and "already used nonce" in answer["message"]
+
+
+@pytest.mark.mesh
+def test_banned_machine_is_never_placed_and_labels_route(guarded_mesh):
+    from sharedllm.client import Mesh
+
+    mesh = Mesh(guarded_mesh.client())
+    est_kwargs = {"n_ctx": N_CTX, "wait_timeout": 5}
+    mesh._call("sharedllm_trust", action="ban", machine="machine-1")
+    try:
+        with mesh.load("gemma-3-270m", **est_kwargs) as llm:
+            assert llm.topology.machines == ["machine-2"]
+        with pytest.raises(NoMachines, match="banned"):
+            mesh.load("gemma-3-270m", machines=["machine-1"], **est_kwargs)
+    finally:
+        mesh._call("sharedllm_trust", action="unban", machine="machine-1")
+    with mesh.load("gemma-3-270m", labels={"owner": "alice"}, **est_kwargs) as llm:
+        assert llm.topology.machines == ["machine-2"]
+    rows = {r["machine_id"]: r for r in mesh._call("sharedllm_trust")["machines"]}
+    assert rows["machine-2"]["sessions"] >= 2 and rows["machine-2"]["labels"] == {"owner": "alice"}
+
+
+@pytest.mark.mesh
+def test_sensitive_request_refused_on_untrusted_machines(guarded_mesh):
+    from sharedllm.client import Mesh
+
+    mesh = Mesh(guarded_mesh.client())
+    # Both machines have room, but both are new (on probation): nothing qualifies, nothing is placed elsewhere.
+    with pytest.raises(NoMachines, match="no machine qualifies for this request") as err:
+        mesh.load("gemma-3-270m", n_ctx=N_CTX, privacy="trusted", wait_timeout=5)
+    assert "not trusted" in str(err.value) and "not placed elsewhere" in str(err.value)
+
+
+@pytest.mark.mesh
+def test_rate_limit_trips_then_recovers(guarded_mesh):
+    from distributed import Client
+
+    from sharedllm.client import Mesh
+
+    with Client(guarded_mesh.address, timeout=30) as c:  # a fresh client: a fresh bucket of 6 requests/minute
+        mesh = Mesh(c)
+        with mesh.load("gemma-3-270m", n_ctx=N_CTX, wait_timeout=5) as llm:  # 1 request (the lease)
+            with pytest.raises(RateLimited) as err:
+                for _ in range(10):
+                    llm.create_completion(PROMPT, max_tokens=1, temperature=0)
+            assert 0 < err.value.retry_after <= 15 and "requests/minute" in str(err.value)
+            time.sleep(err.value.retry_after + 0.5)
+            assert llm.create_completion(PROMPT, max_tokens=1, temperature=0)["choices"][0]["text"]
+
+
+@pytest.mark.mesh
+def test_status_shows_trust(guarded_mesh):
+    wait_for(lambda: all("trust" in m for m in guarded_mesh.mesh().machines()), what="trust records")
+    m = machine(guarded_mesh.mesh(), "machine-2")
+    assert m["labels"] == {"owner": "alice"} and 0 <= m["trust"]["score"] <= 1
