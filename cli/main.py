@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import signal
 import sys
 import time
@@ -55,10 +56,21 @@ def friendly_errors(fn):
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("-v", "--verbose", count=True, help="more log output (-vv for debug)")
+@click.option("--tls-ca-file", envvar="SHAREDLLM_TLS_CA_FILE", default=None, help="CA of a TLS mesh (tls://)")
+@click.option("--tls-cert", envvar="SHAREDLLM_TLS_CERT", default=None, help="client certificate for a TLS mesh")
+@click.option("--tls-key", envvar="SHAREDLLM_TLS_KEY", default=None, help="client key for a TLS mesh")
 @click.version_option(package_name="sharedllm")
-def cli(verbose: int) -> None:
+def cli(verbose: int, tls_ca_file: str | None, tls_cert: str | None, tls_key: str | None) -> None:
     """SharedLLM: run one GGUF model split across the machines of a mesh."""
     _setup_logging(verbose)
+    if tls_ca_file or tls_cert or tls_key:
+        if not (tls_ca_file and tls_cert and tls_key):
+            raise click.UsageError("a TLS mesh needs --tls-ca-file, --tls-cert and --tls-key together")
+        import dask
+
+        # Every Dask client made below (Mesh.connect) picks these up, as `dask` itself does.
+        dask.config.set({"distributed.comm.tls.ca-file": tls_ca_file, "distributed.comm.tls.client.cert": tls_cert,
+                         "distributed.comm.tls.client.key": tls_key, "distributed.comm.require-encryption": True})
 
 
 def _connect(scheduler: str | None, machines: int):
@@ -79,20 +91,28 @@ def _connect(scheduler: str | None, machines: int):
 @click.option("--host", default="127.0.0.1", show_default=True, help="address to listen on")
 @click.option("--state-path", envvar="SHAREDLLM_STATE_PATH", default=None,
               help="SQLite file keeping the scheduler's registry across restarts")
+@click.option("--tls", is_flag=True, help="Dask comms over TLS, with a temporary CA made for this mesh")
 @friendly_errors
-def up(machines: int, host: str, state_path: str | None) -> None:
+def up(machines: int, host: str, state_path: str | None, tls: bool) -> None:
     """Start an embedded local mesh: a scheduler and one worker per emulated machine. Ctrl-C stops it.
 
     Like a service manager, it restarts what dies: the scheduler on its port with its state file, and the workers.
     """
     from sharedllm.local import LocalMesh
 
-    lm = LocalMesh(machines=machines, host=host, state_path=state_path)
+    lm = LocalMesh(machines=machines, host=host, state_path=state_path, tls=tls)
     click.echo(f"starting {machines} machine(s)...", err=True)
     lm.start()
     try:
         click.echo(f"scheduler: {lm.address}")
         click.echo(f"dashboard: {lm.dashboard_link}")
+        secret_file = lm.workdir / "cluster-secret"
+        fd = os.open(secret_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(lm.secret or "")
+        click.echo(f"cluster secret: {secret_file} (workers joining from elsewhere need it: --secret-file)")
+        if lm.tls:
+            click.echo(f"tls: --tls-ca-file {lm.tls.ca} --tls-cert {lm.tls.cert} --tls-key {lm.tls.key}")
         click.echo(str(lm.mesh().machines()))
         click.echo(f"\nconnect:  python -c 'import sharedllm, distributed; "
                    f"m = sharedllm.Mesh(distributed.Client(\"{lm.address}\")); print(m.machines())'")

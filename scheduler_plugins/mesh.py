@@ -337,12 +337,20 @@ class MeshPlugin(SchedulerPlugin):
             from distributed import Client
 
             self._client = await Client(
-                self.scheduler.address,
-                asynchronous=True,
-                name="sharedllm-mesh",
-                security=getattr(self.scheduler, "security", None),
+                self.scheduler.address, asynchronous=True, name="sharedllm-mesh", security=self._client_security()
             )
         return self._client
+
+    def _client_security(self):
+        # Dask TLS is mutual: our own client presents the scheduler's certificate (`dask scheduler --tls-cert`
+        # only fills the scheduler's fields of Security).
+        sec = getattr(self.scheduler, "security", None)
+        if sec is None or not getattr(sec, "tls_scheduler_cert", None) or getattr(sec, "tls_client_cert", None):
+            return sec
+        from distributed.security import Security
+
+        return Security(tls_ca_file=sec.tls_ca_file, tls_client_cert=sec.tls_scheduler_cert,
+                        tls_client_key=sec.tls_scheduler_key, require_encryption=True)
 
     async def _pin(self, machine: str, worker: str) -> None:
         from sharedllm.actor import RPCServerActor

@@ -67,6 +67,7 @@ class LocalMesh:
         persist_interval: float = 5.0,
         secret: str | None = "auto",
         scheduler_args: list[str] | None = None,
+        tls: bool = False,
     ):
         if machines < 0:
             raise ValueError(f"machines must be >= 0, got {machines}")
@@ -80,6 +81,7 @@ class LocalMesh:
         self.persist_interval = persist_interval
         self._stopped: set[str] = set()  # machines stopped on purpose: supervise() leaves them down
         self.scheduler_args = list(scheduler_args or [])  # extra options for the sharedllm.scheduler preload
+        self._want_tls = tls
         # The cluster secret every process of this mesh gets through its environment ("auto": a fresh one).
         from sharedllm import security
 
@@ -90,6 +92,11 @@ class LocalMesh:
         self._tmp = None if workdir else tempfile.TemporaryDirectory(prefix="sharedllm-mesh-")
         self.workdir = Path(workdir or self._tmp.name)
         self.workdir.mkdir(parents=True, exist_ok=True)
+        self.tls = None
+        if self._want_tls:  # Dask comms over TLS with a temporary CA of this mesh
+            from sharedllm.tls import make_mesh_ca
+
+            self.tls = make_mesh_ca(self.workdir / "tls", hosts=[host])
         self.scheduler: _Proc | None = None
         self.workers: list[_Proc] = []
         self.address: str | None = None
@@ -119,7 +126,9 @@ class LocalMesh:
         sched_file = self.workdir / "scheduler.json"
         sched_file.unlink(missing_ok=True)
         cmd = [sys.executable, "-m", "dask", "scheduler", "--host", self.host, "--port", str(port),
-               "--scheduler-file", str(sched_file), "--no-show"]
+               "--scheduler-file", str(sched_file)]
+        if self.tls:
+            cmd += ["--protocol", "tls", *self.tls.dask_args()]
         # The HTTP server (health, metrics) listens even without the dashboard: always on a free port.
         cmd += ["--dashboard-address", f"{self.host}:{dashboard_port}"] + ([] if self.dashboard else ["--no-dashboard"])
         cmd += ["--preload", "sharedllm.scheduler"]
@@ -184,7 +193,7 @@ class LocalMesh:
         cmd = [sys.executable, "-m", "dask", "worker", self.address, "--host", self.host, "--nthreads", "1",
                "--nworkers", str(nworkers), "--memory-limit", "0", "--no-dashboard",
                "--local-directory", str(self.workdir / machine_id), "--name", machine_id,
-               "--nanny" if self.nanny else "--no-nanny",
+               "--nanny" if self.nanny else "--no-nanny", *(self.tls.dask_args() if self.tls else []),
                "--preload", "sharedllm.worker", "--machine-id", machine_id]
         if self.rpc_threads:
             cmd += ["--rpc-threads", str(self.rpc_threads)]
@@ -220,7 +229,7 @@ class LocalMesh:
         if self._client is None:
             from distributed import Client
 
-            self._client = Client(self.address, timeout=30)
+            self._client = Client(self.address, timeout=30, security=self.tls.security() if self.tls else None)
         return self._client
 
     def mesh(self):

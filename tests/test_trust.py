@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -201,3 +202,20 @@ def test_status_shows_trust(guarded_mesh):
     wait_for(lambda: all("trust" in m for m in guarded_mesh.mesh().machines()), what="trust records")
     m = machine(guarded_mesh.mesh(), "machine-2")
     assert m["labels"] == {"owner": "alice"} and 0 <= m["trust"]["score"] <= 1
+
+
+@pytest.mark.mesh
+def test_tls_mesh_generates_the_same_greedy_text(local_greedy):
+    from sharedllm.local import LocalMesh
+
+    with LocalMesh(machines=2, dashboard=False, tls=True) as lm:
+        assert lm.address.startswith("tls://")
+        with lm.mesh().load("gemma-3-270m", n_ctx=N_CTX) as llm:
+            out = llm.create_completion(PROMPT, max_tokens=64, temperature=0)
+        assert out["choices"][0]["text"] == local_greedy["completion"]
+        # The CLI reaches a TLS mesh with the --tls-* options (and only with them).
+        ok = subprocess.run([str(Path(sys.executable).parent / "sharedllm"), "--tls-ca-file", lm.tls.ca,
+                             "--tls-cert", lm.tls.cert, "--tls-key", lm.tls.key, "status", "--scheduler", lm.address,
+                             "--json"], capture_output=True, text=True, timeout=120)
+        assert ok.returncode == 0, ok.stderr
+        assert "machine-1" in ok.stdout
