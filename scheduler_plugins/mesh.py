@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -147,6 +148,8 @@ class MeshPlugin(SchedulerPlugin):
         self._waiters: deque[asyncio.Future] = deque()  # FIFO of sessions waiting for leased machines
         self.draining: set[str] = set()
         self.catalog: dict[str, dict] = default_catalog()  # model name -> entry (url, sha256, size, ...)
+        # machine -> {model file name: last session end}: weights its rpc-server's tensor cache likely holds
+        self.warm: dict[str, dict[str, float]] = {}
 
     # --- lifecycle ---------------------------------------------------------------------------------------------
 
@@ -195,6 +198,7 @@ class MeshPlugin(SchedulerPlugin):
         self.draining = set(saved["policy"].get("draining", []))
         self.catalog.update(saved["policy"].get("catalog", {}))
         self.trust.load(saved["policy"].get("trust", {}))
+        self.warm = saved["policy"].get("warm", {})
         self.rate.banned = set(saved["policy"].get("banned_clients", []))
         now = time.time()
         for sess in saved["sessions"]:
@@ -216,7 +220,7 @@ class MeshPlugin(SchedulerPlugin):
             self.known[m["machine_id"]] = {**m, "first_seen": first, "last_seen": now}
         sessions = [{**x.to_dict(), "closed": None, "reason": None} for x in self.sessions.values()]
         self.store.save(live, [*self.ended, *sessions], {"draining": sorted(self.draining), "catalog": self.catalog,
-                                                          "trust": self.trust.to_dict(),
+                                                          "trust": self.trust.to_dict(), "warm": self.warm,
                                                           "banned_clients": sorted(self.rate.banned)},
                         now=now)
         self._persisted_at = time.monotonic()
@@ -293,6 +297,7 @@ class MeshPlugin(SchedulerPlugin):
                     "rpc": rpc,
                     "build": rep.get("build"),
                     "labels": rep.get("labels") or {},
+                    "warm": sorted(self.warm.get(machine, {})),
                     "trust": self.trust.seen(machine, rep.get("labels") or {}).to_dict(),
                 }
             )
@@ -458,6 +463,8 @@ class MeshPlugin(SchedulerPlugin):
             return False
         if reason == "closed":
             self.trust.served(sess.machines, sess.tokens)
+        for machine in sess.machines:  # its weights went through this machine's tensor cache
+            self.warm.setdefault(machine, {})[sess.model] = time.time()
         for machine in sess.machines:  # the servers are idle now: a safe moment to trim their tensor caches
             rec = self.actors.get(machine)
             if rec is not None and rec.actor is not None:
@@ -548,8 +555,10 @@ class MeshPlugin(SchedulerPlugin):
                 f"no machine in the mesh has a ready rpc-server ({len(state)} machine(s) usable{why}); start workers "
                 "with `dask worker ADDR --preload sharedllm.worker` or wait for their rpc-servers"
             )
-        topo = plan(slots, ModelEstimate.from_dict(estimate), headroom=headroom, strategy=strategy,
-                    max_devices=max_devices)
+        est = ModelEstimate.from_dict(estimate)
+        name = os.path.basename(est.path)
+        warm = {m for m, models in self.warm.items() if name in models}
+        topo = plan(slots, est, headroom=headroom, strategy=strategy, max_devices=max_devices, prefer=warm)
         d = topo.to_dict()
         d["planning_ms"] = (time.perf_counter() - t0) * 1000
         d["skipped"] = skipped

@@ -198,8 +198,12 @@ def plan(
     headroom: float = 0.10,
     strategy: str = "spread",
     max_devices: int | None = None,
+    prefer: frozenset[str] | set[str] = frozenset(),
 ) -> Topology:
     """Decide which devices hold which slots of ``estimate``'s model.
+
+    ``prefer`` names machines chosen first when not every device is used (``pack``, ``max_devices``): those with
+    the model's weights warm in their tensor cache, so a load re-sends less.
 
     ``headroom`` is the fraction of each device's free memory left alone. A device's usable capacity is
     ``free_bytes * (1 - headroom) - estimate.compute_bytes``; devices with none are skipped. Devices keep the order
@@ -234,7 +238,8 @@ def plan(
     total = prefix[-1]
 
     # The largest devices first: the ones pack uses and the ones max_devices keeps.
-    by_size = sorted(usable, key=lambda i: (-capacity[i], ordered[i].machine_id, ordered[i].device_index))
+    by_size = sorted(usable, key=lambda i: (ordered[i].machine_id not in prefer, -capacity[i], ordered[i].machine_id,
+                                            ordered[i].device_index))
     limit = len(by_size) if max_devices is None else min(max_devices, len(by_size))
     _check_fits(
         ordered, budget, capacity, by_size[:limit], slots, estimate, max_devices, _n_machines(ordered), headroom

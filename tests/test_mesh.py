@@ -69,6 +69,8 @@ def test_greedy_mesh_equals_local(mesh, local_greedy):
         assert sess["tokens"] >= 128 + chat["usage"]["completion_tokens"] - 1
         assert sess["last_tok_s"] > 0
     assert all(x["session_id"] != llm.session_id for x in mesh.state()["sessions"])
+    # Both machines now hold the model's weights warm; placement prefers them for it.
+    assert all("gemma-3-270m-q4_k_m.gguf" in machine(mesh, m)["warm"] for m in TWO)
 
 
 def test_stream_stopped_early_leaves_the_session_usable(mesh, local_greedy):

@@ -414,3 +414,12 @@ def test_real_gemma_estimate():
     check_invariants(topo, est, devs)
     with pytest.raises(ModelTooLarge, match=re.escape("gemma-3-270m-q4_k_m.gguf")):
         plan([device("alpha", est.device_bytes // 4), device("beta", est.device_bytes // 4)], est)
+
+
+def test_pack_prefers_machines_with_the_model_warm():
+    est = estimate()  # ~350 MiB: any one of these devices holds it
+    devs = [device("a", 2 * GiB), device("b", 8 * GiB), device("c", 4 * GiB)]
+    assert plan(devs, est, strategy="pack").machines == ["b"]  # the largest, without a preference
+    assert plan(devs, est, strategy="pack", prefer={"c"}).machines == ["c"]  # the warm one, memory allowing
+    assert plan(devs, est, max_devices=1, prefer={"a"}).machines == ["a"]
+    assert plan(devs, est, prefer={"a"}).machines == ["a", "b", "c"]  # spread still uses every device
