@@ -169,6 +169,7 @@ def raw_rpc_child(spec: dict[str, Any]) -> dict[str, Any]:
     ggml.ggml_backend_reg_dev_get.restype = ctypes.c_void_p
     ggml.ggml_backend_reg_dev_get.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
 
+    t0 = time.perf_counter()
     regs: dict[str, int] = {}
     devices: list[int] = []
     for endpoint, index in spec["stages"]:
@@ -179,9 +180,12 @@ def raw_rpc_child(spec: dict[str, Any]) -> dict[str, Any]:
         if index >= ggml.ggml_backend_reg_dev_count(regs[endpoint]):
             raise RuntimeError(f"rpc-server {endpoint} has no device {index}")
         devices.append(ggml.ggml_backend_reg_dev_get(regs[endpoint], index))
-    # The engine's Llama arguments, nothing more: n_ctx, every layer on the given devices, the mesh's split.
+    connect_s = time.perf_counter() - t0
+    # The engine's Llama arguments, nothing more: n_ctx, every layer on the given devices, the mesh's split (threads:
+    # llama-cpp-python's defaults, as in the engine).
     kwargs = {"n_ctx": spec["n_ctx"], "n_gpu_layers": -1, "tensor_split": spec["tensor_split"], "verbose": False}
     res = run_llama(spec["model_path"], kwargs, spec["tokens"], devices=devices, use_extra_bufts=False)
+    res["connect_s"] = connect_s
     res["imported_sharedllm"] = any(m == "sharedllm" or m.startswith("sharedllm.") for m in sys.modules)
     return res
 
@@ -226,7 +230,8 @@ def run_mesh(mesh, tokens: int) -> tuple[dict[str, Any], Any]:
         res = timed_stream(lambda: llm.create_completion(PROMPT, stream=True, **completion_kwargs(tokens)))
         res["load_s"] = load_s
         res["plan_ms"] = llm.plan_ms
-        res["engine_load_s"] = llm._engine.info.get("load_seconds")
+        engine = getattr(llm, "_engine", None)  # the engine's own Llama() time, for comparison with raw-rpc's load
+        res["engine_load_s"] = engine.info.get("load_seconds") if engine is not None else None
         topo = llm.topology
     return res, topo
 
@@ -318,20 +323,17 @@ class CpuMeter:
                 "foreign_pct": 100 * foreign / (wall * (os.cpu_count() or 1)) if wall > 0 else 0.0}
 
 
-def cpu_idle_fraction(seconds: float = 1.0) -> float | None:
-    """How idle the whole machine is over ``seconds`` (from /proc/stat): other work skews every number here."""
+def wait_for_quiet(max_wait: float, threshold_pct: float = 10.0, window: float = 0.5) -> float:
+    """Wait (at most ``max_wait`` seconds) until other processes use under ``threshold_pct`` of the machine.
 
-    def sample() -> tuple[int, int]:
-        vals = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
-        return vals[3] + vals[4], sum(vals)  # idle + iowait, total
-
-    try:
-        idle0, total0 = sample()
-        time.sleep(seconds)
-        idle1, total1 = sample()
-    except (OSError, ValueError, IndexError):
-        return None
-    return (idle1 - idle0) / max(1, total1 - total0)
+    Other sessions' work comes in bursts; starting a run between them saves a repeat. Returns the seconds waited.
+    """
+    t0 = time.perf_counter()
+    while True:
+        meter = CpuMeter()
+        time.sleep(window)
+        if meter.stop()["foreign_pct"] < threshold_pct or time.perf_counter() - t0 >= max_wait:
+            return time.perf_counter() - t0
 
 
 def machine_info() -> dict[str, Any]:
@@ -391,10 +393,6 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
         lm = LocalMesh(machines=args.machines, dashboard=False).start()
     with lm:
         mesh = lm.mesh()
-        idle = cpu_idle_fraction()
-        if idle is not None and idle < 0.9:
-            logger.warning("the machine is only %.0f%% idle before the benchmark (other processes are running): "
-                           "expect low and noisy numbers", idle * 100)
         # Warm-up (not counted): page cache, the rpc-servers' tensor caches, and the topology raw-rpc reuses.
         logger.info("warm-up: mesh load and %d tokens", min(args.tokens, 8))
         _, topo = run_mesh(mesh, min(args.tokens, 8))
@@ -403,7 +401,9 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
         logger.info("topology: endpoints %s, tensor_split %s\n%s", topo.endpoints, split, topo)
         for r in range(args.repeats):
             for name in SETUPS:
-                logger.info("repeat %d/%d: %s", r + 1, args.repeats, name)
+                waited = wait_for_quiet(args.quiet_wait) if args.quiet_wait > 0 else 0.0
+                logger.info("repeat %d/%d: %s%s", r + 1, args.repeats, name,
+                            f" (waited {waited:.1f} s for other processes to calm down)" if waited > 1 else "")
                 meter = CpuMeter()
                 if name == LOCAL:
                     res = run_local(model_path, args.tokens, use_extra_bufts=False)
@@ -417,6 +417,7 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
                         logger.warning("repeat %d planned another topology: %s %s", r + 1, t.endpoints, t.tensor_split)
                 res["repeat"] = r
                 res["cpu"] = meter.stop()
+                res["waited_for_quiet_s"] = waited
                 runs[name].append(res)
                 logger.info("  %s: %.1f tok/s decode (%.1f by median gap), TTFT %.0f ms, load %.2f s, %d tokens, "
                             "%.0f%% of the CPU taken by other processes", name, res["decode_tps"] or 0,
@@ -438,11 +439,12 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
         for rm, rr in zip(runs[MESH], runs[RAW], strict=True)
     ]
     return {
-        "machine": {**machine_info(), "idle_before": idle},
+        "machine": machine_info(),
         "config": {"tokens": args.tokens, "repeats": args.repeats, "machines": args.machines, "n_ctx": N_CTX,
                    "model": model_path, "prompt": PROMPT, "completion_kwargs": completion_kwargs(args.tokens),
                    "local_threads": os.cpu_count(), "rpc_threads": "every core (LocalMesh default)",
-                   "rpc_env": args.rpc_env},
+                   "client_threads": "llama-cpp-python defaults, in the engine and the raw-rpc child alike",
+                   "rpc_env": args.rpc_env, "quiet_wait_s": args.quiet_wait},
         "topology": {"endpoints": topo.endpoints, "tensor_split": split, "stages": stages,
                      "plan": topo.to_dict()},
         "setups": summary,
@@ -503,6 +505,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--machines", type=int, default=2, help="loopback machines in the mesh (default 2)")
     p.add_argument("--out", default="bench/results/latest.json", help="JSON results file")
     p.add_argument("--markdown", action="store_true", help="print the table as Markdown")
+    p.add_argument("--quiet-wait", type=float, default=10.0, metavar="SECONDS",
+                   help="before each run, wait up to this long for other processes to leave the CPU (default 10; "
+                        "0: never wait)")
     p.add_argument("--rpc-env", action="append", default=[], metavar="KEY=VALUE",
                    help="environment for the mesh's processes and so its rpc-servers, repeatable "
                         "(e.g. GOMP_SPINCOUNT=10000); local runs and engines do not get it")

@@ -1,0 +1,136 @@
+# SPDX-License-Identifier: AGPL-3.0-or-later
+"""``sharedllm serve``: one model of a mesh behind an OpenAI-compatible HTTP API.
+
+    sharedllm serve --scheduler tcp://host:8786 --model gemma-3-270m --api-key sk-local-1
+    curl -H 'Authorization: Bearer sk-local-1' http://127.0.0.1:8000/v1/models
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import logging
+import os
+import signal
+import socket
+from collections.abc import Iterable
+from pathlib import Path
+
+import click
+
+from sharedllm.cli.main import friendly_errors
+
+logger = logging.getLogger("sharedllm.cli.serve")
+
+LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1", "[::1]")
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` only accepts connections from this machine."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # another host name: it may resolve to any interface
+
+
+def load_api_keys(keys: Iterable[str], keys_file: str | os.PathLike | None) -> list[str]:
+    """The accepted keys: those given, then one per line of ``keys_file`` (blank lines and ``#`` comments skipped)."""
+    out = [k.strip() for k in keys if k.strip()]
+    if keys_file is not None:
+        lines = Path(keys_file).read_text().splitlines()
+        from_file = [ln.strip() for ln in lines if ln.strip() and not ln.strip().startswith("#")]
+        if not from_file:
+            raise click.UsageError(f"the API keys file {keys_file} holds no key (one key per line)")
+        out += from_file
+    bad = [k for k in out if any(c.isspace() for c in k)]
+    if bad:
+        raise click.UsageError("an API key cannot contain whitespace")
+    return list(dict.fromkeys(out))
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host.strip("[]"), port))
+    except OSError as exc:
+        sock.close()
+        why = exc.strerror or exc
+        raise OSError(f"cannot listen on {host}:{port} ({why}); pick another --port or --host") from None
+    return sock
+
+
+@click.command()
+@click.option("--scheduler", required=True, envvar="SHAREDLLM_SCHEDULER", help="scheduler address")
+@click.option("--model", "model_ref", required=True,
+              help="a .gguf path, a URL, a catalog name or 'gemma-3-270m'")
+@click.option("--model-name", default=None, help="the model id clients ask for  [default: the GGUF file name stem]")
+@click.option("--host", default="127.0.0.1", show_default=True, help="address to listen on")
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535), help="0: any free port")
+@click.option("--api-key", "api_keys", multiple=True, envvar="SHAREDLLM_API_KEY",
+              help="a key clients must send as 'Authorization: Bearer KEY' (repeatable; env SHAREDLLM_API_KEY)")
+@click.option("--api-keys-file", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="a file of accepted keys, one per line")
+@click.option("--insecure-no-auth", is_flag=True, help="allow serving without keys on a non-loopback address")
+@click.option("--max-queue", default=16, show_default=True, type=click.IntRange(min=0),
+              help="requests that may wait for the model; more are answered 429")
+@click.option("--queue-timeout", default=60.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
+              help="seconds a request may wait for the model; longer is answered 503")
+@click.option("--n-ctx", default=2048, show_default=True, help="context length in tokens")
+@click.option("--machine", "machines", multiple=True, help="place the model only on these machines (repeatable)")
+@friendly_errors
+def serve(scheduler, model_ref, model_name, host, port, api_keys, api_keys_file, insecure_no_auth, max_queue,
+          queue_timeout, n_ctx, machines) -> None:
+    """Serve a model of the mesh with an OpenAI-compatible API (/v1/completions, /v1/chat/completions, ...)."""
+    import uvicorn
+
+    from sharedllm import models
+    from sharedllm.client import Mesh
+    from sharedllm.openai_server import create_app
+
+    keys = load_api_keys(api_keys, api_keys_file)
+    if not keys:
+        if not is_loopback(host) and not insecure_no_auth:
+            raise click.UsageError(f"refusing to serve without an API key on {host}, which other machines can reach; "
+                                   "pass --api-key or --api-keys-file (or --insecure-no-auth if you mean it)")
+        click.echo(f"WARNING: serving WITHOUT authentication on {host}: anyone who can reach it can use the model. "
+                   "Pass --api-key to require a key.", err=True)
+    if not models.needs_catalog(model_ref):
+        models.resolve(model_ref)  # a bad path or URL fails here, before anything connects
+    sock = _bind(host, port)  # fail on a taken port before the model is loaded
+    verbose = click.get_current_context().find_root().params.get("verbose", 0)
+    with contextlib.ExitStack() as stack:
+        stack.callback(sock.close)
+        mesh = Mesh.connect(scheduler)
+        stack.callback(mesh.close)
+        path = mesh.resolve(model_ref)  # a catalog name or a URL becomes a local file here
+        model_id = model_name or path.stem
+        click.echo(f"loading {path.name} across the mesh at {scheduler}...", err=True)
+        llm = mesh.load(str(path), n_ctx=n_ctx, machines=list(machines) or None)
+        stack.callback(llm.close)
+        click.echo(str(llm.topology), err=True)
+        app = create_app(llm, model_id=model_id, api_keys=keys, max_queue=max_queue, queue_timeout=queue_timeout)
+        if not keys:
+            # Without keys, answer only requests addressed to this machine by name: a web page cannot reach the API
+            # through DNS rebinding.
+            from starlette.middleware.trustedhost import TrustedHostMiddleware
+
+            app.add_middleware(TrustedHostMiddleware, allowed_hosts=["localhost", "127.0.0.1", "[::1]", host])
+        bound = sock.getsockname()[1]
+        shown = f"[{host.strip('[]')}]" if ":" in host else host
+        click.echo(f"serving model '{model_id}' at http://{shown}:{bound}/v1 (API schema: /openapi.json, docs: /docs; "
+                   f"{len(keys)} API key(s)); Ctrl-C stops", err=True)
+        config = uvicorn.Config(app, log_config=None, access_log=verbose > 0, timeout_graceful_shutdown=10,
+                                log_level="info" if verbose else "warning")
+        # uvicorn shuts down gracefully on SIGINT/SIGTERM, then raises the signal again for the previous handler:
+        # these ones only note it, so that the model is closed and the command exits 0.
+        previous = {sig: signal.signal(sig, lambda *_: None) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            uvicorn.Server(config).run(sockets=[sock])
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+        click.echo("stopping: closing the model...", err=True)

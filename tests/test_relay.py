@@ -1,0 +1,425 @@
+# SPDX-License-Identifier: AGPL-3.0-or-later
+"""The relay tunnel: tokens, TLS, the handshake that guards a real rpc-server, leases, and the real model through it.
+
+The rpc-server's own log is the witness: llama.cpp prints ``Accepted client connection`` for every client it serves,
+so a connection the relay refused must leave no such line.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from sharedllm import relay
+from sharedllm.ggml import rpc_hello
+from sharedllm.relay import ClientRelay, RelayError, ServerRelay, TokenError, machine_key, mint_token, verify_token
+
+MASTER = b"0123456789abcdef0123456789abcdef"
+M1, M2 = "machine-1", "machine-2"
+K1, K2 = machine_key(MASTER, M1), machine_key(MASTER, M2)
+HELLO = struct.pack("<BQ", 14, 24) + bytes(24)
+ACCEPTED = "Accepted client connection"
+HANDSHAKE_S = 2.0  # the relay's handshake timeout in these tests: short, yet generous on a loaded machine
+
+
+# --- tokens (pure) -------------------------------------------------------------------------------------------------
+
+
+def test_token_round_trip():
+    token = mint_token(K1, "lease-A", M1, ttl=60)
+    assert verify_token(K1, token, M1) == "lease-A"
+    assert token.isascii() and " " not in token and "/" not in token and "+" not in token
+
+
+def test_token_refusals_say_why():
+    now = time.time()
+    token = mint_token(K1, "lease-A", M1, ttl=60, now=now)
+    cases = {
+        "malformed": ["", "garbage", "v1.a.b.c", "v2" + token[2:], token + ".x", token.replace(".", "!", 1),
+                      "v1.###.bWFjaGluZS0x.123.AAAA"],
+        "bad MAC": [
+            mint_token(K2, "lease-A", M1, ttl=60),  # another machine's key
+            token[:-2] + ("AA" if token[-2:] != "AA" else "BB"),  # altered MAC
+            token.replace(token.split(".")[1], relay._b64e(b"lease-B")),  # altered lease
+            token.replace(token.split(".")[3], str(int(token.split(".")[3]) + 3600)),  # extended expiry
+        ],
+        "wrong machine": [mint_token(K1, "lease-A", M2, ttl=60)],  # right key, other machine's name
+        "expired": [mint_token(K1, "lease-A", M1, ttl=10, now=now - 100)],
+    }
+    for reason, tokens in cases.items():
+        for t in tokens:
+            with pytest.raises(TokenError) as info:
+                verify_token(K1, t, M1, now=now)
+            assert info.value.reason == reason, (t, str(info.value))
+    with pytest.raises(TokenError, match="expired"):
+        verify_token(K1, token, M1, now=now + 61)
+
+
+def test_machine_keys_differ_and_errors_are_clear():
+    assert K1 != K2 and len(K1) == 32
+    with pytest.raises(ValueError, match="ttl must be positive"):
+        mint_token(K1, "a", M1, ttl=0)
+    with pytest.raises(ValueError, match="empty"):
+        machine_key(b"", M1)
+    with pytest.raises(ValueError, match="exactly one of"):
+        ClientRelay("127.0.0.1:1", "t")
+    with pytest.raises(ValueError, match="not sha256"):
+        ClientRelay("127.0.0.1:1", "t", fingerprint="abc")
+    with pytest.raises(ValueError, match="HOST:PORT"):
+        ClientRelay("nohost", "t", fingerprint="sha256:" + "0" * 64)
+
+
+def test_insecure_direct_warning(caplog):
+    with caplog.at_level(logging.WARNING, logger="sharedllm.relay"):
+        relay.warn_insecure_direct("worker machine-1")
+    assert "--insecure-direct-rpc" in caplog.text and "WITHOUT the relay" in caplog.text
+
+
+# --- fixtures: certificates, a real rpc-server with its log, a relay in front of it -------------------------------
+
+
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory):
+    cert, key, ca = relay.make_self_signed(tmp_path_factory.mktemp("relay-certs"))
+    return {"cert": cert, "key": key, "ca": ca, "fingerprint": relay.cert_fingerprint(cert)}
+
+
+class RPCServer:
+    """A real ``python -m sharedllm.rpc_server`` on loopback; its stdout and stderr go to ``log``."""
+
+    def __init__(self, log: Path):
+        from sharedllm.rpc_server import free_port
+
+        self.log = log
+        self.port = free_port("127.0.0.1")
+        self.endpoint = f"127.0.0.1:{self.port}"
+        self._out = open(log, "wb")  # closed in stop()
+        # llama.cpp fflush()es after "Accepted client connection"; stdbuf keeps any other printf line-buffered too.
+        self.proc = subprocess.Popen(
+            ["stdbuf", "-oL", sys.executable, "-m", "sharedllm.rpc_server", "--host", "127.0.0.1", "--port",
+             str(self.port), "--threads", "1"], stdout=self._out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                self.version = rpc_hello(self.endpoint, timeout=2)
+                break
+            except OSError:
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    self.stop()
+                    raise RuntimeError(f"rpc-server did not start: {log.read_text()[-2000:]}") from None
+                time.sleep(0.1)
+
+    def accepted(self) -> int:
+        return self.log.read_text(errors="replace").count(ACCEPTED)
+
+    def wait_accepted(self, n: int, timeout: float = 10.0) -> int:
+        deadline = time.monotonic() + timeout
+        while self.accepted() < n and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return self.accepted()
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+        self._out.close()
+
+
+@pytest.fixture(scope="module")
+def rpc_server(tmp_path_factory):
+    server = RPCServer(tmp_path_factory.mktemp("rpc-server") / "rpc-server.log")
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def server_relay(rpc_server, certs):
+    sr = ServerRelay("127.0.0.1", 0, rpc_server.endpoint, certfile=certs["cert"], keyfile=certs["key"], secret=K1,
+                     machine_id=M1, handshake_timeout=HANDSHAKE_S).start()
+    sr.set_lease("lease-A")
+    yield sr
+    sr.stop()
+
+
+def client(sr: ServerRelay, certs: dict, token: str, **kw) -> ClientRelay:
+    kw = kw or {"fingerprint": certs["fingerprint"]}
+    return ClientRelay(sr.endpoint, token, **kw).start()
+
+
+def _closed_without_answer(sock: socket.socket, timeout: float = 10.0) -> bytes:
+    """Everything the peer sends until it closes (a reset counts as closed)."""
+    sock.settimeout(timeout)
+    got = b""
+    with contextlib.suppress(ConnectionResetError):
+        while True:
+            chunk = sock.recv(4096)
+            if not chunk:
+                break
+            got += chunk
+    return got
+
+
+# --- the handshake guards the rpc-server ----------------------------------------------------------------------------
+
+
+def test_raw_sockets_never_reach_the_rpc_server(rpc_server, server_relay, certs, caplog):
+    before = rpc_server.wait_accepted(rpc_server.accepted())
+    with caplog.at_level(logging.WARNING, logger="sharedllm.relay"):
+        for payload in (b"GET / HTTP/1.0\r\n\r\n" + os.urandom(64), HELLO, b""):
+            with socket.create_connection(("127.0.0.1", server_relay.port)) as s:
+                if payload:
+                    s.sendall(payload)
+                answer = _closed_without_answer(s)
+            assert answer == b"" or answer[:1] == b"\x15", answer[:16]  # nothing, or a TLS alert record
+        # A TLS client that completes the handshake but sends no token, or a bad one.
+        ctx = relay.client_context()
+        with ctx.wrap_socket(socket.create_connection(("127.0.0.1", server_relay.port)), server_hostname="x") as t:
+            assert _closed_without_answer(t) == b""
+        with ctx.wrap_socket(socket.create_connection(("127.0.0.1", server_relay.port)), server_hostname="x") as t:
+            relay._send_frame(t, 1, b"v1.not.a.token.really")
+            reply = _closed_without_answer(t)
+            assert reply.startswith(b"SLR1\x01") and b"malformed" in reply
+    assert caplog.text.count("refused relay connection from 127.0.0.1:") == 5, caplog.text
+    assert "TLS handshake failed" in caplog.text
+    assert f"no TLS handshake within {HANDSHAKE_S:g}s" in caplog.text
+    assert f"no token within {HANDSHAKE_S:g}s" in caplog.text
+    assert server_relay.refused == 5 and server_relay.accepted == 0
+    time.sleep(0.5)
+    assert rpc_server.accepted() == before, "a refused connection reached the rpc-server"
+    # The witness works: one authenticated connection is one more line.
+    with client(server_relay, certs, mint_token(K1, "lease-A", M1, ttl=60)) as cr:
+        assert rpc_hello(cr.endpoint) == rpc_server.version
+    assert rpc_server.wait_accepted(before + 1) == before + 1
+
+
+def test_tunnel_carries_rpc(rpc_server, server_relay, certs):
+    token = mint_token(K1, "lease-A", M1, ttl=60)
+    with client(server_relay, certs, token) as cr:
+        info = cr.check()
+        assert info["tls"] in ("TLSv1.2", "TLSv1.3") and info["cipher"]
+        assert cr.endpoint.startswith("127.0.0.1:")
+        assert rpc_hello(cr.endpoint) == rpc_server.version
+        assert rpc_hello(cr.endpoint) == rpc_server.version  # every connection is tunnelled afresh
+    # A CA file instead of a pinned fingerprint.
+    with client(server_relay, certs, token, cafile=certs["ca"]) as cr:
+        assert rpc_hello(cr.endpoint) == rpc_server.version
+    assert server_relay.accepted == 3
+
+
+def test_wrong_server_certificate_gets_no_token(rpc_server, server_relay, certs, tmp_path):
+    other_cert, _, other_ca = relay.make_self_signed(tmp_path)
+    before = rpc_server.accepted()
+    token = mint_token(K1, "lease-A", M1, ttl=60)
+    with client(server_relay, certs, token, fingerprint=relay.cert_fingerprint(other_cert)) as cr:
+        with pytest.raises(RelayError, match="presented certificate"):
+            cr.check()
+        with pytest.raises(ConnectionError):
+            rpc_hello(cr.endpoint)
+        assert "refusing to send the token" in cr.last_error
+    with client(server_relay, certs, token, cafile=other_ca) as cr, pytest.raises(RelayError, match="TLS handshake"):
+        cr.check()
+    time.sleep(0.3)
+    assert rpc_server.accepted() == before
+
+
+@pytest.mark.parametrize("case", ["other lease", "expired", "other machine", "wrong machine", "tampered"])
+def test_refused_tokens(rpc_server, server_relay, certs, case):
+    """Lease A's token fails on lease B's machine; so do expired, foreign and altered tokens."""
+    server_relay.set_lease("lease-B")
+    token, reason = {
+        "other lease": (mint_token(K1, "lease-A", M1, ttl=60), "lease mismatch"),
+        "expired": (mint_token(K1, "lease-B", M1, ttl=1, now=time.time() - 10), "expired"),
+        "other machine": (mint_token(K2, "lease-B", M2, ttl=60), "bad MAC"),  # machine-2's token, machine-1's relay
+        "wrong machine": (mint_token(K1, "lease-B", M2, ttl=60), "wrong machine"),
+        "tampered": (mint_token(K1, "lease-A", M1, ttl=60).replace(relay._b64e(b"lease-A"), relay._b64e(b"lease-B")),
+                     "bad MAC"),
+    }[case]
+    before = rpc_server.accepted()
+    with client(server_relay, certs, token) as cr:
+        with pytest.raises(TokenError) as info:
+            cr.check()
+        assert info.value.reason == reason, str(info.value)
+        with pytest.raises(ConnectionError):
+            rpc_hello(cr.endpoint)
+        assert reason in cr.last_error
+    time.sleep(0.3)
+    assert rpc_server.accepted() == before
+    assert server_relay.accepted == 0
+    # The same machine, its current lease: admitted.
+    with client(server_relay, certs, mint_token(K1, "lease-B", M1, ttl=60)) as cr:
+        assert rpc_hello(cr.endpoint) == rpc_server.version
+
+
+def test_lease_change_closes_live_connections(rpc_server, server_relay, certs):
+    with client(server_relay, certs, mint_token(K1, "lease-A", M1, ttl=60)) as cr:
+        host, port = relay.parse_endpoint(cr.endpoint)
+        with socket.create_connection((host, port)) as s:
+            s.sendall(HELLO)
+            s.settimeout(10)
+            assert len(s.recv(64)) > 0  # the rpc-server answered through the tunnel
+            deadline = time.monotonic() + 5
+            while server_relay.accepted == 0 and time.monotonic() < deadline:
+                time.sleep(0.02)
+            server_relay.set_lease("lease-B")  # the scheduler gave the machine to another lease
+            assert _closed_without_answer(s) == b""
+
+
+def test_allowed_callback(rpc_server, certs):
+    leases = {"current": "lease-A"}
+    sr = ServerRelay("127.0.0.1", 0, rpc_server.endpoint, certfile=certs["cert"], keyfile=certs["key"], secret=K1,
+                     machine_id=M1, allowed=lambda lease: lease == leases["current"]).start()
+    try:
+        with client(sr, certs, mint_token(K1, "lease-A", M1, ttl=60)) as cr:
+            cr.check()
+            leases["current"] = "lease-B"
+            with pytest.raises(TokenError, match="lease mismatch"):
+                cr.check()
+    finally:
+        sr.stop()
+
+
+# --- the data path ---------------------------------------------------------------------------------------------------
+
+
+def test_splice_moves_bulk_both_ways(certs):
+    """Megabytes each way, in uneven pieces, arrive intact and in order (an echo server stands in for llama.cpp)."""
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def echo():
+        conn, _ = listener.accept()
+        with conn:
+            while data := conn.recv(1 << 16):
+                conn.sendall(data)
+
+    t = threading.Thread(target=echo, daemon=True)
+    t.start()
+    sr = ServerRelay("127.0.0.1", 0, f"127.0.0.1:{listener.getsockname()[1]}", certfile=certs["cert"],
+                     keyfile=certs["key"], secret=K1, machine_id=M1).start()
+    sr.set_lease("L")
+    try:
+        with client(sr, certs, mint_token(K1, "L", M1, ttl=60)) as cr:
+            payload = os.urandom(5 << 20)
+            host, port = relay.parse_endpoint(cr.endpoint)
+            with socket.create_connection((host, port)) as s:
+                s.settimeout(60)
+                got = bytearray()
+
+                def reader():
+                    while len(got) < len(payload):
+                        chunk = s.recv(1 << 20)
+                        if not chunk:
+                            break
+                        got.extend(chunk)
+
+                rt = threading.Thread(target=reader)
+                rt.start()
+                pos, size = 0, 1
+                while pos < len(payload):
+                    s.sendall(payload[pos:pos + size])
+                    pos += size
+                    size = min(size * 3 + 7, 1 << 20)
+                rt.join(60)
+            assert bytes(got) == payload
+    finally:
+        sr.stop()
+        listener.close()
+        t.join(5)
+
+
+def test_stop_closes_everything(rpc_server, certs):
+    sr = ServerRelay("127.0.0.1", 0, rpc_server.endpoint, certfile=certs["cert"], keyfile=certs["key"], secret=K1,
+                     machine_id=M1).start()
+    sr.set_lease("A")
+    cr = client(sr, certs, mint_token(K1, "A", M1, ttl=60))
+    host, port = relay.parse_endpoint(cr.endpoint)
+    s = socket.create_connection((host, port))
+    s.sendall(HELLO)
+    s.settimeout(10)
+    assert s.recv(64)
+    before = {t.name for t in threading.enumerate()}
+    assert any(n.startswith("relay-") for n in before)
+    cr.stop()
+    sr.stop()
+    assert _closed_without_answer(s) == b""
+    s.close()
+    deadline = time.monotonic() + 5
+    while any(t.name.startswith("relay-") for t in threading.enumerate()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not [t.name for t in threading.enumerate() if t.name.startswith("relay-")]
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", sr.port), timeout=2).close()
+
+
+def test_command_line(rpc_server, certs, tmp_path):
+    """``python -m sharedllm.relay server --control-stdin`` admits the lease it is told; ``client --check`` probes."""
+    key_file, token_file = tmp_path / "key", tmp_path / "token"
+    key_file.write_text(K1.hex())
+    token_file.write_text(mint_token(K1, "L7", M1, ttl=60))
+    proc = subprocess.Popen([sys.executable, "-m", "sharedllm.relay", "server", "--listen", "127.0.0.1:0", "--target",
+                             rpc_server.endpoint, "--cert", certs["cert"], "--key", certs["key"], "--machine-id", M1,
+                             "--key-file", str(key_file), "--control-stdin"],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = proc.stdout.readline()
+        assert line.startswith(relay.READY_PREFIX), proc.stderr.read() if proc.poll() is not None else line
+        info = json.loads(line[len(relay.READY_PREFIX):])
+        assert info["fingerprint"] == certs["fingerprint"]
+        check = [sys.executable, "-m", "sharedllm.relay", "client", "--remote", info["endpoint"], "--token-file",
+                 str(token_file), "--fingerprint", info["fingerprint"], "--check"]
+        out = subprocess.run(check, capture_output=True, text=True, timeout=60)
+        assert out.returncode == 1 and "lease mismatch" in out.stderr
+        proc.stdin.write("lease L7\n")
+        proc.stdin.flush()
+        deadline = time.monotonic() + 10
+        while True:
+            out = subprocess.run(check, capture_output=True, text=True, timeout=60)
+            if out.returncode == 0 or time.monotonic() > deadline:
+                break
+        assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+        proc.stdin.close()  # end of input stops the relay
+        assert proc.wait(timeout=10) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+# --- the real model through the tunnel ------------------------------------------------------------------------------
+
+
+@pytest.mark.mesh
+def test_model_through_the_tunnel_matches_direct(rpc_server, server_relay, certs):
+    """Gemma 3 270M on one rpc-server: 32 greedy tokens through the tunnel equal those over a direct connection."""
+    from sharedllm.engine import Engine, EngineSpec, EngineStage
+    from sharedllm.models import default_model_path
+
+    model = str(default_model_path())
+    kwargs = {"prompt": "Once upon a time", "max_tokens": 32, "temperature": 0.0}
+
+    def generate(endpoint: str) -> str:
+        engine = Engine(EngineSpec(model_path=model, stages=[EngineStage(endpoint=endpoint, machine_id=M1)],
+                                   llama_kwargs={"n_ctx": 512}))
+        try:
+            info = engine.start()
+            assert info["devices"][0]["endpoint"] == endpoint
+            return engine.call("create_completion", kwargs)["choices"][0]["text"]
+        finally:
+            engine.close()
+
+    direct = generate(rpc_server.endpoint)
+    with client(server_relay, certs, mint_token(K1, "lease-A", M1, ttl=300)) as cr:
+        tunnelled = generate(cr.endpoint)
+    assert len(direct) > 20
+    assert tunnelled == direct
+    assert server_relay.accepted >= 1
