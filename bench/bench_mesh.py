@@ -511,12 +511,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rpc-env", action="append", default=[], metavar="KEY=VALUE",
                    help="environment for the mesh's processes and so its rpc-servers, repeatable "
                         "(e.g. GOMP_SPINCOUNT=10000); local runs and engines do not get it")
+    p.add_argument("--from-json", default=None, metavar="PATH",
+                   help="print the table of an earlier results file instead of running the benchmark")
     p.add_argument("--raw-rpc-child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
 
     if args.raw_rpc_child is not None:
         res = raw_rpc_child(json.loads(args.raw_rpc_child))
         print(RAW_RESULT_PREFIX + json.dumps(res), flush=True)
+        return 0
+
+    if args.from_json is not None:
+        print(report(json.loads(Path(args.from_json).read_text()), args.markdown))
         return 0
 
     if args.tokens < 2 or args.repeats < 1 or args.machines < 1:

@@ -303,6 +303,10 @@ def parse_endpoint(endpoint: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
+def _join(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 def _tune(sock: socket.socket) -> None:
     # Nagle would hold back the many small RPC messages for tens of milliseconds.
     with contextlib.suppress(OSError):
@@ -542,6 +546,9 @@ class ServerRelay:
         if handshake_timeout <= 0 or max_pending < 1:
             raise ValueError("handshake_timeout must be positive and max_pending at least 1")
         self.target = parse_endpoint(target)
+        if not (self.target[0] in ("localhost", "::1") or self.target[0].startswith("127.")):
+            logger.warning("relay target %s is not a loopback address: bind the rpc-server to 127.0.0.1, or anyone "
+                           "on the network can bypass the relay", target)
         self.host, self.port = host, port
         self._ctx = server_context(certfile, keyfile)
         self.fingerprint = cert_fingerprint(certfile)
@@ -561,7 +568,7 @@ class ServerRelay:
     @property
     def endpoint(self) -> str:
         """``HOST:PORT`` the relay listens on (the real port after ``start`` with port 0)."""
-        return f"{self.host}:{self.port}"
+        return _join(self.host, self.port)
 
     def set_lease(self, lease_id: str | None) -> None:
         """Admit ``lease_id`` (None: nobody) and close live connections of any other lease."""
@@ -587,7 +594,8 @@ class ServerRelay:
 
     def start(self) -> ServerRelay:
         """Bind, listen and serve in a background thread; returns when the relay accepts connections."""
-        self._listener = socket.create_server((self.host, self.port), backlog=64, reuse_port=False)
+        family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
+        self._listener = socket.create_server((self.host, self.port), family=family, backlog=64)
         self.port = self._listener.getsockname()[1]
         self._stopping.clear()
         self._thread = threading.Thread(target=self._accept_loop, name=f"relay-server-{self.port}", daemon=True)
@@ -743,7 +751,7 @@ class ClientRelay:
 
     @property
     def remote_endpoint(self) -> str:
-        return f"{self.remote[0]}:{self.remote[1]}"
+        return _join(*self.remote)
 
     def set_token(self, token: str) -> None:
         """Use ``token`` for the connections opened from now on."""
