@@ -43,7 +43,9 @@ if [ "$(installed_version)" != "$LLAMA_CPP_VERSION" ] || ! rpc_ok || [ ! -f "$VE
   else
     log "reusing cached wheel in $WHEELS"
   fi
+  # Force our wheel over any other build of the same version, then let pip add its dependencies (numpy, ...).
   "$PY" -m pip install -q --force-reinstall --no-deps "$WHEELS"/llama_cpp_python-*.whl
+  "$PY" -m pip install -q "$WHEELS"/llama_cpp_python-*.whl
   rm -f "$VENV"/.llama-flags-* && touch "$VENV/.llama-flags-$KEY"
 fi
 if ! rpc_ok; then
