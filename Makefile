@@ -8,7 +8,7 @@ setup:
 	@bash scripts/setup.sh
 
 demo: setup
-	@$(PY) -m sharedllm.cli.main demo
+	@.venv/bin/sharedllm demo
 
 test: setup
 	$(PY) -m ruff check .

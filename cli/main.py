@@ -206,12 +206,14 @@ def _register() -> None:
         cli.add_command(command)
 
 
-_register()
-
-
 def main() -> None:
     cli()
 
 
 if __name__ == "__main__":
-    main()
+    # Run through the real module (``python -m sharedllm.cli.main``): its command modules import it by name.
+    from sharedllm.cli.main import main as _main
+
+    _main()
+else:
+    _register()

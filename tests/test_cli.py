@@ -119,3 +119,12 @@ def test_up_starts_and_stops_an_embedded_mesh():
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+
+
+def test_module_entry_point_lists_every_command():
+    # `python -m sharedllm.cli.main` must work as well as the console script (command modules import it by name).
+    out = subprocess.run([sys.executable, "-m", "sharedllm.cli.main", "--help"], capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 0, out.stderr
+    for command in ("up", "generate", "status", "demo", "drain", "serve", "models", "trust", "clients"):
+        assert f"  {command} " in out.stdout
