@@ -291,6 +291,16 @@ def medians(runs: list[dict[str, Any]]) -> dict[str, float | None]:
     return out
 
 
+def quiet_ratios(runs: dict[str, list[dict[str, Any]]], name: str, max_foreign: float) -> list[float]:
+    """``name``/direct decode ratios of the repeats in which neither run shared the CPU with others (paired)."""
+    out = []
+    for t, d in zip(runs[name], runs[DIRECT], strict=True):
+        if (t["decode_tps"] and d["decode_tps"] and t["cpu"]["foreign_pct"] <= max_foreign
+                and d["cpu"]["foreign_pct"] <= max_foreign):
+            out.append(t["decode_tps"] / d["decode_tps"])
+    return out
+
+
 def _median(values: list[float | None]) -> float | None:
     vals = [v for v in values if v is not None]
     return statistics.median(vals) if vals else None
@@ -365,10 +375,12 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
             "tunnel/direct decode": ratio(TUNNEL),
             "tunnel/direct decode per repeat": per_repeat[TUNNEL],
             "tunnel/direct decode, median of per-repeat ratios": _median(per_repeat[TUNNEL]),
+            "tunnel/direct decode, quiet repeats": quiet_ratios(runs, TUNNEL, args.max_foreign),
             "tunnel/direct decode by median gap": ratio(TUNNEL, "decode_tps_p50gap"),
             "relay procs/direct decode": ratio(TUNNEL_PROCS),
             "relay procs/direct decode per repeat": per_repeat[TUNNEL_PROCS],
             "relay procs/direct decode, median of per-repeat ratios": _median(per_repeat[TUNNEL_PROCS]),
+            "relay procs/direct decode, quiet repeats": quiet_ratios(runs, TUNNEL_PROCS, args.max_foreign),
             "relay procs/direct decode by median gap": ratio(TUNNEL_PROCS, "decode_tps_p50gap"),
             "target": TARGET_RATIO,
         },
@@ -384,6 +396,12 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
         "text": sorted(texts)[0] if texts else "",
         "total_seconds": total_s,
     }
+
+
+def _ratio_list(values: list[float]) -> str:
+    if not values:
+        return "none"
+    return f"median {statistics.median(values):.3f} of {len(values)} (" + ", ".join(f"{v:.2f}" for v in values) + ")"
 
 
 def report(result: dict[str, Any], markdown: bool) -> str:
@@ -423,6 +441,9 @@ def report(result: dict[str, Any], markdown: bool) -> str:
         f"relay procs/direct decode tok/s: {_fmt(ratios['relay procs/direct decode'], 3)} (per repeat "
         + ", ".join(_fmt(x, 2) for x in ratios["relay procs/direct decode per repeat"]) + ", median "
         + _fmt(ratios["relay procs/direct decode, median of per-repeat ratios"], 3) + ")",
+        f"repeats where neither run shared the CPU (others <= {cfg['max_foreign_pct']:g}%): tunnel/direct "
+        + _ratio_list(ratios["tunnel/direct decode, quiet repeats"]) + "; relay procs/direct "
+        + _ratio_list(ratios["relay procs/direct decode, quiet repeats"]),
         f"the tunnel adds {_fmt(w['ms_added_per_token'], 2)} ms per token; a round trip costs "
         f"{_fmt(w['us_added_per_round_trip'], 0)} us more and a 1 MiB tensor {_fmt(w['ms_added_per_1mib_tensor'], 2)} "
         "ms more",
