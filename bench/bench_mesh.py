@@ -382,6 +382,27 @@ def mesh_env(assignments: list[str]) -> Iterator[None]:
                 os.environ[key] = value
 
 
+def check_rpc_servers(machines: int, env: list[str]) -> None:
+    """Warn when this process does not own exactly one rpc-server per machine, or they lack ``--rpc-env``."""
+    import psutil
+
+    servers = []
+    for p in psutil.Process().children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            if "sharedllm.rpc_server" in p.cmdline():
+                servers.append(p)
+    if len(servers) != machines:
+        logger.warning("found %d rpc-servers under this process, expected %d: numbers will be skewed",
+                       len(servers), machines)
+    want = dict(a.partition("=")[::2] for a in env)
+    for p in servers:
+        with contextlib.suppress(psutil.Error):
+            got = p.environ()
+            missing = {k: v for k, v in want.items() if got.get(k) != v}
+            if missing:
+                logger.warning("rpc-server %d does not have %s in its environment", p.pid, missing)
+
+
 def benchmark(args: argparse.Namespace) -> dict[str, Any]:
     from sharedllm import models
     from sharedllm.local import LocalMesh
@@ -389,9 +410,12 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
     model_path = str(models.default_model_path())
     runs: dict[str, list[dict[str, Any]]] = {name: [] for name in SETUPS}
     t_start = time.perf_counter()
-    with mesh_env(args.rpc_env):  # the mesh's processes (so its rpc-servers) inherit it; nothing else does
-        lm = LocalMesh(machines=args.machines, dashboard=False).start()
-    with lm:
+    with contextlib.ExitStack() as stack:
+        lm = LocalMesh(machines=args.machines, dashboard=False)
+        stack.callback(lm.close)  # stops every process the mesh started, even when start() fails half-way
+        with mesh_env(args.rpc_env):  # the mesh's processes (so its rpc-servers) inherit it; nothing else does
+            lm.start()
+        check_rpc_servers(args.machines, args.rpc_env)
         mesh = lm.mesh()
         # Warm-up (not counted): page cache, the rpc-servers' tensor caches, and the topology raw-rpc reuses.
         logger.info("warm-up: mesh load and %d tokens", min(args.tokens, 8))
@@ -505,8 +529,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--machines", type=int, default=2, help="loopback machines in the mesh (default 2)")
     p.add_argument("--out", default="bench/results/latest.json", help="JSON results file")
     p.add_argument("--markdown", action="store_true", help="print the table as Markdown")
-    p.add_argument("--quiet-wait", type=float, default=10.0, metavar="SECONDS",
-                   help="before each run, wait up to this long for other processes to leave the CPU (default 10; "
+    p.add_argument("--quiet-wait", type=float, default=5.0, metavar="SECONDS",
+                   help="before each run, wait up to this long for other processes to leave the CPU (default 5; "
                         "0: never wait)")
     p.add_argument("--rpc-env", action="append", default=[], metavar="KEY=VALUE",
                    help="environment for the mesh's processes and so its rpc-servers, repeatable "
