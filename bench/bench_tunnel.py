@@ -88,9 +88,16 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
         llm = build_llama(spec["model_path"], devices=devices, use_extra_bufts=False, n_ctx=spec["n_ctx"],
                           n_gpu_layers=-1, tensor_split=spec["tensor_split"], verbose=False)
         load_s = time.perf_counter() - t0
+        def stream() -> Iterator[dict]:
+            # A run that crawls (another session took the CPU) is cut short and retried: no use waiting a minute.
+            deadline = time.perf_counter() + spec.get("max_s", 1e9)
+            for chunk in llm.create_completion(PROMPT, stream=True, **completion_kwargs(spec["tokens"])):
+                yield chunk
+                if time.perf_counter() > deadline:
+                    return
+
         try:
-            res = timed_stream(lambda: llm.create_completion(PROMPT, stream=True,
-                                                             **completion_kwargs(spec["tokens"])))
+            res = timed_stream(stream)
         finally:
             llm.close()
         res["load_s"] = load_s
@@ -295,8 +302,8 @@ def quiet_ratios(runs: dict[str, list[dict[str, Any]]], name: str, max_foreign: 
     """``name``/direct decode ratios of the repeats in which neither run shared the CPU with others (paired)."""
     out = []
     for t, d in zip(runs[name], runs[DIRECT], strict=True):
-        if (t["decode_tps"] and d["decode_tps"] and t["cpu"]["foreign_pct"] <= max_foreign
-                and d["cpu"]["foreign_pct"] <= max_foreign):
+        if (t["decode_tps"] and d["decode_tps"] and not t.get("noisy") and not d.get("noisy")
+                and t["cpu"]["foreign_pct"] <= max_foreign and d["cpu"]["foreign_pct"] <= max_foreign):
             out.append(t["decode_tps"] / d["decode_tps"])
     return out
 
@@ -311,10 +318,13 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
 
     model_path = str(models.default_model_path())
     runs: dict[str, list[dict[str, Any]]] = {name: [] for name in SETUPS}
+    partial = Path(args.out).with_suffix(".partial.json")  # the runs so far, in case the benchmark is interrupted
+    partial.parent.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="bench-tunnel-") as workdir, mesh(args, workdir) as m:
         servers = m["servers"]
-        base = {"model_path": model_path, "tensor_split": args.split, "n_ctx": N_CTX, "tokens": args.tokens}
+        base = {"model_path": model_path, "tensor_split": args.split, "n_ctx": N_CTX, "tokens": args.tokens,
+                "max_s": args.run_limit}
         specs = {
             DIRECT: {**base, "endpoints": [s["endpoint"] for s in servers]},
             TUNNEL: {**base, "endpoints": [], "relays": [
@@ -333,21 +343,25 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
                     meter = CpuMeter()
                     res = run_child(specs[name])
                     res["cpu"] = meter.stop()
-                    if res["cpu"]["foreign_pct"] <= args.max_foreign or len(discarded) >= args.retries:
+                    res["noisy"] = res["cpu"]["foreign_pct"] > args.max_foreign or res["tokens"] < args.tokens
+                    if not res["noisy"] or len(discarded) >= args.retries:
                         break
-                    logger.info("repeat %d/%d %-20s %.1f tok/s discarded: other processes took %.0f%% of the CPU",
-                                r + 1, args.repeats, name, res["decode_tps"] or 0, res["cpu"]["foreign_pct"])
-                    discarded.append({k: res[k] for k in ("decode_tps", "decode_tps_p50gap", "cpu")})
+                    logger.info("repeat %d/%d %-20s %.1f tok/s, %d tokens: discarded, other processes took %.0f%% "
+                                "of the CPU", r + 1, args.repeats, name, res["decode_tps"] or 0, res["tokens"],
+                                res["cpu"]["foreign_pct"])
+                    discarded.append({k: res[k] for k in ("decode_tps", "decode_tps_p50gap", "tokens", "cpu")})
                 res["repeat"] = r
                 res["waited_for_quiet_s"] = waited
                 res["discarded_noisy_attempts"] = discarded
                 runs[name].append(res)
+                partial.write_text(json.dumps({"config": vars(args), "runs": runs}, indent=1) + "\n")
                 logger.info("repeat %d/%d %-20s %.1f tok/s (%.1f by median gap), load %.2f s, others took %.0f%% "
                             "of the CPU", r + 1, args.repeats, name, res["decode_tps"] or 0,
                             res["decode_tps_p50gap"] or 0, res["load_s"], res["cpu"]["foreign_pct"])
         logger.info("micro-benchmark: %d rounds of %d round trips and %d 1 MiB tensors per path", args.micro_rounds,
                     args.pings, args.gets)
         mic = micro(servers, args.micro_rounds, args.pings, args.gets)
+    partial.unlink(missing_ok=True)
     total_s = time.perf_counter() - t_start
 
     summary = {name: {"runs": runs[name], "median": medians(runs[name])} for name in SETUPS}
@@ -369,7 +383,8 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
         "config": {"tokens": args.tokens, "repeats": args.repeats, "servers": args.servers, "split": args.split,
                    "rpc_threads": args.rpc_threads, "n_ctx": N_CTX, "model": model_path, "prompt": PROMPT,
                    "completion_kwargs": completion_kwargs(args.tokens), "quiet_wait_s": args.quiet_wait,
-                   "max_foreign_pct": args.max_foreign, "retries": args.retries, "rpc_env": args.rpc_env},
+                   "max_foreign_pct": args.max_foreign, "retries": args.retries, "rpc_env": args.rpc_env,
+                   "run_limit_s": args.run_limit},
         "setups": summary,
         "ratios": {
             "tunnel/direct decode": ratio(TUNNEL),
@@ -469,7 +484,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="before each run, wait up to this long for other processes to leave the CPU (0: never)")
     p.add_argument("--max-foreign", type=float, default=10.0, metavar="PCT",
                    help="rerun a run during which other processes took more than PCT%% of the CPU (default 10)")
-    p.add_argument("--retries", type=int, default=6, help="reruns of a noisy run before keeping it (default 6)")
+    p.add_argument("--retries", type=int, default=10, help="reruns of a noisy run before keeping it (default 10)")
+    p.add_argument("--run-limit", type=float, default=20.0, metavar="SECONDS",
+                   help="cut a run's decoding after this long and count it as noisy (default 20)")
     p.add_argument("--rpc-env", action="append", default=[], metavar="KEY=VALUE",
                    help="environment of the rpc-servers only, repeatable (e.g. OMP_WAIT_POLICY=passive)")
     p.add_argument("--out", default="bench/results/tunnel.json", help="JSON results file")

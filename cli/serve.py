@@ -51,16 +51,13 @@ def load_api_keys(keys: Iterable[str], keys_file: str | os.PathLike | None) -> l
 
 
 def _bind(host: str, port: int) -> socket.socket:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    from sharedllm.openai_server import listen_socket
+
     try:
-        sock.bind((host.strip("[]"), port))
+        return listen_socket(host, port)
     except OSError as exc:
-        sock.close()
         why = exc.strerror or exc
         raise OSError(f"cannot listen on {host}:{port} ({why}); pick another --port or --host") from None
-    return sock
 
 
 @click.command()
@@ -113,12 +110,12 @@ def serve(scheduler, model_ref, model_name, host, port, api_keys, api_keys_file,
         stack.callback(llm.close)
         click.echo(str(llm.topology), err=True)
         app = create_app(llm, model_id=model_id, api_keys=keys, max_queue=max_queue, queue_timeout=queue_timeout)
-        if not keys:
-            # Without keys, answer only requests addressed to this machine by name: a web page cannot reach the API
-            # through DNS rebinding.
+        if not keys and is_loopback(host):
+            # Unauthenticated on loopback: answer only requests addressed to this machine, so that a web page cannot
+            # reach the API through DNS rebinding.
             from starlette.middleware.trustedhost import TrustedHostMiddleware
 
-            app.add_middleware(TrustedHostMiddleware, allowed_hosts=["localhost", "127.0.0.1", "[::1]", host])
+            app.add_middleware(TrustedHostMiddleware, allowed_hosts=["localhost", "127.0.0.1", "[::1]"])
         bound = sock.getsockname()[1]
         shown = f"[{host.strip('[]')}]" if ":" in host else host
         click.echo(f"serving model '{model_id}' at http://{shown}:{bound}/v1 (API schema: /openapi.json, docs: /docs; "

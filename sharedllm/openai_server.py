@@ -14,7 +14,9 @@ serves one request at a time, so requests pass a bounded FIFO queue: a full queu
 streamed answer is forwarded chunk by chunk, and a client that hangs up stops the generation in the engine.
 
 Sampling parameters the client leaves out take ``llama_cpp.Llama``'s defaults, so a request behaves like the same
-call through the Python API.
+call through the Python API (OpenAI's own defaults differ: temperature 1, and a chat answer without ``max_tokens``
+runs to the end of the context). The mesh's rate limits answer 429 with ``Retry-After``; a failed engine answers 503
+and turns ``/health`` to 503. Not supported: ``n`` > 1, tools and function calling, usage chunks in streams.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import json
 import logging
 import math
 import queue
+import socket
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Collection, Iterator
@@ -66,6 +69,7 @@ class APIError(Exception):
         self.headers = headers
 
     def response(self) -> JSONResponse:
+        """The OpenAI error object, with this error's status and headers."""
         return _error_response(self.status, self.message, type=self.type, param=self.param, code=self.code,
                                headers=self.headers)
 
@@ -138,6 +142,7 @@ class Slot:
         self.waited = waited  # whether it came after a wait in the queue
 
     def release(self) -> None:
+        """Give the engine to the next request in line (or back to the queue); a second call does nothing."""
         if not self._released:
             self._released = True
             self._queue._release(time.monotonic() - self.started)
@@ -170,10 +175,12 @@ class RequestQueue:
 
     @property
     def running(self) -> int:
+        """Requests holding the engine now."""
         return self.concurrency - self._free
 
     @property
     def waiting(self) -> int:
+        """Requests waiting in line."""
         return sum(1 for f in self._waiters if not f.done())
 
     def retry_after(self) -> int:
@@ -182,6 +189,7 @@ class RequestQueue:
         return max(1, min(MAX_RETRY_AFTER, math.ceil(self._service_s * ahead / self.concurrency)))
 
     async def acquire(self) -> Slot:
+        """Wait for the engine, first come first served; ``QueueFull`` or ``QueueTimeout`` instead of waiting long."""
         if self._free > 0 and not self._waiters:
             self._free -= 1
             return Slot(self)
@@ -303,6 +311,13 @@ class _Generation:
     async def next(self) -> tuple[str, Any]:
         return await self._items.get()
 
+    def ready(self) -> tuple[str, Any] | None:
+        """The next item if it has come already, else None."""
+        try:
+            return self._items.get_nowait()
+        except asyncio.QueueEmpty:
+            return None
+
     def cancel(self) -> None:
         self._stop.set()
 
@@ -321,18 +336,27 @@ class _EventStream(StreamingResponse):
         super().__init__(self._events(first, param), headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     async def _events(self, first: dict, param: str) -> AsyncIterator[bytes]:
-        yield _sse(first)
+        # Chunks that came together (a chat's role chunk and its first token) leave in one write; a chunk is never
+        # held back waiting for the next one.
+        batch = [_sse(first)]
         while True:
-            kind, item = await self._generation.next()
+            item = self._generation.ready()
+            if item is None:
+                if batch:
+                    yield b"".join(batch)
+                    batch = []
+                item = await self._generation.next()
+            kind, value = item
             if kind == "chunk":
-                yield _sse(item)
-            elif kind == "done":
-                yield b"data: [DONE]\n\n"
-                return
+                batch.append(_sse(value))
+                continue
+            if kind == "done":
+                batch.append(b"data: [DONE]\n\n")
             else:  # the stream has started: the error can only go in-band, as OpenAI does
-                err = map_exception(item, param=param)
-                yield _sse(_error_body(err.message, err.type, err.param, err.code))
-                return
+                err = map_exception(value, param=param)
+                batch.append(_sse(_error_body(err.message, err.type, err.param, err.code)))
+            yield b"".join(batch)
+            return
 
     async def __call__(self, scope, receive, send) -> None:
         try:
@@ -868,6 +892,25 @@ def _prune(gens: list[_Generation]) -> None:
 # --- running it -----------------------------------------------------------------------------------------------------
 
 
+def listen_socket(host: str, port: int) -> socket.socket:
+    """A TCP socket bound to ``host:port`` (``port=0``: any free port) for uvicorn's ``sockets=``.
+
+    It is made with ``IPPROTO_TCP`` and ``TCP_NODELAY``: asyncio disables Nagle's algorithm only on connections of
+    sockets that name their protocol, and with it on, each server-sent event after the headers would wait for the
+    client's delayed ACK (40 ms on Linux).
+    """
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.bind((host.strip("[]"), port))
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
 class ServerThread:
     """Serve an ASGI app with uvicorn in a background thread (tests, benchmarks): ``with ServerThread(app) as s:``.
 
@@ -875,13 +918,9 @@ class ServerThread:
     """
 
     def __init__(self, app: Any, host: str = "127.0.0.1", port: int = 0, **config: Any):
-        import socket
-
         import uvicorn
 
-        self._sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
-        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self._sock.bind((host, port))
+        self._sock = listen_socket(host, port)
         self.host, self.port = host, self._sock.getsockname()[1]
         config.setdefault("log_level", "warning")
         self.server = uvicorn.Server(uvicorn.Config(app, **config))
@@ -915,4 +954,4 @@ class ServerThread:
 
 
 __all__ = ["APIError", "BearerAuth", "ChatCompletionRequest", "CompletionRequest", "QueueFull", "QueueTimeout",
-           "RequestQueue", "ServerThread", "create_app"]
+           "RequestQueue", "ServerThread", "create_app", "listen_socket"]
