@@ -17,11 +17,14 @@ cache is ``$XDG_CACHE_HOME/sharedllm/tensor-cache/<machine>``), then times:
 Both load the same model file, which is read once before timing so that the page cache is warm for both. Each load
 also generates 4 greedy tokens: cold and warm must give the same text, or the cache served wrong weights.
 
+``--rpc-path`` (repeatable): ``tunnel``, the mesh's default (llama.cpp's bytes cross the machines' TLS relays), and
+``direct`` (``--insecure-direct-rpc``: llama.cpp connects to the rpc-servers themselves). Each gets its own meshes.
+
 ``--link-mbps N`` (repeatable; 0 is plain loopback) emulates a network link of N Mbit/s between the client and the
-rpc-servers: every rpc-server endpoint of the leased topology is replaced by a local TCP proxy that paces both
-directions to that rate. Lease, planning, the RPC probe and the engine are the mesh's own; only the byte path is
-slowed. On loopback, uploads cost little, so the cache saves little; on a real link, the upload dominates.
-The table goes to stdout; the raw numbers go to ``--out`` as JSON.
+machines: every endpoint of the leased topology (a relay, or an rpc-server when direct) is replaced by a local TCP
+proxy that paces both directions to that rate. Lease, planning, the RPC probe and the engine are the mesh's own;
+only the byte path is slowed. On loopback, uploads cost little, so the cache saves little; on a real link, the
+upload dominates. The table goes to stdout; the raw numbers go to ``--out`` as JSON.
 """
 
 from __future__ import annotations
@@ -66,6 +69,7 @@ class PacedProxy:
         self.sock = socket.create_server(("127.0.0.1", 0))
         self.endpoint = f"127.0.0.1:{self.sock.getsockname()[1]}"
         self.closed = False
+        self.forwarded = 0  # bytes paced through, both directions: 0 after a load means the load went around us
         threading.Thread(target=self._accept, daemon=True, name=f"proxy-{self.endpoint}").start()
 
     def _accept(self) -> None:
@@ -90,6 +94,7 @@ class PacedProxy:
             while data := src.recv(256 << 10):
                 dst.sendall(data)
                 sent += len(data)
+                self.forwarded += len(data)
                 ahead = sent / self.rate - (time.monotonic() - t0)
                 if ahead > 0:
                     time.sleep(ahead)
@@ -149,12 +154,38 @@ def timed_load(mesh, model_path: str) -> dict[str, Any]:
     t0 = time.perf_counter()
     with mesh.load(model_path, n_ctx=N_CTX) as llm:
         wall = time.perf_counter() - t0
-        engine_s = (llm._engine.info or {}).get("load_seconds") if llm._engine else None
+        info = (llm._engine.info or {}) if llm._engine else {}
+        engine_s = info.get("load_seconds")
         text = llm.create_completion(PROMPT, max_tokens=4, temperature=0)["choices"][0]["text"]
         return {"load_s": wall, "handle_load_s": llm.load_seconds, "lease_ms": llm.plan_ms,
                 "engine_llama_load_s": engine_s,
                 "other_s": wall - engine_s - llm.plan_ms / 1000 if engine_s is not None else None,
+                "breakdown_s": breakdown(wall, llm.load_seconds, llm.plan_ms / 1000, info.get("phases") or {}),
                 "text": text, "machines": llm.topology.machines, "endpoints": llm.topology.endpoints}
+
+
+# Where one load's wall time goes, in order. The engine_* phases come from the engine child's own timestamps.
+PHASES = {
+    "client_prepare": "resolve the model, read and validate its GGUF, estimate (client, before the lease)",
+    "lease": "sharedllm_acquire: the scheduler plans and leases the topology (Dask round trip)",
+    "probe_and_spawn": "list machines, HELLO every rpc-server, start the engine child process",
+    "engine_python_start": "engine child: interpreter start and `import sharedllm.engine`",
+    "engine_import": "engine child: `import llama_cpp` (numpy, jinja2, chat formats)",
+    "engine_connect": "engine child: register the rpc-servers (ggml_backend_rpc_add_server)",
+    "engine_model_metadata": "llama.cpp: read GGUF metadata, vocab and tokenizer, plan the tensors (before the "
+                             "first weight)",
+    "engine_weights": "llama.cpp: upload every weight (hash + cache lookup for the big ones)",
+    "engine_context": "llama.cpp context and KV cache on the servers, Llama() set-up",
+}
+
+
+def breakdown(wall: float, handle_s: float, lease_s: float, phases: dict[str, float]) -> dict[str, float]:
+    """``wall`` (``mesh.load``) split into ``PHASES``; the engine's phases add up to its Popen-to-ready time."""
+    engine = {f"engine_{k}": phases.get(k, 0.0) for k in ("import", "connect", "model_metadata", "weights", "context")}
+    engine["engine_python_start"] = phases.get("spawn", 0.0) + phases.get("wait_init", 0.0)
+    out = {"client_prepare": wall - handle_s, "lease": lease_s,
+           "probe_and_spawn": handle_s - lease_s - sum(engine.values()), **engine}
+    return {k: out[k] for k in PHASES}
 
 
 def cache_stats(root: Path) -> dict[str, dict[str, int]]:
@@ -164,13 +195,13 @@ def cache_stats(root: Path) -> dict[str, dict[str, int]]:
     return {d.name: tensor_cache.stats(d) for d in sorted(base.iterdir())} if base.exists() else {}
 
 
-def one_repeat(model_path: str, mbps: float, machines: int) -> dict[str, Any]:
+def one_repeat(model_path: str, mbps: float, machines: int, direct: bool = False) -> dict[str, Any]:
     from sharedllm.local import LocalMesh
 
     root = Path(tempfile.mkdtemp(prefix="sharedllm-bench-load-"))
     try:
         # The workers (and so their rpc-servers) take their default cache directory from XDG_CACHE_HOME.
-        lm = LocalMesh(machines=machines, dashboard=False)
+        lm = LocalMesh(machines=machines, dashboard=False, insecure_direct_rpc=direct)
         try:
             with environ(XDG_CACHE_HOME=str(root)):
                 lm.start()  # not `with lm:`, whose __enter__ would start a second mesh outside this environment
@@ -179,7 +210,8 @@ def one_repeat(model_path: str, mbps: float, machines: int) -> dict[str, Any]:
             proxies: dict[str, PacedProxy] = {}
             if mbps:
                 for m in mesh.machines():
-                    ep = m["rpc"]["endpoint"]
+                    rpc = m["rpc"]  # the proxy goes where clients connect: the relay, or the server when direct
+                    ep = rpc["endpoint"] if rpc.get("direct") else rpc["relay"]["endpoint"]
                     proxies[ep] = PacedProxy(ep, mbps)
             route = routed_through({k: p.endpoint for k, p in proxies.items()}) if proxies else contextlib.nullcontext()
             try:
@@ -192,7 +224,8 @@ def one_repeat(model_path: str, mbps: float, machines: int) -> dict[str, Any]:
                     p.close()
         finally:
             lm.close()
-        return {"cold": cold, "warm": warm, "cache_before": empty, "cache_after_cold": after_cold}
+        return {"cold": cold, "warm": warm, "cache_before": empty, "cache_after_cold": after_cold,
+                "proxied_bytes": sum(p.forwarded for p in proxies.values()) if mbps else None}
     finally:
         shutil.rmtree(root, ignore_errors=True)
 
@@ -231,11 +264,12 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
     local = [local_load_s(model_path) for _ in range(args.repeats)]
     logger.info("llama.cpp loads the model locally, without RPC, in %.2f s (median)", statistics.median(local))
     scenarios = []
-    for mbps in args.link_mbps:
+    for path, mbps in [(path, mbps) for mbps in args.link_mbps for path in args.rpc_path]:
         runs = []
         for r in range(args.repeats):
-            logger.info("link %s, repeat %d/%d: fresh mesh, empty tensor caches", _link(mbps), r + 1, args.repeats)
-            res = one_repeat(model_path, mbps, args.machines)
+            logger.info("%s, link %s, repeat %d/%d: fresh mesh, empty tensor caches", path, _link(mbps), r + 1,
+                        args.repeats)
+            res = one_repeat(model_path, mbps, args.machines, direct=path == "direct")
             logger.info("  cold %.2f s (llama.cpp load %.2f s), warm %.2f s (llama.cpp load %.2f s); caches after "
                         "cold: %s", res["cold"]["load_s"], res["cold"]["engine_llama_load_s"], res["warm"]["load_s"],
                         res["warm"]["engine_llama_load_s"], res["cache_after_cold"])
@@ -243,18 +277,24 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
         med = {kind: {key: statistics.median(run[kind][key] for run in runs)
                       for key in ("load_s", "engine_llama_load_s", "lease_ms", "other_s")}
                for kind in ("cold", "warm")}
+        for kind in ("cold", "warm"):
+            med[kind]["breakdown_s"] = {k: statistics.median(run[kind]["breakdown_s"][k] for run in runs)
+                                        for k in PHASES}
         cached = [sum(s["bytes"] for s in run["cache_after_cold"].values()) for run in runs]
         scenarios.append({
-            "link_mbps": mbps, "runs": runs, "median": med,
+            "rpc_path": path, "link_mbps": mbps, "runs": runs, "median": med,
             "speedup": med["cold"]["load_s"] / med["warm"]["load_s"],
             "speedup_llama_load": med["cold"]["engine_llama_load_s"] / med["warm"]["engine_llama_load_s"],
             "cached_bytes": statistics.median(cached),
             "texts_match": len({run[k]["text"] for run in runs for k in ("cold", "warm")}) == 1,
             "caches_empty_before_cold": all(not any(s["files"] for s in run["cache_before"].values()) for run in runs),
+            # An emulated link whose proxies saw no bytes did not slow anything: the topology's endpoints are no
+            # longer the rpc-server endpoints the proxies were put in front of (e.g. relays), and the row is void.
+            "link_emulated": not mbps or all(run["proxied_bytes"] for run in runs),
         })
     return {"machine": machine_info(),
             "config": {"model": model_path, "n_ctx": N_CTX, "machines": args.machines, "repeats": args.repeats,
-                       "link_mbps": args.link_mbps, "target_speedup": TARGET},
+                       "link_mbps": args.link_mbps, "rpc_paths": args.rpc_path, "target_speedup": TARGET},
             "local_load_s": {"runs": local, "median": statistics.median(local)},
             "scenarios": scenarios}
 
@@ -263,14 +303,18 @@ def _link(mbps: float) -> str:
     return "loopback" if not mbps else f"{mbps:g} Mbit/s (emulated)"
 
 
+def _name(sc: dict[str, Any]) -> str:
+    return f"{_link(sc['link_mbps'])}, {sc.get('rpc_path', 'direct')}"
+
+
 def report(result: dict[str, Any], markdown: bool) -> str:
     from sharedllm.errors import gib
 
-    rows = [["link", "cold load s", "warm load s", "speedup", "llama.cpp load cold/warm s", "lease+probe+engine "
-             "start s", "cached"]]
+    rows = [["link, RPC path", "cold load s", "warm load s", "speedup", "llama.cpp load cold/warm s",
+             "lease+probe+engine start s", "cached"]]
     for sc in result["scenarios"]:
         c, w = sc["median"]["cold"], sc["median"]["warm"]
-        rows.append([_link(sc["link_mbps"]), f"{c['load_s']:.2f}", f"{w['load_s']:.2f}", f"{sc['speedup']:.2f}x",
+        rows.append([_name(sc), f"{c['load_s']:.2f}", f"{w['load_s']:.2f}", f"{sc['speedup']:.2f}x",
                      f"{c['engine_llama_load_s']:.2f} / {w['engine_llama_load_s']:.2f}",
                      f"{c['load_s'] - c['engine_llama_load_s']:.2f} / {w['load_s'] - w['engine_llama_load_s']:.2f}",
                      gib(sc["cached_bytes"])])
@@ -280,9 +324,22 @@ def report(result: dict[str, Any], markdown: bool) -> str:
              f"llama-cpp-python {m['llama_cpp_python']}", "", render(rows, markdown), ""]
     lines.append(f"floor: llama.cpp alone loads the model from the same file, without RPC, in "
                  f"{result['local_load_s']['median']:.2f} s (median)")
+    lines += ["", "where the time goes (median s of each phase; engine_* from the engine child's timestamps):", ""]
+    head = ["phase"] + [f"{_name(sc)} {kind}" for sc in result["scenarios"] for kind in ("cold", "warm")]
+    brows = [head]
+    for key in PHASES:
+        brows.append([key] + [f"{sc['median'][kind]['breakdown_s'][key]:.3f}" for sc in result["scenarios"]
+                              for kind in ("cold", "warm")])
+    brows.append(["sum"] + [f"{sum(sc['median'][kind]['breakdown_s'].values()):.3f}" for sc in result["scenarios"]
+                            for kind in ("cold", "warm")])
+    lines.append(render(brows, markdown))
     for sc in result["scenarios"]:
         verdict = "meets" if sc["speedup"] >= TARGET else "BELOW"
-        lines.append(f"{_link(sc['link_mbps'])}: warm is {sc['speedup']:.2f}x faster than cold ({verdict} the "
+        if not sc.get("link_emulated", True):
+            lines.append(f"{_name(sc)}: INVALID, no byte went through the paced proxies (the "
+                         "topology's endpoints are not the rpc-servers'); this row measured loopback")
+            continue
+        lines.append(f"{_name(sc)}: warm is {sc['speedup']:.2f}x faster than cold ({verdict} the "
                      f"{TARGET:g}x target); greedy text cold = warm: {'yes' if sc['texts_match'] else 'NO'}; caches "
                      f"empty before each cold load: {'yes' if sc['caches_empty_before_cold'] else 'NO'}")
     return "\n".join(lines)
@@ -307,10 +364,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--machines", type=int, default=2, help="loopback machines in the mesh (default 2)")
     p.add_argument("--link-mbps", type=float, action="append", default=None, metavar="MBPS",
                    help="emulated link speed, repeatable; 0 = plain loopback (default: 0, 1000 and 100)")
+    p.add_argument("--rpc-path", action="append", choices=["tunnel", "direct"], default=None,
+                   help="how clients reach the rpc-servers, repeatable: tunnel (the relays, the default of a mesh) "
+                        "or direct (--insecure-direct-rpc); default: both")
     p.add_argument("--out", default="bench/results/load.json", help="JSON results file")
     p.add_argument("--markdown", action="store_true", help="print the table as Markdown")
     args = p.parse_args(argv)
     args.link_mbps = args.link_mbps or [0.0, 1000.0, 100.0]
+    args.rpc_path = args.rpc_path or ["tunnel", "direct"]
     if args.repeats < 1 or args.machines < 1 or any(x < 0 for x in args.link_mbps):
         p.error("--repeats and --machines must be >= 1, --link-mbps >= 0")
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s %(message)s")

@@ -10,12 +10,17 @@ Setups, all on Gemma 3 270M Q4_K_M, n_ctx 2048, the same prompt and greedy param
   repacked weights, for information only.
 - ``raw-rpc``: llama.cpp RPC driven by hand in a fresh process that imports llama_cpp and ctypes only (never
   sharedllm): ``ggml_backend_rpc_add_server`` for each endpoint, ``llama_model_params.devices`` and ``tensor_split``
-  copied from the mesh's topology, ``n_gpu_layers=-1``. Its rpc-servers are the mesh's own, used while no mesh
-  session holds them.
-- ``mesh``: ``LocalMesh(machines=N)``, ``mesh.load("gemma-3-270m", n_ctx=2048)`` and a streamed completion.
+  copied from the mesh's topology, ``n_gpu_layers=-1``. Its rpc-servers are those of the direct mesh below, used
+  while no mesh session holds them.
+- ``mesh (direct)``: ``LocalMesh(machines=N, insecure_direct_rpc=True)``, ``mesh.load("gemma-3-270m", n_ctx=2048)``
+  and a streamed completion: llama.cpp connects to the rpc-servers themselves. Against ``raw-rpc``, the cost of
+  SharedLLM's own machinery (engine process, leases, streaming).
+- ``mesh``: the same on ``LocalMesh(machines=N)``, the default: llama.cpp connects to local relay endpoints, which
+  tunnel to each machine's relay (TLS, a pinned certificate, a lease token), which forwards to the rpc-server on
+  loopback. Against ``mesh (direct)``, the cost of the tunnel.
 
-Repeats are interleaved (local, raw-rpc, mesh, local default, then again) and the medians are reported. The table goes
-to stdout; the raw numbers go to ``--out`` as JSON.
+Repeats are interleaved (every setup once, then again) and the medians are reported. The table goes to stdout; the
+raw numbers go to ``--out`` as JSON.
 """
 
 from __future__ import annotations
@@ -48,10 +53,11 @@ PROMPT = (
 N_CTX = 2048
 MODEL_NAME = "gemma-3-270m"
 RAW_RESULT_PREFIX = "BENCH_RAW_RPC_RESULT "
-LOCAL, LOCAL_DEFAULT, RAW, MESH = "local", "local (default kernels)", "raw-rpc", "mesh"
-SETUPS = (LOCAL, RAW, MESH, LOCAL_DEFAULT)
-ORACLE_SETUPS = (LOCAL, RAW, MESH)  # same kernels, so the same greedy text
-TARGET_RATIO = 0.95
+LOCAL, LOCAL_DEFAULT, RAW, MESH, DIRECT = "local", "local (default kernels)", "raw-rpc", "mesh", "mesh (direct)"
+SETUPS = (LOCAL, RAW, DIRECT, MESH, LOCAL_DEFAULT)
+ORACLE_SETUPS = (LOCAL, RAW, DIRECT, MESH)  # same kernels, so the same greedy text
+TARGET_RATIO = 0.95  # mesh (direct) / raw-rpc
+TUNNEL_TARGET = 0.90  # mesh (tunnel) / mesh (direct)
 
 
 def completion_kwargs(tokens: int) -> dict[str, Any]:
@@ -259,7 +265,7 @@ def table_rows(summary: dict[str, Any]) -> list[list[str]]:
     raw_tps = summary[RAW]["median"]["decode_tps"]
     rows = [["setup", "decode tok/s", "(min-max)", "TTFT ms", "load s", "plan ms", "tokens", "vs raw-rpc",
              "others' CPU"]]
-    for name in SETUPS:
+    for name in (n for n in SETUPS if n in summary):  # older result files lack some setups
         runs, med = summary[name]["runs"], summary[name]["median"]
         tps = [r["decode_tps"] for r in runs if r.get("decode_tps")]
         spread = f"{min(tps):.1f}-{max(tps):.1f}" if tps else "-"
@@ -411,15 +417,19 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
     runs: dict[str, list[dict[str, Any]]] = {name: [] for name in SETUPS}
     t_start = time.perf_counter()
     with contextlib.ExitStack() as stack:
-        lm = LocalMesh(machines=args.machines, dashboard=False)
-        stack.callback(lm.close)  # stops every process the mesh started, even when start() fails half-way
-        with mesh_env(args.rpc_env):  # the mesh's processes (so its rpc-servers) inherit it; nothing else does
-            lm.start()
-        check_rpc_servers(args.machines, args.rpc_env)
-        mesh = lm.mesh()
+        meshes, topos = {}, {}
+        for name, direct in ((DIRECT, True), (MESH, False)):
+            lm = LocalMesh(machines=args.machines, dashboard=False, insecure_direct_rpc=direct)
+            stack.callback(lm.close)  # stops every process the mesh started, even when start() fails half-way
+            with mesh_env(args.rpc_env):  # the mesh's processes (so its rpc-servers) inherit it; nothing else does
+                lm.start()
+            meshes[name] = lm.mesh()
+        check_rpc_servers(2 * args.machines, args.rpc_env)
         # Warm-up (not counted): page cache, the rpc-servers' tensor caches, and the topology raw-rpc reuses.
-        logger.info("warm-up: mesh load and %d tokens", min(args.tokens, 8))
-        _, topo = run_mesh(mesh, min(args.tokens, 8))
+        for name, mesh in meshes.items():
+            logger.info("warm-up: %s load and %d tokens", name, min(args.tokens, 8))
+            _, topos[name] = run_mesh(mesh, min(args.tokens, 8))
+        topo = topos[DIRECT]
         stages = [(s.endpoint, s.device_index) for s in topo.stages]
         split = topo.tensor_split
         logger.info("topology: endpoints %s, tensor_split %s\n%s", topo.endpoints, split, topo)
@@ -436,8 +446,8 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
                 elif name == RAW:
                     res = run_raw_rpc(model_path, stages, split, args.tokens)
                 else:
-                    res, t = run_mesh(mesh, args.tokens)
-                    if t.tensor_split != split or t.endpoints != topo.endpoints:
+                    res, t = run_mesh(meshes[name], args.tokens)
+                    if t.tensor_split != split or t.endpoints != topos[name].endpoints:
                         logger.warning("repeat %d planned another topology: %s %s", r + 1, t.endpoints, t.tensor_split)
                 res["repeat"] = r
                 res["cpu"] = meter.stop()
@@ -458,10 +468,10 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
         x, y = summary[a]["median"][key], summary[b]["median"][key]
         return x / y if x and y else None
 
-    per_repeat = [
-        rm["decode_tps"] / rr["decode_tps"] if rm["decode_tps"] and rr["decode_tps"] else None
-        for rm, rr in zip(runs[MESH], runs[RAW], strict=True)
-    ]
+    def per_repeat(a: str, b: str) -> list[float | None]:
+        return [x["decode_tps"] / y["decode_tps"] if x["decode_tps"] and y["decode_tps"] else None
+                for x, y in zip(runs[a], runs[b], strict=True)]
+
     return {
         "machine": machine_info(),
         "config": {"tokens": args.tokens, "repeats": args.repeats, "machines": args.machines, "n_ctx": N_CTX,
@@ -473,9 +483,14 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
                      "plan": topo.to_dict()},
         "setups": summary,
         "ratios": {
-            "mesh/raw-rpc decode": ratio(MESH, RAW),
-            "mesh/raw-rpc decode per repeat": per_repeat,
-            "mesh/raw-rpc decode by median gap": ratio(MESH, RAW, "decode_tps_p50gap"),
+            "mesh/raw-rpc decode": ratio(DIRECT, RAW),
+            "mesh/raw-rpc decode per repeat": per_repeat(DIRECT, RAW),
+            "mesh/raw-rpc decode by median gap": ratio(DIRECT, RAW, "decode_tps_p50gap"),
+            "tunnel/direct decode": ratio(MESH, DIRECT),
+            "tunnel/direct decode per repeat": per_repeat(MESH, DIRECT),
+            "tunnel/direct decode by median gap": ratio(MESH, DIRECT, "decode_tps_p50gap"),
+            "tunnel/raw-rpc decode": ratio(MESH, RAW),
+            "target tunnel/direct": TUNNEL_TARGET,
             "mesh/local decode": ratio(MESH, LOCAL),
             "raw-rpc/local decode": ratio(RAW, LOCAL),
             "local default/local decode": ratio(LOCAL_DEFAULT, LOCAL),
@@ -487,6 +502,16 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
         "same_token_count": len(token_counts) == 1,
         "total_seconds": total_s,
     }
+
+
+def _tunnel_line(ratios: dict[str, Any]) -> str:
+    t = ratios.get("tunnel/direct decode")
+    if t is None:
+        return "mesh (tunnel)/mesh (direct): n/a"
+    verdict = "meets" if t >= TUNNEL_TARGET else "BELOW"
+    return (f"mesh (tunnel)/mesh (direct) decode tok/s: {t:.3f} ({verdict} the {TUNNEL_TARGET} target; per repeat "
+            + ", ".join("-" if x is None else f"{x:.2f}" for x in ratios["tunnel/direct decode per repeat"])
+            + f"; by median gap {_fmt(ratios['tunnel/direct decode by median gap'], 3)})")
 
 
 def report(result: dict[str, Any], markdown: bool) -> str:
@@ -503,12 +528,13 @@ def report(result: dict[str, Any], markdown: bool) -> str:
         "",
         render(rows, markdown),
         "",
-        f"mesh/raw-rpc decode tok/s: {r:.3f} ({verdict} the {TARGET_RATIO} target; per repeat "
+        f"mesh (direct)/raw-rpc decode tok/s: {r:.3f} ({verdict} the {TARGET_RATIO} target; per repeat "
         + ", ".join("-" if x is None else f"{x:.2f}" for x in ratios["mesh/raw-rpc decode per repeat"]) + ")"
-        if r is not None else "mesh/raw-rpc decode tok/s: n/a",
-        f"mesh/raw-rpc by median inter-token gap (robust to short stalls): "
+        if r is not None else "mesh (direct)/raw-rpc decode tok/s: n/a",
+        f"mesh (direct)/raw-rpc by median inter-token gap (robust to short stalls): "
         f"{_fmt(ratios['mesh/raw-rpc decode by median gap'], 3)}",
-        "greedy texts of local (use_extra_bufts=False), raw-rpc and mesh: "
+        _tunnel_line(ratios),
+        "greedy texts of local (use_extra_bufts=False), raw-rpc and both meshes: "
         + ("identical" if result["texts_match"] else f"DIFFER ({len(result['distinct_oracle_texts'])} variants)"),
         "local (default kernels) text: "
         + ("same" if result["texts"][LOCAL_DEFAULT] == result["texts"][LOCAL] else "differs (expected: other kernels)"),

@@ -92,15 +92,22 @@ def _connect(scheduler: str | None, machines: int):
 @click.option("--state-path", envvar="SHAREDLLM_STATE_PATH", default=None,
               help="SQLite file keeping the scheduler's registry across restarts")
 @click.option("--tls", is_flag=True, help="Dask comms over TLS, with a temporary CA made for this mesh")
+@click.option("--insecure-direct-rpc", is_flag=True,
+              help="rpc-servers serve clients directly, without the TLS relay and tokens: trusted LANs only")
 @friendly_errors
-def up(machines: int, host: str, state_path: str | None, tls: bool) -> None:
+def up(machines: int, host: str, state_path: str | None, tls: bool, insecure_direct_rpc: bool) -> None:
     """Start an embedded local mesh: a scheduler and one worker per emulated machine. Ctrl-C stops it.
 
     Like a service manager, it restarts what dies: the scheduler on its port with its state file, and the workers.
     """
     from sharedllm.local import LocalMesh
 
-    lm = LocalMesh(machines=machines, host=host, state_path=state_path, tls=tls)
+    if insecure_direct_rpc:
+        from sharedllm.relay import warn_insecure_direct
+
+        warn_insecure_direct("sharedllm up")
+    lm = LocalMesh(machines=machines, host=host, state_path=state_path, tls=tls,
+                   insecure_direct_rpc=insecure_direct_rpc)
     click.echo(f"starting {machines} machine(s)...", err=True)
     lm.start()
     try:

@@ -18,6 +18,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from sharedllm.actor import describe_endpoint
 from sharedllm.cli.main import friendly_errors
 from sharedllm.errors import gib
 from sharedllm.scheduler_plugins.metrics import device_memory, session_stages
@@ -68,7 +69,7 @@ def machines_table(state: dict) -> Table:
             lease += ", draining"
         threads = f" ({rpc['threads']} serving)" if rpc.get("threads") else ""
         table.add_row(
-            mid, cell, rpc.get("endpoint") or "-",
+            mid, cell, describe_endpoint(rpc),
             f"{rpc.get('protocol') or '?'} / {build.get('llama_cpp_python') or '?'}",
             f"{res.get('cpu_count', '?')}{threads}", ram, gpus, gib(reserved) if reserved else "-", lease,
             str(len(m.get("workers") or [])),

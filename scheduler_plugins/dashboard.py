@@ -55,6 +55,7 @@ from distributed.dashboard.components.scheduler import BOKEH_THEME, env
 from distributed.dashboard.utils import update
 from distributed.utils import log_errors
 
+from sharedllm.actor import describe_endpoint
 from sharedllm.errors import gib
 from sharedllm.scheduler_plugins.metrics import DeviceMemory, device_memory, session_stages
 
@@ -216,7 +217,7 @@ class MachineTable(DashboardComponent):
         self.scheduler = scheduler
         self.source = ColumnDataSource({k: [] for k in self.columns}, name="sharedllm-machines")
         cols = [TableColumn(field=k, title=v) for k, v in self.columns.items()]
-        widths = {"machine": 110, "state": 160, "endpoint": 130, "version": 150, "restarts": 60, "cpus": 70,
+        widths = {"machine": 110, "state": 160, "endpoint": 210, "version": 150, "restarts": 60, "cpus": 70,
                   "ram": 140, "gpus": 200, "reserved": 130, "workers": 60, "sessions": 60}
         for c in cols:
             c.width = widths.get(c.field, 100)
@@ -244,7 +245,7 @@ class MachineTable(DashboardComponent):
             ram_used = int(res.get("ram_total", 0)) - int(res.get("ram_available", 0))
             data["machine"].append(mid)
             data["state"].append(state)
-            data["endpoint"].append(rpc.get("endpoint") or "-")
+            data["endpoint"].append(describe_endpoint(rpc))
             data["version"].append(f"{rpc.get('protocol') or '?'} / {build.get('llama_cpp_python') or '?'}")
             data["restarts"].append(int(rpc.get("restarts") or 0))
             threads = f" ({rpc['threads']} serving)" if rpc.get("threads") else ""

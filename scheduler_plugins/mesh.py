@@ -8,6 +8,11 @@ Installed by ``dask scheduler --preload sharedllm.scheduler``. Handlers, callabl
 - ``sharedllm_plan(estimate=..., ...)``: a topology for a model estimate, or ``ModelTooLarge`` / ``NoMachines``.
 
 Actors are created through a client the plugin owns, so they belong to the scheduler side and outlive user clients.
+
+The tunnel: the plugin holds a relay master key (random per scheduler run) and hands each machine's actor only that
+machine's relay key. A lease (``sharedllm_acquire``) tells each leased machine's relay the new lease id before it
+answers, and returns one token per machine (minted for that lease and machine), the relay's endpoint and its
+certificate fingerprint. When the session ends, the relays admit nobody again and drop its connections.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import secrets
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -31,6 +37,8 @@ from sharedllm.scheduler_plugins.trust import Admission, Limits, RateLimiter, Tr
 logger = logging.getLogger("sharedllm.scheduler")
 
 EXTENSION = "sharedllm"
+LEASE_TOKEN_TTL = 24 * 3600.0  # seconds; a token stops working earlier, when its lease ends (the relay checks)
+LEASE_PUSH_TIMEOUT = 15.0  # seconds for the leased machines' relays to take a new lease
 
 
 @dataclass
@@ -150,6 +158,8 @@ class MeshPlugin(SchedulerPlugin):
         self.catalog: dict[str, dict] = default_catalog()  # model name -> entry (url, sha256, size, ...)
         # machine -> {model file name: last session end}: weights its rpc-server's tensor cache likely holds
         self.warm: dict[str, dict[str, float]] = {}
+        self.relay_master = secrets.token_bytes(32)  # machine relay keys derive from it; never leaves the scheduler
+        self._lease_seq = 0  # orders lease changes pushed to the relays
 
     # --- lifecycle ---------------------------------------------------------------------------------------------
 
@@ -375,14 +385,17 @@ class MeshPlugin(SchedulerPlugin):
                 return
             self.actors[machine] = rec
             logger.info("pinned the rpc-server actor of machine %s on %s", machine, worker)
-            rec.state = await asyncio.wait_for(actor.start(), self.actor_start_timeout)
+            from sharedllm.relay import machine_key
+
+            key = machine_key(self.relay_master, machine).hex()
+            rec.state = await asyncio.wait_for(actor.start(relay_key=key), self.actor_start_timeout)
             logger.info("machine %s: rpc-server %s %s", machine, rec.state.get("state"), rec.state.get("endpoint"))
         except Exception as exc:
             logger.warning("could not start the rpc-server actor of machine %s on %s: %s", machine, worker, exc)
         finally:
             self._pending.pop(machine, None)
 
-    def _background(self, coro) -> None:
+    def _background(self, coro) -> asyncio.Task:
         async def run():
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(coro, 30)
@@ -390,6 +403,7 @@ class MeshPlugin(SchedulerPlugin):
         task = asyncio.ensure_future(run())
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        return task
 
     def _release(self, rec: ActorRecord) -> None:
         if rec.future is not None:
@@ -419,7 +433,7 @@ class MeshPlugin(SchedulerPlugin):
 
     async def handle_session_open(self, model: str, topology: dict, client: str = "") -> dict:
         """Register a session on an explicit topology (leases its machines as they are)."""
-        return self._open_session(model, topology, client)
+        return await self._open_session(model, topology, client)
 
     async def handle_session_report(
         self,
@@ -455,16 +469,27 @@ class MeshPlugin(SchedulerPlugin):
         return {"status": "OK"}
 
     async def handle_session_close(self, session_id: str, reason: str = "closed") -> dict:
-        return {"status": "OK" if self._close_session(session_id, reason) else "unknown-session"}
+        """End a session; answers once its machines' relays no longer admit its tokens."""
+        revokes = self._close_session(session_id, reason)
+        if revokes:
+            await asyncio.wait(revokes, timeout=LEASE_PUSH_TIMEOUT)
+        return {"status": "OK" if revokes is not None else "unknown-session"}
 
-    def _close_session(self, session_id: str, reason: str) -> bool:
+    def _close_session(self, session_id: str, reason: str) -> list[asyncio.Task] | None:
+        """Close a session (None: unknown); returns the running calls that revoke its lease on the relays."""
         sess = self.sessions.pop(session_id, None)
         if sess is None:
-            return False
+            return None
+        revokes = []
         if reason == "closed":
             self.trust.served(sess.machines, sess.tokens)
         for machine in sess.machines:  # its weights went through this machine's tensor cache
             self.warm.setdefault(machine, {})[sess.model] = time.time()
+        for machine in sess.machines:
+            if not any(machine in other.machines for other in self.sessions.values()):
+                revoke = self._push_lease(machine, None)  # the lease's tokens stop working, its connections close
+                if revoke is not None:
+                    revokes.append(self._background(revoke))
         for machine in sess.machines:  # the servers are idle now: a safe moment to trim their tensor caches
             rec = self.actors.get(machine)
             if rec is not None and rec.actor is not None:
@@ -475,7 +500,7 @@ class MeshPlugin(SchedulerPlugin):
         record_session_close(self, session_id, reason)  # never raises
         logger.info("session %s closed (%s): %d tokens in %d requests", session_id, reason, sess.tokens, sess.requests)
         self._released()
-        return True
+        return revokes
 
     def device_slots(self, machines: list[dict], build: dict | None = None) -> tuple[list[DeviceSlot], list[str]]:
         """Ready devices with fresh free memory, plus the reasons machines were left out."""
@@ -491,6 +516,11 @@ class MeshPlugin(SchedulerPlugin):
             if want_proto and rpc.get("protocol") and rpc["protocol"].split(".")[0] != want_proto.split(".")[0]:
                 skipped.append(f"{m['machine_id']} (RPC protocol {rpc['protocol']}, client has {want_proto})")
                 continue
+            endpoint = rpc["endpoint"] if rpc.get("direct") else (rpc.get("relay") or {}).get("endpoint")
+            if not endpoint:
+                why = f": {rpc['reason']}" if rpc.get("reason") else ""
+                skipped.append(f"{m['machine_id']} (relay not running{why})")
+                continue
             gpus = {f"CUDA{g['index']}": g for g in res.get("gpus", [])}
             for i, dev in enumerate(rpc.get("devices", [])):
                 free, total = dev["memory_free"], dev["memory_total"]
@@ -498,7 +528,7 @@ class MeshPlugin(SchedulerPlugin):
                     free, total = res["ram_available"], res["ram_total"]  # fresh, the server's figure is from its start
                 elif dev["name"] in gpus:
                     free, total = gpus[dev["name"]]["memory_free"], gpus[dev["name"]]["memory_total"]
-                slots.append(DeviceSlot(m["machine_id"], rpc["endpoint"], i, dev["name"], free, total,
+                slots.append(DeviceSlot(m["machine_id"], endpoint, i, dev["name"], free, total,
                                         "cpu" if dev["kind"] == "cpu" else "gpu"))
         return slots, skipped
 
@@ -532,6 +562,8 @@ class MeshPlugin(SchedulerPlugin):
         qualified = []
         for m in state:
             why = self.trust.qualifies(m["machine_id"], privacy, min_trust, labels)
+            if not why and privacy == "trusted" and (m.get("rpc") or {}).get("direct"):
+                why = "serves RPC without the tunnel (--insecure-direct-rpc)"
             if why:
                 skipped.append(f"{m['machine_id']} ({why})")
             else:
@@ -595,7 +627,7 @@ class MeshPlugin(SchedulerPlugin):
                     err = exc
                     self._plan(estimate, **plan_kwargs)  # raises when the model cannot fit even on an idle mesh
                 else:
-                    return self._open_session(model, topo, client)
+                    return await self._open_session(model, topo, client)
             first = False
             left = deadline - time.monotonic()
             if left <= 0:
@@ -678,13 +710,58 @@ class MeshPlugin(SchedulerPlugin):
         return {"clients": [{"client": c, "banned": c in self.rate.banned,
                              "sessions": [s for s, x in self.sessions.items() if x.client == c]} for c in clients]}
 
-    def _open_session(self, model: str, topology: dict, client: str) -> dict:
+    async def _open_session(self, model: str, topology: dict, client: str) -> dict:
         self._session_seq += 1
         sid = f"s{self._session_seq}-{int(time.time() * 1000) % 100000:05d}"
         sess = Session(sid, client, model, topology)
-        self.sessions[sid] = sess
+        self.sessions[sid] = sess  # the machines are leased from here on: no other acquire plans on them
+        try:
+            relays = await self._grant(sid, sess.machines)
+        except MeshError:
+            self._close_session(sid, "failed: a machine's relay did not take the lease")
+            raise
         logger.info("session %s opened by %s: %s on %s", sid, client or "?", model, sess.machines)
-        return {"session_id": sid, "topology": topology}
+        return {"session_id": sid, "topology": topology, "relays": relays}
+
+    def _push_lease(self, machine: str, lease: str | None):
+        """The actor call that makes ``machine``'s relay admit ``lease`` (None: nobody), or None without actor."""
+        rec = self.actors.get(machine)
+        if rec is None or rec.actor is None:
+            return None
+        self._lease_seq += 1
+        return rec.actor.set_lease(lease, self._lease_seq)
+
+    async def _grant(self, sid: str, machines: list[str]) -> dict[str, dict]:
+        """Tell the leased machines' relays about lease ``sid``; one token per machine for the client.
+
+        Machines serving RPC directly (``--insecure-direct-rpc``) get no token: the client connects to them as is."""
+        from sharedllm.relay import machine_key, mint_token
+
+        state = {m["machine_id"]: m for m in self.machines()}
+        relays: dict[str, dict] = {}
+        pushes = []
+        for machine in machines:
+            rpc = (state.get(machine) or {}).get("rpc") or {}
+            info = rpc.get("relay")
+            if rpc.get("direct") or not info:
+                continue
+            call = self._push_lease(machine, sid)
+            if call is None:
+                raise NoMachines(f"machine {machine} has no rpc-server actor right now; retry in a moment")
+            pushes.append((machine, call))
+            relays[machine] = {
+                "endpoint": info["endpoint"], "fingerprint": info["fingerprint"],
+                "token": mint_token(machine_key(self.relay_master, machine), sid, machine, LEASE_TOKEN_TTL),
+            }
+        if pushes:
+            results = await asyncio.gather(*(asyncio.wait_for(c, LEASE_PUSH_TIMEOUT) for _, c in pushes),
+                                           return_exceptions=True)
+            failed = [f"{m} ({r!r})" for (m, _), r in zip(pushes, results, strict=True) if isinstance(r, BaseException)]
+            if failed:
+                logger.warning("session %s: relays did not take the lease: %s", sid, ", ".join(failed))
+                raise NoMachines(f"the relay of {', '.join(failed)} did not take the lease; retry, or leave the "
+                                 "machine out with machines=[...]")
+        return relays
 
     def _released(self) -> None:
         # Wake every waiter in FIFO order; each re-plans in turn and requeues if it still does not fit.

@@ -4,6 +4,11 @@
 The scheduler plugin pins exactly one ``RPCServerActor`` per machine. The actor runs ``python -m sharedllm.rpc_server``
 as a child of the worker process, waits until it answers the RPC HELLO, restarts it with backoff when it exits, and
 publishes its state through the worker's ``sharedllm`` extension (which the heartbeat carries to the scheduler).
+
+By default the rpc-server listens on loopback only, and remote clients reach it through the machine's relay
+(``python -m sharedllm.relay server``, another child): TLS, plus a token for the machine's current lease. The
+scheduler gives the actor this machine's relay key when it pins it, and tells it the current lease on every lease
+change (:meth:`RPCServerSupervisor.set_lease`), so that a token of another or an ended lease opens nothing.
 """
 
 from __future__ import annotations
@@ -35,10 +40,21 @@ class RPCServerState:
     restarts: int = 0
     reason: str | None = None
     cache: dict = field(default_factory=dict)  # tensor cache: files, bytes, cap
+    relay: dict | None = None  # the TLS relay in front of the server: endpoint, fingerprint, pid (None: not running)
+    direct: bool = False  # --insecure-direct-rpc: clients connect to ``endpoint`` itself, without the relay
     since: float = field(default_factory=time.time)
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def describe_endpoint(rpc: dict) -> str:
+    """Where clients reach a machine's rpc-server, for tables: its relay, or the server itself when direct."""
+    if rpc.get("direct") and rpc.get("endpoint"):
+        return f"{rpc['endpoint']} (direct, no TLS)"
+    if rpc.get("relay"):
+        return f"{rpc['relay']['endpoint']} (TLS relay)"
+    return "-"
 
 
 @dataclass
@@ -54,6 +70,11 @@ class RPCServerConfig:
     backoff: float = 1.0
     cooldown: float = 60.0  # after a crash loop
     cache_cap: int = 10 << 30  # bytes of tensor cache kept (least recently used files are evicted beyond it)
+    relay: bool = True  # serve remote clients through the TLS relay only (False: --insecure-direct-rpc)
+    relay_host: str = "127.0.0.1"  # where the relay listens (the machine's reachable address)
+    relay_port: int = 0  # 0: a free port, kept across restarts
+    relay_dir: str | None = None  # the relay's certificate and key (default: the supervisor's work directory)
+    machine_id: str = ""
 
 
 class RPCServerSupervisor:
@@ -70,6 +91,12 @@ class RPCServerSupervisor:
         self._restart_times: list[float] = []
         self._on_change = on_change
         self._drainer: asyncio.Task | None = None
+        self._relay_key: bytes | None = None
+        self._relay_proc: asyncio.subprocess.Process | None = None
+        self._relay_watch: asyncio.Task | None = None
+        self._relay_lock = asyncio.Lock()
+        self._lease: str | None = None
+        self._lease_seq = -1
 
     @property
     def log_path(self) -> Path:
@@ -82,10 +109,19 @@ class RPCServerSupervisor:
         if self._on_change:
             self._on_change(self.status)
 
-    async def start(self) -> RPCServerState:
-        """Start the server and wait until it answers HELLO. Returns the state (ready, or failed with the reason)."""
+    async def start(self, relay_key: bytes | None = None) -> RPCServerState:
+        """Start the server (and its relay, given this machine's relay key) and wait until it answers HELLO.
+
+        Returns the state (ready, or failed with the reason). A server that runs already is kept: a re-created actor
+        (the scheduler restarted) only hands over a new relay key."""
         self._stopping = False
-        await self._launch()
+        if relay_key is not None and relay_key != self._relay_key:
+            self._relay_key = relay_key
+            await self._stop_relay()  # a relay with the old key would refuse every token of the new scheduler
+        if self._proc is None or self._proc.returncode is not None:
+            await self._launch()
+        elif self.status.state == "ready":
+            await self._ensure_relay()
         if self._watch is None or self._watch.done():
             self._watch = asyncio.ensure_future(self._supervise())
         return self.status
@@ -142,8 +178,10 @@ class RPCServerSupervisor:
                 continue
             self.config.port = int(endpoint.rpartition(":")[2])  # restarts reuse the port, so the endpoint stays stable
             self._set(state="ready", endpoint=endpoint, devices=info["devices"], pid=info["pid"],
-                      threads=info["threads"], protocol=".".join(map(str, version)), reason=None)
+                      threads=info["threads"], protocol=".".join(map(str, version)), reason=None,
+                      direct=not c.relay)
             logger.info("rpc-server ready on %s (%s)", endpoint, ", ".join(d["name"] for d in info["devices"]))
+            await self._ensure_relay()
             return
         await self._reap()
         self._set(state="failed", reason=f"rpc-server never answered on {endpoint}: {self._log_tail()}", pid=None)
@@ -182,6 +220,147 @@ class RPCServerSupervisor:
             if not self._stopping:
                 await self._launch()
 
+    # --- the relay -------------------------------------------------------------------------------------------------
+
+    def _relay_cert(self) -> tuple[str, str]:
+        """The relay's certificate and key, made on first use. Clients pin the fingerprint the scheduler hands out
+        with each lease, so a new certificate after a worker restart needs no one's attention."""
+        from sharedllm import relay
+
+        d = Path(self.config.relay_dir or self.workdir / "relay")
+        cert, key = d / "relay.pem", d / "relay-key.pem"
+        if not (cert.exists() and key.exists()):
+            hosts = [] if self.config.relay_host in ("127.0.0.1", "localhost") else [self.config.relay_host]
+            cert_s, _key, _ca = relay.make_self_signed(d, [h.strip("[]") for h in hosts], days=3650)
+            logger.info("made the relay certificate %s (%s)", cert_s, relay.cert_fingerprint(cert_s))
+        return str(cert), str(key)
+
+    async def _ensure_relay(self) -> None:
+        """Start the relay in front of the ready server, if it is not running (needs the relay key)."""
+        async with self._relay_lock:
+            await self._ensure_relay_locked()
+
+    async def _ensure_relay_locked(self) -> None:
+        from sharedllm import relay
+
+        c = self.config
+        endpoint = self.status.endpoint
+        if not c.relay or self._stopping or endpoint is None:
+            return
+        if self._relay_key is None:
+            self._set(relay=None, reason="relay key not received from the scheduler yet")
+            return
+        proc = self._relay_proc
+        if proc is not None and proc.returncode is None and (self.status.relay or {}).get("target") == endpoint:
+            return
+        await self._stop_relay_locked()
+        cert, key = self._relay_cert()
+        key_file = self.workdir / "relay.key"
+        fd = os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(self._relay_key.hex())
+        host = f"[{c.relay_host.strip('[]')}]" if ":" in c.relay_host else c.relay_host
+        cmd = [sys.executable, "-m", "sharedllm.relay", "server", "--listen", f"{host}:{c.relay_port}",
+               "--target", endpoint, "--cert", cert, "--key", key, "--machine-id", c.machine_id,
+               "--key-file", str(key_file), "--control-stdin", "--parent-pid", str(os.getpid())]
+        log = open(self.workdir / "relay.log", "ab")
+        try:
+            proc = await asyncio.create_subprocess_exec(*cmd, stdin=asyncio.subprocess.PIPE,
+                                                        stdout=asyncio.subprocess.PIPE, stderr=log)
+        finally:
+            log.close()
+        info = None
+        with contextlib.suppress(asyncio.TimeoutError):
+            while info is None:
+                line = await asyncio.wait_for(proc.stdout.readline(), c.start_timeout)
+                if not line:
+                    break
+                text = line.decode(errors="replace")
+                if text.startswith(relay.READY_PREFIX):
+                    info = json.loads(text[len(relay.READY_PREFIX):])
+        if info is None:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            await proc.wait()
+            tail = self._log_tail(self.workdir / "relay.log")
+            self._set(relay=None, reason=f"the relay did not start: {tail}")
+            logger.warning("machine %s: the relay did not start: %s", c.machine_id, tail)
+            return
+        self._relay_proc = proc
+        c.relay_port = int(info["endpoint"].rpartition(":")[2])  # restarts keep the port: clients keep the endpoint
+        self._set(relay={"endpoint": info["endpoint"], "fingerprint": info["fingerprint"], "pid": info["pid"],
+                         "target": endpoint}, reason=None)
+        logger.info("relay of machine %s on %s (%s) in front of %s", c.machine_id, info["endpoint"],
+                    info["fingerprint"], endpoint)
+        if self._lease is not None:
+            await self._tell_relay(self._lease)
+        if self._relay_watch is None or self._relay_watch.done():
+            self._relay_watch = asyncio.ensure_future(self._watch_relay())
+
+    async def _watch_relay(self) -> None:
+        while not self._stopping:
+            proc = self._relay_proc
+            if proc is None:
+                return
+            code = await proc.wait()
+            if self._stopping or proc is not self._relay_proc:
+                continue  # stopped on purpose, or replaced: watch the new one, if any
+            logger.warning("machine %s: the relay exited with status %s: %s; restarting it", self.config.machine_id,
+                           code, self._log_tail(self.workdir / "relay.log"))
+            self._relay_proc = None
+            self._set(relay=None)
+            await asyncio.sleep(self.config.backoff)
+            await self._ensure_relay()
+
+    async def _tell_relay(self, lease: str | None) -> None:
+        """Make the relay admit ``lease`` (None: nobody) and wait for its acknowledgement."""
+        from sharedllm import relay
+
+        proc = self._relay_proc
+        if proc is None or proc.returncode is not None or proc.stdin is None:
+            return
+        proc.stdin.write(f"lease {lease or ''}\n".encode())
+        await proc.stdin.drain()
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            line = await asyncio.wait_for(proc.stdout.readline(), max(0.1, deadline - time.monotonic()))
+            if not line:
+                raise ConnectionError("the relay exited")
+            text = line.decode(errors="replace")
+            if text.startswith(relay.READY_PREFIX) and json.loads(text[len(relay.READY_PREFIX):]).get("lease",
+                                                                                                  "?") == lease:
+                return
+        raise TimeoutError("the relay did not acknowledge the lease change")
+
+    async def set_lease(self, lease: str | None, seq: int) -> dict:
+        """Admit ``lease`` on this machine's relay (None: nobody); live connections of other leases are closed.
+
+        ``seq`` orders the scheduler's lease changes: an older change arriving late is ignored."""
+        async with self._relay_lock:
+            if seq < self._lease_seq:
+                return self.status.to_dict()
+            self._lease_seq, self._lease = seq, lease
+            await self._tell_relay(lease)
+        return self.status.to_dict()
+
+    async def _stop_relay(self) -> None:
+        async with self._relay_lock:
+            await self._stop_relay_locked()
+
+    async def _stop_relay_locked(self) -> None:
+        proc, self._relay_proc = self._relay_proc, None
+        if proc is not None and proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                proc.terminate()
+            try:
+                await asyncio.wait_for(proc.wait(), 5)
+            except asyncio.TimeoutError:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.kill()
+                await proc.wait()
+        if self.status.relay is not None:
+            self._set(relay=None)
+
     def maintain_cache(self) -> dict:
         """Evict least recently used tensor-cache files beyond the cap; refresh the reported cache stats.
 
@@ -213,9 +392,9 @@ class RPCServerSupervisor:
                 if dropped:
                     logger.warning("dropped %d tensor-cache file(s) written by the crashed rpc-server", len(dropped))
 
-    def _log_tail(self) -> str:
+    def _log_tail(self, path: Path | None = None) -> str:
         try:
-            lines = [ln for ln in self.log_path.read_text(errors="replace").splitlines() if ln.strip()]
+            lines = [ln for ln in (path or self.log_path).read_text(errors="replace").splitlines() if ln.strip()]
         except OSError:
             return "no log"
         return lines[-1][-300:] if lines else "no output"
@@ -227,8 +406,9 @@ class RPCServerSupervisor:
             await self._proc.wait()
 
     async def stop(self) -> RPCServerState:
-        """Stop the server for good."""
+        """Stop the server and its relay for good."""
         self._stopping = True
+        await self._stop_relay()
         if self._proc is not None and self._proc.returncode is None:
             with contextlib.suppress(ProcessLookupError):
                 self._proc.terminate()
@@ -258,8 +438,13 @@ class RPCServerActor:
             raise RuntimeError(f"worker {worker.address} does not run the sharedllm.worker preload")
         self.supervisor = agent.new_supervisor(machine_id)
 
-    async def start(self) -> dict:
-        return (await self.supervisor.start()).to_dict()
+    async def start(self, relay_key: str | None = None) -> dict:
+        """Start (or keep) the rpc-server; ``relay_key`` (hex) is this machine's relay key from the scheduler."""
+        key = bytes.fromhex(relay_key) if relay_key else None
+        return (await self.supervisor.start(key)).to_dict()
+
+    async def set_lease(self, lease: str | None, seq: int) -> dict:
+        return await self.supervisor.set_lease(lease, seq)
 
     async def stop(self) -> dict:
         return (await self.supervisor.stop()).to_dict()

@@ -242,17 +242,39 @@ class Mesh:
             logger.debug("could not report %s: %s", handler, exc)
 
 
-def _check_reachable(topo: Topology) -> None:
-    # llama.cpp aborts on a failed connect; find out here, with a clear message, before the engine starts.
-    from sharedllm.ggml import rpc_hello
+def _engine_stages(topo: Topology, relays: dict[str, dict]) -> list[EngineStage]:
+    """The topology's stages for the engine, each with its machine's relay token (None: direct RPC)."""
+    from sharedllm.relay import warn_insecure_direct
 
+    stages = []
     for st in topo.stages:
+        info = relays.get(st.machine_id)
+        if info is None and st.device_index == 0:
+            warn_insecure_direct(f"machine {st.machine_id} ({st.endpoint})")
+        relay = {"token": info["token"], "fingerprint": info["fingerprint"]} if info else None
+        stages.append(EngineStage(st.endpoint, st.device_index, st.machine_id, relay=relay))
+    return stages
+
+
+def _check_reachable(stages: list[EngineStage]) -> None:
+    # llama.cpp aborts on a failed connect; find out here, with a clear message, before the engine starts. Through a
+    # relay, this also proves the token and the relay's certificate.
+    from sharedllm.engine import probe_stage
+    from sharedllm.relay import TokenError
+
+    for st in {s.endpoint: s for s in stages}.values():
         try:
-            rpc_hello(st.endpoint, timeout=5.0)
+            probe_stage(st, timeout=5.0)
         except TimeoutError:
             raise WorkerLost(
                 f"machine {st.machine_id}'s rpc-server at {st.endpoint} accepted a connection but did not answer in "
                 "5s (busy with another session, or hung); retry later or leave it out with machines=[...]",
+                machine=st.machine_id, endpoint=st.endpoint,
+            ) from None
+        except TokenError as exc:
+            raise WorkerLost(
+                f"machine {st.machine_id}'s relay at {st.endpoint} refused this session's token ({exc}); load the "
+                "model again, or leave the machine out with machines=[...]",
                 machine=st.machine_id, endpoint=st.endpoint,
             ) from None
         except OSError as exc:
@@ -319,6 +341,7 @@ class MeshModel:
         self.recoveries: list[dict] = []  # one record per recovery: lost machine, reason, seconds to reload
         self._failed: Exception | None = None
         self._closed = False
+        self._lease_relays: dict[str, dict] = {}
 
     # --- lifecycle ---------------------------------------------------------------------------------------------
 
@@ -342,10 +365,14 @@ class MeshModel:
                               if m["machine_id"] in topo.machines}
         logger.info("topology for %s (planned in %.0f ms):\n%s", name, self.plan_ms, topo)
         try:
-            _check_reachable(topo)
+            # llama.cpp reaches each machine through its relay (TLS + this lease's token), tunnelled from the engine;
+            # machines that serve RPC directly (--insecure-direct-rpc) are connected as they are.
+            self._lease_relays = d.get("relays") or {}  # machine -> relay endpoint, fingerprint, this lease's token
+            stages = _engine_stages(topo, self._lease_relays)
+            _check_reachable(stages)
             spec = EngineSpec(
                 model_path=str(self.path),
-                stages=[EngineStage(s.endpoint, s.device_index, s.machine_id) for s in topo.stages],
+                stages=stages,
                 tensor_split=topo.tensor_split,
                 llama_kwargs=self._llama_kwargs,
             )

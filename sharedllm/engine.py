@@ -12,6 +12,7 @@ No Dask here: the engine knows endpoints and a tensor split, nothing about the m
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import os
 import pickle
@@ -35,11 +36,35 @@ _HEADER = struct.Struct("<I")
 
 @dataclass(frozen=True)
 class EngineStage:
-    """One device the engine loads layers onto: device ``device_index`` of the rpc-server at ``endpoint``."""
+    """One device the engine loads layers onto: device ``device_index`` of the rpc-server at ``endpoint``.
+
+    ``relay``: ``{"token": ..., "fingerprint": ...}`` when ``endpoint`` is the machine's relay (the default): the
+    engine then tunnels to it (:class:`sharedllm.relay.ClientRelay`, in the engine process, where no other Python
+    work competes for the GIL while llama.cpp waits on the network) and llama.cpp connects to the tunnel's local end.
+    """
 
     endpoint: str
     device_index: int = 0
     machine_id: str = ""
+    relay: dict | None = field(default=None, compare=False, hash=False, repr=False)  # holds a secret token
+
+
+def probe_stage(stage: EngineStage, timeout: float = 5.0) -> tuple[int, int, int]:
+    """RPC HELLO to a stage's rpc-server, through its relay when it has one; returns the protocol version.
+
+    Raises ``TimeoutError`` (busy or hung), ``ConnectionError`` (unreachable, closed) or
+    :class:`sharedllm.relay.TokenError` (the relay refused the token). No llama.cpp code runs.
+    """
+    from sharedllm.ggml import rpc_hello, rpc_hello_on
+
+    if not stage.relay:
+        return rpc_hello(stage.endpoint, timeout=timeout)
+    from sharedllm.relay import ClientRelay
+
+    cr = ClientRelay(stage.endpoint, stage.relay["token"], fingerprint=stage.relay["fingerprint"],
+                     connect_timeout=timeout)
+    with contextlib.closing(cr.open()) as tunnel:
+        return rpc_hello_on(tunnel, stage.endpoint, timeout)
 
 
 @dataclass
@@ -141,6 +166,7 @@ class Engine:
         """Start the child and load the model. Returns what the child reports (devices, load time, n_ctx...)."""
         # GGML_NO_BACKTRACE: on abort, ggml would attach gdb to print a backtrace, which takes seconds.
         env = dict(os.environ, PYTHONUNBUFFERED="1", GGML_NO_BACKTRACE="1")
+        spawned = time.monotonic()  # CLOCK_MONOTONIC is system-wide: the child's timestamps compare with it
         self._proc = subprocess.Popen(
             [sys.executable, "-m", "sharedllm.engine", str(os.getpid())],
             stdin=subprocess.PIPE,
@@ -159,6 +185,10 @@ class Engine:
                     self.on_progress(msg[1])
             elif msg[0] == "ready":
                 self.info = msg[1]
+                phases = self.info.get("phases")
+                if phases is not None and "started_at" in phases:
+                    phases["spawn"] = phases.pop("started_at") - spawned
+                    logger.debug("engine load phases (s): %s", phases)
                 return self.info
             elif msg[0] == "error":
                 self.close()
@@ -280,15 +310,17 @@ class Engine:
 
 def _probe_stages(spec: EngineSpec) -> tuple[str, str] | None:
     """After the engine is gone, find the rpc-server that refuses or hangs. None when every server answers."""
-    from sharedllm.ggml import rpc_hello
+    from sharedllm.relay import TokenError
 
-    for endpoint in dict.fromkeys(s.endpoint for s in spec.stages):
+    for stage in {s.endpoint: s for s in spec.stages}.values():
         try:
-            rpc_hello(endpoint, timeout=3.0)
+            probe_stage(stage, timeout=3.0)
         except TimeoutError:
-            return endpoint, "stopped answering"
+            return stage.endpoint, "stopped answering"
+        except TokenError as exc:
+            return stage.endpoint, f"refused the session's token ({exc.reason})"
         except OSError:
-            return endpoint, "is unreachable"
+            return stage.endpoint, "is unreachable"
     return None
 
 
@@ -335,39 +367,50 @@ def build_llama(model_path: str, *, devices: list[int] = (), use_extra_bufts: bo
         return params
 
     kwargs.setdefault("verbose", False)
-    if "chat_format" not in kwargs and "chat_handler" not in kwargs:
-        fallback = _fallback_chat_format(model_path)
-        if fallback:
-            kwargs["chat_format"] = fallback
     lib.llama_model_default_params = patched
     try:
         llm = llama_cpp.Llama(model_path=model_path, **kwargs)
     finally:
         lib.llama_model_default_params = original
     llm._sharedllm_keepalive = (dev_array, progress)  # the C side keeps pointers to both
+    if "chat_format" not in kwargs and "chat_handler" not in kwargs:
+        fallback = _fallback_chat_format(llm.metadata)
+        if fallback:
+            llm.chat_format = fallback  # create_chat_completion resolves the format by name at call time
     return llm
 
 
-def _build_llama(spec: EngineSpec, out_fd: int):
+def _build_llama(spec: EngineSpec, out_fd: int, phases: dict[str, float]):
+    """Build the engine's ``Llama``. ``phases`` receives monotonic timestamps: ``imported`` (llama-cpp-python),
+    ``connected`` (every rpc-server added), ``weights_start``/``weights_end`` (first and last progress callback: the
+    weights being uploaded, or mapped for a local model) and ``built`` (context created)."""
     import ctypes
+
+    import llama_cpp  # noqa: F401  (numpy, jinja2, the chat formats: a fixed cost worth seeing on its own)
 
     from sharedllm import ggml
 
+    phases["imported"] = time.monotonic()
     handles: list[int] = []
     devices: list[dict] = []
     servers: dict[str, list] = {}
+    local = _open_tunnels(spec)
     for st in spec.stages:
         if st.endpoint not in servers:
-            servers[st.endpoint] = ggml.add_server(st.endpoint)
+            servers[st.endpoint] = ggml.add_server(local.get(st.endpoint, st.endpoint))
         devs = servers[st.endpoint]
         if st.device_index >= len(devs):
             raise RuntimeError(f"rpc-server {st.endpoint} has {len(devs)} device(s), no device {st.device_index}")
         dev, h = devs[st.device_index]
         handles.append(h)
         devices.append({"endpoint": st.endpoint, "machine_id": st.machine_id, **dev.to_dict()})
+    phases["connected"] = time.monotonic()
 
     @ctypes.CFUNCTYPE(ctypes.c_bool, ctypes.c_float, ctypes.c_void_p)
     def progress(fraction, _user):
+        now = time.monotonic()
+        phases.setdefault("weights_start", now)
+        phases["weights_end"] = now
         _write_frame(out_fd, ("progress", float(fraction)))
         return True
 
@@ -377,24 +420,55 @@ def _build_llama(spec: EngineSpec, out_fd: int):
         kwargs["tensor_split"] = spec.tensor_split or None
     llm = build_llama(spec.model_path, devices=handles, use_extra_bufts=spec.use_extra_bufts, progress=progress,
                       **kwargs)
+    phases["built"] = time.monotonic()
     return llm, devices
 
 
-def _fallback_chat_format(path: str) -> str | None:
-    """A chat format for GGUFs that carry no ``tokenizer.chat_template`` (llama-cpp-python would pick llama-2)."""
-    from sharedllm.gguf import read_gguf
+def _phase_seconds(started_at: float, init_at: float, marks: dict[str, float]) -> dict[str, float]:
+    """Durations of the child's load phases from its timestamps (see ``_build_llama``); ``started_at`` stays a
+    timestamp, for the parent to turn into the spawn time (interpreter start and imports before ``_child_main``)."""
+    order = [("init", init_at), *((k, marks[k]) for k in ("imported", "connected", "weights_start", "weights_end",
+                                                             "built") if k in marks)]
+    names = {"imported": "import", "connected": "connect", "weights_start": "model_metadata",
+             "weights_end": "weights", "built": "context"}
+    out = {"started_at": started_at, "wait_init": init_at - started_at}
+    for (_, prev), (key, t) in itertools.pairwise(order):
+        out[names[key]] = t - prev
+    return out
 
-    try:
-        g = read_gguf(path)
-    except Exception:
+
+_TUNNELS: list = []  # the engine's client relays: they live as long as the engine process
+
+
+def _open_tunnels(spec: EngineSpec) -> dict[str, str]:
+    """Start a client relay for every stage behind a relay; ``{machine endpoint: local endpoint}`` for llama.cpp.
+
+    The tokens were checked by the parent (:func:`probe_stage`) just before; a relay that refuses now would make
+    llama.cpp abort, which the parent turns into ``WorkerLost`` like any other lost machine."""
+    from sharedllm.relay import ClientRelay
+
+    local: dict[str, str] = {}
+    for st in spec.stages:
+        if st.relay and st.endpoint not in local:
+            cr = ClientRelay(st.endpoint, st.relay["token"], fingerprint=st.relay["fingerprint"]).start()
+            _TUNNELS.append(cr)
+            local[st.endpoint] = cr.endpoint
+    return local
+
+
+def _fallback_chat_format(metadata: dict[str, str]) -> str | None:
+    """A chat format for GGUFs that carry no ``tokenizer.chat_template`` (llama-cpp-python would pick llama-2).
+
+    ``metadata`` is ``Llama.metadata``: the scalar keys llama.cpp read while loading, so the file is not parsed twice.
+    """
+    if metadata.get("tokenizer.chat_template"):
         return None
-    if g.metadata.get("tokenizer.chat_template"):
-        return None
-    arch = g.architecture or ""
+    arch = metadata.get("general.architecture") or ""
     return "gemma" if arch.startswith("gemma") else None
 
 
 def _child_main(parent_pid: int) -> int:
+    started_at = time.monotonic()
     # Frames go out on a private copy of stdout; anything else printed (llama.cpp, Python) lands in the log (stderr).
     out_fd = os.dup(1)
     os.dup2(2, 1)
@@ -408,8 +482,10 @@ def _child_main(parent_pid: int) -> int:
         return 0
     spec: EngineSpec = init["spec"]
     t0 = time.perf_counter()
+    init_at = time.monotonic()
+    marks: dict[str, float] = {}
     try:
-        llm, devices = _build_llama(spec, out_fd)
+        llm, devices = _build_llama(spec, out_fd, marks)
     except ValueError as exc:  # llama-cpp-python: "Failed to load model from file"
         _write_frame(out_fd, ("error", "model", str(exc)))
         return 1
@@ -418,6 +494,7 @@ def _child_main(parent_pid: int) -> int:
         return 1
     info = {
         "load_seconds": time.perf_counter() - t0,
+        "phases": _phase_seconds(started_at, init_at, marks),
         "devices": devices,
         "n_ctx": llm.n_ctx(),
         "n_vocab": llm.n_vocab(),

@@ -167,16 +167,21 @@ def rpc_hello(endpoint: str, timeout: float = 5.0) -> tuple[int, int, int]:
     client, or hung). Safe in any process: no llama.cpp code runs.
     """
     host, _, port = endpoint.rpartition(":")
-    with socket.create_connection((host, int(port)), timeout=timeout) as s:
-        s.settimeout(timeout)
-        s.sendall(struct.pack("<BQ", RPC_CMD_HELLO, RPC_CONN_CAPS_SIZE) + bytes(RPC_CONN_CAPS_SIZE))
-        want = 8 + 4 + RPC_CONN_CAPS_SIZE
-        buf = b""
-        while len(buf) < want:
-            chunk = s.recv(want - len(buf))
-            if not chunk:
-                raise ConnectionError(f"rpc-server {endpoint} closed the connection during the handshake")
-            buf += chunk
+    with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout) as s:
+        return rpc_hello_on(s, endpoint, timeout)
+
+
+def rpc_hello_on(sock: socket.socket, endpoint: str, timeout: float = 5.0) -> tuple[int, int, int]:
+    """The HELLO handshake on a connected socket (a plain one, or a relay's tunnel); ``endpoint`` names it in errors."""
+    sock.settimeout(timeout)
+    sock.sendall(struct.pack("<BQ", RPC_CMD_HELLO, RPC_CONN_CAPS_SIZE) + bytes(RPC_CONN_CAPS_SIZE))
+    want = 8 + 4 + RPC_CONN_CAPS_SIZE
+    buf = b""
+    while len(buf) < want:
+        chunk = sock.recv(want - len(buf))
+        if not chunk:
+            raise ConnectionError(f"rpc-server {endpoint} closed the connection during the handshake")
+        buf += chunk
     (size,) = struct.unpack_from("<Q", buf)
     if size != 4 + RPC_CONN_CAPS_SIZE:
         raise ConnectionError(f"rpc-server {endpoint} answered HELLO with {size} bytes: not a compatible rpc-server")

@@ -898,12 +898,14 @@ def _watch_parent(parent_pid: int, stop: threading.Event) -> None:
 
 
 def _control_loop(relay: ServerRelay) -> None:
-    # "lease ID" admits a lease, "lease" alone admits none; EOF on stdin stops the relay (its supervisor is gone).
+    # "lease ID" admits a lease, "lease" alone admits none, each acknowledged on stdout once in force; EOF on stdin
+    # stops the relay (its supervisor is gone).
     for line in sys.stdin:
         cmd, _, arg = line.strip().partition(" ")
         if cmd == "lease":
             relay.set_lease(arg.strip() or None)
             logger.info("relay now admits lease %s", arg.strip() or "(none)")
+            print(READY_PREFIX + json.dumps({"lease": arg.strip() or None}), flush=True)  # the acknowledgement
         elif cmd:
             logger.warning("unknown relay control command %r (expected 'lease [ID]')", cmd)
 

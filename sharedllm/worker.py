@@ -3,6 +3,10 @@
 
 Thin adapter: it installs ``MachineReporter``, which reports this machine's resources and its rpc-server's state to the
 scheduler with every heartbeat, and gives the per-machine actor a place to live.
+
+The rpc-server binds loopback; clients reach it through the machine's TLS relay on ``--rpc-host:--relay-port``, with a
+token of their lease. ``--insecure-direct-rpc`` binds the rpc-server itself to ``--rpc-host`` instead (trusted LANs
+only; it warns at every start).
 """
 
 from __future__ import annotations
@@ -84,6 +88,8 @@ class MachineReporter(WorkerPlugin):
         cache_dir: str | None = None,
         cache_cap: int = 10 << 30,
         labels: dict[str, str] | None = None,
+        relay_port: int = 0,
+        insecure_direct_rpc: bool = False,
     ):
         self.machine_id = resources.machine_id(machine_id)  # validates an override, raises ValueError
         if cache_cap < 0:
@@ -94,6 +100,10 @@ class MachineReporter(WorkerPlugin):
             raise ValueError(f"rpc_threads must be at least 1, got {rpc_threads}")
         if not 0 <= rpc_port < 65536:
             raise ValueError(f"rpc_port must be 0..65535, got {rpc_port}")
+        if not 0 <= relay_port < 65536:
+            raise ValueError(f"relay_port must be 0..65535, got {relay_port}")
+        self.relay_port = relay_port
+        self.insecure_direct_rpc = insecure_direct_rpc
         self.rpc_host = rpc_host
         self.rpc_port = rpc_port
         self.rpc_threads = rpc_threads
@@ -102,18 +112,20 @@ class MachineReporter(WorkerPlugin):
 
     def setup(self, worker) -> None:
         host = self.rpc_host or get_address_host(worker.address)
-        if host not in ("127.0.0.1", "localhost", "::1"):
-            logger.warning(
-                "rpc-server of machine %s will listen on %s: llama.cpp's RPC port has no authentication, keep it "
-                "on a trusted network", self.machine_id, host,
-            )
-        cache = self.cache_dir or str(
-            Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "sharedllm" / "tensor-cache"
-            / self.machine_id
-        )
+        base = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "sharedllm"
+        cache = self.cache_dir or str(base / "tensor-cache" / self.machine_id)
+        if self.insecure_direct_rpc:
+            from sharedllm.relay import warn_insecure_direct
+
+            warn_insecure_direct(f"machine {self.machine_id}")  # at every start, as documented
+            rpc_host, relay_host = host, host
+        else:
+            # The rpc-server answers loopback only; the relay (TLS + lease token) is the machine's door.
+            rpc_host, relay_host = "127.0.0.1", host
         config = RPCServerConfig(
-            host=host, port=self.rpc_port, threads=self.rpc_threads, devices=self.rpc_devices, cache_dir=cache,
-            cache_cap=self.cache_cap,
+            host=rpc_host, port=self.rpc_port, threads=self.rpc_threads, devices=self.rpc_devices, cache_dir=cache,
+            cache_cap=self.cache_cap, relay=not self.insecure_direct_rpc, relay_host=relay_host,
+            relay_port=self.relay_port, machine_id=self.machine_id,
         )
         agent = MachineAgent(worker, self.machine_id, config, self.labels)
         worker.extensions[EXTENSION] = agent
@@ -129,8 +141,14 @@ class MachineReporter(WorkerPlugin):
 
 @click.command()
 @click.option("--machine-id", default=None, help="machine identity (default: SHAREDLLM_MACHINE_ID, else the host's)")
-@click.option("--rpc-host", default=None, help="address the rpc-server binds (default: the worker's address)")
-@click.option("--rpc-port", type=int, default=0, show_default=True, help="rpc-server port (0: a free one)")
+@click.option("--rpc-host", default=None,
+              help="address clients reach this machine's relay on (default: the worker's address)")
+@click.option("--rpc-port", type=int, default=0, show_default=True,
+              help="rpc-server port on loopback (0: a free one); with --insecure-direct-rpc, the public port")
+@click.option("--relay-port", type=int, default=0, show_default=True,
+              help="port of the TLS relay in front of the rpc-server (0: a free one, kept across restarts)")
+@click.option("--insecure-direct-rpc", is_flag=True,
+              help="serve llama.cpp RPC directly on --rpc-host, without TLS or tokens: trusted LANs only")
 @click.option("--rpc-threads", type=int, default=None, help="rpc-server CPU threads (default: every core)")
 @click.option("--rpc-device", "rpc_devices", multiple=True, help="device to serve, repeatable (default: GPUs or CPU)")
 @click.option("--cache-dir", default=None, help="rpc-server tensor cache directory")
@@ -138,8 +156,8 @@ class MachineReporter(WorkerPlugin):
               help="tensor cache size cap; least recently used files are evicted beyond it")
 @click.option("--label", "labels", multiple=True, help="KEY=VALUE label for route-sensitive placement, repeatable")
 @click.option("--secret-file", default=None, help="file holding the cluster secret (else $SHAREDLLM_CLUSTER_SECRET)")
-async def dask_setup(worker, machine_id, rpc_host, rpc_port, rpc_threads, rpc_devices, cache_dir, cache_cap, labels,
-                     secret_file):
+async def dask_setup(worker, machine_id, rpc_host, rpc_port, relay_port, insecure_direct_rpc, rpc_threads, rpc_devices,
+                     cache_dir, cache_cap, labels, secret_file):
     from dask.utils import parse_bytes
 
     pairs = {}
@@ -149,7 +167,8 @@ async def dask_setup(worker, machine_id, rpc_host, rpc_port, rpc_threads, rpc_de
             raise click.BadParameter(f"--label wants KEY=VALUE, got {item!r}")
         pairs[key] = value
     plugin = MachineReporter(machine_id, rpc_host, rpc_port, rpc_threads, tuple(rpc_devices), cache_dir,
-                             parse_bytes(cache_cap), pairs)
+                             parse_bytes(cache_cap), pairs, relay_port=relay_port,
+                             insecure_direct_rpc=insecure_direct_rpc)
     await vouch(worker, plugin.machine_id, secret_file)
     await worker.plugin_add(plugin, catch_errors=False)
 

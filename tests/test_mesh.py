@@ -102,7 +102,10 @@ def test_kill_rpc_server_mid_stream_raises_typed_error_and_server_restarts(mesh)
             for _ in it:
                 pass
         assert err.value.machine == "machine-2"
-        assert victim["endpoint"] in str(err.value)
+        # The error names the endpoint the session used for machine-2 (its relay), as in llm.topology.
+        used = next(s.endpoint for s in llm.topology.stages if s.machine_id == "machine-2")
+        assert used == machine(mesh, "machine-2")["rpc"]["relay"]["endpoint"]
+        assert used in str(err.value) and err.value.endpoint == used
         with pytest.raises(Exception, match="failed earlier"):
             llm.create_completion(PROMPT, max_tokens=4)
     # This process is alive (we are here); the actor brings the rpc-server back on the same endpoint.

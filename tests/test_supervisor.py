@@ -59,3 +59,59 @@ def test_crash_loop_is_marked_failed_with_the_reason(tmp_path):
         await sup.stop()
 
     asyncio.run(scenario())
+
+
+def test_relay_admits_only_the_current_lease_and_comes_back(tmp_path):
+    """The supervisor's relay: loopback rpc-server behind it, the lease it is told, restarts on the same port."""
+    from sharedllm.relay import ClientRelay, TokenError, machine_key, mint_token
+
+    key = machine_key(b"m" * 32, "box")
+
+    def check(relay: dict, lease: str) -> None:
+        token = mint_token(key, lease, "box", ttl=60)
+        ClientRelay(relay["endpoint"], token, fingerprint=relay["fingerprint"]).check()
+
+    async def scenario():
+        cfg = RPCServerConfig(threads=1, backoff=0.1, machine_id="box")
+        sup = RPCServerSupervisor(cfg, tmp_path)
+        st = (await sup.start(relay_key=key)).to_dict()
+        try:
+            assert st["endpoint"].startswith("127.0.0.1:") and not st["direct"]
+            relay = st["relay"]
+            assert relay["target"] == st["endpoint"] and relay["fingerprint"].startswith("sha256:")
+            # Nobody is admitted before the scheduler names a lease.
+            try:
+                await asyncio.to_thread(check, relay, "A")
+                raise AssertionError("a token was admitted before any lease")
+            except TokenError as exc:
+                assert exc.reason == "lease mismatch"
+            await sup.set_lease("A", seq=1)
+            await asyncio.to_thread(check, relay, "A")
+            await sup.set_lease(None, seq=0)  # an older change arriving late is ignored
+            await asyncio.to_thread(check, relay, "A")
+            await sup.set_lease("B", seq=2)
+            try:
+                await asyncio.to_thread(check, relay, "A")
+                raise AssertionError("lease A's token opened lease B's machine")
+            except TokenError as exc:
+                assert exc.reason == "lease mismatch"
+            # A killed relay comes back on the same endpoint, still admitting lease B.
+            os.kill(relay["pid"], signal.SIGKILL)
+            deadline = time.monotonic() + 30
+            while (sup.status.relay or {}).get("pid") in (None, relay["pid"]):
+                assert time.monotonic() < deadline, "the relay was not restarted"
+                await asyncio.sleep(0.05)
+            assert sup.status.relay["endpoint"] == relay["endpoint"]
+            await asyncio.to_thread(check, sup.status.relay, "B")
+            pid = sup.status.relay["pid"]
+        finally:
+            await sup.stop()
+        assert sup.status.relay is None
+        await asyncio.sleep(0.3)
+        try:
+            os.kill(pid, 0)
+            raise AssertionError("relay still running after stop()")
+        except ProcessLookupError:
+            pass
+
+    asyncio.run(scenario())
