@@ -49,6 +49,10 @@ def test_scheduler_kill_9_then_restart_restores_the_registry(tmp_path):
             return m and m["rpc"]["state"] == "ready"
 
         wait_for(rejoined, timeout=120, interval=1.0, what="machine-1 to rejoin the restarted scheduler")
+        # The new scheduler has a new relay master key: the machine's relay takes it, and a session works again.
+        lm.mesh()._call("sharedllm_drain", machine="machine-1", undrain=True)
+        with lm.mesh().load("gemma-3-270m", n_ctx=N_CTX) as llm:
+            assert llm._lease_relays and llm.create_completion("Hello", max_tokens=4, temperature=0)["choices"]
 
 
 def test_state_store_round_trip_and_bad_file(tmp_path):
