@@ -101,6 +101,46 @@ def runners(llm: Any, client: Any, tokens: int) -> dict[tuple[str, str], Callabl
     }
 
 
+class ClientProcess:
+    """The ``openai`` client in its own process, as an application calling the endpoint would be.
+
+    In this process it would share the GIL with the server and the model handle: its per-chunk parsing (pydantic
+    models) would delay the server's threads and show up as the endpoint's cost. Each ``run(mode)`` streams one
+    request there and returns its timings (measured there: from the call to the first text, and between chunks)."""
+
+    def __init__(self, url: str, tokens: int):
+        import subprocess
+
+        self.proc = subprocess.Popen([sys.executable, __file__, "--client-worker", url, "--tokens", str(tokens)],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        if self.proc.stdout.readline().strip() != "ready":
+            raise RuntimeError("the benchmark's client process did not start")
+
+    def run(self, mode: str) -> dict[str, Any]:
+        self.proc.stdin.write(mode + "\n")
+        self.proc.stdin.flush()
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError("the benchmark's client process died")
+        return json.loads(line)
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait(timeout=30)
+
+
+def client_worker(url: str, tokens: int) -> int:
+    """``--client-worker``: read modes on stdin, stream each with the openai package, print the timings as JSON."""
+    import openai
+
+    with openai.OpenAI(api_key=KEY, base_url=f"{url}/v1", max_retries=0, timeout=300) as client:
+        run = runners(None, client, tokens)
+        print("ready", flush=True)
+        for line in sys.stdin:
+            print(json.dumps(run[(line.strip(), HTTP)]()), flush=True)
+    return 0
+
+
 class ReplayModel:
     """Stands in for the model: streams chunks recorded from it, all at once. What remains is the path's own cost."""
 
@@ -218,6 +258,10 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
             with ServerThread(app) as server, openai.OpenAI(api_key=KEY, base_url=f"{server.url}/v1",
                                                             max_retries=0, timeout=300) as client:
                 run = runners(llm, client, args.tokens)
+                if args.client_process:  # the endpoint's client runs elsewhere, as it would in production
+                    worker = ClientProcess(server.url, args.tokens)
+                    for mode in ("completion", "chat"):
+                        run[(mode, HTTP)] = lambda mode=mode: worker.run(mode)
                 logger.info("warm-up (not counted)")
                 for mode in modes:
                     for path in (API, HTTP):
@@ -247,6 +291,8 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
                             continue
                         for path, res in pair.items():
                             runs[f"{mode}/{path}"].append(res)
+                if args.client_process:
+                    worker.close()
                 logger.info("the endpoint's own cost: %d requests per path, recorded chunks replayed",
                             args.overhead_runs)
                 overhead = measure_overhead(llm, args.tokens, args.overhead_runs)
@@ -293,7 +339,9 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
                    "scheduler": args.scheduler, "modes": modes, "prompt": PROMPT, "chat": CHAT,
                    "max_foreign": args.max_foreign, "quiet_wait": args.quiet_wait, "budget": args.budget,
                    "sampling": {"temperature": 0.0, "seed": 0, "max_tokens": args.tokens},
-                   "server": "uvicorn in this process, 127.0.0.1; client: openai package, streaming"},
+                   "server": "uvicorn in this process, 127.0.0.1",
+                   "client": "openai package, streaming, "
+                             + ("in its own process" if args.client_process else "in this process")},
         "topology": topology,
         "setups": summary,
         "ratios": ratios,
@@ -380,7 +428,13 @@ def main(argv: list[str] | None = None) -> int:
                    help="requests per path replaying recorded chunks, to measure the endpoint's own cost (default 50)")
     p.add_argument("--out", default="bench/results/openai.json", help="JSON results file")
     p.add_argument("--markdown", action="store_true", help="print the table as Markdown")
+    p.add_argument("--in-process-client", dest="client_process", action="store_false",
+                   help="run the endpoint's openai client in this process (sharing the GIL with the server) instead "
+                        "of its own process")
+    p.add_argument("--client-worker", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.client_worker:
+        return client_worker(args.client_worker, args.tokens)
     if args.tokens < 2 or args.repeats < 1 or args.machines < 1:
         p.error("--tokens must be >= 2, --repeats and --machines >= 1")
     if not set(args.modes.split(",")) <= {"completion", "chat"}:

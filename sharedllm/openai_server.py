@@ -272,6 +272,7 @@ class _Generation:
         self._slot = slot
         self._loop = loop
         self._items: asyncio.Queue = asyncio.Queue()
+        self._pushed_back: list[tuple[str, Any]] = []
         self._stop = threading.Event()
         self.chunks = 0
         self.finished = threading.Event()
@@ -309,10 +310,18 @@ class _Generation:
             pass
 
     async def next(self) -> tuple[str, Any]:
+        if self._pushed_back:
+            return self._pushed_back.pop()
         return await self._items.get()
+
+    def unread(self, item: tuple[str, Any]) -> None:
+        """Put ``item`` back: :meth:`ready` and :meth:`next` return it first."""
+        self._pushed_back.append(item)
 
     def ready(self) -> tuple[str, Any] | None:
         """The next item if it has come already, else None."""
+        if self._pushed_back:
+            return self._pushed_back.pop()
         try:
             return self._items.get_nowait()
         except asyncio.QueueEmpty:
@@ -320,6 +329,20 @@ class _Generation:
 
     def cancel(self) -> None:
         self._stop.set()
+
+
+def _role_only(chunk: dict) -> bool:
+    """A chat chunk whose delta names the role and nothing else (no text, no end)."""
+    choices = chunk.get("choices") or []
+    return (chunk.get("object") == "chat.completion.chunk" and len(choices) == 1
+            and set(choices[0].get("delta") or {}) == {"role"} and not choices[0].get("finish_reason"))
+
+
+def _mergeable(chunk: dict) -> bool:
+    """A chat chunk of one choice whose delta has no role of its own: the role chunk's delta can join it."""
+    choices = chunk.get("choices") or []
+    return (chunk.get("object") == "chat.completion.chunk" and len(choices) == 1
+            and isinstance(choices[0].get("delta"), dict) and "role" not in choices[0]["delta"])
 
 
 def _sse(data: Any) -> bytes:
@@ -336,8 +359,16 @@ class _EventStream(StreamingResponse):
         super().__init__(self._events(first, param), headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     async def _events(self, first: dict, param: str) -> AsyncIterator[bytes]:
-        # Chunks that came together (a chat's role chunk and its first token) leave in one write; a chunk is never
-        # held back waiting for the next one.
+        # Chunks that came together leave in one write; a chunk with text is never held back waiting for the next.
+        # A chat's first chunk carries only the role (llama-cpp-python sends it together with the first token): it
+        # goes out in the first token's delta, one event less for the client to parse before the first text.
+        if _role_only(first):
+            kind, value = await self._generation.next()
+            if kind == "chunk" and _mergeable(value):
+                value["choices"][0]["delta"] = {**first["choices"][0]["delta"], **value["choices"][0]["delta"]}
+                first = value
+            else:
+                self._generation.unread((kind, value))
         batch = [_sse(first)]
         while True:
             item = self._generation.ready()

@@ -162,6 +162,8 @@ def test_greedy_chat_equals_the_python_api(client, llm, local_greedy):
     assert len(chunks) > 5  # token by token, not one blob
     assert all(c.object == "chat.completion.chunk" and c.model == MODEL_ID for c in chunks)
     assert chunks[0].choices[0].delta.role == "assistant"
+    assert chunks[0].choices[0].delta.content  # the role rides with the first text: one event less before it
+    assert [c for c in chunks if c.choices[0].delta.role] == chunks[:1]
     assert "".join(c.choices[0].delta.content or "" for c in chunks) == text
     assert chunks[-1].choices[0].finish_reason == via_http.choices[0].finish_reason
 
@@ -422,3 +424,38 @@ def test_mesh_errors_become_openai_errors(exc, status, code, retry):
         # An engine failure leaves the handle unusable: /health says so, and later requests fail at once.
         assert health.status_code == (503 if isinstance(exc, EngineError) else 200)
         assert app.state.queue.running == 0
+
+
+class _Scripted:
+    """A stand-in model that streams the chat chunks it is given (no engine involved)."""
+
+    def __init__(self, deltas: list[dict]):
+        self.deltas = deltas
+
+    def create_chat_completion(self, messages, **kwargs):
+        for i, delta in enumerate(self.deltas):
+            last = i == len(self.deltas) - 1
+            yield {"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 1, "model": MODEL_ID,
+                   "choices": [{"index": 0, "delta": delta, "logprobs": None,
+                                "finish_reason": "stop" if last and not delta else None}]}
+
+
+@pytest.mark.parametrize(("deltas", "events", "finish"), [
+    # The role rides with the first text.
+    ([{"role": "assistant"}, {"content": "Hi"}, {"content": "!"}, {}],
+     [{"role": "assistant", "content": "Hi"}, {"content": "!"}, {}], "stop"),
+    # An answer without text: the role joins the final chunk; nothing is lost.
+    ([{"role": "assistant"}, {}], [{"role": "assistant"}], "stop"),
+    # A stream that ends after the role: the role chunk goes out on its own, then [DONE].
+    ([{"role": "assistant"}], [{"role": "assistant"}], None),
+])
+def test_chat_role_chunk_joins_the_first_text(deltas, events, finish):
+    app = create_app(_Scripted(deltas), model_id=MODEL_ID, max_queue=1, queue_timeout=5)
+    with ServerThread(app) as s:
+        with httpx.stream("POST", f"{s.url}/v1/chat/completions", timeout=30,
+                          json={"model": MODEL_ID, "messages": CHAT, "stream": True}) as resp:
+            lines = [ln for ln in resp.iter_lines() if ln.startswith("data: ")]
+    assert lines[-1] == "data: [DONE]"
+    chunks = [json.loads(ln[6:])["choices"][0] for ln in lines[:-1]]
+    assert [c["delta"] for c in chunks] == events
+    assert chunks[-1]["finish_reason"] == finish
