@@ -8,7 +8,11 @@ with uvicorn on 127.0.0.1, in this process. Each repeat streams the same greedy 
 
 - ``python-api``: ``MeshModel.create_completion(..., stream=True)`` (or ``create_chat_completion``);
 - ``endpoint``: the official ``openai`` package, ``client.completions.create(..., stream=True)`` (or
-  ``client.chat.completions.create``) against the server: HTTP, JSON, server-sent events and the request queue.
+  ``client.chat.completions.create``) against the server: HTTP, JSON, server-sent events and the request queue;
+- ``endpoint (httpx)``: the same requests through plain httpx, the events parsed by hand (the endpoint without the
+  openai package's own work).
+
+Both clients run in a process of their own, as an application would (``--in-process-client``: in this one).
 
 ``ttft_ms`` runs from the call to the first chunk with text (prompt processing included); ``decode_tps`` counts the
 text chunks after the first over the time from the first to the last. A pair in which other processes took more than
@@ -101,6 +105,29 @@ def runners(llm: Any, client: Any, tokens: int) -> dict[tuple[str, str], Callabl
     }
 
 
+def raw_runners(url: str, tokens: int) -> tuple[Any, dict[tuple[str, str], Callable[[], dict[str, Any]]]]:
+    """The endpoint through plain httpx (server-sent events parsed by hand): what the endpoint costs without the
+    openai package's own work. Returns the httpx client (to close) and the (mode, RAW) runners."""
+    import httpx
+
+    kw = {"max_tokens": tokens, "temperature": 0.0, "seed": 0}
+    # TCP_NODELAY: httpx writes a request's headers and body separately, and Nagle's algorithm would hold the body
+    # until the server's delayed ACK (40 ms).
+    nodelay = httpx.HTTPTransport(socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)])
+    raw = httpx.Client(base_url=url, headers={"Authorization": f"Bearer {KEY}"}, timeout=300, transport=nodelay)
+
+    def sse(path: str, body: dict) -> Iterable[dict]:
+        with raw.stream("POST", path, json={"model": MODEL_ID, "stream": True, **kw, **body}) as resp:
+            for line in resp.iter_lines():
+                if line.startswith("data: {"):
+                    yield json.loads(line[6:])
+
+    return raw, {
+        ("completion", RAW): lambda: timed(lambda: sse("/v1/completions", {"prompt": PROMPT}), _api_text),
+        ("chat", RAW): lambda: timed(lambda: sse("/v1/chat/completions", {"messages": CHAT}), _api_text),
+    }
+
+
 class ClientProcess:
     """The ``openai`` client in its own process, as an application calling the endpoint would be.
 
@@ -116,8 +143,8 @@ class ClientProcess:
         if self.proc.stdout.readline().strip() != "ready":
             raise RuntimeError("the benchmark's client process did not start")
 
-    def run(self, mode: str) -> dict[str, Any]:
-        self.proc.stdin.write(mode + "\n")
+    def run(self, mode: str, path: str = HTTP) -> dict[str, Any]:
+        self.proc.stdin.write(f"{mode}\t{path}\n")
         self.proc.stdin.flush()
         line = self.proc.stdout.readline()
         if not line:
@@ -135,9 +162,13 @@ def client_worker(url: str, tokens: int) -> int:
 
     with openai.OpenAI(api_key=KEY, base_url=f"{url}/v1", max_retries=0, timeout=300) as client:
         run = runners(None, client, tokens)
+        raw, raw_run = raw_runners(url, tokens)
+        run.update(raw_run)
         print("ready", flush=True)
         for line in sys.stdin:
-            print(json.dumps(run[(line.strip(), HTTP)]()), flush=True)
+            mode, _, path = line.rstrip("\n").partition("\t")
+            print(json.dumps(run[(mode, path)]()), flush=True)
+        raw.close()
     return 0
 
 
@@ -160,7 +191,6 @@ def measure_overhead(llm: Any, tokens: int, n: int) -> dict[str, Any]:
     ``ttft_ms``: from the call to the first text chunk; ``per_token_ms``: the time between text chunks when they come
     as fast as the path carries them (an upper bound on what the endpoint adds to each token).
     """
-    import httpx
     import openai
 
     from sharedllm.openai_server import ServerThread, create_app
@@ -173,21 +203,8 @@ def measure_overhead(llm: Any, tokens: int, n: int) -> dict[str, Any]:
     with ServerThread(app) as server, openai.OpenAI(api_key=KEY, base_url=f"{server.url}/v1", max_retries=0,
                                                     timeout=60) as client:
         run = runners(replay, client, tokens)
-        # TCP_NODELAY: httpx writes a request's headers and body separately, and Nagle's algorithm would hold the
-        # body until the server's delayed ACK (40 ms).
-        nodelay = httpx.HTTPTransport(socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)])
-        raw = httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {KEY}"}, timeout=60,
-                           transport=nodelay)
-
-        def sse(path: str, body: dict) -> Iterable[dict]:
-            with raw.stream("POST", path, json={"model": MODEL_ID, "stream": True, **kw, **body}) as resp:
-                for line in resp.iter_lines():
-                    if line.startswith("data: {"):
-                        yield json.loads(line[6:])
-
-        # The same server with a plain HTTP client: what the endpoint costs without the openai package's own work.
-        run[("completion", RAW)] = lambda: timed(lambda: sse("/v1/completions", {"prompt": PROMPT}), _api_text)
-        run[("chat", RAW)] = lambda: timed(lambda: sse("/v1/chat/completions", {"messages": CHAT}), _api_text)
+        raw, raw_run = raw_runners(server.url, tokens)
+        run.update(raw_run)
         for mode in ("completion", "chat"):
             res: dict[str, list[dict[str, Any]]] = {API: [], HTTP: [], RAW: []}
             for i in range(n + 5):
@@ -244,7 +261,8 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
     from sharedllm.openai_server import ServerThread, create_app
 
     modes = [m for m in args.modes.split(",") if m]
-    runs: dict[str, list[dict[str, Any]]] = {f"{m}/{p}": [] for m in modes for p in (API, HTTP)}
+    paths = (API, HTTP, RAW) if args.client_process else (API, HTTP)
+    runs: dict[str, list[dict[str, Any]]] = {f"{m}/{p}": [] for m in modes for p in paths}
     discarded: list[dict[str, Any]] = []
     t_start = time.perf_counter()
     if args.scheduler:
@@ -261,10 +279,11 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
                 if args.client_process:  # the endpoint's client runs elsewhere, as it would in production
                     worker = ClientProcess(server.url, args.tokens)
                     for mode in ("completion", "chat"):
-                        run[(mode, HTTP)] = lambda mode=mode: worker.run(mode)
+                        for path in (HTTP, RAW):
+                            run[(mode, path)] = lambda mode=mode, path=path: worker.run(mode, path)
                 logger.info("warm-up (not counted)")
                 for mode in modes:
-                    for path in (API, HTTP):
+                    for path in paths:
                         run[(mode, path)]()
                 for mode in modes:
                     attempt = 0
@@ -273,7 +292,8 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
                         # One pair: both paths back to back, in alternating order. Another process on these 2 cores
                         # slows the rpc-servers tenfold, so a pair with either run disturbed is measured again.
                         r, attempt = len(runs[f"{mode}/{API}"]), attempt + 1
-                        order = (API, HTTP) if attempt % 2 else (HTTP, API)
+                        k = attempt % len(paths)  # each path goes first in turn
+                        order = paths[k:] + paths[:k]
                         waited = _wait_for_quiet(args.quiet_wait)
                         # After the wait the rpc-servers' threads sleep: the first request would pay for waking them.
                         llm.create_completion(PROMPT, max_tokens=4, temperature=0.0)
@@ -330,7 +350,19 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
             "ttft endpoint/api": (a["ttft_ms"] + o["added_ttft_ms"]) / a["ttft_ms"] if a["ttft_ms"] else None,
             "decode endpoint/api": gap_ms / (gap_ms + max(o["added_per_token_ms"], 0.0)) if gap_ms else None,
         }
-        texts = {r["text"] for r in api["runs"] + http["runs"]}
+        raw = summary.get(f"{mode}/{RAW}")
+        if raw is not None:  # the same endpoint through plain httpx: without the openai package's own work
+            r = raw["median"]
+            paired = [y["ttft_ms"] / x["ttft_ms"] for x, y in zip(api["runs"], raw["runs"], strict=True)
+                      if x["ttft_ms"] and y["ttft_ms"]]
+            ratios[mode]["plain http client"] = {
+                "ttft endpoint/api": r["ttft_ms"] / a["ttft_ms"] if a["ttft_ms"] and r["ttft_ms"] else None,
+                "ttft added ms": r["ttft_ms"] - a["ttft_ms"] if a["ttft_ms"] and r["ttft_ms"] else None,
+                "decode endpoint/api": (r["decode_tps"] / a["decode_tps"]
+                                        if a["decode_tps"] and r["decode_tps"] else None),
+                "ttft median of paired ratios": statistics.median(paired) if paired else None,
+            }
+        texts = {r["text"] for name in (API, HTTP, RAW) for r in summary.get(f"{mode}/{name}", {"runs": []})["runs"]}
         ratios[mode]["texts_match"] = len(texts) <= 1
         texts_match &= len(texts) <= 1
     return {
@@ -388,8 +420,17 @@ def report(result: dict[str, Any], markdown: bool) -> str:
             f"{_fmt(r['decode endpoint/api by median gap'], 3)}; median of paired ratios "
             f"{_fmt(r['decode median of paired ratios'], 3)}); texts "
             + ("identical" if r["texts_match"] else "DIFFER"))
+    for mode, r in result["ratios"].items():
+        if "plain http client" in r:
+            x = r["plain http client"]
+            lines.append(f"{mode}, the same endpoint through plain httpx (no openai package): TTFT "
+                         f"{_fmt(x['ttft endpoint/api'], 3)}x ({_fmt(x['ttft added ms'], 1)} ms added; median of "
+                         f"paired ratios {_fmt(x['ttft median of paired ratios'], 3)}), decode "
+                         f"{_fmt(x['decode endpoint/api'], 3)}x")
     lines.append("")
     for mode, o in result["overhead"].items():
+        if mode not in result["ratios"]:  # --modes left it out of the pairs
+            continue
         est = result["ratios"][mode]["from the endpoint's own cost"]
         lines.append(
             f"{mode}, the endpoint's own cost (the model's recorded chunks replayed at once, median of {o['runs']}): "
