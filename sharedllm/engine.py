@@ -166,6 +166,9 @@ class Engine:
         """Start the child and load the model. Returns what the child reports (devices, load time, n_ctx...)."""
         # GGML_NO_BACKTRACE: on abort, ggml would attach gdb to print a backtrace, which takes seconds.
         env = dict(os.environ, PYTHONUNBUFFERED="1", GGML_NO_BACKTRACE="1")
+        # The engine's own CPU work is tiny (embedding rows, sampling) between network waits: its OpenMP threads
+        # should sleep soon after, not spin ~300k times and take the CPU from the rest of the user's process.
+        env.setdefault("GOMP_SPINCOUNT", "10000")
         spawned = time.monotonic()  # CLOCK_MONOTONIC is system-wide: the child's timestamps compare with it
         self._proc = subprocess.Popen(
             [sys.executable, "-m", "sharedllm.engine", str(os.getpid())],
