@@ -265,24 +265,15 @@ def _check_reachable(stages: list[EngineStage]) -> None:
     for st in {s.endpoint: s for s in stages}.values():
         try:
             probe_stage(st, timeout=5.0)
+            continue
         except TimeoutError:
-            raise WorkerLost(
-                f"machine {st.machine_id}'s rpc-server at {st.endpoint} accepted a connection but did not answer in "
-                "5s (busy with another session, or hung); retry later or leave it out with machines=[...]",
-                machine=st.machine_id, endpoint=st.endpoint,
-            ) from None
+            why = "accepted a connection but did not answer in 5s (busy with another session, or hung); retry later"
         except TokenError as exc:
-            raise WorkerLost(
-                f"machine {st.machine_id}'s relay at {st.endpoint} refused this session's token ({exc}); load the "
-                "model again, or leave the machine out with machines=[...]",
-                machine=st.machine_id, endpoint=st.endpoint,
-            ) from None
+            why = f"refused this session's token at the machine's relay ({exc}); load the model again"
         except OSError as exc:
-            raise WorkerLost(
-                f"machine {st.machine_id}'s rpc-server at {st.endpoint} is unreachable from this client ({exc}); "
-                "check the network path or leave it out with machines=[...]",
-                machine=st.machine_id, endpoint=st.endpoint,
-            ) from None
+            why = f"is unreachable from this client ({exc}); check the network path"
+        raise WorkerLost(f"machine {st.machine_id}'s rpc-server at {st.endpoint} {why}, or leave the machine out "
+                         "with machines=[...]", machine=st.machine_id, endpoint=st.endpoint)
 
 
 def _log_progress(name: str) -> Callable[[float], None]:
