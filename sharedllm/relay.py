@@ -55,6 +55,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Self
 
 logger = logging.getLogger("sharedllm.relay")  # the same name when run as python -m sharedllm.relay
 
@@ -528,7 +529,66 @@ class _Connections:
             t.join(max(0.0, deadline - time.monotonic()))
 
 
-class ServerRelay:
+class _Acceptor:
+    """What both relays share: a listening socket, a thread that accepts on it, the live connections, and ``stop``.
+
+    Subclasses call :meth:`_listen` from ``start`` and handle each accepted connection in :meth:`_accepted`."""
+
+    _what = "relay"  # for log lines
+
+    def __init__(self) -> None:
+        self.port = 0
+        self._conns = _Connections()
+        self._listener: socket.socket | None = None
+        self._thread: threading.Thread | None = None
+        self._stopping = threading.Event()
+
+    def _listen(self, listener: socket.socket, thread_name: str) -> None:
+        self._listener = listener
+        self.port = listener.getsockname()[1]
+        self._stopping.clear()
+        self._thread = threading.Thread(target=self._accept_loop, name=f"{thread_name}-{self.port}", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Stop listening and close every connection."""
+        self._stopping.set()
+        if self._listener is not None:
+            _kick(self._listener)
+            _close(self._listener)
+        self._conns.kick()
+        if self._thread is not None:
+            self._thread.join(timeout)
+        self._conns.join(timeout)
+        self._listener = self._thread = None
+
+    def start(self) -> Self:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        return self.start() if self._listener is None else self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def _accept_loop(self) -> None:
+        listener = self._listener
+        while not self._stopping.is_set():
+            try:
+                conn, addr = listener.accept()
+            except OSError as exc:
+                if self._stopping.is_set() or exc.errno in (errno.EBADF, errno.EINVAL):
+                    return
+                logger.warning("%s accept failed: %s", self._what, exc)
+                time.sleep(0.1)
+                continue
+            self._accepted(conn, addr)
+
+    def _accepted(self, conn: socket.socket, addr: tuple) -> None:
+        raise NotImplementedError
+
+
+class ServerRelay(_Acceptor):
     """The relay next to an rpc-server: TLS and a lease token in, plain loopback RPC out.
 
     ``allowed(lease_id)`` says whether a lease may use this machine now; without it, the relay admits the lease given
@@ -549,6 +609,7 @@ class ServerRelay:
         if not (self.target[0] in ("localhost", "::1") or self.target[0].startswith("127.")):
             logger.warning("relay target %s is not a loopback address: bind the rpc-server to 127.0.0.1, or anyone "
                            "on the network can bypass the relay", target)
+        super().__init__()
         self.host, self.port = host, port
         self._ctx = server_context(certfile, keyfile)
         self.fingerprint = cert_fingerprint(certfile)
@@ -558,10 +619,6 @@ class ServerRelay:
         self._lease: str | None = None
         self.handshake_timeout = handshake_timeout
         self._pending = threading.BoundedSemaphore(max_pending)
-        self._conns = _Connections()
-        self._listener: socket.socket | None = None
-        self._thread: threading.Thread | None = None
-        self._stopping = threading.Event()
         self.refused = 0
         self.accepted = 0
 
@@ -595,51 +652,19 @@ class ServerRelay:
     def start(self) -> ServerRelay:
         """Bind, listen and serve in a background thread; returns when the relay accepts connections."""
         family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
-        self._listener = socket.create_server((self.host, self.port), family=family, backlog=64)
-        self.port = self._listener.getsockname()[1]
-        self._stopping.clear()
-        self._thread = threading.Thread(target=self._accept_loop, name=f"relay-server-{self.port}", daemon=True)
-        self._thread.start()
+        self._listen(socket.create_server((self.host, self.port), family=family, backlog=64), "relay-server")
         logger.info("relay listening on %s (TLS, %s) for machine %s, forwarding to %s:%d", self.endpoint,
                     self.fingerprint, self.machine_id, *self.target)
         return self
 
-    def stop(self, timeout: float = 5.0) -> None:
-        """Stop listening and close every connection."""
-        self._stopping.set()
-        if self._listener is not None:
-            _kick(self._listener)
-            _close(self._listener)
-        self._conns.kick()
-        if self._thread is not None:
-            self._thread.join(timeout)
-        self._conns.join(timeout)
-        self._listener = self._thread = None
-
-    def __enter__(self) -> ServerRelay:
-        return self.start() if self._listener is None else self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-    def _accept_loop(self) -> None:
-        listener = self._listener
-        while not self._stopping.is_set():
-            try:
-                conn, addr = listener.accept()
-            except OSError as exc:
-                if self._stopping.is_set() or exc.errno in (errno.EBADF, errno.EINVAL):
-                    return
-                logger.warning("relay accept failed: %s", exc)
-                time.sleep(0.1)
-                continue
-            peer = f"{addr[0]}:{addr[1]}"
-            if not self._pending.acquire(blocking=False):
-                self.refused += 1
-                logger.warning("refused relay connection from %s: too many handshakes in progress", peer)
-                _close(conn)
-                continue
-            threading.Thread(target=self._serve, args=(conn, peer), name=f"relay-conn-{peer}", daemon=True).start()
+    def _accepted(self, conn: socket.socket, addr: tuple) -> None:
+        peer = f"{addr[0]}:{addr[1]}"
+        if not self._pending.acquire(blocking=False):
+            self.refused += 1
+            logger.warning("refused relay connection from %s: too many handshakes in progress", peer)
+            _close(conn)
+            return
+        threading.Thread(target=self._serve, args=(conn, peer), name=f"relay-conn-{peer}", daemon=True).start()
 
     def _refuse(self, peer: str, reason: str) -> None:
         self.refused += 1
@@ -717,7 +742,7 @@ class ServerRelay:
 # --- client side ---------------------------------------------------------------------------------------------------
 
 
-class ClientRelay:
+class ClientRelay(_Acceptor):
     """A loopback endpoint for llama.cpp that tunnels each connection to a remote :class:`ServerRelay`.
 
     Give exactly one way to check the server: ``fingerprint`` (``sha256:HEX`` of its certificate, recommended) or
@@ -725,11 +750,14 @@ class ClientRelay:
     for that machine; :meth:`set_token` replaces it for later connections. ``endpoint`` is what llama.cpp connects to.
     """
 
+    _what = "relay client"
+
     def __init__(self, remote: str, token: str, *, fingerprint: str | None = None,
                  cafile: str | os.PathLike | None = None, server_hostname: str | None = None,
                  connect_timeout: float = 10.0, listen_host: str = "127.0.0.1"):
         if (fingerprint is None) == (cafile is None):
             raise ValueError("ClientRelay needs exactly one of fingerprint= (pinned certificate) or cafile=")
+        super().__init__()
         self.remote = parse_endpoint(remote)
         self._pin = _normalize_fingerprint(fingerprint) if fingerprint else None
         self._ctx = client_context(cafile)
@@ -737,12 +765,7 @@ class ClientRelay:
         self.token = token
         self.connect_timeout = connect_timeout
         self.listen_host = listen_host
-        self.port = 0
         self.last_error: str | None = None
-        self._conns = _Connections()
-        self._listener: socket.socket | None = None
-        self._thread: threading.Thread | None = None
-        self._stopping = threading.Event()
 
     @property
     def endpoint(self) -> str:
@@ -812,44 +835,12 @@ class ClientRelay:
 
     def start(self) -> ClientRelay:
         """Listen on loopback and tunnel every accepted connection; returns when listening."""
-        self._listener = socket.create_server((self.listen_host, 0), backlog=16)
-        self.port = self._listener.getsockname()[1]
-        self._stopping.clear()
-        self._thread = threading.Thread(target=self._accept_loop, name=f"relay-client-{self.port}", daemon=True)
-        self._thread.start()
+        self._listen(socket.create_server((self.listen_host, 0), backlog=16), "relay-client")
         logger.info("relay client on %s tunnels to %s", self.endpoint, self.remote_endpoint)
         return self
 
-    def stop(self, timeout: float = 5.0) -> None:
-        """Stop listening and close every tunnel."""
-        self._stopping.set()
-        if self._listener is not None:
-            _kick(self._listener)
-            _close(self._listener)
-        self._conns.kick()
-        if self._thread is not None:
-            self._thread.join(timeout)
-        self._conns.join(timeout)
-        self._listener = self._thread = None
-
-    def __enter__(self) -> ClientRelay:
-        return self.start() if self._listener is None else self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-    def _accept_loop(self) -> None:
-        listener = self._listener
-        while not self._stopping.is_set():
-            try:
-                conn, _addr = listener.accept()
-            except OSError as exc:
-                if self._stopping.is_set() or exc.errno in (errno.EBADF, errno.EINVAL):
-                    return
-                logger.warning("relay client accept failed: %s", exc)
-                time.sleep(0.1)
-                continue
-            threading.Thread(target=self._serve, args=(conn,), name=f"relay-tunnel-{self.port}", daemon=True).start()
+    def _accepted(self, conn: socket.socket, addr: tuple) -> None:
+        threading.Thread(target=self._serve, args=(conn,), name=f"relay-tunnel-{self.port}", daemon=True).start()
 
     def _serve(self, local: socket.socket) -> None:
         cid = self._conns.add(local)
