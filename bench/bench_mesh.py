@@ -548,6 +548,16 @@ def report(result: dict[str, Any], markdown: bool) -> str:
     return "\n".join(lines)
 
 
+def finish(result: dict[str, Any], out: str, table: str) -> int:
+    """Write ``result`` to ``out`` as JSON, print the table; the exit status says whether the texts matched."""
+    path = Path(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    print(table)
+    logger.info("wrote %s (%.0f s in all)", path, result["total_seconds"])
+    return 0 if result["texts_match"] else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--tokens", type=int, default=128, help="tokens to generate per run (default 128)")
@@ -580,12 +590,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s %(message)s")
     logging.getLogger("distributed").setLevel(logging.WARNING)
     result = benchmark(args)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(report(result, args.markdown))
-    logger.info("wrote %s (%.0f s in all)", out, result["total_seconds"])
-    return 0 if result["texts_match"] else 1
+    return finish(result, args.out, report(result, args.markdown))
 
 
 if __name__ == "__main__":

@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_mesh import CpuMeter, machine_info, render
+from bench_mesh import CpuMeter, finish, machine_info, render
 
 logger = logging.getLogger("bench_openai")
 
@@ -485,12 +485,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("httpx", "httpx2", "openai"):
         logging.getLogger(name).setLevel(logging.WARNING)
     result = benchmark(args)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(report(result, args.markdown))
-    logger.info("wrote %s (%.0f s in all)", out, result["total_seconds"])
-    return 0 if result["texts_match"] else 1
+    return finish(result, args.out, report(result, args.markdown))
 
 
 if __name__ == "__main__":

@@ -44,6 +44,7 @@ from bench_mesh import (
     CpuMeter,
     _fmt,
     completion_kwargs,
+    finish,
     machine_info,
     render,
     timed_stream,
@@ -506,12 +507,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s %(message)s")
     logging.getLogger("sharedllm.relay").setLevel(logging.WARNING)
     result = benchmark(args)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(report(result, args.markdown))
-    logger.info("wrote %s (%.0f s in all)", out, result["total_seconds"])
-    return 0 if result["texts_match"] else 1
+    return finish(result, args.out, report(result, args.markdown))
 
 
 if __name__ == "__main__":
