@@ -180,58 +180,14 @@ def make_self_signed(directory: str | os.PathLike, hosts: list[str] | None = Non
     meshes; real machines pin each other's fingerprints (:func:`cert_fingerprint`) and need no CA at all.
     Requires the ``cryptography`` package.
     """
-    import datetime
-    import ipaddress
+    from sharedllm.tls import write_ca_and_cert
 
     try:
-        from cryptography import x509
-        from cryptography.hazmat.primitives import hashes, serialization
-        from cryptography.hazmat.primitives.asymmetric import ec
-        from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+        import cryptography  # noqa: F401
     except ImportError as exc:
         raise RuntimeError("make_self_signed needs the 'cryptography' package; pip install cryptography") from exc
-
-    d = Path(directory)
-    d.mkdir(parents=True, exist_ok=True)
-    now = datetime.datetime.now(datetime.timezone.utc)
-    start, end = now - datetime.timedelta(minutes=5), now + datetime.timedelta(days=days)
-
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "sharedllm relay test CA")])
-    ca_cert = (
-        x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name).public_key(ca_key.public_key())
-        .serial_number(x509.random_serial_number()).not_valid_before(start).not_valid_after(end)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(x509.KeyUsage(digital_signature=False, content_commitment=False, key_encipherment=False,
-                                     data_encipherment=False, key_agreement=False, key_cert_sign=True,
-                                     crl_sign=True, encipher_only=False, decipher_only=False), critical=True)
-        .sign(ca_key, hashes.SHA256())
-    )
-    names: list[x509.GeneralName] = []
-    for h in ["127.0.0.1", "localhost", *(hosts or [])]:
-        try:
-            names.append(x509.IPAddress(ipaddress.ip_address(h)))
-        except ValueError:
-            names.append(x509.DNSName(h))
-    key = ec.generate_private_key(ec.SECP256R1())
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "sharedllm relay")]))
-        .issuer_name(ca_name).public_key(key.public_key()).serial_number(x509.random_serial_number())
-        .not_valid_before(start).not_valid_after(end)
-        .add_extension(x509.SubjectAlternativeName(names), critical=False)
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-        .sign(ca_key, hashes.SHA256())
-    )
-    pem = serialization.Encoding.PEM
-    cert_path, key_path, ca_path = d / "relay.pem", d / "relay-key.pem", d / "ca.pem"
-    cert_path.write_bytes(cert.public_bytes(pem))
-    ca_path.write_bytes(ca_cert.public_bytes(pem))
-    fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
-    return str(cert_path), str(key_path), str(ca_path)
+    return write_ca_and_cert(directory, ca_name="sharedllm relay test CA", cert_name="sharedllm relay",
+                             cert_file="relay.pem", key_file="relay-key.pem", hosts=hosts, days=days)
 
 
 def cert_fingerprint(cert: str | os.PathLike | bytes) -> str:
