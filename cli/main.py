@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
 import signal
 import sys
 import time
@@ -114,9 +113,9 @@ def up(machines: int, host: str, state_path: str | None, tls: bool, insecure_dir
         click.echo(f"scheduler: {lm.address}")
         click.echo(f"dashboard: {lm.dashboard_link}")
         secret_file = lm.workdir / "cluster-secret"
-        fd = os.open(secret_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(lm.secret or "")
+        from sharedllm.security import write_private
+
+        write_private(secret_file, lm.secret or "")
         click.echo(f"cluster secret: {secret_file} (workers joining from elsewhere need it: --secret-file)")
         if lm.tls:
             click.echo(f"tls: --tls-ca-file {lm.tls.ca} --tls-cert {lm.tls.cert} --tls-key {lm.tls.key}")

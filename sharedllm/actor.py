@@ -20,6 +20,7 @@ import logging
 import os
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -75,6 +76,40 @@ class RPCServerConfig:
     relay_port: int = 0  # 0: a free port, kept across restarts
     relay_dir: str | None = None  # the relay's certificate and key (default: the supervisor's work directory)
     machine_id: str = ""
+
+
+async def _read_message(stream: asyncio.StreamReader, prefix: str, deadline: float,
+                        match: Callable[[dict], bool] | None = None) -> dict | None:
+    """The JSON of the next line of ``stream`` that starts with ``prefix`` (and satisfies ``match``), skipping other
+    lines; None when the stream ends or ``deadline`` (monotonic) passes first."""
+    try:
+        while line := await asyncio.wait_for(stream.readline(), max(0.1, deadline - time.monotonic())):
+            text = line.decode(errors="replace")
+            if text.startswith(prefix):
+                msg = json.loads(text[len(prefix):])
+                if match is None or match(msg):
+                    return msg
+            if time.monotonic() >= deadline:
+                break
+    except asyncio.TimeoutError:
+        pass
+    return None
+
+
+async def _terminate(proc: asyncio.subprocess.Process, grace: float = 5.0) -> None:
+    """Stop a child: SIGTERM, then SIGKILL after ``grace`` seconds (at once with ``grace=0``); wait for it."""
+    if proc.returncode is None:
+        with contextlib.suppress(ProcessLookupError):
+            if grace > 0:
+                proc.terminate()
+            else:
+                proc.kill()
+        try:
+            await asyncio.wait_for(proc.wait(), grace or None)
+        except asyncio.TimeoutError:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            await proc.wait()
 
 
 class RPCServerSupervisor:
@@ -149,18 +184,8 @@ class RPCServerSupervisor:
         finally:
             log.close()
         self._started_at = time.time()
-        info = None
         deadline = time.monotonic() + c.start_timeout
-        try:
-            while info is None:
-                line = await asyncio.wait_for(self._proc.stdout.readline(), max(0.1, deadline - time.monotonic()))
-                if not line:
-                    break
-                text = line.decode(errors="replace")
-                if text.startswith(READY_PREFIX):
-                    info = json.loads(text[len(READY_PREFIX) :])
-        except asyncio.TimeoutError:
-            pass
+        info = await _read_message(self._proc.stdout, READY_PREFIX, deadline)
         if info is None:
             await self._reap()
             self._set(state="failed", reason=f"rpc-server did not start: {self._log_tail()}", pid=None)
@@ -242,6 +267,7 @@ class RPCServerSupervisor:
 
     async def _ensure_relay_locked(self) -> None:
         from sharedllm import relay
+        from sharedllm.security import write_private
 
         c = self.config
         endpoint = self.status.endpoint
@@ -256,9 +282,7 @@ class RPCServerSupervisor:
         await self._stop_relay_locked()
         cert, key = self._relay_cert()
         key_file = self.workdir / "relay.key"
-        fd = os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(self._relay_key.hex())
+        write_private(key_file, self._relay_key.hex())
         host = f"[{c.relay_host.strip('[]')}]" if ":" in c.relay_host else c.relay_host
         cmd = [sys.executable, "-m", "sharedllm.relay", "server", "--listen", f"{host}:{c.relay_port}",
                "--target", endpoint, "--cert", cert, "--key", key, "--machine-id", c.machine_id,
@@ -269,19 +293,9 @@ class RPCServerSupervisor:
                                                         stdout=asyncio.subprocess.PIPE, stderr=log)
         finally:
             log.close()
-        info = None
-        with contextlib.suppress(asyncio.TimeoutError):
-            while info is None:
-                line = await asyncio.wait_for(proc.stdout.readline(), c.start_timeout)
-                if not line:
-                    break
-                text = line.decode(errors="replace")
-                if text.startswith(relay.READY_PREFIX):
-                    info = json.loads(text[len(relay.READY_PREFIX):])
+        info = await _read_message(proc.stdout, relay.READY_PREFIX, time.monotonic() + c.start_timeout)
         if info is None:
-            with contextlib.suppress(ProcessLookupError):
-                proc.kill()
-            await proc.wait()
+            await _terminate(proc, grace=0)
             tail = self._log_tail(self.workdir / "relay.log")
             self._set(relay=None, reason=f"the relay did not start: {tail}")
             logger.warning("machine %s: the relay did not start: %s", c.machine_id, tail)
@@ -321,16 +335,10 @@ class RPCServerSupervisor:
             return
         proc.stdin.write(f"lease {lease or ''}\n".encode())
         await proc.stdin.drain()
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            line = await asyncio.wait_for(proc.stdout.readline(), max(0.1, deadline - time.monotonic()))
-            if not line:
-                raise ConnectionError("the relay exited")
-            text = line.decode(errors="replace")
-            if text.startswith(relay.READY_PREFIX) and json.loads(text[len(relay.READY_PREFIX):]).get("lease",
-                                                                                                  "?") == lease:
-                return
-        raise TimeoutError("the relay did not acknowledge the lease change")
+        ack = await _read_message(proc.stdout, relay.READY_PREFIX, time.monotonic() + 10,
+                                  match=lambda msg: msg.get("lease", "?") == lease)
+        if ack is None:
+            raise ConnectionError("the relay exited or did not acknowledge the lease change within 10s")
 
     async def set_lease(self, lease: str | None, seq: int) -> dict:
         """Admit ``lease`` on this machine's relay (None: nobody); live connections of other leases are closed.
@@ -349,15 +357,8 @@ class RPCServerSupervisor:
 
     async def _stop_relay_locked(self) -> None:
         proc, self._relay_proc = self._relay_proc, None
-        if proc is not None and proc.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                proc.terminate()
-            try:
-                await asyncio.wait_for(proc.wait(), 5)
-            except asyncio.TimeoutError:
-                with contextlib.suppress(ProcessLookupError):
-                    proc.kill()
-                await proc.wait()
+        if proc is not None:
+            await _terminate(proc)
         if self.status.relay is not None:
             self._set(relay=None)
 
@@ -400,22 +401,15 @@ class RPCServerSupervisor:
         return lines[-1][-300:] if lines else "no output"
 
     async def _reap(self) -> None:
-        if self._proc is not None and self._proc.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                self._proc.kill()
-            await self._proc.wait()
+        if self._proc is not None:
+            await _terminate(self._proc, grace=0)
 
     async def stop(self) -> RPCServerState:
         """Stop the server and its relay for good."""
         self._stopping = True
         await self._stop_relay()
-        if self._proc is not None and self._proc.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                self._proc.terminate()
-            try:
-                await asyncio.wait_for(self._proc.wait(), 5)
-            except asyncio.TimeoutError:
-                await self._reap()
+        if self._proc is not None:
+            await _terminate(self._proc)
         if self._watch is not None:
             self._watch.cancel()
         self._set(state="stopped", pid=None, reason=None)

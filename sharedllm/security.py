@@ -58,6 +58,13 @@ def load_secret(secret_file: str | os.PathLike | None = None) -> bytes | None:
     return value.encode()
 
 
+def write_private(path: str | os.PathLike, data: str | bytes) -> None:
+    """Write a secret (a key, a token) to ``path``, readable by its owner only (0600 from creation)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data.encode() if isinstance(data, str) else data)
+
+
 def new_nonce() -> str:
     return secrets.token_hex(16)
 

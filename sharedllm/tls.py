@@ -54,6 +54,8 @@ def write_ca_and_cert(directory: str | os.PathLike, *, ca_name: str, cert_name: 
     from cryptography.hazmat.primitives.asymmetric import ec
     from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+    from sharedllm.security import write_private
+
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
     now = datetime.datetime.now(datetime.timezone.utc)
@@ -87,7 +89,5 @@ def write_ca_and_cert(directory: str | os.PathLike, *, ca_name: str, cert_name: 
     cert_path, key_path, ca_path = d / cert_file, d / key_file, d / "ca.pem"
     ca_path.write_bytes(ca.public_bytes(pem))
     cert_path.write_bytes(cert.public_bytes(pem))
-    fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    write_private(key_path, key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
     return str(cert_path), str(key_path), str(ca_path)
