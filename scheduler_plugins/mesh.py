@@ -29,6 +29,7 @@ from typing import Any
 
 from distributed import SchedulerPlugin
 
+from sharedllm.actor import public_endpoint
 from sharedllm.errors import MeshBusy, MeshError, NoMachines, RateLimited
 from sharedllm.gguf import ModelEstimate
 from sharedllm.placement import DeviceSlot, plan
@@ -516,7 +517,7 @@ class MeshPlugin(SchedulerPlugin):
             if want_proto and rpc.get("protocol") and rpc["protocol"].split(".")[0] != want_proto.split(".")[0]:
                 skipped.append(f"{m['machine_id']} (RPC protocol {rpc['protocol']}, client has {want_proto})")
                 continue
-            endpoint = rpc["endpoint"] if rpc.get("direct") else (rpc.get("relay") or {}).get("endpoint")
+            endpoint = public_endpoint(rpc)
             if not endpoint:
                 why = f": {rpc['reason']}" if rpc.get("reason") else ""
                 skipped.append(f"{m['machine_id']} (relay not running{why})")

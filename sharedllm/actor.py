@@ -49,13 +49,20 @@ class RPCServerState:
         return asdict(self)
 
 
+def public_endpoint(rpc: dict) -> str | None:
+    """Where clients reach a machine's rpc-server (its reported state): its relay, or the server itself when
+    direct; None while neither is up."""
+    if rpc.get("direct"):
+        return rpc.get("endpoint")
+    return (rpc.get("relay") or {}).get("endpoint")
+
+
 def describe_endpoint(rpc: dict) -> str:
-    """Where clients reach a machine's rpc-server, for tables: its relay, or the server itself when direct."""
-    if rpc.get("direct") and rpc.get("endpoint"):
-        return f"{rpc['endpoint']} (direct, no TLS)"
-    if rpc.get("relay"):
-        return f"{rpc['relay']['endpoint']} (TLS relay)"
-    return "-"
+    """:func:`public_endpoint` for tables, saying which it is."""
+    endpoint = public_endpoint(rpc)
+    if endpoint is None:
+        return "-"
+    return f"{endpoint} (direct, no TLS)" if rpc.get("direct") else f"{endpoint} (TLS relay)"
 
 
 @dataclass
