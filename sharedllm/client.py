@@ -259,21 +259,19 @@ def _engine_stages(topo: Topology, relays: dict[str, dict]) -> list[EngineStage]
 def _check_reachable(stages: list[EngineStage]) -> None:
     # llama.cpp aborts on a failed connect; find out here, with a clear message, before the engine starts. Through a
     # relay, this also proves the token and the relay's certificate.
-    from sharedllm.engine import probe_stage
-    from sharedllm.relay import TokenError
+    from sharedllm.engine import first_failing_stage
 
-    for st in {s.endpoint: s for s in stages}.values():
-        try:
-            probe_stage(st, timeout=5.0)
-            continue
-        except TimeoutError:
-            why = "accepted a connection but did not answer in 5s (busy with another session, or hung); retry later"
-        except TokenError as exc:
-            why = f"refused this session's token at the machine's relay ({exc}); load the model again"
-        except OSError as exc:
-            why = f"is unreachable from this client ({exc}); check the network path"
-        raise WorkerLost(f"machine {st.machine_id}'s rpc-server at {st.endpoint} {why}, or leave the machine out "
-                         "with machines=[...]", machine=st.machine_id, endpoint=st.endpoint)
+    failed = first_failing_stage(stages, timeout=5.0)
+    if failed is None:
+        return
+    st, how, exc = failed
+    why = {
+        "timeout": "accepted a connection but did not answer in 5s (busy with another session, or hung); retry later",
+        "token": f"refused this session's token at the machine's relay ({exc}); load the model again",
+        "unreachable": f"is unreachable from this client ({exc}); check the network path",
+    }[how]
+    raise WorkerLost(f"machine {st.machine_id}'s rpc-server at {st.endpoint} {why}, or leave the machine out "
+                     "with machines=[...]", machine=st.machine_id, endpoint=st.endpoint)
 
 
 def _log_progress(name: str) -> Callable[[float], None]:

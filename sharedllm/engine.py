@@ -311,20 +311,32 @@ class Engine:
         self._proc = None
 
 
-def _probe_stages(spec: EngineSpec) -> tuple[str, str] | None:
-    """After the engine is gone, find the rpc-server that refuses or hangs. None when every server answers."""
+def first_failing_stage(stages: list[EngineStage], timeout: float) -> tuple[EngineStage, str, Exception] | None:
+    """Probe each rpc-server of ``stages`` once (:func:`probe_stage`); the first that fails, with how: ``"timeout"``
+    (it accepted but did not answer: busy or hung), ``"token"`` (its relay refused the token) or ``"unreachable"``.
+    None when every server answers."""
     from sharedllm.relay import TokenError
 
-    for stage in {s.endpoint: s for s in spec.stages}.values():
+    for stage in {s.endpoint: s for s in stages}.values():
         try:
-            probe_stage(stage, timeout=3.0)
-        except TimeoutError:
-            return stage.endpoint, "stopped answering"
+            probe_stage(stage, timeout=timeout)
+        except TimeoutError as exc:
+            return stage, "timeout", exc
         except TokenError as exc:
-            return stage.endpoint, f"refused the session's token ({exc.reason})"
-        except OSError:
-            return stage.endpoint, "is unreachable"
+            return stage, "token", exc
+        except OSError as exc:
+            return stage, "unreachable", exc
     return None
+
+
+def _probe_stages(spec: EngineSpec) -> tuple[str, str] | None:
+    """After the engine is gone, find the rpc-server that refuses or hangs. None when every server answers."""
+    failed = first_failing_stage(spec.stages, timeout=3.0)
+    if failed is None:
+        return None
+    stage, how, exc = failed
+    state = {"timeout": "stopped answering", "unreachable": "is unreachable"}.get(how)
+    return stage.endpoint, state or f"refused the session's token ({exc.reason})"
 
 
 def _rebuild(kind: str, message: str, spec: EngineSpec) -> Exception:
