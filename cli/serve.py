@@ -116,9 +116,10 @@ def serve(scheduler, model_ref, model_name, host, port, api_keys, api_keys_file,
             from starlette.middleware.trustedhost import TrustedHostMiddleware
 
             app.add_middleware(TrustedHostMiddleware, allowed_hosts=["localhost", "127.0.0.1", "[::1]"])
-        bound = sock.getsockname()[1]
-        shown = f"[{host.strip('[]')}]" if ":" in host else host
-        click.echo(f"serving model '{model_id}' at http://{shown}:{bound}/v1 (API schema: /openapi.json, docs: /docs; "
+        from sharedllm.relay import join_endpoint
+
+        url = f"http://{join_endpoint(host, sock.getsockname()[1])}/v1"
+        click.echo(f"serving model '{model_id}' at {url} (API schema: /openapi.json, docs: /docs; "
                    f"{len(keys)} API key(s)); Ctrl-C stops", err=True)
         config = uvicorn.Config(app, log_config=None, access_log=verbose > 0, timeout_graceful_shutdown=10,
                                 log_level="info" if verbose else "warning")

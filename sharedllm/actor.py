@@ -290,9 +290,9 @@ class RPCServerSupervisor:
         cert, key = self._relay_cert()
         key_file = self.workdir / "relay.key"
         write_private(key_file, self._relay_key.hex())
-        host = f"[{c.relay_host.strip('[]')}]" if ":" in c.relay_host else c.relay_host
-        cmd = [sys.executable, "-m", "sharedllm.relay", "server", "--listen", f"{host}:{c.relay_port}",
-               "--target", endpoint, "--cert", cert, "--key", key, "--machine-id", c.machine_id,
+        cmd = [sys.executable, "-m", "sharedllm.relay", "server",
+               "--listen", relay.join_endpoint(c.relay_host, c.relay_port), "--target", endpoint,
+               "--cert", cert, "--key", key, "--machine-id", c.machine_id,
                "--key-file", str(key_file), "--control-stdin", "--parent-pid", str(os.getpid())]
         log = open(self.workdir / "relay.log", "ab")
         try:

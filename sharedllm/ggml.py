@@ -166,8 +166,9 @@ def rpc_hello(endpoint: str, timeout: float = 5.0) -> tuple[int, int, int]:
     Raises ``ConnectionError`` (refused, closed, malformed) or ``TimeoutError`` (the server is busy with another
     client, or hung). Safe in any process: no llama.cpp code runs.
     """
-    host, _, port = endpoint.rpartition(":")
-    with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout) as s:
+    from sharedllm.relay import parse_endpoint
+
+    with socket.create_connection(parse_endpoint(endpoint), timeout=timeout) as s:
         return rpc_hello_on(s, endpoint, timeout)
 
 

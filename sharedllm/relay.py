@@ -260,7 +260,9 @@ def parse_endpoint(endpoint: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
-def _join(host: str, port: int) -> str:
+def join_endpoint(host: str, port: int) -> str:
+    """``(host, port)`` into ``HOST:PORT``, an IPv6 host in brackets: the inverse of :func:`parse_endpoint`."""
+    host = host.strip("[]")
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
@@ -581,7 +583,7 @@ class ServerRelay(_Acceptor):
     @property
     def endpoint(self) -> str:
         """``HOST:PORT`` the relay listens on (the real port after ``start`` with port 0)."""
-        return _join(self.host, self.port)
+        return join_endpoint(self.host, self.port)
 
     def set_lease(self, lease_id: str | None) -> None:
         """Admit ``lease_id`` (None: nobody) and close live connections of any other lease."""
@@ -730,7 +732,7 @@ class ClientRelay(_Acceptor):
 
     @property
     def remote_endpoint(self) -> str:
-        return _join(*self.remote)
+        return join_endpoint(*self.remote)
 
     def set_token(self, token: str) -> None:
         """Use ``token`` for the connections opened from now on."""
