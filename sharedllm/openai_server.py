@@ -272,7 +272,6 @@ class _Generation:
         self._slot = slot
         self._loop = loop
         self._items: asyncio.Queue = asyncio.Queue()
-        self._pushed_back: list[tuple[str, Any]] = []
         self._stop = threading.Event()
         self.chunks = 0
         self.finished = threading.Event()
@@ -310,18 +309,10 @@ class _Generation:
             pass
 
     async def next(self) -> tuple[str, Any]:
-        if self._pushed_back:
-            return self._pushed_back.pop()
         return await self._items.get()
-
-    def unread(self, item: tuple[str, Any]) -> None:
-        """Put ``item`` back: :meth:`ready` and :meth:`next` return it first."""
-        self._pushed_back.append(item)
 
     def ready(self) -> tuple[str, Any] | None:
         """The next item if it has come already, else None."""
-        if self._pushed_back:
-            return self._pushed_back.pop()
         try:
             return self._items.get_nowait()
         except asyncio.QueueEmpty:
@@ -362,16 +353,15 @@ class _EventStream(StreamingResponse):
         # Chunks that came together leave in one write; a chunk with text is never held back waiting for the next.
         # A chat's first chunk carries only the role (llama-cpp-python sends it together with the first token): it
         # goes out in the first token's delta, one event less for the client to parse before the first text.
+        pending = None  # an item taken early, to go next
         if _role_only(first):
-            kind, value = await self._generation.next()
+            kind, value = pending = await self._generation.next()
             if kind == "chunk" and _mergeable(value):
                 value["choices"][0]["delta"] = {**first["choices"][0]["delta"], **value["choices"][0]["delta"]}
-                first = value
-            else:
-                self._generation.unread((kind, value))
+                first, pending = value, None
         batch = [_sse(first)]
         while True:
-            item = self._generation.ready()
+            item, pending = pending or self._generation.ready(), None
             if item is None:
                 if batch:
                     yield b"".join(batch)
