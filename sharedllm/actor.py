@@ -81,7 +81,6 @@ class RPCServerConfig:
     relay: bool = True  # serve remote clients through the TLS relay only (False: --insecure-direct-rpc)
     relay_host: str = "127.0.0.1"  # where the relay listens (the machine's reachable address)
     relay_port: int = 0  # 0: a free port, kept across restarts
-    relay_dir: str | None = None  # the relay's certificate and key (default: the supervisor's work directory)
     machine_id: str = ""
 
 
@@ -259,7 +258,7 @@ class RPCServerSupervisor:
         with each lease, so a new certificate after a worker restart needs no one's attention."""
         from sharedllm import relay
 
-        d = Path(self.config.relay_dir or self.workdir / "relay")
+        d = self.workdir / "relay"
         cert, key = d / "relay.pem", d / "relay-key.pem"
         if not (cert.exists() and key.exists()):
             hosts = [] if self.config.relay_host in ("127.0.0.1", "localhost") else [self.config.relay_host]
