@@ -48,6 +48,12 @@ class EngineStage:
     machine_id: str = ""
     relay: dict | None = field(default=None, compare=False, hash=False, repr=False)  # holds a secret token
 
+    def client_relay(self, **kwargs: Any):
+        """A :class:`sharedllm.relay.ClientRelay` to this stage's machine, with its token and pinned certificate."""
+        from sharedllm.relay import ClientRelay
+
+        return ClientRelay(self.endpoint, self.relay["token"], fingerprint=self.relay["fingerprint"], **kwargs)
+
 
 def probe_stage(stage: EngineStage, timeout: float = 5.0) -> tuple[int, int, int]:
     """RPC HELLO to a stage's rpc-server, through its relay when it has one; returns the protocol version.
@@ -59,11 +65,7 @@ def probe_stage(stage: EngineStage, timeout: float = 5.0) -> tuple[int, int, int
 
     if not stage.relay:
         return rpc_hello(stage.endpoint, timeout=timeout)
-    from sharedllm.relay import ClientRelay
-
-    cr = ClientRelay(stage.endpoint, stage.relay["token"], fingerprint=stage.relay["fingerprint"],
-                     connect_timeout=timeout)
-    with contextlib.closing(cr.open()) as tunnel:
+    with contextlib.closing(stage.client_relay(connect_timeout=timeout).open()) as tunnel:
         return rpc_hello_on(tunnel, stage.endpoint, timeout)
 
 
@@ -460,12 +462,10 @@ def _open_tunnels(spec: EngineSpec) -> dict[str, str]:
 
     The tokens were checked by the parent (:func:`probe_stage`) just before; a relay that refuses now would make
     llama.cpp abort, which the parent turns into ``WorkerLost`` like any other lost machine."""
-    from sharedllm.relay import ClientRelay
-
     local: dict[str, str] = {}
     for st in spec.stages:
         if st.relay and st.endpoint not in local:
-            cr = ClientRelay(st.endpoint, st.relay["token"], fingerprint=st.relay["fingerprint"]).start()
+            cr = st.client_relay().start()
             _TUNNELS.append(cr)
             local[st.endpoint] = cr.endpoint
     return local
