@@ -196,6 +196,7 @@ def cache_stats(root: Path) -> dict[str, dict[str, int]]:
 
 
 def one_repeat(model_path: str, mbps: float, machines: int, direct: bool = False) -> dict[str, Any]:
+    from sharedllm.actor import public_endpoint
     from sharedllm.local import LocalMesh
 
     root = Path(tempfile.mkdtemp(prefix="sharedllm-bench-load-"))
@@ -210,8 +211,7 @@ def one_repeat(model_path: str, mbps: float, machines: int, direct: bool = False
             proxies: dict[str, PacedProxy] = {}
             if mbps:
                 for m in mesh.machines():
-                    rpc = m["rpc"]  # the proxy goes where clients connect: the relay, or the server when direct
-                    ep = rpc["endpoint"] if rpc.get("direct") else rpc["relay"]["endpoint"]
+                    ep = public_endpoint(m["rpc"])  # where clients connect: the relay, or the server when direct
                     proxies[ep] = PacedProxy(ep, mbps)
             route = routed_through({k: p.endpoint for k, p in proxies.items()}) if proxies else contextlib.nullcontext()
             try:
