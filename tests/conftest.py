@@ -3,7 +3,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import socket
+import struct
 import time
 from pathlib import Path
 
@@ -11,6 +14,18 @@ import pytest
 
 PROMPT = "Once upon a time"
 N_CTX = 2048
+HELLO = struct.pack("<BQ", 14, 24) + bytes(24)  # llama.cpp RPC: HELLO with 24 bytes of capabilities
+ACCEPTED = "Accepted client connection"  # what an rpc-server logs for every client it serves
+
+
+def everything_until_closed(sock: socket.socket, timeout: float = 10.0) -> bytes:
+    """Everything the peer sends until it closes (a reset counts as closed)."""
+    sock.settimeout(timeout)
+    got = b""
+    with contextlib.suppress(ConnectionResetError):
+        while chunk := sock.recv(4096):
+            got += chunk
+    return got
 
 
 @pytest.fixture(scope="session")

@@ -7,12 +7,10 @@ so a connection the relay refused must leave no such line.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
 import socket
-import struct
 import subprocess
 import sys
 import threading
@@ -24,13 +22,12 @@ import pytest
 from sharedllm import relay
 from sharedllm.ggml import rpc_hello
 from sharedllm.relay import ClientRelay, RelayError, ServerRelay, TokenError, machine_key, mint_token, verify_token
+from tests.conftest import ACCEPTED, HELLO, everything_until_closed
 
 MASTER = b"0123456789abcdef0123456789abcdef"
 M1, M2 = "machine-1", "machine-2"
 K1, K2 = machine_key(MASTER, M1), machine_key(MASTER, M2)
-HELLO = struct.pack("<BQ", 14, 24) + bytes(24)
 HELLO_ANSWER = 8 + 4 + 24  # size, version (4 bytes), capabilities
-ACCEPTED = "Accepted client connection"
 HANDSHAKE_S = 2.0  # the relay's handshake timeout in these tests: short, yet generous on a loaded machine
 
 
@@ -168,19 +165,6 @@ def _read_hello_answer(sock: socket.socket) -> bytes:
     return answer
 
 
-def _closed_without_answer(sock: socket.socket, timeout: float = 10.0) -> bytes:
-    """Everything the peer sends until it closes (a reset counts as closed)."""
-    sock.settimeout(timeout)
-    got = b""
-    with contextlib.suppress(ConnectionResetError):
-        while True:
-            chunk = sock.recv(4096)
-            if not chunk:
-                break
-            got += chunk
-    return got
-
-
 # --- the handshake guards the rpc-server ----------------------------------------------------------------------------
 
 
@@ -191,15 +175,15 @@ def test_raw_sockets_never_reach_the_rpc_server(rpc_server, server_relay, certs,
             with socket.create_connection(("127.0.0.1", server_relay.port)) as s:
                 if payload:
                     s.sendall(payload)
-                answer = _closed_without_answer(s)
+                answer = everything_until_closed(s)
             assert answer == b"" or answer[:1] == b"\x15", answer[:16]  # nothing, or a TLS alert record
         # A TLS client that completes the handshake but sends no token, or a bad one.
         ctx = relay.client_context()
         with ctx.wrap_socket(socket.create_connection(("127.0.0.1", server_relay.port)), server_hostname="x") as t:
-            assert _closed_without_answer(t) == b""
+            assert everything_until_closed(t) == b""
         with ctx.wrap_socket(socket.create_connection(("127.0.0.1", server_relay.port)), server_hostname="x") as t:
             relay._send_frame(t, 1, b"v1.not.a.token.really")
-            reply = _closed_without_answer(t)
+            reply = everything_until_closed(t)
             assert reply.startswith(b"SLR1\x01") and b"malformed" in reply
     assert caplog.text.count("refused relay connection from 127.0.0.1:") == 5, caplog.text
     assert "TLS handshake failed" in caplog.text
@@ -283,7 +267,7 @@ def test_lease_change_closes_live_connections(rpc_server, server_relay, certs):
             while server_relay.accepted == 0 and time.monotonic() < deadline:
                 time.sleep(0.02)
             server_relay.set_lease("lease-B")  # the scheduler gave the machine to another lease
-            assert _closed_without_answer(s) == b""
+            assert everything_until_closed(s) == b""
 
 
 def test_allowed_callback(rpc_server, certs):
@@ -362,7 +346,7 @@ def test_stop_closes_everything(rpc_server, certs):
     assert any(n.startswith("relay-") for n in before)
     cr.stop()
     sr.stop()
-    assert _closed_without_answer(s) == b""
+    assert everything_until_closed(s) == b""
     s.close()
     deadline = time.monotonic() + 5
     while any(t.name.startswith("relay-") for t in threading.enumerate()) and time.monotonic() < deadline:

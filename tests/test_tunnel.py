@@ -8,7 +8,6 @@ witness that a refused connection never reached it: llama.cpp prints ``Accepted 
 from __future__ import annotations
 
 import socket
-import struct
 import time
 from pathlib import Path
 
@@ -16,12 +15,10 @@ import psutil
 import pytest
 
 from sharedllm.relay import ClientRelay, TokenError, parse_endpoint
-from tests.conftest import PROMPT, machine, wait_for
+from tests.conftest import ACCEPTED, HELLO, PROMPT, everything_until_closed, machine, wait_for
 
 pytestmark = pytest.mark.mesh
 
-HELLO = struct.pack("<BQ", 14, 24) + bytes(24)  # llama.cpp RPC: HELLO with 24 bytes of capabilities
-ACCEPTED = "Accepted client connection"
 
 
 def _server_log(mesh_cluster, machine_id: str, name: str) -> Path:
@@ -32,17 +29,6 @@ def _server_log(mesh_cluster, machine_id: str, name: str) -> Path:
 
 def _count(path: Path, text: str) -> int:
     return path.read_text(errors="replace").count(text)
-
-
-def _everything_until_closed(sock: socket.socket, timeout: float = 10.0) -> bytes:
-    sock.settimeout(timeout)
-    got = b""
-    try:
-        while chunk := sock.recv(4096):
-            got += chunk
-    except ConnectionResetError:
-        pass
-    return got
 
 
 def test_rpc_servers_listen_on_loopback_behind_relays(mesh, model_path):
@@ -68,7 +54,7 @@ def test_raw_socket_to_a_relay_gets_nothing_from_the_rpc_server(mesh_cluster, me
     for payload in (HELLO, b"GET / HTTP/1.0\r\n\r\n", b""):
         with socket.create_connection((host, port), timeout=10) as s:
             s.sendall(payload)
-            answer = _everything_until_closed(s)
+            answer = everything_until_closed(s)
         assert answer == b"" or answer[:1] == b"\x15", answer[:32]  # nothing, or a TLS alert: never an RPC answer
     wait_for(lambda: _count(relay_log, "refused relay connection") >= refused + 3, timeout=30,
              what="the relay to log the refusals")
