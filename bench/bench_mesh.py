@@ -88,7 +88,11 @@ def timed_stream(start: Callable[[], Iterator[dict]]) -> dict[str, Any]:
         stamps.append(now)
         parts.append(choice.get("text") or "")
         finish = choice.get("finish_reason") or finish
-    t_end = time.perf_counter()
+    return {**stream_stats(t0, stamps, time.perf_counter(), parts), "finish_reason": finish}
+
+
+def stream_stats(t0: float, stamps: list[float], t_end: float, parts: list[str]) -> dict[str, Any]:
+    """Timings of a stream that started at ``t0``, produced a token at each of ``stamps`` and ended at ``t_end``."""
     n = len(stamps)
     decode_s = stamps[-1] - stamps[0] if n > 1 else 0.0
     gaps = sorted(b - a for a, b in itertools.pairwise(stamps))
@@ -104,7 +108,6 @@ def timed_stream(start: Callable[[], Iterator[dict]]) -> dict[str, Any]:
         "decode_tps_p50gap": 1 / gap_p50 if gap_p50 else None,
         "decode_s": decode_s,
         "total_s": t_end - t0,
-        "finish_reason": finish,
         "text": "".join(parts),
     }
 

@@ -28,7 +28,6 @@ client's own work).
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import logging
 import socket
@@ -40,7 +39,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_mesh import CpuMeter, finish, machine_info, render
+from bench_mesh import CpuMeter, finish, machine_info, render, stream_stats
 
 logger = logging.getLogger("bench_openai")
 
@@ -64,20 +63,7 @@ def timed(start: Callable[[], Iterable[Any]], text_of: Callable[[Any], str]) -> 
         if text:
             stamps.append(time.perf_counter())
             parts.append(text)
-    t_end = time.perf_counter()
-    n = len(stamps)
-    decode_s = stamps[-1] - stamps[0] if n > 1 else 0.0
-    gaps = sorted(b - a for a, b in itertools.pairwise(stamps))
-    gap_p50 = gaps[len(gaps) // 2] if gaps else None
-    return {
-        "tokens": n,
-        "ttft_ms": (stamps[0] - t0) * 1000 if n else None,
-        "decode_tps": (n - 1) / decode_s if decode_s > 0 else None,
-        "gap_p50_ms": gap_p50 * 1000 if gap_p50 else None,
-        "decode_tps_p50gap": 1 / gap_p50 if gap_p50 else None,
-        "total_s": t_end - t0,
-        "text": "".join(parts),
-    }
+    return stream_stats(t0, stamps, time.perf_counter(), parts)
 
 
 def _api_text(chunk: dict) -> str:
