@@ -19,6 +19,11 @@ Setups, all on Gemma 3 270M Q4_K_M, n_ctx 2048, the same prompt and greedy param
   tunnel to each machine's relay (TLS, a pinned certificate, a lease token), which forwards to the rpc-server on
   loopback. Against ``mesh (direct)``, the cost of the tunnel.
 
+Gemma ties its embeddings, so by default (``--output-layer auto``) the mesh runs the output layer on the client: the
+last machine returns a hidden state per token instead of 1 MiB of logits. raw-rpc then gets the same placement (the
+same ``tensor_buft_overrides``), so that it stays the same computation; ``--output-layer mesh`` measures all three
+with the output layer on the last machine, as plain llama.cpp RPC places it.
+
 Repeats are interleaved (every setup once, then again) and the medians are reported. The table goes to stdout; the
 raw numbers go to ``--out`` as JSON.
 """
@@ -118,39 +123,54 @@ def _llama_cpp_lib_dir() -> Path:
     return Path(llama_cpp.__file__).parent / "lib"
 
 
+# sharedllm.engine.OUTPUT_ON_CLIENT, repeated because the raw-rpc child must not import sharedllm (checked in main).
+OUTPUT_ON_CLIENT = r"^(output|output_norm|token_embd)\.weight$"
+
+
+class _Override(ctypes.Structure):  # struct llama_model_tensor_buft_override
+    _fields_ = [("pattern", ctypes.c_char_p), ("buft", ctypes.c_void_p)]
+
+
 @contextlib.contextmanager
-def patched_model_params(devices: list[int] | None, use_extra_bufts: bool) -> Iterator[Any]:
+def patched_model_params(devices: list[int] | None, use_extra_bufts: bool, cpu_buft: int | None = None
+                         ) -> Iterator[Any]:
     """While ``Llama()`` is constructed, make ``llama_model_default_params`` carry our devices and buffer choice.
 
     The Python ``Llama`` class exposes neither ``devices`` nor ``use_extra_bufts``; sharedllm.engine injects them the
     same way. ``devices`` are raw ggml device handles (a NULL-terminated array is built here); None leaves the default.
+    ``cpu_buft``: the CPU buffer type, to keep the output layer on this process's CPU as the engine does.
     """
     import llama_cpp.llama_cpp as lib
 
     dev_array = (ctypes.c_void_p * (len(devices) + 1))(*devices, None) if devices else None
+    overrides = None
+    if cpu_buft is not None:
+        overrides = (_Override * 2)(_Override(OUTPUT_ON_CLIENT.encode(), cpu_buft), _Override(None, None))
     original = lib.llama_model_default_params
 
     def patched():
         params = original()
         if dev_array is not None:
             params.devices = ctypes.cast(dev_array, ctypes.c_void_p)
+        if overrides is not None:
+            params.tensor_buft_overrides = ctypes.cast(overrides, ctypes.c_void_p)
         params.use_extra_bufts = use_extra_bufts
         return params
 
     lib.llama_model_default_params = patched
     try:
-        yield dev_array  # the caller keeps it alive as long as the model (the engine does the same)
+        yield (dev_array, overrides)  # the caller keeps them alive as long as the model (the engine does the same)
     finally:
         lib.llama_model_default_params = original
 
 
 def run_llama(model_path: str, llama_kwargs: dict[str, Any], tokens: int, *, devices: list[int] | None,
-              use_extra_bufts: bool) -> dict[str, Any]:
+              use_extra_bufts: bool, cpu_buft: int | None = None) -> dict[str, Any]:
     """Build a ``llama_cpp.Llama`` (timed: the load), stream one completion, free the model."""
     import llama_cpp
 
     t0 = time.perf_counter()
-    with patched_model_params(devices, use_extra_bufts) as dev_array:
+    with patched_model_params(devices, use_extra_bufts, cpu_buft) as dev_array:
         llm = llama_cpp.Llama(model_path=model_path, **llama_kwargs)
     llm._bench_keepalive = dev_array
     load_s = time.perf_counter() - t0
@@ -193,16 +213,26 @@ def raw_rpc_child(spec: dict[str, Any]) -> dict[str, Any]:
     # The engine's Llama arguments, nothing more: n_ctx, every layer on the given devices, the mesh's split (threads:
     # llama-cpp-python's defaults, as in the engine).
     kwargs = {"n_ctx": spec["n_ctx"], "n_gpu_layers": -1, "tensor_split": spec["tensor_split"], "verbose": False}
-    res = run_llama(spec["model_path"], kwargs, spec["tokens"], devices=devices, use_extra_bufts=False)
+    cpu_buft = None
+    if spec["output_on_client"]:  # the mesh's placement of the output layer, and its threads, as the engine does
+        ggml.ggml_backend_dev_by_type.restype = ctypes.c_void_p
+        ggml.ggml_backend_dev_by_type.argtypes = [ctypes.c_int]
+        ggml.ggml_backend_dev_buffer_type.restype = ctypes.c_void_p
+        ggml.ggml_backend_dev_buffer_type.argtypes = [ctypes.c_void_p]
+        cpu_buft = ggml.ggml_backend_dev_buffer_type(ggml.ggml_backend_dev_by_type(0))
+        kwargs["n_threads"] = os.cpu_count() or 1
+    res = run_llama(spec["model_path"], kwargs, spec["tokens"], devices=devices, use_extra_bufts=False,
+                    cpu_buft=cpu_buft)
     res["connect_s"] = connect_s
     res["imported_sharedllm"] = any(m == "sharedllm" or m.startswith("sharedllm.") for m in sys.modules)
     return res
 
 
 def run_raw_rpc(model_path: str, stages: list[tuple[str, int]], tensor_split: list[float], tokens: int,
-                timeout: float = 300.0) -> dict[str, Any]:
+                output_on_client: bool, timeout: float = 300.0) -> dict[str, Any]:
     """Run :func:`raw_rpc_child` in a fresh interpreter (llama.cpp aborts the process if an rpc-server misbehaves)."""
-    spec = {"model_path": model_path, "stages": stages, "tensor_split": tensor_split, "n_ctx": N_CTX, "tokens": tokens}
+    spec = {"model_path": model_path, "stages": stages, "tensor_split": tensor_split, "n_ctx": N_CTX, "tokens": tokens,
+            "output_on_client": output_on_client}
     with tempfile.TemporaryFile() as err:
         t0 = time.perf_counter()
         proc = subprocess.run(
@@ -230,10 +260,10 @@ def run_local(model_path: str, tokens: int, use_extra_bufts: bool) -> dict[str, 
     return run_llama(model_path, kwargs, tokens, devices=None, use_extra_bufts=use_extra_bufts)
 
 
-def run_mesh(mesh, tokens: int) -> tuple[dict[str, Any], Any]:
+def run_mesh(mesh, tokens: int, output_layer: str) -> tuple[dict[str, Any], Any]:
     """Load the model on the mesh (timed: planning, engine start, upload), stream one completion, close it."""
     t0 = time.perf_counter()
-    llm = mesh.load(MODEL_NAME, n_ctx=N_CTX)
+    llm = mesh.load(MODEL_NAME, n_ctx=N_CTX, output_layer=output_layer)
     load_s = time.perf_counter() - t0
     with llm:
         res = timed_stream(lambda: llm.create_completion(PROMPT, stream=True, **completion_kwargs(tokens)))
@@ -431,7 +461,7 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
         # Warm-up (not counted): page cache, the rpc-servers' tensor caches, and the topology raw-rpc reuses.
         for name, mesh in meshes.items():
             logger.info("warm-up: %s load and %d tokens", name, min(args.tokens, 8))
-            _, topos[name] = run_mesh(mesh, min(args.tokens, 8))
+            _, topos[name] = run_mesh(mesh, min(args.tokens, 8), args.output_layer)
         topo = topos[DIRECT]
         stages = [(s.endpoint, s.device_index) for s in topo.stages]
         split = topo.tensor_split
@@ -447,9 +477,9 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
                 elif name == LOCAL_DEFAULT:
                     res = run_local(model_path, args.tokens, use_extra_bufts=True)
                 elif name == RAW:
-                    res = run_raw_rpc(model_path, stages, split, args.tokens)
+                    res = run_raw_rpc(model_path, stages, split, args.tokens, topo.output_on_client)
                 else:
-                    res, t = run_mesh(meshes[name], args.tokens)
+                    res, t = run_mesh(meshes[name], args.tokens, args.output_layer)
                     if t.tensor_split != split or t.endpoints != topos[name].endpoints:
                         logger.warning("repeat %d planned another topology: %s %s", r + 1, t.endpoints, t.tensor_split)
                 res["repeat"] = r
@@ -480,7 +510,9 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
         "config": {"tokens": args.tokens, "repeats": args.repeats, "machines": args.machines, "n_ctx": N_CTX,
                    "model": model_path, "prompt": PROMPT, "completion_kwargs": completion_kwargs(args.tokens),
                    "local_threads": os.cpu_count(), "rpc_threads": "every core (LocalMesh default)",
-                   "client_threads": "llama-cpp-python defaults, in the engine and the raw-rpc child alike",
+                   "client_threads": "every core with the output layer on the client, else llama-cpp-python's "
+                                     "default; in the engine and the raw-rpc child alike",
+                   "output_layer": args.output_layer, "output_on_client": topo.output_on_client,
                    "rpc_env": args.rpc_env, "quiet_wait_s": args.quiet_wait},
         "topology": {"endpoints": topo.endpoints, "tensor_split": split, "stages": stages,
                      "plan": topo.to_dict()},
@@ -526,7 +558,8 @@ def report(result: dict[str, Any], markdown: bool) -> str:
     lines = [
         f"Gemma 3 270M Q4_K_M, n_ctx {cfg['n_ctx']}, {cfg['tokens']} greedy tokens, median of {cfg['repeats']} "
         f"interleaved repeats, {cfg['machines']} loopback machines (tensor_split {split}), "
-        f"{m['cpu_count']} CPUs, llama-cpp-python {m['llama_cpp_python']}"
+        f"{m['cpu_count']} CPUs, llama-cpp-python {m['llama_cpp_python']}, output layer on the "
+        + ("client" if cfg.get("output_on_client") else "last machine")
         + (f", rpc-server env {' '.join(cfg['rpc_env'])}" if cfg["rpc_env"] else ""),
         "",
         render(rows, markdown),
@@ -576,6 +609,9 @@ def main(argv: list[str] | None = None) -> int:
                         "(e.g. GOMP_SPINCOUNT=10000); local runs and engines do not get it")
     p.add_argument("--from-json", default=None, metavar="PATH",
                    help="print the table of an earlier results file instead of running the benchmark")
+    p.add_argument("--output-layer", choices=("auto", "client", "mesh"), default="auto",
+                   help="mesh.load(output_layer=...): where the vocabulary projection runs; raw-rpc follows the "
+                        "mesh's placement (default auto: the client, for Gemma's tied embeddings)")
     p.add_argument("--raw-rpc-child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
 
@@ -592,6 +628,10 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--tokens must be >= 2, --repeats and --machines >= 1")
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s %(message)s")
     logging.getLogger("distributed").setLevel(logging.WARNING)
+    from sharedllm.engine import OUTPUT_ON_CLIENT as engine_pattern
+
+    if OUTPUT_ON_CLIENT != engine_pattern:
+        raise SystemExit("bench_mesh.OUTPUT_ON_CLIENT must match sharedllm.engine.OUTPUT_ON_CLIENT")
     result = benchmark(args)
     return finish(result, args.out, report(result, args.markdown))
 

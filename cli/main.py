@@ -31,6 +31,12 @@ def _setup_logging(verbose: int) -> None:
     logging.getLogger("distributed").setLevel(logging.DEBUG if verbose > 1 else logging.ERROR)
 
 
+output_layer_option = click.option(
+    "--output-layer", type=click.Choice(["auto", "client", "mesh"]), default="auto", show_default=True,
+    help="where the vocabulary projection runs: client (no logits on the wire), mesh (the last machine), auto "
+         "(client when the model ties its embeddings)")
+
+
 def friendly_errors(fn):
     """Turn expected failures into one line on stderr and exit status 1 (2 for usage errors)."""
 
@@ -147,8 +153,9 @@ def up(machines: int, host: str, state_path: str | None, tls: bool, insecure_dir
 @click.option("--seed", default=None, type=int)
 @click.option("--n-ctx", default=2048, show_default=True)
 @click.option("--chat", is_flag=True, help="treat PROMPT as a user chat message (chat template from the GGUF)")
+@output_layer_option
 @friendly_errors
-def generate(model, prompt, scheduler, machines, max_tokens, temperature, seed, n_ctx, chat) -> None:
+def generate(model, prompt, scheduler, machines, max_tokens, temperature, seed, n_ctx, chat, output_layer) -> None:
     """Stream a completion of PROMPT by MODEL (a .gguf path or 'gemma-3-270m') to stdout."""
     from sharedllm import models
 
@@ -157,7 +164,7 @@ def generate(model, prompt, scheduler, machines, max_tokens, temperature, seed, 
     mesh, close = _connect(scheduler, machines)
     try:
         extra = {"seed": seed} if seed is not None else {}
-        with mesh.load(model, n_ctx=n_ctx, **extra) as llm:
+        with mesh.load(model, n_ctx=n_ctx, output_layer=output_layer, **extra) as llm:
             click.echo(str(llm.topology), err=True)
             kwargs = {"max_tokens": max_tokens, "temperature": temperature, "stream": True}
             if chat:

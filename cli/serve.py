@@ -18,7 +18,7 @@ from pathlib import Path
 
 import click
 
-from sharedllm.cli.main import friendly_errors
+from sharedllm.cli.main import friendly_errors, output_layer_option
 
 logger = logging.getLogger("sharedllm.cli.serve")
 
@@ -78,9 +78,10 @@ def _bind(host: str, port: int) -> socket.socket:
               help="seconds a request may wait for the model; longer is answered 503")
 @click.option("--n-ctx", default=2048, show_default=True, help="context length in tokens")
 @click.option("--machine", "machines", multiple=True, help="place the model only on these machines (repeatable)")
+@output_layer_option
 @friendly_errors
 def serve(scheduler, model_ref, model_name, host, port, api_keys, api_keys_file, insecure_no_auth, max_queue,
-          queue_timeout, n_ctx, machines) -> None:
+          queue_timeout, n_ctx, machines, output_layer) -> None:
     """Serve a model of the mesh with an OpenAI-compatible API (/v1/completions, /v1/chat/completions, ...)."""
     import uvicorn
 
@@ -106,7 +107,7 @@ def serve(scheduler, model_ref, model_name, host, port, api_keys, api_keys_file,
         path = mesh.resolve(model_ref)  # a catalog name or a URL becomes a local file here
         model_id = model_name or path.stem
         click.echo(f"loading {path.name} across the mesh at {scheduler}...", err=True)
-        llm = mesh.load(str(path), n_ctx=n_ctx, machines=list(machines) or None)
+        llm = mesh.load(str(path), n_ctx=n_ctx, machines=list(machines) or None, output_layer=output_layer)
         stack.callback(llm.close)
         click.echo(str(llm.topology), err=True)
         app = create_app(llm, model_id=model_id, api_keys=keys, max_queue=max_queue, queue_timeout=queue_timeout)

@@ -51,6 +51,8 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from sharedllm.placement import Stage
+
 logger = logging.getLogger("sharedllm.metrics")
 
 PREFIX = "sharedllm"
@@ -98,16 +100,7 @@ class StageView:
     end: int
     n_layer: int
     bytes: int
-
-    @property
-    def layers(self) -> str:
-        """The range for humans, as the topology table writes it: ``"0-17"``, ``"18-25 + output"``, ``"output"``."""
-        has_output = self.end == self.n_layer + 1
-        last = self.end - 1 if has_output else self.end
-        text = "" if last <= self.first else str(self.first) if last - self.first == 1 else f"{self.first}-{last - 1}"
-        if has_output:
-            text = f"{text} + output" if text else "output"
-        return text
+    layers: str  # the range for humans, as the topology table writes it (``Stage.describe_layers``)
 
 
 def session_stages(sessions: Iterable[dict]) -> list[StageView]:
@@ -118,10 +111,11 @@ def session_stages(sessions: Iterable[dict]) -> list[StageView]:
         n_layer = int(topo.get("n_layer", 0))
         for st in topo.get("stages", []):
             first = int(st["first_slot"])
+            stage = Stage.from_dict(st)
             out.append(StageView(
                 session_id=s["session_id"], model=s.get("model", "?"), machine_id=st["machine_id"],
                 device=str(st.get("device_name") or "?"), first=first, end=first + int(st["n_slots"]), n_layer=n_layer,
-                bytes=int(st.get("weight_bytes", 0)) + int(st.get("kv_bytes", 0)) + int(st.get("compute_bytes", 0)),
+                bytes=stage.total_bytes, layers=stage.describe_layers(),
             ))
     return out
 

@@ -163,10 +163,11 @@ class Mesh:
         headroom: float = 0.10,
         machines: list[str] | None = None,
         max_devices: int | None = None,
+        output_layer: str = "auto",
     ) -> Topology:
         """Plan a topology for ``model`` without loading it. Raises ``ModelTooLarge`` when the mesh cannot hold it."""
         path = self.resolve(model)
-        estimate = gguf.estimate_memory(gguf.read_gguf(path), n_ctx)
+        estimate = _estimate(path, n_ctx, output_layer)
         from sharedllm.ggml import build_info
 
         d = self._call(
@@ -197,6 +198,7 @@ class Mesh:
         min_trust: float | None = None,
         labels: dict[str, str] | None = None,
         on_progress: Callable[[float], None] | None = None,
+        output_layer: str = "auto",
         **llama_kwargs,
     ) -> MeshModel:
         """Load ``model`` across the mesh and return a handle with ``llama_cpp.Llama``'s completion methods.
@@ -215,6 +217,14 @@ class Mesh:
         score of at least 0.7; ``min_trust`` sets a minimum score; ``labels`` (e.g. ``{"owner": "alice"}``) must
         match the machines' ``--label``s. When no machine qualifies the load fails; it never goes elsewhere, and
         recoveries keep the same restrictions.
+
+        ``output_layer``: where the output layer (final norm and vocabulary projection) runs. ``"client"``: on this
+        machine's CPU, so the mesh sends back n_embd floats a token instead of n_vocab logits (1 MiB a token for
+        Gemma's 262k vocabulary) and holds neither the projection nor the logits buffer; this machine computes the
+        projection. ``"mesh"``: on the last machine, as plain llama.cpp RPC does. ``"auto"`` (default): ``"client"``
+        when the model ties its embeddings (this machine maps that matrix for the input embeddings anyway),
+        otherwise ``"mesh"``. Prefer ``"mesh"`` for a large vocabulary when the mesh has GPUs on a fast LAN and this
+        machine a slow CPU.
         """
         from sharedllm.ggml import build_info
 
@@ -222,7 +232,7 @@ class Mesh:
             raise ValueError(f"max_recoveries must be >= 0, got {max_recoveries}")
         build_info()  # measured once per library build and cached; not part of planning time
         path = self.resolve(model)
-        estimate = gguf.estimate_memory(gguf.read_gguf(path), n_ctx)
+        estimate = _estimate(path, n_ctx, output_layer)
         handle = MeshModel(
             self, path, estimate,
             plan_kwargs={"strategy": strategy, "headroom": headroom, "machines": machines, "max_devices": max_devices,
@@ -240,6 +250,18 @@ class Mesh:
             self._call(handler, **kwargs)
         except Exception as exc:
             logger.debug("could not report %s: %s", handler, exc)
+
+
+OUTPUT_LAYERS = ("auto", "client", "mesh")
+
+
+def _estimate(path: Path, n_ctx: int, output_layer: str) -> gguf.ModelEstimate:
+    """The model's memory estimate, with ``output_layer`` (see ``Mesh.load``) resolved."""
+    if output_layer not in OUTPUT_LAYERS:
+        raise ValueError(f"output_layer must be one of {', '.join(OUTPUT_LAYERS)}, got {output_layer!r}")
+    parsed = gguf.read_gguf(path)
+    on_client = output_layer == "client" or (output_layer == "auto" and gguf.ties_embeddings(parsed))
+    return gguf.estimate_memory(parsed, n_ctx, output_on_client=on_client)
 
 
 def _engine_stages(topo: Topology, relays: dict[str, dict]) -> list[EngineStage]:
@@ -364,6 +386,7 @@ class MeshModel:
                 stages=stages,
                 tensor_split=topo.tensor_split,
                 llama_kwargs=self._llama_kwargs,
+                output_on_client=self.estimate.output_on_client,
             )
             self._engine = Engine(spec, load_timeout=self._load_timeout, token_timeout=self._token_timeout,
                                   on_progress=self._on_progress or _log_progress(name))

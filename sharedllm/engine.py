@@ -82,6 +82,7 @@ class EngineSpec:
     # token alone, and a batch of one takes other kernels than the full prompt: greedy text can then differ from a
     # fresh run. True trades that reproducibility for speed on long shared prefixes (chat).
     reuse_prompt_cache: bool = False
+    output_on_client: bool = False  # see OUTPUT_ON_CLIENT
 
 
 # --- framing, shared by both sides -------------------------------------------------------------------------------
@@ -359,11 +360,22 @@ def _watch_parent(parent_pid: int) -> None:
         time.sleep(0.5)
 
 
-def build_llama(model_path: str, *, devices: list[int] = (), use_extra_bufts: bool = False, progress=None, **kwargs):
+# The output layer's tensors (its norm, and the projection: ``output.weight``, or ``token_embd.weight`` loaded a second
+# time when the embeddings are tied) as a ``tensor_buft_overrides`` pattern. With them on the client's CPU the mesh's
+# last machine returns the final hidden state (n_embd floats) instead of the logits (n_vocab floats: 1 MiB a token
+# for a 262k vocabulary) and holds neither the projection nor the logits' compute buffer; the client computes the
+# projection with the same CPU kernels an rpc-server would, so greedy output is unchanged. Tied embeddings cost the
+# client no extra weight memory: the duplicate maps the same file pages as the input embeddings.
+OUTPUT_ON_CLIENT = r"^(output|output_norm|token_embd)\.weight$"
+
+
+def build_llama(model_path: str, *, devices: list[int] = (), use_extra_bufts: bool = False, progress=None,
+                output_on_client: bool = False, **kwargs):
     """Construct ``llama_cpp.Llama`` with the model parameters its constructor does not expose.
 
     ``devices`` (raw ggml device handles) become ``llama_model_params.devices``; ``use_extra_bufts=False`` gives the
     CPU kernels an rpc-server uses, which makes local greedy output the oracle for mesh output (see NOTES).
+    ``output_on_client`` keeps the output layer on this process's CPU (:data:`OUTPUT_ON_CLIENT`).
     Call it in a process that may die: with RPC devices llama.cpp aborts on a lost server.
     """
     import ctypes
@@ -371,13 +383,23 @@ def build_llama(model_path: str, *, devices: list[int] = (), use_extra_bufts: bo
     import llama_cpp
     import llama_cpp.llama_cpp as lib
 
+    class _Override(ctypes.Structure):  # struct llama_model_tensor_buft_override
+        _fields_ = [("pattern", ctypes.c_char_p), ("buft", ctypes.c_void_p)]
+
     dev_array = (ctypes.c_void_p * (len(devices) + 1))(*devices, None)
+    overrides = None
+    if output_on_client and devices:
+        from sharedllm import ggml
+
+        overrides = (_Override * 2)(_Override(OUTPUT_ON_CLIENT.encode(), ggml.cpu_buffer_type()), _Override(None, None))
     original = lib.llama_model_default_params
 
     def patched():
         params = original()
         if devices:
             params.devices = ctypes.cast(dev_array, ctypes.c_void_p)
+        if overrides is not None:
+            params.tensor_buft_overrides = ctypes.cast(overrides, ctypes.c_void_p)
         params.use_extra_bufts = use_extra_bufts
         if progress is not None:
             params.progress_callback = progress
@@ -389,7 +411,7 @@ def build_llama(model_path: str, *, devices: list[int] = (), use_extra_bufts: bo
         llm = llama_cpp.Llama(model_path=model_path, **kwargs)
     finally:
         lib.llama_model_default_params = original
-    llm._sharedllm_keepalive = (dev_array, progress)  # the C side keeps pointers to both
+    llm._sharedllm_keepalive = (dev_array, overrides, progress)  # the C side keeps pointers to them
     if "chat_format" not in kwargs and "chat_handler" not in kwargs:
         fallback = _fallback_chat_format(llm.metadata)
         if fallback:
@@ -435,8 +457,12 @@ def _build_llama(spec: EngineSpec, out_fd: int, phases: dict[str, float]):
     if handles:
         kwargs["n_gpu_layers"] = -1
         kwargs["tensor_split"] = spec.tensor_split or None
+        if spec.output_on_client:
+            # The projection is the client's largest matmul (Gemma 3 270M: 168M of its 268M weights); llama-cpp-python
+            # would give it half the cores. The rest of a token's time the client waits on the network.
+            kwargs.setdefault("n_threads", os.cpu_count() or 1)
     llm = build_llama(spec.model_path, devices=handles, use_extra_bufts=spec.use_extra_bufts, progress=progress,
-                      **kwargs)
+                      output_on_client=spec.output_on_client, **kwargs)
     phases["built"] = time.monotonic()
     return llm, devices
 

@@ -76,6 +76,8 @@ def _libs() -> tuple[ctypes.CDLL, ctypes.CDLL]:
         ("ggml_backend_reg_dev_count", sz, [vp]),
         ("ggml_backend_reg_dev_get", vp, [vp, sz]),
         ("ggml_backend_load_all", None, []),
+        ("ggml_backend_dev_by_type", vp, [ctypes.c_int]),
+        ("ggml_backend_dev_buffer_type", vp, [vp]),
     ]:
         fn = getattr(ggml, name)
         fn.restype, fn.argtypes = res, args
@@ -122,6 +124,15 @@ def _local_handles() -> list[tuple[Device, int]]:
 def local_devices() -> list[Device]:
     """The devices this process's ggml can use (CPU, plus CUDA GPUs in a CUDA build). RPC devices are excluded."""
     return [d for d, _ in _local_handles() if not d.name.startswith("RPC")]
+
+
+def cpu_buffer_type() -> int:
+    """The local CPU's buffer type (``ggml_backend_cpu_buffer_type()``), for ``tensor_buft_overrides``."""
+    ggml, _ = _libs()
+    dev = ggml.ggml_backend_dev_by_type(0)  # GGML_BACKEND_DEVICE_TYPE_CPU
+    if not dev:
+        raise RuntimeError("this llama-cpp-python build has no CPU backend")
+    return ggml.ggml_backend_dev_buffer_type(dev)
 
 
 def default_server_devices(devices: list[Device] | None = None) -> list[str]:

@@ -173,6 +173,8 @@ class ModelEstimate:
     input_bytes: int  # stays on the client
     compute_bytes: int  # compute buffer on each participating device
     file_bytes: int
+    # True: the output layer (norm and projection) runs on the client's CPU; slot n_layer holds nothing on the mesh.
+    output_on_client: bool = False
 
     def slot_bytes(self) -> tuple[int, ...]:
         """Bytes per slot (weights + KV), ``n_layer + 1`` entries, the output layer last."""
@@ -462,8 +464,19 @@ def _per_layer(gguf: GGUFFile, key: str, default: int) -> tuple[int, ...]:
     return (_int_param(gguf, key, default),) * n_layer
 
 
-def estimate_memory(gguf: GGUFFile, n_ctx: int, *, n_ubatch: int = 512, kv_type_bytes: int = 2) -> ModelEstimate:
-    """Bytes per llama.cpp layer slot for a context of ``n_ctx`` tokens (F16 KV cache by default)."""
+def ties_embeddings(gguf: GGUFFile) -> bool:
+    """True when the model has no ``output.weight``: its token embeddings double as the output projection."""
+    return gguf.tensor("output.weight") is None and gguf.tensor("token_embd.weight") is not None
+
+
+def estimate_memory(gguf: GGUFFile, n_ctx: int, *, n_ubatch: int = 512, kv_type_bytes: int = 2,
+                    output_on_client: bool = False) -> ModelEstimate:
+    """Bytes per llama.cpp layer slot for a context of ``n_ctx`` tokens (F16 KV cache by default).
+
+    ``output_on_client``: the output layer stays on the client (see ``sharedllm.engine.OUTPUT_ON_CLIENT``): its
+    slot weighs nothing on the mesh, the projection's bytes count as the client's (none when tied: the client maps
+    token_embd anyway), and no mesh device holds the logits, the largest part of a compute buffer for a big vocabulary.
+    """
     if n_ctx < 1 or n_ubatch < 1 or kv_type_bytes <= 0:
         raise ValueError(f"n_ctx {n_ctx}, n_ubatch {n_ubatch} and kv_type_bytes {kv_type_bytes} must be positive")
     n_layer = gguf.n_layer
@@ -478,9 +491,12 @@ def estimate_memory(gguf: GGUFFile, n_ctx: int, *, n_ubatch: int = 512, kv_type_
         else:
             input_ += t.nbytes  # token_embd and the other global tensors stay on the client's CPU
     token_embd = gguf.tensor("token_embd.weight")
-    if gguf.tensor("output.weight") is None and token_embd is not None:
+    if ties_embeddings(gguf) and not output_on_client:
         # Tied embeddings (Gemma...): llama.cpp loads a second copy of token_embd on the output layer's device.
         output += token_embd.nbytes
+    if output_on_client:
+        input_ += output
+        output = 0
 
     n_embd = _int_param(gguf, "embedding_length")
     n_heads = _per_layer(gguf, "attention.head_count", 0)
@@ -500,7 +516,7 @@ def estimate_memory(gguf: GGUFFile, n_ctx: int, *, n_ubatch: int = 512, kv_type_
 
     n_vocab = token_embd.shape[1] if token_embd is not None and len(token_embd.shape) > 1 else 0
     n_ff = max(_per_layer(gguf, "feed_forward_length", 0))
-    compute = _compute_bytes(n_embd, n_ff, n_vocab, n_head, n_kv_cells, n_ubatch)
+    compute = _compute_bytes(n_embd, n_ff, 0 if output_on_client else n_vocab, n_head, n_kv_cells, n_ubatch)
 
     return ModelEstimate(
         path=gguf.path,
@@ -513,6 +529,7 @@ def estimate_memory(gguf: GGUFFile, n_ctx: int, *, n_ubatch: int = 512, kv_type_
         input_bytes=input_,
         compute_bytes=compute,
         file_bytes=gguf.file_size,
+        output_on_client=output_on_client,
     )
 
 

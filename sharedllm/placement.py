@@ -61,6 +61,12 @@ class Stage:
     kv_bytes: int
     compute_bytes: int
     has_output: bool  # holds slot n_layer (the output layer)
+    output_on_client: bool = False  # slot n_layer is empty here: the output layer runs on the client
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Stage:
+        """A stage from ``asdict``'s output (unknown keys are ignored)."""
+        return cls(**{k: v for k, v in d.items() if k in _STAGE_KEYS})
 
     @property
     def total_bytes(self) -> int:
@@ -78,7 +84,8 @@ class Stage:
         return range(self.first_slot, self.end_slot - 1 if self.has_output else self.end_slot)
 
     def describe_layers(self) -> str:
-        """The slot range for humans: ``"0-8"``, ``"9-17 + output"``, ``"output"``."""
+        """The slot range for humans: ``"0-8"``, ``"9-17 + output"``, ``"output"``. The output slot is not named
+        when the output layer runs on the client."""
         layers = self.layers
         if not layers:
             text = ""
@@ -86,9 +93,12 @@ class Stage:
             text = str(layers.start)
         else:
             text = f"{layers.start}-{layers.stop - 1}"
-        if self.has_output:
+        if self.has_output and (not self.output_on_client or not text):
             text = f"{text} + output" if text else "output"
         return text
+
+
+_STAGE_KEYS = frozenset(f.name for f in fields(Stage))
 
 
 @dataclass(frozen=True)
@@ -100,6 +110,7 @@ class Topology:
     n_ctx: int
     stages: tuple[Stage, ...]
     planning_ms: float = 0.0
+    output_on_client: bool = False  # the output layer runs on the client: no logits cross the network
 
     def __post_init__(self) -> None:
         # A topology crosses Dask RPC as a dict: refuse one that llama.cpp would place differently from what it claims.
@@ -147,25 +158,27 @@ class Topology:
             "n_layer": self.n_layer,
             "n_ctx": self.n_ctx,
             "planning_ms": self.planning_ms,
+            "output_on_client": self.output_on_client,
             "stages": [asdict(s) for s in self.stages],
         }
 
     @classmethod
     def from_dict(cls, d: dict) -> Topology:
         """Rebuild a topology from :meth:`to_dict`'s output (unknown keys are ignored)."""
-        stage_keys = {f.name for f in fields(Stage)}
-        stages = tuple(Stage(**{k: v for k, v in s.items() if k in stage_keys}) for s in d["stages"])
+        stages = tuple(Stage.from_dict(s) for s in d["stages"])
         return cls(
             model=d["model"],
             n_layer=int(d["n_layer"]),
             n_ctx=int(d["n_ctx"]),
             stages=stages,
             planning_ms=float(d.get("planning_ms", 0.0)),
+            output_on_client=bool(d.get("output_on_client", False)),
         )
 
     def __str__(self) -> str:
         header = (
-            f"model {os.path.basename(self.model)}: {self.n_layer} layers + output, n_ctx={self.n_ctx}, "
+            f"model {os.path.basename(self.model)}: {self.n_layer} layers + output"
+            f"{' (on the client)' if self.output_on_client else ''}, n_ctx={self.n_ctx}, "
             f"{len(self.stages)} device(s) on {len(self.machines)} machine(s), {gib(self.total_bytes)} in all"
         )
         head = ("machine", "endpoint", "device", "layers", "weights", "kv cache", "compute", "total")
@@ -281,6 +294,7 @@ def plan(
         n_ctx=estimate.n_ctx,
         stages=stages,
         planning_ms=(time.perf_counter() - t0) * 1000.0,
+        output_on_client=estimate.output_on_client,
     )
     log.debug("planned %s with %s in %.2f ms: %s", estimate.path, strategy, topology.planning_ms, topology.tensor_split)
     return topology
@@ -507,6 +521,7 @@ def _stages(
                 kv_bytes=sum(estimate.layer_kv_bytes[start:layer_end]),
                 compute_bytes=estimate.compute_bytes,
                 has_output=has_output,
+                output_on_client=estimate.output_on_client,
             )
         )
         start = end

@@ -336,8 +336,10 @@ def _state() -> tuple[list[dict], list[dict]]:
     ]
     stage = {"endpoint": "x:50052", "device_index": 0, "kv_bytes": gib_, "compute_bytes": gib_}
     sessions = [{"session_id": "s1", "model": "m.gguf", "machines": ["a", "b"], "topology": {"n_layer": 10, "stages": [
-        {**stage, "machine_id": "a", "device_name": "CUDA0", "first_slot": 0, "n_slots": 8, "weight_bytes": 8 * gib_},
-        {**stage, "machine_id": "b", "device_name": "CPU", "first_slot": 8, "n_slots": 3, "weight_bytes": 3 * gib_},
+        {**stage, "machine_id": "a", "device_name": "CUDA0", "first_slot": 0, "n_slots": 8, "weight_bytes": 8 * gib_,
+         "has_output": False},
+        {**stage, "machine_id": "b", "device_name": "CPU", "first_slot": 8, "n_slots": 3, "weight_bytes": 3 * gib_,
+         "has_output": True},
     ]}}]
     return machines, sessions
 

@@ -36,6 +36,7 @@ from sharedllm.gguf import (
     Skipped,
     estimate_memory,
     read_gguf,
+    ties_embeddings,
 )
 
 MODEL_NAME = "gemma-3-270m-q4_k_m.gguf"
@@ -199,6 +200,22 @@ def test_estimate_real_gemma(gemma):
     assert ModelEstimate.from_dict(est.to_dict()) == est
 
 
+def test_estimate_with_the_output_layer_on_the_client(gemma):
+    mesh, client = estimate_memory(gemma, 2048), estimate_memory(gemma, 2048, output_on_client=True)
+    assert ties_embeddings(gemma) and client.output_on_client and not mesh.output_on_client
+    assert client.output_bytes == 0 and client.layer_weight_bytes == mesh.layer_weight_bytes
+    # Tied: the client maps token_embd for the input anyway; the output norm (a few KiB) joins it there.
+    embd = gemma.tensor("token_embd.weight").nbytes
+    assert client.input_bytes == mesh.output_bytes - embd + mesh.input_bytes
+    assert client.device_bytes < mesh.device_bytes - embd
+    # No logits on the mesh: llama.cpp's compute buffer on an rpc-server's CPU device then measured 18.51 MiB at n_ctx
+    # 512 (against 539.30 MiB on the device holding the output layer), n_ubatch 512.
+    MiB = 1 << 20
+    small = estimate_memory(gemma, 512, output_on_client=True).compute_bytes
+    assert 18.51 * MiB <= small <= 1.5 * 18.51 * MiB
+    assert ModelEstimate.from_dict(client.to_dict()) == client
+
+
 # --- synthetic files --------------------------------------------------------------------------------------------
 
 
@@ -240,6 +257,9 @@ def test_synthetic_estimate(tmp_path):
     assert est.layer_weight_bytes == (4352 + 9216, 4352 + 9216)
     assert est.output_bytes == 256 + 6800  # untied: output.weight, no token_embd copy
     assert est.input_bytes == 12800
+    assert not ties_embeddings(g)
+    on_client = estimate_memory(g, 100, kv_type_bytes=2, output_on_client=True)
+    assert on_client.output_bytes == 0 and on_client.input_bytes == 12800 + 256 + 6800  # the client holds output.weight
     # n_ctx rounds up to 256 cells; per-layer KV heads 2 and 1; head dim 64 / 4 = 16 for K and V.
     assert est.layer_kv_bytes == (256 * 2 * 32 * 2, 256 * 1 * 32 * 2)
     assert est.compute_bytes > 100 * 512 * 4  # at least the logits of one micro-batch

@@ -336,6 +336,21 @@ def test_stage_describes_output_only():
     assert s.layers == range(18, 18) and s.describe_layers() == "output"
 
 
+def test_output_layer_on_the_client_splits_the_layers_evenly():
+    # The output slot weighs nothing on the mesh (sharedllm.gguf.estimate_memory(output_on_client=True)).
+    est = dataclasses.replace(estimate(output=0), output_on_client=True)
+    devs = [device("alpha", GiB), device("beta", GiB)]
+    topo = plan(devs, est)
+    check_invariants(topo, est, devs)
+    assert topo.output_on_client and [s.describe_layers() for s in topo.stages] == ["0-8", "9-17"]
+    assert "18 layers + output (on the client)" in str(topo)
+    assert Topology.from_dict(topo.to_dict()) == topo
+    # Against the output on the mesh, where the 170 MiB output slot pulls the split towards the first machine.
+    on_mesh = plan(devs, estimate())
+    assert not on_mesh.output_on_client and on_mesh.stages[-1].describe_layers().endswith("output")
+    assert on_mesh.stages[0].n_slots > topo.stages[0].n_slots
+
+
 def test_shuffled_input_gives_the_same_topology():
     est = estimate(n_layer=60, layer_weight=30 * MB, output=200 * MB, compute=32 * MB)
     rng = random.Random(7)

@@ -15,7 +15,7 @@ import psutil
 import pytest
 
 from sharedllm.relay import ClientRelay, TokenError, parse_endpoint
-from tests.conftest import ACCEPTED, HELLO, PROMPT, everything_until_closed, machine, wait_for
+from tests.conftest import ACCEPTED, HELLO, N_CTX, PROMPT, everything_until_closed, machine, wait_for
 
 pytestmark = pytest.mark.mesh
 
@@ -105,3 +105,28 @@ def test_insecure_direct_rpc_is_a_switch_with_a_warning(local_greedy, model_path
             assert llm._lease_relays == {}
             out = llm.create_completion(PROMPT, max_tokens=64, temperature=0)["choices"][0]["text"]
     assert out == local_greedy["completion"]
+
+
+def test_output_layer_on_the_client_keeps_the_logits_off_the_wire(mesh, local_greedy):
+    """Gemma ties its embeddings: by default the client runs the output layer, and the last machine's relay sends back
+    a hidden state per token instead of 1 MiB of logits. Both placements give the local greedy text."""
+    two = ["machine-1", "machine-2"]
+    relay = psutil.Process(machine(mesh, "machine-2")["rpc"]["relay"]["pid"])
+    sent, topologies = {}, {}
+    for where in ("auto", "mesh"):
+        with mesh.load("gemma-3-270m", n_ctx=N_CTX, machines=two, output_layer=where) as llm:
+            topologies[where] = llm.topology
+            before = relay.io_counters().write_chars
+            out = llm.create_completion(PROMPT, max_tokens=64, temperature=0)
+            sent[where] = relay.io_counters().write_chars - before
+            assert out["choices"][0]["text"] == local_greedy["completion"], where
+    client, on_mesh = topologies["auto"], topologies["mesh"]
+    assert client.output_on_client and not on_mesh.output_on_client
+    logits = 262_144 * 4  # Gemma 3's vocabulary, float32, per token
+    assert sent["mesh"] > 64 * logits  # each token's logits cross the relay (to the client, and encrypted)
+    assert sent["auto"] < 64 * logits / 20
+    # The mesh holds neither the projection (a copy of token_embd) nor the logits' compute buffer.
+    assert on_mesh.total_bytes - client.total_bytes > 150 << 20
+    assert all(not s.describe_layers().endswith("output") for s in client.stages)
+    with pytest.raises(ValueError, match="output_layer"):
+        mesh.load("gemma-3-270m", n_ctx=N_CTX, output_layer="gpu")
