@@ -235,9 +235,13 @@ def run_raw_rpc(model_path: str, stages: list[tuple[str, int]], tensor_split: li
             "output_on_client": output_on_client}
     with tempfile.TemporaryFile() as err:
         t0 = time.perf_counter()
+        # The environment the engine gives its child (sharedllm.engine.Engine.start): OpenMP threads that sleep soon
+        # between network waits instead of spinning against the rpc-servers on the same cores.
+        env = dict(os.environ)
+        env.setdefault("GOMP_SPINCOUNT", "10000")
         proc = subprocess.run(
             [sys.executable, os.path.abspath(__file__), "--raw-rpc-child", json.dumps(spec)],
-            stdout=subprocess.PIPE, stderr=err, stdin=subprocess.DEVNULL, timeout=timeout, text=True,
+            stdout=subprocess.PIPE, stderr=err, stdin=subprocess.DEVNULL, timeout=timeout, text=True, env=env,
         )
         wall = time.perf_counter() - t0
         err.seek(0)
