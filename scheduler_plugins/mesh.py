@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import os
 import secrets
 import time
@@ -654,7 +655,8 @@ class MeshPlugin(SchedulerPlugin):
         if over:
             why, retry = over
             logger.warning("rate limit: %s", why)
-            raise RateLimited(f"{why}; retry in {retry:.0f}s", retry_after=retry)
+            when = "" if math.isinf(retry) else f"; retry in {math.ceil(retry)}s"  # banned: no retry helps
+            raise RateLimited(f"{why}{when}", retry_after=retry)
 
     async def handle_request(self, session_id: str) -> dict:
         """Called by a client before each generation request: the per-client rate limits."""

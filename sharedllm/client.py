@@ -167,7 +167,7 @@ class Mesh:
     ) -> Topology:
         """Plan a topology for ``model`` without loading it. Raises ``ModelTooLarge`` when the mesh cannot hold it."""
         path = self.resolve(model)
-        estimate = _estimate(path, n_ctx, output_layer)
+        estimate = self._estimate(path, n_ctx, output_layer, machines)
         from sharedllm.ggml import build_info
 
         d = self._call(
@@ -222,9 +222,8 @@ class Mesh:
         machine's CPU, so the mesh sends back n_embd floats a token instead of n_vocab logits (1 MiB a token for
         Gemma's 262k vocabulary) and holds neither the projection nor the logits buffer; this machine computes the
         projection. ``"mesh"``: on the last machine, as plain llama.cpp RPC does. ``"auto"`` (default): ``"client"``
-        when the model ties its embeddings (this machine maps that matrix for the input embeddings anyway),
-        otherwise ``"mesh"``. Prefer ``"mesh"`` for a large vocabulary when the mesh has GPUs on a fast LAN and this
-        machine a slow CPU.
+        when the model ties its embeddings (this machine maps that matrix for the input embeddings anyway) and
+        the mesh serves CPUs only (a GPU does the projection faster than this machine's CPU), otherwise ``"mesh"``.
         """
         from sharedllm.ggml import build_info
 
@@ -232,7 +231,7 @@ class Mesh:
             raise ValueError(f"max_recoveries must be >= 0, got {max_recoveries}")
         build_info()  # measured once per library build and cached; not part of planning time
         path = self.resolve(model)
-        estimate = _estimate(path, n_ctx, output_layer)
+        estimate = self._estimate(path, n_ctx, output_layer, machines)
         handle = MeshModel(
             self, path, estimate,
             plan_kwargs={"strategy": strategy, "headroom": headroom, "machines": machines, "max_devices": max_devices,
@@ -244,6 +243,19 @@ class Mesh:
         handle._open()
         return handle
 
+    def _estimate(self, path: Path, n_ctx: int, output_layer: str, machines: list[str] | None
+                  ) -> gguf.ModelEstimate:
+        """The model's memory estimate, with ``output_layer`` (see :meth:`load`) resolved."""
+        if output_layer not in OUTPUT_LAYERS:
+            raise ValueError(f"output_layer must be one of {', '.join(OUTPUT_LAYERS)}, got {output_layer!r}")
+        parsed = gguf.read_gguf(path)
+        on_client = output_layer == "client"
+        if output_layer == "auto" and gguf.ties_embeddings(parsed):
+            on_client = not any(d.get("kind") in ("gpu", "igpu") for m in self.machines()
+                                if machines is None or m["machine_id"] in machines
+                                for d in (m.get("rpc") or {}).get("devices") or [])
+        return gguf.estimate_memory(parsed, n_ctx, output_on_client=on_client)
+
     def _report(self, handler: str, **kwargs) -> None:
         # Statistics for the dashboard: never let a slow or gone scheduler break generation.
         try:
@@ -253,15 +265,6 @@ class Mesh:
 
 
 OUTPUT_LAYERS = ("auto", "client", "mesh")
-
-
-def _estimate(path: Path, n_ctx: int, output_layer: str) -> gguf.ModelEstimate:
-    """The model's memory estimate, with ``output_layer`` (see ``Mesh.load``) resolved."""
-    if output_layer not in OUTPUT_LAYERS:
-        raise ValueError(f"output_layer must be one of {', '.join(OUTPUT_LAYERS)}, got {output_layer!r}")
-    parsed = gguf.read_gguf(path)
-    on_client = output_layer == "client" or (output_layer == "auto" and gguf.ties_embeddings(parsed))
-    return gguf.estimate_memory(parsed, n_ctx, output_on_client=on_client)
 
 
 def _engine_stages(topo: Topology, relays: dict[str, dict]) -> list[EngineStage]:

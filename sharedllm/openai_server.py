@@ -340,14 +340,21 @@ def _sse(data: Any) -> bytes:
     return b"data: " + json.dumps(data, ensure_ascii=False, separators=(",", ":")).encode() + b"\n\n"
 
 
-class _EventStream(StreamingResponse):
-    """Server-sent events; however the response ends (done, error, client gone), the generation is cancelled."""
+class _EventStream(Response):
+    """Server-sent events; however the response ends (done, error, client gone), the generation is cancelled.
+
+    A bare ASGI response rather than Starlette's ``StreamingResponse``, which runs an anyio task group per response
+    (to watch for a disconnect beside the stream): ~0.2-0.3 ms more to the first event, measured with uvicorn here.
+    One asyncio task watches for the disconnect instead.
+    """
 
     media_type = "text/event-stream"
 
     def __init__(self, generation: _Generation, first: dict, param: str):
         self._generation = generation
-        super().__init__(self._events(first, param), headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        self._body = self._events(first, param)
+        self.status_code, self.background = 200, None
+        self.init_headers({"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})  # no body: no Content-Length
 
     async def _events(self, first: dict, param: str) -> AsyncIterator[bytes]:
         # Chunks that came together leave in one write; a chunk with text is never held back waiting for the next.
@@ -380,10 +387,22 @@ class _EventStream(StreamingResponse):
             return
 
     async def __call__(self, scope, receive, send) -> None:
+        watcher = asyncio.ensure_future(self._cancel_on_disconnect(receive))
         try:
-            await super().__call__(scope, receive, send)
+            await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+            async for data in self._body:
+                await send({"type": "http.response.body", "body": data, "more_body": True})
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
         finally:
+            watcher.cancel()
             self._generation.cancel()
+
+    async def _cancel_on_disconnect(self, receive) -> None:
+        # The client hung up: stop generating (the stream then ends after the chunk in flight; the server drops what
+        # is sent to a closed connection).
+        while (await receive())["type"] != "http.disconnect":
+            pass
+        self._generation.cancel()
 
 
 # --- request and response schemas --------------------------------------------------------------------------------

@@ -395,3 +395,21 @@ def test_fuzz(tmp_path):
     assert time.perf_counter() - start < 10
     assert outcomes["ok"] and outcomes["invalid"], outcomes
     log.info("fuzz outcomes: %s", outcomes)
+
+
+def test_auto_output_layer_stays_on_the_mesh_when_it_serves_a_gpu(gemma, monkeypatch):
+    from sharedllm.client import Mesh
+
+    mesh = Mesh.__new__(Mesh)  # no scheduler: only its machine table is read, and that is faked (no GPU here)
+    table = [{"machine_id": "a", "rpc": {"devices": [{"name": "CPU", "kind": "cpu"}]}},
+             {"machine_id": "b", "rpc": {"devices": [{"name": "CUDA0", "kind": "gpu"},
+                                                     {"name": "CPU", "kind": "cpu"}]}},
+             {"machine_id": "c", "rpc": None}]
+    monkeypatch.setattr(mesh, "machines", lambda: table)
+    path = pathlib.Path(gemma.path)
+    assert not mesh._estimate(path, 2048, "auto", None).output_on_client  # b's GPU projects faster than our CPU
+    assert mesh._estimate(path, 2048, "auto", ["a", "c"]).output_on_client  # CPUs only: the logits stay home
+    assert mesh._estimate(path, 2048, "client", None).output_on_client
+    assert not mesh._estimate(path, 2048, "mesh", ["a"]).output_on_client
+    with pytest.raises(ValueError, match="output_layer must be one of auto, client, mesh"):
+        mesh._estimate(path, 2048, "gpu", None)
