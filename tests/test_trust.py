@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import subprocess
 import sys
@@ -193,6 +194,9 @@ def test_rate_limit_trips_then_recovers(guarded_mesh):
                 for _ in range(10):
                     llm.create_completion(PROMPT, max_tokens=1, temperature=0)
             assert 0 < err.value.retry_after <= 15 and "requests/minute" in str(err.value)
+            # The message rounds the wait up: never "retry in 0s".
+            assert f"retry in {math.ceil(err.value.retry_after)}s" in str(err.value)
+            assert "retry in 0s" not in str(err.value)
             time.sleep(err.value.retry_after + 0.5)
             assert llm.create_completion(PROMPT, max_tokens=1, temperature=0)["choices"][0]["text"]
 
