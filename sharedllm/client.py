@@ -490,8 +490,9 @@ class MeshModel:
         if kwargs.get("temperature", 0.8) > 0 and kwargs.get("seed") is None and "seed" not in self._llama_kwargs:
             # A replay after a lost machine must draw the same random numbers: fix the seed now.
             kwargs["seed"] = random.randrange(2**31)
+        on_accepted = kwargs.pop("on_accepted", None)
         if kwargs.pop("stream", False):
-            return self._stream(method, kwargs)
+            return self._stream(method, kwargs, on_accepted)
         for attempt in range(self.max_recoveries + 1):
             t0 = time.perf_counter()
             try:
@@ -507,7 +508,7 @@ class MeshModel:
             return out
         raise AssertionError("unreachable")
 
-    def _stream(self, method: str, kwargs: dict) -> Iterator[dict]:
+    def _stream(self, method: str, kwargs: dict, on_accepted: Callable[[], None] | None = None) -> Iterator[dict]:
         delivered: list[str] = []  # text of every chunk the caller has seen
         ident: tuple | None = None  # id and created of the first attempt, kept across replays
         t0 = time.perf_counter()
@@ -516,7 +517,7 @@ class MeshModel:
             for attempt in range(self.max_recoveries + 1):
                 seen = 0
                 try:
-                    for chunk in self._engine.stream(method, kwargs):
+                    for chunk in self._engine.stream(method, kwargs, on_accepted if attempt == 0 else None):
                         text = _chunk_text(chunk)
                         if seen < len(delivered):
                             # Replaying: the same tokens must come again; they were delivered already.
@@ -560,6 +561,11 @@ class MeshModel:
         if self.session_id:
             self._mesh._report("sharedllm_session_report", session_id=self.session_id, tokens=tokens,
                                seconds=seconds, ttft_ms=ttft_ms, request_done=done)
+
+    # create_completion and create_chat_completion take ``on_accepted`` with ``stream=True``: called (in the caller's
+    # thread, once) when the engine has checked the request and starts on the prompt. sharedllm.openai_server sends
+    # its response headers then.
+    streams_acceptance = True
 
     def create_completion(self, prompt: str | list[int], **kwargs) -> dict | Iterator[dict]:
         """Same arguments and result as ``llama_cpp.Llama.create_completion``; ``stream=True`` yields chunks."""

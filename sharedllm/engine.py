@@ -211,8 +211,12 @@ class Engine:
                 if msg[0] == "error":
                     raise _rebuild(msg[1], msg[2], self.spec)
 
-    def stream(self, method: str, kwargs: dict[str, Any]) -> Iterator[dict]:
-        """Run ``Llama.<method>(**kwargs, stream=True)`` and yield its chunks as the child produces them."""
+    def stream(self, method: str, kwargs: dict[str, Any], on_accepted: Callable[[], None] | None = None
+               ) -> Iterator[dict]:
+        """Run ``Llama.<method>(**kwargs, stream=True)`` and yield its chunks as the child produces them.
+
+        ``on_accepted`` is called once llama-cpp-python has checked the request and starts evaluating the prompt.
+        """
         with self._lock:
             self._send({"op": "call", "method": method, "kwargs": kwargs, "stream": True})
             finished = False
@@ -221,6 +225,10 @@ class Engine:
                 while True:
                     # The first chunk waits for the prompt to be processed; later ones for one decode step.
                     msg = self._recv(self.load_timeout if first else self.token_timeout, during=method)
+                    if msg[0] == "accepted":
+                        if on_accepted is not None:
+                            on_accepted()
+                        continue
                     first = False
                     if msg[0] == "chunk":
                         yield msg[1]
@@ -560,7 +568,7 @@ def _child_main(parent_pid: int) -> int:
             if not msg["stream"]:
                 _write_frame(out_fd, ("result", fn(**msg["kwargs"])))
                 continue
-            for chunk in fn(**msg["kwargs"], stream=True):
+            for chunk in _announcing_acceptance(llm, out_fd, fn(**msg["kwargs"], stream=True)):
                 _write_frame(out_fd, ("chunk", chunk))
                 if reader.ready():
                     nxt = reader.read()
@@ -573,6 +581,27 @@ def _child_main(parent_pid: int) -> int:
             _write_frame(out_fd, ("error", "value", str(exc)))
         except Exception as exc:
             _write_frame(out_fd, ("error", "engine", f"{type(exc).__name__}: {exc}"))
+
+
+def _announcing_acceptance(llm: Any, out_fd: int, chunks: Iterator[dict]) -> Iterator[dict]:
+    """Iterate ``chunks`` and write an ``("accepted",)`` frame when llama-cpp-python starts generating.
+
+    ``Llama._create_completion`` calls ``self.generate`` once, after its checks (context length, logprobs...) and
+    before the prompt is evaluated. From then on the request can only fail in the engine itself: the OpenAI endpoint
+    sends its response headers then, so the client's work on them overlaps the prompt's evaluation.
+    """
+    original = llm.generate
+
+    def generate(*args: Any, **kwargs: Any) -> Iterator[int]:
+        llm.__dict__.pop("generate", None)  # once per request
+        _write_frame(out_fd, ("accepted",))
+        yield from original(*args, **kwargs)
+
+    llm.generate = generate
+    try:
+        yield from chunks
+    finally:
+        llm.__dict__.pop("generate", None)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,9 @@ Routes: ``GET /v1/models``, ``GET /v1/models/{model}``, ``POST /v1/completions``
 The model is a ``MeshModel`` (or anything with its ``create_completion``/``create_chat_completion``). One engine
 serves one request at a time, so requests pass a bounded FIFO queue: a full queue answers 429 and a wait longer than
 ``queue_timeout`` answers 503, both with ``Retry-After``. Engine calls run in threads, never on the event loop; a
-streamed answer is forwarded chunk by chunk, and a client that hangs up stops the generation in the engine.
+streamed answer is forwarded chunk by chunk, and a client that hangs up stops the generation in the engine. A
+streamed answer's headers go out once the engine accepted the request (its checks done, the prompt being evaluated):
+errors before that have their status code, later ones come in-band as an error event, as OpenAI's do.
 
 Sampling parameters the client leaves out take ``llama_cpp.Llama``'s defaults, so a request behaves like the same
 call through the Python API (OpenAI's own defaults differ: temperature 1, and a chat answer without ``max_tokens``
@@ -299,6 +301,10 @@ class _Generation:
             self._call(self._slot.release)
             self.finished.set()
 
+    def accepted(self) -> None:
+        """The model checked the request and starts on the prompt (``on_accepted``, see ``MeshModel``)."""
+        self._put(("accepted", None))
+
     def _put(self, item: tuple) -> None:
         self._call(self._items.put_nowait, item)
 
@@ -340,6 +346,14 @@ def _sse(data: Any) -> bytes:
     return b"data: " + json.dumps(data, ensure_ascii=False, separators=(",", ":")).encode() + b"\n\n"
 
 
+def _last_event(kind: str, value: Any, param: str) -> bytes:
+    """The event that ends a stream: ``[DONE]``, or the error in-band (the status line has gone out), as OpenAI does."""
+    if kind == "done":
+        return b"data: [DONE]\n\n"
+    err = map_exception(value, param=param)
+    return _sse(_error_body(err.message, err.type, err.param, err.code))
+
+
 class _EventStream(Response):
     """Server-sent events; however the response ends (done, error, client gone), the generation is cancelled.
 
@@ -350,16 +364,21 @@ class _EventStream(Response):
 
     media_type = "text/event-stream"
 
-    def __init__(self, generation: _Generation, first: dict, param: str):
+    def __init__(self, generation: _Generation, first: dict | None, param: str):
         self._generation = generation
         self._body = self._events(first, param)
         self.status_code, self.background = 200, None
         self.init_headers({"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})  # no body: no Content-Length
 
-    async def _events(self, first: dict, param: str) -> AsyncIterator[bytes]:
+    async def _events(self, first: dict | None, param: str) -> AsyncIterator[bytes]:
         # Chunks that came together leave in one write; a chunk with text is never held back waiting for the next.
         # A chat's first chunk carries only the role (llama-cpp-python sends it together with the first token): it
         # goes out in the first token's delta, one event less for the client to parse before the first text.
+        if first is None:  # the headers went out when the model accepted the request; the first chunk comes now
+            kind, first = await self._generation.next()
+            if kind != "chunk":
+                yield _last_event(kind, first, param)
+                return
         pending = None  # an item taken early, to go next
         if _role_only(first):
             kind, value = pending = await self._generation.next()
@@ -378,11 +397,7 @@ class _EventStream(Response):
             if kind == "chunk":
                 batch.append(_sse(value))
                 continue
-            if kind == "done":
-                batch.append(b"data: [DONE]\n\n")
-            else:  # the stream has started: the error can only go in-band, as OpenAI does
-                err = map_exception(value, param=param)
-                batch.append(_sse(_error_body(err.message, err.type, err.param, err.code)))
+            batch.append(_last_event(kind, value, param))
             yield b"".join(batch)
             return
 
@@ -847,16 +862,20 @@ def create_app(
             finally:
                 slot.release()
             return JSONResponse(out)
-        gen = _Generation(lambda: method(**kwargs, stream=True), slot, asyncio.get_running_loop())
+        # The status line waits until the model accepted the request (a model that says when: MeshModel), else for
+        # the first token: errors before then (bad arguments, a prompt longer than the context, rate limits) get
+        # their status code; later ones go in-band.
+        extra = {"on_accepted": lambda: gen.accepted()} if getattr(model, "streams_acceptance", False) else {}
+        gen = _Generation(lambda: method(**kwargs, stream=True, **extra), slot, asyncio.get_running_loop())
         app.state.generations.append(gen)
         gen.start(threads)
         try:
-            kind, first = await gen.next()  # the status line waits for the first token or the error
+            kind, first = await gen.next()
             if kind == "error":
                 raise failed(first, param)
             if kind == "done":  # no chunk at all: an empty stream is still a valid one
                 return StreamingResponse(iter([b"data: [DONE]\n\n"]), media_type="text/event-stream")
-            return _EventStream(gen, first, param)
+            return _EventStream(gen, first if kind == "chunk" else None, param)
         except BaseException:
             gen.cancel()
             raise

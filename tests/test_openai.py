@@ -459,3 +459,55 @@ def test_chat_role_chunk_joins_the_first_text(deltas, events, finish):
     chunks = [json.loads(ln[6:])["choices"][0] for ln in lines[:-1]]
     assert [c["delta"] for c in chunks] == events
     assert chunks[-1]["finish_reason"] == finish
+
+
+class _Accepting:
+    """A stand-in model that says when it accepted a request (as MeshModel does), then waits for ``go``."""
+
+    streams_acceptance = True
+
+    def __init__(self, fail_before: BaseException | None = None, fail_after: BaseException | None = None):
+        self.fail_before, self.fail_after = fail_before, fail_after
+        self.go = threading.Event()
+
+    def create_chat_completion(self, messages, on_accepted=None, **kwargs):
+        if self.fail_before is not None:
+            raise self.fail_before
+        on_accepted()
+        assert self.go.wait(30)
+        if self.fail_after is not None:
+            raise self.fail_after
+        for delta in ({"role": "assistant"}, {"content": "Hi"}, {}):
+            yield {"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 1, "model": MODEL_ID,
+                   "choices": [{"index": 0, "delta": delta, "logprobs": None,
+                                "finish_reason": None if delta else "stop"}]}
+
+
+def test_headers_go_out_when_the_model_accepts_the_request():
+    model = _Accepting()
+    app = create_app(model, model_id=MODEL_ID, max_queue=1, queue_timeout=5)
+    with ServerThread(app) as s:
+        # The status line and headers arrive while the model still works on the prompt (the client's work on them
+        # overlaps it); the first chunk follows with the role merged in.
+        with httpx.stream("POST", f"{s.url}/v1/chat/completions", timeout=30,
+                          json={"model": MODEL_ID, "messages": CHAT, "stream": True}) as resp:
+            assert resp.status_code == 200 and not model.go.is_set()
+            model.go.set()
+            lines = [ln for ln in resp.iter_lines() if ln.startswith("data: ")]
+        assert lines[-1] == "data: [DONE]"
+        assert [json.loads(ln[6:])["choices"][0]["delta"] for ln in lines[:-1]] == [
+            {"role": "assistant", "content": "Hi"}, {}]
+
+        # A failure after acceptance goes in-band, as OpenAI's mid-stream errors do; before it, it keeps its status.
+        model.fail_after = WorkerLost("machine-2 is unreachable", machine="machine-2")
+        model.go.set()
+        with httpx.stream("POST", f"{s.url}/v1/chat/completions", timeout=30,
+                          json={"model": MODEL_ID, "messages": CHAT, "stream": True}) as resp:
+            assert resp.status_code == 200
+            lines = [ln for ln in resp.iter_lines() if ln.startswith("data: ")]
+        assert len(lines) == 1 and json.loads(lines[0][6:])["error"]["code"] == "engine_failed"
+    early = _Accepting(fail_before=RateLimited("client over 60 requests/min", retry_after=2.5))
+    with ServerThread(create_app(early, model_id=MODEL_ID, max_queue=1, queue_timeout=5)) as s:
+        resp = httpx.post(f"{s.url}/v1/chat/completions", json={"model": MODEL_ID, "messages": CHAT, "stream": True},
+                          timeout=30)
+        assert resp.status_code == 429 and _error(resp)["code"] == "rate_limit_exceeded"
