@@ -340,12 +340,18 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
             app = create_app(llm, model_id=MODEL_ID, api_keys=[KEY], max_queue=4, queue_timeout=300)
             with ServerThread(app) as server, openai.OpenAI(api_key=KEY, base_url=f"{server.url}/v1",
                                                             max_retries=0, timeout=300) as client:
-                run = runners(llm, client, args.tokens)
-                if args.client_process:  # the endpoint's client runs elsewhere, as it would in production
-                    worker = ClientProcess(server.url, args.tokens)
-                    for mode in PROMPTS:
-                        for path in (HTTP, RAW):
-                            run[(mode, path)] = lambda mode=mode, path=path: worker.run(mode, path)
+                # The endpoint's client runs elsewhere, as it would in production (unless --in-process-client).
+                worker = ClientProcess(server.url, args.tokens) if args.client_process else None
+
+                def measured(tokens: int) -> dict[tuple[str, str], Callable[[], dict[str, Any]]]:
+                    run = runners(llm, client, tokens)
+                    if worker is not None:
+                        for mode in PROMPTS:
+                            for path in (HTTP, RAW):
+                                run[(mode, path)] = lambda mode=mode, path=path: worker.run(mode, path, tokens)
+                    return run
+
+                run = measured(args.tokens)
                 logger.info("warm-up (not counted)")
                 for mode in modes:
                     for path in paths:
@@ -378,15 +384,11 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
                             runs[f"{mode}/{path}"].append(res)
                 logger.info("time to first token: %d rounds of %d-token requests per mode", args.ttft_repeats,
                             args.ttft_tokens)
-                short = runners(llm, client, args.ttft_tokens)
-                if args.client_process:
-                    for mode in PROMPTS:
-                        for path in (HTTP, RAW):
-                            short[(mode, path)] = lambda mode=mode, path=path: worker.run(mode, path, args.ttft_tokens)
+                short = measured(args.ttft_tokens)
                 ttft_modes = modes + (["chat+system"] if "chat" in modes else [])
                 ttft_runs, ttft_discarded = measure_ttft(lambda mode, path: short[(mode, path)](), ttft_modes, paths,
                                                          args.ttft_repeats, args.max_foreign)
-                if args.client_process:
+                if worker is not None:
                     worker.close()
                 logger.info("the endpoint's own cost: %d requests per path, recorded chunks replayed",
                             args.overhead_runs)

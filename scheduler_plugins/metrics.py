@@ -110,11 +110,10 @@ def session_stages(sessions: Iterable[dict]) -> list[StageView]:
         topo = s.get("topology") or {}
         n_layer = int(topo.get("n_layer", 0))
         for st in topo.get("stages", []):
-            first = int(st["first_slot"])
             stage = Stage.from_dict(st)
             out.append(StageView(
-                session_id=s["session_id"], model=s.get("model", "?"), machine_id=st["machine_id"],
-                device=str(st.get("device_name") or "?"), first=first, end=first + int(st["n_slots"]), n_layer=n_layer,
+                session_id=s["session_id"], model=s.get("model", "?"), machine_id=stage.machine_id,
+                device=str(stage.device_name or "?"), first=stage.first_slot, end=stage.end_slot, n_layer=n_layer,
                 bytes=stage.total_bytes, layers=stage.describe_layers(),
             ))
     return out

@@ -110,7 +110,6 @@ class Topology:
     n_ctx: int
     stages: tuple[Stage, ...]
     planning_ms: float = 0.0
-    output_on_client: bool = False  # the output layer runs on the client: no logits cross the network
 
     def __post_init__(self) -> None:
         # A topology crosses Dask RPC as a dict: refuse one that llama.cpp would place differently from what it claims.
@@ -130,6 +129,11 @@ class Topology:
         keys = [(s.endpoint, s.device_index) for s in self.stages]
         if len(set(keys)) != len(keys):
             raise ValueError("a device appears in more than one stage")
+
+    @property
+    def output_on_client(self) -> bool:
+        """The output layer runs on the client: no logits cross the network (every stage says the same)."""
+        return self.stages[-1].output_on_client
 
     @property
     def tensor_split(self) -> list[float]:
@@ -158,7 +162,6 @@ class Topology:
             "n_layer": self.n_layer,
             "n_ctx": self.n_ctx,
             "planning_ms": self.planning_ms,
-            "output_on_client": self.output_on_client,
             "stages": [asdict(s) for s in self.stages],
         }
 
@@ -172,7 +175,6 @@ class Topology:
             n_ctx=int(d["n_ctx"]),
             stages=stages,
             planning_ms=float(d.get("planning_ms", 0.0)),
-            output_on_client=bool(d.get("output_on_client", False)),
         )
 
     def __str__(self) -> str:
@@ -294,7 +296,6 @@ def plan(
         n_ctx=estimate.n_ctx,
         stages=stages,
         planning_ms=(time.perf_counter() - t0) * 1000.0,
-        output_on_client=estimate.output_on_client,
     )
     log.debug("planned %s with %s in %.2f ms: %s", estimate.path, strategy, topology.planning_ms, topology.tensor_split)
     return topology
