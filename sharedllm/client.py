@@ -12,16 +12,17 @@ starts the engine (a child process holding the llama.cpp context). ``MeshModel``
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import random
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 from sharedllm import gguf, models
-from sharedllm.engine import Engine, EngineSpec, EngineStage
+from sharedllm.engine import Engine, EngineSpec, EngineStage, _to_the_end
 from sharedllm.errors import (
     EngineError,
     MeshBusy,
@@ -100,32 +101,57 @@ class Mesh:
         self.close()
 
     def _call(self, handler: str, *, timeout: float | None = None, **kwargs) -> Any:
-        from distributed.comm.core import CommClosedError
-
-        addr = getattr(self.client.scheduler, "address", "?")
         try:
             result = self.client.sync(getattr(self.client.scheduler, handler), **kwargs,
                                       callback_timeout=timeout or self.timeout)
-        except MeshError:
-            raise
-        except (OSError, CommClosedError, TimeoutError) as exc:
-            raise SchedulerUnreachable(
+        except Exception as exc:
+            if (err := self._call_failed(handler, exc)) is exc:
+                raise
+            raise err from exc
+        return self._called(handler, result)
+
+    async def _acall(self, handler: str, *, timeout: float | None = None, **kwargs) -> Any:
+        """``_call`` for asyncio: awaitable from any event loop (the request runs on the Dask client's own loop)."""
+        call = asyncio.wait_for(getattr(self.client.scheduler, handler)(**kwargs), timeout or self.timeout)
+        loop = self.client.loop.asyncio_loop
+        try:
+            if asyncio.get_running_loop() is loop:
+                result = await call
+            else:
+                result = await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(call, loop))
+        except Exception as exc:
+            if (err := self._call_failed(handler, exc)) is exc:
+                raise
+            raise err from exc
+        return self._called(handler, result)
+
+    def _call_failed(self, handler: str, exc: Exception) -> Exception:
+        """What a failed scheduler call raises: the mesh's own errors as they are, a one-line error for the rest."""
+        from distributed.comm.core import CommClosedError
+
+        addr = getattr(self.client.scheduler, "address", "?")
+        if isinstance(exc, MeshError):
+            return exc
+        if isinstance(exc, (OSError, CommClosedError, TimeoutError)):
+            return SchedulerUnreachable(
                 f"the Dask scheduler at {addr} did not answer {handler} ({type(exc).__name__}: {exc}); check that it "
                 "is running"
-            ) from exc
-        except ValueError as exc:
-            if "unknown operation" in str(exc).lower() or handler in str(exc):
-                raise SchedulerUnreachable(
-                    f"the Dask scheduler at {addr} does not run SharedLLM; start it with "
-                    "`dask scheduler --preload sharedllm.scheduler`"
-                ) from exc
-            raise
-        if result is None:  # a scheduler without the handler logs "No handler ... found" and answers nothing
-            raise SchedulerUnreachable(
-                f"the Dask scheduler at {addr} does not run SharedLLM; start it with "
-                "`dask scheduler --preload sharedllm.scheduler`"
             )
+        if isinstance(exc, ValueError) and ("unknown operation" in str(exc).lower() or handler in str(exc)):
+            return self._not_sharedllm()
+        return exc
+
+    def _called(self, handler: str, result: Any) -> Any:
+        if result is None:  # a scheduler without the handler logs "No handler ... found" and answers nothing
+            raise self._not_sharedllm()
         return result
+
+    def _not_sharedllm(self) -> SchedulerUnreachable:
+        addr = getattr(self.client.scheduler, "address", "?")
+        return SchedulerUnreachable(
+            f"the Dask scheduler at {addr} does not run SharedLLM; start it with "
+            "`dask scheduler --preload sharedllm.scheduler`"
+        )
 
     def state(self) -> dict:
         """The raw mesh state from the scheduler."""
@@ -260,6 +286,12 @@ class Mesh:
         # Statistics for the dashboard: never let a slow or gone scheduler break generation.
         try:
             self._call(handler, **kwargs)
+        except Exception as exc:
+            logger.debug("could not report %s: %s", handler, exc)
+
+    async def _areport(self, handler: str, **kwargs) -> None:
+        try:
+            await self._acall(handler, **kwargs)
         except Exception as exc:
             logger.debug("could not report %s: %s", handler, exc)
 
@@ -484,14 +516,18 @@ class MeshModel:
         if self._failed is not None:
             raise EngineError(f"this model handle failed earlier ({self._failed}); load the model again")
 
-    def _run(self, method: str, kwargs: dict) -> dict | Iterator[dict]:
-        self._check_usable()
-        self._mesh._call("sharedllm_request", session_id=self.session_id)  # RateLimited when over the limits
+    def _prepare(self, kwargs: dict) -> tuple[bool, Callable[[], None] | None]:
+        """Fix what a replay needs in ``kwargs``; take out ``stream`` and ``on_accepted``."""
         if kwargs.get("temperature", 0.8) > 0 and kwargs.get("seed") is None and "seed" not in self._llama_kwargs:
             # A replay after a lost machine must draw the same random numbers: fix the seed now.
             kwargs["seed"] = random.randrange(2**31)
-        on_accepted = kwargs.pop("on_accepted", None)
-        if kwargs.pop("stream", False):
+        return bool(kwargs.pop("stream", False)), kwargs.pop("on_accepted", None)
+
+    def _run(self, method: str, kwargs: dict) -> dict | Iterator[dict]:
+        self._check_usable()
+        self._mesh._call("sharedllm_request", session_id=self.session_id)  # RateLimited when over the limits
+        stream, on_accepted = self._prepare(kwargs)
+        if stream:
             return self._stream(method, kwargs, on_accepted)
         for attempt in range(self.max_recoveries + 1):
             t0 = time.perf_counter()
@@ -509,58 +545,65 @@ class MeshModel:
         raise AssertionError("unreachable")
 
     def _stream(self, method: str, kwargs: dict, on_accepted: Callable[[], None] | None = None) -> Iterator[dict]:
-        delivered: list[str] = []  # text of every chunk the caller has seen
-        ident: tuple | None = None  # id and created of the first attempt, kept across replays
-        t0 = time.perf_counter()
-        ttft, mark, last, first = None, 0, t0, True
+        delivery = _Delivery(self.REPORT_EVERY)
         try:
             for attempt in range(self.max_recoveries + 1):
-                seen = 0
+                delivery.replay()
                 try:
                     for chunk in self._engine.stream(method, kwargs, on_accepted if attempt == 0 else None):
-                        text = _chunk_text(chunk)
-                        if seen < len(delivered):
-                            # Replaying: the same tokens must come again; they were delivered already.
-                            if text != delivered[seen]:
-                                raise EngineError(
-                                    f"the replay after a lost machine diverged at chunk {seen} ({text!r} instead "
-                                    f"of {delivered[seen]!r}); use temperature=0 or an explicit seed"
-                                )
-                            seen += 1
-                            continue
-                        if ident is None:
-                            ident = (chunk.get("id"), chunk.get("created"))
-                        else:
-                            chunk = {**chunk, "id": ident[0], "created": ident[1]}
-                        delivered.append(text)
-                        seen += 1
-                        now = time.perf_counter()
-                        if first:  # time to first token, reported once per request
-                            first = False
-                            ttft, last = (now - t0) * 1000, now
-                        if now - last >= self.REPORT_EVERY:
-                            self._stats(len(delivered) - mark, now - last, ttft, done=False)
-                            mark, last, ttft = len(delivered), now, None
-                        yield chunk
+                        if (chunk := delivery.take(chunk)) is not None:
+                            if delivery.report_due():
+                                self._stats(*delivery.report(), done=False)
+                            yield chunk
                     return
-                except WorkerLost as exc:
-                    if attempt >= self.max_recoveries:
-                        raise
-                    self._recover(exc, attempt)
                 except EngineError as exc:
-                    if attempt >= self.max_recoveries or "diverged" in str(exc):
+                    if not self._recoverable(exc, attempt):
                         raise
                     self._recover(exc, attempt)
         except EngineError as exc:
             self._failed = exc
             raise
         finally:
-            self._stats(len(delivered) - mark, time.perf_counter() - last, ttft, done=True)
+            self._stats(*delivery.report(), done=True)
+
+    async def _astream(self, method: str, kwargs: dict, on_accepted: Callable[[], None] | None = None
+                       ) -> AsyncIterator[dict]:
+        # _stream for asyncio: the engine's chunks are read in the event loop; recovering (leasing and loading
+        # again) runs in a thread.
+        delivery = _Delivery(self.REPORT_EVERY)
+        try:
+            for attempt in range(self.max_recoveries + 1):
+                delivery.replay()
+                try:
+                    async for chunk in self._engine.astream(method, kwargs, on_accepted if attempt == 0 else None):
+                        if (chunk := delivery.take(chunk)) is not None:
+                            if delivery.report_due():
+                                await self._astats(*delivery.report(), done=False)
+                            yield chunk
+                    return
+                except EngineError as exc:
+                    if not self._recoverable(exc, attempt):
+                        raise
+                    await _to_the_end(asyncio.to_thread(self._recover, exc, attempt))
+        except EngineError as exc:
+            self._failed = exc
+            raise
+        finally:
+            await self._astats(*delivery.report(), done=True)
+
+    def _recoverable(self, exc: EngineError, attempt: int) -> bool:
+        # A diverged replay would diverge again: the handle is done.
+        return attempt < self.max_recoveries and "diverged" not in str(exc)
 
     def _stats(self, tokens: int, seconds: float, ttft_ms: float | None, done: bool) -> None:
         if self.session_id:
             self._mesh._report("sharedllm_session_report", session_id=self.session_id, tokens=tokens,
                                seconds=seconds, ttft_ms=ttft_ms, request_done=done)
+
+    async def _astats(self, tokens: int, seconds: float, ttft_ms: float | None, done: bool) -> None:
+        if self.session_id:
+            await self._mesh._areport("sharedllm_session_report", session_id=self.session_id, tokens=tokens,
+                                      seconds=seconds, ttft_ms=ttft_ms, request_done=done)
 
     # create_completion and create_chat_completion take ``on_accepted`` with ``stream=True``: called (in the caller's
     # thread, once) when the engine has checked the request and starts on the prompt. sharedllm.openai_server sends
@@ -576,6 +619,76 @@ class MeshModel:
     def create_chat_completion(self, messages: list[dict], **kwargs) -> dict | Iterator[dict]:
         """Same arguments and result as ``llama_cpp.Llama.create_chat_completion`` (chat template from the GGUF)."""
         return self._run("create_chat_completion", {"messages": messages, **kwargs})
+
+    # The same for asyncio, in the manner of openai.AsyncOpenAI: ``await llm.acreate_completion(...)`` returns the
+    # result, or with ``stream=True`` an async iterator of chunks (``async for chunk in await ...``). A stream's
+    # chunks are read from the engine in the event loop itself, with no thread in between (sharedllm serve uses it).
+
+    async def acreate_completion(self, prompt: str | list[int], **kwargs) -> dict | AsyncIterator[dict]:
+        """``create_completion`` for asyncio."""
+        return await self._arun("create_completion", {"prompt": prompt, **kwargs})
+
+    async def acreate_chat_completion(self, messages: list[dict], **kwargs) -> dict | AsyncIterator[dict]:
+        """``create_chat_completion`` for asyncio."""
+        return await self._arun("create_chat_completion", {"messages": messages, **kwargs})
+
+    async def _arun(self, method: str, kwargs: dict) -> dict | AsyncIterator[dict]:
+        if not kwargs.get("stream"):
+            return await asyncio.to_thread(self._run, method, kwargs)
+        self._check_usable()
+        await self._mesh._acall("sharedllm_request", session_id=self.session_id)  # RateLimited when over the limits
+        _, on_accepted = self._prepare(kwargs)
+        return self._astream(method, kwargs, on_accepted)
+
+
+class _Delivery:
+    """The chunks of one streamed request across its attempts: a replay after a recovery must yield the text already
+    delivered, which is checked and skipped; the stream keeps the first attempt's id; throughput is counted."""
+
+    def __init__(self, report_every: float):
+        self.report_every = report_every
+        self.delivered: list[str] = []  # text of every chunk the caller has seen
+        self.ident: tuple | None = None  # id and created of the first attempt, kept across replays
+        self.seen = 0  # chunks of the current attempt
+        self.t0 = self.last = time.perf_counter()
+        self.ttft: float | None = None  # ms, reported once per request
+        self.mark = 0  # chunks delivered at the last report
+
+    def replay(self) -> None:
+        """A new attempt starts: its chunks repeat the delivered ones first."""
+        self.seen = 0
+
+    def take(self, chunk: dict) -> dict | None:
+        """The chunk to deliver, or None for a replayed one."""
+        text = _chunk_text(chunk)
+        if self.seen < len(self.delivered):
+            if text != self.delivered[self.seen]:
+                raise EngineError(
+                    f"the replay after a lost machine diverged at chunk {self.seen} ({text!r} instead of "
+                    f"{self.delivered[self.seen]!r}); use temperature=0 or an explicit seed"
+                )
+            self.seen += 1
+            return None
+        if self.ident is None:
+            self.ident = (chunk.get("id"), chunk.get("created"))
+        else:
+            chunk = {**chunk, "id": self.ident[0], "created": self.ident[1]}
+        self.delivered.append(text)
+        self.seen += 1
+        if self.ttft is None and len(self.delivered) == 1:
+            self.last = time.perf_counter()
+            self.ttft = (self.last - self.t0) * 1000
+        return chunk
+
+    def report_due(self) -> bool:
+        return time.perf_counter() - self.last >= self.report_every
+
+    def report(self) -> tuple[int, float, float | None]:
+        """Tokens and seconds since the last report, and the time to first token if not reported yet."""
+        now = time.perf_counter()
+        out = (len(self.delivered) - self.mark, now - self.last, self.ttft)
+        self.mark, self.last, self.ttft = len(self.delivered), now, None
+        return out
 
 
 def _chunk_text(chunk: dict) -> str:

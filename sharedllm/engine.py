@@ -11,6 +11,7 @@ No Dask here: the engine knows endpoints and a tensor split, nothing about the m
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import itertools
 import logging
@@ -23,7 +24,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -97,34 +98,64 @@ def _write_frame(fd: int, obj: Any) -> None:
 
 
 class _FrameReader:
-    """Reads frames from a pipe with an optional deadline; ``EOFError`` when the other side is gone."""
+    """Reads frames from a pipe with an optional deadline; ``EOFError`` when the other side is gone.
+
+    ``read`` blocks its thread; ``aread`` waits in the running event loop (no thread between the pipe and the loop).
+    """
 
     def __init__(self, fd: int):
         self.fd = fd
         self.buf = bytearray()
 
-    def _fill(self, n: int, deadline: float | None) -> None:
-        while len(self.buf) < n:
-            if deadline is not None:
-                left = deadline - time.monotonic()
-                if left <= 0 or not select.select([self.fd], [], [], left)[0]:
-                    raise TimeoutError
-            chunk = os.read(self.fd, max(65536, n - len(self.buf)))
-            if not chunk:
-                raise EOFError
-            self.buf += chunk
-
-    def read(self, timeout: float | None = None) -> Any:
-        deadline = None if timeout is None else time.monotonic() + timeout
-        self._fill(_HEADER.size, deadline)
+    def _take(self) -> Any:
+        """The next whole frame in the buffer, or ``_NO_FRAME``."""
+        if len(self.buf) < _HEADER.size:
+            return _NO_FRAME
         (size,) = _HEADER.unpack_from(self.buf)
-        self._fill(_HEADER.size + size, deadline)
+        if len(self.buf) < _HEADER.size + size:
+            return _NO_FRAME
         data = bytes(self.buf[_HEADER.size : _HEADER.size + size])
         del self.buf[: _HEADER.size + size]
         return pickle.loads(data)
 
+    def _append(self, data: bytes) -> None:
+        if not data:
+            raise EOFError
+        self.buf += data
+
+    def read(self, timeout: float | None = None) -> Any:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while (msg := self._take()) is _NO_FRAME:
+            if deadline is not None:
+                left = deadline - time.monotonic()
+                if left <= 0 or not select.select([self.fd], [], [], left)[0]:
+                    raise TimeoutError
+            self._append(os.read(self.fd, 65536))
+        return msg
+
+    async def aread(self, timeout: float | None = None) -> Any:
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while (msg := self._take()) is _NO_FRAME:
+            readable = loop.create_future()
+            loop.add_reader(self.fd, _resolve, readable)
+            try:
+                await asyncio.wait_for(readable, None if deadline is None else max(deadline - time.monotonic(), 0))
+            finally:
+                loop.remove_reader(self.fd)
+            self._append(os.read(self.fd, 65536))  # readable: returns at once
+        return msg
+
     def ready(self) -> bool:
         return len(self.buf) >= _HEADER.size or bool(select.select([self.fd], [], [], 0)[0])
+
+
+_NO_FRAME = object()
+
+
+def _resolve(future: asyncio.Future) -> None:
+    if not future.done():
+        future.set_result(None)
 
 
 # --- parent side -------------------------------------------------------------------------------------------------
@@ -221,32 +252,71 @@ class Engine:
             self._send({"op": "call", "method": method, "kwargs": kwargs, "stream": True})
             finished = False
             try:
-                first = True
-                while True:
-                    # The first chunk waits for the prompt to be processed; later ones for one decode step.
-                    msg = self._recv(self.load_timeout if first else self.token_timeout, during=method)
-                    if msg[0] == "accepted":
-                        if on_accepted is not None:
-                            on_accepted()
-                        continue
-                    first = False
-                    if msg[0] == "chunk":
-                        yield msg[1]
-                    elif msg[0] == "done":
+                # The first chunk waits for the prompt to be processed; later ones for one decode step.
+                timeout = self.load_timeout
+                while (out := self._streamed(self._recv(timeout, during=method), on_accepted)) is not _END:
+                    if isinstance(out, BaseException):
                         finished = True
-                        return
-                    elif msg[0] == "error":
-                        finished = True
-                        raise _rebuild(msg[1], msg[2], self.spec)
+                        raise out
+                    if out is not _SKIP:
+                        timeout = self.token_timeout
+                        yield out
+                finished = True
             finally:
                 if not finished and self.alive:
                     self._cancel()
+
+    async def astream(self, method: str, kwargs: dict[str, Any], on_accepted: Callable[[], None] | None = None
+                      ) -> AsyncIterator[dict]:
+        """``stream`` for asyncio: the chunks are read from the child's pipe in the running event loop."""
+        while not self._lock.acquire(blocking=False):  # a call from another thread runs: wait, the loop keeps going
+            await asyncio.sleep(0.005)
+        try:
+            self._send({"op": "call", "method": method, "kwargs": kwargs, "stream": True})
+            finished = False
+            try:
+                timeout = self.load_timeout
+                while (out := self._streamed(await self._arecv(timeout, during=method), on_accepted)) is not _END:
+                    if isinstance(out, BaseException):
+                        finished = True
+                        raise out
+                    if out is not _SKIP:
+                        timeout = self.token_timeout
+                        yield out
+                finished = True
+            finally:
+                if not finished and self.alive:
+                    # Cancelled or closed early: the engine must be idle again before the lock goes to the next call.
+                    await _to_the_end(self._acancel())
+        finally:
+            self._lock.release()
+
+    def _streamed(self, msg: tuple, on_accepted: Callable[[], None] | None) -> Any:
+        """What one message of a streamed call means: a chunk, ``_SKIP``, ``_END``, or the engine's error to raise."""
+        kind = msg[0]
+        if kind == "chunk":
+            return msg[1]
+        if kind == "done":
+            return _END
+        if kind == "error":
+            return _rebuild(msg[1], msg[2], self.spec)
+        if kind == "accepted" and on_accepted is not None:
+            on_accepted()
+        return _SKIP
 
     def _cancel(self) -> None:
         # The caller stopped reading: stop generating, then drain what is in flight so the next call starts clean.
         try:
             self._send({"op": "cancel"})
             while self._recv(self.token_timeout, during="cancelling")[0] not in ("done", "error"):
+                pass
+        except MeshError:
+            pass
+
+    async def _acancel(self) -> None:
+        try:
+            self._send({"op": "cancel"})
+            while (await self._arecv(self.token_timeout, during="cancelling"))[0] not in ("done", "error"):
                 pass
         except MeshError:
             pass
@@ -262,12 +332,23 @@ class Engine:
     def _recv(self, timeout: float, during: str) -> tuple:
         try:
             return self._reader.read(timeout=max(timeout, 0.0))
-        except TimeoutError:
+        except (TimeoutError, EOFError) as exc:
+            raise self._lost(exc, timeout, during) from None
+
+    async def _arecv(self, timeout: float, during: str) -> tuple:
+        try:
+            return await self._reader.aread(timeout=max(timeout, 0.0))
+        except (TimeoutError, EOFError) as exc:
+            # Finding the culprit probes the stages over the network: not in the event loop.
+            raise await asyncio.to_thread(self._lost, exc, timeout, during) from None
+
+    def _lost(self, exc: TimeoutError | EOFError, timeout: float, during: str) -> MeshError:
+        """The error for an engine that did not answer in time (killed now) or died."""
+        if isinstance(exc, TimeoutError):
             self._kill()
-            raise self._failure(f"no answer for {timeout:.0f}s while {during}", hung=True) from None
-        except EOFError:
-            self._proc.wait()
-            raise self._failure(f"the engine died while {during}") from None
+            return self._failure(f"no answer for {timeout:.0f}s while {during}", hung=True)
+        self._proc.wait()
+        return self._failure(f"the engine died while {during}")
 
     def _failure(self, what: str, hung: bool = False) -> MeshError:
         """Turn a dead or hung engine into a typed error that names the machine that caused it, when known."""
@@ -320,6 +401,21 @@ class Engine:
         with contextlib.suppress(OSError):
             os.unlink(self.log_path)
         self._proc = None
+
+
+_SKIP, _END = object(), object()  # Engine._streamed: a message that carries no chunk; the end of the stream
+
+
+async def _to_the_end(work: Any) -> None:
+    """Await ``work`` to its end even if the awaiting task is cancelled meanwhile (then re-raise the cancellation)."""
+    task = asyncio.ensure_future(work)
+    try:
+        await asyncio.shield(task)
+    except asyncio.CancelledError:
+        while not task.done():
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.shield(task)
+        raise
 
 
 def first_failing_stage(stages: list[EngineStage], timeout: float) -> tuple[EngineStage, str, Exception] | None:

@@ -10,8 +10,10 @@ Routes: ``GET /v1/models``, ``GET /v1/models/{model}``, ``POST /v1/completions``
 
 The model is a ``MeshModel`` (or anything with its ``create_completion``/``create_chat_completion``). One engine
 serves one request at a time, so requests pass a bounded FIFO queue: a full queue answers 429 and a wait longer than
-``queue_timeout`` answers 503, both with ``Retry-After``. Engine calls run in threads, never on the event loop; a
-streamed answer is forwarded chunk by chunk, and a client that hangs up stops the generation in the engine. A
+``queue_timeout`` answers 503, both with ``Retry-After``. A streamed answer is forwarded chunk by chunk: from a
+``MeshModel`` through its asyncio API (``acreate_*``), the engine's pipe read in the event loop itself, with no thread
+in between; from a model with a blocking API only, through a thread. Non-streamed calls run in threads. A client that
+hangs up stops the generation in the engine. A
 streamed answer's headers go out once the engine accepted the request (its checks done, the prompt being evaluated):
 errors before that have their status code, later ones come in-band as an error event, as OpenAI's do.
 
@@ -34,14 +36,13 @@ import queue
 import socket
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Collection, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iterator
 from typing import Annotated, Any, Literal
 
-from fastapi import FastAPI, Request, Security
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from fastapi.security import HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -262,28 +263,63 @@ class _Threads:
 
 
 class _Generation:
-    """Runs a streamed generation in its own thread and hands each chunk to the event loop as it comes.
+    """A streamed generation whose chunks the response takes in the event loop: ``next()``, ``ready()``.
 
-    The thread owns the model's iterator from start to end (a generator cannot be closed from another thread while
-    it runs). ``cancel()`` makes it close the iterator after the chunk in flight, which cancels the generation in the
-    engine; the slot is released only then, when the engine is free again.
+    Subclasses run it: in a thread for a model with a blocking API, or as a task of the event loop for a model with
+    an asyncio one. Either way, ``cancel()`` stops the generation in the engine, and the slot is released only when
+    the engine is free again.
     """
 
-    def __init__(self, start: Callable[[], Iterator[dict]], slot: Slot, loop: asyncio.AbstractEventLoop):
-        self._start = start
+    def __init__(self, slot: Slot):
         self._slot = slot
-        self._loop = loop
         self._items: asyncio.Queue = asyncio.Queue()
-        self._stop = threading.Event()
         self.chunks = 0
         self.finished = threading.Event()
 
-    def start(self, threads: _Threads) -> None:
-        threads.submit(self._run)
+    def accepted(self) -> None:
+        """The model checked the request and starts on the prompt (``on_accepted``, see ``MeshModel``)."""
+        self._put(("accepted", None))
 
-    def _run(self) -> None:
+    def _put(self, item: tuple) -> None:
+        self._items.put_nowait(item)
+
+    async def next(self) -> tuple[str, Any]:
+        return await self._items.get()
+
+    def ready(self) -> tuple[str, Any] | None:
+        """The next item if it has come already, else None."""
         try:
-            it = self._start()
+            return self._items.get_nowait()
+        except asyncio.QueueEmpty:
+            return None
+
+    def start(self) -> None:
+        raise NotImplementedError
+
+    def cancel(self) -> None:
+        raise NotImplementedError
+
+
+class _ThreadGeneration(_Generation):
+    """Runs a model's blocking stream in a thread and hands each chunk to the event loop as it comes.
+
+    The thread owns the model's iterator from start to end (a generator cannot be closed from another thread while
+    it runs). ``cancel()`` makes it close the iterator after the chunk in flight, which cancels the generation in the
+    engine.
+    """
+
+    def __init__(self, start: Callable[[], Iterator[dict]], slot: Slot, threads: _Threads):
+        super().__init__(slot)
+        self._loop = asyncio.get_running_loop()
+        self._stop = threading.Event()
+        self._start, self._threads = start, threads
+
+    def start(self) -> None:
+        self._threads.submit(lambda: self._run(self._start))
+
+    def _run(self, start: Callable[[], Iterator[dict]]) -> None:
+        try:
+            it = start()
             try:
                 for chunk in it:
                     self.chunks += 1
@@ -301,10 +337,6 @@ class _Generation:
             self._call(self._slot.release)
             self.finished.set()
 
-    def accepted(self) -> None:
-        """The model checked the request and starts on the prompt (``on_accepted``, see ``MeshModel``)."""
-        self._put(("accepted", None))
-
     def _put(self, item: tuple) -> None:
         self._call(self._items.put_nowait, item)
 
@@ -314,18 +346,47 @@ class _Generation:
         except RuntimeError:  # the event loop is closed: the server is gone, nobody is listening
             pass
 
-    async def next(self) -> tuple[str, Any]:
-        return await self._items.get()
-
-    def ready(self) -> tuple[str, Any] | None:
-        """The next item if it has come already, else None."""
-        try:
-            return self._items.get_nowait()
-        except asyncio.QueueEmpty:
-            return None
-
     def cancel(self) -> None:
         self._stop.set()
+
+
+class _TaskGeneration(_Generation):
+    """Runs a model's asyncio stream (``MeshModel.acreate_*``) as a task of the event loop.
+
+    The chunks go from the engine's pipe to the response with no thread in between: on a machine whose cores are
+    busy with the model, each hand-over from one thread to another waits for a core, in every token's latency.
+    ``cancel()`` cancels the task; its stream then cancels the generation in the engine before the slot is released.
+    """
+
+    def __init__(self, start: Callable[[], Awaitable[AsyncIterator[dict]]], slot: Slot):
+        super().__init__(slot)
+        self._start = start
+        self._task: asyncio.Future | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.ensure_future(self._run(self._start))
+
+    async def _run(self, start: Callable[[], Awaitable[AsyncIterator[dict]]]) -> None:
+        try:
+            stream = await start()
+            try:
+                async for chunk in stream:
+                    self.chunks += 1
+                    self._put(("chunk", chunk))
+            finally:
+                await stream.aclose()
+            self._put(("done", None))
+        except asyncio.CancelledError:
+            self._put(("done", None))  # the response ended and cancelled us: nobody reads this
+        except Exception as exc:
+            self._put(("error", exc))
+        finally:
+            self._slot.release()
+            self.finished.set()
+
+    def cancel(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
 
 
 def _role_only(chunk: dict) -> bool:
@@ -769,8 +830,6 @@ def create_app(
     queue = RequestQueue(max_queue, queue_timeout)
     created = int(time.time())
     n_vocab = _n_vocab(model)
-    bearer = HTTPBearer(auto_error=False, description="An API key given to `sharedllm serve`")
-    auth = [Security(bearer)] if api_keys else []
     state: dict[str, Any] = {"failed": None}
     threads = _Threads("sharedllm-openai-stream")
 
@@ -866,9 +925,13 @@ def create_app(
         # the first token: errors before then (bad arguments, a prompt longer than the context, rate limits) get
         # their status code; later ones go in-band.
         extra = {"on_accepted": lambda: gen.accepted()} if getattr(model, "streams_acceptance", False) else {}
-        gen = _Generation(lambda: method(**kwargs, stream=True, **extra), slot, asyncio.get_running_loop())
+        amethod = getattr(model, f"a{method.__name__}", None)  # MeshModel.acreate_*: no thread in between
+        if amethod is not None:
+            gen = _TaskGeneration(lambda: amethod(**kwargs, stream=True, **extra), slot)
+        else:
+            gen = _ThreadGeneration(lambda: method(**kwargs, stream=True, **extra), slot, threads)
         app.state.generations.append(gen)
-        gen.start(threads)
+        gen.start()
         try:
             kind, first = await gen.next()
             if kind == "error":
@@ -890,20 +953,20 @@ def create_app(
                       error=str(state["failed"]) if state["failed"] else None)
         return JSONResponse(body.model_dump(), status_code=503 if state["failed"] else 200)
 
-    @app.get("/v1/models", response_model=ModelList, dependencies=auth, responses=_responses(None, errors=(401,)),
+    @app.get("/v1/models", response_model=ModelList, responses=_responses(None, errors=(401,)),
              tags=["openai"])
     async def list_models() -> ModelList:
         """The model this server serves."""
         return ModelList(data=[ModelCard(id=model_id, created=created)])
 
-    @app.get("/v1/models/{model:path}", response_model=ModelCard, dependencies=auth,
+    @app.get("/v1/models/{model:path}", response_model=ModelCard,
              responses=_responses(None, errors=(401, 404)), tags=["openai"])
     async def retrieve_model(model: str) -> ModelCard:
         """One model by id."""
         check_model(model)
         return ModelCard(id=model_id, created=created)
 
-    @app.post("/v1/completions", dependencies=auth, tags=["openai"],
+    @app.post("/v1/completions", tags=["openai"],
               responses=_responses(Completion, stream=True, errors=(400, 401, 404, 429, 503)))
     async def completions(body: CompletionRequest, request: Request):
         """Complete a prompt; ``stream: true`` streams chunks as server-sent events."""
@@ -911,7 +974,7 @@ def create_app(
         kwargs = completion_kwargs(body, model_id, n_vocab)
         return await run(request, model.create_completion, kwargs, bool(body.stream), "prompt")
 
-    @app.post("/v1/chat/completions", dependencies=auth, tags=["openai"],
+    @app.post("/v1/chat/completions", tags=["openai"],
               responses=_responses(ChatCompletion, stream=True, errors=(400, 401, 404, 429, 503)))
     async def chat_completions(body: ChatCompletionRequest, request: Request):
         """Answer a conversation with the model's chat template; ``stream: true`` streams server-sent events."""
@@ -924,13 +987,20 @@ def create_app(
         if app.openapi_schema is None:
             schema = get_openapi(title=app.title, version=app.version, description=app.description,
                                  routes=app.routes)
-            for ops in schema.get("paths", {}).values():
+            for path, ops in schema.get("paths", {}).items():
                 for op in ops.values():
+                    if api_keys and path.startswith("/v1"):
+                        # BearerAuth checks the key before FastAPI runs: the schema says so here, not with a
+                        # Security dependency that would run on every request for nothing.
+                        op["security"] = [{"HTTPBearer": []}]
                     responses = op.get("responses", {})
                     if responses.pop("422", None) is not None and "400" not in responses:
                         responses["400"] = {"description": "Invalid request",
                                             "content": {"application/json": {
                                                 "schema": {"$ref": "#/components/schemas/ErrorResponse"}}}}
+            if api_keys:
+                schema.setdefault("components", {})["securitySchemes"] = {"HTTPBearer": {
+                    "type": "http", "scheme": "bearer", "description": "An API key given to `sharedllm serve`"}}
             comps = schema.get("components", {}).get("schemas", {})
             for name in ("HTTPValidationError", "ValidationError"):
                 comps.pop(name, None)

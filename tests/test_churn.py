@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import subprocess
@@ -29,11 +30,13 @@ def ready_again(mesh, machine_id: str, old_pid: int | None = None, timeout: floa
     )
 
 
-def stream_with_fault(llm, fault, after: int = 8, **kwargs) -> tuple[str, float]:
+def stream_with_fault(llm, fault, after: int = 8, api: str = "blocking", **kwargs) -> tuple[str, float]:
     """Stream a greedy completion, call ``fault()`` after ``after`` chunks; return the text and the seconds from the
-    fault to the next chunk."""
+    fault to the next chunk. ``api="asyncio"``: through ``acreate_completion`` in an event loop."""
     text, n, t_fault, gap = "", 0, None, 0.0
-    for chunk in llm.create_completion(PROMPT, max_tokens=64, temperature=0, stream=True, **kwargs):
+
+    def take(chunk: dict) -> None:
+        nonlocal text, n, t_fault, gap
         if t_fault is not None and not gap:
             gap = time.perf_counter() - t_fault
         text += chunk["choices"][0]["text"]
@@ -41,13 +44,25 @@ def stream_with_fault(llm, fault, after: int = 8, **kwargs) -> tuple[str, float]
         if n == after:
             fault()
             t_fault = time.perf_counter()
+
+    kwargs = {"max_tokens": 64, "temperature": 0, "stream": True, **kwargs}
+    if api == "asyncio":
+        async def consume() -> None:
+            async for chunk in await llm.acreate_completion(PROMPT, **kwargs):
+                take(chunk)
+
+        asyncio.run(consume())
+    else:
+        for chunk in llm.create_completion(PROMPT, **kwargs):
+            take(chunk)
     return text, gap
 
 
-def test_kill_rpc_server_mid_stream_the_stream_goes_on(mesh, local_greedy):
+@pytest.mark.parametrize("api", ["blocking", "asyncio"])
+def test_kill_rpc_server_mid_stream_the_stream_goes_on(mesh, local_greedy, api):
     victim = machine(mesh, "machine-2")["rpc"]
     with mesh.load("gemma-3-270m", n_ctx=N_CTX, machines=TWO) as llm:
-        text, gap = stream_with_fault(llm, lambda: os.kill(victim["pid"], signal.SIGKILL))
+        text, gap = stream_with_fault(llm, lambda: os.kill(victim["pid"], signal.SIGKILL), api=api)
         assert text == local_greedy["completion"]  # no duplicated, no missing text
         assert [r["lost"] for r in llm.recoveries] == ["machine-2"]
         assert llm.topology.machines == ["machine-1"]

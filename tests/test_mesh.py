@@ -83,6 +83,57 @@ def test_stream_stopped_early_leaves_the_session_usable(mesh, local_greedy):
         assert out["choices"][0]["text"] == local_greedy["completion"]
 
 
+def test_asyncio_api_equals_the_blocking_one(mesh, local_greedy):
+    colour = [{"role": "user", "content": "Name a colour."}]
+
+    async def main(llm) -> dict:
+        out = {}
+        stream = await llm.acreate_completion(PROMPT, max_tokens=64, temperature=0, stream=True)
+        chunks = [c async for c in stream]
+        out["streamed"] = "".join(c["choices"][0]["text"] for c in chunks)
+        out["chunks"], out["ids"] = len(chunks), {c["id"] for c in chunks}
+        chat = await llm.acreate_chat_completion(colour, max_tokens=24, temperature=0)
+        out["chat"] = chat["choices"][0]["message"]["content"]
+        deltas = await llm.acreate_chat_completion(colour, max_tokens=24, temperature=0, stream=True)
+        out["chat streamed"] = "".join([c["choices"][0]["delta"].get("content") or "" async for c in deltas])
+
+        # A consumer cancelled mid-stream (a client hung up): the engine stops and the next request starts clean.
+        accepted = []
+        stream = await llm.acreate_completion(PROMPT, max_tokens=500, temperature=0, stream=True,
+                                              on_accepted=lambda: accepted.append(True))
+
+        async def read_three() -> None:
+            async for _ in stream:
+                out["read"] = out.get("read", 0) + 1
+                if out["read"] == 3:
+                    await asyncio.sleep(3600)
+
+        task = asyncio.ensure_future(read_three())
+        while out.get("read", 0) < 3:
+            await asyncio.sleep(0.01)
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        out["accepted"] = accepted
+        # Closed early instead: the same.
+        stream = await llm.acreate_completion(PROMPT, max_tokens=500, temperature=0, stream=True)
+        await anext(stream)
+        await stream.aclose()
+        out["after"] = (await llm.acreate_completion(PROMPT, max_tokens=64, temperature=0))["choices"][0]["text"]
+        return out
+
+    with mesh.load("gemma-3-270m", n_ctx=N_CTX, machines=TWO) as llm:
+        out = asyncio.run(main(llm))
+        assert out["streamed"] == local_greedy["completion"] and out["chunks"] > 10 and len(out["ids"]) == 1
+        assert out["chat"] == out["chat streamed"] == local_greedy["chat"]
+        assert out["accepted"] == [True] and out["read"] == 3
+        assert out["after"] == local_greedy["completion"]
+        # Blocking calls after asyncio ones, on the same handle.
+        assert llm.create_completion(PROMPT, max_tokens=64, temperature=0)["choices"][0]["text"] == out["after"]
+        sess = next(x for x in mesh.state()["sessions"] if x["session_id"] == llm.session_id)
+        assert sess["requests"] == 7  # every asyncio request passed the scheduler's admission too
+        assert sess["tokens"] >= 64 * 3
+
+
 def test_model_too_large_is_refused_before_upload(mesh):
     # The KV cache of a 4M-token context needs ~70 GiB: more than the two machines have.
     with pytest.raises(ModelTooLarge) as err:

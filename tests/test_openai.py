@@ -7,6 +7,7 @@ One model is loaded for the whole module (the rpc-servers serve one session at a
 
 from __future__ import annotations
 
+import itertools
 import json
 import queue
 import re
@@ -24,7 +25,7 @@ import pytest
 
 from sharedllm.errors import EngineError, MeshBusy, RateLimited, WorkerLost
 from sharedllm.openai_server import ServerThread, create_app, listen_socket
-from tests.conftest import N_CTX, PROMPT
+from tests.conftest import N_CTX, PROMPT, wait_for
 
 pytestmark = pytest.mark.mesh
 
@@ -511,3 +512,34 @@ def test_headers_go_out_when_the_model_accepts_the_request():
         resp = httpx.post(f"{s.url}/v1/chat/completions", json={"model": MODEL_ID, "messages": CHAT, "stream": True},
                           timeout=30)
         assert resp.status_code == 429 and _error(resp)["code"] == "rate_limit_exceeded"
+
+
+class _Endless:
+    """A stand-in model with a blocking API only (no ``acreate_*``): the server runs its stream in a thread."""
+
+    def __init__(self):
+        self.closed = threading.Event()
+
+    def create_completion(self, prompt, **kwargs):
+        try:
+            for i in itertools.count():
+                time.sleep(0.01)
+                yield {"id": "cmpl-1", "object": "text_completion", "created": 1, "model": MODEL_ID,
+                       "choices": [{"text": f" {i}", "index": 0, "logprobs": None, "finish_reason": None}]}
+        finally:
+            self.closed.set()
+
+
+def test_a_blocking_model_streams_from_a_thread_and_stops_when_the_client_hangs_up():
+    model = _Endless()
+    app = create_app(model, model_id=MODEL_ID, max_queue=1, queue_timeout=5)
+    with ServerThread(app) as s:
+        with httpx.stream("POST", f"{s.url}/v1/completions", timeout=30,
+                          json={"model": MODEL_ID, "prompt": "x", "stream": True}) as resp:
+            lines = resp.iter_lines()
+            got = [json.loads(ln[6:])["choices"][0]["text"] for ln in itertools.islice(
+                (ln for ln in lines if ln.startswith("data: ")), 3)]
+        assert got == [" 0", " 1", " 2"]
+        [gen] = app.state.generations
+        assert model.closed.wait(10) and gen.finished.wait(10)  # the generator was closed: the model stopped
+        assert wait_for(lambda: app.state.queue.running == 0, timeout=10, what="the slot to be released")
