@@ -1,7 +1,7 @@
 # SPDX-License-Identifier: AGPL-3.0-or-later
 """Benchmark: the OpenAI-compatible endpoint against the Python API, side by side on the same loaded model.
 
-    .venv/bin/python bench/bench_openai.py [--tokens 128] [--repeats 11] [--out bench/results/openai.json] [--markdown]
+    .venv/bin/python bench/bench_openai.py [--rounds 300] [--threads N] [--out bench/results/openai.json] [--markdown]
 
 One model is loaded on a loopback mesh (``LocalMesh``, or ``--scheduler``) and served by ``sharedllm.openai_server``
 with uvicorn on 127.0.0.1, in this process. Each repeat streams the same greedy request twice, in alternating order:
@@ -397,11 +397,12 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
         mesh, closer = Mesh.connect(args.scheduler), None
     else:
         # The TTFT rounds send hundreds of short requests a minute: above the mesh's default per-client rate limit.
-        closer = LocalMesh(machines=args.machines, dashboard=False,
+        closer = LocalMesh(machines=args.machines, dashboard=False, rpc_threads=args.threads,
                            scheduler_args=["--requests-per-minute", "100000"]).start()
         mesh = closer.mesh()
     try:
-        with mesh.load("gemma-3-270m", n_ctx=N_CTX) as llm:
+        threads = {"n_threads": args.threads, "n_threads_batch": args.threads} if args.threads else {}
+        with mesh.load("gemma-3-270m", n_ctx=N_CTX, **threads) as llm:
             stamped = Stamped(llm)
             app = create_app(stamped, model_id=MODEL_ID, api_keys=[KEY], max_queue=4, queue_timeout=300)
             with ServerThread(app) as server, openai.OpenAI(api_key=KEY, base_url=f"{server.url}/v1",
@@ -535,6 +536,7 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "machine": machine_info(),
         "config": {"tokens": args.tokens, "repeats": args.repeats, "machines": args.machines, "n_ctx": N_CTX,
+                   "threads": args.threads,
                    "scheduler": args.scheduler, "modes": modes, "prompt": PROMPT, "chat": CHAT,
                    "chat+system": CHAT_SYSTEM,
                    "max_foreign": args.max_foreign, "quiet_wait": args.quiet_wait, "budget": args.budget,
@@ -591,7 +593,8 @@ def report(result: dict[str, Any], markdown: bool) -> str:
                      _fmt(med["tokens"], 0), _fmt(med["foreign_cpu_pct"], 0) + "%"])
     lines = [
         f"Gemma 3 270M Q4_K_M, n_ctx {cfg['n_ctx']}, {cfg['tokens']} greedy tokens, median of {cfg['repeats']} "
-        f"interleaved repeats, {cfg['machines']} loopback machines, {m['cpu_count']} CPUs",
+        f"interleaved repeats, {cfg['machines']} loopback machines, {m['cpu_count']} CPUs"
+        + (f", {cfg['threads']} thread(s) per rpc-server and engine" if cfg.get('threads') else ""),
         "",
         render(rows, markdown),
         "",
@@ -663,6 +666,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=11, help="undisturbed interleaved pairs per mode (default 11)")
     p.add_argument("--machines", type=int, default=2, help="loopback machines of the embedded mesh (default 2)")
     p.add_argument("--scheduler", default=None, help="an existing mesh's scheduler instead of an embedded one")
+    p.add_argument("--threads", type=int, default=None,
+                   help="threads of each rpc-server and of the engine (default: every core). On a 2-core machine, 1 "
+                        "leaves the HTTP server and client a core, as separate machines would")
     p.add_argument("--modes", default="completion,chat", help="comma-separated: completion, chat")
     p.add_argument("--quiet-wait", type=float, default=60.0,
                    help="seconds to wait at most, before each pair, for other processes to leave the CPU (default 60)")

@@ -250,20 +250,13 @@ class Engine:
         """
         with self._lock:
             self._send({"op": "call", "method": method, "kwargs": kwargs, "stream": True})
-            finished = False
+            call = _StreamedCall(self, on_accepted)
             try:
-                # The first chunk waits for the prompt to be processed; later ones for one decode step.
-                timeout = self.load_timeout
-                while (out := self._streamed(self._recv(timeout, during=method), on_accepted)) is not _END:
-                    if isinstance(out, BaseException):
-                        finished = True
-                        raise out
-                    if out is not _SKIP:
-                        timeout = self.token_timeout
-                        yield out
-                finished = True
+                while not call.finished:
+                    if (chunk := call.take(self._recv(call.timeout, during=method))) is not None:
+                        yield chunk
             finally:
-                if not finished and self.alive:
+                if not call.finished and self.alive:
                     self._cancel()
 
     async def astream(self, method: str, kwargs: dict[str, Any], on_accepted: Callable[[], None] | None = None
@@ -273,36 +266,17 @@ class Engine:
             await asyncio.sleep(0.005)
         try:
             self._send({"op": "call", "method": method, "kwargs": kwargs, "stream": True})
-            finished = False
+            call = _StreamedCall(self, on_accepted)
             try:
-                timeout = self.load_timeout
-                while (out := self._streamed(await self._arecv(timeout, during=method), on_accepted)) is not _END:
-                    if isinstance(out, BaseException):
-                        finished = True
-                        raise out
-                    if out is not _SKIP:
-                        timeout = self.token_timeout
-                        yield out
-                finished = True
+                while not call.finished:
+                    if (chunk := call.take(await self._arecv(call.timeout, during=method))) is not None:
+                        yield chunk
             finally:
-                if not finished and self.alive:
+                if not call.finished and self.alive:
                     # Cancelled or closed early: the engine must be idle again before the lock goes to the next call.
                     await _to_the_end(self._acancel())
         finally:
             self._lock.release()
-
-    def _streamed(self, msg: tuple, on_accepted: Callable[[], None] | None) -> Any:
-        """What one message of a streamed call means: a chunk, ``_SKIP``, ``_END``, or the engine's error to raise."""
-        kind = msg[0]
-        if kind == "chunk":
-            return msg[1]
-        if kind == "done":
-            return _END
-        if kind == "error":
-            return _rebuild(msg[1], msg[2], self.spec)
-        if kind == "accepted" and on_accepted is not None:
-            on_accepted()
-        return _SKIP
 
     def _cancel(self) -> None:
         # The caller stopped reading: stop generating, then drain what is in flight so the next call starts clean.
@@ -403,7 +377,27 @@ class Engine:
         self._proc = None
 
 
-_SKIP, _END = object(), object()  # Engine._streamed: a message that carries no chunk; the end of the stream
+class _StreamedCall:
+    """The messages of one streamed call, as ``Engine.stream`` and ``Engine.astream`` read them."""
+
+    def __init__(self, engine: Engine, on_accepted: Callable[[], None] | None):
+        self.engine, self.on_accepted = engine, on_accepted
+        self.timeout = engine.load_timeout  # the first chunk waits for the prompt; later ones for one decode step
+        self.finished = False  # the engine ended the call (done or error): nothing to cancel
+
+    def take(self, msg: tuple) -> dict | None:
+        """The chunk a message carries, else None; raises the engine's error."""
+        kind = msg[0]
+        if kind == "chunk":
+            self.timeout = self.engine.token_timeout
+            return msg[1]
+        if kind in ("done", "error"):
+            self.finished = True
+            if kind == "error":
+                raise _rebuild(msg[1], msg[2], self.engine.spec)
+        elif kind == "accepted" and self.on_accepted is not None:
+            self.on_accepted()
+        return None
 
 
 async def _to_the_end(work: Any) -> None:
