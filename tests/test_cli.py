@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -99,26 +100,38 @@ def test_documented_dask_commands_with_preloads(tmp_path):
                 os.killpg(p.pid, signal.SIGKILL)
 
 
-def test_up_starts_and_stops_an_embedded_mesh():
+def test_up_starts_and_stops_an_embedded_mesh(tmp_path):
+    import psutil
+
+    err = (tmp_path / "up.stderr").open("w+")  # a file: a full pipe that nobody reads would block the process
     proc = subprocess.Popen([str(BIN / "sharedllm"), "up", "--machines", "1"], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+                            stderr=err, text=True, start_new_session=True)
+    children: list = []
     try:
         lines = []
         deadline = time.monotonic() + 120
-        while not any(ln.startswith("dashboard:") for ln in lines):
-            assert time.monotonic() < deadline and proc.poll() is None, proc.stderr.read()
+        while not any(ln.startswith("generate:") for ln in lines):  # its last line before it waits for Ctrl-C
+            assert time.monotonic() < deadline and proc.poll() is None, (tmp_path / "up.stderr").read_text()
             lines.append(proc.stdout.readline())
+        children = psutil.Process(proc.pid).children(recursive=True)
         address = next(ln.split()[1] for ln in lines if ln.startswith("scheduler:"))
         status = run_cli("status", "--scheduler", address)
         assert status.returncode == 0 and "machine-1" in status.stdout and "ready" in status.stdout
         proc.send_signal(signal.SIGINT)
-        assert proc.wait(timeout=60) == 0
+        try:
+            assert proc.wait(timeout=60) == 0
+        except subprocess.TimeoutExpired:
+            pytest.fail("sharedllm up did not stop within 60 s of Ctrl-C: " + (tmp_path / "up.stderr").read_text())
         down = run_cli("status", "--scheduler", address)
         assert down.returncode == 1  # everything it started is gone
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+        for child in children:  # its scheduler and workers run in sessions of their own
+            with contextlib.suppress(psutil.Error):
+                child.kill()
+        err.close()
 
 
 def test_module_entry_point_lists_every_command():
