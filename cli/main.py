@@ -111,6 +111,9 @@ def up(machines: int, host: str, state_path: str | None, tls: bool, insecure_dir
         from sharedllm.relay import warn_insecure_direct
 
         warn_insecure_direct("sharedllm up")
+    # Ctrl-C stops it even when started from a shell or CI runner that ignores SIGINT for background jobs (a
+    # process inherits an ignored SIGINT, and Python then never raises KeyboardInterrupt).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     lm = LocalMesh(machines=machines, host=host, state_path=state_path, tls=tls,
                    insecure_direct_rpc=insecure_direct_rpc)
     click.echo(f"starting {machines} machine(s)...", err=True)
