@@ -15,7 +15,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import weakref
 from dataclasses import dataclass
@@ -45,20 +44,6 @@ class _Proc:
     popen: subprocess.Popen
     log: Path
     machine_id: str | None = None
-
-
-def _close_client(client, timeout: float) -> None:
-    """Close a Dask client, giving up after ``timeout`` (plus a grace): shutting down must go on even when the
-    client's event loop does not answer (a close in its own thread, joined with a deadline)."""
-    def close() -> None:
-        with contextlib.suppress(Exception):
-            client.close(timeout=timeout)
-
-    closer = threading.Thread(target=close, name="sharedllm-close-client", daemon=True)
-    closer.start()
-    closer.join(timeout + 5)
-    if closer.is_alive():
-        logger.warning("the mesh's Dask client did not close in %.0fs; stopping the processes anyway", timeout + 5)
 
 
 def _kill_group(pid: int, sig: int) -> None:
@@ -181,7 +166,8 @@ class LocalMesh:
         port = info.get("services", {}).get("dashboard")
         self.dashboard_link = f"http://{self.host}:{port}/status" if port else None
         if self._client is not None:  # a client of the previous scheduler is useless now
-            _close_client(self._client, timeout=5)
+            with contextlib.suppress(Exception):
+                self._client.close(timeout=5)
             self._client = None
 
     def start(self) -> LocalMesh:
@@ -274,7 +260,8 @@ class LocalMesh:
     def close(self) -> None:
         """Stop every process (workers first, so their rpc-servers stop cleanly), then the scheduler."""
         if self._client is not None:
-            _close_client(self._client, timeout=10)
+            with contextlib.suppress(Exception):
+                self._client.close(timeout=10)
             self._client = None
         for p in self.workers:
             _kill_group(p.popen.pid, signal.SIGTERM)
