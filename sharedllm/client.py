@@ -19,7 +19,7 @@ import random
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from sharedllm import gguf, models
 from sharedllm.engine import Engine, EngineSpec, EngineStage, _to_the_end
@@ -105,9 +105,7 @@ class Mesh:
             result = self.client.sync(getattr(self.client.scheduler, handler), **kwargs,
                                       callback_timeout=timeout or self.timeout)
         except Exception as exc:
-            if (err := self._call_failed(handler, exc)) is exc:
-                raise
-            raise err from exc
+            self._call_failed(handler, exc)
         return self._called(handler, result)
 
     async def _acall(self, handler: str, *, timeout: float | None = None, **kwargs) -> Any:
@@ -120,26 +118,25 @@ class Mesh:
             else:
                 result = await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(call, loop))
         except Exception as exc:
-            if (err := self._call_failed(handler, exc)) is exc:
-                raise
-            raise err from exc
+            self._call_failed(handler, exc)
         return self._called(handler, result)
 
-    def _call_failed(self, handler: str, exc: Exception) -> Exception:
-        """What a failed scheduler call raises: the mesh's own errors as they are, a one-line error for the rest."""
+    def _call_failed(self, handler: str, exc: Exception) -> NoReturn:
+        """Raise for a failed scheduler call (from its ``except``): the mesh's own errors as they are, a one-line
+        error for an unreachable scheduler or one without SharedLLM, anything else as it is."""
         from distributed.comm.core import CommClosedError
 
         addr = getattr(self.client.scheduler, "address", "?")
         if isinstance(exc, MeshError):
-            return exc
+            raise exc
         if isinstance(exc, (OSError, CommClosedError, TimeoutError)):
-            return SchedulerUnreachable(
+            raise SchedulerUnreachable(
                 f"the Dask scheduler at {addr} did not answer {handler} ({type(exc).__name__}: {exc}); check that it "
                 "is running"
-            )
+            ) from exc
         if isinstance(exc, ValueError) and ("unknown operation" in str(exc).lower() or handler in str(exc)):
-            return self._not_sharedllm()
-        return exc
+            raise self._not_sharedllm() from exc
+        raise exc
 
     def _called(self, handler: str, result: Any) -> Any:
         if result is None:  # a scheduler without the handler logs "No handler ... found" and answers nothing

@@ -13,9 +13,9 @@ serves one request at a time, so requests pass a bounded FIFO queue: a full queu
 ``queue_timeout`` answers 503, both with ``Retry-After``. A streamed answer is forwarded chunk by chunk: from a
 ``MeshModel`` through its asyncio API (``acreate_*``), the engine's pipe read in the event loop itself, with no thread
 in between; from a model with a blocking API only, through a thread. Non-streamed calls run in threads. A client that
-hangs up stops the generation in the engine. A
-streamed answer's headers go out once the engine accepted the request (its checks done, the prompt being evaluated):
-errors before that have their status code, later ones come in-band as an error event, as OpenAI's do.
+hangs up stops the generation in the engine. A streamed answer's headers go out once the engine accepted the request
+(its checks done, the prompt being evaluated): errors before that have their status code, later ones come in-band as
+an error event, as OpenAI's do.
 
 Sampling parameters the client leaves out take ``llama_cpp.Llama``'s defaults, so a request behaves like the same
 call through the Python API (OpenAI's own defaults differ: temperature 1, and a chat answer without ``max_tokens``
@@ -315,11 +315,11 @@ class _ThreadGeneration(_Generation):
         self._start, self._threads = start, threads
 
     def start(self) -> None:
-        self._threads.submit(lambda: self._run(self._start))
+        self._threads.submit(self._run)
 
-    def _run(self, start: Callable[[], Iterator[dict]]) -> None:
+    def _run(self) -> None:
         try:
-            it = start()
+            it = self._start()
             try:
                 for chunk in it:
                     self.chunks += 1
@@ -364,11 +364,11 @@ class _TaskGeneration(_Generation):
         self._task: asyncio.Future | None = None
 
     def start(self) -> None:
-        self._task = asyncio.ensure_future(self._run(self._start))
+        self._task = asyncio.ensure_future(self._run())
 
-    async def _run(self, start: Callable[[], Awaitable[AsyncIterator[dict]]]) -> None:
+    async def _run(self) -> None:
         try:
-            stream = await start()
+            stream = await self._start()
             try:
                 async for chunk in stream:
                     self.chunks += 1
