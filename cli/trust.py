@@ -76,7 +76,9 @@ def clients() -> None:
 def clients_list(scheduler: str) -> None:
     """Connected (and banned) clients with their sessions."""
     for c in _call(scheduler, "sharedllm_clients")["clients"]:
-        click.echo(f"{c['client']}  {'banned' if c['banned'] else 'ok'}  sessions: {', '.join(c['sessions']) or '-'}")
+        strikes = f"  invalid models (last hour): {c['strikes']}" if c.get("strikes") else ""
+        click.echo(f"{c['client']}  {'banned' if c['banned'] else 'ok'}  sessions: {', '.join(c['sessions']) or '-'}"
+                   f"{strikes}")
 
 
 @clients.command("ban")

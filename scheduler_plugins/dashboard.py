@@ -16,8 +16,8 @@ What the page shows, from ``MeshPlugin`` on every tick:
   colored by machine and labeled with the layers it holds;
 - tokens/s over time for each session (its throughput reports) and for the whole mesh;
 - the active sessions as a table;
-- leases: which session holds which machine, draining machines, the queue of waiting sessions; trust scores once
-  the mesh tracks them (``MeshPlugin.trust``).
+- leases: which session holds which machine, draining machines, the queue of waiting sessions, and each machine's
+  trust score (``MeshPlugin.trust``).
 
 Every data source is named (``sharedllm-machines``, ``sharedllm-memory``, ``sharedllm-layers``,
 ``sharedllm-throughput-sessions``, ``sharedllm-throughput-mesh``, ``sharedllm-sessions``, ``sharedllm-leases``), so
@@ -508,9 +508,8 @@ class SessionTable(DashboardComponent):
 
 
 class Leases(DashboardComponent):
-    """Who holds which machine: every machine with the sessions leasing it, whether it drains, and the queue of
-    sessions waiting for leased machines. Trust scores join this table once the mesh tracks them (``plugin.trust``,
-    machine -> score); until then a line says they are not tracked."""
+    """Who holds which machine: every machine with the sessions leasing it, whether it drains, its trust score (from
+    the machine's trust record), and the queue of sessions waiting for leased machines."""
 
     columns = {
         "machine": "machine",
@@ -539,7 +538,6 @@ class Leases(DashboardComponent):
         if plugin is None:
             return
         draining = set(getattr(plugin, "draining", ()) or ())
-        trust = getattr(plugin, "trust", None)
         data: dict[str, list] = {k: [] for k in self.columns}
         for m in plugin.machines():
             mid = m["machine_id"]
@@ -550,16 +548,22 @@ class Leases(DashboardComponent):
             data["sessions"].append(", ".join(s.session_id for s in holders) or "-")
             data["clients"].append(", ".join(s.client or "?" for s in holders) or "-")
             data["since"].append(_clock(min((s.opened for s in holders), default=None)))
-            score = trust.get(mid) if hasattr(trust, "get") else None
-            data["trust"].append("-" if score is None else f"{score:.2f}" if isinstance(score, float) else str(score))
+            data["trust"].append(_trust_cell(m.get("trust")))
         waiting = len(getattr(plugin, "_waiters", ()) or ())
-        note = (f"<p style='margin:2px 0'><b>{waiting}</b> session(s) waiting for leased machines"
-                + ("" if trust is not None else " &middot; <span style='color:#666'>trust scores: not tracked by "
-                   "this mesh yet</span>") + "</p>")
+        note = f"<p style='margin:2px 0'><b>{waiting}</b> session(s) waiting for leased machines</p>"
         if note != self.note.text:
             self.note.text = note
         self.table.height = 30 + 28 * max(len(data["machine"]), 1)
         update_table(self.table, data)
+
+
+def _trust_cell(record: dict | None) -> str:
+    """A machine's trust record as the table shows it: ``0.55``, ``0.50 (probation)`` or ``banned``."""
+    if not record:
+        return "-"
+    if record.get("banned"):
+        return "banned"
+    return f"{record['score']:.2f}" + (" (probation)" if record.get("probation") else "")
 
 
 # --- documents -----------------------------------------------------------------------------------------------------

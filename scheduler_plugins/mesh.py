@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import math
 import os
@@ -30,8 +31,8 @@ from typing import Any
 
 from distributed import SchedulerPlugin
 
-from sharedllm.actor import public_endpoint
-from sharedllm.errors import MeshBusy, MeshError, NoMachines, RateLimited
+from sharedllm.actor import model_fault, public_endpoint
+from sharedllm.errors import REFUSAL, ClientBanned, MeshBusy, MeshError, NoMachines, RateLimited, to_refusal
 from sharedllm.gguf import ModelEstimate
 from sharedllm.placement import DeviceSlot, plan
 from sharedllm.scheduler_plugins.trust import Admission, Limits, RateLimiter, TrustRegistry
@@ -41,6 +42,30 @@ logger = logging.getLogger("sharedllm.scheduler")
 EXTENSION = "sharedllm"
 LEASE_TOKEN_TTL = 24 * 3600.0  # seconds; a token stops working earlier, when its lease ends (the relay checks)
 LEASE_PUSH_TIMEOUT = 15.0  # seconds for the leased machines' relays to take a new lease
+RECLAIM_GRACE = 120.0  # seconds a session open when the scheduler died waits for its client to report again
+
+
+def _seq_of(session_id: str) -> int:
+    """The sequence number in a session id (``s12-34567`` -> 12), 0 if it has none."""
+    head = session_id.split("-", 1)[0]
+    return int(head[1:]) if head[:1] == "s" and head[1:].isdigit() else 0
+
+
+def _answering_refusals(name: str, handler):
+    """``handler`` for ``scheduler.handlers``, with the mesh's expected refusals (``MeshError``: a rate limit, a ban,
+    a busy or too small mesh...) sent back as an answer the client raises again (``sharedllm.client``) instead of
+    raised here, where Dask would log each one as an error with its traceback. Other exceptions are bugs and stay so.
+    """
+
+    @functools.wraps(handler)
+    async def answer(*args, **kwargs):
+        try:
+            return await handler(*args, **kwargs)
+        except MeshError as exc:
+            logger.info("%s refused: %s: %s", name, type(exc).__name__, exc)
+            return {REFUSAL: to_refusal(exc)}
+
+    return answer
 
 
 @dataclass
@@ -99,6 +124,7 @@ class Session:
     last_report: float = field(default_factory=time.time)
     recoveries: int = 0  # engines this session's client rebuilt after losing a machine (reported by the client)
     history: deque = field(default_factory=lambda: deque(maxlen=600))  # (time, tokens/s)
+    reclaim_by: float | None = None  # restored after a scheduler restart: closed unless its client reports by then
 
     @property
     def machines(self) -> list[str]:
@@ -110,6 +136,7 @@ class Session:
             "machines": self.machines, "opened": self.opened, "requests": self.requests, "tokens": self.tokens,
             "seconds": self.seconds, "last_tok_s": self.last_tok_s, "last_ttft_ms": self.last_ttft_ms,
             "last_report": self.last_report, "history": list(self.history), "recoveries": self.recoveries,
+            "reclaiming": self.reclaim_by is not None,
         }
 
 
@@ -162,24 +189,21 @@ class MeshPlugin(SchedulerPlugin):
         self.warm: dict[str, dict[str, float]] = {}
         self.relay_master = secrets.token_bytes(32)  # machine relay keys derive from it; never leaves the scheduler
         self._lease_seq = 0  # orders lease changes pushed to the relays
+        self._faults_noted: dict[str, int] = {}  # machine -> pid of its last rpc-server abort charged to a client
 
     # --- lifecycle ---------------------------------------------------------------------------------------------
 
     async def start(self, scheduler) -> None:
         self.scheduler = scheduler
-        scheduler.handlers["sharedllm_state"] = self.handle_state
-        scheduler.handlers["sharedllm_plan"] = self.handle_plan
-        scheduler.handlers["sharedllm_acquire"] = self.handle_acquire
-        scheduler.handlers["sharedllm_drain"] = self.handle_drain
-        scheduler.handlers["sharedllm_catalog"] = self.handle_catalog
-        scheduler.handlers["sharedllm_session_open"] = self.handle_session_open
-        scheduler.handlers["sharedllm_session_report"] = self.handle_session_report
-        scheduler.handlers["sharedllm_session_close"] = self.handle_session_close
+        for name, handler in {
+            "state": self.handle_state, "plan": self.handle_plan, "acquire": self.handle_acquire,
+            "drain": self.handle_drain, "catalog": self.handle_catalog, "session_open": self.handle_session_open,
+            "session_report": self.handle_session_report, "session_close": self.handle_session_close,
+            "challenge": self.handle_challenge, "trust": self.handle_trust, "clients": self.handle_clients,
+            "request": self.handle_request,
+        }.items():
+            scheduler.handlers[f"sharedllm_{name}"] = _answering_refusals(f"sharedllm_{name}", handler)
         scheduler.extensions[EXTENSION] = self
-        scheduler.handlers["sharedllm_challenge"] = self.handle_challenge
-        scheduler.handlers["sharedllm_trust"] = self.handle_trust
-        scheduler.handlers["sharedllm_clients"] = self.handle_clients
-        scheduler.handlers["sharedllm_request"] = self.handle_request
         if self.admission is not None:
             self._guard_registration(scheduler)
         else:
@@ -206,20 +230,60 @@ class MeshPlugin(SchedulerPlugin):
 
         self.store = StateStore(self.state_path)
         saved = self.store.load()
+        policy = saved["policy"]
         self.known = saved["machines"]
-        self.draining = set(saved["policy"].get("draining", []))
-        self.catalog.update(saved["policy"].get("catalog", {}))
-        self.trust.load(saved["policy"].get("trust", {}))
-        self.warm = saved["policy"].get("warm", {})
-        self.rate.banned = set(saved["policy"].get("banned_clients", []))
+        self.draining = set(policy.get("draining", []))
+        self.catalog.update(policy.get("catalog", {}))
+        self.trust.load(policy.get("trust", {}))
+        self.warm = policy.get("warm", {})
+        self.rate.banned = set(policy.get("banned_clients", []))
+        if policy.get("relay_master"):  # the same machine keys as before: the relays and the tokens out there hold
+            self.relay_master = bytes.fromhex(policy["relay_master"])
+        self._lease_seq = int(policy.get("lease_seq", 0))
         now = time.time()
+        reclaiming = []
         for sess in saved["sessions"]:
-            if sess["closed"] is None:  # open when the scheduler died: its client lost it with the scheduler
+            self._session_seq = max(self._session_seq, _seq_of(sess["session_id"]))
+            if sess["closed"] is not None:
+                self.ended.append(sess)
+            elif sess.get("topology"):
+                # Open when the scheduler died: its machines may still serve it (their data plane outlives the
+                # scheduler) and its client may still be generating. It keeps its lease until the client reports
+                # again, or RECLAIM_GRACE passes.
+                self.sessions[sess["session_id"]] = Session(
+                    sess["session_id"], sess.get("client") or "", sess.get("model") or "", sess["topology"],
+                    opened=sess.get("opened") or now, requests=sess.get("requests") or 0,
+                    tokens=sess.get("tokens") or 0, recoveries=sess.get("recoveries") or 0,
+                    reclaim_by=now + RECLAIM_GRACE)
+                reclaiming.append(sess["session_id"])
+            else:  # a file of an older release keeps no topology: that session cannot go on
                 sess.update(closed=now, reason="interrupted: the scheduler restarted")
-            self.ended.append(sess)
+                self.ended.append(sess)
         self.persist()
-        logger.info("restored scheduler state from %s: %d machine(s) known, %d session(s) in history",
-                    self.state_path, len(self.known), len(saved["sessions"]))
+        logger.info("restored scheduler state from %s: %d machine(s) known, %d session(s) in history, %d waiting "
+                    "to be reclaimed by their clients (%s)", self.state_path, len(self.known), len(saved["sessions"]),
+                    len(reclaiming), ", ".join(reclaiming) or "none")
+
+    def _reclaim(self, sess: Session, client: str | None = None, how: str = "reported") -> None:
+        """A restored session's client is back (``client``: its id now, if it had to connect anew)."""
+        if sess.reclaim_by is not None:
+            sess.reclaim_by = None
+            sess.client = client or sess.client
+            logger.info("session %s reclaimed by its client %s (%s) after the scheduler restarted", sess.session_id,
+                        sess.client, how)
+
+    def add_client(self, scheduler=None, client: str | None = None) -> None:
+        # A Dask client reconnects with its id: its restored sessions are its own again.
+        for sess in self.sessions.values():
+            if client and sess.client == client:
+                self._reclaim(sess, how="reconnected")
+
+    def _expire_unreclaimed(self) -> None:
+        """Close the restored sessions whose client did not report within RECLAIM_GRACE."""
+        now = time.time()
+        for sid, sess in list(self.sessions.items()):
+            if sess.reclaim_by is not None and now > sess.reclaim_by:
+                self._close_session(sid, "lease expired: its client did not come back after the scheduler restarted")
 
     def persist(self) -> None:
         """Write the registry to the state file (one transaction). Called periodically and on close."""
@@ -233,7 +297,9 @@ class MeshPlugin(SchedulerPlugin):
         sessions = [{**x.to_dict(), "closed": None, "reason": None} for x in self.sessions.values()]
         self.store.save(live, [*self.ended, *sessions], {"draining": sorted(self.draining), "catalog": self.catalog,
                                                           "trust": self.trust.to_dict(), "warm": self.warm,
-                                                          "banned_clients": sorted(self.rate.banned)},
+                                                          "banned_clients": sorted(self.rate.banned),
+                                                          "relay_master": self.relay_master.hex(),
+                                                          "lease_seq": self._lease_seq},
                         now=now)
         self._persisted_at = time.monotonic()
 
@@ -338,8 +404,39 @@ class MeshPlugin(SchedulerPlugin):
                 await asyncio.wait_for(self._wake.wait(), self.reconcile_interval)
             self._wake.clear()
 
+    def _last_exit(self, machine: str) -> dict | None:
+        rec = self.actors.get(machine)
+        rep = self.worker_report(rec.worker) if rec else None
+        return ((rep or {}).get("rpc") or {}).get("last_exit")
+
+    def _note_model_faults(self) -> None:
+        """A machine's rpc-server aborted on a ggml assertion (:func:`sharedllm.actor.model_fault`): the model its
+        session ran did that, so the client of that session gets a strike (see ``RateLimiter.strike``); the machine
+        is not blamed. Runs with every reconcile and before a session closes, once per abort."""
+        for machine in self.actors:
+            last = self._last_exit(machine)
+            if not last or self._faults_noted.get(machine) == last.get("pid"):
+                continue
+            assertion = model_fault(last)
+            if assertion is None:
+                continue
+            self._faults_noted[machine] = last.get("pid")
+            for sess in self.sessions.values():
+                if machine in sess.machines:
+                    client = sess.client or "anonymous"
+                    n = self.rate.strike(client)
+                    logger.warning("machine %s: rpc-server aborted under session %s (%s) of client %s: %s; the model "
+                                   "is invalid, not the machine (%d strike(s) for the client in the last hour)",
+                                   machine, sess.session_id, sess.model, client, assertion, n)
+
+    def _aborted_on_model(self, machine: str) -> bool:
+        """Whether ``machine``'s last rpc-server exit was an abort on a model's assertion."""
+        return model_fault(self._last_exit(machine)) is not None
+
     async def reconcile(self) -> None:
         """Make sure every machine with a live worker has exactly one actor, and none lingers elsewhere."""
+        self._note_model_faults()
+        self._expire_unreclaimed()
         by_machine = self.machine_workers()
         for machine, rec in list(self.actors.items()):
             if machine not in by_machine or rec.worker not in self.scheduler.workers:
@@ -446,18 +543,24 @@ class MeshPlugin(SchedulerPlugin):
         request_done: bool = False,
         recovered: bool = False,
         lost: str | None = None,
+        requests: int = 0,
+        client: str | None = None,
     ) -> dict:
+        """A client's statistics for its session: tokens and seconds since its last report, ``requests`` finished
+        (or ``request_done`` for one), a recovery. The first report after a scheduler restart reclaims a restored
+        session (``client``: the client's id now, in case it had to connect anew)."""
         sess = self.sessions.get(session_id)
         if sess is None:
             return {"status": "unknown-session"}
+        self._reclaim(sess, client)
         sess.recoveries += int(recovered)
-        if lost:
+        if lost and not self._aborted_on_model(lost):  # a model that crashed the machine is not the machine's fault
             self.trust.failed(lost)
         self.rate.charge_tokens(sess.client or "anonymous", tokens)
         now = time.time()
         sess.tokens += tokens
         sess.seconds += seconds
-        sess.requests += int(request_done)
+        sess.requests += requests + int(request_done)
         if seconds > 0 and tokens > 0:
             sess.last_tok_s = tokens / seconds
             sess.history.append((now, sess.last_tok_s))
@@ -467,7 +570,7 @@ class MeshPlugin(SchedulerPlugin):
         self.tokens_total += tokens
         from sharedllm.scheduler_plugins.metrics import record_session_report
 
-        record_session_report(self, session_id, ttft_ms, request_done, recovered)  # never raises
+        record_session_report(self, session_id, ttft_ms, requests + int(request_done), recovered)  # never raises
         return {"status": "OK"}
 
     async def handle_session_close(self, session_id: str, reason: str = "closed") -> dict:
@@ -479,6 +582,8 @@ class MeshPlugin(SchedulerPlugin):
 
     def _close_session(self, session_id: str, reason: str) -> list[asyncio.Task] | None:
         """Close a session (None: unknown); returns the running calls that revoke its lease on the relays."""
+        if session_id in self.sessions:
+            self._note_model_faults()  # while the session still holds its machines: a strike goes to its client
         sess = self.sessions.pop(session_id, None)
         if sess is None:
             return None
@@ -650,19 +755,22 @@ class MeshPlugin(SchedulerPlugin):
                     self._waiters.remove(waiter)
 
     def _check_rate(self, client: str, new_lease: bool = False) -> None:
+        if client in self.rate.banned:
+            raise ClientBanned(f"client {client} is banned from this mesh; its operator can lift the ban with "
+                               f"`sharedllm clients unban {client}`")
         leases = sum(1 for x in self.sessions.values() if x.client == client)
         over = self.rate.check_request(client or "anonymous", leases=leases, new_lease=new_lease)
         if over:
             why, retry = over
             logger.warning("rate limit: %s", why)
-            when = "" if math.isinf(retry) else f"; retry in {math.ceil(retry)}s"  # banned: no retry helps
-            raise RateLimited(f"{why}{when}", retry_after=retry)
+            raise RateLimited(f"{why}; retry in {math.ceil(retry)}s", retry_after=retry)
 
     async def handle_request(self, session_id: str) -> dict:
         """Called by a client before each generation request: the per-client rate limits."""
         sess = self.sessions.get(session_id)
         if sess is None:
             raise MeshError(f"session {session_id} is not open (its lease expired?); load the model again")
+        self._reclaim(sess)
         self._check_rate(sess.client)
         return {"status": "OK"}
 
@@ -710,7 +818,7 @@ class MeshPlugin(SchedulerPlugin):
         elif action != "list":
             raise MeshError(f"unknown clients action {action!r}; use list, ban or unban")
         clients = sorted({*self.scheduler.clients, *self.rate.banned})
-        return {"clients": [{"client": c, "banned": c in self.rate.banned,
+        return {"clients": [{"client": c, "banned": c in self.rate.banned, "strikes": self.rate.strikes(c),
                              "sessions": [s for s, x in self.sessions.items() if x.client == c]} for c in clients]}
 
     async def _open_session(self, model: str, topology: dict, client: str) -> dict:

@@ -201,17 +201,18 @@ class MeshObservations:
             self._timed.discard(session_id)
 
     def report(
-        self, session_id: str, ttft_ms: float | None, request_done: bool, recovered: bool
+        self, session_id: str, ttft_ms: float | None, request_done: int, recovered: bool
     ) -> None:
         """Count one throughput report: the first-token time (only the first one a request reports: later reports of
-        a long stream may carry one again), a completed request, an engine recovery."""
+        a long stream may carry one again), the requests it completes (a report that waited for a scheduler that was
+        away may carry several), an engine recovery."""
         with self._lock:
             first = ttft_ms is not None and ttft_ms >= 0 and session_id not in self._timed
             if first:
                 self._timed.add(session_id)
             if request_done:
                 self._timed.discard(session_id)
-            self.requests += int(bool(request_done))
+            self.requests += int(request_done)
             self.engine_recoveries += int(bool(recovered))
         if first:
             self.observe_ttft(float(ttft_ms) / 1000.0)
@@ -243,7 +244,7 @@ def observations(plugin: Any) -> MeshObservations:
 
 
 def record_session_report(
-    plugin: Any, session_id: str, ttft_ms: float | None, request_done: bool, recovered: bool = False
+    plugin: Any, session_id: str, ttft_ms: float | None, request_done: int, recovered: bool = False
 ) -> None:
     """Hook for ``MeshPlugin.handle_session_report``: first-token time, completed requests, recoveries. Never
     raises. (Tokens are counted by the plugin itself, in ``tokens_total``.)"""

@@ -1,10 +1,15 @@
 # SPDX-License-Identifier: AGPL-3.0-or-later
 """The scheduler's durable state: an SQLite file that outlives a restart (even ``kill -9``).
 
-What is persisted is history and policy: every machine ever seen (with its last report), sessions (open ones are
-marked interrupted after a restart), and policy such as drained machines. Live state (which workers are connected,
-which rpc-servers are ready) is rebuilt from the workers as they rejoin. Each save is one transaction, so a crash
-leaves either the previous or the new state, never a mix.
+What is persisted is history and policy: every machine ever seen (with its last report), sessions (with their
+topology: open ones go on after a restart when their client reclaims them), and policy such as drained machines, the
+trust records and the relay master key. Live state (which workers are connected, which rpc-servers are ready) is
+rebuilt from the workers as they rejoin. Each save is one transaction, so a crash leaves either the previous or the
+new state, never a mix. The file holds a secret (the relay master key): it is readable by its owner only.
+
+The schema carries a version. A file of an older version is migrated in place when it is opened (``MIGRATIONS``, one
+transaction per step); a file of a newer version is refused. A release that changes the schema adds a step here and a
+fixture written by the release before it (``tests/data/state-vN.sqlite``).
 """
 
 from __future__ import annotations
@@ -20,9 +25,10 @@ from typing import Any
 
 logger = logging.getLogger("sharedllm.scheduler")
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
-_SCHEMA = """
+# The schema of a new file: version 1's, then every migration.
+_SCHEMA_V1 = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS machines (
     machine_id TEXT PRIMARY KEY, first_seen REAL NOT NULL, last_seen REAL NOT NULL, record TEXT NOT NULL);
@@ -32,6 +38,15 @@ CREATE TABLE IF NOT EXISTS sessions (
 CREATE TABLE IF NOT EXISTS policy (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
 
+# version -> the statements that take a file from that version to the next.
+MIGRATIONS: dict[int, list[str]] = {
+    # 2: a session's topology, so that an open session can go on after a restart (sessions of version 1 files have
+    # none: they stay interrupted).
+    1: ["ALTER TABLE sessions ADD COLUMN topology TEXT"],
+}
+_COLUMNS = ["session_id", "client", "model", "machines", "opened", "closed", "tokens", "requests", "recoveries",
+            "reason", "topology"]
+
 
 class StateStore:
     """A small SQLite store. Thread-safe; every method is one short transaction."""
@@ -40,20 +55,42 @@ class StateStore:
         self.path = Path(path).expanduser()
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
+        if not self.path.exists():
+            os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT, 0o600))  # SQLite gives its -wal/-shm the same mode
         try:
             self._db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None)
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")
-            self._db.executescript(_SCHEMA)
+            self._db.executescript(_SCHEMA_V1)
             row = self._db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
+            if row is None:
+                self._db.execute("INSERT INTO meta VALUES ('schema_version', '1')")
+            version = int(row[0]) if row else 1
+            if version > SCHEMA_VERSION:
+                raise ValueError(f"scheduler state file {self.path} has schema {version}, newer than this SharedLLM "
+                                 f"({SCHEMA_VERSION}); upgrade SharedLLM or use another --state-path")
+            self.migrated_from = version if row is not None and version < SCHEMA_VERSION else None  # None: new
+            for v in range(version, SCHEMA_VERSION):
+                self._migrate(v)
         except sqlite3.DatabaseError as exc:
             raise ValueError(f"scheduler state file {self.path} is not a usable SQLite database ({exc}); move it "
                              "away or pass another --state-path") from exc
-        if row is None:
-            self._db.execute("INSERT INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
-        elif int(row[0]) > SCHEMA_VERSION:
-            raise ValueError(f"scheduler state file {self.path} has schema {row[0]}, newer than this SharedLLM "
-                             f"({SCHEMA_VERSION}); upgrade SharedLLM or use another --state-path")
+        if self.migrated_from is not None:
+            logger.info("scheduler state file %s migrated from schema %d to %d", self.path, self.migrated_from,
+                        SCHEMA_VERSION)
+
+    def _migrate(self, version: int) -> None:
+        """Take the file from ``version`` to the next, in one transaction."""
+        cur = self._db.cursor()
+        cur.execute("BEGIN IMMEDIATE")
+        try:
+            for statement in MIGRATIONS[version]:
+                cur.execute(statement)
+            cur.execute("UPDATE meta SET value=? WHERE key='schema_version'", (str(version + 1),))
+            cur.execute("COMMIT")
+        except BaseException:
+            cur.execute("ROLLBACK")
+            raise
 
     def load(self) -> dict[str, Any]:
         """Everything persisted: ``machines`` (id -> record), ``sessions`` (newest last), ``policy``."""
@@ -63,12 +100,11 @@ class StateStore:
                 for mid, first, last, rec in self._db.execute("SELECT machine_id, first_seen, last_seen, record "
                                                               "FROM machines")
             }
-            cols = ["session_id", "client", "model", "machines", "opened", "closed", "tokens", "requests",
-                    "recoveries", "reason"]
             sessions = []
-            for row in self._db.execute(f"SELECT {', '.join(cols)} FROM sessions ORDER BY opened"):
-                d = dict(zip(cols, row, strict=True))
+            for row in self._db.execute(f"SELECT {', '.join(_COLUMNS)} FROM sessions ORDER BY opened"):
+                d = dict(zip(_COLUMNS, row, strict=True))
                 d["machines"] = json.loads(d["machines"] or "[]")
+                d["topology"] = json.loads(d["topology"]) if d["topology"] else None
                 sessions.append(d)
             policy = {k: json.loads(v) for k, v in self._db.execute("SELECT key, value FROM policy")}
         return {"machines": machines, "sessions": sessions, "policy": policy}
@@ -90,10 +126,11 @@ class StateStore:
                     )
                 for s in sessions:
                     cur.execute(
-                        "INSERT OR REPLACE INTO sessions VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                        f"INSERT OR REPLACE INTO sessions ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * 11)})",
                         (s["session_id"], s.get("client"), s.get("model"), json.dumps(list(s.get("machines", []))),
                          s.get("opened"), s.get("closed"), s.get("tokens", 0), s.get("requests", 0),
-                         s.get("recoveries", 0), s.get("reason")),
+                         s.get("recoveries", 0), s.get("reason"),
+                         json.dumps(s["topology"]) if s.get("topology") else None),
                     )
                 cur.execute("DELETE FROM sessions WHERE session_id NOT IN (SELECT session_id FROM sessions "
                             "ORDER BY opened DESC LIMIT ?)", (keep_sessions,))

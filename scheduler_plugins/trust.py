@@ -4,8 +4,8 @@
 - ``Admission`` issues one-time nonces and checks the workers' HMAC answers at registration.
 - ``TrustRegistry`` keeps a record per machine (vouched, sessions and tokens served, failures, score, ban, labels);
   new machines start on probation. It persists with the scheduler state.
-- ``RateLimiter`` keeps token buckets per client: requests per minute, generated tokens per minute, and a cap on
-  concurrent leases.
+- ``RateLimiter`` keeps token buckets per client: requests per minute, generated tokens per minute, a cap on
+  concurrent leases, and strikes for models that made rpc-servers abort (a few per hour, then no new lease).
 """
 
 from __future__ import annotations
@@ -178,6 +178,7 @@ class Limits:
     requests_per_minute: float = 120.0
     tokens_per_minute: float = 60_000.0
     concurrent_leases: int = 4
+    invalid_models_per_hour: int = 3  # models that made an rpc-server abort; at the limit, no new lease for a while
 
 
 class RateLimiter:
@@ -188,6 +189,22 @@ class RateLimiter:
         self._requests: dict[str, Bucket] = {}
         self._tokens: dict[str, Bucket] = {}
         self.banned: set[str] = set()
+        self._strikes: dict[str, list[float]] = {}  # client -> when its models made rpc-servers abort (monotonic)
+
+    STRIKE_WINDOW = 3600.0
+
+    def strike(self, client: str) -> int:
+        """Count a model of ``client`` that made an rpc-server abort; returns its strikes within the window."""
+        self._strikes[client] = [*self._recent_strikes(client), time.monotonic()]
+        return len(self._strikes[client])
+
+    def _recent_strikes(self, client: str) -> list[float]:
+        now = time.monotonic()
+        return [t for t in self._strikes.get(client, []) if now - t < self.STRIKE_WINDOW]
+
+    def strikes(self, client: str) -> int:
+        """``client``'s strikes within the window (see ``strike``)."""
+        return len(self._recent_strikes(client))
 
     def _buckets(self, client: str) -> tuple[Bucket, Bucket]:
         lim = self.limits
@@ -197,8 +214,12 @@ class RateLimiter:
         return self._requests[client], self._tokens[client]
 
     def check_request(self, client: str, leases: int = 0, new_lease: bool = False) -> tuple[str, float] | None:
-        if client in self.banned:
-            return f"client {client} is banned from this mesh", float("inf")
+        """None when the request may go on, else (why not, seconds until it may). Bans are the caller's check."""
+        strikes = self._recent_strikes(client)
+        if new_lease and len(strikes) >= self.limits.invalid_models_per_hour:
+            wait = strikes[len(strikes) - self.limits.invalid_models_per_hour] + self.STRIKE_WINDOW - time.monotonic()
+            return (f"client {client} loaded {len(strikes)} models in the last hour that made rpc-servers abort "
+                    "(invalid models); check the model files", max(wait, 1.0))
         if new_lease and leases >= self.limits.concurrent_leases:
             return f"client {client} already holds {leases} leases (limit {self.limits.concurrent_leases})", 5.0
         requests, tokens = self._buckets(client)

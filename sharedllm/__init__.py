@@ -14,10 +14,12 @@ from __future__ import annotations
 from importlib import import_module
 
 from sharedllm.errors import (
+    ClientBanned,
     EngineError,
     InvalidModel,
     MeshBusy,
     MeshError,
+    ModelClosed,
     ModelError,
     ModelNotFound,
     ModelTooLarge,
@@ -42,7 +44,7 @@ def __getattr__(name: str):
 
 
 __all__ = [
-    "EngineError", "InvalidModel", "LocalMesh", "Mesh", "MeshBusy", "MeshError", "MeshModel", "ModelError",
-    "ModelNotFound", "ModelTooLarge", "NoMachines", "RPCServerError", "RateLimited", "SchedulerUnreachable",
-    "Topology", "WorkerLost",
+    "ClientBanned", "EngineError", "InvalidModel", "LocalMesh", "Mesh", "MeshBusy", "MeshError", "MeshModel",
+    "ModelClosed", "ModelError", "ModelNotFound", "ModelTooLarge", "NoMachines", "RPCServerError", "RateLimited",
+    "SchedulerUnreachable", "Topology", "WorkerLost",
 ]

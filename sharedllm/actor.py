@@ -18,12 +18,22 @@ import contextlib
 import json
 import logging
 import os
+import signal
 import sys
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+from sharedllm.dataplane import (
+    ALIVE_FILE,
+    DEFAULT_ORPHAN_TIMEOUT,
+    TOUCH_EVERY,
+    process_runs,
+    read_json,
+    touch,
+    write_json,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -43,10 +53,24 @@ class RPCServerState:
     cache: dict = field(default_factory=dict)  # tensor cache: files, bytes, cap
     relay: dict | None = None  # the TLS relay in front of the server: endpoint, fingerprint, pid (None: not running)
     direct: bool = False  # --insecure-direct-rpc: clients connect to ``endpoint`` itself, without the relay
+    last_exit: dict | None = None  # the last server process that exited: pid, code, message (see model_fault)
     since: float = field(default_factory=time.time)
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def model_fault(last_exit: dict | None) -> str | None:
+    """The assertion an rpc-server aborted on (``RPCServerState.last_exit``), else None.
+
+    ggml asserts on what a client sends (tensor shapes, hyperparameters such as a negative norm epsilon, a malformed
+    graph): an rpc-server that aborts on a ``GGML_ASSERT`` was made to by the model it ran, not by its machine. A
+    killed or crashed server (any other exit) is the machine's fault."""
+    # SIGABRT (as a signal or as a shell status), or unknown: a server adopted from an earlier worker is no child
+    if not last_exit or last_exit.get("code") not in (-6, 134, None):
+        return None
+    message = last_exit.get("message") or ""
+    return message if "GGML_ASSERT" in message else None
 
 
 def public_endpoint(rpc: dict) -> str | None:
@@ -82,58 +106,125 @@ class RPCServerConfig:
     relay_host: str = "127.0.0.1"  # where the relay listens (the machine's reachable address)
     relay_port: int = 0  # 0: a free port, kept across restarts
     machine_id: str = ""
+    orphan_timeout: float = DEFAULT_ORPHAN_TIMEOUT  # seconds the data plane serves on without a supervisor
 
 
-async def _read_message(stream: asyncio.StreamReader, prefix: str, deadline: float,
-                        match: Callable[[dict], bool] | None = None) -> dict | None:
-    """The JSON of the next line of ``stream`` that starts with ``prefix`` (and satisfies ``match``), skipping other
-    lines; None when the stream ends or ``deadline`` (monotonic) passes first."""
+class _Process:
+    """A data-plane process: a child this supervisor started, or one it adopted from the supervisor before it (a
+    worker that exited: the process is no child of ours, so its exit status is unknown)."""
+
+    def __init__(self, pid: int, child: asyncio.subprocess.Process | None = None):
+        self.pid, self.child = pid, child
+        self.returncode: int | None = None  # set once it exited (None for an adopted one: unknown)
+        self.exited = False
+
+    async def wait(self) -> int | None:
+        """Wait until the process exits; its status (None when adopted)."""
+        if self.child is not None:
+            self.returncode = await self.child.wait()
+        else:
+            await _wait_pid(self.pid)
+        self.exited = True
+        return self.returncode
+
+    def send(self, sig: int) -> None:
+        if not self.exited:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, sig)
+
+
+async def _wait_pid(pid: int) -> None:
+    """Wait for a process that is not our child to exit (a pidfd where the kernel has them, else polling)."""
     try:
-        while line := await asyncio.wait_for(stream.readline(), max(0.1, deadline - time.monotonic())):
-            text = line.decode(errors="replace")
-            if text.startswith(prefix):
-                msg = json.loads(text[len(prefix):])
-                if match is None or match(msg):
-                    return msg
-            if time.monotonic() >= deadline:
-                break
+        fd = os.pidfd_open(pid)
+    except (OSError, AttributeError):
+        while _alive(pid):
+            await asyncio.sleep(0.2)
+        return
+    loop = asyncio.get_running_loop()
+    done = loop.create_future()
+    loop.add_reader(fd, lambda: done.done() or done.set_result(None))
+    try:
+        await done
+    finally:
+        loop.remove_reader(fd)
+        os.close(fd)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"
+
+
+async def _terminate(proc: _Process, grace: float = 5.0) -> None:
+    """Stop a process: SIGTERM, then SIGKILL after ``grace`` seconds (at once with ``grace=0``); wait for it."""
+    proc.send(signal.SIGTERM if grace > 0 else signal.SIGKILL)
+    try:
+        await asyncio.wait_for(proc.wait(), grace or None)
     except asyncio.TimeoutError:
-        pass
+        proc.send(signal.SIGKILL)
+        await proc.wait()
+
+
+async def _spawn(cmd: list[str], log: Path, env: dict | None = None) -> _Process:
+    """Start a data-plane process in a session of its own (a signal to the worker's process group does not reach
+    it), its output appended to ``log``."""
+    with open(log, "ab") as f:
+        child = await asyncio.create_subprocess_exec(*cmd, stdout=f, stderr=f, stdin=asyncio.subprocess.DEVNULL,
+                                                     env=env, start_new_session=True)
+    return _Process(child.pid, child)
+
+
+def _listens(endpoint: str, timeout: float = 2.0) -> bool:
+    """Whether something accepts TCP connections on ``endpoint`` (the connection is closed at once, unused)."""
+    import socket
+
+    host, _, port = endpoint.rpartition(":")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+async def _ready_file(path: Path, proc: _Process, deadline: float) -> dict | None:
+    """The JSON a starting process writes to ``path`` once it serves; None if it exits or ``deadline`` passes."""
+    while time.monotonic() < deadline:
+        info = read_json(path)
+        if info and info.get("pid") == proc.pid:
+            return info
+        if proc.child is not None and proc.child.returncode is not None:
+            return None
+        await asyncio.sleep(0.05)
     return None
 
 
-async def _terminate(proc: asyncio.subprocess.Process, grace: float = 5.0) -> None:
-    """Stop a child: SIGTERM, then SIGKILL after ``grace`` seconds (at once with ``grace=0``); wait for it."""
-    if proc.returncode is None:
-        with contextlib.suppress(ProcessLookupError):
-            if grace > 0:
-                proc.terminate()
-            else:
-                proc.kill()
-        try:
-            await asyncio.wait_for(proc.wait(), grace or None)
-        except asyncio.TimeoutError:
-            with contextlib.suppress(ProcessLookupError):
-                proc.kill()
-            await proc.wait()
-
-
 class RPCServerSupervisor:
-    """Runs and watches one rpc-server process on the current event loop. No Dask."""
+    """Runs and watches one machine's rpc-server and relay on the current event loop. No Dask.
+
+    Both run in sessions of their own and record themselves in ``workdir`` (the machine's state directory, see
+    :mod:`sharedllm.dataplane`): when this supervisor's worker exits (it lost the scheduler, or was killed), they serve
+    on, and the next supervisor on the machine adopts them with :meth:`start` instead of starting new ones."""
 
     def __init__(self, config: RPCServerConfig, workdir: str | os.PathLike, on_change=None):
         self.config = config
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
+        with contextlib.suppress(OSError):
+            self.workdir.chmod(0o700)  # the relay key and its control socket live here
         self.status = RPCServerState()
-        self._proc: asyncio.subprocess.Process | None = None
+        self._proc: _Process | None = None
+        self._log_offset = 0  # where the current server's lines start in its log
         self._watch: asyncio.Task | None = None
+        self._toucher: asyncio.Task | None = None
         self._stopping = False
         self._restart_times: list[float] = []
         self._on_change = on_change
-        self._drainer: asyncio.Task | None = None
         self._relay_key: bytes | None = None
-        self._relay_proc: asyncio.subprocess.Process | None = None
+        self._relay_proc: _Process | None = None
         self._relay_watch: asyncio.Task | None = None
         self._relay_lock = asyncio.Lock()
         self._lease: str | None = None
@@ -142,6 +233,18 @@ class RPCServerSupervisor:
     @property
     def log_path(self) -> Path:
         return self.workdir / "rpc-server.log"
+
+    @property
+    def _server_file(self) -> Path:
+        return self.workdir / "rpc-server.json"
+
+    @property
+    def _relay_file(self) -> Path:
+        return self.workdir / "relay.json"
+
+    @property
+    def _control_path(self) -> Path:
+        return self.workdir / "relay.sock"
 
     def _set(self, **kw: Any) -> None:
         for k, v in kw.items():
@@ -153,13 +256,20 @@ class RPCServerSupervisor:
     async def start(self, relay_key: bytes | None = None) -> RPCServerState:
         """Start the server (and its relay, given this machine's relay key) and wait until it answers HELLO.
 
-        Returns the state (ready, or failed with the reason). A server that runs already is kept: a re-created actor
-        (the scheduler restarted) only hands over a new relay key."""
+        Returns the state (ready, or failed with the reason). A server that runs already is kept: one this
+        supervisor runs (a re-created actor), or one an earlier supervisor of the machine left running (adopted,
+        with its relay and the lease it admits when the relay key is the same)."""
         self._stopping = False
+        touch(self.workdir / ALIVE_FILE)
+        if self._toucher is None or self._toucher.done():
+            self._toucher = asyncio.ensure_future(self._touch_alive())
         if relay_key is not None and relay_key != self._relay_key:
+            if self._relay_key is not None:
+                await self._stop_relay()  # a relay with the old key would refuse every token of the new scheduler
             self._relay_key = relay_key
-            await self._stop_relay()  # a relay with the old key would refuse every token of the new scheduler
-        if self._proc is None or self._proc.returncode is not None:
+        if self._proc is None and await self._adopt():
+            await self._ensure_relay()
+        elif self._proc is None or self._proc.exited:
             await self._launch()
         elif self.status.state == "ready":
             await self._ensure_relay()
@@ -167,40 +277,67 @@ class RPCServerSupervisor:
             self._watch = asyncio.ensure_future(self._supervise())
         return self.status
 
-    async def _launch(self) -> None:
-        from sharedllm import ggml
-        from sharedllm.rpc_server import READY_PREFIX
+    async def _touch_alive(self) -> None:
+        while not self._stopping:
+            with contextlib.suppress(OSError):
+                touch(self.workdir / ALIVE_FILE)
+            await asyncio.sleep(TOUCH_EVERY)
 
+    def _server_cmd(self) -> list[str]:
         c = self.config
-        self.maintain_cache()  # never during a load: the server is not running yet
         threads = c.threads or len(os.sched_getaffinity(0))  # every core: stages never compute at once (NOTES)
         cmd = [sys.executable, "-m", "sharedllm.rpc_server", "--host", c.host, "--port", str(c.port),
-               "--threads", str(threads), "--parent-pid", str(os.getpid())]
+               "--threads", str(threads), "--ready-file", str(self._server_file),
+               "--alive-file", str(self.workdir / ALIVE_FILE), "--orphan-timeout", str(c.orphan_timeout)]
         for d in c.devices:
             cmd += ["--device", d]
         if c.cache_dir:
             cmd += ["--cache-dir", c.cache_dir]
+        return cmd
+
+    async def _adopt(self) -> bool:
+        """Take over the rpc-server an earlier supervisor of this machine left running, if it still listens.
+
+        No HELLO: an rpc-server serves one client at a time, and the session it serves now would hold the probe in
+        its queue. The process and its listening socket are the proof; its protocol was recorded when it started."""
+        info = read_json(self._server_file)
+        if not info or not info.get("protocol") or not process_runs(info.get("pid"), "sharedllm.rpc_server"):
+            return False
+        endpoint = info["endpoint"]
+        proc = _Process(info["pid"])
+        if not await asyncio.to_thread(_listens, endpoint):
+            logger.warning("machine %s: the running rpc-server (pid %d) does not listen on %s; replacing it",
+                           self.config.machine_id, proc.pid, endpoint)
+            await _terminate(proc, grace=0)
+            return False
+        self._proc, self._log_offset = proc, int(info.get("log_offset") or 0)
+        self._started_at = time.time()
+        self.config.port = int(endpoint.rpartition(":")[2])
+        self._set(state="ready", endpoint=endpoint, devices=info["devices"], pid=proc.pid, threads=info["threads"],
+                  protocol=info["protocol"], reason=None, direct=not self.config.relay)
+        logger.info("machine %s: adopted the running rpc-server %s (pid %d): its sessions go on",
+                    self.config.machine_id, endpoint, proc.pid)
+        return True
+
+    async def _launch(self) -> None:
+        from sharedllm import ggml
+
+        c = self.config
+        self.maintain_cache()  # never during a load: the server is not running yet
         self._set(state="starting" if self.status.state != "restarting" else "restarting", reason=self.status.reason)
-        log = open(self.log_path, "ab")
-        try:
-            self._proc = await asyncio.create_subprocess_exec(
-                *cmd, stdout=asyncio.subprocess.PIPE, stderr=log, stdin=asyncio.subprocess.DEVNULL,
-                env=dict(os.environ, GGML_NO_BACKTRACE="1"),  # a crash must not wait for gdb
-            )
-        finally:
-            log.close()
+        self._server_file.unlink(missing_ok=True)
+        self._log_offset = self.log_path.stat().st_size if self.log_path.exists() else 0
+        self._proc = await _spawn(self._server_cmd(), self.log_path, dict(os.environ, GGML_NO_BACKTRACE="1"))
         self._started_at = time.time()
         deadline = time.monotonic() + c.start_timeout
-        info = await _read_message(self._proc.stdout, READY_PREFIX, deadline)
+        info = await _ready_file(self._server_file, self._proc, deadline)
         if info is None:
             await self._reap()
             self._set(state="failed", reason=f"rpc-server did not start: {self._log_tail()}", pid=None)
             return
-        # Keep draining stdout (llama.cpp prints a line per client) so the pipe never fills up.
-        self._drainer = asyncio.ensure_future(self._drain(self._proc))
         endpoint = info["endpoint"]
         while time.monotonic() < deadline:
-            if self._proc.returncode is not None:
+            if self._proc.child.returncode is not None:
                 break
             try:
                 version = await asyncio.to_thread(ggml.rpc_hello, endpoint, 2.0)
@@ -208,20 +345,15 @@ class RPCServerSupervisor:
                 await asyncio.sleep(0.1)
                 continue
             self.config.port = int(endpoint.rpartition(":")[2])  # restarts reuse the port, so the endpoint stays stable
+            protocol = ".".join(map(str, version))
+            write_json(self._server_file, {**info, "protocol": protocol})  # for a supervisor that adopts it
             self._set(state="ready", endpoint=endpoint, devices=info["devices"], pid=info["pid"],
-                      threads=info["threads"], protocol=".".join(map(str, version)), reason=None,
-                      direct=not c.relay)
+                      threads=info["threads"], protocol=protocol, reason=None, direct=not c.relay)
             logger.info("rpc-server ready on %s (%s)", endpoint, ", ".join(d["name"] for d in info["devices"]))
             await self._ensure_relay()
             return
         await self._reap()
         self._set(state="failed", reason=f"rpc-server never answered on {endpoint}: {self._log_tail()}", pid=None)
-
-    async def _drain(self, proc) -> None:
-        with open(self.log_path, "ab") as log, contextlib.suppress(Exception):
-            while line := await proc.stdout.readline():
-                log.write(line)
-                log.flush()
 
     async def _supervise(self) -> None:
         c = self.config
@@ -234,8 +366,10 @@ class RPCServerSupervisor:
                 return
             now = time.monotonic()
             self._restart_times = [t for t in self._restart_times if now - t < c.restart_window] + [now]
-            reason = f"rpc-server exited with status {code}: {self._log_tail()}"
+            message = self._exit_message()
+            reason = f"rpc-server exited with status {'unknown (adopted)' if code is None else code}: {message}"
             logger.warning("%s", reason)
+            self._set(last_exit={"pid": proc.pid, "code": code, "message": message, "time": time.time()})
             self._discard_partial_cache()
             if len(self._restart_times) > c.max_restarts:
                 # Crash loop: marked failed (placement leaves it out), then one fresh try after a cool-down.
@@ -271,6 +405,17 @@ class RPCServerSupervisor:
         async with self._relay_lock:
             await self._ensure_relay_locked()
 
+    def _adoptable_relay(self, endpoint: str) -> dict | None:
+        """The relay an earlier supervisor left running in front of ``endpoint`` with this relay key, if any."""
+        info = read_json(self._relay_file)
+        if not info or not process_runs(info.get("pid"), "sharedllm.relay") or info.get("target") != endpoint:
+            return None
+        try:
+            same_key = (self.workdir / "relay.key").read_text().strip() == self._relay_key.hex()
+        except OSError:
+            return None
+        return info if same_key else None
+
     async def _ensure_relay_locked(self) -> None:
         from sharedllm import relay
         from sharedllm.security import write_private
@@ -283,23 +428,36 @@ class RPCServerSupervisor:
             self._set(relay=None, reason="relay key not received from the scheduler yet")
             return
         proc = self._relay_proc
-        if proc is not None and proc.returncode is None and (self.status.relay or {}).get("target") == endpoint:
+        if proc is not None and not proc.exited and (self.status.relay or {}).get("target") == endpoint:
             return
+        if proc is None and (info := self._adoptable_relay(endpoint)) is not None:
+            self._relay_proc = _Process(info["pid"])
+            answer = await self._control("status")
+            if answer is not None:
+                self._lease = answer.get("lease")
+                self._set_relay(info)
+                logger.info("machine %s: adopted the running relay %s (pid %d), admitting lease %s",
+                            c.machine_id, info["endpoint"], info["pid"], self._lease)
+                return
+            logger.warning("machine %s: the running relay (pid %d) does not answer on %s; replacing it",
+                           c.machine_id, info["pid"], self._control_path)
         await self._stop_relay_locked()
+        stale = read_json(self._relay_file)  # an old relay (another key, another server): it must give up its port
+        if stale and process_runs(stale.get("pid"), "sharedllm.relay"):
+            await _terminate(_Process(stale["pid"]))
         cert, key = self._relay_cert()
         key_file = self.workdir / "relay.key"
         write_private(key_file, self._relay_key.hex())
+        self._relay_file.unlink(missing_ok=True)
         cmd = [sys.executable, "-m", "sharedllm.relay", "server",
                "--listen", relay.join_endpoint(c.relay_host, c.relay_port), "--target", endpoint,
-               "--cert", cert, "--key", key, "--machine-id", c.machine_id,
-               "--key-file", str(key_file), "--control-stdin", "--parent-pid", str(os.getpid())]
-        log = open(self.workdir / "relay.log", "ab")
-        try:
-            proc = await asyncio.create_subprocess_exec(*cmd, stdin=asyncio.subprocess.PIPE,
-                                                        stdout=asyncio.subprocess.PIPE, stderr=log)
-        finally:
-            log.close()
-        info = await _read_message(proc.stdout, relay.READY_PREFIX, time.monotonic() + c.start_timeout)
+               "--cert", cert, "--key", key, "--machine-id", c.machine_id, "--key-file", str(key_file),
+               "--control-socket", str(self._control_path), "--ready-file", str(self._relay_file),
+               "--alive-file", str(self.workdir / ALIVE_FILE), "--orphan-timeout", str(c.orphan_timeout)]
+        if self._lease is not None:
+            cmd += ["--lease", self._lease]
+        proc = await _spawn(cmd, self.workdir / "relay.log")
+        info = await _ready_file(self._relay_file, proc, time.monotonic() + c.start_timeout)
         if info is None:
             await _terminate(proc, grace=0)
             tail = self._log_tail(self.workdir / "relay.log")
@@ -308,12 +466,13 @@ class RPCServerSupervisor:
             return
         self._relay_proc = proc
         c.relay_port = int(info["endpoint"].rpartition(":")[2])  # restarts keep the port: clients keep the endpoint
-        self._set(relay={"endpoint": info["endpoint"], "fingerprint": info["fingerprint"], "pid": info["pid"],
-                         "target": endpoint}, reason=None)
+        self._set_relay(info)
         logger.info("relay of machine %s on %s (%s) in front of %s", c.machine_id, info["endpoint"],
                     info["fingerprint"], endpoint)
-        if self._lease is not None:
-            await self._tell_relay(self._lease)
+
+    def _set_relay(self, info: dict) -> None:
+        self._set(relay={"endpoint": info["endpoint"], "fingerprint": info["fingerprint"], "pid": info["pid"],
+                         "target": info["target"], "lease": self._lease}, reason=None)
         if self._relay_watch is None or self._relay_watch.done():
             self._relay_watch = asyncio.ensure_future(self._watch_relay())
 
@@ -332,19 +491,34 @@ class RPCServerSupervisor:
             await asyncio.sleep(self.config.backoff)
             await self._ensure_relay()
 
+    async def _control(self, command: str, timeout: float = 10.0) -> dict | None:
+        """Send one command to the relay's control socket; its answer, or None when it cannot be reached."""
+        try:
+            reader, writer = await asyncio.wait_for(asyncio.open_unix_connection(str(self._control_path)), timeout)
+        except (OSError, asyncio.TimeoutError):
+            return None
+        try:
+            writer.write(f"{command}\n".encode())
+            await writer.drain()
+            line = await asyncio.wait_for(reader.readline(), timeout)
+            return json.loads(line) if line else None
+        except (OSError, ValueError, asyncio.TimeoutError):
+            return None
+        finally:
+            writer.close()
+            with contextlib.suppress(Exception):
+                await writer.wait_closed()
+
     async def _tell_relay(self, lease: str | None) -> None:
         """Make the relay admit ``lease`` (None: nobody) and wait for its acknowledgement."""
-        from sharedllm import relay
-
         proc = self._relay_proc
-        if proc is None or proc.returncode is not None or proc.stdin is None:
+        if proc is None or proc.exited:
             return
-        proc.stdin.write(f"lease {lease or ''}\n".encode())
-        await proc.stdin.drain()
-        ack = await _read_message(proc.stdout, relay.READY_PREFIX, time.monotonic() + 10,
-                                  match=lambda msg: msg.get("lease", "?") == lease)
-        if ack is None:
+        answer = await self._control(f"lease {lease or ''}")
+        if answer is None or answer.get("lease") != lease:
             raise ConnectionError("the relay exited or did not acknowledge the lease change within 10s")
+        if self.status.relay is not None:
+            self._set(relay={**self.status.relay, "lease": lease})
 
     async def set_lease(self, lease: str | None, seq: int) -> dict:
         """Admit ``lease`` on this machine's relay (None: nobody); live connections of other leases are closed.
@@ -399,6 +573,18 @@ class RPCServerSupervisor:
                 if dropped:
                     logger.warning("dropped %d tensor-cache file(s) written by the crashed rpc-server", len(dropped))
 
+    def _exit_message(self) -> str:
+        """What the dead server said last: its ggml assertion if it aborted on one (its other output may come after
+        it), else its last line. Only this server's lines count: the log holds its predecessors' too."""
+        try:
+            with open(self.log_path, "rb") as f:
+                f.seek(max(self._log_offset, self.log_path.stat().st_size - 8192))
+                lines = [ln.strip() for ln in f.read().decode(errors="replace").splitlines() if ln.strip()]
+        except OSError:
+            return "no log"
+        marked = [ln for ln in lines if "GGML_ASSERT" in ln]
+        return ((marked or lines or ["no output"])[-1])[-300:]
+
     def _log_tail(self, path: Path | None = None) -> str:
         try:
             lines = [ln for ln in (path or self.log_path).read_text(errors="replace").splitlines() if ln.strip()]
@@ -416,10 +602,23 @@ class RPCServerSupervisor:
         await self._stop_relay()
         if self._proc is not None:
             await _terminate(self._proc)
-        if self._watch is not None:
-            self._watch.cancel()
+        for task in (self._watch, self._toucher):
+            if task is not None:
+                task.cancel()
+        for f in (self._server_file, self._relay_file):
+            f.unlink(missing_ok=True)
         self._set(state="stopped", pid=None, reason=None)
         return self.status
+
+    def detach(self) -> None:
+        """Stop supervising, and leave the server and its relay serving: this worker is going away without being
+        told to (it lost the scheduler), and the next supervisor of the machine adopts them."""
+        self._stopping = True
+        for task in (self._watch, self._toucher, self._relay_watch):
+            if task is not None:
+                task.cancel()
+        logger.info("machine %s: leaving the rpc-server (pid %s) and its relay serving for the next worker",
+                    self.config.machine_id, self.status.pid)
 
 
 class RPCServerActor:

@@ -24,13 +24,17 @@ from typing import Any, NoReturn
 from sharedllm import gguf, models
 from sharedllm.engine import Engine, EngineSpec, EngineStage, _to_the_end
 from sharedllm.errors import (
+    REFUSAL,
     EngineError,
+    InvalidModel,
     MeshBusy,
     MeshError,
+    ModelClosed,
     ModelTooLarge,
     NoMachines,
     SchedulerUnreachable,
     WorkerLost,
+    from_refusal,
     gib,
 )
 from sharedllm.placement import Topology
@@ -61,7 +65,11 @@ class MachineTable(list):
         return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows)
 
     def ready(self) -> list[dict]:
-        return [m for m in self if (m.get("rpc") or {}).get("state") == "ready"]
+        """The machines a session can be placed on now: rpc-server ready and reachable (its relay running, or
+        serving directly). The same test as placement's, so a machine counted here is one ``load`` can use."""
+        from sharedllm.actor import public_endpoint
+
+        return [m for m in self if (rpc := m.get("rpc") or {}).get("state") == "ready" and public_endpoint(rpc)]
 
 
 class Mesh:
@@ -72,6 +80,24 @@ class Mesh:
             raise ValueError("Mesh needs a synchronous distributed.Client (created without asynchronous=True)")
         self.client = client
         self.timeout = timeout
+        # To connect again when the client gives up on a scheduler that restarts (see _revive).
+        self._address = getattr(client.scheduler, "address", None)
+        self._security = getattr(client, "security", None)
+
+    def _revive(self) -> None:
+        """A Dask client stops reconnecting after its connect timeout, and then stays closed: a scheduler that takes
+        longer to restart would leave this mesh without one. Connect a new client to the same scheduler then."""
+        if self.client.status != "closed" or not self._address:
+            return
+        from distributed import Client
+
+        try:
+            self.client = Client(self._address, timeout=self.timeout, security=self._security, set_as_default=False)
+        except (OSError, TimeoutError) as exc:
+            raise SchedulerUnreachable(
+                f"cannot reach the Dask scheduler at {self._address} ({type(exc).__name__}); check that it is running"
+            ) from exc
+        logger.info("connected to the scheduler at %s again (client %s)", self._address, self.client.id)
 
     @classmethod
     def connect(cls, address: str, *, timeout: float = 10.0, **client_kwargs) -> Mesh:
@@ -101,6 +127,7 @@ class Mesh:
         self.close()
 
     def _call(self, handler: str, *, timeout: float | None = None, **kwargs) -> Any:
+        self._revive()
         try:
             result = self.client.sync(getattr(self.client.scheduler, handler), **kwargs,
                                       callback_timeout=timeout or self.timeout)
@@ -110,6 +137,8 @@ class Mesh:
 
     async def _acall(self, handler: str, *, timeout: float | None = None, **kwargs) -> Any:
         """``_call`` for asyncio: awaitable from any event loop (the request runs on the Dask client's own loop)."""
+        if self.client.status == "closed":
+            await asyncio.to_thread(self._revive)
         call = asyncio.wait_for(getattr(self.client.scheduler, handler)(**kwargs), timeout or self.timeout)
         loop = self.client.loop.asyncio_loop
         try:
@@ -126,9 +155,15 @@ class Mesh:
         error for an unreachable scheduler or one without SharedLLM, anything else as it is."""
         from distributed.comm.core import CommClosedError
 
-        addr = getattr(self.client.scheduler, "address", "?")
+        addr = getattr(self.client.scheduler, "address", None) or getattr(self.client, "scheduler_file", None) or "?"
         if isinstance(exc, MeshError):
             raise exc
+        if self.client.scheduler is None or self.client.status in ("closing", "closed"):
+            # The Dask client lost its scheduler (killed, restarting): it has no connection left to call through.
+            raise SchedulerUnreachable(
+                f"the Dask client has lost its scheduler (status {self.client.status}) and cannot call {handler}; "
+                "check that the scheduler runs, then connect again"
+            ) from exc
         if isinstance(exc, (OSError, CommClosedError, TimeoutError)):
             raise SchedulerUnreachable(
                 f"the Dask scheduler at {addr} did not answer {handler} ({type(exc).__name__}: {exc}); check that it "
@@ -141,6 +176,8 @@ class Mesh:
     def _called(self, handler: str, result: Any) -> Any:
         if result is None:  # a scheduler without the handler logs "No handler ... found" and answers nothing
             raise self._not_sharedllm()
+        if isinstance(result, dict) and REFUSAL in result:  # an expected refusal, sent as an answer: raise it here
+            raise from_refusal(result[REFUSAL])
         return result
 
     def _not_sharedllm(self) -> SchedulerUnreachable:
@@ -279,21 +316,66 @@ class Mesh:
                                 for d in (m.get("rpc") or {}).get("devices") or [])
         return gguf.estimate_memory(parsed, n_ctx, output_on_client=on_client)
 
-    def _report(self, handler: str, **kwargs) -> None:
-        # Statistics for the dashboard: never let a slow or gone scheduler break generation.
-        try:
-            self._call(handler, **kwargs)
-        except Exception as exc:
-            logger.debug("could not report %s: %s", handler, exc)
+    def _reachable(self) -> bool:
+        """Whether the Dask client is connected now (not reconnecting after losing the scheduler, not closed)."""
+        return self.client.status == "running" and self.client.scheduler is not None
 
-    async def _areport(self, handler: str, **kwargs) -> None:
+    def _report(self, handler: str, **kwargs) -> bool | None:
+        """Tell the scheduler something it only records (statistics, a session's end): True when it got it, False
+        when it failed or was slow, None when not tried because the Dask client is not connected (the scheduler is
+        away, the client reconnecting). Never raises, never waits longer than ``REPORT_TIMEOUT``."""
+        if not self._reachable():
+            return None
         try:
-            await self._acall(handler, **kwargs)
+            self._call(handler, timeout=REPORT_TIMEOUT, **kwargs)
         except Exception as exc:
             logger.debug("could not report %s: %s", handler, exc)
+            return False
+        return True
+
+    async def _areport(self, handler: str, **kwargs) -> bool | None:
+        """``_report`` for asyncio."""
+        if not self._reachable():
+            return None
+        try:
+            await self._acall(handler, timeout=REPORT_TIMEOUT, **kwargs)
+        except Exception as exc:
+            logger.debug("could not report %s: %s", handler, exc)
+            return False
+        return True
 
 
 OUTPUT_LAYERS = ("auto", "client", "mesh")
+REPORT_TIMEOUT = 5.0  # seconds a statistics report may take; a slower scheduler is left alone for a while
+
+
+class _Reports:
+    """A session's throughput reports. What could not be sent (the scheduler away, restarting, slow) is added to the
+    next report, so the scheduler's counts stay whole; after a report that failed or timed out none is tried for
+    ``QUIET`` seconds, so a generation never waits on a scheduler that does not answer."""
+
+    QUIET = 30.0
+
+    def __init__(self):
+        self.tokens, self.seconds, self.requests, self.ttft_ms = 0, 0.0, 0, None
+        self.quiet_until = 0.0
+
+    def add(self, tokens: int, seconds: float, ttft_ms: float | None, done: bool) -> dict | None:
+        """Count a report; the arguments to send now, or None (nothing new, or in a quiet period)."""
+        self.tokens += tokens
+        self.seconds += seconds
+        self.requests += int(done)
+        self.ttft_ms = ttft_ms if ttft_ms is not None else self.ttft_ms
+        if time.monotonic() < self.quiet_until or not (self.tokens or self.requests or self.ttft_ms is not None):
+            return None
+        return {"tokens": self.tokens, "seconds": self.seconds, "requests": self.requests, "ttft_ms": self.ttft_ms}
+
+    def sent(self, ok: bool | None) -> None:
+        """The outcome of a report (see ``Mesh._report``: None, not tried)."""
+        if ok:
+            self.tokens, self.seconds, self.requests, self.ttft_ms = 0, 0.0, 0, None
+        elif ok is False:
+            self.quiet_until = time.monotonic() + self.QUIET
 
 
 def _engine_stages(topo: Topology, relays: dict[str, dict]) -> list[EngineStage]:
@@ -385,6 +467,7 @@ class MeshModel:
         self._failed: Exception | None = None
         self._closed = False
         self._lease_relays: dict[str, dict] = {}
+        self._reports = _Reports()
 
     # --- lifecycle ---------------------------------------------------------------------------------------------
 
@@ -426,6 +509,9 @@ class MeshModel:
         except BaseException as exc:
             self._release(f"failed to load: {exc}")
             raise
+        if self._closed:  # closed by another thread while this (re)load ran: the lease goes back at once
+            self._release("closed")
+            raise ModelClosed("the model was closed while it was being loaded; load it again")
         self.metadata = info.get("metadata", {})
         self.load_seconds = time.perf_counter() - t0
         logger.info("loaded %s on %d machine(s) in %.1fs", name, len(topo.machines), self.load_seconds)
@@ -435,12 +521,27 @@ class MeshModel:
             self._engine.close()
             self._engine = None
         if self.session_id:
+            self._reports.quiet_until = 0.0  # the session's last counts go with its end
+            self._stats(0, 0.0, None, done=False)
             self._mesh._report("sharedllm_session_close", session_id=self.session_id, reason=reason)
             self.session_id = None
 
     def _recover(self, exc: EngineError, attempt: int) -> None:
-        """Replace a failed engine: lease a topology without the lost machine and load the model there."""
+        """Replace a failed engine: lease a topology without the lost machine and load the model there.
+
+        Not when the model itself made an rpc-server abort (see :func:`sharedllm.actor.model_fault`): it would
+        abort the next machines too. That is ``InvalidModel``, and no machine is blamed for it."""
         t0 = time.perf_counter()
+        fault = self._model_fault(getattr(exc, "machine", None))
+        if fault is not None:
+            machine, assertion = fault
+            err = InvalidModel(
+                f"{self.path}: this model made machine {machine}'s rpc-server abort ({assertion}); it was not loaded "
+                "elsewhere and no machine is blamed: the file is damaged or malformed, get it again from its source",
+                str(self.path))
+            self._failed = err
+            self._release(f"failed: invalid model: {assertion}")
+            raise err from exc
         lost = getattr(exc, "machine", None) or self._find_lost()
         self._release(f"failed: {exc}")
         if lost and lost not in self._excluded:
@@ -458,6 +559,33 @@ class MeshModel:
                                 "machines": self.topology.machines})
         self._mesh._report("sharedllm_session_report", session_id=self.session_id, tokens=0, seconds=0.0,
                            recovered=True, lost=lost)
+
+    def _model_fault(self, suspect: str | None = None, settle: float = 1.5) -> tuple[str, str] | None:
+        """(machine, assertion) when an rpc-server of this session aborted on a ggml assertion, else None.
+
+        Machines report their server's exit with their heartbeats: while the machine the engine blamed (``suspect``;
+        None: any) still reports our server as running, wait up to ``settle`` seconds for news. A machine gone from
+        the table is no model's fault."""
+        from sharedllm.actor import model_fault
+
+        deadline = time.monotonic() + settle
+        while True:
+            try:
+                now = {m["machine_id"]: m.get("rpc") or {} for m in self._mesh.machines()}
+            except MeshError:
+                return None
+            unsettled = False
+            for mid, pid in getattr(self, "_servers_seen", {}).items():
+                rpc = now.get(mid) or {}
+                last = rpc.get("last_exit") or {}
+                if pid is not None and last.get("pid") == pid:
+                    if (assertion := model_fault(last)) is not None:
+                        return mid, assertion
+                elif rpc.get("pid") == pid and rpc.get("state") == "ready" and suspect in (None, mid):
+                    unsettled = True
+            if not unsettled or time.monotonic() > deadline:
+                return None
+            time.sleep(0.1)
 
     def _find_lost(self) -> str | None:
         """The machine of our topology that is gone, not ready, or whose rpc-server restarted since we leased it
@@ -530,8 +658,11 @@ class MeshModel:
             t0 = time.perf_counter()
             try:
                 out = self._engine.call(method, kwargs)
+            except InvalidModel as exc:
+                self._failed = exc
+                raise
             except EngineError as exc:
-                if attempt >= self.max_recoveries:
+                if not self._recoverable(exc, attempt):
                     self._failed = exc
                     raise
                 self._recover(exc, attempt)
@@ -547,17 +678,19 @@ class MeshModel:
             for attempt in range(self.max_recoveries + 1):
                 delivery.replay()
                 try:
-                    for chunk in self._engine.stream(method, kwargs, on_accepted if attempt == 0 else None):
-                        if (chunk := delivery.take(chunk)) is not None:
+                    engine = self._engine
+                    for chunk in engine.stream(method, kwargs, on_accepted if attempt == 0 else None):
+                        if (chunk := delivery.take(chunk, engine.generated)) is not None:
                             if delivery.report_due():
                                 self._stats(*delivery.report(), done=False)
                             yield chunk
+                    delivery.finish(engine.generated)
                     return
                 except EngineError as exc:
                     if not self._recoverable(exc, attempt):
                         raise
                     self._recover(exc, attempt)
-        except EngineError as exc:
+        except (EngineError, InvalidModel) as exc:  # InvalidModel: the model made llama.cpp abort
             self._failed = exc
             raise
         finally:
@@ -572,35 +705,38 @@ class MeshModel:
             for attempt in range(self.max_recoveries + 1):
                 delivery.replay()
                 try:
-                    async for chunk in self._engine.astream(method, kwargs, on_accepted if attempt == 0 else None):
-                        if (chunk := delivery.take(chunk)) is not None:
+                    engine = self._engine
+                    async for chunk in engine.astream(method, kwargs, on_accepted if attempt == 0 else None):
+                        if (chunk := delivery.take(chunk, engine.generated)) is not None:
                             if delivery.report_due():
                                 await self._astats(*delivery.report(), done=False)
                             yield chunk
+                    delivery.finish(engine.generated)
                     return
                 except EngineError as exc:
                     if not self._recoverable(exc, attempt):
                         raise
                     await _to_the_end(asyncio.to_thread(self._recover, exc, attempt))
-        except EngineError as exc:
+        except (EngineError, InvalidModel) as exc:
             self._failed = exc
             raise
         finally:
             await self._astats(*delivery.report(), done=True)
 
     def _recoverable(self, exc: EngineError, attempt: int) -> bool:
-        # A diverged replay would diverge again: the handle is done.
-        return attempt < self.max_recoveries and "diverged" not in str(exc)
+        # A diverged replay would diverge again, and a closed handle stays closed: the request is over.
+        return (attempt < self.max_recoveries and not self._closed and not isinstance(exc, ModelClosed)
+                and "diverged" not in str(exc))
 
     def _stats(self, tokens: int, seconds: float, ttft_ms: float | None, done: bool) -> None:
-        if self.session_id:
-            self._mesh._report("sharedllm_session_report", session_id=self.session_id, tokens=tokens,
-                               seconds=seconds, ttft_ms=ttft_ms, request_done=done)
+        if self.session_id and (report := self._reports.add(tokens, seconds, ttft_ms, done)) is not None:
+            self._reports.sent(self._mesh._report("sharedllm_session_report", session_id=self.session_id,
+                                                  client=self._mesh.client.id, **report))
 
     async def _astats(self, tokens: int, seconds: float, ttft_ms: float | None, done: bool) -> None:
-        if self.session_id:
-            await self._mesh._areport("sharedllm_session_report", session_id=self.session_id, tokens=tokens,
-                                      seconds=seconds, ttft_ms=ttft_ms, request_done=done)
+        if self.session_id and (report := self._reports.add(tokens, seconds, ttft_ms, done)) is not None:
+            self._reports.sent(await self._mesh._areport("sharedllm_session_report", session_id=self.session_id,
+                                                         client=self._mesh.client.id, **report))
 
     # create_completion and create_chat_completion take ``on_accepted`` with ``stream=True``: called (in the caller's
     # thread, once) when the engine has checked the request and starts on the prompt. sharedllm.openai_server sends
@@ -630,12 +766,29 @@ class MeshModel:
         return await self._arun("create_chat_completion", {"messages": messages, **kwargs})
 
     async def _arun(self, method: str, kwargs: dict) -> dict | AsyncIterator[dict]:
-        if not kwargs.get("stream"):
-            return await asyncio.to_thread(self._run, method, kwargs)
         self._check_usable()
         await self._mesh._acall("sharedllm_request", session_id=self.session_id)  # RateLimited when over the limits
-        _, on_accepted = self._prepare(kwargs)
-        return self._astream(method, kwargs, on_accepted)
+        stream, on_accepted = self._prepare(kwargs)
+        if stream:
+            return self._astream(method, kwargs, on_accepted)
+        # Read in the event loop like a stream: cancelling the awaiting task stops the generation in the engine.
+        for attempt in range(self.max_recoveries + 1):
+            t0 = time.perf_counter()
+            try:
+                out = await self._engine.acall(method, kwargs)
+            except InvalidModel as exc:
+                self._failed = exc
+                raise
+            except EngineError as exc:
+                if not self._recoverable(exc, attempt):
+                    self._failed = exc
+                    raise
+                await _to_the_end(asyncio.to_thread(self._recover, exc, attempt))
+                continue
+            tokens = (out.get("usage") or {}).get("completion_tokens", 0)
+            await self._astats(tokens, time.perf_counter() - t0, None, done=True)
+            return out
+        raise AssertionError("unreachable")
 
 
 class _Delivery:
@@ -649,14 +802,16 @@ class _Delivery:
         self.seen = 0  # chunks of the current attempt
         self.t0 = self.last = time.perf_counter()
         self.ttft: float | None = None  # ms, reported once per request
-        self.mark = 0  # chunks delivered at the last report
+        self.tokens = 0  # tokens generated for the caller (the engine's count), across attempts
+        self.mark = 0  # tokens at the last report
 
     def replay(self) -> None:
         """A new attempt starts: its chunks repeat the delivered ones first."""
         self.seen = 0
 
-    def take(self, chunk: dict) -> dict | None:
-        """The chunk to deliver, or None for a replayed one."""
+    def take(self, chunk: dict, generated: int) -> dict | None:
+        """The chunk to deliver, or None for a replayed one. ``generated``: the tokens this attempt's engine has
+        generated so far (a replay counts the delivered ones again, hence the maximum)."""
         text = _chunk_text(chunk)
         if self.seen < len(self.delivered):
             if text != self.delivered[self.seen]:
@@ -672,6 +827,7 @@ class _Delivery:
             chunk = {**chunk, "id": self.ident[0], "created": self.ident[1]}
         self.delivered.append(text)
         self.seen += 1
+        self.tokens = max(self.tokens, generated)
         if self.ttft is None and len(self.delivered) == 1:
             self.last = time.perf_counter()
             self.ttft = (self.last - self.t0) * 1000
@@ -680,11 +836,15 @@ class _Delivery:
     def report_due(self) -> bool:
         return time.perf_counter() - self.last >= self.report_every
 
+    def finish(self, generated: int) -> None:
+        """The attempt ended: the engine's final count (the last chunks may carry no new token)."""
+        self.tokens = max(self.tokens, generated)
+
     def report(self) -> tuple[int, float, float | None]:
         """Tokens and seconds since the last report, and the time to first token if not reported yet."""
         now = time.perf_counter()
-        out = (len(self.delivered) - self.mark, now - self.last, self.ttft)
-        self.mark, self.last, self.ttft = len(self.delivered), now, None
+        out = (self.tokens - self.mark, now - self.last, self.ttft)
+        self.mark, self.last, self.ttft = self.tokens, now, None
         return out
 
 

@@ -24,6 +24,7 @@ never gives up.
 from __future__ import annotations
 
 import contextlib
+import email.utils
 import errno
 import fcntl
 import hashlib
@@ -56,8 +57,32 @@ _NET_ERRORS = (OSError, http.client.HTTPException)  # URLError, timeouts and res
 _SCHEMES = ("http://", "https://", "file://", "pypi://")
 
 
+MAX_RETRY_AFTER = 300.0  # seconds: a server asking for a longer wait gets an error that says so, not a silent hang
+
+
 class _Retry(Exception):
-    """A transient failure (a network error, HTTP 5xx/429): try again after a backoff."""
+    """A transient failure (a network error, HTTP 5xx/429): try again after a backoff, or after ``retry_after``
+    seconds when the server said when (``Retry-After``)."""
+
+    def __init__(self, message: str, retry_after: float | None = None):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+def _retry_after(value: str | None, now: float | None = None) -> float | None:
+    """Seconds to wait from an HTTP ``Retry-After`` value (delay-seconds or an HTTP date); None if absent or bad."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        return None
+    return max(0.0, when.timestamp() - (time.time() if now is None else now))
 
 
 class _Restart(Exception):
@@ -199,7 +224,7 @@ def _open_http(url: str, offset: int, validator: str | None, timeout: float) -> 
                 return _Body(offset, offset, validator, lambda n: b"", lambda: None)
             raise _Restart(f"the server refused the range from byte {offset}") from None
         if e.code in (408, 425, 429) or e.code >= 500:
-            raise _Retry(f"HTTP {e.code} {e.reason}") from None
+            raise _Retry(f"HTTP {e.code} {e.reason}", _retry_after((e.headers or {}).get("Retry-After"))) from None
         raise ModelNotFound(f"{url}: HTTP {e.code} {e.reason}; check the URL (or the catalog entry that names it)",
                             url) from None
     except urllib.error.URLError as e:
@@ -566,6 +591,13 @@ def _fetch_into(part: _Part, bar: _Progress, url: str, sha256: str | None, expec
                     f"downloading {url} failed {failures} times in a row ({_why(error)}); the {gib(part.have)} "
                     f"received are kept in {part.path}: run again to resume", str(target))
             delay = min(backoff * 2 ** (failures - 1), MAX_BACKOFF) * random.uniform(0.8, 1.2)
+            asked = getattr(error, "retry_after", None)  # the server said when: never sooner than that
+            if asked is not None and asked > MAX_RETRY_AFTER:
+                raise ModelError(
+                    f"{url}: the server asks to retry after {asked:.0f}s ({error}); the {gib(part.have)} "
+                    f"received are kept in {part.path}: run again later to resume", str(target))
+            if asked is not None:
+                delay = max(delay, asked)
             logger.info("download of %s interrupted at %s (%s); retrying in %.1fs", target.name, gib(part.have),
                         _why(error), delay)
             time.sleep(delay)

@@ -28,7 +28,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from sharedllm.errors import EngineError, InvalidModel, MeshError, WorkerLost
+from sharedllm.errors import EngineError, InvalidModel, MeshError, ModelClosed, WorkerLost
 
 logger = logging.getLogger(__name__)
 
@@ -187,6 +187,8 @@ class Engine:
         self.info: dict[str, Any] = {}
         self._proc: subprocess.Popen | None = None
         self._reader: _FrameReader | None = None
+        self.generated = 0  # tokens the current (or last) streamed call generated, as the engine counts them
+        self._closing = False  # close() was called: a call still running ends with ModelClosed
 
     @property
     def log_path(self) -> str:
@@ -228,8 +230,9 @@ class Engine:
                     logger.debug("engine load phases (s): %s", phases)
                 return self.info
             elif msg[0] == "error":
+                why = _load_error(self.log_tail()) if msg[1] == "model" else None  # before close() removes the log
                 self.close()
-                raise _rebuild(msg[1], msg[2], self.spec)
+                raise _rebuild(msg[1], why or msg[2], self.spec)
 
     def call(self, method: str, kwargs: dict[str, Any]) -> Any:
         """Run ``Llama.<method>(**kwargs)`` without streaming and return its result."""
@@ -237,10 +240,24 @@ class Engine:
             self._send({"op": "call", "method": method, "kwargs": kwargs, "stream": False})
             while True:
                 msg = self._recv(self.load_timeout, during=f"{method}")
-                if msg[0] == "result":
-                    return msg[1]
-                if msg[0] == "error":
-                    raise _rebuild(msg[1], msg[2], self.spec)
+                if (result := _result(msg, self.spec)) is not _NO_RESULT:
+                    return result
+
+    async def acall(self, method: str, kwargs: dict[str, Any]) -> Any:
+        """``call`` for asyncio, read in the running event loop. Cancelling the awaiting task stops the generation
+        in the engine (between two tokens) and waits until the engine is idle again."""
+        async with self._alocked():
+            self._send({"op": "call", "method": method, "kwargs": kwargs, "stream": False})
+            finished = False
+            try:
+                while True:
+                    msg = await self._arecv(self.load_timeout, during=method)
+                    finished = msg[0] in ("result", "error")
+                    if (result := _result(msg, self.spec)) is not _NO_RESULT:
+                        return result
+            finally:
+                if not finished and self.alive:
+                    await _to_the_end(self._acancel())
 
     def stream(self, method: str, kwargs: dict[str, Any], on_accepted: Callable[[], None] | None = None
                ) -> Iterator[dict]:
@@ -256,15 +273,13 @@ class Engine:
                     if (chunk := call.take(self._recv(call.timeout, during=method))) is not None:
                         yield chunk
             finally:
-                if not call.finished and self.alive:
+                if not call.finished and self.alive and not self._closing:
                     self._cancel()
 
     async def astream(self, method: str, kwargs: dict[str, Any], on_accepted: Callable[[], None] | None = None
                       ) -> AsyncIterator[dict]:
         """``stream`` for asyncio: the chunks are read from the child's pipe in the running event loop."""
-        while not self._lock.acquire(blocking=False):  # a call from another thread runs: wait, the loop keeps going
-            await asyncio.sleep(0.005)
-        try:
+        async with self._alocked():
             self._send({"op": "call", "method": method, "kwargs": kwargs, "stream": True})
             call = _StreamedCall(self, on_accepted)
             try:
@@ -272,9 +287,17 @@ class Engine:
                     if (chunk := call.take(await self._arecv(call.timeout, during=method))) is not None:
                         yield chunk
             finally:
-                if not call.finished and self.alive:
+                if not call.finished and self.alive and not self._closing:
                     # Cancelled or closed early: the engine must be idle again before the lock goes to the next call.
                     await _to_the_end(self._acancel())
+
+    @contextlib.asynccontextmanager
+    async def _alocked(self) -> AsyncIterator[None]:
+        """The engine's lock, taken without blocking the event loop."""
+        while not self._lock.acquire(blocking=False):  # a call from another thread runs: wait, the loop keeps going
+            await asyncio.sleep(0.005)
+        try:
+            yield
         finally:
             self._lock.release()
 
@@ -282,7 +305,7 @@ class Engine:
         # The caller stopped reading: stop generating, then drain what is in flight so the next call starts clean.
         try:
             self._send({"op": "cancel"})
-            while self._recv(self.token_timeout, during="cancelling")[0] not in ("done", "error"):
+            while self._recv(self.token_timeout, during="cancelling")[0] not in _CALL_ENDS:
                 pass
         except MeshError:
             pass
@@ -290,12 +313,14 @@ class Engine:
     async def _acancel(self) -> None:
         try:
             self._send({"op": "cancel"})
-            while (await self._arecv(self.token_timeout, during="cancelling"))[0] not in ("done", "error"):
+            while (await self._arecv(self.token_timeout, during="cancelling"))[0] not in _CALL_ENDS:
                 pass
         except MeshError:
             pass
 
     def _send(self, msg: dict) -> None:
+        if self._closing:
+            raise ModelClosed("the model was closed; load it again")
         if not self.alive:
             raise self._failure("the engine is not running")
         try:
@@ -318,6 +343,8 @@ class Engine:
 
     def _lost(self, exc: TimeoutError | EOFError, timeout: float, during: str) -> MeshError:
         """The error for an engine that did not answer in time (killed now) or died."""
+        if self._closing:  # close() from another thread stopped it under this call
+            return ModelClosed(f"the model was closed while {during}; load it again")
         if isinstance(exc, TimeoutError):
             self._kill()
             return self._failure(f"no answer for {timeout:.0f}s while {during}", hung=True)
@@ -339,7 +366,12 @@ class Engine:
                 machine=machine,
                 endpoint=endpoint,
             )
-        last = tail.strip().splitlines()[-1] if tail.strip() else "no output"
+        lines = tail.strip().splitlines()
+        last = lines[-1] if lines else "no output"
+        assertion = next((ln.strip() for ln in reversed(lines) if "GGML_ASSERT" in ln), None)
+        if assertion and not hung:  # llama.cpp asserted on the model in this process (its layers on the client)
+            return InvalidModel(f"{self.spec.model_path}: llama.cpp aborted on this model ({assertion}) while {what}; "
+                                "the file is damaged or malformed, get it again from its source", self.spec.model_path)
         if hung:
             return EngineError(f"engine {what}; raise token_timeout if the model is this slow (log: {self.log_path})")
         return EngineError(f"engine exited with status {code} {what}: {last} (log: {self.log_path})")
@@ -358,19 +390,30 @@ class Engine:
             self._proc.wait()
 
     def close(self) -> None:
-        """Stop the child (politely, then by force) and remove its log."""
-        if self._proc is None:
+        """Stop the child (politely, then by force) and remove its log. A call running in another thread (or task)
+        ends with ``ModelClosed``: the child stops between two tokens, and the pipes are closed only once that call
+        has let go of the engine."""
+        self._closing = True
+        proc = self._proc
+        if proc is None:
             return
-        if self._proc.poll() is None:
+        if proc.poll() is None:
             with contextlib.suppress(Exception):
-                _write_frame(self._proc.stdin.fileno(), {"op": "close"})
+                _write_frame(proc.stdin.fileno(), {"op": "close"})
             try:
-                self._proc.wait(timeout=10)
+                proc.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 self._kill()
-        for f in (self._proc.stdin, self._proc.stdout):
-            with contextlib.suppress(Exception):
-                f.close()
+        # A call in another thread reads the child's exit and lets go at once; one on this thread's own event loop
+        # cannot: after a short wait, leave its pipe open (the garbage collector closes it) rather than pull it away.
+        idle = self._lock.acquire(timeout=2.0)
+        try:
+            for f in (proc.stdin, proc.stdout) if idle else (proc.stdin,):
+                with contextlib.suppress(Exception):
+                    f.close()
+        finally:
+            if idle:
+                self._lock.release()
         self._log.close()
         with contextlib.suppress(OSError):
             os.unlink(self.log_path)
@@ -384,20 +427,36 @@ class _StreamedCall:
         self.engine, self.on_accepted = engine, on_accepted
         self.timeout = engine.load_timeout  # the first chunk waits for the prompt; later ones for one decode step
         self.finished = False  # the engine ended the call (done or error): nothing to cancel
+        engine.generated = 0
 
     def take(self, msg: tuple) -> dict | None:
         """The chunk a message carries, else None; raises the engine's error."""
         kind = msg[0]
         if kind == "chunk":
             self.timeout = self.engine.token_timeout
+            self.engine.generated = msg[2]
             return msg[1]
         if kind in ("done", "error"):
             self.finished = True
             if kind == "error":
                 raise _rebuild(msg[1], msg[2], self.engine.spec)
+            self.engine.generated = msg[1]
         elif kind == "accepted" and self.on_accepted is not None:
             self.on_accepted()
         return None
+
+
+_CALL_ENDS = ("done", "error", "result")  # the messages that end a call: the engine is idle after them
+_NO_RESULT = object()
+
+
+def _result(msg: tuple, spec: EngineSpec) -> Any:
+    """What a non-streamed call's message means: its result, ``_NO_RESULT`` (not the end yet), or the error raised."""
+    if msg[0] == "result":
+        return msg[1]
+    if msg[0] == "error":
+        raise _rebuild(msg[1], msg[2], spec)
+    return _NO_RESULT
 
 
 async def _to_the_end(work: Any) -> None:
@@ -438,6 +497,21 @@ def _probe_stages(spec: EngineSpec) -> tuple[str, str] | None:
     stage, how, exc = failed
     state = {"timeout": "stopped answering", "unreachable": "is unreachable"}.get(how)
     return stage.endpoint, state or f"refused the session's token ({exc.reason})"
+
+
+def _load_error(log: str) -> str | None:
+    """Why llama.cpp refused a model, from the engine's log (its ``error loading model`` line), with the way out."""
+    marker = "error loading model: "
+    lines = [ln.split(marker, 1)[1].strip() for ln in log.splitlines() if marker in ln]
+    if not lines:
+        return None
+    why = lines[-1]
+    if "unknown model architecture" in why:
+        import llama_cpp
+
+        return (f"{why}: this llama.cpp (llama-cpp-python {llama_cpp.__version__}) does not support that architecture; "
+                "upgrade llama-cpp-python on this client and every machine, or use a model of a supported architecture")
+    return why
 
 
 def _rebuild(kind: str, message: str, spec: EngineSpec) -> Exception:
@@ -649,49 +723,76 @@ def _child_main(parent_pid: int) -> int:
         op = msg.get("op")
         if op == "close":
             return 0
-        if op != "call":  # a late "cancel" for a stream that already ended needs no answer
+        if op != "call":  # a late "cancel" for a call that already ended needs no answer
             continue
         fn = getattr(llm, msg["method"])
         if not spec.reuse_prompt_cache:
             llm.reset()
-        try:
-            if not msg["stream"]:
-                _write_frame(out_fd, ("result", fn(**msg["kwargs"])))
-                continue
-            for chunk in _announcing_acceptance(llm, out_fd, fn(**msg["kwargs"], stream=True)):
-                _write_frame(out_fd, ("chunk", chunk))
-                if reader.ready():
-                    nxt = reader.read()
-                    if nxt.get("op") == "cancel":
-                        break
-                    if nxt.get("op") == "close":
-                        return 0
-            _write_frame(out_fd, ("done",))
-        except (ValueError, TypeError) as exc:  # bad arguments, prompt longer than the context...
-            _write_frame(out_fd, ("error", "value", str(exc)))
-        except Exception as exc:
-            _write_frame(out_fd, ("error", "engine", f"{type(exc).__name__}: {exc}"))
+        with _Call(llm, reader, out_fd) as call:
+            try:
+                if not msg["stream"]:
+                    end = ("result", fn(**msg["kwargs"]))
+                else:
+                    for chunk in fn(**msg["kwargs"], stream=True):
+                        _write_frame(out_fd, ("chunk", chunk, call.tokens))
+                        if call.stopped():
+                            break
+                    end = ("done", call.tokens)
+            except (ValueError, TypeError) as exc:  # bad arguments, prompt longer than the context...
+                end = ("error", "value", str(exc))
+            except Exception as exc:
+                end = ("error", "engine", f"{type(exc).__name__}: {exc}")
+        if call.stop == "close":  # closed mid-call: no answer, the parent takes the exit for the end of the model
+            return 0
+        _write_frame(out_fd, end)
 
 
-def _announcing_acceptance(llm: Any, out_fd: int, chunks: Iterator[dict]) -> Iterator[dict]:
-    """Iterate ``chunks`` and write an ``("accepted",)`` frame when llama-cpp-python starts generating.
+class _Call:
+    """One request in the engine child, around ``Llama.generate`` (which llama-cpp-python's completion methods call
+    once per request, after their checks: context length, logprobs...):
 
-    ``Llama._create_completion`` calls ``self.generate`` once, after its checks (context length, logprobs...) and
-    before the prompt is evaluated. From then on the request can only fail in the engine itself: the OpenAI endpoint
-    sends its response headers then, so the client's work on them overlaps the prompt's evaluation.
+    - it writes an ``("accepted",)`` frame when generation starts: from then on the request can only fail in the
+      engine itself, and the OpenAI endpoint sends its response headers (so the client's work on them overlaps the
+      prompt's evaluation);
+    - it counts the tokens generated (end-of-generation tokens excluded, as in ``usage.completion_tokens``): the
+      parent reports tokens, not stream chunks;
+    - between two tokens it reads a ``cancel`` (or ``close``) from the parent and stops generating, streamed or not:
+      llama-cpp-python then ends the request as it would at ``max_tokens``.
     """
-    original = llm.generate
 
-    def generate(*args: Any, **kwargs: Any) -> Iterator[int]:
-        llm.__dict__.pop("generate", None)  # once per request
-        _write_frame(out_fd, ("accepted",))
-        yield from original(*args, **kwargs)
+    def __init__(self, llm: Any, reader: _FrameReader, out_fd: int):
+        self.llm, self.reader, self.out_fd = llm, reader, out_fd
+        self.tokens = 0
+        self.stop: str | None = None  # "cancel" or "close" once the parent asked
 
-    llm.generate = generate
-    try:
-        yield from chunks
-    finally:
-        llm.__dict__.pop("generate", None)
+    def stopped(self) -> bool:
+        """Whether the parent asked to stop (reads what it sent meanwhile, without waiting)."""
+        while self.stop is None and self.reader.ready():
+            op = self.reader.read().get("op")
+            if op in ("cancel", "close"):
+                self.stop = op
+        return self.stop is not None
+
+    def _generate(self, *args: Any, **kwargs: Any) -> Iterator[int]:
+        import llama_cpp
+
+        self.llm.__dict__.pop("generate", None)  # once per request
+        _write_frame(self.out_fd, ("accepted",))
+        vocab = self.llm._model.vocab
+        for token in self._original(*args, **kwargs):
+            if self.stopped():
+                return
+            if not llama_cpp.llama_vocab_is_eog(vocab, token):
+                self.tokens += 1
+            yield token
+
+    def __enter__(self) -> _Call:
+        self._original = self.llm.generate
+        self.llm.generate = self._generate
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.llm.__dict__.pop("generate", None)
 
 
 if __name__ == "__main__":

@@ -54,6 +54,10 @@ class RateLimited(MeshError):
         return (type(self), (str(self), self.retry_after))
 
 
+class ClientBanned(MeshError):
+    """The mesh's operator banned this client: no retry helps (the operator lifts it: ``sharedllm clients unban``)."""
+
+
 class NoMachines(MeshError):
     """The mesh has no machine with a ready rpc-server."""
 
@@ -70,6 +74,10 @@ class EngineError(MeshError):
     """The engine process (which holds the llama.cpp context) failed."""
 
 
+class ModelClosed(EngineError):
+    """The model handle was closed (by another thread or task) while this request ran; load the model again."""
+
+
 class WorkerLost(EngineError):
     """A machine of the session's topology died or stopped answering. ``machine`` and ``endpoint`` name it."""
 
@@ -80,6 +88,28 @@ class WorkerLost(EngineError):
 
     def __reduce__(self):
         return (type(self), (str(self), self.machine, self.endpoint))
+
+
+# Expected refusals (a rate limit, a ban, a busy mesh...) travel from the scheduler as answers, not as exceptions that
+# Dask would log with a traceback: ``{REFUSAL: to_refusal(exc)}``, raised again on the client by ``from_refusal``.
+REFUSAL = "sharedllm_refusal"
+
+
+def to_refusal(exc: MeshError) -> dict:
+    """A ``MeshError`` as plain data: its class name and constructor arguments (its ``__reduce__``)."""
+    return {"type": type(exc).__name__, "args": list(exc.__reduce__()[1])}
+
+
+def from_refusal(d: dict) -> MeshError:
+    """The error a refusal describes; only classes of this module are rebuilt."""
+    cls = globals().get(str(d.get("type")))
+    args = list(d.get("args") or ())
+    if isinstance(cls, type) and issubclass(cls, MeshError):
+        try:
+            return cls(*args)
+        except TypeError:
+            pass
+    return MeshError(f"the scheduler refused the request: {args[0] if args else d}")
 
 
 def gib(n: float) -> str:

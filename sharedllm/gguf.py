@@ -12,6 +12,7 @@ key/value pairs, the tensor infos, padding up to ``general.alignment``, then the
 from __future__ import annotations
 
 import logging
+import math
 import mmap
 import os
 import re
@@ -429,6 +430,12 @@ def _check_model(cur: _Cursor, metadata: dict[str, Any], tensors: list[TensorInf
     if not isinstance(arch, str) or not _ARCH.fullmatch(arch):
         raise cur.invalid(f"corrupt GGUF: general.architecture {_short(arch)} is not an architecture name")
     n_layer = metadata.get(f"{arch}.block_count")
+    if n_layer is None and not any(k.startswith(f"{arch}.") for k in metadata):
+        raise InvalidModel(
+            f"{cur.path}: GGUF metadata has no {arch}.* hyperparameters: llama.cpp does not know an architecture "
+            f"{arch!r}, or the file was renamed or damaged; use a model of an architecture llama.cpp supports",
+            cur.path,
+        )
     if type(n_layer) is not int or not 0 < n_layer <= len(tensors):
         raise cur.invalid(
             f"corrupt GGUF: {arch}.block_count is {_short(n_layer)}, expected a layer count between 1 and the "
@@ -443,6 +450,39 @@ def _check_model(cur: _Cursor, metadata: dict[str, Any], tensors: list[TensorInf
                 raise cur.invalid(f"corrupt GGUF: tensor {t.name!r} is beyond {arch}.block_count {n_layer}")
     if len(seen) < n_layer:
         log.warning("%s: %d of %d layers have no blk.N tensors", cur.path, n_layer - len(seen), n_layer)
+    _check_hyperparameters(cur, arch, metadata)
+
+
+# Hyperparameters ggml asserts on at compute time, inside whichever rpc-server runs the op (a load succeeds, then the
+# first token aborts every server it reaches): key suffix -> (the test a value must pass, what llama.cpp needs).
+_ASSERTED: dict[str, tuple[Any, str]] = {
+    "attention.layer_norm_rms_epsilon": (lambda v: v >= 0, ">= 0 (GGML_ASSERT(eps >= 0.0f) in rms_norm)"),
+    "attention.layer_norm_epsilon": (lambda v: v >= 0, ">= 0 (GGML_ASSERT(eps >= 0.0f) in norm)"),
+    "rope.freq_base": (lambda v: v > 0, "> 0"),
+    "rope.scaling.factor": (lambda v: v >= 0, ">= 0"),
+    "attn_logit_softcapping": (lambda v: v >= 0, ">= 0"),
+    "final_logit_softcapping": (lambda v: v >= 0, ">= 0"),
+}
+
+
+def _check_hyperparameters(cur: _Cursor, arch: str, metadata: dict[str, Any]) -> None:
+    """Refuse, before a byte moves, the hyperparameters that would make rpc-servers abort: an honest machine would
+    crash on them and take the blame (a poisoned model)."""
+    for suffix, (ok, need) in _ASSERTED.items():
+        key = f"{arch}.{suffix}"
+        value = metadata.get(key)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or not ok(value):
+            raise InvalidModel(
+                f"{cur.path}: GGUF metadata {key} is {_short(value)}, llama.cpp needs a finite number {need}: it "
+                "would abort every machine that runs the model; the file is damaged or was tampered with, "
+                f"{_REDOWNLOAD} from its source", cur.path)
+    n_expert, n_used = metadata.get(f"{arch}.expert_count"), metadata.get(f"{arch}.expert_used_count")
+    if type(n_expert) is int and type(n_used) is int and not n_used <= n_expert:
+        raise InvalidModel(
+            f"{cur.path}: GGUF metadata {arch}.expert_used_count {n_used} exceeds {arch}.expert_count {n_expert}; "
+            f"{_REDOWNLOAD}", cur.path)
 
 
 def _int_param(gguf: GGUFFile, key: str, default: int | None = None) -> int:

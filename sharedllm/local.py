@@ -20,6 +20,7 @@ import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
+from sharedllm.dataplane import kill_recorded
 from sharedllm.errors import MeshError
 
 logger = logging.getLogger(__name__)
@@ -51,12 +52,29 @@ def _kill_group(pid: int, sig: int) -> None:
         os.killpg(pid, sig)
 
 
-def _cleanup(procs: list[_Proc]) -> None:
-    # Every process was started in its own session: killing the group also stops its rpc-servers and engines.
+def _read_json(path: Path) -> dict | None:
+    """The JSON object in ``path``, or None while the file is missing, empty or half-written."""
+    try:
+        info = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return info if isinstance(info, dict) and info.get("address") else None
+
+
+def _cleanup(procs: list[_Proc], workdir: Path) -> None:
+    # Every process was started in its own session: killing the group also stops its engines. The machines' data
+    # planes (rpc-servers, relays) run in sessions of their own, so that they outlive their workers: stop them too.
     for p in procs:
         _kill_group(p.popen.pid, signal.SIGKILL)
         with contextlib.suppress(Exception):
             p.popen.wait(timeout=5)
+    for d in _state_dirs(workdir):
+        kill_recorded(d, signal.SIGKILL)
+
+
+def _state_dirs(workdir: Path, machine_id: str = "*") -> list[Path]:
+    """The state directories of the machines' data planes (``sharedllm.worker.default_state_dir``)."""
+    return [p.parent for p in workdir.glob(f"{machine_id}/*/sharedllm-{machine_id}/rpc-server.log")]
 
 
 class LocalMesh:
@@ -119,7 +137,7 @@ class LocalMesh:
         self.dashboard_link: str | None = None
         self._client = None
         self._procs: list[_Proc] = []  # every process started; the finalizer kills them if close() is never called
-        self._finalizer = weakref.finalize(self, _cleanup, self._procs)
+        self._finalizer = weakref.finalize(self, _cleanup, self._procs, self.workdir)
 
     # --- processes ---------------------------------------------------------------------------------------------
 
@@ -155,20 +173,17 @@ class LocalMesh:
         cmd += self.scheduler_args
         self.scheduler = self._spawn("scheduler", cmd)
         deadline = time.monotonic() + self.start_timeout
-        while not sched_file.exists():
+        # Dask creates the file before it has written it: wait for a whole JSON document, not for the file.
+        while (info := _read_json(sched_file)) is None:
             if self.scheduler.popen.poll() is not None or time.monotonic() > deadline:
                 why = self._tail(self.scheduler)  # read before close() removes the work directory
                 self.close()
                 raise MeshError(f"the local scheduler did not start: {why}")
             time.sleep(0.1)
-        info = json.loads(sched_file.read_text())
         self.address = info["address"]
         port = info.get("services", {}).get("dashboard")
         self.dashboard_link = f"http://{self.host}:{port}/status" if port else None
-        if self._client is not None:  # a client of the previous scheduler is useless now
-            with contextlib.suppress(Exception):
-                self._client.close(timeout=5)
-            self._client = None
+        # A client of the previous scheduler reconnects to this one by itself (sharedllm.client.Mesh keeps it trying).
 
     def start(self) -> LocalMesh:
         """Start the scheduler and the workers, and wait until every machine's rpc-server is ready."""
@@ -228,13 +243,17 @@ class LocalMesh:
         return [proc]
 
     def stop_machine(self, machine_id: str, sig: int = signal.SIGTERM) -> None:
-        """Stop every ``dask worker`` process of an emulated machine (SIGKILL for a crash)."""
+        """Stop every process of an emulated machine: its ``dask worker`` processes (SIGTERM: they stop its
+        rpc-server and relay), and with SIGKILL (a crash of the whole machine) its rpc-server and relay too."""
         self._stopped.add(machine_id)
         for p in self.workers:
             if p.machine_id == machine_id and p.popen.poll() is None:
                 _kill_group(p.popen.pid, sig)
                 with contextlib.suppress(subprocess.TimeoutExpired):
                     p.popen.wait(timeout=30)
+        if sig == signal.SIGKILL:
+            for d in _state_dirs(self.workdir, machine_id):
+                kill_recorded(d, sig)
 
     def _tail(self, p: _Proc, n: int = 5) -> str:
         try:

@@ -47,7 +47,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from sharedllm.errors import EngineError, MeshBusy, MeshError, RateLimited
+from sharedllm.errors import ClientBanned, EngineError, MeshBusy, MeshError, RateLimited
 
 logger = logging.getLogger(__name__)
 
@@ -101,6 +101,9 @@ def map_exception(exc: BaseException, *, param: str) -> APIError:
         retry = str(max(1, min(MAX_RETRY_AFTER, math.ceil(exc.retry_after))))
         return APIError(429, f"Rate limit reached: {exc}", type="requests", code="rate_limit_exceeded",
                         headers={"Retry-After": retry})
+    if isinstance(exc, ClientBanned):  # the mesh's operator banned the server's client: no retry helps
+        return APIError(403, f"This server cannot use the mesh: {exc}", type="permission_error",
+                        code="client_banned")
     if isinstance(exc, MeshBusy):  # a lost machine, and the rest of the mesh is leased by other sessions
         return APIError(503, f"the mesh is busy: {exc}", type="server_error", code="mesh_busy",
                         headers={"Retry-After": "10"})
@@ -476,8 +479,7 @@ class _EventStream(Response):
     async def _cancel_on_disconnect(self, receive) -> None:
         # The client hung up: stop generating (the stream then ends after the chunk in flight; the server drops what
         # is sent to a closed connection).
-        while (await receive())["type"] != "http.disconnect":
-            pass
+        await _disconnected(receive)
         self._generation.cancel()
 
 
@@ -914,8 +916,13 @@ def create_app(
             app.state.abandoned += 1
             return Response(status_code=499)
         if not stream:
+            amethod = getattr(model, f"a{method.__name__}", None)  # MeshModel.acreate_*: cancellable
             try:
-                out = await run_in_threadpool(lambda: method(**kwargs))
+                if amethod is None:  # a blocking model: its thread runs to the end whatever the client does
+                    out = await run_in_threadpool(lambda: method(**kwargs))
+                elif (out := await _unless_disconnected(request, amethod(**kwargs))) is _DISCONNECTED:
+                    app.state.abandoned += 1
+                    return Response(status_code=499)
             except Exception as exc:
                 raise failed(exc, param) from None
             finally:
@@ -1012,6 +1019,32 @@ def create_app(
 
     app.openapi = openapi
     return app
+
+
+_DISCONNECTED = object()
+
+
+async def _unless_disconnected(request: Request, work: Awaitable[Any]) -> Any:
+    """Await ``work``, unless the client hangs up first: then cancel it (``MeshModel.acreate_*`` stops generating in
+    the engine and waits until the engine is idle) and return ``_DISCONNECTED``."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_disconnected(request.receive))
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        if not task.done():
+            task.cancel()
+            await asyncio.wait({task})  # the engine is idle again before the slot goes to the next request
+    if task.cancelled():
+        return _DISCONNECTED
+    return task.result()
+
+
+async def _disconnected(receive) -> None:
+    """Return when the client has hung up (the request's body has been read already)."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
 
 
 def _prune(gens: list[_Generation]) -> None:

@@ -585,6 +585,11 @@ class ServerRelay(_Acceptor):
         """``HOST:PORT`` the relay listens on (the real port after ``start`` with port 0)."""
         return join_endpoint(self.host, self.port)
 
+    @property
+    def lease(self) -> str | None:
+        """The lease admitted now (None: nobody)."""
+        return self._lease
+
     def set_lease(self, lease_id: str | None) -> None:
         """Admit ``lease_id`` (None: nobody) and close live connections of any other lease."""
         self._lease = lease_id
@@ -846,17 +851,54 @@ def _watch_parent(parent_pid: int, stop: threading.Event) -> None:
         time.sleep(0.5)
 
 
+def _control(relay: ServerRelay, line: str) -> dict | None:
+    """One control command: ``lease ID`` admits a lease, ``lease`` alone admits none (answered once in force),
+    ``status`` says which lease is admitted. The answer, or None for an unknown command."""
+    cmd, _, arg = line.strip().partition(" ")
+    if cmd == "lease":
+        relay.set_lease(arg.strip() or None)
+        logger.info("relay now admits lease %s", arg.strip() or "(none)")
+        return {"lease": arg.strip() or None}
+    if cmd == "status":
+        return {"lease": relay.lease, "status": True}
+    if cmd:
+        logger.warning("unknown relay control command %r (expected 'lease [ID]' or 'status')", cmd)
+    return None
+
+
 def _control_loop(relay: ServerRelay) -> None:
-    # "lease ID" admits a lease, "lease" alone admits none, each acknowledged on stdout once in force; EOF on stdin
-    # stops the relay (its supervisor is gone).
+    # Commands on stdin, answers on stdout; EOF on stdin stops the relay (its supervisor is gone).
     for line in sys.stdin:
-        cmd, _, arg = line.strip().partition(" ")
-        if cmd == "lease":
-            relay.set_lease(arg.strip() or None)
-            logger.info("relay now admits lease %s", arg.strip() or "(none)")
-            print(READY_PREFIX + json.dumps({"lease": arg.strip() or None}), flush=True)  # the acknowledgement
-        elif cmd:
-            logger.warning("unknown relay control command %r (expected 'lease [ID]')", cmd)
+        if (answer := _control(relay, line)) is not None:
+            print(READY_PREFIX + json.dumps(answer), flush=True)
+
+
+def _control_socket(relay: ServerRelay, path: str, stop: threading.Event) -> None:
+    """Serve control commands on a Unix socket (owner only), one JSON answer line per command: a new supervisor
+    reaches a relay it adopted here, as stdin belonged to the one that started it."""
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+    srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old = os.umask(0o177)
+    try:
+        srv.bind(path)
+    finally:
+        os.umask(old)
+    srv.listen(4)
+
+    def serve(conn: socket.socket) -> None:
+        with conn, conn.makefile("rw") as f:
+            for line in f:
+                if (answer := _control(relay, line)) is not None:
+                    f.write(json.dumps(answer) + "\n")
+                    f.flush()
+
+    while not stop.is_set():
+        try:
+            conn, _ = srv.accept()
+        except OSError:
+            return
+        threading.Thread(target=serve, args=(conn,), name="relay-control", daemon=True).start()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -873,6 +915,11 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--control-stdin", action="store_true",
                    help="read 'lease ID' / 'lease' lines on stdin to change the lease; stop at end of input")
     s.add_argument("--parent-pid", type=int, default=None, help="exit when this process (the supervisor) dies")
+    s.add_argument("--control-socket", default=None, help="Unix socket for the same commands (a new supervisor)")
+    s.add_argument("--ready-file", default=None, help="write the ready JSON here too (for a supervisor to adopt us)")
+    s.add_argument("--alive-file", default=None,
+                   help="stop when no supervisor has touched this file for --orphan-timeout seconds")
+    s.add_argument("--orphan-timeout", type=float, default=None, help="seconds (default: 900)")
     c = sub.add_parser("client", help="loopback endpoint for llama.cpp, tunnelled to a server relay")
     c.add_argument("--remote", required=True, help="HOST:PORT of the server relay")
     c.add_argument("--token-file", required=True)
@@ -909,8 +956,19 @@ def main(argv: list[str] | None = None) -> int:
             machine_id=args.machine_id)
         relay.set_lease(args.lease)
         relay.start()
-        print(READY_PREFIX + json.dumps({"endpoint": relay.endpoint, "fingerprint": relay.fingerprint,
-                                         "pid": os.getpid()}), flush=True)
+        ready = {"endpoint": relay.endpoint, "fingerprint": relay.fingerprint, "pid": os.getpid(),
+                 "target": args.target, "control": args.control_socket}
+        if args.control_socket:
+            threading.Thread(target=_control_socket, args=(relay, args.control_socket, stop), daemon=True).start()
+        if args.ready_file:
+            from sharedllm.dataplane import write_json
+
+            write_json(args.ready_file, ready)
+        print(READY_PREFIX + json.dumps(ready), flush=True)
+        if args.alive_file:
+            from sharedllm.dataplane import DEFAULT_ORPHAN_TIMEOUT, watch_alive_file
+
+            watch_alive_file(args.alive_file, args.orphan_timeout or DEFAULT_ORPHAN_TIMEOUT, stop.set)
         try:
             if args.control_stdin:
                 threading.Thread(target=lambda: (_control_loop(relay), stop.set()), daemon=True).start()

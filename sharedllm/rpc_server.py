@@ -6,6 +6,8 @@
 llama-cpp-python ships no rpc-server executable; calling ``ggml_backend_rpc_start_server`` through ctypes makes this
 small process one. It prints one machine-readable line, ``SHAREDLLM_RPC_SERVER {json}``, before it starts serving, so
 a supervisor learns the endpoint and devices; readiness is then confirmed with a HELLO probe (``ggml.rpc_hello``).
+With ``--ready-file`` it also writes that JSON to a file, and with ``--alive-file`` it serves on while its supervisor is
+gone, until the file is ``--orphan-timeout`` seconds old (see ``sharedllm.dataplane``): a new supervisor adopts it.
 """
 
 from __future__ import annotations
@@ -57,6 +59,14 @@ def _watch_parent(parent_pid: int) -> None:
         time.sleep(0.5)
 
 
+def _stderr_offset() -> int:
+    """Where this process's lines start in its log (stderr appends to a file shared with earlier runs)."""
+    try:
+        return os.fstat(2).st_size
+    except OSError:
+        return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m sharedllm.rpc_server", description=__doc__.splitlines()[0])
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
@@ -67,6 +77,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--cache-dir", default=None, help="tensor cache directory (skips re-sending large weights)")
     p.add_argument("--parent-pid", type=int, default=None, help="exit when this process (the supervisor) dies")
+    p.add_argument("--ready-file", default=None, help="write the ready JSON here too (for a supervisor to adopt us)")
+    p.add_argument("--alive-file", default=None,
+                   help="exit when no supervisor has touched this file for --orphan-timeout seconds")
+    p.add_argument("--orphan-timeout", type=float, default=None, help="seconds (default: 900)")
     p.add_argument("--list-devices", action="store_true", help="print this machine's devices as JSON and exit")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
@@ -103,10 +117,18 @@ def main(argv: list[str] | None = None) -> int:
                     d.memory_free >> 20)
     logger.info("rpc-server listening on %s with %d threads, cache %s", endpoint, args.threads, args.cache_dir or "off")
     ready = {"endpoint": endpoint, "pid": os.getpid(), "threads": args.threads,
-             "devices": [d.to_dict() for d in served]}
+             "devices": [d.to_dict() for d in served], "log_offset": _stderr_offset()}
+    if args.ready_file:
+        from sharedllm.dataplane import write_json
+
+        write_json(args.ready_file, ready)
     print(READY_PREFIX + json.dumps(ready), flush=True)
     if args.parent_pid:
         threading.Thread(target=_watch_parent, args=(args.parent_pid,), daemon=True).start()
+    if args.alive_file:
+        from sharedllm.dataplane import DEFAULT_ORPHAN_TIMEOUT, watch_alive_file
+
+        watch_alive_file(args.alive_file, args.orphan_timeout or DEFAULT_ORPHAN_TIMEOUT, lambda: os._exit(0))
     ggml.start_server(endpoint, names, args.threads, args.cache_dir)
     # start_server only returns when it could not serve (socket creation or backend init failed).
     logger.error("rpc-server on %s stopped: llama.cpp could not create the server socket or a device backend", endpoint)

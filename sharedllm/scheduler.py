@@ -24,9 +24,11 @@ from sharedllm.scheduler_plugins import MeshPlugin
 @click.option("--max-leases", type=int, default=4, show_default=True, help="concurrent leases per client")
 def dask_setup(scheduler, reconcile_interval, state_path, persist_interval, secret_file, requests_per_minute,
                tokens_per_minute, max_leases):
+    from sharedllm.logs import follow_dask_logging
     from sharedllm.scheduler_plugins.trust import Limits
     from sharedllm.security import load_secret
 
+    follow_dask_logging()
     try:
         secret = load_secret(secret_file)
     except ValueError:

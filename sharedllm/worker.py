@@ -21,6 +21,7 @@ from distributed.comm.addressing import get_address_host
 
 from sharedllm import resources
 from sharedllm.actor import RPCServerConfig, RPCServerSupervisor
+from sharedllm.dataplane import DEFAULT_ORPHAN_TIMEOUT
 
 logger = logging.getLogger(__name__)
 
@@ -30,21 +31,24 @@ EXTENSION = "sharedllm"
 class MachineAgent:
     """Per-worker state: which machine this worker belongs to, and the rpc-server supervisor if it holds the actor."""
 
-    def __init__(self, worker, machine_id: str, config: RPCServerConfig, labels: dict[str, str] | None = None):
+    def __init__(self, worker, machine_id: str, config: RPCServerConfig, labels: dict[str, str] | None = None,
+                 state_dir: str | os.PathLike | None = None):
         self.worker = worker
         self.machine_id = machine_id
         self.labels = dict(labels or {})
         self.config = config
+        # Where the machine's data plane records itself: the same for every worker of the machine, across restarts.
+        self.state_dir = Path(state_dir) if state_dir else default_state_dir(worker, machine_id)
         self.supervisor: RPCServerSupervisor | None = None
         self._build: dict | None = None
+        self.close_reason: str | None = None  # why the worker closes (see MachineReporter.setup)
 
     def new_supervisor(self, machine_id: str) -> RPCServerSupervisor:
         if machine_id != self.machine_id:
             raise ValueError(f"actor for machine {machine_id} landed on a worker of machine {self.machine_id}")
         if self.supervisor is not None and self.supervisor.status.state not in ("stopped", "failed"):
             return self.supervisor  # the actor was re-created on the same worker: keep the running server
-        workdir = Path(self.worker.local_directory) / "sharedllm-rpc"
-        self.supervisor = RPCServerSupervisor(self.config, workdir)
+        self.supervisor = RPCServerSupervisor(self.config, self.state_dir)
         return self.supervisor
 
     def build(self) -> dict:
@@ -68,8 +72,25 @@ class MachineAgent:
         }
 
     async def close(self) -> None:
-        if self.supervisor is not None:
+        if self.supervisor is None:
+            return
+        if self.close_reason in SCHEDULER_LOST:
+            # Not told to stop: the worker lost its scheduler. The sessions on this machine go on; the next worker
+            # adopts the rpc-server and the relay (sharedllm.dataplane).
+            self.supervisor.detach()
+        else:
             await self.supervisor.stop()
+
+
+# Why a Dask worker closes when its scheduler is gone (distributed/worker.py): the machine's data plane stays up.
+SCHEDULER_LOST = frozenset({"worker-handle-scheduler-connection-broken", "worker-heartbeat-missing",
+                            "worker-heartbeat-error"})
+
+
+def default_state_dir(worker, machine_id: str) -> Path:
+    """``sharedllm-MACHINE`` beside the worker's own directory: Dask gives each worker process a fresh
+    ``worker-XXXX`` directory under its ``--local-directory``, which this one outlives."""
+    return Path(worker.local_directory).parent / f"sharedllm-{machine_id}"
 
 
 class MachineReporter(WorkerPlugin):
@@ -90,6 +111,8 @@ class MachineReporter(WorkerPlugin):
         labels: dict[str, str] | None = None,
         relay_port: int = 0,
         insecure_direct_rpc: bool = False,
+        state_dir: str | None = None,
+        orphan_timeout: float | None = None,
     ):
         self.machine_id = resources.machine_id(machine_id)  # validates an override, raises ValueError
         if cache_cap < 0:
@@ -109,6 +132,10 @@ class MachineReporter(WorkerPlugin):
         self.rpc_threads = rpc_threads
         self.rpc_devices = tuple(rpc_devices)
         self.cache_dir = cache_dir
+        self.state_dir = state_dir
+        if orphan_timeout is not None and not orphan_timeout > 0:
+            raise ValueError(f"orphan_timeout must be > 0 seconds, got {orphan_timeout}")
+        self.orphan_timeout = orphan_timeout or DEFAULT_ORPHAN_TIMEOUT
 
     def setup(self, worker) -> None:
         host = self.rpc_host or get_address_host(worker.address)
@@ -125,9 +152,10 @@ class MachineReporter(WorkerPlugin):
         config = RPCServerConfig(
             host=rpc_host, port=self.rpc_port, threads=self.rpc_threads, devices=self.rpc_devices, cache_dir=cache,
             cache_cap=self.cache_cap, relay=not self.insecure_direct_rpc, relay_host=relay_host,
-            relay_port=self.relay_port, machine_id=self.machine_id,
+            relay_port=self.relay_port, machine_id=self.machine_id, orphan_timeout=self.orphan_timeout,
         )
-        agent = MachineAgent(worker, self.machine_id, config, self.labels)
+        agent = MachineAgent(worker, self.machine_id, config, self.labels, self.state_dir)
+        _note_close_reason(worker, agent)
         worker.extensions[EXTENSION] = agent
         worker.startup_information[EXTENSION] = agent.report
         worker.metrics[EXTENSION] = agent.report
@@ -137,6 +165,17 @@ class MachineReporter(WorkerPlugin):
         agent = worker.extensions.pop(EXTENSION, None)
         if agent is not None:
             await agent.close()
+
+
+def _note_close_reason(worker, agent: MachineAgent) -> None:
+    # Dask tells plugins nothing about why a worker closes; its close() takes the reason.
+    original = worker.close
+
+    async def close(*args, **kwargs):
+        agent.close_reason = agent.close_reason or kwargs.get("reason")
+        return await original(*args, **kwargs)
+
+    worker.close = close
 
 
 @click.command()
@@ -156,10 +195,18 @@ class MachineReporter(WorkerPlugin):
               help="tensor cache size cap; least recently used files are evicted beyond it")
 @click.option("--label", "labels", multiple=True, help="KEY=VALUE label for route-sensitive placement, repeatable")
 @click.option("--secret-file", default=None, help="file holding the cluster secret (else $SHAREDLLM_CLUSTER_SECRET)")
+@click.option("--state-dir", default=None,
+              help="where the machine's rpc-server and relay record themselves, for the next worker to adopt them "
+                   "(default: sharedllm-MACHINE beside the worker's directory)")
+@click.option("--orphan-timeout", type=float, default=DEFAULT_ORPHAN_TIMEOUT, show_default=True,
+              help="seconds the rpc-server and relay serve on without a worker (the scheduler restarting)")
 async def dask_setup(worker, machine_id, rpc_host, rpc_port, relay_port, insecure_direct_rpc, rpc_threads, rpc_devices,
-                     cache_dir, cache_cap, labels, secret_file):
+                     cache_dir, cache_cap, labels, secret_file, state_dir, orphan_timeout):
     from dask.utils import parse_bytes
 
+    from sharedllm.logs import follow_dask_logging
+
+    follow_dask_logging()
     pairs = {}
     for item in labels:
         key, sep, value = item.partition("=")
@@ -168,7 +215,8 @@ async def dask_setup(worker, machine_id, rpc_host, rpc_port, relay_port, insecur
         pairs[key] = value
     plugin = MachineReporter(machine_id, rpc_host, rpc_port, rpc_threads, tuple(rpc_devices), cache_dir,
                              parse_bytes(cache_cap), pairs, relay_port=relay_port,
-                             insecure_direct_rpc=insecure_direct_rpc)
+                             insecure_direct_rpc=insecure_direct_rpc, state_dir=state_dir,
+                             orphan_timeout=orphan_timeout)
     await vouch(worker, plugin.machine_id, secret_file)
     await worker.plugin_add(plugin, catch_errors=False)
 

@@ -161,6 +161,12 @@ def test_page_shows_machines_topology_and_live_throughput(mesh_cluster, mesh, br
             mine = [i for i, s in enumerate(layers["session"]) if s == llm.session_id]
             assert {(layers["machine"][i], layers["first"][i], layers["end"][i]) for i in mine} == expected_stages
             assert {layers["label"][i] for i in mine} == expected_labels
+            leases = data["sharedllm-leases"]  # every machine's trust score, as its trust record has it
+            records = {r["machine_id"]: r for r in mesh._call("sharedllm_trust")["machines"]}
+            for m in TWO:
+                cell = leases["trust"][leases["machine"].index(m)]
+                assert cell.split(" ")[0] == f"{records[m]['score']:.2f}", (m, cell, records[m])
+                assert ("(probation)" in cell) == records[m]["probation"], (m, cell)
             memory = data["sharedllm-memory"]
             for st in llm.topology.stages:  # what the session reserves on each machine's RAM, from its topology
                 row = memory["device"].index(f"{st.machine_id} · RAM")
@@ -230,7 +236,7 @@ def test_metrics_endpoint_has_sharedllm_series_after_a_generation(mesh_cluster, 
     base = _base(mesh_cluster)
     before = _metrics(base)
     with mesh.load("gemma-3-270m", n_ctx=N_CTX, machines=TWO) as llm:
-        n = sum(1 for _ in llm.create_completion(PROMPT, max_tokens=16, temperature=0, stream=True))
+        chunks = list(llm.create_completion(PROMPT, max_tokens=16, temperature=0, stream=True))
         during = _metrics(base)
     after = _metrics(base)
 
@@ -247,7 +253,9 @@ def test_metrics_endpoint_has_sharedllm_series_after_a_generation(mesh_cluster, 
 
     tokens = "sharedllm_tokens_generated"
     assert after[tokens].type == "counter"
-    assert _value(after, tokens, f"{tokens}_total") - _value(before, tokens, f"{tokens}_total") >= n > 0
+    # Tokens, not stream chunks: 16 tokens came in 17 chunks (the last one carries the finish reason).
+    assert len(chunks) == 17
+    assert _value(after, tokens, f"{tokens}_total") - _value(before, tokens, f"{tokens}_total") == 16
 
     ttft = "sharedllm_time_to_first_token_seconds"
     assert after[ttft].type == "histogram"

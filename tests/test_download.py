@@ -54,6 +54,7 @@ class FileServer(http.server.ThreadingHTTPServer):
         self.cuts: list[int] = []
         self.rate = 0
         self.honor_if_range = True
+        self.busy: list[tuple[int, str | None]] = []  # the next responses: (status, Retry-After), then the file
         self.sent = 0
         self.requests: list[dict] = []
         self.rng = random.Random(1234)
@@ -76,9 +77,17 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         srv = self.server
         data, etag = srv.files.get(self.path), srv.etags.get(self.path)
         rec = {"path": self.path, "range": self.headers.get("Range"), "if_range": self.headers.get("If-Range"),
-               "sent": 0}
+               "sent": 0, "at": time.monotonic()}
         with srv.lock:
             srv.requests.append(rec)
+            busy = srv.busy.pop(0) if srv.busy else None
+        if busy is not None:
+            self.send_response(busy[0])
+            if busy[1] is not None:
+                self.send_header("Retry-After", busy[1])
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
         if data is None:
             self.send_error(404)
             return
@@ -192,6 +201,38 @@ def test_gives_up_after_retries_and_keeps_the_part(server, tmp_path):
     assert 0 < have < len(data)
     assert dl.download(url, tmp_path, sha256=sha(data), progress=False, timeout=5).read_bytes() == data
     assert server.requests[-1]["range"] == f"bytes={have}-"
+
+
+def test_retry_after_is_honoured(server, tmp_path):
+    data = blob(256 << 10)
+    url = server.put("/m.gguf", data)
+    server.busy = [(503, "1"), (429, None)]  # said when, then did not: the backoff (1 ms here) applies again
+    path = dl.download(url, tmp_path, sha256=sha(data), backoff=0.001, progress=False, timeout=5)
+    assert path.read_bytes() == data
+    at = [r["at"] for r in server.requests]
+    assert len(at) == 3
+    assert at[1] - at[0] >= 1.0, "retried before the server's Retry-After"
+    assert at[2] - at[1] < 1.0
+
+
+def test_a_retry_after_beyond_the_limit_is_a_clear_error(server, tmp_path):
+    data = blob(64 << 10)
+    url = server.put("/m.gguf", data)
+    server.busy = [(503, "3600")]
+    t0 = time.monotonic()
+    with pytest.raises(ModelError, match=r"asks to retry after 3600s \(HTTP 503.*run again later"):
+        dl.download(url, tmp_path, sha256=sha(data), backoff=0.001, progress=False, timeout=5)
+    assert time.monotonic() - t0 < dl.MAX_RETRY_AFTER
+
+
+def test_retry_after_values():
+    import email.utils
+
+    assert dl._retry_after("120") == 120.0
+    assert dl._retry_after(None) is None and dl._retry_after("soon") is None
+    date = email.utils.formatdate(1_000_030, usegmt=True)
+    assert dl._retry_after(date, now=1_000_000) == 30.0
+    assert dl._retry_after(date, now=1_000_100) == 0.0
 
 
 def test_kill_9_then_resume(server, tmp_path):

@@ -4,9 +4,12 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import sqlite3
+import stat
 import time
+from pathlib import Path
 
 import pytest
 
@@ -49,7 +52,7 @@ def test_scheduler_kill_9_then_restart_restores_the_registry(tmp_path):
             return m and m["rpc"]["state"] == "ready"
 
         wait_for(rejoined, timeout=120, interval=1.0, what="machine-1 to rejoin the restarted scheduler")
-        # The new scheduler has a new relay master key: the machine's relay takes it, and a session works again.
+        # The new scheduler has the relay master key of the old one (from the state file): a session works again.
         lm.mesh()._call("sharedllm_drain", machine="machine-1", undrain=True)
         with lm.mesh().load("gemma-3-270m", n_ctx=N_CTX) as llm:
             assert llm._lease_relays and llm.create_completion("Hello", max_tokens=4, temperature=0)["choices"]
@@ -74,3 +77,48 @@ def test_state_store_round_trip_and_bad_file(tmp_path):
     with pytest.raises(ValueError, match="not a usable SQLite database"):
         StateStore(bad)
     assert sqlite3.sqlite_version  # the stdlib module is what we rely on
+
+
+def test_a_state_file_of_the_previous_release_opens_in_this_one(tmp_path):
+    """``tests/data/state-v1.sqlite`` was written by the release before this one (schema 1): a mesh that served
+    sessions, one open when its scheduler was killed, with a catalog entry, a banned client, a drained machine and
+    trust records. It is migrated in place and the scheduler restores everything from it."""
+    path = tmp_path / "state.sqlite"
+    shutil.copyfile(Path(__file__).parent / "data" / "state-v1.sqlite", path)
+    store = StateStore(path)
+    assert store.migrated_from == 1
+    saved = store.load()
+    store.close()
+    assert [s["closed"] is None for s in saved["sessions"]] == [False, True]
+    assert all(s["topology"] is None for s in saved["sessions"])  # schema 1 kept none
+    assert sqlite3.connect(path).execute("SELECT value FROM meta WHERE key='schema_version'").fetchone() == ("2",)
+    assert StateStore(path).migrated_from is None  # migrated once
+
+    with LocalMesh(machines=0, dashboard=False, state_path=path) as lm:
+        mesh = lm.mesh()
+        st = mesh.state()
+        assert not st["sessions"]  # the open session of schema 1 has no topology: it cannot go on
+        open_sid = saved["sessions"][1]["session_id"]
+        ended = {s["session_id"]: s for s in st["recent_sessions"]}
+        assert ended[open_sid]["reason"] == "interrupted: the scheduler restarted"
+        assert ended[saved["sessions"][0]["session_id"]]["tokens"] == saved["sessions"][0]["tokens"] > 0
+        assert list(st["draining"]) == ["machine-2"]
+        assert {m["machine_id"] for m in st["known_machines"]} == {"machine-1", "machine-2"}
+        assert "tiny" in [m["name"] for m in mesh._call("sharedllm_catalog")["models"]]
+        banned = [c for c in mesh._call("sharedllm_clients")["clients"] if c["banned"]]
+        assert [c["client"] for c in banned] == ["Client-banned-0001"]
+        trust = {r["machine_id"]: r for r in mesh._call("sharedllm_trust")["machines"]}
+        assert trust["machine-1"]["sessions"] >= 1
+
+
+def test_a_new_state_file_is_private_and_keeps_sessions_with_their_topology(tmp_path):
+    store = StateStore(tmp_path / "s.db")
+    assert stat.S_IMODE(os.stat(tmp_path / "s.db").st_mode) == 0o600  # it holds the relay master key
+    assert store.migrated_from is None
+    topology = {"stages": [{"machine_id": "m1"}], "n_layer": 2}
+    store.save([], [{"session_id": "s1", "client": "c", "model": "g.gguf", "machines": ["m1"], "opened": 1.0,
+                     "closed": None, "tokens": 5, "requests": 1, "recoveries": 0, "reason": None,
+                     "topology": topology}], {"relay_master": "ab" * 32})
+    store.close()
+    loaded = StateStore(tmp_path / "s.db").load()
+    assert loaded["sessions"][0]["topology"] == topology and loaded["policy"]["relay_master"] == "ab" * 32

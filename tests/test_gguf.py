@@ -325,6 +325,17 @@ def test_corrupt_content(tmp_path):
         "block_count": gguf_bytes([MODEL_KVS[0], *MODEL_KVS[2:]], MODEL_TENSORS),
         "beyond": gguf_bytes([MODEL_KVS[0], ("llama.block_count", UINT32, 1), *MODEL_KVS[2:]], MODEL_TENSORS),
         "deeper": gguf_bytes([*MODEL_KVS, ("deep", ARRAY, _nest(20))], MODEL_TENSORS),
+        # An architecture llama.cpp does not know: not "corrupt", and no re-download can fix it.
+        "does not know an architecture 'llamb'": gguf_bytes(
+            [("general.architecture", STRING, "llamb"), *MODEL_KVS[1:]], MODEL_TENSORS),
+        # Hyperparameters ggml asserts on inside the rpc-servers (a poisoned model): refused before a byte moves.
+        "layer_norm_rms_epsilon is -1.0, llama.cpp needs a finite number >= 0 (GGML_ASSERT(eps >= 0.0f)": gguf_bytes(
+            [*MODEL_KVS, ("llama.attention.layer_norm_rms_epsilon", FLOAT32, -1.0)], MODEL_TENSORS),
+        "layer_norm_epsilon is nan": gguf_bytes(
+            [*MODEL_KVS, ("llama.attention.layer_norm_epsilon", FLOAT32, float("nan"))], MODEL_TENSORS),
+        "rope.freq_base is 0.0": gguf_bytes([*MODEL_KVS, ("llama.rope.freq_base", FLOAT32, 0.0)], MODEL_TENSORS),
+        "expert_used_count 9 exceeds": gguf_bytes(
+            [*MODEL_KVS, ("llama.expert_count", UINT32, 8), ("llama.expert_used_count", UINT32, 9)], MODEL_TENSORS),
     }
     for i, (words, data) in enumerate(cases.items()):
         raises(InvalidModel, write(tmp_path, data, f"case{i}.gguf"), words)

@@ -6,10 +6,11 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import threading
 
 import pytest
 
-from sharedllm.errors import ModelTooLarge, WorkerLost
+from sharedllm.errors import EngineError, ModelClosed, ModelTooLarge, WorkerLost
 from tests.conftest import N_CTX, PROMPT, machine, wait_for
 
 pytestmark = pytest.mark.mesh
@@ -41,6 +42,7 @@ def test_machines_report_resources_and_ready_rpc_servers(mesh):
 
 
 def test_greedy_mesh_equals_local(mesh, local_greedy):
+    total_before = mesh.state()["tokens_total"]
     with mesh.load("gemma-3-270m", n_ctx=N_CTX, machines=TWO) as llm:
         # The layers really are spread: two machines, contiguous slots covering every layer and the output.
         assert llm.topology.machines == TWO
@@ -62,11 +64,20 @@ def test_greedy_mesh_equals_local(mesh, local_greedy):
         assert chat["choices"][0]["message"]["role"] == "assistant"
         assert chat["choices"][0]["message"]["content"] == local_greedy["chat"]
 
-        # The scheduler saw the session: its machines and the tokens it generated (64 + 64 + the chat's).
-        sess = next(x for x in mesh.state()["sessions"] if x["session_id"] == llm.session_id)
+        deltas = list(llm.create_chat_completion([{"role": "user", "content": "Name a colour."}], max_tokens=24,
+                                                 temperature=0, stream=True))
+        assert "".join(c["choices"][0]["delta"].get("content") or "" for c in deltas) == local_greedy["chat"]
+
+        # The scheduler saw the session: its machines and the tokens it generated, counted as tokens (not as stream
+        # chunks: a streamed completion ends with a chunk of no token, a streamed chat starts with a role chunk).
+        n_chat = chat["usage"]["completion_tokens"]
+        assert len(deltas) != n_chat
+        state = mesh.state()
+        sess = next(x for x in state["sessions"] if x["session_id"] == llm.session_id)
         assert list(sess["machines"]) == TWO
-        assert sess["requests"] == 3
-        assert sess["tokens"] >= 128 + chat["usage"]["completion_tokens"] - 1
+        assert sess["requests"] == 4
+        assert sess["tokens"] == 64 + 64 + n_chat + n_chat
+        assert state["tokens_total"] - total_before == sess["tokens"]
         assert sess["last_tok_s"] > 0
     assert all(x["session_id"] != llm.session_id for x in mesh.state()["sessions"])
     # Both machines now hold the model's weights warm; placement prefers them for it.
@@ -131,7 +142,43 @@ def test_asyncio_api_equals_the_blocking_one(mesh, local_greedy):
         assert llm.create_completion(PROMPT, max_tokens=64, temperature=0)["choices"][0]["text"] == out["after"]
         sess = next(x for x in mesh.state()["sessions"] if x["session_id"] == llm.session_id)
         assert sess["requests"] == 7  # every asyncio request passed the scheduler's admission too
-        assert sess["tokens"] >= 64 * 3
+        assert sess["tokens"] >= 64 * 3 + 3 + 1
+
+
+@pytest.mark.parametrize("api", ["blocking", "asyncio"])
+def test_close_while_another_thread_streams_ends_that_stream_and_frees_the_lease(mesh, api):
+    llm = mesh.load("gemma-3-270m", n_ctx=N_CTX, machines=TWO)
+    sid, got, errors = llm.session_id, [], []
+
+    def stream() -> None:
+        kwargs = {"max_tokens": 500, "temperature": 0, "stream": True}
+        try:
+            if api == "asyncio":
+                async def consume() -> None:
+                    async for chunk in await llm.acreate_completion(PROMPT, **kwargs):
+                        got.append(chunk)
+
+                asyncio.run(consume())
+            else:
+                for chunk in llm.create_completion(PROMPT, **kwargs):
+                    got.append(chunk)
+        except Exception as exc:
+            errors.append(exc)
+
+    reader = threading.Thread(target=stream, name="streaming-while-closed")
+    reader.start()
+    wait_for(lambda: len(got) >= 3, timeout=60, what="the stream to start")
+    llm.close()
+    reader.join(timeout=60)
+    assert not reader.is_alive(), "the stream did not end when its model was closed"
+    assert len(errors) == 1 and isinstance(errors[0], ModelClosed), errors
+    assert "closed" in str(errors[0]) and len(got) < 500
+    assert llm.recoveries == []  # the close was not taken for a lost machine
+    state = mesh.state()
+    assert not [x for x in state["sessions"] if x["client"] == mesh.client.id], "a lease outlived the close"
+    assert next(x for x in state["recent_sessions"] if x["session_id"] == sid)["reason"] == "closed"
+    with pytest.raises(EngineError, match="closed"):
+        llm.create_completion(PROMPT, max_tokens=4)
 
 
 def test_model_too_large_is_refused_before_upload(mesh):

@@ -23,7 +23,7 @@ import httpx
 import openai
 import pytest
 
-from sharedllm.errors import EngineError, MeshBusy, RateLimited, WorkerLost
+from sharedllm.errors import ClientBanned, EngineError, MeshBusy, RateLimited, WorkerLost
 from sharedllm.openai_server import ServerThread, create_app, listen_socket
 from tests.conftest import N_CTX, PROMPT, wait_for
 
@@ -344,6 +344,26 @@ def test_queue_full_429_queue_timeout_503_and_disconnect_cancels(llm, server):
         assert small.state.abandoned == 1
 
 
+def test_a_non_streamed_request_stops_generating_when_its_client_hangs_up(llm, mesh):
+    small = create_app(llm, model_id=MODEL_ID, api_keys=[KEY], max_queue=1, queue_timeout=60)
+    body = {"model": MODEL_ID, "prompt": PROMPT, "max_tokens": 1500, "temperature": 0}
+    tokens = lambda: next(x for x in mesh.state()["sessions"] if x["session_id"] == llm.session_id)["tokens"]  # noqa: E731
+    with ServerThread(small) as s, httpx.Client(base_url=s.url, headers={"Authorization": f"Bearer {KEY}"},
+                                                timeout=1.0) as impatient:
+        before = tokens()
+        with pytest.raises(httpx.ReadTimeout):  # 1500 tokens take far longer than the client waits
+            impatient.post("/v1/completions", json=body)
+        # It hung up: the generation stops at the next token, the engine is free again and the next request is
+        # served at once (not after the abandoned one's 1500 tokens, nor with a 503 after the queue's timeout).
+        wait_for(lambda: small.state.queue.running == 0, timeout=15, what="the abandoned request to stop")
+        assert small.state.abandoned == 1
+        with httpx.Client(base_url=s.url, headers={"Authorization": f"Bearer {KEY}"}, timeout=60) as h:
+            out = h.post("/v1/completions", json={**body, "max_tokens": 4})
+        assert out.status_code == 200, out.text
+        assert out.json()["usage"]["completion_tokens"] == 4
+        assert tokens() - before < 1500
+
+
 def test_openapi_schema_and_generated_requests(server, app, http):
     import hypothesis
     import schemathesis
@@ -409,6 +429,7 @@ class _Failing:
 @pytest.mark.parametrize(("exc", "status", "code", "retry"), [
     (RateLimited("client over 60 requests/min", retry_after=2.5), 429, "rate_limit_exceeded", "3"),
     (MeshBusy("every machine is leased"), 503, "mesh_busy", "10"),
+    (ClientBanned("client c-1 is banned from this mesh"), 403, "client_banned", None),
     (WorkerLost("machine-2 (rpc-server 127.0.0.1:1) is unreachable", machine="machine-2"), 503, "engine_failed",
      None),
 ])

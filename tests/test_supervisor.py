@@ -115,3 +115,64 @@ def test_relay_admits_only_the_current_lease_and_comes_back(tmp_path):
             pass
 
     asyncio.run(scenario())
+
+
+def _gone(pid: int) -> bool:
+    try:
+        state = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return True
+    return state == "Z"  # exited, not reaped yet
+
+
+def test_a_new_supervisor_adopts_the_running_server_and_relay_with_their_lease(tmp_path):
+    """A worker that loses its scheduler detaches; the next one on the machine adopts what still serves."""
+    from sharedllm.relay import ClientRelay, machine_key, mint_token
+
+    key = machine_key(b"m" * 32, "box")
+
+    def check(relay: dict, lease: str) -> None:
+        ClientRelay(relay["endpoint"], mint_token(key, lease, "box", ttl=60), fingerprint=relay["fingerprint"]).check()
+
+    async def scenario():
+        first = RPCServerSupervisor(RPCServerConfig(threads=1, backoff=0.1, machine_id="box"), tmp_path)
+        st = (await first.start(relay_key=key)).to_dict()
+        await first.set_lease("A", seq=1)
+        first.detach()
+        assert not _gone(st["pid"]) and not _gone(st["relay"]["pid"])  # still serving, nobody supervising
+
+        second = RPCServerSupervisor(RPCServerConfig(threads=1, backoff=0.1, machine_id="box"), tmp_path)
+        try:
+            again = (await second.start(relay_key=key)).to_dict()
+            assert again["state"] == "ready" and again["pid"] == st["pid"] and again["endpoint"] == st["endpoint"]
+            assert again["relay"]["pid"] == st["relay"]["pid"] and again["relay"]["lease"] == "A"
+            await asyncio.to_thread(check, again["relay"], "A")  # lease A's client goes on
+            await second.set_lease("B", seq=1)  # the new supervisor drives the adopted relay
+            await asyncio.to_thread(check, again["relay"], "B")
+            # The adopted server is supervised like a child: killed, it is restarted (its status is unknown).
+            os.kill(st["pid"], signal.SIGKILL)
+            back = await _wait_state(second, "ready", restarts=1)
+            assert back["pid"] != st["pid"] and back["endpoint"] == st["endpoint"]
+            assert back["last_exit"]["pid"] == st["pid"] and back["last_exit"]["code"] is None
+        finally:
+            await second.stop()
+        deadline = time.monotonic() + 10
+        while not (_gone(back["pid"]) and _gone(st["relay"]["pid"])):
+            assert time.monotonic() < deadline, "stop() left the adopted relay or the new server running"
+            await asyncio.sleep(0.05)
+
+    asyncio.run(scenario())
+
+
+def test_a_data_plane_nobody_adopts_stops_after_the_orphan_timeout(tmp_path):
+    async def scenario():
+        cfg = RPCServerConfig(threads=1, machine_id="box", orphan_timeout=1.0)
+        sup = RPCServerSupervisor(cfg, tmp_path)
+        st = (await sup.start(relay_key=b"k" * 32)).to_dict()
+        sup.detach()
+        deadline = time.monotonic() + 30
+        while not (_gone(st["pid"]) and _gone(st["relay"]["pid"])):
+            assert time.monotonic() < deadline, "an orphaned rpc-server or relay kept serving"
+            await asyncio.sleep(0.1)
+
+    asyncio.run(scenario())

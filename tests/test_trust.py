@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from sharedllm import security
-from sharedllm.errors import NoMachines, RateLimited
+from sharedllm.errors import ClientBanned, NoMachines, RateLimited
 from sharedllm.scheduler_plugins.trust import Admission, RateLimiter, TrustRecord, TrustRegistry
 from tests.conftest import N_CTX, PROMPT, machine, wait_for
 
@@ -86,8 +86,16 @@ def test_rate_limiter_trips_and_recovers(monkeypatch):
     rl.charge_tokens("c", 500)
     assert "tokens/minute" in rl.check_request("c")[0]
     assert "leases" in rl.check_request("d", leases=1, new_lease=True)[0]
-    rl.banned.add("e")
-    assert "banned" in rl.check_request("e")[0]
+    # Models that made rpc-servers abort: at the limit, no new lease until the oldest strike is an hour old.
+    rl = RateLimiter()
+    for n in range(1, 4):
+        assert rl.check_request("f", new_lease=True) is None
+        assert rl.strike("f") == n
+    why, wait = rl.check_request("f", new_lease=True)
+    assert "3 models in the last hour that made rpc-servers abort" in why and wait == pytest.approx(3600, abs=1)
+    assert rl.check_request("f") is None  # requests on a lease it holds go on
+    now[0] += 3601
+    assert rl.check_request("f", new_lease=True) is None
 
 
 # --- on a real mesh --------------------------------------------------------------------------------------------
@@ -199,6 +207,28 @@ def test_rate_limit_trips_then_recovers(guarded_mesh):
             assert "retry in 0s" not in str(err.value)
             time.sleep(err.value.retry_after + 0.5)
             assert llm.create_completion(PROMPT, max_tokens=1, temperature=0)["choices"][0]["text"]
+
+
+@pytest.mark.mesh
+def test_refusals_are_typed_and_logged_without_a_traceback(guarded_mesh):
+    from distributed import Client
+
+    from sharedllm.client import Mesh
+
+    with Client(guarded_mesh.address, timeout=30) as c:
+        mesh = Mesh(c)
+        mesh._call("sharedllm_clients", action="ban", client=c.id)
+        try:
+            with pytest.raises(ClientBanned, match=f"client {c.id} is banned.*sharedllm clients unban") as err:
+                mesh.load("gemma-3-270m", n_ctx=N_CTX, wait_timeout=5)
+            assert not isinstance(err.value, RateLimited)  # no retry helps a ban
+        finally:
+            mesh._call("sharedllm_clients", action="unban", client=c.id)
+        with pytest.raises(NoMachines, match="no machine qualifies"):
+            mesh.load("gemma-3-270m", n_ctx=N_CTX, privacy="trusted", wait_timeout=5)
+    log = (guarded_mesh.workdir / "scheduler.log").read_text()
+    assert "Traceback" not in log and "Exception while handling op" not in log
+    assert "sharedllm_acquire refused: ClientBanned" in log and "sharedllm_acquire refused: NoMachines" in log
 
 
 @pytest.mark.mesh

@@ -22,7 +22,8 @@ pytestmark = pytest.mark.mesh
 
 
 def _server_log(mesh_cluster, machine_id: str, name: str) -> Path:
-    logs = sorted((mesh_cluster.workdir / machine_id).rglob(f"sharedllm-rpc/{name}"), key=lambda p: p.stat().st_mtime)
+    logs = sorted((mesh_cluster.workdir / machine_id).rglob(f"sharedllm-{machine_id}/{name}"),
+                  key=lambda p: p.stat().st_mtime)
     assert logs, f"no {name} for {machine_id} under {mesh_cluster.workdir}"
     return logs[-1]
 

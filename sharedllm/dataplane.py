@@ -1,0 +1,106 @@
+# SPDX-License-Identifier: AGPL-3.0-or-later
+"""A machine's data plane outlives its control plane: the files through which a restarted worker adopts them.
+
+The rpc-server and the relay of a machine serve its leases; the Dask worker that supervises them comes and goes (it
+exits when it loses the scheduler, and systemd or the nanny starts another). So they run in sessions of their own,
+write where they are into a state directory, and stay up while their supervisor is gone; the next supervisor on the
+machine adopts them (see ``RPCServerSupervisor``) instead of starting new ones, and the leases they serve go on.
+
+Files in a machine's state directory (``dask worker --preload sharedllm.worker --state-dir DIR``):
+
+- ``rpc-server.json`` / ``relay.json``: written by each process once it serves (pid, endpoint, log offset...);
+- ``supervisor.alive``: touched by the supervisor every few seconds. A process whose supervisor has not touched it
+  for ``--orphan-timeout`` seconds exits: a machine whose worker never comes back does not serve forever.
+- ``relay.sock``: the relay's control socket (lease changes), so that a new supervisor can reach an adopted relay.
+
+No Dask here, and nothing that imports llama.cpp: the rpc-server and the relay import it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import threading
+import time
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+ALIVE_FILE = "supervisor.alive"
+DEFAULT_ORPHAN_TIMEOUT = 900.0  # seconds a data plane serves on without a supervisor (a scheduler restart fits)
+TOUCH_EVERY = 5.0  # seconds between the supervisor's touches of the alive file
+
+
+def write_json(path: str | os.PathLike, data: dict) -> None:
+    """Replace ``path`` with ``data`` as JSON, atomically (a reader sees the old or the new file, never half)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump(data, f)
+    os.replace(tmp, path)
+
+
+def read_json(path: str | os.PathLike) -> dict | None:
+    """The JSON object in ``path``, or None when it is missing or unreadable."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def touch(path: str | os.PathLike) -> None:
+    Path(path).touch()
+
+
+def process_runs(pid: int | None, module: str) -> bool:
+    """Whether ``pid`` is a live (not zombie) process running ``python -m module``: a recorded pid may have been
+    reused by another program since."""
+    if not pid:
+        return False
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z" and module.encode() in cmdline
+
+
+def watch_alive_file(path: str | os.PathLike, timeout: float, on_orphan, interval: float = 5.0) -> threading.Thread:
+    """Call ``on_orphan()`` once ``path`` has not been touched for ``timeout`` seconds (or is gone that long).
+
+    The process that watches was started by a supervisor that touches the file; when the supervisor dies and no
+    other adopts the process, the file grows old."""
+    path = Path(path)
+    started = time.time()
+
+    def run() -> None:
+        while True:
+            try:
+                age = time.time() - path.stat().st_mtime
+            except OSError:
+                age = time.time() - started
+            if age > timeout:
+                logger.warning("no supervisor for %.0fs (%s is that old): stopping", age, path)
+                on_orphan()
+                return
+            time.sleep(min(interval, max(timeout / 4, 0.1)))
+
+    thread = threading.Thread(target=run, name="sharedllm-orphan-watch", daemon=True)
+    thread.start()
+    return thread
+
+
+def kill_recorded(state_dir: str | os.PathLike, sig: int) -> list[int]:
+    """Send ``sig`` to the data-plane processes recorded in ``state_dir`` that still run; their pids."""
+    killed = []
+    for name, module in (("rpc-server.json", "sharedllm.rpc_server"), ("relay.json", "sharedllm.relay")):
+        pid = (read_json(Path(state_dir) / name) or {}).get("pid")
+        if process_runs(pid, module):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, sig)
+                killed.append(pid)
+    return killed
