@@ -42,6 +42,7 @@ logger = logging.getLogger("sharedllm.scheduler")
 EXTENSION = "sharedllm"
 LEASE_TOKEN_TTL = 24 * 3600.0  # seconds; a token stops working earlier, when its lease ends (the relay checks)
 LEASE_PUSH_TIMEOUT = 15.0  # seconds for the leased machines' relays to take a new lease
+HEARTBEAT_LATE = 4.0  # seconds without a heartbeat that make a machine suspect (or 5 heartbeat intervals)
 RECLAIM_GRACE = 120.0  # seconds a session open when the scheduler died waits for its client to report again
 
 
@@ -353,7 +354,13 @@ class MeshPlugin(SchedulerPlugin):
         return out
 
     def machines(self) -> list[dict]:
-        """The mesh state: one record per machine."""
+        """The mesh state: one record per machine. ``heartbeat_age``: seconds since the machine's latest heartbeat;
+        beyond ``heartbeat_limit`` the machine is frozen or cut off (Dask forgets it only after its worker TTL)."""
+        from distributed.metrics import time as dask_time
+        from distributed.scheduler import heartbeat_interval
+
+        now = dask_time()
+        limit = max(HEARTBEAT_LATE, 5 * heartbeat_interval(len(self.scheduler.workers)))
         out = []
         for machine, workers in sorted(self.machine_workers().items()):
             rec = self.actors.get(machine)
@@ -377,6 +384,8 @@ class MeshPlugin(SchedulerPlugin):
                     "labels": rep.get("labels") or {},
                     "warm": sorted(self.warm.get(machine, {})),
                     "trust": self.trust.seen(machine, rep.get("labels") or {}).to_dict(),
+                    "heartbeat_age": now - max(self.scheduler.workers[w].last_seen for w in workers),
+                    "heartbeat_limit": limit,
                 }
             )
         return out
@@ -573,10 +582,11 @@ class MeshPlugin(SchedulerPlugin):
         record_session_report(self, session_id, ttft_ms, requests + int(request_done), recovered)  # never raises
         return {"status": "OK"}
 
-    async def handle_session_close(self, session_id: str, reason: str = "closed") -> dict:
-        """End a session; answers once its machines' relays no longer admit its tokens."""
+    async def handle_session_close(self, session_id: str, reason: str = "closed", wait: bool = True) -> dict:
+        """End a session; answers once its machines' relays no longer admit its tokens (``wait=False``: at once, for
+        a client that replaces a failed engine and must not wait on the relay of a machine that does not answer)."""
         revokes = self._close_session(session_id, reason)
-        if revokes:
+        if revokes and wait:
             await asyncio.wait(revokes, timeout=LEASE_PUSH_TIMEOUT)
         return {"status": "OK" if revokes is not None else "unknown-session"}
 

@@ -151,12 +151,16 @@ async def _wait_pid(pid: int) -> None:
         os.close(fd)
 
 
-def _alive(pid: int) -> bool:
+def _state(pid: int) -> str | None:
+    """The process's state letter in ``/proc`` (R, S, D, T stopped, Z zombie...); None when it is gone."""
     try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
     except (OSError, IndexError):
-        return False
-    return state != "Z"
+        return None
+
+
+def _alive(pid: int) -> bool:
+    return _state(pid) not in (None, "Z")
 
 
 async def _terminate(proc: _Process, grace: float = 5.0) -> None:
@@ -609,6 +613,14 @@ class RPCServerSupervisor:
             f.unlink(missing_ok=True)
         self._set(state="stopped", pid=None, reason=None)
         return self.status
+
+    def report(self) -> dict:
+        """The state for the heartbeat, with ``stopped``: which of the server and its relay are stopped now (SIGSTOP,
+        a debugger): alive, listening, and silent, which no timeout of the RPC protocol would notice."""
+        status = self.status.to_dict()
+        pids = {"rpc-server": status["pid"], "relay": (status["relay"] or {}).get("pid")}
+        status["stopped"] = [name for name, pid in pids.items() if pid and _state(pid) == "T"]
+        return status
 
     def detach(self) -> None:
         """Stop supervising, and leave the server and its relay serving: this worker is going away without being

@@ -504,7 +504,7 @@ class MeshModel:
                 output_on_client=self.estimate.output_on_client,
             )
             self._engine = Engine(spec, load_timeout=self._load_timeout, token_timeout=self._token_timeout,
-                                  on_progress=self._on_progress or _log_progress(name))
+                                  on_progress=self._on_progress or _log_progress(name), watchdog=self._suspect)
             info = self._engine.start()
         except BaseException as exc:
             self._release(f"failed to load: {exc}")
@@ -523,7 +523,9 @@ class MeshModel:
         if self.session_id:
             self._reports.quiet_until = 0.0  # the session's last counts go with its end
             self._stats(0, 0.0, None, done=False)
-            self._mesh._report("sharedllm_session_close", session_id=self.session_id, reason=reason)
+            # After a failure, do not wait for the lost machine's relay to drop the lease: a recovery is waiting.
+            self._mesh._report("sharedllm_session_close", session_id=self.session_id, reason=reason,
+                               wait=not reason.startswith("failed"))
             self.session_id = None
 
     def _recover(self, exc: EngineError, attempt: int) -> None:
@@ -532,7 +534,8 @@ class MeshModel:
         Not when the model itself made an rpc-server abort (see :func:`sharedllm.actor.model_fault`): it would
         abort the next machines too. That is ``InvalidModel``, and no machine is blamed for it."""
         t0 = time.perf_counter()
-        fault = self._model_fault(getattr(exc, "machine", None))
+        # A machine the watchdog found stopped or cut off did not crash: there is no exit to diagnose.
+        fault = None if getattr(exc, "alive", False) else self._model_fault(getattr(exc, "machine", None))
         if fault is not None:
             machine, assertion = fault
             err = InvalidModel(
@@ -586,6 +589,30 @@ class MeshModel:
             if not unsettled or time.monotonic() > deadline:
                 return None
             time.sleep(0.1)
+
+    def _suspect(self) -> tuple[str, str] | None:
+        """The engine's watchdog, asked while a request waits on the mesh for seconds: (machine, why) when a machine
+        of this session is known to be gone or stuck, from the machines' heartbeats; None when nothing is known (a
+        slow machine is not suspect, nor is one while the scheduler is away)."""
+        if not self._mesh._reachable():
+            return None
+        try:
+            now = {m["machine_id"]: m for m in self._mesh._call("sharedllm_state", timeout=2.0)["machines"]}
+        except Exception as exc:
+            logger.debug("watchdog: no machine table (%s)", exc)
+            return None
+        for mid, pid in getattr(self, "_servers_seen", {}).items():
+            m = now.get(mid)
+            if m is None:  # its worker restarting (a machine that is really gone breaks the engine's connection)
+                continue
+            rpc = m.get("rpc") or {}
+            if rpc.get("pid") != pid or rpc.get("state") != "ready":
+                return mid, f"lost its rpc-server ({rpc.get('state')})"
+            if rpc.get("stopped"):
+                return mid, f"has its {' and '.join(rpc['stopped'])} stopped (SIGSTOP or a debugger)"
+            if m.get("heartbeat_age", 0) > m.get("heartbeat_limit", float("inf")):
+                return mid, f"sent no heartbeat for {m['heartbeat_age']:.0f}s (frozen, or cut off from the mesh)"
+        return None
 
     def _find_lost(self) -> str | None:
         """The machine of our topology that is gone, not ready, or whose rpc-server restarted since we leased it

@@ -165,7 +165,8 @@ class Engine:
     """Client-side handle on one engine process.
 
     ``load_timeout`` bounds model loading (uploading weights to every rpc-server); ``token_timeout`` bounds the gap
-    between two streamed tokens. An rpc-server that hangs (the RPC protocol has no timeouts) is detected by them.
+    between two streamed tokens. An rpc-server that hangs (the RPC protocol has no timeouts) is detected by them, or
+    sooner by the ``watchdog`` when one is given.
     """
 
     def __init__(
@@ -176,10 +177,17 @@ class Engine:
         token_timeout: float = 120.0,
         on_progress: Callable[[float], None] | None = None,
         probe: Callable[[EngineSpec], tuple[str, str] | None] | None = None,
+        watchdog: Callable[[], tuple[str, str] | None] | None = None,
+        watch_after: float = 2.0,
     ):
         self.spec = spec
         self.load_timeout = load_timeout
         self.token_timeout = token_timeout
+        # While the child is silent for more than ``watch_after`` seconds, ``watchdog()`` is asked every second
+        # whether a machine is known to be gone or stuck: (machine, why), else None. A stopped or cut-off machine
+        # is then found in seconds instead of at ``token_timeout`` (the RPC protocol has no timeouts of its own).
+        self.watchdog = watchdog
+        self.watch_after = watch_after
         self.on_progress = on_progress
         self._probe = probe or _probe_stages
         self._lock = threading.Lock()
@@ -329,17 +337,54 @@ class Engine:
             raise self._failure("the engine stopped accepting requests") from None
 
     def _recv(self, timeout: float, during: str) -> tuple:
-        try:
-            return self._reader.read(timeout=max(timeout, 0.0))
-        except (TimeoutError, EOFError) as exc:
-            raise self._lost(exc, timeout, during) from None
+        deadline = time.monotonic() + max(timeout, 0.0)
+        for wait in self._waits(deadline):
+            try:
+                return self._reader.read(timeout=wait)
+            except TimeoutError:
+                if (lost := self._watch(deadline, timeout, during)) is not None:
+                    raise lost from None
+            except EOFError as exc:
+                raise self._lost(exc, timeout, during) from None
+        raise AssertionError("unreachable")
 
     async def _arecv(self, timeout: float, during: str) -> tuple:
-        try:
-            return await self._reader.aread(timeout=max(timeout, 0.0))
-        except (TimeoutError, EOFError) as exc:
-            # Finding the culprit probes the stages over the network: not in the event loop.
-            raise await asyncio.to_thread(self._lost, exc, timeout, during) from None
+        deadline = time.monotonic() + max(timeout, 0.0)
+        for wait in self._waits(deadline):
+            try:
+                return await self._reader.aread(timeout=wait)
+            except TimeoutError:
+                # The watchdog and the culprit's probe use the network: not in the event loop.
+                if (lost := await asyncio.to_thread(self._watch, deadline, timeout, during)) is not None:
+                    raise lost from None
+            except EOFError as exc:
+                raise await asyncio.to_thread(self._lost, exc, timeout, during) from None
+        raise AssertionError("unreachable")
+
+    def _waits(self, deadline: float) -> Iterator[float]:
+        """How long each read waits: ``watch_after`` seconds, then a second at a time with the watchdog between
+        them, up to ``deadline``; the whole time at once without a watchdog."""
+        step = self.watch_after if self.watchdog is not None else None
+        while True:
+            left = max(deadline - time.monotonic(), 0.0)
+            yield left if step is None else min(step, left)
+            step = None if step is None else 1.0
+
+    def _watch(self, deadline: float, timeout: float, during: str) -> MeshError | None:
+        """After a read that timed out: the error to raise (the deadline passed, or the watchdog names a machine
+        that is gone or stuck: the engine is killed), or None to wait on."""
+        if time.monotonic() >= deadline:
+            return self._lost(TimeoutError(), timeout, during)
+        suspect = self.watchdog() if self.watchdog is not None else None
+        if suspect is None:
+            return None
+        machine, why = suspect
+        self._kill()
+        endpoint = next((s.endpoint for s in self.spec.stages if s.machine_id == machine), None)
+        lost = WorkerLost(f"machine {machine} {why} while {during}; the session must be reloaded on the remaining "
+                          "machines", machine=machine, endpoint=endpoint)
+        lost.alive = True  # its processes may still exist (stopped, cut off): not a crash to diagnose
+        return lost
 
     def _lost(self, exc: TimeoutError | EOFError, timeout: float, during: str) -> MeshError:
         """The error for an engine that did not answer in time (killed now) or died."""

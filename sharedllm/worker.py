@@ -65,7 +65,7 @@ class MachineAgent:
         return {
             "machine_id": self.machine_id,
             "resources": res.to_dict(),
-            "rpc": sup.status.to_dict() if sup else None,
+            "rpc": sup.report() if sup else None,
             "build": self.build(),
             "labels": self.labels,
             "pid": os.getpid(),

@@ -111,6 +111,24 @@ def test_three_machines_one_killed_continues_on_the_other_two(mesh_cluster, mesh
         wait_for(lambda: machine(mesh, "machine-3") is None, what="machine-3 to leave")
 
 
+def test_a_hung_rpc_server_behind_a_timeout_is_found_by_the_probe(mesh, local_greedy, monkeypatch):
+    """Without the watchdog's evidence (a hang that is not a stopped process), ``token_timeout`` and the HELLO probe
+    still find the machine."""
+    from sharedllm.client import MeshModel
+
+    monkeypatch.setattr(MeshModel, "_suspect", lambda self: None)
+    victim = machine(mesh, "machine-2")["rpc"]
+    try:
+        with mesh.load("gemma-3-270m", n_ctx=N_CTX, machines=TWO, token_timeout=3.0) as llm:
+            text, gap = stream_with_fault(llm, lambda: os.kill(victim["pid"], signal.SIGSTOP))
+            assert text == local_greedy["completion"]
+            assert "stopped answering" in llm.recoveries[0]["reason"]
+            assert gap < 20  # token_timeout + probe + reload: bounded, not forever
+    finally:
+        os.kill(victim["pid"], signal.SIGCONT)
+    ready_again(mesh, "machine-2")
+
+
 def test_hung_rpc_server_is_detected_and_left_behind(mesh, local_greedy):
     victim = machine(mesh, "machine-2")["rpc"]
     stopped = []
@@ -120,12 +138,13 @@ def test_hung_rpc_server_is_detected_and_left_behind(mesh, local_greedy):
         stopped.append(time.perf_counter())
 
     try:
-        with mesh.load("gemma-3-270m", n_ctx=N_CTX, machines=TWO, token_timeout=3.0) as llm:
+        # Default timeouts: the machine's heartbeat says its rpc-server is stopped, the watchdog acts on it.
+        with mesh.load("gemma-3-270m", n_ctx=N_CTX, machines=TWO) as llm:
             text, gap = stream_with_fault(llm, hang)
             assert text == local_greedy["completion"]
             assert llm.recoveries[0]["lost"] == "machine-2"
-            assert "stopped answering" in llm.recoveries[0]["reason"]
-            assert gap < 20  # token_timeout + probe + reload: bounded, not forever
+            assert "rpc-server stopped" in llm.recoveries[0]["reason"]
+            assert gap < 10  # found in seconds, not at token_timeout (60 s)
     finally:
         if stopped:
             os.kill(victim["pid"], signal.SIGCONT)
