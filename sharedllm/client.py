@@ -675,9 +675,31 @@ class MeshModel:
             kwargs["seed"] = random.randrange(2**31)
         return bool(kwargs.pop("stream", False)), kwargs.pop("on_accepted", None)
 
+    def _admit(self) -> None:
+        """The scheduler's admission of a request (``RateLimited`` over the client's limits). While the scheduler is
+        away (the Dask client reconnecting) the request goes ahead on the lease this handle holds: the machines still
+        serve it, and a restarted scheduler counts what it generated once it is back."""
+        if not self._mesh._reachable():
+            logger.info("the scheduler is away: request admitted on this handle's lease %s", self.session_id)
+            return
+        try:
+            self._mesh._call("sharedllm_request", session_id=self.session_id)
+        except SchedulerUnreachable as exc:
+            logger.warning("request admitted on lease %s without the scheduler: %s", self.session_id, exc)
+
+    async def _aadmit(self) -> None:
+        """``_admit`` for asyncio."""
+        if not self._mesh._reachable():
+            logger.info("the scheduler is away: request admitted on this handle's lease %s", self.session_id)
+            return
+        try:
+            await self._mesh._acall("sharedllm_request", session_id=self.session_id)
+        except SchedulerUnreachable as exc:
+            logger.warning("request admitted on lease %s without the scheduler: %s", self.session_id, exc)
+
     def _run(self, method: str, kwargs: dict) -> dict | Iterator[dict]:
         self._check_usable()
-        self._mesh._call("sharedllm_request", session_id=self.session_id)  # RateLimited when over the limits
+        self._admit()
         stream, on_accepted = self._prepare(kwargs)
         if stream:
             return self._stream(method, kwargs, on_accepted)
@@ -794,7 +816,7 @@ class MeshModel:
 
     async def _arun(self, method: str, kwargs: dict) -> dict | AsyncIterator[dict]:
         self._check_usable()
-        await self._mesh._acall("sharedllm_request", session_id=self.session_id)  # RateLimited when over the limits
+        await self._aadmit()
         stream, on_accepted = self._prepare(kwargs)
         if stream:
             return self._astream(method, kwargs, on_accepted)
