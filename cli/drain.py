@@ -1,5 +1,6 @@
 # SPDX-License-Identifier: AGPL-3.0-or-later
-"""``sharedllm drain MACHINE``: stop new sessions on a machine, wait for its sessions to end, say it can go."""
+"""``sharedllm drain MACHINE``: stop new sessions on a machine, wait for its sessions to leave (each moves to other
+machines at its next request), say it can go."""
 
 from __future__ import annotations
 
@@ -32,8 +33,8 @@ def drain(machine: str, scheduler: str, timeout: float, undo: bool) -> None:
         deadline = time.monotonic() + timeout
         out = mesh._call("sharedllm_drain", machine=machine)
         if out["sessions"]:
-            click.echo(f"{machine} is draining; waiting for {len(out['sessions'])} session(s): "
-                       f"{', '.join(out['sessions'])}", err=True)
+            click.echo(f"{machine} is draining; waiting for {len(out['sessions'])} session(s) to move off it (at their "
+                       f"next request) or end: {', '.join(out['sessions'])}", err=True)
         while out["sessions"]:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"{machine} still serves {len(out['sessions'])} session(s) after {timeout:.0f}s; "

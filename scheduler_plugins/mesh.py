@@ -314,8 +314,10 @@ class MeshPlugin(SchedulerPlugin):
             self._task.cancel()
         for t in self._pending.values():
             t.cancel()
+        # The machines' rpc-servers and relays are not stopped: their sessions go on while the scheduler restarts
+        # (an upgrade), and their workers leave them to the next ones (sharedllm.dataplane).
         for rec in list(self.actors.values()):
-            await self._stop_actor(rec, timeout=5)
+            self._release(rec)
         self.actors.clear()
         if self._client is not None:
             with contextlib.suppress(Exception):
@@ -518,12 +520,6 @@ class MeshPlugin(SchedulerPlugin):
             with contextlib.suppress(Exception):
                 rec.future.release()
 
-    async def _stop_actor(self, rec: ActorRecord, timeout: float) -> None:
-        if rec.actor is not None and rec.worker in self.scheduler.workers:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(rec.actor.stop(), timeout)
-        self._release(rec)
-
     # --- handlers ----------------------------------------------------------------------------------------------
 
     async def handle_state(self) -> dict:
@@ -598,7 +594,7 @@ class MeshPlugin(SchedulerPlugin):
         if sess is None:
             return None
         revokes = []
-        if reason == "closed":
+        if reason == "closed" or reason.startswith("moved"):
             self.trust.served(sess.machines, sess.tokens)
         for machine in sess.machines:  # its weights went through this machine's tensor cache
             self.warm.setdefault(machine, {})[sess.model] = time.time()
@@ -659,6 +655,7 @@ class MeshPlugin(SchedulerPlugin):
         exclude: list[str] | None = None,
         build: dict | None = None,
         free_only: bool = False,
+        replaces: str | None = None,
         privacy: str = "any",
         min_trust: float | None = None,
         labels: dict | None = None,
@@ -692,7 +689,7 @@ class MeshPlugin(SchedulerPlugin):
                              f"{', '.join(skipped)}; it is not placed elsewhere")
         state = qualified
         if free_only:
-            leased = self.leased_machines()
+            leased = self.leased_machines(but=replaces)
             skipped += [f"{m['machine_id']} (leased)" for m in state if m["machine_id"] in leased]
             skipped += [f"{m['machine_id']} (draining)" for m in state if m["machine_id"] in self.draining]
             state = [m for m in state if m["machine_id"] not in leased and m["machine_id"] not in self.draining]
@@ -719,8 +716,9 @@ class MeshPlugin(SchedulerPlugin):
 
     # --- leases ------------------------------------------------------------------------------------------------
 
-    def leased_machines(self) -> set[str]:
-        return {m for sess in self.sessions.values() for m in sess.machines}
+    def leased_machines(self, but: str | None = None) -> set[str]:
+        """The machines some session holds (``but``: leaving that session out)."""
+        return {m for sid, sess in self.sessions.items() if sid != but for m in sess.machines}
 
     async def handle_acquire(
         self,
@@ -728,22 +726,30 @@ class MeshPlugin(SchedulerPlugin):
         model: str = "",
         client: str = "",
         wait_timeout: float = 60.0,
+        replaces: str | None = None,
         **plan_kwargs,
     ) -> dict:
         """Plan over free machines and lease them to a new session, atomically. When the model would fit but the
-        machines it needs are leased, wait in a FIFO queue for a release, up to ``wait_timeout`` seconds."""
-        self._check_rate(client, new_lease=True)
+        machines it needs are leased, wait in a FIFO queue for a release, up to ``wait_timeout`` seconds.
+
+        ``replaces``: a session of the same client that the new one takes over (its machines count as free, it ends
+        when the new one opens): how a client moves off machines that drain, with no gap in its lease."""
+        if replaces is not None and (self.sessions.get(replaces) or Session("", "", "", {})).client != client:
+            raise MeshError(f"session {replaces} is not open for client {client}; load the model again")
+        self._check_rate(client, new_lease=replaces is None)
         deadline = time.monotonic() + wait_timeout
         first = True
         err: Exception | None = None
         while True:
             if not (first and self._waiters):  # someone queued before us: keep FIFO order
                 try:
-                    topo = self._plan(estimate, free_only=True, **plan_kwargs)
+                    topo = self._plan(estimate, free_only=True, replaces=replaces, **plan_kwargs)
                 except MeshError as exc:
                     err = exc
                     self._plan(estimate, **plan_kwargs)  # raises when the model cannot fit even on an idle mesh
                 else:
+                    if replaces is not None:
+                        self._close_session(replaces, "moved to other machines: its machines drain")
                     return await self._open_session(model, topo, client)
             first = False
             left = deadline - time.monotonic()
@@ -776,13 +782,14 @@ class MeshPlugin(SchedulerPlugin):
             raise RateLimited(f"{why}; retry in {math.ceil(retry)}s", retry_after=retry)
 
     async def handle_request(self, session_id: str) -> dict:
-        """Called by a client before each generation request: the per-client rate limits."""
+        """Called by a client before each generation request: the per-client rate limits. ``draining``: machines of
+        the session that drain, which the client should move off between two requests."""
         sess = self.sessions.get(session_id)
         if sess is None:
             raise MeshError(f"session {session_id} is not open (its lease expired?); load the model again")
         self._reclaim(sess)
         self._check_rate(sess.client)
-        return {"status": "OK"}
+        return {"status": "OK", "draining": [m for m in sess.machines if m in self.draining]}
 
     def _guard_registration(self, scheduler) -> None:
         # SchedulerPlugin.add_worker cannot refuse a worker; wrapping the handler can (see NOTES).

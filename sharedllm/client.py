@@ -431,6 +431,7 @@ class MeshModel:
     """
 
     REPORT_EVERY = 2.0  # seconds between throughput reports to the scheduler during a long stream
+    MOVE_RETRY = 30.0  # seconds before a session that could not move off draining machines tries again
 
     def __init__(
         self,
@@ -468,20 +469,25 @@ class MeshModel:
         self._closed = False
         self._lease_relays: dict[str, dict] = {}
         self._reports = _Reports()
+        self._move_retry_at = 0.0
+        self._servers_seen: dict[str, int | None] = {}
 
     # --- lifecycle ---------------------------------------------------------------------------------------------
 
-    def _open(self) -> None:
-        """Lease a topology (excluding machines lost earlier), check every server answers, start the engine."""
+    def _open(self, replaces: str | None = None, wait_timeout: float | None = None) -> None:
+        """Lease a topology (excluding machines lost earlier), check every server answers, start the engine.
+
+        ``replaces``: this handle's session, which the new one takes over (see ``_move_off``)."""
         from sharedllm.ggml import build_info
 
         t0 = time.perf_counter()
         name = os.path.basename(str(self.path))
+        wait_timeout = self._wait_timeout if wait_timeout is None else wait_timeout
         d = self._mesh._call(
             "sharedllm_acquire",
             estimate=self.estimate.to_dict(), model=name, client=getattr(self._mesh.client, "id", ""),
-            wait_timeout=self._wait_timeout, exclude=self._excluded or None, build=build_info(), **self._plan_kwargs,
-            timeout=self._wait_timeout + self._mesh.timeout,  # the scheduler may queue us for wait_timeout
+            wait_timeout=wait_timeout, exclude=self._excluded or None, build=build_info(), replaces=replaces,
+            **self._plan_kwargs, timeout=wait_timeout + self._mesh.timeout,  # the scheduler may queue us
         )
         self.plan_ms = (time.perf_counter() - t0) * 1000
         self.session_id = d["session_id"]
@@ -555,9 +561,11 @@ class MeshModel:
         try:
             self._open()
         except (ModelTooLarge, NoMachines, MeshBusy) as err:
-            raise type(err)(
-                f"lost machine {lost or '?'} ({exc}); the remaining mesh cannot take over: {err}"
-            ) from err
+            self._failed = type(err)(f"lost machine {lost or '?'} ({exc}); the remaining mesh cannot take over: {err}")
+            raise self._failed from err
+        except BaseException as err:  # the handle has no engine now: later requests say so instead of crashing
+            self._failed = err
+            raise
         self.recoveries.append({"lost": lost, "reason": str(exc), "seconds": time.perf_counter() - t0,
                                 "machines": self.topology.machines})
         self._mesh._report("sharedllm_session_report", session_id=self.session_id, tokens=0, seconds=0.0,
@@ -572,13 +580,13 @@ class MeshModel:
         from sharedllm.actor import model_fault
 
         deadline = time.monotonic() + settle
-        while True:
+        while self._mesh._reachable():  # the scheduler away: nothing to learn (and no recovery without it either)
             try:
                 now = {m["machine_id"]: m.get("rpc") or {} for m in self._mesh.machines()}
             except MeshError:
                 return None
             unsettled = False
-            for mid, pid in getattr(self, "_servers_seen", {}).items():
+            for mid, pid in self._servers_seen.items():
                 rpc = now.get(mid) or {}
                 last = rpc.get("last_exit") or {}
                 if pid is not None and last.get("pid") == pid:
@@ -589,6 +597,7 @@ class MeshModel:
             if not unsettled or time.monotonic() > deadline:
                 return None
             time.sleep(0.1)
+        return None
 
     def _suspect(self) -> tuple[str, str] | None:
         """The engine's watchdog, asked while a request waits on the mesh for seconds: (machine, why) when a machine
@@ -601,13 +610,15 @@ class MeshModel:
         except Exception as exc:
             logger.debug("watchdog: no machine table (%s)", exc)
             return None
-        for mid, pid in getattr(self, "_servers_seen", {}).items():
+        for mid, pid in self._servers_seen.items():
             m = now.get(mid)
             if m is None:  # its worker restarting (a machine that is really gone breaks the engine's connection)
                 continue
             rpc = m.get("rpc") or {}
-            if rpc.get("pid") != pid or rpc.get("state") != "ready":
-                return mid, f"lost its rpc-server ({rpc.get('state')})"
+            # Not a mere "starting": a new worker of the machine may be adopting the server.
+            exited = (rpc.get("last_exit") or {}).get("pid") == pid
+            if exited or (rpc.get("state") == "ready" and rpc.get("pid") != pid):
+                return mid, "lost its rpc-server (it exited)"
             if rpc.get("stopped"):
                 return mid, f"has its {' and '.join(rpc['stopped'])} stopped (SIGSTOP or a debugger)"
             if m.get("heartbeat_age", 0) > m.get("heartbeat_limit", float("inf")):
@@ -621,7 +632,7 @@ class MeshModel:
             now = {m["machine_id"]: m.get("rpc") or {} for m in self._mesh.machines()}
         except MeshError:
             return None
-        for mid, pid in getattr(self, "_servers_seen", {}).items():
+        for mid, pid in self._servers_seen.items():
             rpc = now.get(mid)
             if rpc is None or rpc.get("state") != "ready" or rpc.get("pid") != pid:
                 return mid
@@ -683,9 +694,12 @@ class MeshModel:
             logger.info("the scheduler is away: request admitted on this handle's lease %s", self.session_id)
             return
         try:
-            self._mesh._call("sharedllm_request", session_id=self.session_id)
+            answer = self._mesh._call("sharedllm_request", session_id=self.session_id)
         except SchedulerUnreachable as exc:
             logger.warning("request admitted on lease %s without the scheduler: %s", self.session_id, exc)
+            return
+        if answer.get("draining"):
+            self._move_off(answer["draining"])
 
     async def _aadmit(self) -> None:
         """``_admit`` for asyncio."""
@@ -693,9 +707,37 @@ class MeshModel:
             logger.info("the scheduler is away: request admitted on this handle's lease %s", self.session_id)
             return
         try:
-            await self._mesh._acall("sharedllm_request", session_id=self.session_id)
+            answer = await self._mesh._acall("sharedllm_request", session_id=self.session_id)
         except SchedulerUnreachable as exc:
             logger.warning("request admitted on lease %s without the scheduler: %s", self.session_id, exc)
+            return
+        if answer.get("draining"):
+            await _to_the_end(asyncio.to_thread(self._move_off, answer["draining"]))
+
+    def _move_off(self, draining: list[str]) -> None:
+        """Some machines of this session drain (their operator takes them out, to upgrade them): between two
+        requests, lease a topology without them, taking this session's other machines over, and load the model
+        there; nothing is replayed, nothing fails. When the rest of the mesh cannot take the model now, stay (and
+        ask again in ``MOVE_RETRY`` seconds): the drain waits for this session."""
+        if time.monotonic() < self._move_retry_at:
+            return
+        old = self._engine, self.session_id, self.topology, self._servers_seen, self._lease_relays
+        self._engine = None
+        try:
+            self._open(replaces=self.session_id, wait_timeout=0)
+        except (MeshBusy, NoMachines, ModelTooLarge) as exc:  # the old session holds on
+            self._engine, self.session_id, self.topology, self._servers_seen, self._lease_relays = old
+            self._move_retry_at = time.monotonic() + self.MOVE_RETRY
+            logger.warning("cannot move %s off draining machine(s) %s now: %s", self.path.name, ", ".join(draining),
+                           exc)
+            return
+        except BaseException as exc:
+            old[0].close()  # the scheduler ended the old session for the new one, which failed to load
+            self._failed = exc
+            raise
+        old[0].close()
+        logger.info("moved %s off draining machine(s) %s: now on %s", self.path.name, ", ".join(draining),
+                    ", ".join(self.topology.machines))
 
     def _run(self, method: str, kwargs: dict) -> dict | Iterator[dict]:
         self._check_usable()
@@ -707,13 +749,8 @@ class MeshModel:
             t0 = time.perf_counter()
             try:
                 out = self._engine.call(method, kwargs)
-            except InvalidModel as exc:
-                self._failed = exc
-                raise
-            except EngineError as exc:
-                if not self._recoverable(exc, attempt):
-                    self._failed = exc
-                    raise
+            except (EngineError, InvalidModel) as exc:
+                self._give_up_unless_recoverable(exc, attempt)
                 self._recover(exc, attempt)
                 continue
             tokens = (out.get("usage") or {}).get("completion_tokens", 0)
@@ -772,6 +809,13 @@ class MeshModel:
         finally:
             await self._astats(*delivery.report(), done=True)
 
+    def _give_up_unless_recoverable(self, exc: EngineError | InvalidModel, attempt: int) -> None:
+        """After a failed attempt of a non-streamed request: raise ``exc`` (the handle has failed) unless a recovery
+        can replay the request (a model that made llama.cpp abort cannot be replayed anywhere)."""
+        if isinstance(exc, InvalidModel) or not self._recoverable(exc, attempt):
+            self._failed = exc
+            raise exc
+
     def _recoverable(self, exc: EngineError, attempt: int) -> bool:
         # A diverged replay would diverge again, and a closed handle stays closed: the request is over.
         return (attempt < self.max_recoveries and not self._closed and not isinstance(exc, ModelClosed)
@@ -825,13 +869,8 @@ class MeshModel:
             t0 = time.perf_counter()
             try:
                 out = await self._engine.acall(method, kwargs)
-            except InvalidModel as exc:
-                self._failed = exc
-                raise
-            except EngineError as exc:
-                if not self._recoverable(exc, attempt):
-                    self._failed = exc
-                    raise
+            except (EngineError, InvalidModel) as exc:
+                self._give_up_unless_recoverable(exc, attempt)
                 await _to_the_end(asyncio.to_thread(self._recover, exc, attempt))
                 continue
             tokens = (out.get("usage") or {}).get("completion_tokens", 0)

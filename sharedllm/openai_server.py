@@ -1059,7 +1059,8 @@ def listen_socket(host: str, port: int) -> socket.socket:
 
     It is made with ``IPPROTO_TCP`` and ``TCP_NODELAY``: asyncio disables Nagle's algorithm only on connections of
     sockets that name their protocol, and with it on, each server-sent event after the headers would wait for the
-    client's delayed ACK (40 ms on Linux).
+    client's delayed ACK (40 ms on Linux). It listens at once: a client that connects before the server has started
+    (``sharedllm serve`` prints its URL first) waits in the backlog instead of being refused.
     """
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
@@ -1067,6 +1068,7 @@ def listen_socket(host: str, port: int) -> socket.socket:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.bind((host.strip("[]"), port))
+        sock.listen(2048)  # uvicorn's default backlog; it listens again with its own when it starts
     except OSError:
         sock.close()
         raise

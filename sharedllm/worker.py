@@ -82,9 +82,10 @@ class MachineAgent:
             await self.supervisor.stop()
 
 
-# Why a Dask worker closes when its scheduler is gone (distributed/worker.py): the machine's data plane stays up.
+# Why a Dask worker closes when its scheduler is gone, killed or stopped (distributed/worker.py, and the close a
+# scheduler sends its workers when it shuts down): the machine's data plane stays up for the next worker.
 SCHEDULER_LOST = frozenset({"worker-handle-scheduler-connection-broken", "worker-heartbeat-missing",
-                            "worker-heartbeat-error"})
+                            "worker-heartbeat-error", "scheduler-close"})
 
 
 def default_state_dir(worker, machine_id: str) -> Path:
@@ -168,7 +169,8 @@ class MachineReporter(WorkerPlugin):
 
 
 def _note_close_reason(worker, agent: MachineAgent) -> None:
-    # Dask tells plugins nothing about why a worker closes; its close() takes the reason.
+    # Dask tells plugins nothing about why a worker closes; its close() takes the reason. It is called as an
+    # attribute, and as the handler of the scheduler's "close" message (bound when the worker was made).
     original = worker.close
 
     async def close(*args, **kwargs):
@@ -176,6 +178,9 @@ def _note_close_reason(worker, agent: MachineAgent) -> None:
         return await original(*args, **kwargs)
 
     worker.close = close
+    for handlers in (worker.stream_handlers, worker.handlers):
+        if handlers.get("close") == original:
+            handlers["close"] = close
 
 
 @click.command()

@@ -122,3 +122,68 @@ def test_generations_outlive_a_scheduler_kill(local_greedy, tmp_path):
         assert ended["reason"] == "closed" and ended["tokens"] == 128 and ended["requests"] == 2
         with mesh.load("gemma-3-270m", n_ctx=N_CTX, machines=TWO) as fresh:
             assert fresh.create_completion(PROMPT, max_tokens=64, temperature=0)["choices"][0]["text"] == text
+
+
+def test_a_rolling_upgrade_fails_no_request(tmp_path):
+    """The documented procedure, with requests running all along: drain each machine (the session moves off it
+    between two requests), stop it, start it again, undrain; then restart the scheduler. No request fails, every
+    text equals the one before the upgrade."""
+    import threading
+
+    from sharedllm.local import LocalMesh
+
+    three = [*TWO, "machine-3"]
+    with LocalMesh(machines=3, dashboard=False, state_path=tmp_path / "state.sqlite", persist_interval=0.5) as lm:
+        mesh = lm.mesh()
+        llm = mesh.load("gemma-3-270m", n_ctx=N_CTX, machines=three, strategy="pack")  # room to move: one machine
+        reference = llm.create_completion(PROMPT, max_tokens=24, temperature=0)["choices"][0]["text"]
+        results: list = []
+        stop = threading.Event()
+
+        def requests() -> None:
+            while not stop.is_set():
+                stream = len(results) % 2 == 0
+                try:
+                    if stream:
+                        text = "".join(c["choices"][0]["text"] for c in llm.create_completion(
+                            PROMPT, max_tokens=24, temperature=0, stream=True))
+                    else:
+                        text = llm.create_completion(PROMPT, max_tokens=24, temperature=0)["choices"][0]["text"]
+                    results.append(text)
+                except Exception as exc:
+                    results.append(exc)
+
+        worker = threading.Thread(target=requests, name="requests-during-the-upgrade")
+        worker.start()
+        try:
+            for mid in three:
+                mesh._call("sharedllm_drain", machine=mid)
+                wait_for(lambda mid=mid: not any(mid in s["machines"] for s in mesh.state()["sessions"]),
+                         timeout=120, what=f"the session to move off {mid}")
+                lm.stop_machine(mid)  # systemctl stop: its worker stops its rpc-server and relay
+                before = len(results)
+                wait_for(lambda before=before: len(results) > before, timeout=120,
+                         what=f"a request served while {mid} is down")
+                lm._stopped.discard(mid)
+                lm.supervise()  # systemctl start (the upgraded release)
+                wait_for(lambda mid=mid: (m := machine(mesh, mid)) and m["rpc"]["state"] == "ready"
+                         and m["rpc"].get("relay"), timeout=120, what=f"{mid} to serve again")
+                mesh._call("sharedllm_drain", machine=mid, undrain=True)
+            # The scheduler last: a graceful restart with its state file (the workers leave their data planes up).
+            served = len(results)
+            lm.scheduler.popen.send_signal(signal.SIGTERM)
+            lm.scheduler.popen.wait(timeout=60)
+            wait_for(lambda: all(w.popen.poll() is not None for w in lm.workers), timeout=60,
+                     what="the workers to leave with their scheduler")
+            lm.supervise()
+            wait_for(lambda: len(results) >= served + 3, timeout=120, what="requests after the scheduler's restart")
+        finally:
+            stop.set()
+            worker.join(timeout=120)
+        failed = [r for r in results if isinstance(r, Exception)]
+        assert not failed, failed
+        assert served >= 3 and all(r == reference for r in results)
+        moved = [s for s in mesh.state()["recent_sessions"] if s["reason"].startswith("moved")]
+        assert moved, "the session never had to move off a draining machine"
+        assert llm.recoveries == []  # it moved between requests: nothing failed, nothing was replayed
+        llm.close()
