@@ -307,6 +307,11 @@ class RPCServerSupervisor:
         info = read_json(self._server_file)
         if not info or not info.get("protocol") or not process_runs(info.get("pid"), "sharedllm.rpc_server"):
             return False
+        if info.get("python") != sys.executable:  # another installation's (another release, another mesh)
+            logger.warning("machine %s: the running rpc-server (pid %d) belongs to %s, not to this installation; "
+                           "replacing it", self.config.machine_id, info["pid"], info.get("python") or "an older one")
+            await _terminate(_Process(info["pid"]), grace=5.0)
+            return False
         endpoint = info["endpoint"]
         proc = _Process(info["pid"])
         if not await asyncio.to_thread(_listens, endpoint):
@@ -413,6 +418,8 @@ class RPCServerSupervisor:
         """The relay an earlier supervisor left running in front of ``endpoint`` with this relay key, if any."""
         info = read_json(self._relay_file)
         if not info or not process_runs(info.get("pid"), "sharedllm.relay") or info.get("target") != endpoint:
+            return None
+        if info.get("python") != sys.executable:  # another installation's relay: replaced
             return None
         try:
             same_key = (self.workdir / "relay.key").read_text().strip() == self._relay_key.hex()

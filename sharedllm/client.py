@@ -432,6 +432,7 @@ class MeshModel:
 
     REPORT_EVERY = 2.0  # seconds between throughput reports to the scheduler during a long stream
     MOVE_RETRY = 30.0  # seconds before a session that could not move off draining machines tries again
+    EXCLUDE_FOR = 60.0  # seconds a machine this handle lost is left out of its new leases
 
     def __init__(
         self,
@@ -458,7 +459,7 @@ class MeshModel:
         self.max_recoveries = max_recoveries
         self._on_progress = on_progress
         self._engine: Engine | None = None
-        self._excluded: list[str] = []
+        self._lost_at: dict[str, float] = {}  # machine -> when this handle lost it (see _excluded)
         self.topology: Topology | None = None
         self.session_id: str | None = None
         self.plan_ms = 0.0
@@ -486,7 +487,7 @@ class MeshModel:
         d = self._mesh._call(
             "sharedllm_acquire",
             estimate=self.estimate.to_dict(), model=name, client=getattr(self._mesh.client, "id", ""),
-            wait_timeout=wait_timeout, exclude=self._excluded or None, build=build_info(), replaces=replaces,
+            wait_timeout=wait_timeout, exclude=self._excluded() or None, build=build_info(), replaces=replaces,
             **self._plan_kwargs, timeout=wait_timeout + self._mesh.timeout,  # the scheduler may queue us
         )
         self.plan_ms = (time.perf_counter() - t0) * 1000
@@ -553,8 +554,8 @@ class MeshModel:
             raise err from exc
         lost = getattr(exc, "machine", None) or self._find_lost()
         self._release(f"failed: {exc}")
-        if lost and lost not in self._excluded:
-            self._excluded.append(lost)
+        if lost:
+            self._lost_at[lost] = time.monotonic()
         time.sleep(min(0.25 * 2**attempt, 4.0))  # backoff: the mesh may still be noticing the loss
         logger.warning("recovering %s after: %s (attempt %d of %d)", self.path.name, exc, attempt + 1,
                        self.max_recoveries)
@@ -624,6 +625,13 @@ class MeshModel:
             if m.get("heartbeat_age", 0) > m.get("heartbeat_limit", float("inf")):
                 return mid, f"sent no heartbeat for {m['heartbeat_age']:.0f}s (frozen, or cut off from the mesh)"
         return None
+
+    def _excluded(self) -> list[str]:
+        """The machines a new lease leaves out: those this handle lost in the last ``EXCLUDE_FOR`` seconds. Not for
+        ever: a machine that comes back (its supervisor restarted it, or its owner did) is good again, and a handle
+        that excluded every machine it ever lost would, after a few losses, have nowhere left to go."""
+        now = time.monotonic()
+        return [m for m, t in self._lost_at.items() if now - t < self.EXCLUDE_FOR]
 
     def _find_lost(self) -> str | None:
         """The machine of our topology that is gone, not ready, or whose rpc-server restarted since we leased it

@@ -52,6 +52,20 @@ def _kill_group(pid: int, sig: int) -> None:
         os.killpg(pid, sig)
 
 
+def _stop(p: _Proc, sig: int) -> None:
+    """SIGTERM to the process alone (its children are its own to stop), SIGKILL to its whole group; wait for it."""
+    if sig == signal.SIGKILL:
+        _kill_group(p.popen.pid, sig)
+    else:
+        with contextlib.suppress(ProcessLookupError):
+            p.popen.send_signal(sig)
+    try:
+        p.popen.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        _kill_group(p.popen.pid, signal.SIGKILL)
+        p.popen.wait(timeout=30)
+
+
 def _read_json(path: Path) -> dict | None:
     """The JSON object in ``path``, or None while the file is missing, empty or half-written."""
     try:
@@ -243,14 +257,13 @@ class LocalMesh:
         return [proc]
 
     def stop_machine(self, machine_id: str, sig: int = signal.SIGTERM) -> None:
-        """Stop every process of an emulated machine: its ``dask worker`` processes (SIGTERM: they stop its
-        rpc-server and relay), and with SIGKILL (a crash of the whole machine) its rpc-server and relay too."""
+        """Stop an emulated machine. SIGTERM: as ``systemctl stop`` of its worker service does (``KillMode=process``,
+        see the README), to the ``dask worker`` process alone, which closes its worker, which stops the machine's
+        rpc-server and relay. SIGKILL (a power cut): every process of the machine, its rpc-server and relay too."""
         self._stopped.add(machine_id)
         for p in self.workers:
             if p.machine_id == machine_id and p.popen.poll() is None:
-                _kill_group(p.popen.pid, sig)
-                with contextlib.suppress(subprocess.TimeoutExpired):
-                    p.popen.wait(timeout=30)
+                _stop(p, sig)
         if sig == signal.SIGKILL:
             for d in _state_dirs(self.workdir, machine_id):
                 kill_recorded(d, sig)
@@ -282,8 +295,9 @@ class LocalMesh:
             with contextlib.suppress(Exception):
                 self._client.close(timeout=10)
             self._client = None
-        for p in self.workers:
-            _kill_group(p.popen.pid, signal.SIGTERM)
+        for p in self.workers:  # as `systemctl stop`: each worker stops its machine's rpc-server and relay
+            with contextlib.suppress(ProcessLookupError):
+                p.popen.send_signal(signal.SIGTERM)
         for p in self.workers:
             try:
                 p.popen.wait(timeout=20)

@@ -957,7 +957,7 @@ def main(argv: list[str] | None = None) -> int:
         relay.set_lease(args.lease)
         relay.start()
         ready = {"endpoint": relay.endpoint, "fingerprint": relay.fingerprint, "pid": os.getpid(),
-                 "target": args.target, "control": args.control_socket}
+                 "target": args.target, "control": args.control_socket, "python": sys.executable}
         if args.control_socket:
             threading.Thread(target=_control_socket, args=(relay, args.control_socket, stop), daemon=True).start()
         if args.ready_file:

@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
                     d.memory_free >> 20)
     logger.info("rpc-server listening on %s with %d threads, cache %s", endpoint, args.threads, args.cache_dir or "off")
     ready = {"endpoint": endpoint, "pid": os.getpid(), "threads": args.threads,
-             "devices": [d.to_dict() for d in served], "log_offset": _stderr_offset()}
+             "devices": [d.to_dict() for d in served], "log_offset": _stderr_offset(), "python": sys.executable}
     if args.ready_file:
         from sharedllm.dataplane import write_json
 

@@ -73,6 +73,24 @@ def test_kill_rpc_server_mid_stream_the_stream_goes_on(mesh, local_greedy, api):
     ready_again(mesh, "machine-2", victim["pid"])
 
 
+def test_a_lost_machine_that_came_back_takes_the_session_again(mesh, local_greedy, monkeypatch):
+    """Lost machines are left out of new leases for a while, not for ever: after each of the two machines was lost
+    once, the session still has somewhere to go (found by the soak)."""
+    from sharedllm.client import MeshModel
+
+    monkeypatch.setattr(MeshModel, "EXCLUDE_FOR", 0.0)  # forget each loss at once (60 s in production)
+    with mesh.load("gemma-3-270m", n_ctx=N_CTX, machines=TWO) as llm:
+        first = machine(mesh, "machine-2")["rpc"]["pid"]
+        text, _ = stream_with_fault(llm, lambda: os.kill(first, signal.SIGKILL))
+        assert text == local_greedy["completion"] and llm.topology.machines == ["machine-1"]
+        ready_again(mesh, "machine-2", first)
+        second = machine(mesh, "machine-1")["rpc"]["pid"]
+        text, _ = stream_with_fault(llm, lambda: os.kill(second, signal.SIGKILL))
+        assert text == local_greedy["completion"] and llm.topology.machines == ["machine-2"]
+        assert [r["lost"] for r in llm.recoveries] == ["machine-2", "machine-1"]
+    ready_again(mesh, "machine-1", second)
+
+
 def test_kill_worker_holding_the_actor_mid_stream(mesh_cluster, mesh, local_greedy):
     client = mesh_cluster.client()
     m2 = machine(mesh, "machine-2")

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from sharedllm.dataplane import kill_recorded
 from tests.conftest import PROMPT
 
 pytestmark = pytest.mark.mesh
@@ -78,7 +79,7 @@ def test_documented_dask_commands_with_preloads(tmp_path):
     try:
         time.sleep(1.0)
         procs.append(subprocess.Popen([str(BIN / "dask"), "worker", addr, "--host", "127.0.0.1", "--nworkers", "2",
-                                       "--preload", "sharedllm.worker"],
+                                       "--local-directory", str(tmp_path / "worker"), "--preload", "sharedllm.worker"],
                                       stdout=subprocess.DEVNULL, stderr=open(tmp_path / "w.log", "wb"), env=env,
                                       start_new_session=True))
         deadline = time.monotonic() + 90
@@ -91,13 +92,16 @@ def test_documented_dask_commands_with_preloads(tmp_path):
             time.sleep(0.5)
         assert [m["machine_id"] for m in machines] == ["cli-box"]  # --nworkers 2 on one host: one machine
     finally:
+        # The worker first, and to its end, as `systemctl stop` does (to the `dask worker` process alone): a worker
+        # told to stop stops its machine's rpc-server and relay (one that loses its scheduler leaves them serving).
         for p in reversed(procs):
-            os.killpg(p.pid, signal.SIGTERM)
-        for p in procs:
+            os.kill(p.pid, signal.SIGTERM)
             try:
                 p.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 os.killpg(p.pid, signal.SIGKILL)
+        for state_dir in (tmp_path / "worker").glob("*/sharedllm-cli-box"):
+            assert not kill_recorded(state_dir, signal.SIGKILL), "the stopped worker left its rpc-server or relay"
 
 
 def test_up_starts_and_stops_an_embedded_mesh(tmp_path):

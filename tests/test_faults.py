@@ -160,14 +160,16 @@ def test_a_rolling_upgrade_fails_no_request(tmp_path):
                 mesh._call("sharedllm_drain", machine=mid)
                 wait_for(lambda mid=mid: not any(mid in s["machines"] for s in mesh.state()["sessions"]),
                          timeout=120, what=f"the session to move off {mid}")
+                server = machine(mesh, mid)["rpc"]["pid"]
                 lm.stop_machine(mid)  # systemctl stop: its worker stops its rpc-server and relay
                 before = len(results)
                 wait_for(lambda before=before: len(results) > before, timeout=120,
                          what=f"a request served while {mid} is down")
                 lm._stopped.discard(mid)
                 lm.supervise()  # systemctl start (the upgraded release)
-                wait_for(lambda mid=mid: (m := machine(mesh, mid)) and m["rpc"]["state"] == "ready"
-                         and m["rpc"].get("relay"), timeout=120, what=f"{mid} to serve again")
+                back = wait_for(lambda mid=mid: (m := machine(mesh, mid)) and m["rpc"]["state"] == "ready"
+                                and m["rpc"].get("relay") and m, timeout=120, what=f"{mid} to serve again")
+                assert back["rpc"]["pid"] != server  # a new rpc-server (of the upgraded release), not the old one
                 mesh._call("sharedllm_drain", machine=mid, undrain=True)
             # The scheduler last: a graceful restart with its state file (the workers leave their data planes up).
             served = len(results)
