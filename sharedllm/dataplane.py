@@ -94,11 +94,28 @@ def watch_alive_file(path: str | os.PathLike, timeout: float, on_orphan, interva
     return thread
 
 
+_RECORDS = (("rpc-server.json", "sharedllm.rpc_server"), ("relay.json", "sharedllm.relay"))
+
+
+def recorded(state_dir: str | os.PathLike) -> list[tuple[int, str]]:
+    """(pid, module) of the data-plane processes recorded in ``state_dir``."""
+    out = []
+    for name, module in _RECORDS:
+        pid = (read_json(Path(state_dir) / name) or {}).get("pid")
+        if pid:
+            out.append((pid, module))
+    return out
+
+
 def kill_recorded(state_dir: str | os.PathLike, sig: int) -> list[int]:
     """Send ``sig`` to the data-plane processes recorded in ``state_dir`` that still run; their pids."""
+    return kill_running(recorded(state_dir), sig)
+
+
+def kill_running(processes: list[tuple[int, str]], sig: int) -> list[int]:
+    """Send ``sig`` to those of ``processes`` ((pid, module) pairs) that still run them; their pids."""
     killed = []
-    for name, module in (("rpc-server.json", "sharedllm.rpc_server"), ("relay.json", "sharedllm.relay")):
-        pid = (read_json(Path(state_dir) / name) or {}).get("pid")
+    for pid, module in set(processes):
         if process_runs(pid, module):
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.kill(pid, sig)

@@ -20,7 +20,7 @@ import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
-from sharedllm.dataplane import kill_recorded
+from sharedllm.dataplane import kill_recorded, kill_running, recorded
 from sharedllm.errors import MeshError
 
 logger = logging.getLogger(__name__)
@@ -75,7 +75,7 @@ def _read_json(path: Path) -> dict | None:
     return info if isinstance(info, dict) and info.get("address") else None
 
 
-def _cleanup(procs: list[_Proc], workdir: Path) -> None:
+def _cleanup(procs: list[_Proc], workdir: Path, data_planes: list[tuple[int, str]] = ()) -> None:
     # Every process was started in its own session: killing the group also stops its engines. The machines' data
     # planes (rpc-servers, relays) run in sessions of their own, so that they outlive their workers: stop them too.
     for p in procs:
@@ -84,6 +84,7 @@ def _cleanup(procs: list[_Proc], workdir: Path) -> None:
             p.popen.wait(timeout=5)
     for d in _state_dirs(workdir):
         kill_recorded(d, signal.SIGKILL)
+    kill_running(list(data_planes), signal.SIGKILL)
 
 
 def _state_dirs(workdir: Path, machine_id: str = "*") -> list[Path]:
@@ -151,7 +152,8 @@ class LocalMesh:
         self.dashboard_link: str | None = None
         self._client = None
         self._procs: list[_Proc] = []  # every process started; the finalizer kills them if close() is never called
-        self._finalizer = weakref.finalize(self, _cleanup, self._procs, self.workdir)
+        self._data_planes: list[tuple[int, str]] = []  # (pid, module) seen when closing
+        self._finalizer = weakref.finalize(self, _cleanup, self._procs, self.workdir, self._data_planes)
 
     # --- processes ---------------------------------------------------------------------------------------------
 
@@ -295,6 +297,8 @@ class LocalMesh:
             with contextlib.suppress(Exception):
                 self._client.close(timeout=10)
             self._client = None
+        # What the machines run now: a worker that does not get to stop its data plane leaves it to the finalizer.
+        self._data_planes.extend(p for d in _state_dirs(self.workdir) for p in recorded(d))
         for p in self.workers:  # as `systemctl stop`: each worker stops its machine's rpc-server and relay
             with contextlib.suppress(ProcessLookupError):
                 p.popen.send_signal(signal.SIGTERM)
