@@ -30,6 +30,7 @@ from sharedllm.dataplane import (
     DEFAULT_ORPHAN_TIMEOUT,
     TOUCH_EVERY,
     process_runs,
+    process_state,
     read_json,
     touch,
     write_json,
@@ -151,16 +152,8 @@ async def _wait_pid(pid: int) -> None:
         os.close(fd)
 
 
-def _state(pid: int) -> str | None:
-    """The process's state letter in ``/proc`` (R, S, D, T stopped, Z zombie...); None when it is gone."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return None
-
-
 def _alive(pid: int) -> bool:
-    return _state(pid) not in (None, "Z")
+    return process_state(pid) not in (None, "Z")
 
 
 async def _terminate(proc: _Process, grace: float = 5.0) -> None:
@@ -626,7 +619,7 @@ class RPCServerSupervisor:
         a debugger): alive, listening, and silent, which no timeout of the RPC protocol would notice."""
         status = self.status.to_dict()
         pids = {"rpc-server": status["pid"], "relay": (status["relay"] or {}).get("pid")}
-        status["stopped"] = [name for name, pid in pids.items() if pid and _state(pid) == "T"]
+        status["stopped"] = [name for name, pid in pids.items() if pid and process_state(pid) == "T"]
         return status
 
     def detach(self) -> None:

@@ -56,17 +56,23 @@ def touch(path: str | os.PathLike) -> None:
     Path(path).touch()
 
 
+def process_state(pid: int) -> str | None:
+    """The process's state letter in ``/proc`` (R, S, D, T stopped, Z zombie...); None when it is gone."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return None
+
+
 def process_runs(pid: int | None, module: str) -> bool:
     """Whether ``pid`` is a live (not zombie) process running ``python -m module``: a recorded pid may have been
     reused by another program since."""
-    if not pid:
+    if not pid or process_state(pid) in (None, "Z"):
         return False
     try:
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
+        return module.encode() in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
         return False
-    return state != "Z" and module.encode() in cmdline
 
 
 def watch_alive_file(path: str | os.PathLike, timeout: float, on_orphan, interval: float = 5.0) -> threading.Thread:
