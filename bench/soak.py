@@ -110,11 +110,11 @@ class Soak:
             lm.stop_machine(victim, signal.SIGKILL)
             lm._stopped.discard(victim)  # the power comes back: the supervisor restarts its worker
             return "every process killed"
-        from sharedllm.dataplane import read_json
+        from sharedllm.dataplane import RELAY_FILE, SERVER_FILE, read_json
 
         [state_dir] = _state_dirs(lm.workdir, victim)
-        rpc = (read_json(state_dir / "rpc-server.json") or {}).get("pid")
-        relay = (read_json(state_dir / "relay.json") or {}).get("pid")
+        rpc = (read_json(state_dir / SERVER_FILE) or {}).get("pid")
+        relay = (read_json(state_dir / RELAY_FILE) or {}).get("pid")
         groups = [p.popen.pid for p in lm.workers if p.machine_id == victim and p.popen.poll() is None]
         if kind == "rpc-server":
             os.kill(rpc, signal.SIGKILL)
@@ -136,7 +136,7 @@ class Soak:
 
 def memory(lm: LocalMesh, llm) -> dict[str, float]:
     """RSS in MiB by role: scheduler, workers (with their nannies), rpc-servers, relays, engine, this client."""
-    from sharedllm.dataplane import read_json
+    from sharedllm.dataplane import RELAY_FILE, SERVER_FILE, read_json
 
     def rss(pids: list[int]) -> float:
         total = 0
@@ -155,8 +155,8 @@ def memory(lm: LocalMesh, llm) -> dict[str, float]:
         except psutil.NoSuchProcess:
             pass
     dirs = _state_dirs(lm.workdir)
-    rpcs = [(read_json(d / "rpc-server.json") or {}).get("pid") for d in dirs]
-    relays = [(read_json(d / "relay.json") or {}).get("pid") for d in dirs]
+    rpcs = [(read_json(d / SERVER_FILE) or {}).get("pid") for d in dirs]
+    relays = [(read_json(d / RELAY_FILE) or {}).get("pid") for d in dirs]
     workers = [w for w in workers if w not in rpcs and w not in relays]
     engine = llm._engine._proc.pid if llm._engine is not None and llm._engine._proc is not None else None
     return {"scheduler": rss([lm.scheduler.popen.pid]), "workers": rss(workers),

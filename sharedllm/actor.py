@@ -28,6 +28,8 @@ from typing import Any
 from sharedllm.dataplane import (
     ALIVE_FILE,
     DEFAULT_ORPHAN_TIMEOUT,
+    RELAY_FILE,
+    SERVER_FILE,
     TOUCH_EVERY,
     process_runs,
     process_state,
@@ -233,11 +235,11 @@ class RPCServerSupervisor:
 
     @property
     def _server_file(self) -> Path:
-        return self.workdir / "rpc-server.json"
+        return self.workdir / SERVER_FILE
 
     @property
     def _relay_file(self) -> Path:
-        return self.workdir / "relay.json"
+        return self.workdir / RELAY_FILE
 
     @property
     def _control_path(self) -> Path:

@@ -29,6 +29,8 @@ from pathlib import Path
 logger = logging.getLogger(__name__)
 
 ALIVE_FILE = "supervisor.alive"
+SERVER_FILE = "rpc-server.json"
+RELAY_FILE = "relay.json"
 DEFAULT_ORPHAN_TIMEOUT = 900.0  # seconds a data plane serves on without a supervisor (a scheduler restart fits)
 TOUCH_EVERY = 5.0  # seconds between the supervisor's touches of the alive file
 
@@ -100,7 +102,7 @@ def watch_alive_file(path: str | os.PathLike, timeout: float, on_orphan, interva
     return thread
 
 
-_RECORDS = (("rpc-server.json", "sharedllm.rpc_server"), ("relay.json", "sharedllm.relay"))
+_RECORDS = ((SERVER_FILE, "sharedllm.rpc_server"), (RELAY_FILE, "sharedllm.relay"))
 
 
 def recorded(state_dir: str | os.PathLike) -> list[tuple[int, str]]:
