@@ -76,12 +76,16 @@ def _bind(host: str, port: int) -> socket.socket:
               help="requests that may wait for the model; more are answered 429")
 @click.option("--queue-timeout", default=60.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
               help="seconds a request may wait for the model; longer is answered 503")
-@click.option("--n-ctx", default=2048, show_default=True, help="context length in tokens")
+@click.option("--n-ctx", default=2048, show_default=True, help="context length in tokens, per sequence")
+@click.option("--parallel", default=1, show_default=True, type=click.IntRange(min=1),
+              help="requests each replica runs at once, decoded together (continuous batching)")
+@click.option("--replicas", default=1, show_default=True, type=click.IntRange(min=1),
+              help="copies of the model on disjoint machines; each request goes to the least loaded")
 @click.option("--machine", "machines", multiple=True, help="place the model only on these machines (repeatable)")
 @output_layer_option
 @friendly_errors
 def serve(scheduler, model_ref, model_name, host, port, api_keys, api_keys_file, insecure_no_auth, max_queue,
-          queue_timeout, n_ctx, machines, output_layer) -> None:
+          queue_timeout, n_ctx, parallel, replicas, machines, output_layer) -> None:
     """Serve a model of the mesh with an OpenAI-compatible API (/v1/completions, /v1/chat/completions, ...)."""
     import uvicorn
 
@@ -107,7 +111,14 @@ def serve(scheduler, model_ref, model_name, host, port, api_keys, api_keys_file,
         path = mesh.resolve(model_ref)  # a catalog name or a URL becomes a local file here
         model_id = model_name or path.stem
         click.echo(f"loading {path.name} across the mesh at {scheduler}...", err=True)
-        llm = mesh.load(str(path), n_ctx=n_ctx, machines=list(machines) or None, output_layer=output_layer)
+        load_kwargs = {"n_ctx": n_ctx, "machines": list(machines) or None, "output_layer": output_layer,
+                       "parallel": parallel}
+        if replicas > 1:
+            from sharedllm.replicas import Replicas
+
+            llm = Replicas.load(mesh, str(path), replicas=replicas, wait_timeout=0, **load_kwargs)
+        else:
+            llm = mesh.load(str(path), **load_kwargs)
         stack.callback(llm.close)
         click.echo(str(llm.topology), err=True)
         app = create_app(llm, model_id=model_id, api_keys=keys, max_queue=max_queue, queue_timeout=queue_timeout)

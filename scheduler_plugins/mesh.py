@@ -126,6 +126,8 @@ class Session:
     recoveries: int = 0  # engines this session's client rebuilt after losing a machine (reported by the client)
     history: deque = field(default_factory=lambda: deque(maxlen=600))  # (time, tokens/s)
     reclaim_by: float | None = None  # restored after a scheduler restart: closed unless its client reports by then
+    # The client's engine, as last reported: sequences running and waiting, mean decode batch, parallel.
+    load: dict = field(default_factory=dict)
 
     @property
     def machines(self) -> list[str]:
@@ -137,7 +139,7 @@ class Session:
             "machines": self.machines, "opened": self.opened, "requests": self.requests, "tokens": self.tokens,
             "seconds": self.seconds, "last_tok_s": self.last_tok_s, "last_ttft_ms": self.last_ttft_ms,
             "last_report": self.last_report, "history": list(self.history), "recoveries": self.recoveries,
-            "reclaiming": self.reclaim_by is not None,
+            "reclaiming": self.reclaim_by is not None, "load": dict(self.load),
         }
 
 
@@ -550,9 +552,12 @@ class MeshPlugin(SchedulerPlugin):
         lost: str | None = None,
         requests: int = 0,
         client: str | None = None,
+        load: dict | None = None,
     ) -> dict:
         """A client's statistics for its session: tokens and seconds since its last report, ``requests`` finished
-        (or ``request_done`` for one), a recovery. The first report after a scheduler restart reclaims a restored
+        (or ``request_done`` for one), a recovery, the engine's ``load`` (sequences ``running`` and ``waiting``, mean
+        decode ``batch``, ``parallel``). ``seconds`` is wall time: the throughput of a batch is its aggregate one.
+        The first report after a scheduler restart reclaims a restored
         session (``client``: the client's id now, in case it had to connect anew)."""
         sess = self.sessions.get(session_id)
         if sess is None:
@@ -571,6 +576,9 @@ class MeshPlugin(SchedulerPlugin):
             sess.history.append((now, sess.last_tok_s))
         if ttft_ms is not None:
             sess.last_ttft_ms = ttft_ms
+        if isinstance(load, dict):
+            sess.load = {k: float(v) for k, v in load.items()
+                         if k in ("running", "waiting", "batch", "parallel") and isinstance(v, (int, float))}
         sess.last_report = now
         self.tokens_total += tokens
         from sharedllm.scheduler_plugins.metrics import record_session_report

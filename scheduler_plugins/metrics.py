@@ -16,6 +16,10 @@ name                                                        type       what
 ``sharedllm_gpu_utilization_ratio{machine,device}``         gauge      NVML utilization, 0 to 1
 ``sharedllm_sessions_active``                               gauge      models loaded on the mesh now
 ``sharedllm_session_tokens_per_second{session,model}``      gauge      last reported throughput of each session
+                                                                       (aggregate over its concurrent requests)
+``sharedllm_session_sequences{session,model,state}``        gauge      requests ``running`` in its engine's batch
+                                                                       or ``waiting`` for a sequence
+``sharedllm_session_batch_size{session,model}``             gauge      mean sequences per decode step
 ``sharedllm_tokens_generated_total``                        counter    tokens generated since the scheduler started
 ``sharedllm_requests_total``                                counter    completed requests
 ``sharedllm_time_to_first_token_seconds``                   histogram  per streamed request
@@ -353,6 +357,16 @@ def _families(plugin: Any) -> Iterator[Any]:
     for s in sessions:
         tps.add_metric([s["session_id"], s.get("model", "")], float(s.get("last_tok_s") or 0.0))
     yield tps
+    seqs = GaugeMetricFamily(f"{PREFIX}_session_sequences", "Requests of each session running in its engine's "
+                             "batch or waiting for a sequence, as last reported", labels=["session", "model", "state"])
+    batch = GaugeMetricFamily(f"{PREFIX}_session_batch_size", "Mean sequences decoded per step by each session's "
+                              "engine, as last reported", labels=["session", "model"])
+    for s in sessions:
+        load = s.get("load") or {}
+        for state in ("running", "waiting"):
+            seqs.add_metric([s["session_id"], s.get("model", ""), state], float(load.get(state, 0.0)))
+        batch.add_metric([s["session_id"], s.get("model", "")], float(load.get("batch", 0.0)))
+    yield from (seqs, batch)
 
     yield CounterMetricFamily(f"{PREFIX}_tokens_generated", "Tokens generated on the mesh since the scheduler started",
                               value=float(plugin.tokens_total))

@@ -16,6 +16,7 @@ import asyncio
 import logging
 import os
 import random
+import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
@@ -224,10 +225,11 @@ class Mesh:
         machines: list[str] | None = None,
         max_devices: int | None = None,
         output_layer: str = "auto",
+        parallel: int = 1,
     ) -> Topology:
         """Plan a topology for ``model`` without loading it. Raises ``ModelTooLarge`` when the mesh cannot hold it."""
         path = self.resolve(model)
-        estimate = self._estimate(path, n_ctx, output_layer, machines)
+        estimate = self._estimate(path, n_ctx * _check_parallel(parallel), output_layer, machines)
         from sharedllm.ggml import build_info
 
         d = self._call(
@@ -259,6 +261,8 @@ class Mesh:
         labels: dict[str, str] | None = None,
         on_progress: Callable[[float], None] | None = None,
         output_layer: str = "auto",
+        parallel: int = 1,
+        max_waiting: int = 64,
         **llama_kwargs,
     ) -> MeshModel:
         """Load ``model`` across the mesh and return a handle with ``llama_cpp.Llama``'s completion methods.
@@ -284,6 +288,13 @@ class Mesh:
         projection. ``"mesh"``: on the last machine, as plain llama.cpp RPC does. ``"auto"`` (default): ``"client"``
         when the model ties its embeddings (this machine maps that matrix for the input embeddings anyway) and
         the mesh serves CPUs only (a GPU does the projection faster than this machine's CPU), otherwise ``"mesh"``.
+
+        ``parallel``: how many requests the handle runs at once, as sequences of one batch (continuous batching:
+        every decode step computes the next token of each running request in one pass over the mesh). Each sequence
+        has ``n_ctx`` tokens of context, and the memory estimate counts the KV cache of all of them. Calls from
+        threads or asyncio tasks share the handle; beyond ``parallel`` they wait for a sequence, and beyond
+        ``max_waiting`` waiting ones a call raises ``ModelBusy``. With ``parallel=1`` (default) requests run one at
+        a time through llama-cpp-python's own generation.
         """
         from sharedllm.ggml import build_info
 
@@ -291,14 +302,14 @@ class Mesh:
             raise ValueError(f"max_recoveries must be >= 0, got {max_recoveries}")
         build_info()  # measured once per library build and cached; not part of planning time
         path = self.resolve(model)
-        estimate = self._estimate(path, n_ctx, output_layer, machines)
+        estimate = self._estimate(path, n_ctx * _check_parallel(parallel), output_layer, machines)
         handle = MeshModel(
             self, path, estimate,
             plan_kwargs={"strategy": strategy, "headroom": headroom, "machines": machines, "max_devices": max_devices,
                          "privacy": privacy, "min_trust": min_trust, "labels": labels},
             llama_kwargs={"n_ctx": n_ctx, **llama_kwargs},
             wait_timeout=wait_timeout, load_timeout=load_timeout, token_timeout=token_timeout,
-            max_recoveries=max_recoveries, on_progress=on_progress,
+            max_recoveries=max_recoveries, on_progress=on_progress, parallel=parallel, max_waiting=max_waiting,
         )
         handle._open()
         return handle
@@ -349,6 +360,12 @@ OUTPUT_LAYERS = ("auto", "client", "mesh")
 REPORT_TIMEOUT = 5.0  # seconds a statistics report may take; a slower scheduler is left alone for a while
 
 
+def _check_parallel(parallel: int) -> int:
+    if not isinstance(parallel, int) or parallel < 1:
+        raise ValueError(f"parallel must be an integer >= 1, got {parallel!r}")
+    return parallel
+
+
 class _Reports:
     """A session's throughput reports. What could not be sent (the scheduler away, restarting, slow) is added to the
     next report, so the scheduler's counts stay whole; after a report that failed or timed out none is tried for
@@ -359,23 +376,40 @@ class _Reports:
     def __init__(self):
         self.tokens, self.seconds, self.requests, self.ttft_ms = 0, 0.0, 0, None
         self.quiet_until = 0.0
+        self._lock = threading.Lock()  # the requests of one handle report from many threads
+        self._taken_at = time.monotonic()
 
     def add(self, tokens: int, seconds: float, ttft_ms: float | None, done: bool) -> dict | None:
-        """Count a report; the arguments to send now, or None (nothing new, or in a quiet period)."""
-        self.tokens += tokens
-        self.seconds += seconds
-        self.requests += int(done)
-        self.ttft_ms = ttft_ms if ttft_ms is not None else self.ttft_ms
-        if time.monotonic() < self.quiet_until or not (self.tokens or self.requests or self.ttft_ms is not None):
-            return None
-        return {"tokens": self.tokens, "seconds": self.seconds, "requests": self.requests, "ttft_ms": self.ttft_ms}
-
-    def sent(self, ok: bool | None) -> None:
-        """The outcome of a report (see ``Mesh._report``: None, not tried)."""
-        if ok:
+        """Count a report; the counts to send now (taken out: give them back with ``sent``), or None (nothing new,
+        or in a quiet period)."""
+        with self._lock:
+            self.tokens += tokens
+            self.seconds += seconds
+            self.requests += int(done)
+            self.ttft_ms = ttft_ms if ttft_ms is not None else self.ttft_ms
+            if time.monotonic() < self.quiet_until or not (self.tokens or self.requests or self.ttft_ms is not None):
+                return None
+            # Concurrent requests each count their own seconds: the report's are wall time at most, so that the
+            # scheduler's tokens/s is the aggregate throughput of the batch.
+            now = time.monotonic()
+            seconds = min(self.seconds, max(now - self._taken_at, 0.0)) or self.seconds
+            self._taken_at = now
+            report = {"tokens": self.tokens, "seconds": seconds, "requests": self.requests, "ttft_ms": self.ttft_ms}
             self.tokens, self.seconds, self.requests, self.ttft_ms = 0, 0.0, 0, None
-        elif ok is False:
-            self.quiet_until = time.monotonic() + self.QUIET
+            return report
+
+    def sent(self, ok: bool | None, report: dict) -> None:
+        """The outcome of sending ``report`` (see ``Mesh._report``: None, not tried): unless it went, its counts go
+        with the next one."""
+        if ok:
+            return
+        with self._lock:
+            self.tokens += report["tokens"]
+            self.seconds += report["seconds"]
+            self.requests += report["requests"]
+            self.ttft_ms = self.ttft_ms if self.ttft_ms is not None else report["ttft_ms"]
+            if ok is False:
+                self.quiet_until = time.monotonic() + self.QUIET
 
 
 def _engine_stages(topo: Topology, relays: dict[str, dict]) -> list[EngineStage]:
@@ -447,8 +481,12 @@ class MeshModel:
         token_timeout: float,
         max_recoveries: int,
         on_progress: Callable[[float], None] | None = None,
+        parallel: int = 1,
+        max_waiting: int = 64,
     ):
         self._mesh = mesh
+        self.parallel = parallel
+        self.max_waiting = max_waiting
         self.path = path
         self.estimate = estimate
         self._plan_kwargs = plan_kwargs
@@ -472,6 +510,10 @@ class MeshModel:
         self._reports = _Reports()
         self._move_retry_at = 0.0
         self._servers_seen: dict[str, int | None] = {}
+        # One recovery for all the requests a lost machine broke: the first to get there reloads, the others find
+        # the engine replaced (a new ``_generation``) and replay on it.
+        self._recovery_lock = threading.Lock()
+        self._generation = 0
 
     # --- lifecycle ---------------------------------------------------------------------------------------------
 
@@ -509,6 +551,8 @@ class MeshModel:
                 tensor_split=topo.tensor_split,
                 llama_kwargs=self._llama_kwargs,
                 output_on_client=self.estimate.output_on_client,
+                parallel=self.parallel,
+                max_waiting=self.max_waiting,
             )
             self._engine = Engine(spec, load_timeout=self._load_timeout, token_timeout=self._token_timeout,
                                   on_progress=self._on_progress or _log_progress(name), watchdog=self._suspect)
@@ -525,7 +569,8 @@ class MeshModel:
 
     def _release(self, reason: str) -> None:
         if self._engine is not None:
-            self._engine.close()
+            # After a failure, the other requests of the engine take its failure and recover on the next one.
+            self._engine.close(replaced=reason.startswith("failed") and not self._closed)
             self._engine = None
         if self.session_id:
             self._reports.quiet_until = 0.0  # the session's last counts go with its end
@@ -571,6 +616,35 @@ class MeshModel:
                                 "machines": self.topology.machines})
         self._mesh._report("sharedllm_session_report", session_id=self.session_id, tokens=0, seconds=0.0,
                            recovered=True, lost=lost)
+
+    def _recover_shared(self, exc: EngineError, attempt: int, generation: int) -> None:
+        """``_recover`` once for every request of the lost engine: the first request to get here reloads; the
+        others, broken by the same loss, find a newer engine and replay on it (or the handle failed: they say so)."""
+        with self._recovery_lock:
+            if self._generation == generation:
+                try:
+                    self._recover(exc, attempt)
+                finally:
+                    self._generation += 1
+                return
+        self._check_usable()
+
+    def _current(self) -> tuple[Engine, int]:
+        """The engine to run a request on and its generation; waits for a recovery in progress."""
+        with self._recovery_lock:
+            engine, generation = self._engine, self._generation
+        if engine is None:
+            self._check_usable()
+            raise ModelClosed("the model was closed; load it again")
+        return engine, generation
+
+    async def _acurrent(self) -> tuple[Engine, int]:
+        """``_current`` for asyncio: a recovery in progress is waited for in a thread."""
+        if self._recovery_lock.acquire(blocking=False):
+            self._recovery_lock.release()
+            if self._engine is not None:
+                return self._engine, self._generation
+        return await asyncio.to_thread(self._current)
 
     def _model_fault(self, suspect: str | None = None, settle: float = 1.5) -> tuple[str, str] | None:
         """(machine, assertion) when an rpc-server of this session aborted on a ggml assertion, else None.
@@ -674,7 +748,34 @@ class MeshModel:
     # --- requests ----------------------------------------------------------------------------------------------
 
     def n_ctx(self) -> int:
+        """Each sequence's context, in tokens."""
         return self._engine.info["n_ctx"]
+
+    def n_vocab(self) -> int:
+        return self._engine.info["n_vocab"]
+
+    @property
+    def failure(self) -> BaseException | None:
+        """Why this handle cannot serve any more (closed, or failed for good), else None."""
+        if self._failed is not None:
+            return self._failed
+        return ModelClosed("the model was closed; load it again") if self._closed else None
+
+    @property
+    def load_stats(self) -> dict:
+        """The engine's batch: sequences ``running`` and ``waiting`` (requests in flight when it runs one at a
+        time), the mean ``batch`` size of its last decode steps and its ``parallel``."""
+        engine = self._engine
+        if engine is None:
+            return {"running": 0, "waiting": 0, "batch": 0.0, "parallel": self.parallel}
+        if self.parallel == 1:
+            n = engine.in_flight
+            return {"running": min(n, 1), "waiting": max(n - 1, 0), "batch": float(min(n, 1)), "parallel": 1}
+        stats = dict(engine.stats)
+        # The scheduler's last report may be a step behind the requests this handle sees in flight.
+        stats.setdefault("running", 0)
+        stats["waiting"] = max(stats.get("waiting", 0), engine.in_flight - stats["running"])
+        return {"batch": 0.0, "parallel": self.parallel, **stats}
 
     @property
     def devices(self) -> list[dict]:
@@ -729,6 +830,15 @@ class MeshModel:
         ask again in ``MOVE_RETRY`` seconds): the drain waits for this session."""
         if time.monotonic() < self._move_retry_at:
             return
+        if self._engine is not None and self._engine.in_flight:
+            # Other requests run on this engine: moving now would cut them. The next request between them moves.
+            logger.info("%s: machine(s) %s drain; moving once no request runs", self.path.name, ", ".join(draining))
+            return
+        with self._recovery_lock:
+            self._move_off_now(draining)
+            self._generation += 1
+
+    def _move_off_now(self, draining: list[str]) -> None:
         old = self._engine, self.session_id, self.topology, self._servers_seen, self._lease_relays
         self._engine = None
         try:
@@ -755,11 +865,12 @@ class MeshModel:
             return self._stream(method, kwargs, on_accepted)
         for attempt in range(self.max_recoveries + 1):
             t0 = time.perf_counter()
+            engine, generation = self._current()
             try:
-                out = self._engine.call(method, kwargs)
+                out = engine.call(method, kwargs)
             except (EngineError, InvalidModel) as exc:
                 self._give_up_unless_recoverable(exc, attempt)
-                self._recover(exc, attempt)
+                self._recover_shared(exc, attempt, generation)
                 continue
             tokens = (out.get("usage") or {}).get("completion_tokens", 0)
             self._stats(tokens, time.perf_counter() - t0, None, done=True)
@@ -772,18 +883,19 @@ class MeshModel:
             for attempt in range(self.max_recoveries + 1):
                 delivery.replay()
                 try:
-                    engine = self._engine
-                    for chunk in engine.stream(method, kwargs, on_accepted if attempt == 0 else None):
-                        if (chunk := delivery.take(chunk, engine.generated)) is not None:
+                    generated = 0
+                    engine, generation = self._current()
+                    for chunk, generated in engine.stream(method, kwargs, on_accepted if attempt == 0 else None):
+                        if (chunk := delivery.take(chunk, generated)) is not None:
                             if delivery.report_due():
                                 self._stats(*delivery.report(), done=False)
                             yield chunk
-                    delivery.finish(engine.generated)
+                    delivery.finish(generated)
                     return
                 except EngineError as exc:
                     if not self._recoverable(exc, attempt):
                         raise
-                    self._recover(exc, attempt)
+                    self._recover_shared(exc, attempt, generation)
         except (EngineError, InvalidModel) as exc:  # InvalidModel: the model made llama.cpp abort
             self._failed = exc
             raise
@@ -799,18 +911,19 @@ class MeshModel:
             for attempt in range(self.max_recoveries + 1):
                 delivery.replay()
                 try:
-                    engine = self._engine
-                    async for chunk in engine.astream(method, kwargs, on_accepted if attempt == 0 else None):
-                        if (chunk := delivery.take(chunk, engine.generated)) is not None:
+                    generated = 0
+                    engine, generation = await self._acurrent()
+                    async for chunk, generated in engine.astream(method, kwargs, on_accepted if attempt == 0 else None):
+                        if (chunk := delivery.take(chunk, generated)) is not None:
                             if delivery.report_due():
                                 await self._astats(*delivery.report(), done=False)
                             yield chunk
-                    delivery.finish(engine.generated)
+                    delivery.finish(generated)
                     return
                 except EngineError as exc:
                     if not self._recoverable(exc, attempt):
                         raise
-                    await _to_the_end(asyncio.to_thread(self._recover, exc, attempt))
+                    await _to_the_end(asyncio.to_thread(self._recover_shared, exc, attempt, generation))
         except (EngineError, InvalidModel) as exc:
             self._failed = exc
             raise
@@ -832,12 +945,13 @@ class MeshModel:
     def _stats(self, tokens: int, seconds: float, ttft_ms: float | None, done: bool) -> None:
         if self.session_id and (report := self._reports.add(tokens, seconds, ttft_ms, done)) is not None:
             self._reports.sent(self._mesh._report("sharedllm_session_report", session_id=self.session_id,
-                                                  client=self._mesh.client.id, **report))
+                                                  client=self._mesh.client.id, load=self.load_stats, **report), report)
 
     async def _astats(self, tokens: int, seconds: float, ttft_ms: float | None, done: bool) -> None:
         if self.session_id and (report := self._reports.add(tokens, seconds, ttft_ms, done)) is not None:
             self._reports.sent(await self._mesh._areport("sharedllm_session_report", session_id=self.session_id,
-                                                         client=self._mesh.client.id, **report))
+                                                         client=self._mesh.client.id, load=self.load_stats, **report),
+                               report)
 
     # create_completion and create_chat_completion take ``on_accepted`` with ``stream=True``: called (in the caller's
     # thread, once) when the engine has checked the request and starts on the prompt. sharedllm.openai_server sends
@@ -875,11 +989,12 @@ class MeshModel:
         # Read in the event loop like a stream: cancelling the awaiting task stops the generation in the engine.
         for attempt in range(self.max_recoveries + 1):
             t0 = time.perf_counter()
+            engine, generation = await self._acurrent()
             try:
-                out = await self._engine.acall(method, kwargs)
+                out = await engine.acall(method, kwargs)
             except (EngineError, InvalidModel) as exc:
                 self._give_up_unless_recoverable(exc, attempt)
-                await _to_the_end(asyncio.to_thread(self._recover, exc, attempt))
+                await _to_the_end(asyncio.to_thread(self._recover_shared, exc, attempt, generation))
                 continue
             tokens = (out.get("usage") or {}).get("completion_tokens", 0)
             await self._astats(tokens, time.perf_counter() - t0, None, done=True)

@@ -43,6 +43,11 @@ class MeshBusy(MeshError):
     """Every machine that could hold the model is leased by other sessions, and the wait timed out."""
 
 
+class ModelBusy(MeshBusy):
+    """Every sequence of a loaded model runs and its queue of waiting requests is full: retry later, or load the
+    model with a larger ``parallel``."""
+
+
 class RateLimited(MeshError):
     """This client is over one of the mesh's limits; ``retry_after`` says when to try again (seconds)."""
 

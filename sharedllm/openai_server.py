@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import hashlib
 import hmac
 import json
 import logging
@@ -47,7 +48,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from sharedllm.errors import ClientBanned, EngineError, MeshBusy, MeshError, RateLimited
+from sharedllm.errors import ClientBanned, EngineError, MeshBusy, MeshError, ModelBusy, RateLimited
 
 logger = logging.getLogger(__name__)
 
@@ -104,6 +105,9 @@ def map_exception(exc: BaseException, *, param: str) -> APIError:
     if isinstance(exc, ClientBanned):  # the mesh's operator banned the server's client: no retry helps
         return APIError(403, f"This server cannot use the mesh: {exc}", type="permission_error",
                         code="client_banned")
+    if isinstance(exc, ModelBusy):  # every sequence of the model runs and its own queue is full
+        return APIError(429, f"The model is busy: {exc}", type="requests", code="rate_limit_exceeded",
+                        headers={"Retry-After": "2"})
     if isinstance(exc, MeshBusy):  # a lost machine, and the rest of the mesh is leased by other sessions
         return APIError(503, f"the mesh is busy: {exc}", type="server_error", code="mesh_busy",
                         headers={"Retry-After": "10"})
@@ -155,11 +159,14 @@ class Slot:
 
 
 class RequestQueue:
-    """A bounded FIFO in front of an engine that serves ``concurrency`` requests at once.
+    """A bounded queue in front of a model that serves ``concurrency`` requests at once (its ``parallel``
+    sequences, over all its replicas).
 
-    ``acquire()`` returns a ``Slot`` at once when the engine is free, else waits in line; ``QueueFull`` when
-    ``max_queue`` requests already wait, ``QueueTimeout`` after ``timeout`` seconds of waiting. Asyncio only: every
-    method runs on the event loop.
+    ``acquire(client)`` returns a ``Slot`` at once when a sequence is free, else waits in line; ``QueueFull`` when
+    ``max_queue`` requests already wait, ``QueueTimeout`` after ``timeout`` seconds of waiting. A freed slot goes to
+    the waiting clients in turn (round robin; first come first served within one client): a client that sends many
+    requests at once cannot keep the others waiting behind all of them. Asyncio only: every method runs on the
+    event loop.
     """
 
     def __init__(self, max_queue: int, timeout: float, concurrency: int = 1):
@@ -173,7 +180,8 @@ class RequestQueue:
         self.timeout = timeout
         self.concurrency = concurrency
         self._free = concurrency
-        self._waiters: collections.deque[asyncio.Future] = collections.deque()
+        self._waiters: dict[str, collections.deque[asyncio.Future]] = {}  # client -> its requests in line
+        self._turns: collections.deque[str] = collections.deque()  # the clients with requests in line, in turn
         self._service_s = 2.0  # moving average of how long a request holds the engine, for Retry-After
         self.served = 0
         self.rejected = 0
@@ -187,23 +195,27 @@ class RequestQueue:
     @property
     def waiting(self) -> int:
         """Requests waiting in line."""
-        return sum(1 for f in self._waiters if not f.done())
+        return sum(1 for line in self._waiters.values() for f in line if not f.done())
 
     def retry_after(self) -> int:
         """Seconds until a new request would likely be served: the queue ahead of it times the mean service time."""
         ahead = self.waiting + self.running
         return max(1, min(MAX_RETRY_AFTER, math.ceil(self._service_s * ahead / self.concurrency)))
 
-    async def acquire(self) -> Slot:
-        """Wait for the engine, first come first served; ``QueueFull`` or ``QueueTimeout`` instead of waiting long."""
-        if self._free > 0 and not self._waiters:
+    async def acquire(self, client: str = "") -> Slot:
+        """Wait for a sequence of the model, clients in turn; ``QueueFull`` or ``QueueTimeout`` instead of waiting
+        long."""
+        if self._free > 0 and not self.waiting:
             self._free -= 1
             return Slot(self)
         if self.waiting >= self.max_queue:
             self.rejected += 1
             raise QueueFull(self.retry_after())
         fut = asyncio.get_running_loop().create_future()
-        self._waiters.append(fut)
+        line = self._waiters.setdefault(client, collections.deque())
+        if not line:
+            self._turns.append(client)
+        line.append(fut)
         try:
             await asyncio.wait_for(asyncio.shield(fut), self.timeout)
         except (asyncio.TimeoutError, asyncio.CancelledError) as exc:
@@ -212,7 +224,11 @@ class RequestQueue:
             else:
                 fut.cancel()
             with contextlib.suppress(ValueError):
-                self._waiters.remove(fut)
+                line.remove(fut)
+            if not line and self._waiters.get(client) is line:
+                del self._waiters[client]
+                with contextlib.suppress(ValueError):
+                    self._turns.remove(client)
             if isinstance(exc, asyncio.CancelledError):
                 raise
             self.timed_out += 1
@@ -222,11 +238,19 @@ class RequestQueue:
     def _release(self, held_s: float) -> None:
         self.served += 1
         self._service_s = 0.8 * self._service_s + 0.2 * held_s
-        while self._waiters:
-            fut = self._waiters.popleft()
-            if not fut.done():
-                fut.set_result(None)  # the slot passes straight to the next in line
-                return
+        while self._turns:
+            client = self._turns.popleft()
+            line = self._waiters.get(client) or collections.deque()
+            while line:
+                fut = line.popleft()
+                if not fut.done():
+                    if line:
+                        self._turns.append(client)  # its next request waits for its next turn
+                    else:
+                        del self._waiters[client]
+                    fut.set_result(None)  # the slot passes straight to the next client in line
+                    return
+            self._waiters.pop(client, None)
         self._free += 1
 
 
@@ -811,6 +835,14 @@ def _n_vocab(model: Any) -> int | None:
     return info.get("n_vocab")
 
 
+def _client_key(request: Request) -> str:
+    """Who sends a request, for taking turns in the queue: a digest of its API key, else its address."""
+    auth = request.headers.get("authorization")
+    if auth:
+        return "key:" + hashlib.sha256(auth.encode()).hexdigest()[:16]
+    return "addr:" + (request.client.host if request.client else "")
+
+
 def create_app(
     model: Any,
     *,
@@ -819,17 +851,20 @@ def create_app(
     max_queue: int = 16,
     queue_timeout: float = 60.0,
 ) -> FastAPI:
-    """The FastAPI app serving ``model`` (a loaded ``MeshModel``) under the id ``model_id``.
+    """The FastAPI app serving ``model`` (a loaded ``MeshModel``, or a ``Replicas`` of them) under the id
+    ``model_id``.
 
     ``api_keys``: keys accepted as ``Authorization: Bearer KEY`` on ``/v1``; empty serves without authentication.
-    ``max_queue``: requests that may wait for the engine (beyond the one it serves); more get 429.
-    ``queue_timeout``: seconds a request may wait; longer gets 503. The model is not closed by the app.
+    The model serves its ``parallel`` requests at once (1 for a model without that attribute); ``max_queue``:
+    requests that may wait beyond them; more get 429. ``queue_timeout``: seconds a request may wait; longer gets
+    503. Waiting requests are served clients in turn (a client: its API key, else its address). The model is not
+    closed by the app.
     """
     if not model_id:
         raise ValueError("model_id must be a non-empty string")
     if isinstance(api_keys, str):
         raise TypeError("api_keys must be a collection of keys, not one string")
-    queue = RequestQueue(max_queue, queue_timeout)
+    queue = RequestQueue(max_queue, queue_timeout, concurrency=max(1, int(getattr(model, "parallel", 1) or 1)))
     created = int(time.time())
     n_vocab = _n_vocab(model)
     state: dict[str, Any] = {"failed": None}
@@ -890,11 +925,11 @@ def create_app(
             raise APIError(404, f"The model `{name}` does not exist; this server serves `{model_id}`.",
                            param="model", code="model_not_found")
 
-    async def admit() -> Slot:
+    async def admit(request: Request) -> Slot:
         if state["failed"] is not None:
             raise map_exception(state["failed"], param="model")
         try:
-            return await queue.acquire()
+            return await queue.acquire(_client_key(request))
         except QueueFull as exc:
             raise APIError(429, f"The server is busy: its queue is full ({queue.waiting} request(s) wait for the "
                            f"model). Retry after {exc.retry_after}s.", type="requests", code="rate_limit_exceeded",
@@ -905,12 +940,14 @@ def create_app(
                            headers={"Retry-After": str(exc.retry_after)}) from None
 
     def failed(exc: BaseException, param: str) -> APIError:
-        if isinstance(exc, EngineError):
-            state["failed"] = exc  # the handle is unusable from now on: /health says so
+        # The model is unusable from now on (/health says so), unless it says it still serves: replicas serve on
+        # while one of them has failed.
+        if isinstance(exc, EngineError) and (not hasattr(model, "failure") or model.failure is not None):
+            state["failed"] = exc
         return map_exception(exc, param=param)
 
     async def run(request: Request, method: Callable, kwargs: dict, stream: bool, param: str):
-        slot = await admit()
+        slot = await admit(request)
         if slot.waited and await request.is_disconnected():  # the client gave up while it waited in the queue
             slot.release()
             app.state.abandoned += 1

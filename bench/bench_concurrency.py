@@ -1,0 +1,267 @@
+# SPDX-License-Identifier: AGPL-3.0-or-later
+"""Benchmark: many users at once on one model, batched, one at a time, and llama-cpp-python's own server.
+
+    .venv/bin/python bench/bench_concurrency.py [--levels 1,2,4,8,16] [--tokens 128] [--markdown]
+                                                [--out bench/results/concurrency.json] [--no-llama-server]
+
+Gemma 3 270M on an embedded 2-machine loopback mesh (``LocalMesh``). For each number of concurrent streams N, N
+different greedy prompts are streamed at once (``max_tokens=--tokens``), through:
+
+- ``batched``: one handle loaded with ``parallel=max(levels)``: the N requests are N sequences of one batch;
+- ``one at a time``: the same mesh, a handle with ``parallel=1``: the requests queue behind each other (what every
+  version of SharedLLM before continuous batching did, and what llama-cpp-python's server does);
+- ``llama_cpp.server``: ``python -m llama_cpp.server`` on this machine (local, no mesh: the thing our users would run
+  otherwise), with ``--interrupt_requests False`` so that a new request does not cut the running one.
+
+each through the Python API (threads calling ``create_completion(stream=True)``; not for ``llama_cpp.server``) and
+over HTTP (``sharedllm.openai_server`` / the llama-cpp-python server, streamed with httpx, one thread per stream).
+
+Per run: aggregate tokens/s (every stream's tokens over the wall time from the common start to the last token), p50
+and p95 time to first token (from each request's start), p50 inter-token latency (every gap of every stream). Runs
+of one setup go level by level in one process, side by side, so the ratios compare like with like: the bars are the
+batched aggregate tokens/s at 8 streams over 1 stream (>= 3x) and the batched p50 TTFT at 8 streams over 1 stream
+(<= 3x). The texts of the batched runs are checked against the one-at-a-time texts (the oracle: the same text alone).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import logging
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_mesh import finish, machine_info, render
+
+logger = logging.getLogger("bench_concurrency")
+
+PROMPTS = [
+    "Once upon a time, in a small village at the edge of a great forest,",
+    "The history of the printing press begins",
+    "Here is a recipe for a simple tomato soup:",
+    "The three laws of motion, explained for a child:",
+    "Dear neighbour, I am writing to you about",
+    "A short guide to planting tomatoes in spring:",
+    "The lighthouse keeper looked out at the storm and",
+    "Why is the sky blue? The answer lies in",
+    "In the year 2200, cities will",
+    "The best advice my grandmother ever gave me was",
+    "A travel diary, day one: we arrived in Lisbon",
+    "Photosynthesis is the process by which",
+    "The old clockmaker opened his shop at dawn and",
+    "Ten things to do on a rainy afternoon:",
+    "The mountain trail was steep, and",
+    "Chess openings for beginners start with",
+]
+N_CTX = 512  # per sequence: prompt + 128 tokens fit
+MODEL_ID = "gemma"
+BAR_THROUGHPUT, BAR_TTFT = 3.0, 3.0
+
+
+def consume(start: Callable[[], Iterator[str]], t0: float) -> dict[str, Any]:
+    """Time one stream of text pieces from the common start ``t0``."""
+    stamps: list[float] = []
+    text = ""
+    for piece in start():
+        if piece:
+            stamps.append(time.perf_counter())
+            text += piece
+    return {"start": t0, "stamps": stamps, "text": text, "end": time.perf_counter()}
+
+
+def python_stream(llm, prompt: str, tokens: int) -> Iterator[str]:
+    for chunk in llm.create_completion(prompt, max_tokens=tokens, temperature=0, stream=True):
+        yield chunk["choices"][0]["text"]
+
+
+def http_stream(url: str, prompt: str, tokens: int) -> Iterator[str]:
+    import httpx
+
+    body = {"model": MODEL_ID, "prompt": prompt, "max_tokens": tokens, "temperature": 0, "stream": True}
+    with httpx.Client(timeout=600) as h, h.stream("POST", f"{url}/v1/completions", json=body) as r:
+        r.raise_for_status()
+        for line in r.iter_lines():
+            if line.startswith("data: ") and line != "data: [DONE]":
+                yield json.loads(line[6:])["choices"][0]["text"]
+
+
+def run_level(n: int, stream: Callable[[str], Iterator[str]]) -> dict[str, Any]:
+    """N streams at once, one thread each, released together."""
+    results: list[dict[str, Any] | BaseException] = [None] * n  # type: ignore[list-item]
+    gate = threading.Barrier(n + 1)
+
+    def one(i: int) -> None:
+        gate.wait()
+        try:
+            results[i] = consume(lambda: stream(PROMPTS[i % len(PROMPTS)]), time.perf_counter())
+        except BaseException as exc:
+            results[i] = exc
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    t0 = time.perf_counter()
+    gate.wait()
+    for t in threads:
+        t.join()
+    failed = [r for r in results if isinstance(r, BaseException)]
+    if failed:
+        raise RuntimeError(f"{len(failed)} of {n} streams failed: {failed[0]!r}")
+    end = max(r["end"] for r in results)
+    ttfts = sorted((r["stamps"][0] - r["start"]) * 1000 for r in results if r["stamps"])
+    gaps = [(b - a) * 1000 for r in results for a, b in itertools.pairwise(r["stamps"])]
+    tokens = sum(len(r["stamps"]) for r in results)
+    return {
+        "streams": n, "tokens": tokens, "wall_s": end - t0, "tok_s": tokens / (end - t0),
+        "ttft_p50_ms": statistics.median(ttfts), "ttft_p95_ms": ttfts[min(len(ttfts) - 1, int(0.95 * len(ttfts)))],
+        "itl_p50_ms": statistics.median(gaps) if gaps else None,
+        "texts": [r["text"] for r in results],
+    }
+
+
+def mesh_setups(args: argparse.Namespace, mesh) -> dict[str, dict[str, Any]]:
+    """The batched and one-at-a-time handles, each through the Python API and HTTP."""
+    from sharedllm.openai_server import ServerThread, create_app
+
+    out: dict[str, dict[str, Any]] = {}
+    for name, parallel in (("batched", max(args.levels)), ("one at a time", 1)):
+        with mesh.load("gemma-3-270m", n_ctx=N_CTX, machines=["machine-1", "machine-2"], parallel=parallel) as llm:
+            llm.create_completion(PROMPTS[0], max_tokens=8, temperature=0)  # warm up
+            app = create_app(llm, model_id=MODEL_ID, max_queue=256, queue_timeout=3600)
+            with ServerThread(app) as server:
+                for api, stream in (("python", lambda p, llm=llm: python_stream(llm, p, args.tokens)),
+                                    ("http", lambda p, url=server.url: http_stream(url, p, args.tokens))):
+                    for n in args.levels:
+                        logger.info("%s, %s: %d stream(s)", name, api, n)
+                        out[f"{name}|{api}|{n}"] = {"setup": name, "api": api, **run_level(n, stream)}
+    return out
+
+
+def llama_server_setup(args: argparse.Namespace, model_path: Path) -> dict[str, dict[str, Any]]:
+    """The same levels against ``python -m llama_cpp.server`` (local)."""
+    import httpx
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "llama_cpp.server", "--model", str(model_path), "--model_alias", MODEL_ID,
+         "--n_ctx", "2048", "--n_threads", str(os.cpu_count() or 1), "--port", str(port), "--host", "127.0.0.1",
+         "--interrupt_requests", "False"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    out: dict[str, dict[str, Any]] = {}
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if httpx.get(f"{url}/v1/models", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("python -m llama_cpp.server did not start (is llama-cpp-python's [server] extra "
+                                   "installed? pip install sse-starlette starlette-context pydantic-settings)")
+            time.sleep(0.5)
+        list(http_stream(url, PROMPTS[0], 8))  # warm up
+        for n in args.levels:
+            logger.info("llama_cpp.server: %d stream(s)", n)
+            out[f"llama_cpp.server|http|{n}"] = {"setup": "llama_cpp.server", "api": "http",
+                                                 **run_level(n, lambda p: http_stream(url, p, args.tokens))}
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    return out
+
+
+def summarize(runs: dict[str, dict[str, Any]], levels: list[int]) -> dict[str, Any]:
+    """The bars, from the batched runs; and whether every batched text equals its one-at-a-time text."""
+    out: dict[str, Any] = {"bars": {}}
+    for api in ("python", "http"):
+        one, eight = runs.get(f"batched|{api}|1"), runs.get(f"batched|{api}|8")
+        if one and eight:
+            out["bars"][api] = {
+                "throughput_8_over_1": eight["tok_s"] / one["tok_s"],
+                "ttft_p50_8_over_1": eight["ttft_p50_ms"] / one["ttft_p50_ms"],
+            }
+            out["bars"][api]["pass"] = (out["bars"][api]["throughput_8_over_1"] >= BAR_THROUGHPUT
+                                        and out["bars"][api]["ttft_p50_8_over_1"] <= BAR_TTFT)
+    mismatches = []
+    for key, run in runs.items():
+        setup, api, n = key.split("|")
+        ref = runs.get(f"one at a time|{api}|{n}")
+        if setup == "batched" and ref is not None and run["texts"] != ref["texts"]:
+            mismatches.append(key)
+    out["texts_match"] = not mismatches
+    out["mismatches"] = mismatches
+    return out
+
+
+def report(result: dict[str, Any], markdown: bool) -> str:
+    rows = [["setup", "api", "streams", "tokens", "agg tok/s", "x vs 1 stream", "TTFT p50 ms", "TTFT p95 ms",
+             "ITL p50 ms"]]
+    runs = result["runs"]
+    for r in runs.values():
+        base = runs.get(f"{r['setup']}|{r['api']}|1")
+        rows.append([r["setup"], r["api"], str(r["streams"]), str(r["tokens"]), f"{r['tok_s']:.1f}",
+                     f"{r['tok_s'] / base['tok_s']:.2f}" if base else "-", f"{r['ttft_p50_ms']:.0f}",
+                     f"{r['ttft_p95_ms']:.0f}", "-" if r["itl_p50_ms"] is None else f"{r['itl_p50_ms']:.1f}"])
+    lines = [render(rows, markdown), ""]
+    for api, bar in result["summary"]["bars"].items():
+        lines.append(f"bar ({api}): 8 streams give {bar['throughput_8_over_1']:.2f}x the tokens/s of 1 "
+                     f"(>= {BAR_THROUGHPUT:g}x), p50 TTFT {bar['ttft_p50_8_over_1']:.2f}x (<= {BAR_TTFT:g}x): "
+                     f"{'PASS' if bar['pass'] else 'FAIL'}")
+    lines.append("batched texts equal one-at-a-time texts: " + ("yes" if result["summary"]["texts_match"]
+                                                                else f"NO ({result['summary']['mismatches']})"))
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--levels", default="1,2,4,8,16", help="concurrent streams, comma-separated (default 1,2,4,8,16)")
+    p.add_argument("--tokens", type=int, default=128, help="tokens per stream (default 128)")
+    p.add_argument("--out", default="bench/results/concurrency.json", help="JSON results file")
+    p.add_argument("--markdown", action="store_true", help="print the table as Markdown")
+    p.add_argument("--no-llama-server", action="store_true", help="skip python -m llama_cpp.server")
+    p.add_argument("--from-json", default=None, metavar="PATH", help="print the table of an earlier results file")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    if args.from_json:
+        print(report(json.loads(Path(args.from_json).read_text()), args.markdown))
+        return 0
+    args.levels = sorted({int(x) for x in args.levels.split(",")})
+    if max(args.levels) > len(PROMPTS):
+        p.error(f"at most {len(PROMPTS)} streams (one prompt each)")
+
+    from sharedllm.local import LocalMesh
+    from sharedllm.models import default_model_path
+
+    t0 = time.perf_counter()
+    with LocalMesh(machines=2, dashboard=False, scheduler_args=["--requests-per-minute", "100000"]) as lm:
+        runs = mesh_setups(args, lm.mesh())
+    if not args.no_llama_server:
+        runs.update(llama_server_setup(args, default_model_path()))
+    result = {"machine": machine_info(), "tokens": args.tokens, "levels": args.levels, "n_ctx_per_sequence": N_CTX,
+              "runs": runs}
+    result["summary"] = summarize(runs, args.levels)
+    result["texts_match"] = result["summary"]["texts_match"]
+    result["total_seconds"] = time.perf_counter() - t0
+    return finish(result, args.out, report(result, args.markdown))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

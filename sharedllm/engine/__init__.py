@@ -1,0 +1,24 @@
+# SPDX-License-Identifier: AGPL-3.0-or-later
+"""The engine: a disposable child process that holds the llama.cpp context.
+
+llama.cpp calls ``GGML_ABORT`` (and the process exits with status 134) when an rpc-server dies, a handshake fails or
+a tensor is malformed. So the context never lives in the user's interpreter: ``Engine`` starts
+``python -m sharedllm.engine``, talks to it over its stdin/stdout with length-prefixed pickle frames, and turns its
+death into a typed exception that names the machine or the file. Tokens are forwarded as the child produces them.
+
+- :mod:`.spec`: what an engine loads and where (``EngineSpec``, ``EngineStage``) and the probes of its servers;
+- :mod:`.framing`: the frames between parent and child;
+- :mod:`.process`: the parent's ``Engine`` (many calls at once);
+- :mod:`.child`: the child process (``build_llama``, the serial and the batched runners);
+- :mod:`.batch`: continuous batching, the slots and the decode loop;
+- :mod:`.sampling`: one native sampler chain per sequence.
+
+No Dask here: the engine knows endpoints and a tensor split, nothing about the mesh.
+"""
+
+from sharedllm.engine.child import OUTPUT_ON_CLIENT, build_llama
+from sharedllm.engine.process import Engine, _to_the_end
+from sharedllm.engine.spec import EngineSpec, EngineStage, first_failing_stage, probe_stage
+
+__all__ = ["OUTPUT_ON_CLIENT", "Engine", "EngineSpec", "EngineStage", "_to_the_end", "build_llama",
+           "first_failing_stage", "probe_stage"]

@@ -1,0 +1,9 @@
+# SPDX-License-Identifier: AGPL-3.0-or-later
+"""``python -m sharedllm.engine <parent pid>``: the engine child (see :mod:`sharedllm.engine.child`)."""
+
+import os
+import sys
+
+from sharedllm.engine.child import _child_main
+
+sys.exit(_child_main(int(sys.argv[1]) if len(sys.argv) > 1 else os.getppid()))

@@ -1,0 +1,324 @@
+# SPDX-License-Identifier: AGPL-3.0-or-later
+"""Continuous batching in the engine child: up to ``parallel`` sequences share one llama.cpp context.
+
+The model of llama.cpp's ``tools/server``: a fixed set of slots, one per sequence id, each with its own KV cache
+stream (``n_seq_max = parallel``, ``kv_unified = false``: a sequence's cells start at 0 in its own stream, so its
+attention sums exactly the terms it would sum alone). One thread, the scheduler, owns the context and loops:
+
+1. it frees the slots of sequences that ended, were cancelled or whose caller left (``llama_memory_seq_rm``), and
+   gives free slots to waiting sequences, first come first served (fairness between clients is the server's job, at
+   admission: see ``sharedllm.openai_server.RequestQueue``);
+2. it decodes the next token of every running sequence in one ``llama_decode`` (one pass over the mesh for all of
+   them: on a mesh every pass pays a round trip per machine, so a batch of B sequences pays it once for B);
+3. it evaluates one chunk (at most ``prefill_chunk`` tokens) of the prompt of one sequence that is still reading its
+   prompt, in its own ``llama_decode``: a long prompt takes several steps and never stalls the running streams.
+   Evaluating a prompt alone (not mixed with other sequences' tokens) keeps its kernels those of a solo request;
+4. it samples each new token with the sequence's own native sampler chain (:mod:`.sampling`) and hands it to the
+   sequence's consumer.
+
+A consumer is the request's thread in llama-cpp-python's ``create_completion``, whose ``Llama.generate`` is
+replaced by :meth:`BatchScheduler.generate`: stop strings, detokenisation, chat templates and the dict shapes stay
+llama-cpp-python's own. A consumer more than ``LOOKAHEAD`` tokens behind is skipped by the decode step until it
+catches up.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from sharedllm.engine.sampling import sampler_chain
+
+logger = logging.getLogger(__name__)
+
+LOOKAHEAD = 4  # tokens a sequence may run ahead of its consumer
+
+
+class QueueFull(Exception):
+    """Every slot is taken and ``max_waiting`` sequences already wait."""
+
+
+class Sequence:
+    """One request's sequence: its prompt, sampler, slot and the tokens not yet taken by its consumer."""
+
+    def __init__(self, prompt: list[int], sampler: Any, stopped: Callable[[], bool]):
+        self.prompt = prompt
+        self.sampler = sampler
+        self.stopped = stopped  # the parent cancelled the request (or the engine closes)
+        self.slot = -1
+        self.n_past = 0  # tokens in the sequence's KV cells
+        self.next_input: int | None = None  # the last sampled token, to evaluate at the next step
+        self.pending: collections.deque[int] = collections.deque()
+        self.ended = False  # no more tokens will come (end of generation, context full, cancelled, error)
+        self.left = False  # the consumer stopped taking tokens
+        self.error: str | None = None
+        self.submitted = time.monotonic()
+        self.first_token_at: float | None = None
+
+    @property
+    def prefilled(self) -> bool:
+        return self.n_past >= len(self.prompt)
+
+
+class BatchScheduler:
+    """The slots, the waiting line and the loop that decodes them (see the module's docstring)."""
+
+    def __init__(self, llm: Any, parallel: int, n_ctx_seq: int, *, prefill_chunk: int = 0, max_waiting: int = 64,
+                 max_batch: int = 0, on_stats: Callable[[dict], None] | None = None):
+        import llama_cpp
+
+        self.llm = llm
+        self.parallel = parallel
+        self.n_ctx_seq = n_ctx_seq
+        self.prefill_chunk = prefill_chunk or llm.n_batch
+        self.max_waiting = max_waiting
+        self.on_stats = on_stats
+        self._lib = llama_cpp
+        self._ctx = llm.ctx
+        self._memory = llama_cpp.llama_get_memory(self._ctx)
+        self._vocab = llm._model.vocab
+        self._batch = llama_cpp.llama_batch_init(max(parallel, self.prefill_chunk), 0, 1)
+        # Sequences per llama_decode of a decode step; 0: all of them (see invariant_batch).
+        self.max_batch = max_batch or parallel
+        self._cond = threading.Condition()
+        self._free = list(range(parallel - 1, -1, -1))  # slots (sequence ids), popped from the end: 0 first
+        self._running: list[Sequence] = []
+        self._waiting: collections.deque[Sequence] = collections.deque()
+        self._closed = False
+        self.steps = 0
+        self._batch_sizes: collections.deque[int] = collections.deque(maxlen=64)
+        self._stats_at = 0.0
+        self._reported: tuple[int, int] | None = None  # (running, waiting) as last reported
+        self._thread = threading.Thread(target=self._loop, name="batch-scheduler", daemon=True)
+        self._thread.start()
+
+    # --- the consumers' side ----------------------------------------------------------------------------------
+
+    def generate(self, tokens: list[int], *, seed: int, logit_bias: dict | None, stopped: Callable[[], bool],
+                 **sampling: Any) -> Iterator[int]:
+        """``Llama.generate`` for one request: submit its sequence, yield its tokens as the scheduler samples them."""
+        prompt = list(tokens)
+        if not prompt:
+            raise ValueError("the prompt is empty")
+        if len(prompt) >= self.n_ctx_seq:
+            raise ValueError(f"Requested tokens ({len(prompt)}) exceed context window of {self.n_ctx_seq}")
+        seq = Sequence(prompt, sampler_chain(self.llm, seed=seed, logit_bias=logit_bias, **sampling), stopped)
+        with self._cond:
+            if self._closed:
+                raise RuntimeError("the engine is closing")
+            if not self._free and len(self._waiting) >= self.max_waiting:
+                seq.sampler.close()
+                raise QueueFull(f"all {self.parallel} sequences of this model are running and {len(self._waiting)} "
+                                "request(s) already wait; retry later, or load the model with a larger parallel")
+            self._waiting.append(seq)
+            self._cond.notify_all()
+        return self._tokens(seq)
+
+    def _tokens(self, seq: Sequence) -> Iterator[int]:
+        try:
+            while True:
+                with self._cond:
+                    while not seq.pending and not seq.ended:
+                        self._cond.wait(0.5)
+                        if seq.stopped() and not seq.pending:  # cancelled while it waits for a slot or a token
+                            self._cond.notify_all()
+                            return
+                    if not seq.pending:
+                        if seq.error is not None:
+                            raise RuntimeError(seq.error)
+                        return
+                    token = seq.pending.popleft()
+                    self._cond.notify_all()  # it may have been held back by LOOKAHEAD
+                yield token
+        finally:
+            with self._cond:
+                seq.left = True
+                self._cond.notify_all()
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            for seq in [*self._running, *self._waiting]:
+                seq.ended = True
+            self._cond.notify_all()
+        self._thread.join(timeout=5.0)
+
+    # --- the scheduler ----------------------------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        try:
+            while True:
+                with self._cond:
+                    self._reap()
+                    self._admit()
+                    decode = [s for s in self._running
+                              if s.prefilled and s.next_input is not None and not s.ended
+                              and len(s.pending) < LOOKAHEAD]
+                    prefill = next((s for s in self._running if not s.prefilled and not s.ended), None)
+                    if self._closed:
+                        return
+                    if not decode and prefill is None:
+                        self._report_stats()
+                        self._cond.wait(0.5)
+                        continue
+                for group in _groups(decode, self.max_batch):
+                    self._step(group, [(s.next_input, s.n_past, s) for s in group], logits=list(range(len(group))),
+                               counted=True)
+                if prefill is not None:
+                    chunk = prefill.prompt[prefill.n_past:prefill.n_past + self.prefill_chunk]
+                    last = prefill.n_past + len(chunk) >= len(prefill.prompt)
+                    self._step([prefill] if last else [],
+                               [(tok, prefill.n_past + i, prefill) for i, tok in enumerate(chunk)],
+                               logits=[len(chunk) - 1] if last else [], counted=False)
+                self._report_stats()
+        except Exception as exc:  # a bug here must not leave every consumer waiting for ever
+            logger.exception("the batch scheduler failed")
+            with self._cond:
+                self._closed = True
+                for seq in [*self._running, *self._waiting]:
+                    seq.error, seq.ended = f"the batch scheduler failed: {type(exc).__name__}: {exc}", True
+                self._cond.notify_all()
+
+    def _reap(self) -> None:
+        """Free the slots of sequences whose consumer left or that were cancelled; drop cancelled waiting ones."""
+        for seq in [s for s in self._running if s.left or s.stopped()]:
+            self._running.remove(seq)
+            seq.ended = True
+            self._lib.llama_memory_seq_rm(self._memory, seq.slot, -1, -1)
+            self._free.append(seq.slot)
+            seq.sampler.close()
+        for seq in [s for s in self._waiting if s.left or s.stopped()]:
+            self._waiting.remove(seq)
+            seq.ended = True
+            seq.sampler.close()
+
+    def _admit(self) -> None:
+        while self._free and self._waiting:
+            seq = self._waiting.popleft()
+            seq.slot = self._free.pop()
+            self._running.append(seq)
+
+    def _step(self, sampled: list[Sequence], tokens: list[tuple[int, int, Sequence]], logits: list[int],
+              counted: bool) -> None:
+        """One ``llama_decode`` of ``tokens`` (token, position, sequence); sample the next token of each sequence of
+        ``sampled`` from the logits of batch row ``logits[i]``. ``counted``: a decode step (its size is a batch size
+        of the statistics), not a prompt chunk."""
+        batch = self._batch
+        want = set(logits)
+        for i, (tok, pos, seq) in enumerate(tokens):
+            batch.token[i] = tok
+            batch.pos[i] = pos
+            batch.n_seq_id[i] = 1
+            batch.seq_id[i][0] = seq.slot
+            batch.logits[i] = i in want
+        batch.n_tokens = len(tokens)
+        rc = self._lib.llama_decode(self._ctx, batch)
+        if rc != 0:
+            with self._cond:
+                for seq in {id(s): s for _, _, s in tokens}.values():
+                    seq.error, seq.ended = f"llama_decode failed with status {rc}", True
+                self._cond.notify_all()
+            return
+        new = [(seq, self._lib.llama_sampler_sample(seq.sampler.sampler, self._ctx, row))
+               for seq, row in zip(sampled, logits, strict=True)]
+        now = time.monotonic()
+        with self._cond:
+            for _, pos, seq in tokens:
+                seq.n_past = max(seq.n_past, pos + 1)
+            for seq, tok in new:
+                seq.pending.append(tok)
+                seq.next_input = tok
+                if seq.first_token_at is None:
+                    seq.first_token_at = now
+                if self._lib.llama_vocab_is_eog(self._vocab, tok) or seq.n_past >= self.n_ctx_seq:
+                    seq.ended = True
+            if counted:
+                self.steps += 1
+                self._batch_sizes.append(len(sampled))
+            self._cond.notify_all()
+
+    def _report_stats(self) -> None:
+        """Send the statistics when the running or waiting sequences changed, and every half second while busy."""
+        if self.on_stats is None:
+            return
+        now = time.monotonic()
+        counts = (len(self._running), len(self._waiting))
+        if counts == self._reported and (now - self._stats_at < 0.5 or not counts[0]):
+            return
+        self._reported, self._stats_at = counts, now
+        sizes = list(self._batch_sizes)
+        self.on_stats({"running": counts[0], "waiting": counts[1], "parallel": self.parallel, "steps": self.steps,
+                       "batch": sum(sizes) / len(sizes) if sizes else 0.0})
+
+
+def _groups(seqs: list[Sequence], size: int) -> list[list[Sequence]]:
+    """``seqs`` in as few groups of at most ``size`` as possible, of sizes as equal as possible."""
+    if not seqs:
+        return []
+    n = -(-len(seqs) // size)
+    step = -(-len(seqs) // n)
+    return [seqs[i:i + step] for i in range(0, len(seqs), step)]
+
+
+def invariant_batch(llm: Any, parallel: int) -> int:
+    """The largest number of sequences one decode step may hold without changing any sequence's arithmetic.
+
+    llama.cpp's kernels may change with the number of rows of a matrix product: on x86 CPUs with Gemma 3 270M
+    Q4_K_M, ``MUL_MAT`` of the Q4_K ``attn_output`` weights (1024 -> 640) gives a row other bits from 8 rows on,
+    and the logits of a sequence decoded with 7 others then differ from its logits alone by up to 0.67 (whether the
+    bits flip depends on the data: with some prompts the logits stay equal). Measured on the loaded model with its
+    devices, for prompts of 3, 4, 8 and 12 tokens: every sequence reads the prompt, then sequence 0's next token is
+    decoded alone and with 1, 2, ... others; the answer is the largest k for which its logits stay bit-identical
+    for every batch of at most k and every prompt (``parallel`` when they always do). Costs at most
+    ``4 * (parallel + 1)`` decodes; the cells are freed afterwards.
+    """
+    import ctypes
+
+    import llama_cpp
+    import numpy as np
+
+    ctx, n_vocab = llm.ctx, llm.n_vocab()
+    memory = llama_cpp.llama_get_memory(ctx)
+    text = llm.tokenize(b"Once upon a time, in a small village by the sea, there lived", add_bos=True)
+    batch = llama_cpp.llama_batch_init(12 * parallel, 0, 1)
+
+    def decode(items: list[tuple[int, int, int]], row: int) -> np.ndarray:
+        for i, (tok, pos, seq) in enumerate(items):
+            batch.token[i], batch.pos[i], batch.n_seq_id[i] = tok, pos, 1
+            batch.seq_id[i][0] = seq
+            batch.logits[i] = i == row
+        batch.n_tokens = len(items)
+        if llama_cpp.llama_decode(ctx, batch) != 0:
+            raise RuntimeError("llama_decode failed while measuring the batch")
+        ptr = llama_cpp.llama_get_logits_ith(ctx, row)
+        return np.ctypeslib.as_array(ctypes.cast(ptr, ctypes.POINTER(ctypes.c_float)), shape=(n_vocab,)).copy()
+
+    def clear() -> None:
+        for s in range(parallel):
+            llama_cpp.llama_memory_seq_rm(memory, s, -1, -1)
+
+    limit = parallel
+    try:
+        for length in (3, 4, 8, 12):
+            prompt = text[:length]
+            clear()
+            nxt = int(decode([(tok, pos, s) for s in range(parallel) for pos, tok in enumerate(prompt)],
+                             len(prompt) - 1).argmax())
+            alone = None
+            for k in range(1, limit + 1):
+                row = decode([(nxt, len(prompt), s) for s in range(k)], 0)
+                for s in range(k):
+                    llama_cpp.llama_memory_seq_rm(memory, s, len(prompt), -1)
+                if alone is None:
+                    alone = row
+                elif not np.array_equal(row, alone):
+                    limit = k - 1
+                    break
+        return limit
+    finally:
+        clear()
+        llama_cpp.llama_batch_free(batch)

@@ -1,0 +1,422 @@
+# SPDX-License-Identifier: AGPL-3.0-or-later
+"""The engine child (``python -m sharedllm.engine``): builds the ``Llama`` and serves the parent's calls.
+
+The main thread reads the parent's frames (calls, cancels, close); calls run elsewhere, so a cancel reaches a running
+call at once. With ``parallel == 1`` one worker thread runs the calls one after the other, each through
+llama-cpp-python's own ``Llama.generate`` (today's oracle: the same kernels and the same text as a plain ``Llama``).
+With ``parallel > 1`` every call runs in its own thread and its ``Llama.generate`` is the batch scheduler's
+(:mod:`.batch`): the sequences of all running calls are decoded together.
+
+Frames to the parent carry the call's id: ``("accepted", rid)``, ``("chunk", rid, chunk, tokens)``,
+``("done", rid, tokens)``, ``("result", rid, value)``, ``("error", rid, kind, message)``; and ``("stats", dict)``
+from the batch scheduler.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import logging
+import os
+import queue
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+from sharedllm.engine.batch import QueueFull as _BUSY
+from sharedllm.engine.batch import invariant_batch
+from sharedllm.engine.framing import _FrameReader, _write_frame
+from sharedllm.engine.spec import EngineSpec
+
+logger = logging.getLogger(__name__)
+
+
+def _watch_parent(parent_pid: int) -> None:
+    while True:
+        if os.getppid() != parent_pid:
+            os._exit(0)
+        time.sleep(0.5)
+
+
+# The output layer's tensors (its norm, and the projection: ``output.weight``, or ``token_embd.weight`` loaded a second
+# time when the embeddings are tied) as a ``tensor_buft_overrides`` pattern. With them on the client's CPU the mesh's
+# last machine returns the final hidden state (n_embd floats) instead of the logits (n_vocab floats: 1 MiB a token
+# for a 262k vocabulary) and holds neither the projection nor the logits' compute buffer; the client computes the
+# projection with the same CPU kernels an rpc-server would, so greedy output is unchanged. Tied embeddings cost the
+# client no extra weight memory: the duplicate maps the same file pages as the input embeddings.
+OUTPUT_ON_CLIENT = r"^(output|output_norm|token_embd)\.weight$"
+
+
+def build_llama(model_path: str, *, devices: list[int] = (), use_extra_bufts: bool = False, progress=None,
+                output_on_client: bool = False, parallel: int = 1, **kwargs):
+    """Construct ``llama_cpp.Llama`` with the model parameters its constructor does not expose.
+
+    ``devices`` (raw ggml device handles) become ``llama_model_params.devices``; ``use_extra_bufts=False`` gives the
+    CPU kernels an rpc-server uses, which makes local greedy output the oracle for mesh output (see NOTES).
+    ``output_on_client`` keeps the output layer on this process's CPU (:data:`OUTPUT_ON_CLIENT`).
+    ``parallel`` > 1: a context for that many sequences (``n_seq_max``), each with its own KV cache stream
+    (``kv_unified=False``) of ``n_ctx`` cells; ``n_ctx`` is per sequence, the context holds ``parallel * n_ctx``.
+    Call it in a process that may die: with RPC devices llama.cpp aborts on a lost server.
+    """
+    import ctypes
+
+    import llama_cpp
+    import llama_cpp.llama_cpp as lib
+
+    class _Override(ctypes.Structure):  # struct llama_model_tensor_buft_override
+        _fields_ = [("pattern", ctypes.c_char_p), ("buft", ctypes.c_void_p)]
+
+    dev_array = (ctypes.c_void_p * (len(devices) + 1))(*devices, None)
+    overrides = None
+    if output_on_client and devices:
+        from sharedllm import ggml
+
+        overrides = (_Override * 2)(_Override(OUTPUT_ON_CLIENT.encode(), ggml.cpu_buffer_type()), _Override(None, None))
+    original = lib.llama_model_default_params
+    original_ctx = lib.llama_context_default_params
+
+    def patched():
+        params = original()
+        if devices:
+            params.devices = ctypes.cast(dev_array, ctypes.c_void_p)
+        if overrides is not None:
+            params.tensor_buft_overrides = ctypes.cast(overrides, ctypes.c_void_p)
+        params.use_extra_bufts = use_extra_bufts
+        if progress is not None:
+            params.progress_callback = progress
+        return params
+
+    def patched_ctx():
+        params = original_ctx()
+        params.n_seq_max = parallel
+        params.kv_unified = False
+        return params
+
+    kwargs.setdefault("verbose", False)
+    if parallel > 1:
+        kwargs["n_ctx"] = kwargs.get("n_ctx", 512) * parallel
+        lib.llama_context_default_params = patched_ctx
+    lib.llama_model_default_params = patched
+    try:
+        llm = llama_cpp.Llama(model_path=model_path, **kwargs)
+    finally:
+        lib.llama_model_default_params = original
+        lib.llama_context_default_params = original_ctx
+    llm._sharedllm_keepalive = (dev_array, overrides, progress)  # the C side keeps pointers to them
+    if "chat_format" not in kwargs and "chat_handler" not in kwargs:
+        fallback = _fallback_chat_format(llm.metadata)
+        if fallback:
+            llm.chat_format = fallback  # create_chat_completion resolves the format by name at call time
+    return llm
+
+
+def _build_llama(spec: EngineSpec, out_fd: int, phases: dict[str, float]):
+    """Build the engine's ``Llama``. ``phases`` receives monotonic timestamps: ``imported`` (llama-cpp-python),
+    ``connected`` (every rpc-server added), ``weights_start``/``weights_end`` (first and last progress callback: the
+    weights being uploaded, or mapped for a local model) and ``built`` (context created)."""
+    import ctypes
+
+    import llama_cpp  # noqa: F401  (numpy, jinja2, the chat formats: a fixed cost worth seeing on its own)
+
+    from sharedllm import ggml
+
+    phases["imported"] = time.monotonic()
+    handles: list[int] = []
+    devices: list[dict] = []
+    servers: dict[str, list] = {}
+    local = _open_tunnels(spec)
+    for st in spec.stages:
+        if st.endpoint not in servers:
+            servers[st.endpoint] = ggml.add_server(local.get(st.endpoint, st.endpoint))
+        devs = servers[st.endpoint]
+        if st.device_index >= len(devs):
+            raise RuntimeError(f"rpc-server {st.endpoint} has {len(devs)} device(s), no device {st.device_index}")
+        dev, h = devs[st.device_index]
+        handles.append(h)
+        devices.append({"endpoint": st.endpoint, "machine_id": st.machine_id, **dev.to_dict()})
+    phases["connected"] = time.monotonic()
+
+    @ctypes.CFUNCTYPE(ctypes.c_bool, ctypes.c_float, ctypes.c_void_p)
+    def progress(fraction, _user):
+        now = time.monotonic()
+        phases.setdefault("weights_start", now)
+        phases["weights_end"] = now
+        _write_frame(out_fd, ("progress", float(fraction)))
+        return True
+
+    kwargs = dict(spec.llama_kwargs)
+    if handles:
+        kwargs["n_gpu_layers"] = -1
+        kwargs["tensor_split"] = spec.tensor_split or None
+        if spec.output_on_client:
+            # The projection is the client's largest matmul (Gemma 3 270M: 168M of its 268M weights); llama-cpp-python
+            # would give it half the cores. The rest of a token's time the client waits on the network.
+            kwargs.setdefault("n_threads", os.cpu_count() or 1)
+    llm = build_llama(spec.model_path, devices=handles, use_extra_bufts=spec.use_extra_bufts, progress=progress,
+                      output_on_client=spec.output_on_client, parallel=spec.parallel, **kwargs)
+    phases["built"] = time.monotonic()
+    return llm, devices
+
+
+def _phase_seconds(started_at: float, init_at: float, marks: dict[str, float]) -> dict[str, float]:
+    """Durations of the child's load phases from its timestamps (see ``_build_llama``); ``started_at`` stays a
+    timestamp, for the parent to turn into the spawn time (interpreter start and imports before ``_child_main``)."""
+    order = [("init", init_at), *((k, marks[k]) for k in ("imported", "connected", "weights_start", "weights_end",
+                                                             "built") if k in marks)]
+    names = {"imported": "import", "connected": "connect", "weights_start": "model_metadata",
+             "weights_end": "weights", "built": "context"}
+    out = {"started_at": started_at, "wait_init": init_at - started_at}
+    for (_, prev), (key, t) in itertools.pairwise(order):
+        out[names[key]] = t - prev
+    return out
+
+
+_TUNNELS: list = []  # the engine's client relays: they live as long as the engine process
+
+
+def _open_tunnels(spec: EngineSpec) -> dict[str, str]:
+    """Start a client relay for every stage behind a relay; ``{machine endpoint: local endpoint}`` for llama.cpp.
+
+    The tokens were checked by the parent (:func:`probe_stage`) just before; a relay that refuses now would make
+    llama.cpp abort, which the parent turns into ``WorkerLost`` like any other lost machine."""
+    local: dict[str, str] = {}
+    for st in spec.stages:
+        if st.relay and st.endpoint not in local:
+            cr = st.client_relay().start()
+            _TUNNELS.append(cr)
+            local[st.endpoint] = cr.endpoint
+    return local
+
+
+def _fallback_chat_format(metadata: dict[str, str]) -> str | None:
+    """A chat format for GGUFs that carry no ``tokenizer.chat_template`` (llama-cpp-python would pick llama-2).
+
+    ``metadata`` is ``Llama.metadata``: the scalar keys llama.cpp read while loading, so the file is not parsed twice.
+    """
+    if metadata.get("tokenizer.chat_template"):
+        return None
+    arch = metadata.get("general.architecture") or ""
+    return "gemma" if arch.startswith("gemma") else None
+
+
+class _Out:
+    """The frames to the parent, written whole by one thread at a time."""
+
+    def __init__(self, fd: int):
+        self.fd = fd
+        self._lock = threading.Lock()
+
+    def send(self, frame: tuple) -> None:
+        with self._lock:
+            _write_frame(self.fd, frame)
+
+
+class _Call:
+    """One request in the engine child, around ``Llama.generate`` (which llama-cpp-python's completion methods call
+    once per request, after their checks: context length, logprobs...):
+
+    - it writes an ``("accepted", rid)`` frame when generation starts: from then on the request can only fail in the
+      engine itself, and the OpenAI endpoint sends its response headers (so the client's work on them overlaps the
+      prompt's evaluation);
+    - it counts the tokens generated (end-of-generation tokens excluded, as in ``usage.completion_tokens``): the
+      parent reports tokens, not stream chunks;
+    - between two tokens it stops generating once the parent sent ``cancel`` (or ``close``), streamed or not:
+      llama-cpp-python then ends the request as it would at ``max_tokens``.
+    """
+
+    def __init__(self, msg: dict, out: _Out):
+        self.rid = msg["rid"]
+        self.method, self.kwargs, self.streamed = msg["method"], msg["kwargs"], msg["stream"]
+        self.out = out
+        self.tokens = 0
+        self.stop: str | None = None  # "cancel" or "close" once the parent asked
+        self.seed: int | None = None  # the seed llama-cpp-python set for this request (batched calls)
+
+    def stopped(self) -> bool:
+        return self.stop is not None
+
+    def generated(self, tokens: Iterator[int], vocab: Any) -> Iterator[int]:
+        """``tokens`` (a request's generation), announced, counted and stopped on the parent's word."""
+        import llama_cpp
+
+        self.out.send(("accepted", self.rid))
+        for token in tokens:
+            if self.stopped():
+                return
+            if not llama_cpp.llama_vocab_is_eog(vocab, token):
+                self.tokens += 1
+            yield token
+
+    def run(self, llm: Any) -> None:
+        """Run the request on ``llm`` and send its chunks and its end (nothing when the engine closes under it)."""
+        fn = getattr(llm, self.method)
+        try:
+            if not self.streamed:
+                end = ("result", self.rid, fn(**self.kwargs))
+            else:
+                for chunk in fn(**self.kwargs, stream=True):
+                    self.out.send(("chunk", self.rid, chunk, self.tokens))
+                    if self.stopped():
+                        break
+                end = ("done", self.rid, self.tokens)
+        except _BUSY as exc:
+            end = ("error", self.rid, "busy", str(exc))
+        except (ValueError, TypeError) as exc:  # bad arguments, prompt longer than the context...
+            end = ("error", self.rid, "value", str(exc))
+        except Exception as exc:
+            end = ("error", self.rid, "engine", f"{type(exc).__name__}: {exc}")
+        if self.stop != "close":  # closed mid-call: no answer, the parent takes the exit for the end of the model
+            self.out.send(end)
+
+
+def _generated(call: _Call, generate: Any, vocab: Any, *args: Any, **kwargs: Any) -> Iterator[int]:
+    return call.generated(generate(*args, **kwargs), vocab)
+
+
+class _SerialRunner:
+    """``parallel == 1``: the calls run one after the other in one thread, through llama-cpp-python's own
+    ``Llama.generate``."""
+
+    def __init__(self, llm: Any, spec: EngineSpec, out: _Out):
+        self.llm, self.spec, self.out = llm, spec, out
+        self.calls: dict[int, _Call] = {}
+        self._queue: queue.SimpleQueue[_Call | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._work, name="calls", daemon=True)
+        self._thread.start()
+
+    def submit(self, call: _Call) -> None:
+        self.calls[call.rid] = call
+        self._queue.put(call)
+
+    def _work(self) -> None:
+        vocab = self.llm._model.vocab
+        while (call := self._queue.get()) is not None:
+            try:
+                if call.stopped():  # cancelled before it started
+                    self.out.send(("done", call.rid, 0) if call.streamed else ("error", call.rid, "cancelled", ""))
+                    continue
+                if not self.spec.reuse_prompt_cache:
+                    self.llm.reset()
+                self.llm.generate = functools.partial(_generated, call, self.llm.generate, vocab)
+                try:
+                    call.run(self.llm)
+                finally:
+                    self.llm.__dict__.pop("generate", None)
+            finally:
+                self.calls.pop(call.rid, None)
+
+    def close(self) -> None:
+        self._queue.put(None)
+
+
+class _BatchRunner:
+    """``parallel > 1``: every call runs in its own thread; their generations are sequences of one batch
+    (:class:`sharedllm.engine.batch.BatchScheduler`)."""
+
+    def __init__(self, llm: Any, spec: EngineSpec, out: _Out):
+        from sharedllm.engine.batch import BatchScheduler
+
+        self.llm, self.out = llm, out
+        self.calls: dict[int, _Call] = {}
+        self._local = threading.local()  # .call: the call this thread runs
+        n_ctx_seq = llm.n_ctx() // spec.parallel
+        llm._n_ctx = n_ctx_seq  # llama-cpp-python checks prompts and max_tokens against it: one sequence's context
+        # Exact batches: no more sequences per decode than leave each one's arithmetic what it is alone.
+        self.max_batch = invariant_batch(llm, spec.parallel) if spec.exact_batches else spec.parallel
+        if self.max_batch < spec.parallel:
+            logger.info("decode steps of at most %d sequences: more change llama.cpp's kernels on these devices",
+                        self.max_batch)
+        self.scheduler = BatchScheduler(llm, spec.parallel, n_ctx_seq, prefill_chunk=spec.prefill_chunk,
+                                        max_waiting=spec.max_waiting, max_batch=self.max_batch,
+                                        on_stats=lambda s: out.send(("stats", s)))
+        llm.generate = self._generate
+        llm.set_seed = self._set_seed  # the request's seed is its own, not the shared Llama._seed
+
+    def _set_seed(self, seed: int) -> None:
+        self._local.call.seed = seed
+
+    def _generate(self, tokens: list[int], *, logits_processor: Any = None, **sampling: Any) -> Iterator[int]:
+        call: _Call = self._local.call
+        # llama-cpp-python turns logit_bias into a Python logits processor; the batch uses llama.cpp's own sampler.
+        del logits_processor
+        seed = call.seed if call.seed is not None else self.llm._seed
+        tokens = self.scheduler.generate(tokens, seed=seed, logit_bias=call.kwargs.get("logit_bias"),
+                                         stopped=call.stopped, **sampling)
+        return call.generated(tokens, self.llm._model.vocab)
+
+    def submit(self, call: _Call) -> None:
+        if call.kwargs.get("logprobs") is not None or call.kwargs.get("top_logprobs") is not None:
+            self.out.send(("error", call.rid, "value", "logprobs are not available from a model loaded with "
+                           "parallel > 1; load it with parallel=1 and logits_all=True"))
+            return
+        self.calls[call.rid] = call
+        threading.Thread(target=self._run, args=(call,), name=f"call-{call.rid}", daemon=True).start()
+
+    def _run(self, call: _Call) -> None:
+        self._local.call = call
+        try:
+            call.run(self.llm)
+        finally:
+            self.calls.pop(call.rid, None)
+
+    def close(self) -> None:
+        self.scheduler.close()
+
+
+def _child_main(parent_pid: int) -> int:
+    started_at = time.monotonic()
+    # Frames go out on a private copy of stdout; anything else printed (llama.cpp, Python) lands in the log (stderr).
+    out = _Out(os.dup(1))
+    os.dup2(2, 1)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s engine %(levelname)s %(message)s")
+    threading.Thread(target=_watch_parent, args=(parent_pid,), daemon=True).start()
+    reader = _FrameReader(0)
+    try:
+        init = reader.read()
+    except EOFError:
+        return 0
+    spec: EngineSpec = init["spec"]
+    t0 = time.perf_counter()
+    init_at = time.monotonic()
+    marks: dict[str, float] = {}
+    try:
+        llm, devices = _build_llama(spec, out.fd, marks)
+    except ValueError as exc:  # llama-cpp-python: "Failed to load model from file"
+        out.send(("error", "model", str(exc)))
+        return 1
+    except Exception as exc:
+        out.send(("error", "engine", f"{type(exc).__name__}: {exc}"))
+        return 1
+    runner = _BatchRunner(llm, spec, out) if spec.parallel > 1 else _SerialRunner(llm, spec, out)
+    out.send(("ready", {
+        "load_seconds": time.perf_counter() - t0,
+        "phases": _phase_seconds(started_at, init_at, marks),
+        "devices": devices,
+        "n_ctx": llm._n_ctx,
+        "parallel": spec.parallel,
+        "max_batch": getattr(runner, "max_batch", 1),
+        "n_vocab": llm.n_vocab(),
+        "pid": os.getpid(),
+        "metadata": dict(llm.metadata),
+    }))
+    while True:
+        try:
+            msg = reader.read()
+        except EOFError:
+            msg = {"op": "close"}
+        op = msg.get("op")
+        if op == "call":
+            runner.submit(_Call(msg, out))
+        elif op == "cancel":  # a late cancel, for a call that already ended, needs no answer
+            if (call := runner.calls.get(msg["rid"])) is not None and call.stop is None:
+                call.stop = "cancel"
+        elif op == "close":
+            for call in list(runner.calls.values()):
+                call.stop = "close"
+            runner.close()
+            # Calls may still be inside llama.cpp: leave without the interpreter's teardown (freeing the context
+            # under them); the kernel closes the connections to the rpc-servers.
+            sys.stderr.flush()
+            os._exit(0)

@@ -1,0 +1,502 @@
+# SPDX-License-Identifier: AGPL-3.0-or-later
+"""The parent's handle on an engine process: start it, run calls on it (many at once), turn its death into errors.
+
+Every call has an id; one reader thread reads the child's frames and hands each to its call's inbox, which the
+caller's thread waits on (``call``, ``stream``) or its event loop (``acall``, ``astream``). A call that stops early
+(the caller stopped reading, its task was cancelled) tells the child to cancel it and goes: the child stops that
+request between two tokens and frees its sequence; the other calls go on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import copy
+import itertools
+import logging
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from typing import Any
+
+from sharedllm.engine.framing import _FrameReader, _write_frame
+from sharedllm.engine.spec import EngineSpec, _probe_stages
+from sharedllm.errors import EngineError, InvalidModel, MeshError, ModelBusy, ModelClosed, WorkerLost
+
+logger = logging.getLogger(__name__)
+
+_EOF = ("eof",)  # put in every inbox when the child's pipe closes
+
+
+class _Inbox:
+    """The frames of one call (without their call id), put by the reader thread, taken by the caller's thread or
+    by its event loop."""
+
+    def __init__(self):
+        self._items: collections.deque[tuple] = collections.deque()
+        self._cond = threading.Condition()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._event: asyncio.Event | None = None
+
+    def put(self, msg: tuple) -> None:
+        with self._cond:
+            self._items.append(msg)
+            self._cond.notify()
+            loop, event = self._loop, self._event
+        if loop is not None:
+            with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits any more
+                loop.call_soon_threadsafe(event.set)
+
+    def _take(self) -> tuple | None:
+        if not self._items:
+            return None
+        msg = self._items.popleft()
+        if msg is _EOF:
+            self._items.appendleft(msg)  # every later read sees the end too
+            raise EOFError
+        return msg
+
+    def get(self, timeout: float) -> tuple:
+        with self._cond:
+            if not self._items:
+                self._cond.wait(timeout)
+            if (msg := self._take()) is None:
+                raise TimeoutError
+            return msg
+
+    async def aget(self, timeout: float) -> tuple:
+        if self._loop is None:
+            self._loop, self._event = asyncio.get_running_loop(), asyncio.Event()
+        deadline = time.monotonic() + timeout
+        while True:
+            with self._cond:
+                if (msg := self._take()) is not None:
+                    return msg
+                self._event.clear()
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError
+            try:
+                await asyncio.wait_for(self._event.wait(), left)
+            except TimeoutError:
+                pass
+
+
+class Engine:
+    """Client-side handle on one engine process.
+
+    ``load_timeout`` bounds model loading (uploading weights to every rpc-server) and a request's wait for its first
+    token; ``token_timeout`` bounds the gap between two streamed tokens. An rpc-server that hangs (the RPC protocol
+    has no timeouts) is detected by them, or sooner by the ``watchdog`` when one is given. Calls from many threads
+    and tasks run at once: as sequences of one batch when ``spec.parallel > 1``, one after the other in the child
+    otherwise.
+    """
+
+    def __init__(
+        self,
+        spec: EngineSpec,
+        *,
+        load_timeout: float = 600.0,
+        token_timeout: float = 120.0,
+        on_progress: Callable[[float], None] | None = None,
+        probe: Callable[[EngineSpec], tuple[str, str] | None] | None = None,
+        watchdog: Callable[[], tuple[str, str] | None] | None = None,
+        watch_after: float = 2.0,
+    ):
+        self.spec = spec
+        self.load_timeout = load_timeout
+        self.token_timeout = token_timeout
+        # While a call hears nothing for more than ``watch_after`` seconds, ``watchdog()`` is asked every second
+        # whether a machine is known to be gone or stuck: (machine, why), else None. A stopped or cut-off machine
+        # is then found in seconds instead of at ``token_timeout`` (the RPC protocol has no timeouts of its own).
+        self.watchdog = watchdog
+        self.watch_after = watch_after
+        self.on_progress = on_progress
+        self._probe = probe or _probe_stages
+        self._log = tempfile.NamedTemporaryFile(prefix="sharedllm-engine-", suffix=".log", delete=False)
+        self.info: dict[str, Any] = {}
+        self.stats: dict[str, Any] = {}  # the batch scheduler's last report: running, waiting, batch size...
+        self._proc: subprocess.Popen | None = None
+        self._reader: _FrameReader | None = None
+        self._inboxes: dict[int, _Inbox] = {}
+        self._rids = itertools.count(1)
+        self._eof = False
+        self._send_lock = threading.Lock()
+        self._fail_lock = threading.Lock()
+        self._failed: MeshError | None = None  # why the engine is gone, worked out once for every call
+        self._watched: tuple[float, tuple[str, str] | None] = (0.0, None)  # the watchdog's last answer, and when
+        self._closing = False  # close() was called: a call still running ends with ModelClosed
+
+    @property
+    def log_path(self) -> str:
+        return self._log.name
+
+    @property
+    def alive(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    @property
+    def in_flight(self) -> int:
+        """Calls running or waiting in the engine."""
+        return len(self._inboxes)
+
+    def start(self) -> dict[str, Any]:
+        """Start the child and load the model. Returns what the child reports (devices, load time, n_ctx...)."""
+        # GGML_NO_BACKTRACE: on abort, ggml would attach gdb to print a backtrace, which takes seconds.
+        env = dict(os.environ, PYTHONUNBUFFERED="1", GGML_NO_BACKTRACE="1")
+        # The engine's own CPU work is tiny (embedding rows, sampling) between network waits: its OpenMP threads
+        # should sleep soon after, not spin ~300k times and take the CPU from the rest of the user's process.
+        env.setdefault("GOMP_SPINCOUNT", "10000")
+        spawned = time.monotonic()  # CLOCK_MONOTONIC is system-wide: the child's timestamps compare with it
+        self._proc = subprocess.Popen(
+            [sys.executable, "-m", "sharedllm.engine", str(os.getpid())],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self._log,
+            env=env,
+            start_new_session=True,  # Ctrl-C in the user's terminal reaches the user's code, not the engine
+        )
+        self._reader = _FrameReader(self._proc.stdout.fileno())
+        self._send({"op": "init", "spec": self.spec})
+        deadline = time.monotonic() + self.load_timeout
+        while True:
+            msg = self._recv(self._reader.read, deadline - time.monotonic(), during="loading the model")
+            if msg[0] == "progress":
+                if self.on_progress:
+                    self.on_progress(msg[1])
+            elif msg[0] == "ready":
+                self.info = msg[1]
+                phases = self.info.get("phases")
+                if phases is not None and "started_at" in phases:
+                    phases["spawn"] = phases.pop("started_at") - spawned
+                    logger.debug("engine load phases (s): %s", phases)
+                threading.Thread(target=self._read_frames, name="engine-frames", daemon=True).start()
+                return self.info
+            elif msg[0] == "error":
+                why = _load_error(self.log_tail()) if msg[1] == "model" else None  # before close() removes the log
+                self.close()
+                raise _rebuild(msg[1], why or msg[2], self.spec)
+
+    def _read_frames(self) -> None:
+        """The reader thread: each frame to its call's inbox; at the end of the pipe, the end to every inbox."""
+        reader = self._reader
+        try:
+            while True:
+                msg = reader.read()
+                if msg[0] == "stats":
+                    self.stats = msg[1]
+                elif (inbox := self._inboxes.get(msg[1])) is not None:
+                    inbox.put((msg[0], *msg[2:]))
+        except (EOFError, OSError, ValueError):  # ValueError: the pipe was closed under the read
+            pass
+        self._eof = True
+        for inbox in list(self._inboxes.values()):
+            inbox.put(_EOF)
+
+    def _open(self, method: str, kwargs: dict[str, Any], stream: bool) -> tuple[int, _Inbox]:
+        rid, inbox = next(self._rids), _Inbox()
+        self._inboxes[rid] = inbox
+        if self._eof:
+            inbox.put(_EOF)
+        try:
+            self._send({"op": "call", "rid": rid, "method": method, "kwargs": kwargs, "stream": stream})
+        except BaseException:
+            self._inboxes.pop(rid, None)
+            raise
+        return rid, inbox
+
+    def _finish(self, rid: int, ended: bool) -> None:
+        """The call is over for its caller: forget its inbox; tell the child to stop it unless it ended there."""
+        self._inboxes.pop(rid, None)
+        if not ended and self.alive and not self._closing:
+            with contextlib.suppress(MeshError):
+                self._send({"op": "cancel", "rid": rid})
+
+    def call(self, method: str, kwargs: dict[str, Any]) -> Any:
+        """Run ``Llama.<method>(**kwargs)`` without streaming and return its result."""
+        rid, inbox = self._open(method, kwargs, stream=False)
+        ended = False
+        try:
+            while True:
+                msg = self._recv(inbox.get, self.load_timeout, during=method)
+                ended = msg[0] in _CALL_ENDS
+                if (result := _result(msg, self.spec)) is not _NO_RESULT:
+                    return result
+        finally:
+            self._finish(rid, ended)
+
+    async def acall(self, method: str, kwargs: dict[str, Any]) -> Any:
+        """``call`` for asyncio, read in the running event loop. Cancelling the awaiting task stops the generation
+        in the engine (between two tokens)."""
+        rid, inbox = self._open(method, kwargs, stream=False)
+        ended = False
+        try:
+            while True:
+                msg = await self._arecv(inbox.aget, self.load_timeout, during=method)
+                ended = msg[0] in _CALL_ENDS
+                if (result := _result(msg, self.spec)) is not _NO_RESULT:
+                    return result
+        finally:
+            self._finish(rid, ended)
+
+    def stream(self, method: str, kwargs: dict[str, Any], on_accepted: Callable[[], None] | None = None
+               ) -> Iterator[tuple[dict, int]]:
+        """Run ``Llama.<method>(**kwargs, stream=True)`` and yield its chunks as the child produces them, each with
+        the number of tokens generated so far (as the engine counts them).
+
+        ``on_accepted`` is called once llama-cpp-python has checked the request and starts evaluating the prompt.
+        """
+        rid, inbox = self._open(method, kwargs, stream=True)
+        call = _StreamedCall(self, on_accepted)
+        try:
+            while not call.finished:
+                if (chunk := call.take(self._recv(inbox.get, call.timeout, during=method))) is not None:
+                    yield chunk, call.generated
+        finally:
+            self._finish(rid, call.finished)
+
+    async def astream(self, method: str, kwargs: dict[str, Any], on_accepted: Callable[[], None] | None = None
+                      ) -> AsyncIterator[tuple[dict, int]]:
+        """``stream`` for asyncio: the chunks are taken in the running event loop."""
+        rid, inbox = self._open(method, kwargs, stream=True)
+        call = _StreamedCall(self, on_accepted)
+        try:
+            while not call.finished:
+                if (chunk := call.take(await self._arecv(inbox.aget, call.timeout, during=method))) is not None:
+                    yield chunk, call.generated
+        finally:
+            self._finish(rid, call.finished)
+
+    def _send(self, msg: dict) -> None:
+        if self._closing:
+            raise ModelClosed("the model was closed; load it again")
+        if not self.alive:
+            raise self._failure("the engine is not running")
+        try:
+            with self._send_lock:
+                _write_frame(self._proc.stdin.fileno(), msg)
+        except (OSError, ValueError):
+            raise self._failure("the engine stopped accepting requests") from None
+
+    def _recv(self, get: Callable[[float], tuple], timeout: float, during: str) -> tuple:
+        deadline = time.monotonic() + max(timeout, 0.0)
+        for wait in self._waits(deadline):
+            try:
+                return get(wait)
+            except TimeoutError:
+                if (lost := self._watch(deadline, timeout, during)) is not None:
+                    raise lost from None
+            except EOFError as exc:
+                raise self._lost(exc, timeout, during) from None
+        raise AssertionError("unreachable")
+
+    async def _arecv(self, aget: Callable[[float], Any], timeout: float, during: str) -> tuple:
+        deadline = time.monotonic() + max(timeout, 0.0)
+        for wait in self._waits(deadline):
+            try:
+                return await aget(wait)
+            except TimeoutError:
+                # The watchdog and the culprit's probe use the network: not in the event loop.
+                if (lost := await asyncio.to_thread(self._watch, deadline, timeout, during)) is not None:
+                    raise lost from None
+            except EOFError as exc:
+                raise await asyncio.to_thread(self._lost, exc, timeout, during) from None
+        raise AssertionError("unreachable")
+
+    def _waits(self, deadline: float) -> Iterator[float]:
+        """How long each read waits: ``watch_after`` seconds, then a second at a time with the watchdog between
+        them, up to ``deadline``; the whole time at once without a watchdog."""
+        step = self.watch_after if self.watchdog is not None else None
+        while True:
+            left = max(deadline - time.monotonic(), 0.0)
+            yield left if step is None else min(step, left)
+            step = None if step is None else 1.0
+
+    def _watch(self, deadline: float, timeout: float, during: str) -> MeshError | None:
+        """After a read that timed out: the error to raise (the deadline passed, or the watchdog names a machine
+        that is gone or stuck: the engine is killed), or None to wait on."""
+        if time.monotonic() >= deadline:
+            return self._lost(TimeoutError(), timeout, during)
+        with self._fail_lock:
+            if self._failed is not None:
+                return _again(self._failed)
+            asked_at, suspect = self._watched
+            if time.monotonic() - asked_at >= 0.9:  # many waiting calls ask the mesh once a second, not each
+                suspect = self.watchdog() if self.watchdog is not None else None
+                self._watched = (time.monotonic(), suspect)
+            if suspect is None:
+                return None
+            machine, why = suspect
+            self._kill()
+            endpoint = next((s.endpoint for s in self.spec.stages if s.machine_id == machine), None)
+            lost = WorkerLost(f"machine {machine} {why} while {during}; the session must be reloaded on the "
+                              "remaining machines", machine=machine, endpoint=endpoint)
+            lost.alive = True  # its processes may still exist (stopped, cut off): not a crash to diagnose
+            self._failed = lost
+            return _again(lost)
+
+    def _lost(self, exc: TimeoutError | EOFError, timeout: float, during: str) -> MeshError:
+        """The error for an engine that did not answer in time (killed now) or died."""
+        if self._closing:  # close() from another thread stopped it under this call
+            return ModelClosed(f"the model was closed while {during}; load it again")
+        if isinstance(exc, TimeoutError):
+            self._kill()
+            return self._failure(f"no answer for {timeout:.0f}s while {during}", hung=True)
+        self._proc.wait()
+        return self._failure(f"the engine died while {during}")
+
+    def _failure(self, what: str, hung: bool = False) -> MeshError:
+        """Turn a dead or hung engine into a typed error that names the machine that caused it, when known; worked
+        out once (the first call to see it probes the machines), the same for every call that was running."""
+        with self._fail_lock:
+            if self._failed is None:
+                self._failed = self._diagnose(what, hung)
+            return _again(self._failed)
+
+    def _diagnose(self, what: str, hung: bool) -> MeshError:
+        self._kill()
+        tail = self.log_tail()
+        culprit = self._probe(self.spec) if self.spec.stages else None
+        code = self._proc.returncode if self._proc else None
+        if culprit:
+            endpoint, state = culprit
+            machine = next((s.machine_id for s in self.spec.stages if s.endpoint == endpoint), "") or endpoint
+            return WorkerLost(
+                f"machine {machine} (rpc-server {endpoint}) {state}: {what}; the session must be reloaded on the "
+                "remaining machines",
+                machine=machine,
+                endpoint=endpoint,
+            )
+        lines = tail.strip().splitlines()
+        last = lines[-1] if lines else "no output"
+        assertion = next((ln.strip() for ln in reversed(lines) if "GGML_ASSERT" in ln), None)
+        if assertion and not hung:  # llama.cpp asserted on the model in this process (its layers on the client)
+            return InvalidModel(f"{self.spec.model_path}: llama.cpp aborted on this model ({assertion}) while {what}; "
+                                "the file is damaged or malformed, get it again from its source", self.spec.model_path)
+        if hung:
+            return EngineError(f"engine {what}; raise token_timeout if the model is this slow (log: {self.log_path})")
+        return EngineError(f"engine exited with status {code} {what}: {last} (log: {self.log_path})")
+
+    def log_tail(self, n: int = 4000) -> str:
+        try:
+            with open(self.log_path, "rb") as f:
+                f.seek(max(0, os.path.getsize(self.log_path) - n))
+                return f.read().decode(errors="replace")
+        except OSError:
+            return ""
+
+    def _kill(self) -> None:
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.kill()
+            self._proc.wait()
+
+    def close(self, replaced: bool = False) -> None:
+        """Stop the child (politely, then by force) and remove its log. Calls running in other threads (or tasks)
+        end with ``ModelClosed``; with ``replaced`` (the engine failed and its handle recovers), with the engine's
+        failure, which their handle recovers from."""
+        self._closing = not replaced
+        proc = self._proc
+        if proc is None:
+            return
+        if proc.poll() is None:
+            with contextlib.suppress(Exception), self._send_lock:
+                _write_frame(proc.stdin.fileno(), {"op": "close"})
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self._kill()
+        with contextlib.suppress(Exception):
+            proc.stdin.close()  # stdout: the reader thread reads the end of it, and the garbage collector closes it
+        self._log.close()
+        with contextlib.suppress(OSError):
+            os.unlink(self.log_path)
+        self._proc = None
+
+
+def _again(exc: MeshError) -> MeshError:
+    """A copy of ``exc`` to raise in one more thread (an exception object raised in two threads shares its
+    traceback)."""
+    new = copy.copy(exc)
+    new.__dict__.update(exc.__dict__)
+    return new
+
+
+class _StreamedCall:
+    """The messages of one streamed call, as ``Engine.stream`` and ``Engine.astream`` read them."""
+
+    def __init__(self, engine: Engine, on_accepted: Callable[[], None] | None):
+        self.engine, self.on_accepted = engine, on_accepted
+        self.timeout = engine.load_timeout  # the first chunk waits for the prompt; later ones for one decode step
+        self.finished = False  # the engine ended the call (done or error): nothing to cancel
+        self.generated = 0  # tokens generated so far, as the engine counts them
+
+    def take(self, msg: tuple) -> dict | None:
+        """The chunk a message carries, else None; raises the engine's error."""
+        kind = msg[0]
+        if kind == "chunk":
+            self.timeout = self.engine.token_timeout
+            self.generated = msg[2]
+            return msg[1]
+        if kind in ("done", "error"):
+            self.finished = True
+            if kind == "error":
+                raise _rebuild(msg[1], msg[2], self.engine.spec)
+            self.generated = msg[1]
+        elif kind == "accepted" and self.on_accepted is not None:
+            self.on_accepted()
+        return None
+
+
+_CALL_ENDS = ("done", "error", "result")  # the messages that end a call in the engine
+_NO_RESULT = object()
+
+
+def _result(msg: tuple, spec: EngineSpec) -> Any:
+    """What a non-streamed call's message means: its result, ``_NO_RESULT`` (not the end yet), or the error raised."""
+    if msg[0] == "result":
+        return msg[1]
+    if msg[0] == "error":
+        raise _rebuild(msg[1], msg[2], spec)
+    return _NO_RESULT
+
+
+async def _to_the_end(work: Any) -> None:
+    """Await ``work`` to its end even if the awaiting task is cancelled meanwhile (then re-raise the cancellation)."""
+    task = asyncio.ensure_future(work)
+    try:
+        await asyncio.shield(task)
+    except asyncio.CancelledError:
+        while not task.done():
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.shield(task)
+        raise
+
+
+def _load_error(log: str) -> str | None:
+    """Why llama.cpp refused a model, from the engine's log (its ``error loading model`` line), with the way out."""
+    marker = "error loading model: "
+    lines = [ln.split(marker, 1)[1].strip() for ln in log.splitlines() if marker in ln]
+    if not lines:
+        return None
+    why = lines[-1]
+    if "unknown model architecture" in why:
+        import llama_cpp
+
+        return (f"{why}: this llama.cpp (llama-cpp-python {llama_cpp.__version__}) does not support that architecture; "
+                "upgrade llama-cpp-python on this client and every machine, or use a model of a supported architecture")
+    return why
+
+
+def _rebuild(kind: str, message: str, spec: EngineSpec) -> Exception:
+    if kind == "model":
+        return InvalidModel(f"{spec.model_path}: llama.cpp could not load the model: {message}", spec.model_path)
+    if kind == "value":
+        return ValueError(message)
+    if kind == "busy":
+        return ModelBusy(message)
+    return EngineError(message)

@@ -1,0 +1,97 @@
+# SPDX-License-Identifier: AGPL-3.0-or-later
+"""What an engine loads and where: its stages (one device of one rpc-server each) and the probes of those servers."""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class EngineStage:
+    """One device the engine loads layers onto: device ``device_index`` of the rpc-server at ``endpoint``.
+
+    ``relay``: ``{"token": ..., "fingerprint": ...}`` when ``endpoint`` is the machine's relay (the default): the
+    engine then tunnels to it (:class:`sharedllm.relay.ClientRelay`, in the engine process, where no other Python
+    work competes for the GIL while llama.cpp waits on the network) and llama.cpp connects to the tunnel's local end.
+    """
+
+    endpoint: str
+    device_index: int = 0
+    machine_id: str = ""
+    relay: dict | None = field(default=None, compare=False, hash=False, repr=False)  # holds a secret token
+
+    def client_relay(self, **kwargs: Any):
+        """A :class:`sharedllm.relay.ClientRelay` to this stage's machine, with its token and pinned certificate."""
+        from sharedllm.relay import ClientRelay
+
+        return ClientRelay(self.endpoint, self.relay["token"], fingerprint=self.relay["fingerprint"], **kwargs)
+
+
+def probe_stage(stage: EngineStage, timeout: float = 5.0) -> tuple[int, int, int]:
+    """RPC HELLO to a stage's rpc-server, through its relay when it has one; returns the protocol version.
+
+    Raises ``TimeoutError`` (busy or hung), ``ConnectionError`` (unreachable, closed) or
+    :class:`sharedllm.relay.TokenError` (the relay refused the token). No llama.cpp code runs.
+    """
+    from sharedllm.ggml import rpc_hello, rpc_hello_on
+
+    if not stage.relay:
+        return rpc_hello(stage.endpoint, timeout=timeout)
+    with contextlib.closing(stage.client_relay(connect_timeout=timeout).open()) as tunnel:
+        return rpc_hello_on(tunnel, stage.endpoint, timeout)
+
+
+@dataclass
+class EngineSpec:
+    """Everything the child needs to build its ``llama_cpp.Llama``."""
+
+    model_path: str
+    stages: list[EngineStage] = field(default_factory=list)  # empty: a plain local model
+    tensor_split: list[float] = field(default_factory=list)
+    llama_kwargs: dict[str, Any] = field(default_factory=dict)
+    use_extra_bufts: bool = False  # False: the same CPU kernels as an rpc-server (see NOTES, the oracle)
+    # False: every request starts from an empty context. Reusing a cached prompt prefix re-evaluates the last prompt
+    # token alone, and a batch of one takes other kernels than the full prompt: greedy text can then differ from a
+    # fresh run. True trades that reproducibility for speed on long shared prefixes (chat).
+    reuse_prompt_cache: bool = False
+    output_on_client: bool = False  # see OUTPUT_ON_CLIENT
+    # Sequences decoded together (continuous batching, sharedllm.engine.batch); 1: one request at a time through
+    # llama-cpp-python's own generate. llama_kwargs["n_ctx"] is each sequence's context.
+    parallel: int = 1
+    prefill_chunk: int = 0  # prompt tokens evaluated per step of the batch; 0: n_batch
+    max_waiting: int = 64  # requests that may wait for a sequence of the batch; more get ModelBusy
+    # True: a decode step holds no more sequences than leave each one's arithmetic as it is alone (measured at load:
+    # sharedllm.engine.batch.invariant_batch), so a batched greedy request yields its solo text. False: every
+    # running sequence in one step (faster where llama.cpp's kernels change with the batch; texts may then differ).
+    exact_batches: bool = True
+
+
+def first_failing_stage(stages: list[EngineStage], timeout: float) -> tuple[EngineStage, str, Exception] | None:
+    """Probe each rpc-server of ``stages`` once (:func:`probe_stage`); the first that fails, with how: ``"timeout"``
+    (it accepted but did not answer: busy or hung), ``"token"`` (its relay refused the token) or ``"unreachable"``.
+    None when every server answers."""
+    from sharedllm.relay import TokenError
+
+    for stage in {s.endpoint: s for s in stages}.values():
+        try:
+            probe_stage(stage, timeout=timeout)
+        except TimeoutError as exc:
+            return stage, "timeout", exc
+        except TokenError as exc:
+            return stage, "token", exc
+        except OSError as exc:
+            return stage, "unreachable", exc
+    return None
+
+
+def _probe_stages(spec: EngineSpec) -> tuple[str, str] | None:
+    """After the engine is gone, find the rpc-server that refuses or hangs. None when every server answers."""
+    failed = first_failing_stage(spec.stages, timeout=3.0)
+    if failed is None:
+        return None
+    stage, how, exc = failed
+    state = {"timeout": "stopped answering", "unreachable": "is unreachable"}.get(how)
+    return stage.endpoint, state or f"refused the session's token ({exc.reason})"
+

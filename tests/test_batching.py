@@ -1,0 +1,271 @@
+# SPDX-License-Identifier: AGPL-3.0-or-later
+"""Continuous batching on the real loopback mesh: many requests share one engine, each gets the text it gets alone.
+
+The oracle: a batched greedy request yields the text the same request yields alone (and ``parallel=1`` yields plain
+local llama-cpp-python's text: ``test_mesh.py``). Each sequence has its own KV stream and its prompt is evaluated
+apart from the other sequences' tokens, so on the CPU kernels the batch changes no sequence's arithmetic.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import threading
+
+import httpx
+import pytest
+
+from sharedllm.engine import Engine, EngineSpec
+from sharedllm.errors import ModelBusy
+from sharedllm.openai_server import ServerThread, create_app
+from tests.conftest import machine, wait_for
+
+pytestmark = pytest.mark.mesh
+
+TWO = ["machine-1", "machine-2"]
+N_CTX = 512  # per sequence
+# Different prompts of different lengths, with different max_tokens: the sequences join and leave at different steps.
+PROMPTS = [
+    ("Once upon a time", 40),
+    ("The capital of France is", 24),
+    ("def fibonacci(n):", 48),
+    ("List three colours of the rainbow, then explain why the sky is blue in one sentence:", 32),
+    ("In 1969, humans", 16),
+    ("The best way to learn a new language is", 44),
+    ("Water boils at", 20),
+    ("Here is a short poem about the sea:\n", 36),
+]
+
+
+def _text(out: dict) -> str:
+    return out["choices"][0]["text"]
+
+
+def _solo(llm) -> dict[str, str]:
+    """Each request alone on the handle, one after the other."""
+    return {p: _text(llm.create_completion(p, max_tokens=n, temperature=0)) for p, n in PROMPTS}
+
+
+@pytest.fixture(scope="module")
+def batched(mesh):
+    with mesh.load("gemma-3-270m", n_ctx=N_CTX, machines=TWO, parallel=8) as llm:
+        yield llm
+
+
+@pytest.fixture(scope="module")
+def solo(batched):
+    return _solo(batched)
+
+
+def test_eight_concurrent_greedy_requests_each_equal_their_solo_text(batched, solo, model_path):
+    # The solo texts through the batch engine are plain llama-cpp-python's.
+    from sharedllm.engine import build_llama
+
+    local = build_llama(str(model_path), n_ctx=N_CTX, n_threads=2, use_extra_bufts=False)
+    try:
+        for p, n in PROMPTS[:3]:
+            local.reset()
+            assert solo[p] == _text(local.create_completion(p, max_tokens=n, temperature=0))
+    finally:
+        local.close()
+
+    # Threads, joining one after the other: each starts once the previous one has its first chunk.
+    results: dict[str, str] = {}
+    errors: list[BaseException] = []
+    started = [threading.Event() for _ in PROMPTS]
+
+    def run(i: int, prompt: str, n: int) -> None:
+        try:
+            text = ""
+            for chunk in batched.create_completion(prompt, max_tokens=n, temperature=0, stream=True):
+                started[i].set()
+                text += chunk["choices"][0]["text"]
+            results[prompt] = text
+        except BaseException as exc:
+            errors.append(exc)
+        finally:
+            started[i].set()
+
+    threads = []
+    for i, (p, n) in enumerate(PROMPTS):
+        threads.append(threading.Thread(target=run, args=(i, p, n)))
+        threads[-1].start()
+        assert started[i].wait(120)
+    for t in threads:
+        t.join(timeout=300)
+    assert not errors, errors
+    assert results == solo
+    assert batched.load_stats["batch"] > 1.5, batched.load_stats  # they really were decoded together
+
+    # asyncio tasks, all at once, non-streamed and streamed.
+    async def run_all() -> dict[str, str]:
+        async def one(i: int, p: str, n: int) -> tuple[str, str]:
+            if i % 2:
+                return p, _text(await batched.acreate_completion(p, max_tokens=n, temperature=0))
+            stream = await batched.acreate_completion(p, max_tokens=n, temperature=0, stream=True)
+            return p, "".join([c["choices"][0]["text"] async for c in stream])
+
+        return dict(await asyncio.gather(*(one(i, p, n) for i, (p, n) in enumerate(PROMPTS))))
+
+    assert asyncio.run(run_all()) == solo
+
+
+def test_a_cancelled_request_frees_its_sequence_at_once(batched):
+    # Every sequence taken by a long stream; one of them is cancelled; a short request must get its sequence then,
+    # not after the others end.
+    order: list[str] = []
+    stop = threading.Event()
+    going = threading.Barrier(len(PROMPTS) + 1, timeout=120)
+
+    def long_stream(i: int, prompt: str) -> None:
+        stream = batched.create_completion(prompt, max_tokens=300, temperature=0, stream=True)
+        try:
+            next(stream)
+            going.wait()
+            if i == 0:
+                return  # this caller leaves: closing its stream cancels its sequence
+            for _ in stream:
+                if stop.is_set():
+                    break
+            order.append(f"long-{i}")
+        finally:
+            stream.close()
+
+    threads = [threading.Thread(target=long_stream, args=(i, p)) for i, (p, _) in enumerate(PROMPTS)]
+    for t in threads:
+        t.start()
+    going.wait()
+    out = batched.create_completion("Water boils at", max_tokens=8, temperature=0)
+    order.append("short")
+    stop.set()
+    for t in threads:
+        t.join(timeout=120)
+    assert out["usage"]["completion_tokens"] == 8
+    assert order[0] == "short", order  # it did not wait for a long stream to end
+
+
+def test_the_server_batches_and_answers_queue_full_and_context_overflow(batched, solo):
+    app = create_app(batched, model_id="gemma", max_queue=0, queue_timeout=60)
+    assert app.state.queue.concurrency == 8
+    with ServerThread(app) as s, httpx.Client(base_url=s.url, timeout=120) as h:
+        streams = [h.stream("POST", "/v1/completions", json={"model": "gemma", "prompt": p, "max_tokens": 200,
+                                                               "temperature": 0, "stream": True})
+                   for p, _ in PROMPTS]
+        opened = [st.__enter__() for st in streams]
+        try:
+            assert all(r.status_code == 200 for r in opened)
+            assert app.state.queue.running == 8
+            busy = h.post("/v1/completions", json={"model": "gemma", "prompt": "Hi", "max_tokens": 4})
+            assert busy.status_code == 429
+            assert busy.json()["error"]["code"] == "rate_limit_exceeded"
+        finally:
+            for st in streams:
+                st.__exit__(None, None, None)
+        wait_for(lambda: app.state.queue.running == 0, timeout=60, what="the streams' sequences to be freed")
+        long = h.post("/v1/completions", json={"model": "gemma", "prompt": "word " * (N_CTX + 10), "max_tokens": 4})
+        assert long.status_code == 400
+        assert long.json()["error"]["code"] == "context_length_exceeded"
+        p, n = PROMPTS[1]
+        ok = h.post("/v1/completions", json={"model": "gemma", "prompt": p, "max_tokens": n, "temperature": 0})
+        assert ok.status_code == 200 and ok.json()["choices"][0]["text"] == solo[p]
+
+
+def test_the_engine_samples_each_sequence_with_its_own_chain(model_path):
+    """Without a mesh: seeds, logit bias and the waiting line of the batch engine itself."""
+    engine = Engine(EngineSpec(str(model_path), llama_kwargs={"n_ctx": 256}, parallel=2, max_waiting=1))
+    engine.start()
+    try:
+        def sample(seed: int) -> str:
+            return _text(engine.call("create_completion", {"prompt": "Once upon a time", "max_tokens": 12,
+                                                           "temperature": 0.9, "seed": seed}))
+
+        assert sample(7) == sample(7) != sample(8)  # a seed of its own, not the shared Llama's
+        # logit_bias runs in llama.cpp's chain: a +100 bias on one token makes it the only choice.
+        [the] = engine.call("tokenize", {"text": b" the", "add_bos": False})
+        out = engine.call("create_completion", {"prompt": "Once upon a time", "max_tokens": 4, "temperature": 0,
+                                                "logit_bias": {str(the): 100.0}})
+        assert _text(out) == " the" * 4
+        # Two sequences run, one waits: a fourth request finds the line full.
+        held = [engine.stream("create_completion", {"prompt": "Once upon a time", "max_tokens": 200,
+                                                    "temperature": 0}) for _ in range(3)]
+        for h in held[:2]:
+            next(h)
+        waiting = threading.Thread(target=lambda: list(held[2]), daemon=True)
+        waiting.start()
+        wait_for(lambda: engine.stats.get("waiting") == 1, timeout=60, what="a request waiting for a sequence")
+        with pytest.raises(ModelBusy, match="larger parallel"):
+            engine.call("create_completion", {"prompt": "Hi", "max_tokens": 2})
+        for h in held[:2]:
+            h.close()
+        waiting.join(timeout=120)
+        assert not waiting.is_alive()
+    finally:
+        engine.close()
+
+
+def test_kill_an_rpc_server_with_four_sequences_in_flight(mesh, batched, solo):
+    # Last in the module: the handle goes on without machine-2 afterwards.
+    four = PROMPTS[:4]
+    llm = batched
+    victim = machine(mesh, "machine-2")["rpc"]
+    results: dict[str, str] = {}
+    errors: list[BaseException] = []
+    going = threading.Barrier(len(four) + 1, timeout=120)
+
+    def run(prompt: str, n: int) -> None:
+        try:
+            text, chunks = "", 0
+            for chunk in llm.create_completion(prompt, max_tokens=n, temperature=0, stream=True):
+                text += chunk["choices"][0]["text"]
+                chunks += 1
+                if chunks == 4:
+                    going.wait()  # every sequence has delivered text before the machine dies
+            results[prompt] = text
+        except BaseException as exc:
+            errors.append(exc)
+            going.abort()
+
+    threads = [threading.Thread(target=run, args=pn) for pn in four]
+    for t in threads:
+        t.start()
+    going.wait()
+    os.kill(victim["pid"], signal.SIGKILL)
+    for t in threads:
+        t.join(timeout=300)
+    assert not errors, errors
+    assert results == {p: solo[p] for p, _ in four}  # no duplicated, no missing text in any of them
+    assert [r["lost"] for r in llm.recoveries] == ["machine-2"]  # one recovery for the four
+    wait_for(lambda: (m := machine(mesh, "machine-2")) and m["rpc"]["state"] == "ready"
+             and m["rpc"]["pid"] != victim["pid"], timeout=90, what="machine-2's rpc-server to be back")
+
+
+def test_the_queue_serves_waiting_clients_in_turn():
+    """One client's burst does not keep another client waiting behind all of it (RequestQueue, no model)."""
+    from sharedllm.openai_server import RequestQueue
+
+    async def scenario() -> list[str]:
+        q = RequestQueue(max_queue=16, timeout=60, concurrency=2)
+        held = [await q.acquire("alice"), await q.acquire("alice")]  # both sequences taken
+        order: list[str] = []
+
+        async def request(client: str, i: int) -> None:
+            slot = await q.acquire(client)
+            order.append(f"{client}{i}")
+            await asyncio.sleep(0)  # let the next one queue behind the release below
+            slot.release()
+
+        tasks = [asyncio.create_task(request("alice", i)) for i in range(4)]
+        await asyncio.sleep(0)
+        tasks += [asyncio.create_task(request("bob", i)) for i in range(2)]
+        await asyncio.sleep(0)
+        assert q.waiting == 6
+        for slot in held:
+            slot.release()
+        await asyncio.gather(*tasks)
+        return order
+
+    order = asyncio.run(scenario())
+    # alice came first with four, bob after with two: they alternate while both wait.
+    assert order[:4] == ["alice0", "bob0", "alice1", "bob1"], order
+    assert sorted(order) == ["alice0", "alice1", "alice2", "alice3", "bob0", "bob1"]
