@@ -42,6 +42,11 @@ class Replicas:
         When the mesh cannot hold them all, the ones loaded are closed and the error says how many fitted."""
         if replicas < 1:
             raise ValueError(f"replicas must be >= 1, got {replicas}")
+        if "max_devices" not in load_kwargs and replicas > 1:
+            # Placement spreads a model over every machine it may use: each replica takes its share of them.
+            pool = [m for m in mesh.machines().ready()
+                    if not load_kwargs.get("machines") or m["machine_id"] in load_kwargs["machines"]]
+            load_kwargs["max_devices"] = max(1, len(pool) // replicas)
         handles: list[Any] = []
         try:
             for i in range(replicas):
