@@ -7,7 +7,9 @@
 Gemma 3 270M on an embedded 2-machine loopback mesh (``LocalMesh``). For each number of concurrent streams N, N
 different greedy prompts are streamed at once (``max_tokens=--tokens``), through:
 
-- ``batched``: one handle loaded with ``parallel=max(levels)``: the N requests are N sequences of one batch;
+- ``batched``: one handle loaded with ``parallel=max(levels)``: the N requests are N sequences of one batch, in
+  decode passes of at most the batch that keeps each sequence's text exact (``exact_batches``, measured at load);
+- ``batched (fast)``: the same with ``exact_batches=False``: one pass per step;
 - ``one at a time``: the same mesh, a handle with ``parallel=1``: the requests queue behind each other (what every
   version of SharedLLM before continuous batching did, and what llama-cpp-python's server does);
 - ``llama_cpp.server``: ``python -m llama_cpp.server`` on this machine (local, no mesh: the thing our users would run
@@ -15,12 +17,15 @@ different greedy prompts are streamed at once (``max_tokens=--tokens``), through
 
 each through the Python API (threads calling ``create_completion(stream=True)``; not for ``llama_cpp.server``) and
 over HTTP (``sharedllm.openai_server`` / the llama-cpp-python server, streamed with httpx, one thread per stream).
+Then the batched handles again (Python API; 1, 8 and the most streams) with an emulated link of ``--rtt`` ms to
+every machine (``sharedllm.linkem``, in the engine): the mesh's machines are not on one computer.
 
 Per run: aggregate tokens/s (every stream's tokens over the wall time from the common start to the last token), p50
 and p95 time to first token (from each request's start), p50 inter-token latency (every gap of every stream). Runs
 of one setup go level by level in one process, side by side, so the ratios compare like with like: the bars are the
 batched aggregate tokens/s at 8 streams over 1 stream (>= 3x) and the batched p50 TTFT at 8 streams over 1 stream
-(<= 3x). The texts of the batched runs are checked against the one-at-a-time texts (the oracle: the same text alone).
+(<= 3x), for each batched setup. The texts of the exact batched runs are checked against the one-at-a-time texts
+(the oracle: the same text alone).
 """
 
 from __future__ import annotations
@@ -130,20 +135,31 @@ def run_level(n: int, stream: Callable[[str], Iterator[str]]) -> dict[str, Any]:
 
 
 def mesh_setups(args: argparse.Namespace, mesh) -> dict[str, dict[str, Any]]:
-    """The batched and one-at-a-time handles, each through the Python API and HTTP."""
+    """The handles on the loopback mesh: batched (exact and fast) and one at a time, through the Python API and
+    HTTP; then batched on the emulated link of each ``--rtt``, through the Python API."""
     from sharedllm.openai_server import ServerThread, create_app
 
+    top = max(args.levels)
+    setups = [("batched", top, True, 0, ("python", "http")), ("batched (fast)", top, False, 0, ("python",)),
+              ("one at a time", 1, True, 0, ("python", "http"))]
+    for rtt in args.rtt:
+        setups += [(f"batched, rtt {rtt:g} ms", top, True, rtt, ("python",)),
+                   (f"batched (fast), rtt {rtt:g} ms", top, False, rtt, ("python",))]
     out: dict[str, dict[str, Any]] = {}
-    for name, parallel in (("batched", max(args.levels)), ("one at a time", 1)):
-        with mesh.load("gemma-3-270m", n_ctx=N_CTX, machines=["machine-1", "machine-2"], parallel=parallel) as llm:
+    for name, parallel, exact, rtt, apis in setups:
+        with mesh.load("gemma-3-270m", n_ctx=N_CTX, machines=["machine-1", "machine-2"], parallel=parallel,
+                       exact_batches=exact, link={"rtt_ms": rtt} if rtt else None) as llm:
             llm.create_completion(PROMPTS[0], max_tokens=8, temperature=0)  # warm up
             app = create_app(llm, model_id=MODEL_ID, max_queue=256, queue_timeout=3600)
             with ServerThread(app) as server:
                 for api, stream in (("python", lambda p, llm=llm: python_stream(llm, p, args.tokens)),
                                     ("http", lambda p, url=server.url: http_stream(url, p, args.tokens))):
-                    for n in args.levels:
+                    if api not in apis:
+                        continue
+                    for n in args.levels if not rtt else [n for n in args.levels if n in (1, 8, top)]:
                         logger.info("%s, %s: %d stream(s)", name, api, n)
-                        out[f"{name}|{api}|{n}"] = {"setup": name, "api": api, **run_level(n, stream)}
+                        out[f"{name}|{api}|{n}"] = {"setup": name, "api": api, "max_batch": llm.max_batch,
+                                                    **run_level(n, stream)}
     return out
 
 
@@ -191,20 +207,20 @@ def llama_server_setup(args: argparse.Namespace, model_path: Path) -> dict[str, 
 def summarize(runs: dict[str, dict[str, Any]], levels: list[int]) -> dict[str, Any]:
     """The bars, from the batched runs; and whether every batched text equals its one-at-a-time text."""
     out: dict[str, Any] = {"bars": {}}
-    for api in ("python", "http"):
-        one, eight = runs.get(f"batched|{api}|1"), runs.get(f"batched|{api}|8")
+    for setup, api in dict.fromkeys((r["setup"], r["api"]) for r in runs.values() if r["setup"].startswith("batched")):
+        one, eight = runs.get(f"{setup}|{api}|1"), runs.get(f"{setup}|{api}|8")
         if one and eight:
-            out["bars"][api] = {
+            out["bars"][f"{setup}, {api}"] = {
                 "throughput_8_over_1": eight["tok_s"] / one["tok_s"],
                 "ttft_p50_8_over_1": eight["ttft_p50_ms"] / one["ttft_p50_ms"],
             }
-            out["bars"][api]["pass"] = (out["bars"][api]["throughput_8_over_1"] >= BAR_THROUGHPUT
-                                        and out["bars"][api]["ttft_p50_8_over_1"] <= BAR_TTFT)
+            bar = out["bars"][f"{setup}, {api}"]
+            bar["pass"] = bar["throughput_8_over_1"] >= BAR_THROUGHPUT and bar["ttft_p50_8_over_1"] <= BAR_TTFT
     mismatches = []
     for key, run in runs.items():
         setup, api, n = key.split("|")
         ref = runs.get(f"one at a time|{api}|{n}")
-        if setup == "batched" and ref is not None and run["texts"] != ref["texts"]:
+        if setup.startswith("batched") and "fast" not in setup and ref is not None and run["texts"] != ref["texts"]:
             mismatches.append(key)
     out["texts_match"] = not mismatches
     out["mismatches"] = mismatches
@@ -237,13 +253,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="bench/results/concurrency.json", help="JSON results file")
     p.add_argument("--markdown", action="store_true", help="print the table as Markdown")
     p.add_argument("--no-llama-server", action="store_true", help="skip python -m llama_cpp.server")
+    p.add_argument("--rtt", default="20", help="emulated round-trip times to every machine, ms, comma-separated, for "
+                   "the batched handle at 1, 8 and the most streams (default 20; '' for none)")
     p.add_argument("--from-json", default=None, metavar="PATH", help="print the table of an earlier results file")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     if args.from_json:
         print(report(json.loads(Path(args.from_json).read_text()), args.markdown))
         return 0
     args.levels = sorted({int(x) for x in args.levels.split(",")})
+    args.rtt = [float(x) for x in args.rtt.split(",") if x.strip()]
     if max(args.levels) > len(PROMPTS):
         p.error(f"at most {len(PROMPTS)} streams (one prompt each)")
 

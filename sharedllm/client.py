@@ -263,6 +263,8 @@ class Mesh:
         output_layer: str = "auto",
         parallel: int = 1,
         max_waiting: int = 64,
+        exact_batches: bool = True,
+        link: dict | None = None,
         **llama_kwargs,
     ) -> MeshModel:
         """Load ``model`` across the mesh and return a handle with ``llama_cpp.Llama``'s completion methods.
@@ -294,7 +296,10 @@ class Mesh:
         has ``n_ctx`` tokens of context, and the memory estimate counts the KV cache of all of them. Calls from
         threads or asyncio tasks share the handle; beyond ``parallel`` they wait for a sequence, and beyond
         ``max_waiting`` waiting ones a call raises ``ModelBusy``. With ``parallel=1`` (default) requests run one at
-        a time through llama-cpp-python's own generation.
+        a time through llama-cpp-python's own generation. ``exact_batches`` (default): a decode step holds no more
+        sequences than keep each one's greedy text what it is alone (see ``sharedllm.engine.batch.invariant_batch``);
+        False: one pass per step, faster where the kernels change with the batch. ``link``: for benchmarks, an
+        emulated link to every machine (``{"rtt_ms": 20, "mbit": 100}``, see ``sharedllm.linkem``).
         """
         from sharedllm.ggml import build_info
 
@@ -310,6 +315,7 @@ class Mesh:
             llama_kwargs={"n_ctx": n_ctx, **llama_kwargs},
             wait_timeout=wait_timeout, load_timeout=load_timeout, token_timeout=token_timeout,
             max_recoveries=max_recoveries, on_progress=on_progress, parallel=parallel, max_waiting=max_waiting,
+            engine_options={"exact_batches": exact_batches, "link": link},
         )
         handle._open()
         return handle
@@ -483,8 +489,10 @@ class MeshModel:
         on_progress: Callable[[float], None] | None = None,
         parallel: int = 1,
         max_waiting: int = 64,
+        engine_options: dict | None = None,
     ):
         self._mesh = mesh
+        self._engine_options = engine_options or {}  # more EngineSpec fields
         self.parallel = parallel
         self.max_waiting = max_waiting
         self.path = path
@@ -553,6 +561,7 @@ class MeshModel:
                 output_on_client=self.estimate.output_on_client,
                 parallel=self.parallel,
                 max_waiting=self.max_waiting,
+                **self._engine_options,
             )
             self._engine = Engine(spec, load_timeout=self._load_timeout, token_timeout=self._token_timeout,
                                   on_progress=self._on_progress or _log_progress(name), watchdog=self._suspect)
@@ -753,6 +762,11 @@ class MeshModel:
 
     def n_vocab(self) -> int:
         return self._engine.info["n_vocab"]
+
+    @property
+    def max_batch(self) -> int:
+        """Sequences per decode pass (see ``exact_batches``); 1 when requests run one at a time."""
+        return self._engine.info.get("max_batch", 1)
 
     @property
     def failure(self) -> BaseException | None:

@@ -8,7 +8,6 @@ import shutil
 import signal
 import sqlite3
 import stat
-import time
 from pathlib import Path
 
 import pytest
@@ -30,7 +29,16 @@ def test_scheduler_kill_9_then_restart_restores_the_registry(tmp_path):
         mesh._call("sharedllm_drain", machine="machine-1")
         entry = {"name": "tiny", "url": "https://models.example/tiny.gguf", "sha256": "ab" * 32, "size": 1234}
         mesh._call("sharedllm_catalog", action="add", entry=entry)
-        time.sleep(1.5)  # a few persist intervals
+
+        def persisted() -> bool:  # the drain and the catalog entry are in the state file
+            store = StateStore(state)
+            try:
+                policy = store.load()["policy"]
+            finally:
+                store.close()
+            return "machine-1" in policy.get("draining", []) and "tiny" in str(policy.get("catalog"))
+
+        wait_for(persisted, timeout=30, interval=0.1, what="the scheduler to persist the drain and the catalog")
         old_address = lm.address
         os.kill(lm.scheduler.popen.pid, signal.SIGKILL)
         lm.scheduler.popen.wait()

@@ -187,7 +187,17 @@ def _open_tunnels(spec: EngineSpec) -> dict[str, str]:
             cr = st.client_relay().start()
             _TUNNELS.append(cr)
             local[st.endpoint] = cr.endpoint
+    if spec.link:  # an emulated link between this engine and every machine (benchmarks: sharedllm.linkem)
+        from sharedllm.linkem import LinkEmulator
+
+        for st in spec.stages:
+            if st.endpoint not in _LINKS:
+                _LINKS[st.endpoint] = LinkEmulator(local.get(st.endpoint, st.endpoint), **spec.link).start()
+            local[st.endpoint] = _LINKS[st.endpoint].endpoint
     return local
+
+
+_LINKS: dict = {}  # machine endpoint -> its LinkEmulator, when the spec emulates a link
 
 
 def _fallback_chat_format(metadata: dict[str, str]) -> str | None:

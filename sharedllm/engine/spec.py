@@ -66,6 +66,9 @@ class EngineSpec:
     # sharedllm.engine.batch.invariant_batch), so a batched greedy request yields its solo text. False: every
     # running sequence in one step (faster where llama.cpp's kernels change with the batch; texts may then differ).
     exact_batches: bool = True
+    # Benchmarks: {"rtt_ms": ..., "mbit": ...} puts an emulated link (sharedllm.linkem) between the engine and every
+    # machine. None: the real network.
+    link: dict | None = None
 
 
 def first_failing_stage(stages: list[EngineStage], timeout: float) -> tuple[EngineStage, str, Exception] | None:
