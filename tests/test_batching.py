@@ -9,6 +9,7 @@ apart from the other sequences' tokens, so on the CPU kernels the batch changes 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import threading
@@ -186,6 +187,13 @@ def test_the_engine_samples_each_sequence_with_its_own_chain(model_path):
         out = engine.call("create_completion", {"prompt": "Once upon a time", "max_tokens": 4, "temperature": 0,
                                                 "logit_bias": {str(the): 100.0}})
         assert _text(out) == " the" * 4
+        # A grammar (here from response_format) is a link of the sequence's chain too.
+        chat = engine.call("create_chat_completion", {
+            "messages": [{"role": "user", "content": "Give a colour and a number as JSON."}], "max_tokens": 40,
+            "temperature": 0, "response_format": {"type": "json_object"}})
+        assert isinstance(json.loads(chat["choices"][0]["message"]["content"]), dict)
+        with pytest.raises(ValueError, match="parallel=1"):
+            engine.call("create_completion", {"prompt": "Hi", "max_tokens": 2, "logprobs": 2})
         # Two sequences run, one waits: a fourth request finds the line full.
         held = [engine.stream("create_completion", {"prompt": "Once upon a time", "max_tokens": 200,
                                                     "temperature": 0}) for _ in range(3)]

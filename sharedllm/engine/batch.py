@@ -9,10 +9,12 @@ attention sums exactly the terms it would sum alone). One thread, the scheduler,
    gives free slots to waiting sequences, first come first served (fairness between clients is the server's job, at
    admission: see ``sharedllm.openai_server.RequestQueue``);
 2. it decodes the next token of every running sequence in one ``llama_decode`` (one pass over the mesh for all of
-   them: on a mesh every pass pays a round trip per machine, so a batch of B sequences pays it once for B);
-3. it evaluates one chunk (at most ``prefill_chunk`` tokens) of the prompt of one sequence that is still reading its
-   prompt, in its own ``llama_decode``: a long prompt takes several steps and never stalls the running streams.
-   Evaluating a prompt alone (not mixed with other sequences' tokens) keeps its kernels those of a solo request;
+   them: on a mesh every pass pays a round trip per machine, so a batch of B sequences pays it once for B), or in
+   balanced groups of at most ``max_batch`` when more would change the kernels (:func:`invariant_batch`);
+3. before that, it evaluates the prompts of sequences still reading theirs, at most ``prefill_chunk`` tokens in all
+   per step, each prompt chunk in its own ``llama_decode``: a long prompt takes several steps and never stalls the
+   running streams for long. Evaluating a prompt alone (not mixed with other sequences' tokens) keeps its kernels
+   those of a solo request;
 4. it samples each new token with the sequence's own native sampler chain (:mod:`.sampling`) and hands it to the
    sequence's consumer.
 
@@ -158,22 +160,21 @@ class BatchScheduler:
                     decode = [s for s in self._running
                               if s.prefilled and s.next_input is not None and not s.ended
                               and len(s.pending) < LOOKAHEAD]
-                    prefill = next((s for s in self._running if not s.prefilled and not s.ended), None)
+                    prefills = self._prefills()
                     if self._closed:
                         return
-                    if not decode and prefill is None:
+                    if not decode and not prefills:
                         self._report_stats()
                         self._cond.wait(0.5)
                         continue
+                # New prompts first (their time to first token), within the step's budget; then the running ones.
+                for seq, chunk in prefills:
+                    last = seq.n_past + len(chunk) >= len(seq.prompt)
+                    self._step([seq] if last else [], [(tok, seq.n_past + i, seq) for i, tok in enumerate(chunk)],
+                               logits=[len(chunk) - 1] if last else [], counted=False)
                 for group in _groups(decode, self.max_batch):
                     self._step(group, [(s.next_input, s.n_past, s) for s in group], logits=list(range(len(group))),
                                counted=True)
-                if prefill is not None:
-                    chunk = prefill.prompt[prefill.n_past:prefill.n_past + self.prefill_chunk]
-                    last = prefill.n_past + len(chunk) >= len(prefill.prompt)
-                    self._step([prefill] if last else [],
-                               [(tok, prefill.n_past + i, prefill) for i, tok in enumerate(chunk)],
-                               logits=[len(chunk) - 1] if last else [], counted=False)
                 self._report_stats()
         except Exception as exc:  # a bug here must not leave every consumer waiting for ever
             logger.exception("the batch scheduler failed")
@@ -195,6 +196,24 @@ class BatchScheduler:
             self._waiting.remove(seq)
             seq.ended = True
             seq.sampler.close()
+
+    def _prefills(self) -> list[tuple[Sequence, list[int]]]:
+        """The prompt chunks of this step: sequences still reading their prompt, first admitted first, up to
+        ``prefill_chunk`` tokens in all (at least one chunk). Each is evaluated alone (its own ``llama_decode``), as
+        a solo request's prompt is."""
+        out: list[tuple[Sequence, list[int]]] = []
+        budget = self.prefill_chunk
+        for seq in self._running:
+            if seq.prefilled or seq.ended:
+                continue
+            chunk = seq.prompt[seq.n_past:seq.n_past + self.prefill_chunk]
+            if out and len(chunk) > budget:
+                break
+            out.append((seq, chunk))
+            budget -= len(chunk)
+            if budget <= 0:
+                break
+        return out
 
     def _admit(self) -> None:
         while self._free and self._waiting:

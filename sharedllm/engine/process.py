@@ -194,6 +194,9 @@ class Engine:
                     inbox.put((msg[0], *msg[2:]))
         except (EOFError, OSError, ValueError):  # ValueError: the pipe was closed under the read
             pass
+        except Exception:  # a frame that does not unpickle: the engine is unusable, its calls must not wait
+            logger.exception("unreadable frame from the engine; stopping it")
+            self._kill()
         self._eof = True
         for inbox in list(self._inboxes.values()):
             inbox.put(_EOF)
