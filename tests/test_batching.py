@@ -9,6 +9,8 @@ apart from the other sequences' tokens, so on the CPU kernels the batch changes 
 from __future__ import annotations
 
 import asyncio
+import collections
+import contextlib
 import json
 import os
 import signal
@@ -18,7 +20,7 @@ import httpx
 import pytest
 
 from sharedllm.engine import Engine, EngineSpec
-from sharedllm.errors import ModelBusy
+from sharedllm.errors import ModelBusy, ModelClosed
 from sharedllm.openai_server import ServerThread, create_app
 from tests.conftest import machine, wait_for
 
@@ -174,7 +176,7 @@ def test_the_server_batches_and_answers_queue_full_and_context_overflow(batched,
 
 def test_the_engine_samples_each_sequence_with_its_own_chain(model_path):
     """Without a mesh: seeds, logit bias and the waiting line of the batch engine itself."""
-    engine = Engine(EngineSpec(str(model_path), llama_kwargs={"n_ctx": 256}, parallel=2, max_waiting=1))
+    engine = Engine(EngineSpec(str(model_path), llama_kwargs={"n_ctx": 4096}, parallel=2, max_waiting=1))
     engine.start()
     try:
         def sample(seed: int) -> str:
@@ -188,26 +190,36 @@ def test_the_engine_samples_each_sequence_with_its_own_chain(model_path):
                                                 "logit_bias": {str(the): 100.0}})
         assert _text(out) == " the" * 4
         # A grammar (here from response_format) is a link of the sequence's chain too.
+        schema = {"type": "object", "properties": {"colour": {"enum": ["red", "green", "blue"]},
+                                                   "size": {"enum": ["small", "large"]}},
+                  "required": ["colour", "size"]}
         chat = engine.call("create_chat_completion", {
-            "messages": [{"role": "user", "content": "Give a colour and a number as JSON."}], "max_tokens": 40,
-            "temperature": 0, "response_format": {"type": "json_object"}})
-        assert isinstance(json.loads(chat["choices"][0]["message"]["content"]), dict)
+            "messages": [{"role": "user", "content": "Describe a ball as JSON."}], "max_tokens": 64,
+            "temperature": 0, "response_format": {"type": "json_object", "schema": schema}})
+        answer = json.loads(chat["choices"][0]["message"]["content"])
+        assert answer["colour"] in ("red", "green", "blue") and answer["size"] in ("small", "large"), answer
         with pytest.raises(ValueError, match="parallel=1"):
             engine.call("create_completion", {"prompt": "Hi", "max_tokens": 2, "logprobs": 2})
         # Two sequences run, one waits: a fourth request finds the line full.
-        held = [engine.stream("create_completion", {"prompt": "Once upon a time", "max_tokens": 200,
+        # (4000 tokens each: they run far longer than this test needs them to.)
+        held = [engine.stream("create_completion", {"prompt": "Once upon a time", "max_tokens": 4000,
                                                     "temperature": 0}) for _ in range(3)]
         for h in held[:2]:
             next(h)
-        waiting = threading.Thread(target=lambda: list(held[2]), daemon=True)
+        def drain(stream) -> None:
+            with contextlib.suppress(ModelClosed):  # the engine closes under it at the end of the test
+                collections.deque(stream, maxlen=0)
+
+        waiting = threading.Thread(target=drain, args=(held[2],), daemon=True)
         waiting.start()
-        wait_for(lambda: engine.stats.get("waiting") == 1, timeout=60, what="a request waiting for a sequence")
+        wait_for(lambda: (engine.stats.get("running"), engine.stats.get("waiting")) == (2, 1), timeout=60,
+                 what="two requests running and one waiting for a sequence")
         with pytest.raises(ModelBusy, match="larger parallel"):
             engine.call("create_completion", {"prompt": "Hi", "max_tokens": 2})
         for h in held[:2]:
-            h.close()
-        waiting.join(timeout=120)
-        assert not waiting.is_alive()
+            h.close()  # cancelled: the engine frees their sequences, and the waiting request runs
+        wait_for(lambda: (engine.stats.get("running"), engine.stats.get("waiting")) == (1, 0), timeout=60,
+                 what="the waiting request to take a freed sequence")
     finally:
         engine.close()
 

@@ -1,10 +1,13 @@
 # SPDX-License-Identifier: AGPL-3.0-or-later
 """The parent's handle on an engine process: start it, run calls on it (many at once), turn its death into errors.
 
-Every call has an id; one reader thread reads the child's frames and hands each to its call's inbox, which the
-caller's thread waits on (``call``, ``stream``) or its event loop (``acall``, ``astream``). A call that stops early
-(the caller stopped reading, its task was cancelled) tells the child to cancel it and goes: the child stops that
-request between two tokens and frees its sequence; the other calls go on.
+Every call has an id and an inbox. There is no reader thread: a call waiting for its next frame reads the child's
+pipe itself, in its own thread (``call``, ``stream``) or event loop (``acall``, ``astream``), unless another call
+already does (leader and followers): frames for other calls go to their inboxes, and when the reader gets its own it
+hands the pipe to a waiting call. A lone request thus reads the pipe with nothing in between, as before calls could
+run at once (a hand-over between threads waits for a free core). A call that stops early (the caller stopped reading,
+its task was cancelled) tells the child to cancel it and goes: the child stops that request between two tokens and
+frees its sequence; the other calls go on.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import asyncio
 import collections
 import contextlib
 import copy
+import functools
 import itertools
 import logging
 import os
@@ -42,6 +46,7 @@ class _Inbox:
         self._cond = threading.Condition()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._event: asyncio.Event | None = None
+        self._poked = False
 
     def put(self, msg: tuple) -> None:
         with self._cond:
@@ -61,30 +66,41 @@ class _Inbox:
             raise EOFError
         return msg
 
-    def get(self, timeout: float) -> tuple:
+    def take(self) -> tuple | None:
+        """The next frame if one has come (``EOFError`` at the end of the pipe), else None."""
         with self._cond:
-            if not self._items:
-                self._cond.wait(timeout)
-            if (msg := self._take()) is None:
-                raise TimeoutError
-            return msg
+            return self._take()
 
-    async def aget(self, timeout: float) -> tuple:
+    def wait(self, timeout: float) -> None:
+        """Wait until a frame comes or the pipe is handed to this call (``poke``), at most ``timeout`` seconds."""
+        with self._cond:
+            if not self._items and not self._poked:
+                self._cond.wait(timeout)
+            self._poked = False
+
+    async def await_(self, timeout: float) -> None:
+        """``wait`` in the running event loop."""
         if self._loop is None:
             self._loop, self._event = asyncio.get_running_loop(), asyncio.Event()
-        deadline = time.monotonic() + timeout
-        while True:
-            with self._cond:
-                if (msg := self._take()) is not None:
-                    return msg
-                self._event.clear()
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise TimeoutError
-            try:
-                await asyncio.wait_for(self._event.wait(), left)
-            except TimeoutError:
-                pass
+        with self._cond:
+            if self._items or self._poked:
+                self._poked = False
+                return
+            self._event.clear()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._event.wait(), timeout)
+        with self._cond:
+            self._poked = False
+
+    def poke(self) -> None:
+        """Wake the call: the pipe has no reader now, it may take it."""
+        with self._cond:
+            self._poked = True
+            self._cond.notify()
+            loop, event = self._loop, self._event
+        if loop is not None:
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(event.set)
 
 
 class Engine:
@@ -124,6 +140,8 @@ class Engine:
         self._proc: subprocess.Popen | None = None
         self._reader: _FrameReader | None = None
         self._inboxes: dict[int, _Inbox] = {}
+        self._pipe = threading.Lock()  # held by the call that reads the child's pipe now
+        self._followers: set[_Inbox] = set()  # calls waiting for a frame while another reads
         self._rids = itertools.count(1)
         self._eof = False
         self._send_lock = threading.Lock()
@@ -175,31 +193,98 @@ class Engine:
                 if phases is not None and "started_at" in phases:
                     phases["spawn"] = phases.pop("started_at") - spawned
                     logger.debug("engine load phases (s): %s", phases)
-                threading.Thread(target=self._read_frames, name="engine-frames", daemon=True).start()
                 return self.info
             elif msg[0] == "error":
                 why = _load_error(self.log_tail()) if msg[1] == "model" else None  # before close() removes the log
                 self.close()
                 raise _rebuild(msg[1], why or msg[2], self.spec)
 
-    def _read_frames(self) -> None:
-        """The reader thread: each frame to its call's inbox; at the end of the pipe, the end to every inbox."""
-        reader = self._reader
-        try:
-            while True:
-                msg = reader.read()
-                if msg[0] == "stats":
-                    self.stats = msg[1]
-                elif (inbox := self._inboxes.get(msg[1])) is not None:
-                    inbox.put((msg[0], *msg[2:]))
-        except (EOFError, OSError, ValueError):  # ValueError: the pipe was closed under the read
-            pass
-        except Exception:  # a frame that does not unpickle: the engine is unusable, its calls must not wait
-            logger.exception("unreadable frame from the engine; stopping it")
-            self._kill()
+    def _route(self, msg: tuple) -> None:
+        """A frame read from the pipe, to its call's inbox (or the statistics)."""
+        if msg[0] == "stats":
+            self.stats = msg[1]
+        elif (inbox := self._inboxes.get(msg[1])) is not None:
+            inbox.put((msg[0], *msg[2:]))
+
+    def _pipe_ended(self) -> None:
         self._eof = True
         for inbox in list(self._inboxes.values()):
             inbox.put(_EOF)
+
+    def _hand_over(self) -> None:
+        """The reader leaves the pipe: wake one follower to take it."""
+        for inbox in list(self._followers):
+            inbox.poke()
+            return
+
+    def _get(self, inbox: _Inbox, timeout: float) -> tuple:
+        """The call's next frame, read from the pipe by this thread when no other call reads it; ``TimeoutError``
+        after ``timeout`` seconds, ``EOFError`` at the end of the pipe."""
+        deadline = time.monotonic() + timeout
+        while True:
+            if (msg := inbox.take()) is not None:
+                if self._followers and not self._pipe.locked():
+                    self._hand_over()  # this call was woken by its frame: the pipe must not stay without a reader
+                return msg
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError
+            if self._pipe.acquire(blocking=False):
+                try:
+                    while (msg := inbox.take()) is None and (left := deadline - time.monotonic()) > 0:
+                        try:
+                            self._route(self._reader.read(timeout=left))
+                        except TimeoutError:
+                            break
+                        except (EOFError, OSError, ValueError):  # ValueError: the pipe was closed under the read
+                            self._pipe_ended()
+                            break
+                finally:
+                    self._pipe.release()
+                    self._hand_over()
+                if msg is not None:
+                    return msg
+                continue
+            self._followers.add(inbox)
+            try:
+                if self._pipe.locked():  # else its reader left meanwhile: take the pipe at once
+                    inbox.wait(left)
+            finally:
+                self._followers.discard(inbox)
+
+    async def _aget(self, inbox: _Inbox, timeout: float) -> tuple:
+        """``_get`` for asyncio: the pipe is read in the running event loop."""
+        deadline = time.monotonic() + timeout
+        while True:
+            if (msg := inbox.take()) is not None:
+                if self._followers and not self._pipe.locked():
+                    self._hand_over()  # this call was woken by its frame: the pipe must not stay without a reader
+                return msg
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError
+            if self._pipe.acquire(blocking=False):
+                try:
+                    while (msg := inbox.take()) is None and (left := deadline - time.monotonic()) > 0:
+                        try:
+                            self._route(await self._reader.aread(timeout=left))
+                        except TimeoutError:
+                            break
+                        except (EOFError, OSError, ValueError):
+                            self._pipe_ended()
+                            break
+                finally:
+                    self._pipe.release()
+                    self._hand_over()
+                if msg is not None:
+                    return msg
+                continue
+            self._followers.add(inbox)
+            try:
+                if self._pipe.locked():
+                    await inbox.await_(left)
+            finally:
+                self._followers.discard(inbox)
 
     def _open(self, method: str, kwargs: dict[str, Any], stream: bool) -> tuple[int, _Inbox]:
         rid, inbox = next(self._rids), _Inbox()
@@ -226,7 +311,7 @@ class Engine:
         ended = False
         try:
             while True:
-                msg = self._recv(inbox.get, self.load_timeout, during=method)
+                msg = self._recv(functools.partial(self._get, inbox), self.load_timeout, during=method)
                 ended = msg[0] in _CALL_ENDS
                 if (result := _result(msg, self.spec)) is not _NO_RESULT:
                     return result
@@ -240,7 +325,7 @@ class Engine:
         ended = False
         try:
             while True:
-                msg = await self._arecv(inbox.aget, self.load_timeout, during=method)
+                msg = await self._arecv(functools.partial(self._aget, inbox), self.load_timeout, during=method)
                 ended = msg[0] in _CALL_ENDS
                 if (result := _result(msg, self.spec)) is not _NO_RESULT:
                     return result
@@ -258,7 +343,8 @@ class Engine:
         call = _StreamedCall(self, on_accepted)
         try:
             while not call.finished:
-                if (chunk := call.take(self._recv(inbox.get, call.timeout, during=method))) is not None:
+                if (chunk := call.take(self._recv(functools.partial(self._get, inbox), call.timeout,
+                                                  during=method))) is not None:
                     yield chunk, call.generated
         finally:
             self._finish(rid, call.finished)
@@ -270,7 +356,8 @@ class Engine:
         call = _StreamedCall(self, on_accepted)
         try:
             while not call.finished:
-                if (chunk := call.take(await self._arecv(inbox.aget, call.timeout, during=method))) is not None:
+                if (chunk := call.take(await self._arecv(functools.partial(self._aget, inbox), call.timeout,
+                                                         during=method))) is not None:
                     yield chunk, call.generated
         finally:
             self._finish(rid, call.finished)
