@@ -8,9 +8,10 @@ Routes: ``GET /v1/models``, ``GET /v1/models/{model}``, ``POST /v1/completions``
 ``GET /health`` and the OpenAPI schema at ``/openapi.json``. Every error is an OpenAI error object
 ``{"error": {"message", "type", "param", "code"}}``.
 
-The model is a ``MeshModel`` (or anything with its ``create_completion``/``create_chat_completion``). One engine
-serves one request at a time, so requests pass a bounded FIFO queue: a full queue answers 429 and a wait longer than
-``queue_timeout`` answers 503, both with ``Retry-After``. A streamed answer is forwarded chunk by chunk: from a
+The model is a ``MeshModel`` (or ``Replicas`` of them, or anything with ``create_completion``/
+``create_chat_completion``). It serves its ``parallel`` requests at once (sequences of one batch in its engine); the
+others pass a bounded queue, clients in turn: a full queue answers 429 and a wait longer than ``queue_timeout``
+answers 503, both with ``Retry-After``. A streamed answer is forwarded chunk by chunk: from a
 ``MeshModel`` through its asyncio API (``acreate_*``), the engine's pipe read in the event loop itself, with no thread
 in between; from a model with a blocking API only, through a thread. Non-streamed calls run in threads. A client that
 hangs up stops the generation in the engine. A streamed answer's headers go out once the engine accepted the request
