@@ -204,7 +204,7 @@ def llama_server_setup(args: argparse.Namespace, model_path: Path) -> dict[str, 
     return out
 
 
-def summarize(runs: dict[str, dict[str, Any]], levels: list[int]) -> dict[str, Any]:
+def summarize(runs: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """The bars, from the batched runs; and whether every batched text equals its one-at-a-time text."""
     out: dict[str, Any] = {"bars": {}}
     for setup, api in dict.fromkeys((r["setup"], r["api"]) for r in runs.values() if r["setup"].startswith("batched")):
@@ -277,7 +277,7 @@ def main(argv: list[str] | None = None) -> int:
         runs.update(llama_server_setup(args, default_model_path()))
     result = {"machine": machine_info(), "tokens": args.tokens, "levels": args.levels, "n_ctx_per_sequence": N_CTX,
               "runs": runs}
-    result["summary"] = summarize(runs, args.levels)
+    result["summary"] = summarize(runs)
     result["texts_match"] = result["summary"]["texts_match"]
     result["total_seconds"] = time.perf_counter() - t0
     return finish(result, args.out, report(result, args.markdown))

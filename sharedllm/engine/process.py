@@ -217,18 +217,24 @@ class Engine:
             inbox.poke()
             return
 
+    def _arrived(self, inbox: _Inbox, deadline: float) -> tuple | None:
+        """The call's frame if it has come (handing on a pipe its reader left), else None; ``TimeoutError`` past
+        ``deadline``. The first step of ``_get`` and ``_aget``."""
+        if (msg := inbox.take()) is not None:
+            if self._followers and not self._pipe.locked():
+                self._hand_over()  # this call was woken by its frame: the pipe must not stay without a reader
+            return msg
+        if deadline - time.monotonic() <= 0:
+            raise TimeoutError
+        return None
+
     def _get(self, inbox: _Inbox, timeout: float) -> tuple:
         """The call's next frame, read from the pipe by this thread when no other call reads it; ``TimeoutError``
         after ``timeout`` seconds, ``EOFError`` at the end of the pipe."""
         deadline = time.monotonic() + timeout
         while True:
-            if (msg := inbox.take()) is not None:
-                if self._followers and not self._pipe.locked():
-                    self._hand_over()  # this call was woken by its frame: the pipe must not stay without a reader
+            if (msg := self._arrived(inbox, deadline)) is not None:
                 return msg
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise TimeoutError
             if self._pipe.acquire(blocking=False):
                 try:
                     while (msg := inbox.take()) is None and (left := deadline - time.monotonic()) > 0:
@@ -248,7 +254,7 @@ class Engine:
             self._followers.add(inbox)
             try:
                 if self._pipe.locked():  # else its reader left meanwhile: take the pipe at once
-                    inbox.wait(left)
+                    inbox.wait(deadline - time.monotonic())
             finally:
                 self._followers.discard(inbox)
 
@@ -256,13 +262,8 @@ class Engine:
         """``_get`` for asyncio: the pipe is read in the running event loop."""
         deadline = time.monotonic() + timeout
         while True:
-            if (msg := inbox.take()) is not None:
-                if self._followers and not self._pipe.locked():
-                    self._hand_over()  # this call was woken by its frame: the pipe must not stay without a reader
+            if (msg := self._arrived(inbox, deadline)) is not None:
                 return msg
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise TimeoutError
             if self._pipe.acquire(blocking=False):
                 try:
                     while (msg := inbox.take()) is None and (left := deadline - time.monotonic()) > 0:
@@ -282,7 +283,7 @@ class Engine:
             self._followers.add(inbox)
             try:
                 if self._pipe.locked():
-                    await inbox.await_(left)
+                    await inbox.await_(deadline - time.monotonic())
             finally:
                 self._followers.discard(inbox)
 
