@@ -31,6 +31,7 @@ from sharedllm.dataplane import (
     RELAY_FILE,
     SERVER_FILE,
     TOUCH_EVERY,
+    control_socket_path,
     process_runs,
     process_state,
     read_json,
@@ -243,7 +244,7 @@ class RPCServerSupervisor:
 
     @property
     def _control_path(self) -> Path:
-        return self.workdir / "relay.sock"
+        return control_socket_path(self.workdir)
 
     def _set(self, **kw: Any) -> None:
         for k, v in kw.items():

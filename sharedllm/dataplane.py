@@ -12,6 +12,9 @@ Files in a machine's state directory (``dask worker --preload sharedllm.worker -
 - ``supervisor.alive``: touched by the supervisor every few seconds. A process whose supervisor has not touched it
   for ``--orphan-timeout`` seconds exits: a machine whose worker never comes back does not serve forever.
 - ``relay.sock``: the relay's control socket (lease changes), so that a new supervisor can reach an adopted relay.
+  A Unix socket's path is limited to about 100 bytes, and batch systems and test runners give workers long
+  directories: beyond that the socket lives in a private short directory named after the state directory
+  (:func:`control_socket_path`).
 
 No Dask here, and nothing that imports llama.cpp: the rpc-server and the relay import it.
 """
@@ -19,6 +22,7 @@ No Dask here, and nothing that imports llama.cpp: the rpc-server and the relay i
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -33,6 +37,27 @@ SERVER_FILE = "rpc-server.json"
 RELAY_FILE = "relay.json"
 DEFAULT_ORPHAN_TIMEOUT = 900.0  # seconds a data plane serves on without a supervisor (a scheduler restart fits)
 TOUCH_EVERY = 5.0  # seconds between the supervisor's touches of the alive file
+
+
+_UNIX_PATH_MAX = 100  # sun_path holds 108 bytes on Linux, 104 on macOS; keep a margin
+
+
+def control_socket_path(state_dir: str | os.PathLike, name: str = "relay.sock") -> Path:
+    """Where the control socket of the machine with ``state_dir`` lives: in it when the path is short enough for a
+    Unix socket, else in ``$TMPDIR/sharedllm-UID`` (mode 0700) under a name derived from the state directory, so that
+    every supervisor of that machine finds the same one."""
+    path = Path(state_dir) / name
+    if len(os.fsencode(path)) <= _UNIX_PATH_MAX:
+        return path
+    import tempfile
+
+    short = Path(tempfile.gettempdir()) / f"sharedllm-{os.getuid()}"
+    short.mkdir(mode=0o700, exist_ok=True)
+    if short.stat().st_uid != os.getuid() or short.stat().st_mode & 0o077:
+        raise PermissionError(f"{short} is not a private directory of this user; remove it, or give the worker a "
+                              "shorter --state-dir")
+    digest = hashlib.sha256(os.fsencode(Path(state_dir).resolve())).hexdigest()[:24]
+    return short / f"{digest}-{name}"
 
 
 def write_json(path: str | os.PathLike, data: dict) -> None:

@@ -1,5 +1,10 @@
 # SPDX-License-Identifier: AGPL-3.0-or-later
-"""Scheduler preload: ``dask scheduler --preload sharedllm.scheduler``. Thin adapter that installs ``MeshPlugin``."""
+"""Scheduler preload: ``dask scheduler --preload sharedllm.scheduler``. Thin adapter that installs ``MeshPlugin``.
+
+Like the worker's (:mod:`sharedllm.worker`), every option can come from the environment (``SHAREDLLM_`` and the option's
+name: ``SHAREDLLM_STATE_PATH``, ``SHAREDLLM_MAX_LEASES``) and the preload from Dask's configuration
+(``distributed.scheduler.preload`` and ``distributed.scheduler.preload-argv``).
+"""
 
 from __future__ import annotations
 
@@ -11,14 +16,15 @@ import click
 from sharedllm.scheduler_plugins import MeshPlugin
 
 
-@click.command()
+@click.command(context_settings={"auto_envvar_prefix": "SHAREDLLM", "show_default": True})
 @click.option("--reconcile-interval", type=float, default=0.5, show_default=True,
               help="seconds between checks that every machine has its rpc-server actor")
 @click.option("--state-path", envvar="SHAREDLLM_STATE_PATH", default=None,
               help="SQLite file that keeps the registry across restarts (default: none, state is lost on exit)")
 @click.option("--persist-interval", type=float, default=5.0, show_default=True,
               help="seconds between writes of the state file")
-@click.option("--secret-file", default=None, help="file holding the cluster secret (else $SHAREDLLM_CLUSTER_SECRET)")
+@click.option("--secret-file", envvar="SHAREDLLM_CLUSTER_SECRET_FILE", default=None,
+              help="file holding the cluster secret (else $SHAREDLLM_CLUSTER_SECRET)")
 @click.option("--requests-per-minute", type=float, default=120.0, show_default=True, help="per-client rate limit")
 @click.option("--tokens-per-minute", type=float, default=60_000.0, show_default=True, help="per-client rate limit")
 @click.option("--max-leases", type=int, default=4, show_default=True, help="concurrent leases per client")

@@ -7,6 +7,14 @@ scheduler with every heartbeat, and gives the per-machine actor a place to live.
 The rpc-server binds loopback; clients reach it through the machine's TLS relay on ``--rpc-host:--relay-port``, with a
 token of their lease. ``--insecure-direct-rpc`` binds the rpc-server itself to ``--rpc-host`` instead (trusted LANs
 only; it warns at every start).
+
+Every option can also come from the environment, as ``SHAREDLLM_`` and the option's name (``--rpc-threads 4``:
+``SHAREDLLM_RPC_THREADS=4``; repeatable ones space-separated: ``SHAREDLLM_LABELS="zone=eu gpu=a100"``), and the
+preload itself from Dask's configuration, so that dask-jobqueue, dask-kubernetes or a ``SpecCluster`` start SharedLLM
+workers without a new command line::
+
+    export DASK_DISTRIBUTED__WORKER__PRELOAD='["sharedllm.worker"]'
+    export DASK_DISTRIBUTED__WORKER__PRELOAD_ARGV='["--rpc-threads", "4"]'   # or SHAREDLLM_RPC_THREADS=4
 """
 
 from __future__ import annotations
@@ -183,8 +191,9 @@ def _note_close_reason(worker, agent: MachineAgent) -> None:
             handlers["close"] = close
 
 
-@click.command()
-@click.option("--machine-id", default=None, help="machine identity (default: SHAREDLLM_MACHINE_ID, else the host's)")
+@click.command(context_settings={"auto_envvar_prefix": "SHAREDLLM", "show_default": True})
+@click.option("--machine-id", envvar="SHAREDLLM_MACHINE_ID", default=None,
+              help="machine identity (default: the host's)")
 @click.option("--rpc-host", default=None,
               help="address clients reach this machine's relay on (default: the worker's address)")
 @click.option("--rpc-port", type=int, default=0, show_default=True,
@@ -199,7 +208,8 @@ def _note_close_reason(worker, agent: MachineAgent) -> None:
 @click.option("--cache-cap", default="10GiB", show_default=True,
               help="tensor cache size cap; least recently used files are evicted beyond it")
 @click.option("--label", "labels", multiple=True, help="KEY=VALUE label for route-sensitive placement, repeatable")
-@click.option("--secret-file", default=None, help="file holding the cluster secret (else $SHAREDLLM_CLUSTER_SECRET)")
+@click.option("--secret-file", envvar="SHAREDLLM_CLUSTER_SECRET_FILE", default=None,
+              help="file holding the cluster secret (else $SHAREDLLM_CLUSTER_SECRET)")
 @click.option("--state-dir", default=None,
               help="where the machine's rpc-server and relay record themselves, for the next worker to adopt them "
                    "(default: sharedllm-MACHINE beside the worker's directory)")
