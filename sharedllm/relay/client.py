@@ -1,0 +1,156 @@
+# SPDX-License-Identifier: AGPL-3.0-or-later
+"""The relay in the client's engine (:class:`ClientRelay`): a loopback endpoint for llama.cpp, tunnelled over TLS."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import hmac
+import logging
+import os
+import socket
+import ssl
+import struct
+import threading
+import time
+
+from sharedllm.relay.certs import _normalize_fingerprint, client_context
+from sharedllm.relay.server import _Acceptor
+from sharedllm.relay.tokens import RelayError, TokenError
+from sharedllm.relay.wire import (
+    _KIND_CONNECT,
+    _KIND_PROBE,
+    _STATUS_OK,
+    _close,
+    _recv_frame,
+    _send_frame,
+    _tune,
+    join_endpoint,
+    parse_endpoint,
+    splice,
+)
+
+logger = logging.getLogger("sharedllm.relay")  # one name for the package, and when run as python -m sharedllm.relay
+
+
+
+class ClientRelay(_Acceptor):
+    """A loopback endpoint for llama.cpp that tunnels each connection to a remote :class:`ServerRelay`.
+
+    Give exactly one way to check the server: ``fingerprint`` (``sha256:HEX`` of its certificate, recommended) or
+    ``cafile`` (then the certificate must name the remote host, or ``server_hostname``). ``token`` is the lease token
+    for that machine; :meth:`set_token` replaces it for later connections. ``endpoint`` is what llama.cpp connects to.
+    """
+
+    _what = "relay client"
+
+    def __init__(self, remote: str, token: str, *, fingerprint: str | None = None,
+                 cafile: str | os.PathLike | None = None, server_hostname: str | None = None,
+                 connect_timeout: float = 10.0, listen_host: str = "127.0.0.1"):
+        if (fingerprint is None) == (cafile is None):
+            raise ValueError("ClientRelay needs exactly one of fingerprint= (pinned certificate) or cafile=")
+        super().__init__()
+        self.remote = parse_endpoint(remote)
+        self._pin = _normalize_fingerprint(fingerprint) if fingerprint else None
+        self._ctx = client_context(cafile)
+        self._sni = server_hostname or self.remote[0]
+        self.token = token
+        self.connect_timeout = connect_timeout
+        self.listen_host = listen_host
+        self.last_error: str | None = None
+
+    @property
+    def endpoint(self) -> str:
+        """``127.0.0.1:PORT``: give this to llama.cpp (``ggml_backend_rpc_add_server``) instead of the remote."""
+        return f"{self.listen_host}:{self.port}"
+
+    @property
+    def remote_endpoint(self) -> str:
+        return join_endpoint(*self.remote)
+
+    def set_token(self, token: str) -> None:
+        """Use ``token`` for the connections opened from now on."""
+        self.token = token
+
+    def open(self, kind: int = _KIND_CONNECT) -> ssl.SSLSocket:
+        """Open one authenticated TLS connection to the server relay, ready to carry RPC bytes.
+
+        Raises :class:`RelayError` (unreachable, TLS, certificate mismatch) or :class:`TokenError` (refused token).
+        """
+        where = self.remote_endpoint
+        try:
+            raw = socket.create_connection(self.remote, timeout=self.connect_timeout)
+        except OSError as exc:
+            raise RelayError(f"relay {where} is unreachable ({exc}); is the machine's relay running?") from exc
+        _tune(raw)
+        with contextlib.suppress(OSError):
+            raw.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        try:
+            tls = self._ctx.wrap_socket(raw, server_hostname=self._sni)
+        except (ssl.SSLError, OSError) as exc:
+            _close(raw)
+            raise RelayError(f"TLS handshake with relay {where} failed ({exc})") from exc
+        try:
+            if self._pin is not None:
+                got = hashlib.sha256(tls.getpeercert(binary_form=True) or b"").digest()
+                if not hmac.compare_digest(got, self._pin):
+                    raise RelayError(f"relay {where} presented certificate sha256:{got.hex()}, expected "
+                                     f"sha256:{self._pin.hex()}; refusing to send the token (wrong machine?)")
+            _send_frame(tls, kind, self.token.encode("ascii"))
+            try:
+                status, reason = _recv_frame(tls, time.monotonic() + self.connect_timeout)
+            except (OSError, ValueError, struct.error) as exc:
+                raise RelayError(f"relay {where} closed the handshake ({exc})") from exc
+            if status != _STATUS_OK:
+                text = reason.decode(errors="replace")
+                head, _, detail = text.partition(": ")
+                if head in ("malformed", "bad MAC", "wrong machine", "expired", "lease mismatch"):
+                    raise TokenError(head, f"relay {where}: {detail}")
+                raise RelayError(f"relay {where} refused the connection: {text}")
+            return tls
+        except BaseException:
+            _close(tls)
+            raise
+
+    def check(self) -> dict[str, str]:
+        """Prove the token and the certificate without touching the rpc-server (a probe handshake).
+
+        Call it before handing :attr:`endpoint` to llama.cpp, which aborts the process when a connection fails.
+        Returns the TLS version and cipher agreed; raises like :meth:`open`.
+        """
+        tls = self.open(_KIND_PROBE)
+        try:
+            cipher = tls.cipher()
+            return {"tls": tls.version() or "", "cipher": cipher[0] if cipher else ""}
+        finally:
+            _close(tls)
+
+    def start(self) -> ClientRelay:
+        """Listen on loopback and tunnel every accepted connection; returns when listening."""
+        self._listen(socket.create_server((self.listen_host, 0), backlog=16), "relay-client")
+        logger.info("relay client on %s tunnels to %s", self.endpoint, self.remote_endpoint)
+        return self
+
+    def _accepted(self, conn: socket.socket, addr: tuple) -> None:
+        threading.Thread(target=self._serve, args=(conn,), name=f"relay-tunnel-{self.port}", daemon=True).start()
+
+    def _serve(self, local: socket.socket) -> None:
+        cid = self._conns.add(local)
+        tls = None
+        try:
+            _tune(local)
+            try:
+                tls = self.open()
+            except (RelayError, TokenError) as exc:
+                self.last_error = str(exc)
+                logger.error("%s", exc)
+                return
+            self._conns.attach(cid, tls)
+            if self._stopping.is_set():
+                return
+            splice(local, tls)
+        except Exception:
+            logger.exception("relay tunnel to %s failed", self.remote_endpoint)
+        finally:
+            _close(tls, local)
+            self._conns.remove(cid)

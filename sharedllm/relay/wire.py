@@ -1,0 +1,209 @@
+# SPDX-License-Identifier: AGPL-3.0-or-later
+"""Sockets and the relays' handshake frames: endpoints, framing, and the splice that moves RPC bytes."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import select
+import socket
+import ssl
+import struct
+import time
+
+from sharedllm.relay.tokens import MAX_TOKEN_BYTES
+
+logger = logging.getLogger("sharedllm.relay")  # one name for the package, and when run as python -m sharedllm.relay
+
+_MAGIC = b"SLR1"
+_FRAME = struct.Struct("!4sBH")  # magic, kind/status, payload length
+_KIND_CONNECT, _KIND_PROBE = 1, 2
+_STATUS_OK, _STATUS_REFUSED = 0, 1
+_BUFSIZE = 1 << 18  # 256 KiB per direction: a 1 MiB logits tensor crosses in four writes
+_RECORD = 16384  # the largest TLS record payload: a shorter read means the peer's burst has ended
+_HUP = select.POLLHUP | select.POLLERR | select.POLLNVAL
+
+
+def parse_endpoint(endpoint: str) -> tuple[str, int]:
+    """``HOST:PORT`` into ``(host, port)``, with a clear error."""
+    host, sep, port = endpoint.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
+        raise ValueError(f"endpoint {endpoint!r} is not HOST:PORT")
+    return host.strip("[]"), int(port)
+
+
+def join_endpoint(host: str, port: int) -> str:
+    """``(host, port)`` into ``HOST:PORT``, an IPv6 host in brackets: the inverse of :func:`parse_endpoint`."""
+    host = host.strip("[]")
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _tune(sock: socket.socket) -> None:
+    # Nagle would hold back the many small RPC messages for tens of milliseconds.
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+def _kick(sock: socket.socket | None) -> None:
+    """Wake a thread blocked on ``sock`` (poll, recv) from another thread: shut the socket down without closing it."""
+    if sock is None:
+        return
+    with contextlib.suppress(OSError, ValueError):
+        socket.socket.shutdown(sock, socket.SHUT_RDWR)  # the plain method, also for an SSLSocket
+
+
+def _close(*socks: socket.socket | None) -> None:
+    for s in socks:
+        if s is not None:
+            with contextlib.suppress(OSError):
+                s.close()
+
+
+def _recv_exact(sock: socket.socket, n: int, deadline: float) -> bytes:
+    buf = bytearray()
+    while len(buf) < n:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("timed out")
+        sock.settimeout(left)
+        chunk = sock.recv(n - len(buf))
+        if not chunk:
+            raise ConnectionError("closed by peer")
+        buf += chunk
+    return bytes(buf)
+
+
+def _send_frame(sock: socket.socket, kind: int, payload: bytes) -> None:
+    sock.sendall(_FRAME.pack(_MAGIC, kind, len(payload)) + payload)
+
+
+def _recv_frame(sock: socket.socket, deadline: float) -> tuple[int, bytes]:
+    magic, kind, size = _FRAME.unpack(_recv_exact(sock, _FRAME.size, deadline))
+    if magic != _MAGIC:
+        raise ValueError("not a SharedLLM relay frame")
+    if size > MAX_TOKEN_BYTES:
+        raise ValueError(f"frame of {size} bytes is too long")
+    return kind, _recv_exact(sock, size, deadline)
+
+
+def splice(plain: socket.socket, tls: ssl.SSLSocket) -> tuple[int, int, int]:
+    """Move bytes both ways between ``plain`` and ``tls`` until either side closes.
+
+    Returns (bytes plain → TLS, bytes TLS → plain, turns): a turn is a change of direction, so with llama.cpp's
+    request/response protocol, turns / 2 is about the number of synchronous round trips.
+
+    One thread, non-blocking sockets and a level-triggered ``poll``: an ``SSLSocket`` is not safe to read and write
+    from two threads at once. A hop costs one wake-up and the fewest system calls: a read shorter than the buffer (or
+    than a TLS record) is taken as the end of a burst, so no read is retried just to see ``EAGAIN``; poll says when
+    more comes. Several TLS records are drained into one buffer before one plain write. Both sockets are closed.
+    """
+    POLLIN, POLLOUT = select.POLLIN, select.POLLOUT
+    plain.setblocking(False)
+    tls.setblocking(False)
+    up, down = bytearray(_BUFSIZE), bytearray(_BUFSIZE)
+    upv, downv = memoryview(up), memoryview(down)
+    up_lo = up_hi = down_lo = down_hi = 0  # pending bytes: up[up_lo:up_hi] → tls, down[down_lo:down_hi] → plain
+    sent_up = sent_down = turns = 0
+    last = 0  # direction of the last bytes moved: 1 up, 2 down
+    plain_eof = tls_eof = False
+    p_in = p_out = t_in = t_out = True  # may the next read/write on plain/tls make progress (else wait for poll)
+    send_waits = recv_waits = 0  # the poll event a blocked TLS write / read waits for (renegotiation, full buffers)
+    poller = select.poll()
+    pfd, tfd = plain.fileno(), tls.fileno()
+    pmask = tmask = POLLIN
+    poller.register(pfd, pmask)
+    poller.register(tfd, tmask)
+    try:
+        while True:
+            progress = True
+            while progress:
+                progress = False
+                # plain → TLS
+                if up_hi == 0 and p_in and not plain_eof:
+                    try:
+                        n = plain.recv_into(up)
+                    except BlockingIOError:
+                        n, p_in = -1, False
+                    except OSError:
+                        n = 0
+                    if n == 0:
+                        plain_eof = True
+                    elif n > 0:
+                        up_lo, up_hi, progress = 0, n, True
+                        p_in = n == _BUFSIZE
+                        if last != 1:
+                            last, turns = 1, turns + 1
+                if up_hi and (t_out if send_waits != POLLIN else t_in):
+                    try:
+                        n = tls.send(upv[up_lo:up_hi])
+                    except ssl.SSLWantWriteError:
+                        send_waits, t_out = POLLOUT, False
+                    except ssl.SSLWantReadError:
+                        send_waits, t_in = POLLIN, False
+                    except OSError:
+                        return sent_up, sent_down, turns  # the remote side is gone
+                    else:
+                        send_waits, progress = 0, True
+                        up_lo += n
+                        sent_up += n
+                        if up_lo >= up_hi:
+                            up_lo = up_hi = 0
+                # TLS → plain: drain the records at hand into the buffer, then write once
+                while down_hi < _BUFSIZE and not tls_eof and ((t_in if recv_waits != POLLOUT else t_out)
+                                                              or tls.pending()):
+                    try:
+                        n = tls.recv_into(downv[down_hi:])
+                    except ssl.SSLWantReadError:
+                        recv_waits, t_in = POLLIN, False
+                        break
+                    except ssl.SSLWantWriteError:
+                        recv_waits, t_out = POLLOUT, False
+                        break
+                    except (OSError, ValueError):
+                        n = 0
+                    recv_waits = 0
+                    if n == 0:
+                        tls_eof = True
+                        break
+                    down_hi += n
+                    progress = True
+                    if last != 2:
+                        last, turns = 2, turns + 1
+                    if n < _RECORD and not tls.pending():
+                        t_in = False  # the burst is over; poll tells if another record is already there
+                if down_hi > down_lo and p_out:
+                    try:
+                        n = plain.send(downv[down_lo:down_hi])
+                    except BlockingIOError:
+                        p_out = False
+                    except OSError:
+                        return sent_up, sent_down, turns  # the local side is gone
+                    else:
+                        down_lo += n
+                        sent_down += n
+                        progress = True
+                        if down_lo >= down_hi:
+                            down_lo = down_hi = 0
+            if (tls_eof and down_hi == 0) or (plain_eof and up_hi == 0):
+                return sent_up, sent_down, turns
+            want_p = (POLLIN if up_hi == 0 and not plain_eof else 0) | (POLLOUT if down_hi and not p_out else 0)
+            want_t = ((POLLIN if down_hi < _BUFSIZE and not tls_eof and recv_waits != POLLOUT else 0)
+                      | recv_waits | (send_waits if up_hi else 0))
+            if want_p != pmask:
+                poller.modify(pfd, want_p)
+                pmask = want_p
+            if want_t != tmask:
+                poller.modify(tfd, want_t)
+                tmask = want_t
+            for fd, ev in poller.poll():
+                if ev & select.POLLNVAL:
+                    return sent_up, sent_down, turns
+                hup = bool(ev & _HUP)
+                if fd == pfd:
+                    p_in = p_in or hup or bool(ev & POLLIN)
+                    p_out = p_out or hup or bool(ev & POLLOUT)
+                else:
+                    t_in = t_in or hup or bool(ev & POLLIN)
+                    t_out = t_out or hup or bool(ev & POLLOUT)
+    finally:
+        _close(plain, tls)
