@@ -157,6 +157,7 @@ class MeshPlugin(SchedulerPlugin):
         persist_interval: float = 5.0,
         secret: bytes | None = None,
         limits: Limits | None = None,
+        hub: dict | None = None,
     ):
         if reconcile_interval <= 0:
             raise ValueError(f"reconcile_interval must be positive, got {reconcile_interval}")
@@ -193,6 +194,9 @@ class MeshPlugin(SchedulerPlugin):
         self.relay_master = secrets.token_bytes(32)  # machine relay keys derive from it; never leaves the scheduler
         self._lease_seq = 0  # orders lease changes pushed to the relays
         self._faults_noted: dict[str, int] = {}  # machine -> pid of its last rpc-server abort charged to a client
+        self._saved_hub_port = 0
+        self.hub_config = hub  # None: no relay hub (machines behind NAT cannot serve); see scheduler_plugins.hub
+        self.hub = None
 
     # --- lifecycle ---------------------------------------------------------------------------------------------
 
@@ -216,6 +220,12 @@ class MeshPlugin(SchedulerPlugin):
         self._wake = asyncio.Event()
         if self.state_path:
             self._restore()
+        if self.hub_config is not None:
+            try:
+                await self._start_hub()
+            except Exception:  # the mesh serves on without it; only machines behind NAT cannot
+                logger.exception("sharedllm: could not start the relay hub; machines started with --no-inbound "
+                                 "cannot serve")
         self._task = asyncio.ensure_future(self._reconcile_loop())
         logger.info("SharedLLM mesh plugin started")
         try:  # observability is optional: the mesh runs without its metrics and dashboard page
@@ -227,6 +237,25 @@ class MeshPlugin(SchedulerPlugin):
             install_dashboard(scheduler, self)  # no-op under --no-dashboard
         except Exception:
             logger.exception("sharedllm: could not install the metrics or the dashboard page")
+
+    async def _start_hub(self) -> None:
+        from sharedllm.scheduler_plugins.hub import MeshHub
+
+        config = dict(self.hub_config)
+        if not config.get("port") and self._saved_hub_port:
+            config["port"] = self._saved_hub_port  # where the machines behind NAT look for it after a restart
+        workdir = f"{self.state_path}.hub" if self.state_path else None
+        hub = MeshHub(config, self.relay_master, workdir)
+        try:
+            await hub.start()
+        except (OSError, RuntimeError) as exc:
+            if config.get("port") == self._saved_hub_port and not self.hub_config.get("port"):
+                logger.warning("%s; the relay hub takes another port", exc)
+                hub = MeshHub(self.hub_config, self.relay_master, workdir)
+                await hub.start()
+            else:
+                raise
+        self.hub = hub
 
     def _restore(self) -> None:
         from sharedllm.scheduler_plugins.state import StateStore
@@ -243,6 +272,7 @@ class MeshPlugin(SchedulerPlugin):
         if policy.get("relay_master"):  # the same machine keys as before: the relays and the tokens out there hold
             self.relay_master = bytes.fromhex(policy["relay_master"])
         self._lease_seq = int(policy.get("lease_seq", 0))
+        self._saved_hub_port = int(policy.get("hub_port") or 0)
         now = time.time()
         reclaiming = []
         for sess in saved["sessions"]:
@@ -302,7 +332,8 @@ class MeshPlugin(SchedulerPlugin):
                                                           "trust": self.trust.to_dict(), "warm": self.warm,
                                                           "banned_clients": sorted(self.rate.banned),
                                                           "relay_master": self.relay_master.hex(),
-                                                          "lease_seq": self._lease_seq},
+                                                          "lease_seq": self._lease_seq,
+                                                          "hub_port": self.hub.port if self.hub else None},
                         now=now)
         self._persisted_at = time.monotonic()
 
@@ -321,6 +352,8 @@ class MeshPlugin(SchedulerPlugin):
         for rec in list(self.actors.values()):
             self._release(rec)
         self.actors.clear()
+        if self.hub is not None:
+            await self.hub.close()
         if self._client is not None:
             with contextlib.suppress(Exception):
                 await self._client.close(timeout=5)
@@ -390,6 +423,7 @@ class MeshPlugin(SchedulerPlugin):
                     "trust": self.trust.seen(machine, rep.get("labels") or {}).to_dict(),
                     "heartbeat_age": now - max(self.scheduler.workers[w].last_seen for w in workers),
                     "heartbeat_limit": limit,
+                    "reach": self.hub.reach(machine, rpc) if self.hub else "direct",
                 }
             )
         return out
@@ -450,6 +484,8 @@ class MeshPlugin(SchedulerPlugin):
         """Make sure every machine with a live worker has exactly one actor, and none lingers elsewhere."""
         self._note_model_faults()
         self._expire_unreclaimed()
+        if self.hub is not None and self.hub.due():
+            await self.hub.poll(self.machines())
         by_machine = self.machine_workers()
         for machine, rec in list(self.actors.items()):
             if machine not in by_machine or rec.worker not in self.scheduler.workers:
@@ -500,7 +536,8 @@ class MeshPlugin(SchedulerPlugin):
             from sharedllm.relay import machine_key
 
             key = machine_key(self.relay_master, machine).hex()
-            rec.state = await asyncio.wait_for(actor.start(relay_key=key), self.actor_start_timeout)
+            hub = self.hub.for_machine(machine) if self.hub else None
+            rec.state = await asyncio.wait_for(actor.start(relay_key=key, hub=hub), self.actor_start_timeout)
             logger.info("machine %s: rpc-server %s %s", machine, rec.state.get("state"), rec.state.get("endpoint"))
         except Exception as exc:
             logger.warning("could not start the rpc-server actor of machine %s on %s: %s", machine, worker, exc)
@@ -532,6 +569,7 @@ class MeshPlugin(SchedulerPlugin):
             "known_machines": self.offline_machines(),
             "recent_sessions": list(self.ended)[-20:],
             "draining": sorted(self.draining),
+            "hub": self.hub.state() if self.hub else None,
             "time": time.time(),
         }
 
@@ -642,6 +680,11 @@ class MeshPlugin(SchedulerPlugin):
                 why = f": {rpc['reason']}" if rpc.get("reason") else ""
                 skipped.append(f"{m['machine_id']} (relay not running{why})")
                 continue
+            reach = m.get("reach", "direct")
+            if reach == "none":
+                skipped.append(f"{m['machine_id']} (takes no inbound connections and is not connected to the relay "
+                               "hub now)")
+                continue
             gpus = {f"CUDA{g['index']}": g for g in res.get("gpus", [])}
             for i, dev in enumerate(rpc.get("devices", [])):
                 free, total = dev["memory_free"], dev["memory_total"]
@@ -650,7 +693,7 @@ class MeshPlugin(SchedulerPlugin):
                 elif dev["name"] in gpus:
                     free, total = gpus[dev["name"]]["memory_free"], gpus[dev["name"]]["memory_total"]
                 slots.append(DeviceSlot(m["machine_id"], endpoint, i, dev["name"], free, total,
-                                        "cpu" if dev["kind"] == "cpu" else "gpu"))
+                                        "cpu" if dev["kind"] == "cpu" else "gpu", via_hub=reach == "hub"))
         return slots, skipped
 
     def _plan(
@@ -889,6 +932,9 @@ class MeshPlugin(SchedulerPlugin):
                 "endpoint": info["endpoint"], "fingerprint": info["fingerprint"],
                 "token": mint_token(machine_key(self.relay_master, machine), sid, machine, LEASE_TOKEN_TTL),
             }
+            if self.hub is not None and info.get("hub"):  # registered at the hub: the way in, or the fallback
+                relays[machine]["hub"] = self.hub.for_lease(sid, machine, LEASE_TOKEN_TTL)
+                relays[machine]["via_hub"] = state[machine].get("reach") == "hub"
         if pushes:
             results = await asyncio.gather(*(asyncio.wait_for(c, LEASE_PUSH_TIMEOUT) for _, c in pushes),
                                            return_exceptions=True)

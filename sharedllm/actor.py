@@ -90,7 +90,12 @@ def describe_endpoint(rpc: dict) -> str:
     endpoint = public_endpoint(rpc)
     if endpoint is None:
         return "-"
-    return f"{endpoint} (direct, no TLS)" if rpc.get("direct") else f"{endpoint} (TLS relay)"
+    if rpc.get("direct"):
+        return f"{endpoint} (direct, no TLS)"
+    relay = rpc.get("relay") or {}
+    if relay.get("hub") and not relay.get("inbound", True):
+        return f"{endpoint} (TLS relay, through hub {relay['hub']} only)"
+    return f"{endpoint} (TLS relay)"
 
 
 @dataclass
@@ -109,6 +114,7 @@ class RPCServerConfig:
     relay: bool = True  # serve remote clients through the TLS relay only (False: --insecure-direct-rpc)
     relay_host: str = "127.0.0.1"  # where the relay listens (the machine's reachable address)
     relay_port: int = 0  # 0: a free port, kept across restarts
+    inbound: bool = True  # False (--no-inbound): the relay listens nowhere and serves through the relay hub only
     machine_id: str = ""
     orphan_timeout: float = DEFAULT_ORPHAN_TIMEOUT  # seconds the data plane serves on without a supervisor
 
@@ -224,6 +230,7 @@ class RPCServerSupervisor:
         self._restart_times: list[float] = []
         self._on_change = on_change
         self._relay_key: bytes | None = None
+        self._hub: tuple[str, bytes] | None = None  # the relay hub's endpoint and this machine's credential there
         self._relay_proc: _Process | None = None
         self._relay_watch: asyncio.Task | None = None
         self._relay_lock = asyncio.Lock()
@@ -253,8 +260,11 @@ class RPCServerSupervisor:
         if self._on_change:
             self._on_change(self.status)
 
-    async def start(self, relay_key: bytes | None = None) -> RPCServerState:
+    async def start(self, relay_key: bytes | None = None, hub: tuple[str, bytes] | None = None) -> RPCServerState:
         """Start the server (and its relay, given this machine's relay key) and wait until it answers HELLO.
+
+        ``hub``: the relay hub's ``HOST:PORT`` and this machine's credential there (from the scheduler): the relay
+        registers at it, so that clients that cannot reach the machine directly go through it.
 
         Returns the state (ready, or failed with the reason). A server that runs already is kept: one this
         supervisor runs (a re-created actor), or one an earlier supervisor of the machine left running (adopted,
@@ -267,6 +277,10 @@ class RPCServerSupervisor:
             if self._relay_key is not None:
                 await self._stop_relay()  # a relay with the old key would refuse every token of the new scheduler
             self._relay_key = relay_key
+        if relay_key is not None and hub != self._hub:
+            if self._relay_proc is not None:
+                await self._stop_relay()  # registered at another hub, or with another credential
+            self._hub = hub
         if self._proc is None and await self._adopt():
             await self._ensure_relay()
         elif self._proc is None or self._proc.exited:
@@ -417,6 +431,8 @@ class RPCServerSupervisor:
             return None
         if info.get("python") != sys.executable:  # another installation's relay: replaced
             return None
+        if info.get("hub") != (self._hub[0] if self._hub else None) or info.get("inbound", True) != self.config.inbound:
+            return None  # registered at another hub, or listening where it should not (or the reverse)
         try:
             same_key = (self.workdir / "relay.key").read_text().strip() == self._relay_key.hex()
         except OSError:
@@ -433,6 +449,10 @@ class RPCServerSupervisor:
             return
         if self._relay_key is None:
             self._set(relay=None, reason="relay key not received from the scheduler yet")
+            return
+        if not c.inbound and self._hub is None:
+            self._set(relay=None, reason="this machine takes no inbound connections (--no-inbound) and the scheduler "
+                                         "runs no relay hub; start the scheduler with a hub (the default)")
             return
         proc = self._relay_proc
         if proc is not None and not proc.exited and (self.status.relay or {}).get("target") == endpoint:
@@ -463,6 +483,12 @@ class RPCServerSupervisor:
                "--alive-file", str(self.workdir / ALIVE_FILE), "--orphan-timeout", str(c.orphan_timeout)]
         if self._lease is not None:
             cmd += ["--lease", self._lease]
+        if self._hub is not None:
+            hub_file = self.workdir / "hub.key"
+            write_private(hub_file, self._hub[1].hex())
+            cmd += ["--hub", self._hub[0], "--hub-key-file", str(hub_file)]
+            if not c.inbound:
+                cmd.append("--no-inbound")
         proc = await _spawn(cmd, self.workdir / "relay.log")
         info = await _ready_file(self._relay_file, proc, time.monotonic() + c.start_timeout)
         if info is None:
@@ -472,14 +498,16 @@ class RPCServerSupervisor:
             logger.warning("machine %s: the relay did not start: %s", c.machine_id, tail)
             return
         self._relay_proc = proc
-        c.relay_port = int(info["endpoint"].rpartition(":")[2])  # restarts keep the port: clients keep the endpoint
+        if c.inbound:
+            c.relay_port = int(info["endpoint"].rpartition(":")[2])  # restarts keep the port: clients keep it
         self._set_relay(info)
         logger.info("relay of machine %s on %s (%s) in front of %s", c.machine_id, info["endpoint"],
                     info["fingerprint"], endpoint)
 
     def _set_relay(self, info: dict) -> None:
         self._set(relay={"endpoint": info["endpoint"], "fingerprint": info["fingerprint"], "pid": info["pid"],
-                         "target": info["target"], "lease": self._lease}, reason=None)
+                         "target": info["target"], "lease": self._lease, "hub": info.get("hub"),
+                         "inbound": info.get("inbound", True)}, reason=None)
         if self._relay_watch is None or self._relay_watch.done():
             self._relay_watch = asyncio.ensure_future(self._watch_relay())
 
@@ -651,11 +679,22 @@ class RPCServerActor:
         if agent is None:
             raise RuntimeError(f"worker {worker.address} does not run the sharedllm.worker preload")
         self.supervisor = agent.new_supervisor(machine_id)
+        self._scheduler_address = worker.scheduler.address
 
-    async def start(self, relay_key: str | None = None) -> dict:
-        """Start (or keep) the rpc-server; ``relay_key`` (hex) is this machine's relay key from the scheduler."""
+    async def start(self, relay_key: str | None = None, hub: dict | None = None) -> dict:
+        """Start (or keep) the rpc-server; ``relay_key`` (hex) is this machine's relay key from the scheduler, ``hub``
+        its relay hub (``{"host": ..., "port": ..., "credential": hex}``; no host: the scheduler's host as this
+        worker reaches it)."""
         key = bytes.fromhex(relay_key) if relay_key else None
-        return (await self.supervisor.start(key)).to_dict()
+        link = None
+        if hub:
+            from distributed.comm.addressing import get_address_host
+
+            from sharedllm.relay import join_endpoint
+
+            host = hub.get("host") or get_address_host(self._scheduler_address)
+            link = (join_endpoint(host, int(hub["port"])), bytes.fromhex(hub["credential"]))
+        return (await self.supervisor.start(key, link)).to_dict()
 
     async def set_lease(self, lease: str | None, seq: int) -> dict:
         return await self.supervisor.set_lease(lease, seq)

@@ -188,6 +188,12 @@ class Mesh:
             "`dask scheduler --preload sharedllm.scheduler`"
         )
 
+    def scheduler_host(self) -> str:
+        """The scheduler's host as this client reaches it (where its relay hub is, unless it advertises another)."""
+        from distributed.comm.addressing import get_address_host
+
+        return get_address_host(getattr(self.client.scheduler, "address", None) or self._address)
+
     def state(self) -> dict:
         """The raw mesh state from the scheduler."""
         return self._call("sharedllm_state")
@@ -418,9 +424,11 @@ class _Reports:
                 self.quiet_until = time.monotonic() + self.QUIET
 
 
-def _engine_stages(topo: Topology, relays: dict[str, dict]) -> list[EngineStage]:
-    """The topology's stages for the engine, each with its machine's relay token (None: direct RPC)."""
-    from sharedllm.relay import warn_insecure_direct
+def _engine_stages(topo: Topology, relays: dict[str, dict], scheduler_host: str = "") -> list[EngineStage]:
+    """The topology's stages for the engine, each with its machine's relay token (None: direct RPC) and, for a
+    machine registered at the relay hub, the hub's address (``scheduler_host`` when the hub does not advertise one)
+    and this lease's hub token."""
+    from sharedllm.relay import join_endpoint, warn_insecure_direct
 
     stages = []
     for st in topo.stages:
@@ -428,6 +436,11 @@ def _engine_stages(topo: Topology, relays: dict[str, dict]) -> list[EngineStage]
         if info is None and st.device_index == 0:
             warn_insecure_direct(f"machine {st.machine_id} ({st.endpoint})")
         relay = {"token": info["token"], "fingerprint": info["fingerprint"]} if info else None
+        if info and info.get("hub"):
+            hub = info["hub"]
+            relay["hub"] = {"endpoint": join_endpoint(hub.get("host") or scheduler_host, hub["port"]),
+                            "token": hub["token"], "machine": hub["machine"]}
+            relay["via_hub"] = bool(info.get("via_hub"))
         stages.append(EngineStage(st.endpoint, st.device_index, st.machine_id, relay=relay))
     return stages
 
@@ -551,7 +564,7 @@ class MeshModel:
             # llama.cpp reaches each machine through its relay (TLS + this lease's token), tunnelled from the engine;
             # machines that serve RPC directly (--insecure-direct-rpc) are connected as they are.
             self._lease_relays = d.get("relays") or {}  # machine -> relay endpoint, fingerprint, this lease's token
-            stages = _engine_stages(topo, self._lease_relays)
+            stages = _engine_stages(topo, self._lease_relays, self._mesh.scheduler_host())
             _check_reachable(stages)
             spec = EngineSpec(
                 model_path=str(self.path),

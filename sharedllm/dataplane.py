@@ -127,7 +127,8 @@ def watch_alive_file(path: str | os.PathLike, timeout: float, on_orphan, interva
     return thread
 
 
-_RECORDS = ((SERVER_FILE, "sharedllm.rpc_server"), (RELAY_FILE, "sharedllm.relay"))
+HUB_FILE = "hub.json"  # the scheduler's relay hub records itself so in its own state directory
+_RECORDS = ((SERVER_FILE, "sharedllm.rpc_server"), (RELAY_FILE, "sharedllm.relay"), (HUB_FILE, "sharedllm.relay"))
 
 
 def recorded(state_dir: str | os.PathLike) -> list[tuple[int, str]]:

@@ -116,6 +116,7 @@ class LocalMesh:
         scheduler_args: list[str] | None = None,
         tls: bool = False,
         insecure_direct_rpc: bool = False,
+        no_inbound: tuple[str, ...] | list[str] = (),
     ):
         if machines < 0:
             raise ValueError(f"machines must be >= 0, got {machines}")
@@ -131,6 +132,7 @@ class LocalMesh:
         self.scheduler_args = list(scheduler_args or [])  # extra options for the sharedllm.scheduler preload
         self._want_tls = tls
         self.insecure_direct_rpc = insecure_direct_rpc  # workers serve RPC without the relay (trusted LANs only)
+        self.no_inbound = set(no_inbound)  # machines whose relays listen nowhere: reached through the relay hub
         # The cluster secret every process of this mesh gets through its environment ("auto": a fresh one).
         from sharedllm import security
 
@@ -236,8 +238,10 @@ class LocalMesh:
         wait: bool = False,
         rpc_devices: tuple[str, ...] = (),
         labels: dict[str, str] | None = None,
+        inbound: bool | None = None,
     ) -> list[_Proc]:
-        """Start ``dask worker --nworkers N`` for one emulated machine (``rpc_devices``: what its server serves)."""
+        """Start ``dask worker --nworkers N`` for one emulated machine (``rpc_devices``: what its server serves;
+        ``inbound=False``: a machine behind NAT, its relay listens on no port and serves through the relay hub)."""
         self._stopped.discard(machine_id)
         cmd = [sys.executable, "-m", "dask", "worker", self.address, "--host", self.host, "--nthreads", "1",
                "--nworkers", str(nworkers), "--memory-limit", "0", "--no-dashboard",
@@ -248,6 +252,8 @@ class LocalMesh:
             cmd += ["--rpc-threads", str(self.rpc_threads)]
         if self.insecure_direct_rpc:
             cmd += ["--insecure-direct-rpc"]
+        if inbound is False or (inbound is None and machine_id in self.no_inbound):
+            cmd += ["--no-inbound"]
         for dev in rpc_devices:
             cmd += ["--rpc-device", dev]
         for key, value in (labels or {}).items():
@@ -299,6 +305,8 @@ class LocalMesh:
             self._client = None
         # What the machines run now: a worker that does not get to stop its data plane leaves it to the finalizer.
         self._data_planes.extend(p for d in _state_dirs(self.workdir) for p in recorded(d))
+        if self.state_path:  # the relay hub outlives a scheduler with a state file (scheduler_plugins.hub)
+            self._data_planes.extend(recorded(f"{self.state_path}.hub"))
         for p in self.workers:  # as `systemctl stop`: each worker stops its machine's rpc-server and relay
             with contextlib.suppress(ProcessLookupError):
                 p.popen.send_signal(signal.SIGTERM)

@@ -45,6 +45,7 @@ class DeviceSlot:
     free_bytes: int
     total_bytes: int
     kind: str = "cpu"  # "cpu" or "gpu"
+    via_hub: bool = False  # reached through the relay hub (the machine takes no inbound connections)
 
 
 @dataclass(frozen=True)
@@ -253,8 +254,9 @@ def plan(
     total = prefix[-1]
 
     # The largest devices first: the ones pack uses and the ones max_devices keeps.
-    by_size = sorted(usable, key=lambda i: (ordered[i].machine_id not in prefer, -capacity[i], ordered[i].machine_id,
-                                            ordered[i].device_index))
+    # Of devices alike, those reached directly before those behind the relay hub (one hop less per round trip).
+    by_size = sorted(usable, key=lambda i: (ordered[i].machine_id not in prefer, -capacity[i], ordered[i].via_hub,
+                                            ordered[i].machine_id, ordered[i].device_index))
     limit = len(by_size) if max_devices is None else min(max_devices, len(by_size))
     _check_fits(
         ordered, budget, capacity, by_size[:limit], slots, estimate, max_devices, _n_machines(ordered), headroom

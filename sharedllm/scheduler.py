@@ -28,8 +28,20 @@ from sharedllm.scheduler_plugins import MeshPlugin
 @click.option("--requests-per-minute", type=float, default=120.0, show_default=True, help="per-client rate limit")
 @click.option("--tokens-per-minute", type=float, default=60_000.0, show_default=True, help="per-client rate limit")
 @click.option("--max-leases", type=int, default=4, show_default=True, help="concurrent leases per client")
+@click.option("--hub-port", type=click.IntRange(0, 65535), default=0,
+              help="port of the relay hub, through which clients reach machines that take no inbound connections "
+                   "(0: any free one, kept across restarts with --state-path; open it in your firewall)")
+@click.option("--hub-host", default=None,
+              help="address machines and clients reach the hub on (default: the scheduler's, as each reaches it)")
+@click.option("--no-hub", is_flag=True, help="run no relay hub: every machine must accept inbound connections")
+@click.option("--hub-address", default=None,
+              help="HOST:PORT of a relay hub run elsewhere (python -m sharedllm.relay hub), instead of one here")
+@click.option("--hub-key-file", default=None, help="the key of the hub given by --hub-address (same file as the hub's)")
+@click.option("--hub-max-mbit-per-machine", type=float, default=None,
+              help="bandwidth cap through the hub per machine, both ways together (default: none)")
 def dask_setup(scheduler, reconcile_interval, state_path, persist_interval, secret_file, requests_per_minute,
-               tokens_per_minute, max_leases):
+               tokens_per_minute, max_leases, hub_port, hub_host, no_hub, hub_address, hub_key_file,
+               hub_max_mbit_per_machine):
     from sharedllm.logs import follow_dask_logging
     from sharedllm.scheduler_plugins.trust import Limits
     from sharedllm.security import load_secret
@@ -42,6 +54,8 @@ def dask_setup(scheduler, reconcile_interval, state_path, persist_interval, secr
         logging.getLogger("sharedllm.scheduler").exception("cannot load the cluster secret; stopping")
         os._exit(2)
     limits = Limits(requests_per_minute, tokens_per_minute, max_leases)
+    hub = None if no_hub else {"port": hub_port, "host": hub_host, "address": hub_address, "key_file": hub_key_file,
+                               "max_mbit_per_machine": hub_max_mbit_per_machine}
     # The scheduler calls start() on every plugin added before it finishes starting (see NOTES).
     scheduler.add_plugin(MeshPlugin(reconcile_interval=reconcile_interval, state_path=state_path,
-                                    persist_interval=persist_interval, secret=secret, limits=limits))
+                                    persist_interval=persist_interval, secret=secret, limits=limits, hub=hub))

@@ -122,6 +122,7 @@ class MachineReporter(WorkerPlugin):
         insecure_direct_rpc: bool = False,
         state_dir: str | None = None,
         orphan_timeout: float | None = None,
+        inbound: bool = True,
     ):
         self.machine_id = resources.machine_id(machine_id)  # validates an override, raises ValueError
         if cache_cap < 0:
@@ -136,6 +137,7 @@ class MachineReporter(WorkerPlugin):
             raise ValueError(f"relay_port must be 0..65535, got {relay_port}")
         self.relay_port = relay_port
         self.insecure_direct_rpc = insecure_direct_rpc
+        self.inbound = inbound
         self.rpc_host = rpc_host
         self.rpc_port = rpc_port
         self.rpc_threads = rpc_threads
@@ -162,6 +164,7 @@ class MachineReporter(WorkerPlugin):
             host=rpc_host, port=self.rpc_port, threads=self.rpc_threads, devices=self.rpc_devices, cache_dir=cache,
             cache_cap=self.cache_cap, relay=not self.insecure_direct_rpc, relay_host=relay_host,
             relay_port=self.relay_port, machine_id=self.machine_id, orphan_timeout=self.orphan_timeout,
+            inbound=self.inbound,
         )
         agent = MachineAgent(worker, self.machine_id, config, self.labels, self.state_dir)
         _note_close_reason(worker, agent)
@@ -200,6 +203,9 @@ def _note_close_reason(worker, agent: MachineAgent) -> None:
               help="rpc-server port on loopback (0: a free one); with --insecure-direct-rpc, the public port")
 @click.option("--relay-port", type=int, default=0, show_default=True,
               help="port of the TLS relay in front of the rpc-server (0: a free one, kept across restarts)")
+@click.option("--no-inbound", is_flag=True,
+              help="this machine accepts no inbound connection (behind NAT): its relay listens on no port and dials "
+                   "out to the scheduler's relay hub, through which clients reach it")
 @click.option("--insecure-direct-rpc", is_flag=True,
               help="serve llama.cpp RPC directly on --rpc-host, without TLS or tokens: trusted LANs only")
 @click.option("--rpc-threads", type=int, default=None, help="rpc-server CPU threads (default: every core)")
@@ -215,8 +221,8 @@ def _note_close_reason(worker, agent: MachineAgent) -> None:
                    "(default: sharedllm-MACHINE beside the worker's directory)")
 @click.option("--orphan-timeout", type=float, default=DEFAULT_ORPHAN_TIMEOUT, show_default=True,
               help="seconds the rpc-server and relay serve on without a worker (the scheduler restarting)")
-async def dask_setup(worker, machine_id, rpc_host, rpc_port, relay_port, insecure_direct_rpc, rpc_threads, rpc_devices,
-                     cache_dir, cache_cap, labels, secret_file, state_dir, orphan_timeout):
+async def dask_setup(worker, machine_id, rpc_host, rpc_port, relay_port, no_inbound, insecure_direct_rpc, rpc_threads,
+                     rpc_devices, cache_dir, cache_cap, labels, secret_file, state_dir, orphan_timeout):
     from dask.utils import parse_bytes
 
     from sharedllm.logs import follow_dask_logging
@@ -228,10 +234,13 @@ async def dask_setup(worker, machine_id, rpc_host, rpc_port, relay_port, insecur
         if not sep or not key:
             raise click.BadParameter(f"--label wants KEY=VALUE, got {item!r}")
         pairs[key] = value
+    if no_inbound and insecure_direct_rpc:
+        raise click.BadParameter("--no-inbound and --insecure-direct-rpc exclude each other: a machine without "
+                                 "inbound connections is reached through the relay hub, over TLS")
     plugin = MachineReporter(machine_id, rpc_host, rpc_port, rpc_threads, tuple(rpc_devices), cache_dir,
                              parse_bytes(cache_cap), pairs, relay_port=relay_port,
                              insecure_direct_rpc=insecure_direct_rpc, state_dir=state_dir,
-                             orphan_timeout=orphan_timeout)
+                             orphan_timeout=orphan_timeout, inbound=not no_inbound)
     await vouch(worker, plugin.machine_id, secret_file)
     await worker.plugin_add(plugin, catch_errors=False)
 

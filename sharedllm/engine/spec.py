@@ -12,7 +12,8 @@ from typing import Any
 class EngineStage:
     """One device the engine loads layers onto: device ``device_index`` of the rpc-server at ``endpoint``.
 
-    ``relay``: ``{"token": ..., "fingerprint": ...}`` when ``endpoint`` is the machine's relay (the default): the
+    ``relay``: ``{"token": ..., "fingerprint": ...}`` (and ``"hub"``, ``"via_hub"`` for a machine registered at the
+    relay hub, see :class:`sharedllm.relay.ClientRelay`) when ``endpoint`` is the machine's relay (the default): the
     engine then tunnels to it (:class:`sharedllm.relay.ClientRelay`, in the engine process, where no other Python
     work competes for the GIL while llama.cpp waits on the network) and llama.cpp connects to the tunnel's local end.
     """
@@ -26,7 +27,8 @@ class EngineStage:
         """A :class:`sharedllm.relay.ClientRelay` to this stage's machine, with its token and pinned certificate."""
         from sharedllm.relay import ClientRelay
 
-        return ClientRelay(self.endpoint, self.relay["token"], fingerprint=self.relay["fingerprint"], **kwargs)
+        return ClientRelay(self.endpoint, self.relay["token"], fingerprint=self.relay["fingerprint"],
+                           hub=self.relay.get("hub"), via_hub=self.relay.get("via_hub", False), **kwargs)
 
 
 def probe_stage(stage: EngineStage, timeout: float = 5.0) -> tuple[int, int, int]:

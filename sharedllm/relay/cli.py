@@ -12,6 +12,7 @@ import socket
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from sharedllm.relay.certs import cert_fingerprint, make_self_signed
@@ -55,7 +56,10 @@ def _control(relay: ServerRelay, line: str) -> dict | None:
         logger.info("relay now admits lease %s", arg.strip() or "(none)")
         return {"lease": arg.strip() or None}
     if cmd == "status":
-        return {"lease": relay.lease, "status": True}
+        link = relay.hub_link
+        hub = None if link is None else {"endpoint": link.endpoint, "connected": link.connected.is_set(),
+                                         "error": link.last_error}
+        return {"lease": relay.lease, "status": True, "hub": hub}
     if cmd:
         logger.warning("unknown relay control command %r (expected 'lease [ID]' or 'status')", cmd)
     return None
@@ -68,9 +72,9 @@ def _control_loop(relay: ServerRelay) -> None:
             print(READY_PREFIX + json.dumps(answer), flush=True)
 
 
-def _control_socket(relay: ServerRelay, path: str, stop: threading.Event) -> None:
-    """Serve control commands on a Unix socket (owner only), one JSON answer line per command: a new supervisor
-    reaches a relay it adopted here, as stdin belonged to the one that started it."""
+def _control_socket(answer: Callable[[str], dict | None], path: str, stop: threading.Event) -> None:
+    """Serve control commands on a Unix socket (owner only), one JSON answer line per command (``answer(line)``): a
+    new supervisor reaches a relay it adopted here, as stdin belonged to the one that started it."""
     with contextlib.suppress(FileNotFoundError):
         os.unlink(path)
     srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -84,8 +88,8 @@ def _control_socket(relay: ServerRelay, path: str, stop: threading.Event) -> Non
     def serve(conn: socket.socket) -> None:
         with conn, conn.makefile("rw") as f:
             for line in f:
-                if (answer := _control(relay, line)) is not None:
-                    f.write(json.dumps(answer) + "\n")
+                if (reply := answer(line)) is not None:
+                    f.write(json.dumps(reply) + "\n")
                     f.flush()
 
     while not stop.is_set():
@@ -94,6 +98,40 @@ def _control_socket(relay: ServerRelay, path: str, stop: threading.Event) -> Non
         except OSError:
             return
         threading.Thread(target=serve, args=(conn,), name="relay-control", daemon=True).start()
+
+
+def _write_ready(ready: dict, ready_file: str | None) -> None:
+    if ready_file:
+        from sharedllm.dataplane import write_json
+
+        write_json(ready_file, ready)
+    print(READY_PREFIX + json.dumps(ready), flush=True)
+
+
+def _hub_main(args: argparse.Namespace, stop: threading.Event) -> int:
+    from sharedllm.relay.hub import RelayHub
+
+    host, port = parse_endpoint(args.listen)
+    hub = RelayHub(host, port, _read_key(args.key_file), max_connections_per_machine=args.max_connections_per_machine,
+                   max_machines=args.max_machines,
+                   max_bytes_per_s=args.max_mbit_per_machine * 1e6 / 8 if args.max_mbit_per_machine else None)
+    hub.start()
+    if args.control_socket:
+        def answer(line: str) -> dict | None:
+            return hub.stats() if line.strip() == "status" else None
+
+        threading.Thread(target=_control_socket, args=(answer, args.control_socket, stop), daemon=True).start()
+    _write_ready({"endpoint": hub.endpoint, "pid": os.getpid(), "control": args.control_socket}, args.ready_file)
+    if args.alive_file:
+        from sharedllm.dataplane import DEFAULT_ORPHAN_TIMEOUT, watch_alive_file
+
+        watch_alive_file(args.alive_file, args.orphan_timeout or DEFAULT_ORPHAN_TIMEOUT, stop.set)
+    try:
+        stop.wait()
+    except KeyboardInterrupt:
+        pass
+    hub.stop()
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -115,6 +153,22 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--alive-file", default=None,
                    help="stop when no supervisor has touched this file for --orphan-timeout seconds")
     s.add_argument("--orphan-timeout", type=float, default=None, help="seconds (default: 900)")
+    s.add_argument("--hub", default=None, help="HOST:PORT of a relay hub to register at (machines behind NAT)")
+    s.add_argument("--hub-key-file", default=None, help="file holding this machine's hub credential (hex)")
+    s.add_argument("--no-inbound", action="store_true",
+                   help="listen on no port: clients reach this machine through --hub only")
+    h = sub.add_parser("hub", help="a relay hub: machines behind NAT dial out to it, clients reach them through it")
+    h.add_argument("--listen", required=True, help="HOST:PORT to accept machines and clients on (port 0: any)")
+    h.add_argument("--key-file", required=True, help="file holding the hub's key (hex or text, 16 bytes or more)")
+    h.add_argument("--max-connections-per-machine", type=int, default=32)
+    h.add_argument("--max-machines", type=int, default=10_000)
+    h.add_argument("--max-mbit-per-machine", type=float, default=None, help="bandwidth cap, both ways together")
+    h.add_argument("--parent-pid", type=int, default=None, help="exit when this process (the scheduler) dies")
+    h.add_argument("--control-socket", default=None, help="Unix socket answering 'status' with the hub's figures")
+    h.add_argument("--ready-file", default=None, help="write the ready JSON here too")
+    h.add_argument("--alive-file", default=None,
+                   help="stop when no scheduler has touched this file for --orphan-timeout seconds")
+    h.add_argument("--orphan-timeout", type=float, default=None, help="seconds (default: 900)")
     c = sub.add_parser("client", help="loopback endpoint for llama.cpp, tunnelled to a server relay")
     c.add_argument("--remote", required=True, help="HOST:PORT of the server relay")
     c.add_argument("--token-file", required=True)
@@ -144,22 +198,23 @@ def main(argv: list[str] | None = None) -> int:
     stop = threading.Event()
     if args.parent_pid:
         threading.Thread(target=_watch_parent, args=(args.parent_pid, stop), daemon=True).start()
+    if args.cmd == "hub":
+        return _hub_main(args, stop)
     if args.cmd == "server":
         host, port = parse_endpoint(args.listen)
         relay: ServerRelay | ClientRelay = ServerRelay(
             host, port, args.target, certfile=args.cert, keyfile=args.key, secret=_read_key(args.key_file),
-            machine_id=args.machine_id)
+            machine_id=args.machine_id, hub=args.hub, inbound=not args.no_inbound,
+            hub_credential=_read_key(args.hub_key_file) if args.hub_key_file else None)
         relay.set_lease(args.lease)
         relay.start()
         ready = {"endpoint": relay.endpoint, "fingerprint": relay.fingerprint, "pid": os.getpid(),
-                 "target": args.target, "control": args.control_socket, "python": sys.executable}
+                 "target": args.target, "control": args.control_socket, "python": sys.executable,
+                 "hub": args.hub, "inbound": not args.no_inbound}
         if args.control_socket:
-            threading.Thread(target=_control_socket, args=(relay, args.control_socket, stop), daemon=True).start()
-        if args.ready_file:
-            from sharedllm.dataplane import write_json
-
-            write_json(args.ready_file, ready)
-        print(READY_PREFIX + json.dumps(ready), flush=True)
+            threading.Thread(target=_control_socket, args=(lambda line: _control(relay, line), args.control_socket,
+                                                           stop), daemon=True).start()
+        _write_ready(ready, args.ready_file)
         if args.alive_file:
             from sharedllm.dataplane import DEFAULT_ORPHAN_TIMEOUT, watch_alive_file
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import hmac
+import json
 import logging
 import os
 import socket
@@ -32,6 +33,8 @@ from sharedllm.relay.wire import (
 
 logger = logging.getLogger("sharedllm.relay")  # one name for the package, and when run as python -m sharedllm.relay
 
+_TOKEN_REASONS = ("malformed", "bad MAC", "wrong machine", "expired", "lease mismatch")
+
 
 
 class ClientRelay(_Acceptor):
@@ -40,20 +43,33 @@ class ClientRelay(_Acceptor):
     Give exactly one way to check the server: ``fingerprint`` (``sha256:HEX`` of its certificate, recommended) or
     ``cafile`` (then the certificate must name the remote host, or ``server_hostname``). ``token`` is the lease token
     for that machine; :meth:`set_token` replaces it for later connections. ``endpoint`` is what llama.cpp connects to.
+
+    ``hub``: ``{"endpoint": "HOST:PORT", "token": ..., "machine": ...}`` when the machine is registered at a relay hub
+    (:mod:`sharedllm.relay.hub`). A ``remote`` of ``hub/MACHINE`` (a machine that accepts no inbound connection) or
+    ``via_hub=True`` goes through the hub at once; otherwise the hub is the fallback once the remote is unreachable.
+    Either way TLS runs end to end with the machine's relay, as on a direct connection.
     """
 
     _what = "relay client"
 
     def __init__(self, remote: str, token: str, *, fingerprint: str | None = None,
                  cafile: str | os.PathLike | None = None, server_hostname: str | None = None,
-                 connect_timeout: float = 10.0, listen_host: str = "127.0.0.1"):
+                 connect_timeout: float = 10.0, listen_host: str = "127.0.0.1", hub: dict | None = None,
+                 via_hub: bool = False):
+        from sharedllm.relay.hub import VIA_HUB_PREFIX
+
         if (fingerprint is None) == (cafile is None):
             raise ValueError("ClientRelay needs exactly one of fingerprint= (pinned certificate) or cafile=")
         super().__init__()
-        self.remote = parse_endpoint(remote)
+        self._via = remote if remote.startswith(VIA_HUB_PREFIX) else None
+        if (self._via or via_hub) and not hub:
+            raise ValueError(f"machine {remote} is reached through a relay hub only, and no hub was given")
+        self.remote = None if self._via else parse_endpoint(remote)
+        self.hub = dict(hub) if hub else None
+        self.via_hub = bool(self._via or via_hub)
         self._pin = _normalize_fingerprint(fingerprint) if fingerprint else None
         self._ctx = client_context(cafile)
-        self._sni = server_hostname or self.remote[0]
+        self._sni = server_hostname or (self.remote[0] if self.remote else "sharedllm-relay")
         self.token = token
         self.connect_timeout = connect_timeout
         self.listen_host = listen_host
@@ -66,7 +82,51 @@ class ClientRelay(_Acceptor):
 
     @property
     def remote_endpoint(self) -> str:
+        if self.remote is None:
+            return self._via
         return join_endpoint(*self.remote)
+
+    def _dial(self) -> tuple[socket.socket, str]:
+        """A TCP connection that leads to the machine's relay, directly or through its hub; and how, for messages."""
+        where = self.remote_endpoint
+        if not self.via_hub:
+            try:
+                return socket.create_connection(self.remote, timeout=self.connect_timeout), where
+            except OSError as exc:
+                if self.hub is None:
+                    raise RelayError(f"relay {where} is unreachable ({exc}); is the machine's relay running?") from exc
+                logger.warning("relay %s is unreachable (%s); reaching machine %s through hub %s from now on", where,
+                               exc, self.hub.get("machine"), self.hub["endpoint"])
+                self.via_hub = True
+        return self._dial_hub()
+
+    def _dial_hub(self) -> tuple[socket.socket, str]:
+        from sharedllm.relay.hub import KIND_CONNECT
+
+        hub, machine = self.hub["endpoint"], self.hub["machine"]
+        where = f"machine {machine} through hub {hub}"
+        try:
+            raw = socket.create_connection(parse_endpoint(hub), timeout=self.connect_timeout)
+        except OSError as exc:
+            raise RelayError(f"relay hub {hub} is unreachable ({exc}); is the scheduler's hub running?") from exc
+        try:
+            _tune(raw)
+            _send_frame(raw, KIND_CONNECT, json.dumps({"machine": machine, "token": self.hub["token"]}).encode())
+            try:  # the hub answers once the machine has dialled back (its own open timeout is 10 s)
+                status, reason = _recv_frame(raw, time.monotonic() + self.connect_timeout + 5.0)
+            except (OSError, ValueError, struct.error) as exc:
+                raise RelayError(f"relay hub {hub} closed the handshake for machine {machine} ({exc})") from exc
+            if status != _STATUS_OK:
+                text = reason.decode(errors="replace")
+                head, _, detail = text.partition(": ")
+                if head in _TOKEN_REASONS:
+                    raise TokenError(head, f"relay hub {hub}: {detail}")
+                raise RelayError(f"relay hub {hub} refused the connection: {text}")
+            raw.settimeout(self.connect_timeout)
+            return raw, where
+        except BaseException:
+            _close(raw)
+            raise
 
     def set_token(self, token: str) -> None:
         """Use ``token`` for the connections opened from now on."""
@@ -77,11 +137,7 @@ class ClientRelay(_Acceptor):
 
         Raises :class:`RelayError` (unreachable, TLS, certificate mismatch) or :class:`TokenError` (refused token).
         """
-        where = self.remote_endpoint
-        try:
-            raw = socket.create_connection(self.remote, timeout=self.connect_timeout)
-        except OSError as exc:
-            raise RelayError(f"relay {where} is unreachable ({exc}); is the machine's relay running?") from exc
+        raw, where = self._dial()
         _tune(raw)
         with contextlib.suppress(OSError):
             raw.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
@@ -104,7 +160,7 @@ class ClientRelay(_Acceptor):
             if status != _STATUS_OK:
                 text = reason.decode(errors="replace")
                 head, _, detail = text.partition(": ")
-                if head in ("malformed", "bad MAC", "wrong machine", "expired", "lease mismatch"):
+                if head in _TOKEN_REASONS:
                     raise TokenError(head, f"relay {where}: {detail}")
                 raise RelayError(f"relay {where} refused the connection: {text}")
             return tls

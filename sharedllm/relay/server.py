@@ -149,17 +149,26 @@ class ServerRelay(_Acceptor):
     ``allowed(lease_id)`` says whether a lease may use this machine now; without it, the relay admits the lease given
     to :meth:`set_lease` (none at first: every token is refused until the scheduler leases the machine).
     ``target`` should be a loopback endpoint. ``start`` returns once the relay listens; ``stop`` closes everything.
+
+    ``hub`` (``HOST:PORT``) and ``hub_credential`` (:func:`sharedllm.relay.hub.hub_machine_key`) register the machine
+    at a relay hub too, which then forwards clients that cannot reach it directly (:mod:`sharedllm.relay.hub`); with
+    ``inbound=False`` the relay listens on no port at all (a machine behind NAT) and is known as ``hub/MACHINE``.
     """
 
     def __init__(self, host: str, port: int, target: str, *, certfile: str | os.PathLike, keyfile: str | os.PathLike,
                  secret: bytes, machine_id: str, allowed: Callable[[str], bool] | None = None,
-                 handshake_timeout: float = HANDSHAKE_TIMEOUT, max_pending: int = 32):
+                 handshake_timeout: float = HANDSHAKE_TIMEOUT, max_pending: int = 32, hub: str | None = None,
+                 hub_credential: bytes | None = None, inbound: bool = True):
         if not secret:
             raise ValueError("ServerRelay needs this machine's relay key (machine_key(master, machine_id))")
         if not machine_id:
             raise ValueError("ServerRelay needs the machine id its tokens are minted for")
         if handshake_timeout <= 0 or max_pending < 1:
             raise ValueError("handshake_timeout must be positive and max_pending at least 1")
+        if not inbound and not hub:
+            raise ValueError("a relay without inbound connections needs a hub to register at (hub=HOST:PORT)")
+        if hub and not hub_credential:
+            raise ValueError("registering at a hub needs this machine's hub credential (hub_machine_key)")
         self.target = parse_endpoint(target)
         if not (self.target[0] in ("localhost", "::1") or self.target[0].startswith("127.")):
             logger.warning("relay target %s is not a loopback address: bind the rpc-server to 127.0.0.1, or anyone "
@@ -176,10 +185,19 @@ class ServerRelay(_Acceptor):
         self._pending = threading.BoundedSemaphore(max_pending)
         self.refused = 0
         self.accepted = 0
+        self.inbound = inbound
+        self.hub = hub
+        self._hub_credential = hub_credential
+        self.hub_link = None
 
     @property
     def endpoint(self) -> str:
-        """``HOST:PORT`` the relay listens on (the real port after ``start`` with port 0)."""
+        """``HOST:PORT`` the relay listens on (the real port after ``start`` with port 0); ``hub/MACHINE`` when it
+        listens nowhere and clients reach it through its hub only."""
+        if not self.inbound:
+            from sharedllm.relay.hub import via_hub
+
+            return via_hub(self.machine_id)
         return join_endpoint(self.host, self.port)
 
     @property
@@ -210,12 +228,30 @@ class ServerRelay(_Acceptor):
         return lease_id == self._lease
 
     def start(self) -> ServerRelay:
-        """Bind, listen and serve in a background thread; returns when the relay accepts connections."""
-        family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
-        self._listen(socket.create_server((self.host, self.port), family=family, backlog=64), "relay-server")
-        logger.info("relay listening on %s (TLS, %s) for machine %s, forwarding to %s:%d", self.endpoint,
-                    self.fingerprint, self.machine_id, *self.target)
+        """Bind, listen and serve in a background thread, and register at the hub if there is one; returns when the
+        relay accepts connections (the hub registration goes on in the background, see :attr:`hub_link`)."""
+        if self.inbound:
+            family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
+            self._listen(socket.create_server((self.host, self.port), family=family, backlog=64), "relay-server")
+            logger.info("relay listening on %s (TLS, %s) for machine %s, forwarding to %s:%d", self.endpoint,
+                        self.fingerprint, self.machine_id, *self.target)
+        if self.hub:
+            from sharedllm.relay.hub import HubLink
+
+            self._stopping.clear()
+            self.hub_link = HubLink(self.hub, self.machine_id, self._hub_credential, self._accepted).start()
+            logger.info("relay of machine %s (TLS, %s) registers at hub %s%s", self.machine_id, self.fingerprint,
+                        self.hub, "" if self.inbound else " and listens on no port (no inbound connections)")
         return self
+
+    def stop(self, timeout: float = 5.0) -> None:
+        if self.hub_link is not None:
+            self.hub_link.stop(timeout)
+            self.hub_link = None
+        super().stop(timeout)
+
+    def __enter__(self) -> ServerRelay:
+        return self.start() if self._listener is None and self.hub_link is None else self
 
     def _accepted(self, conn: socket.socket, addr: tuple) -> None:
         peer = f"{addr[0]}:{addr[1]}"
@@ -240,6 +276,9 @@ class ServerRelay(_Acceptor):
             deadline = time.monotonic() + self.handshake_timeout
             raw.settimeout(self.handshake_timeout)
             try:
+                if not raw.recv(1, socket.MSG_PEEK):  # closed before a byte: the scheduler checking reachability
+                    logger.debug("connection from %s closed before sending anything (a reachability check)", peer)
+                    return None
                 tls = self._ctx.wrap_socket(raw, server_side=True)
             except TimeoutError:
                 return self._refuse(peer, f"no TLS handshake within {self.handshake_timeout:g}s")
