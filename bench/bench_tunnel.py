@@ -11,6 +11,10 @@ a real machine. Setups, each a fresh process that loads the model and streams ``
 - ``tunnel``: the llama process runs one :class:`~sharedllm.relay.ClientRelay` per server in threads (as the engine
   will) and llama.cpp connects to those: TLS 1.2+/1.3 with a pinned certificate and a lease token.
 - ``tunnel (relay procs)``: the client relays run as their own processes (``python -m sharedllm.relay client``).
+- ``tunnel via hub``: as ``tunnel``, to machines behind NAT: a second server relay per server listens on no port and
+  registers at a relay hub (``python -m sharedllm.relay hub``, its own process); the client relays reach them through
+  the hub (one more hop and two more socket copies per message; TLS still end to end). Its cost against ``tunnel``
+  is the hub's cost.
 
 Repeats are interleaved and medians reported. A micro-benchmark on the same servers then times one small RPC round
 trip (``DEVICE_COUNT``) and one 1 MiB ``GET_TENSOR`` (the size of Gemma's logits, fetched every token) through each
@@ -55,8 +59,8 @@ from sharedllm import relay
 
 logger = logging.getLogger("bench_tunnel")
 
-DIRECT, TUNNEL, TUNNEL_PROCS = "direct", "tunnel", "tunnel (relay procs)"
-SETUPS = (DIRECT, TUNNEL, TUNNEL_PROCS)
+DIRECT, TUNNEL, TUNNEL_PROCS, TUNNEL_HUB = "direct", "tunnel", "tunnel (relay procs)", "tunnel via hub"
+SETUPS = (DIRECT, TUNNEL, TUNNEL_PROCS, TUNNEL_HUB)
 TARGET_RATIO = 0.90
 RESULT_PREFIX = "BENCH_TUNNEL_RESULT "
 LEASE = "bench-lease"
@@ -80,8 +84,8 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
         endpoints = spec["endpoints"]
         if spec.get("relays"):
             for r in spec["relays"]:
-                cr = relay.ClientRelay(r["remote"], r["token"], fingerprint=r["fingerprint"]).start()
-                cr.check()  # llama.cpp aborts on a failed connection: prove the token first
+                cr = relay.ClientRelay(r["remote"], r["token"], fingerprint=r["fingerprint"], hub=r.get("hub")).start()
+                check(cr)  # llama.cpp aborts on a failed connection: prove the token first
                 relays.append(cr)
             endpoints = [cr.endpoint for cr in relays]
         t0 = time.perf_counter()
@@ -106,6 +110,18 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
     finally:
         for cr in relays:
             cr.stop()
+
+
+def check(cr: relay.ClientRelay, timeout: float = 20.0) -> dict[str, str]:
+    """``cr.check()``, waiting for a machine behind NAT to be registered at its hub (it registers in the background)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return cr.check()
+        except relay.RelayError as exc:
+            if "not connected to this hub" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
 
 
 def run_child(spec: dict[str, Any], timeout: float = 600.0) -> dict[str, Any]:
@@ -184,7 +200,13 @@ def mesh(args: argparse.Namespace, workdir: str) -> Iterator[dict[str, Any]]:
             raise ValueError(f"--rpc-env wants KEY=VALUE, got {a!r}")
         rpc_env[key] = value
     try:
-        master = os.urandom(32)
+        from sharedllm.relay.hub import hub_client_key, hub_machine_key
+
+        master, hub_key = os.urandom(32), os.urandom(32)
+        (Path(workdir) / "hub.key").write_text(hub_key.hex())
+        _, hub_info = rig.spawn([sys.executable, "-m", "sharedllm.relay", "hub", "--listen", "127.0.0.1:0",
+                                 "--key-file", str(Path(workdir) / "hub.key"), "--parent-pid", str(os.getpid())],
+                                "hub.log", relay.READY_PREFIX)
         servers = []
         for i in range(args.servers):
             machine = f"bench-machine-{i + 1}"
@@ -209,8 +231,19 @@ def mesh(args: argparse.Namespace, workdir: str) -> Iterator[dict[str, Any]]:
                                   "--token-file", str(token_file), "--fingerprint", info["fingerprint"],
                                   "--parent-pid", str(os.getpid())],
                                  f"relay-client-{i + 1}.log", relay.READY_PREFIX)
+            # The same machine behind NAT: a relay that listens on no port, registered at the hub.
+            cred_file = Path(workdir) / machine / "hub-credential"
+            cred_file.write_text(hub_machine_key(hub_key, machine).hex())
+            _, ninfo = rig.spawn([sys.executable, "-m", "sharedllm.relay", "server", "--listen", "127.0.0.1:0",
+                                  "--target", endpoint, "--cert", cert, "--key", key, "--machine-id", machine,
+                                  "--key-file", str(key_file), "--lease", LEASE, "--parent-pid", str(os.getpid()),
+                                  "--hub", hub_info["endpoint"], "--hub-key-file", str(cred_file), "--no-inbound"],
+                                 f"relay-nat-{i + 1}.log", relay.READY_PREFIX)
+            hub = {"endpoint": hub_info["endpoint"], "machine": machine,
+                   "token": relay.mint_token(hub_client_key(hub_key), LEASE, machine, ttl=24 * 3600)}
             servers.append({"machine": machine, "endpoint": endpoint, "relay": info["endpoint"],
-                            "fingerprint": info["fingerprint"], "token": token, "client_proc": cinfo["endpoint"]})
+                            "fingerprint": info["fingerprint"], "token": token, "client_proc": cinfo["endpoint"],
+                            "nat_relay": ninfo["endpoint"], "hub": hub})
         yield {"servers": servers, "rig": rig}
     finally:
         rig.close()
@@ -272,15 +305,19 @@ def rpc_micro(endpoint: str, pings: int, gets: int, get_bytes: int = 1 << 20) ->
 def micro(servers: list[dict[str, Any]], rounds: int, pings: int, gets: int) -> dict[str, Any]:
     """Interleaved micro-benchmark of direct, in-process client relay, client relay process, on the first server."""
     s = servers[0]
-    out: dict[str, list[dict[str, float]]] = {DIRECT: [], TUNNEL: [], TUNNEL_PROCS: []}
+    out: dict[str, list[dict[str, float]]] = {name: [] for name in SETUPS}
     cr = relay.ClientRelay(s["relay"], s["token"], fingerprint=s["fingerprint"]).start()
+    hr = relay.ClientRelay(s["nat_relay"], s["token"], fingerprint=s["fingerprint"], hub=s["hub"]).start()
     try:
         tls = cr.check()
+        check(hr)
         for _ in range(rounds):
-            for name, ep in ((DIRECT, s["endpoint"]), (TUNNEL, cr.endpoint), (TUNNEL_PROCS, s["client_proc"])):
+            for name, ep in ((DIRECT, s["endpoint"]), (TUNNEL, cr.endpoint), (TUNNEL_PROCS, s["client_proc"]),
+                             (TUNNEL_HUB, hr.endpoint)):
                 out[name].append(rpc_micro(ep, pings, gets))
     finally:
         cr.stop()
+        hr.stop()
     med = {name: {k: statistics.median(r[k] for r in runs) for k in runs[0]} for name, runs in out.items()}
     return {"runs": out, "median": med, "tls": tls,
             "note": "tunnel: client relay in the measuring process's threads; relay procs: its own process"}
@@ -331,9 +368,12 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
             TUNNEL: {**base, "endpoints": [], "relays": [
                 {"remote": s["relay"], "token": s["token"], "fingerprint": s["fingerprint"]} for s in servers]},
             TUNNEL_PROCS: {**base, "endpoints": [s["client_proc"] for s in servers]},
+            TUNNEL_HUB: {**base, "endpoints": [], "relays": [
+                {"remote": s["nat_relay"], "token": s["token"], "fingerprint": s["fingerprint"], "hub": s["hub"]}
+                for s in servers]},
         }
-        logger.info("warm-up (not counted): one direct and one tunnel run of %d tokens", min(args.tokens, 8))
-        for name in (DIRECT, TUNNEL):
+        logger.info("warm-up (not counted): one direct, one tunnel, one hub run of %d tokens", min(args.tokens, 8))
+        for name in (DIRECT, TUNNEL, TUNNEL_HUB):
             run_child({**specs[name], "tokens": min(args.tokens, 8)})
         for r in range(args.repeats):
             order = SETUPS if r % 2 == 0 else tuple(reversed(SETUPS))  # no setup always runs first
@@ -372,7 +412,10 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
         return x / y if x and y else None
 
     per_repeat = {name: [t["decode_tps"] / d["decode_tps"] if t["decode_tps"] and d["decode_tps"] else None
-                         for t, d in zip(runs[name], runs[DIRECT], strict=True)] for name in (TUNNEL, TUNNEL_PROCS)}
+                         for t, d in zip(runs[name], runs[DIRECT], strict=True)]
+                  for name in (TUNNEL, TUNNEL_PROCS, TUNNEL_HUB)}
+    hub_vs_tunnel = [h["decode_tps"] / t["decode_tps"] if h["decode_tps"] and t["decode_tps"] else None
+                     for h, t in zip(runs[TUNNEL_HUB], runs[TUNNEL], strict=True)]
     texts = {r["text"] for name in SETUPS for r in runs[name]}
     d_tps, t_tps = summary[DIRECT]["median"]["decode_tps"], summary[TUNNEL]["median"]["decode_tps"]
     added_ms = (1000 / t_tps - 1000 / d_tps) if d_tps and t_tps else None
@@ -398,6 +441,10 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
             "relay procs/direct decode, median of per-repeat ratios": _median(per_repeat[TUNNEL_PROCS]),
             "relay procs/direct decode, quiet repeats": quiet_ratios(runs, TUNNEL_PROCS, args.max_foreign),
             "relay procs/direct decode by median gap": ratio(TUNNEL_PROCS, "decode_tps_p50gap"),
+            "hub/direct decode": ratio(TUNNEL_HUB),
+            "hub/direct decode per repeat": per_repeat[TUNNEL_HUB],
+            "hub/tunnel decode per repeat": hub_vs_tunnel,
+            "hub/tunnel decode, median of per-repeat ratios": _median(hub_vs_tunnel),
             "target": TARGET_RATIO,
         },
         "where_the_time_goes": {
@@ -454,6 +501,11 @@ def report(result: dict[str, Any], markdown: bool) -> str:
         + ", ".join(_fmt(x, 2) for x in ratios["tunnel/direct decode per repeat"]) + ", median "
         + _fmt(ratios["tunnel/direct decode, median of per-repeat ratios"], 3) + "); by median gap "
         + _fmt(ratios["tunnel/direct decode by median gap"], 3),
+        "through the hub (machines behind NAT) / tunnel decode tok/s: median of per-repeat ratios "
+        + _fmt(ratios["hub/tunnel decode, median of per-repeat ratios"], 3) + " (per repeat "
+        + ", ".join(_fmt(x, 2) for x in ratios["hub/tunnel decode per repeat"]) + "); hub/direct "
+        + _fmt(ratios["hub/direct decode"], 3) + "; a round trip through the hub costs "
+        + _fmt(mic[TUNNEL_HUB]["rtt_p50_us"] - mic[TUNNEL]["rtt_p50_us"], 0) + " us more than the tunnel's",
         f"relay procs/direct decode tok/s: {_fmt(ratios['relay procs/direct decode'], 3)} (per repeat "
         + ", ".join(_fmt(x, 2) for x in ratios["relay procs/direct decode per repeat"]) + ", median "
         + _fmt(ratios["relay procs/direct decode, median of per-repeat ratios"], 3) + ")",

@@ -69,7 +69,7 @@ def machines_table(state: dict) -> Table:
             lease += ", draining"
         threads = f" ({rpc['threads']} serving)" if rpc.get("threads") else ""
         table.add_row(
-            mid, cell, describe_endpoint(rpc),
+            mid, cell, describe_endpoint(rpc, m.get("reach")),
             f"{rpc.get('protocol') or '?'} / {build.get('llama_cpp_python') or '?'}",
             f"{res.get('cpu_count', '?')}{threads}", ram, gpus, gib(reserved) if reserved else "-", lease,
             str(len(m.get("workers") or [])),

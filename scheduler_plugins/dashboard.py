@@ -245,7 +245,7 @@ class MachineTable(DashboardComponent):
             ram_used = int(res.get("ram_total", 0)) - int(res.get("ram_available", 0))
             data["machine"].append(mid)
             data["state"].append(state)
-            data["endpoint"].append(describe_endpoint(rpc))
+            data["endpoint"].append(describe_endpoint(rpc, m.get("reach")))
             data["version"].append(f"{rpc.get('protocol') or '?'} / {build.get('llama_cpp_python') or '?'}")
             data["restarts"].append(int(rpc.get("restarts") or 0))
             threads = f" ({rpc['threads']} serving)" if rpc.get("threads") else ""

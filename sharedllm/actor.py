@@ -85,16 +85,20 @@ def public_endpoint(rpc: dict) -> str | None:
     return (rpc.get("relay") or {}).get("endpoint")
 
 
-def describe_endpoint(rpc: dict) -> str:
-    """:func:`public_endpoint` for tables, saying which it is."""
+def describe_endpoint(rpc: dict, reach: str | None = None) -> str:
+    """:func:`public_endpoint` for tables, saying which it is (``reach``: the scheduler's ``machines()`` field)."""
     endpoint = public_endpoint(rpc)
     if endpoint is None:
         return "-"
     if rpc.get("direct"):
         return f"{endpoint} (direct, no TLS)"
     relay = rpc.get("relay") or {}
+    if reach == "none":
+        return f"{endpoint} (TLS relay, no inbound connections and not at the hub: unreachable)"
     if relay.get("hub") and not relay.get("inbound", True):
         return f"{endpoint} (TLS relay, through hub {relay['hub']} only)"
+    if reach == "hub":
+        return f"{endpoint} (TLS relay, unreachable from the scheduler: through hub {relay.get('hub')})"
     return f"{endpoint} (TLS relay)"
 
 

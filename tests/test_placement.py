@@ -438,3 +438,14 @@ def test_pack_prefers_machines_with_the_model_warm():
     assert plan(devs, est, strategy="pack", prefer={"c"}).machines == ["c"]  # the warm one, memory allowing
     assert plan(devs, est, max_devices=1, prefer={"a"}).machines == ["a"]
     assert plan(devs, est, prefer={"a"}).machines == ["a", "b", "c"]  # spread still uses every device
+
+
+def test_of_equal_devices_the_direct_ones_are_chosen_before_those_behind_the_hub():
+    est = estimate()
+    nat = dataclasses.replace(device("a-nat", 4 * GiB), endpoint="hub/a-nat", via_hub=True)
+    devs = [nat, device("b", 4 * GiB), device("c", 2 * GiB)]
+    assert plan(devs, est, strategy="pack").machines == ["b"]  # "a-nat" sorts first by name and is as large
+    assert plan(devs, est, max_devices=2).machines == ["a-nat", "b"]  # larger than c: still used, in mesh order
+    bigger = dataclasses.replace(nat, free_bytes=8 * GiB)
+    assert plan([bigger, *devs[1:]], est, strategy="pack").machines == ["a-nat"]  # memory first, then the path
+    assert plan([nat, device("b", 4 * GiB)], est, max_devices=1, prefer={"a-nat"}).machines == ["a-nat"]  # warm first
