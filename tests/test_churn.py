@@ -23,10 +23,11 @@ TWO = ["machine-1", "machine-2"]
 
 
 def ready_again(mesh, machine_id: str, old_pid: int | None = None, timeout: float = 90.0) -> dict:
-    """Wait until a machine's rpc-server is ready (and, if given, is a new process)."""
+    """Wait until a machine's rpc-server is ready (and, if given, is a new process) with its relay in front of it:
+    placement leaves out a machine whose relay is not up yet."""
     return wait_for(
         lambda: (m := machine(mesh, machine_id)) and m["rpc"]["state"] == "ready" and m["rpc"]["pid"] != old_pid
-        and m["rpc"], timeout=timeout, what=f"{machine_id}'s rpc-server to be ready",
+        and m["rpc"].get("relay") and m["rpc"], timeout=timeout, what=f"{machine_id}'s rpc-server to be ready",
     )
 
 
