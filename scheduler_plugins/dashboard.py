@@ -236,6 +236,10 @@ class MachineTable(DashboardComponent):
         reserved: dict[str, int] = {}
         for d in device_memory(machines, sessions):
             reserved[d.machine_id] = reserved.get(d.machine_id, 0) + d.reserved
+        leases: dict[str, int] = {}  # machine -> sessions on it, counted in one pass over the sessions
+        for s in sessions:
+            for mid in set(s.get("machines", [])):
+                leases[mid] = leases.get(mid, 0) + 1
         data: dict[str, list] = {k: [] for k in self.columns}
         for m in machines:
             mid = m["machine_id"]
@@ -256,7 +260,7 @@ class MachineTable(DashboardComponent):
             ) or (f"none ({res['nvml_error']})" if res.get("nvml_error") else "none"))
             data["reserved"].append(gib(reserved.get(mid, 0)))
             data["workers"].append(len(m.get("workers") or []))
-            data["sessions"].append(sum(mid in s.get("machines", []) for s in sessions))
+            data["sessions"].append(leases.get(mid, 0))
         self.root.height = 30 + 28 * max(len(machines), 1)
         update_table(self.root, data)
 
@@ -543,9 +547,13 @@ class Leases(DashboardComponent):
             return
         draining = set(getattr(plugin, "draining", ()) or ())
         data: dict[str, list] = {k: [] for k in self.columns}
+        by_machine: dict[str, list] = {}  # machine -> the sessions leasing it, in session order; one pass
+        for s in plugin.sessions.values():
+            for mid in s.machines:
+                by_machine.setdefault(mid, []).append(s)
         for m in plugin.machines():
             mid = m["machine_id"]
-            holders = [s for s in plugin.sessions.values() if mid in s.machines]
+            holders = by_machine.get(mid, [])
             lease = "leased" if holders else "free"
             data["machine"].append(mid)
             data["lease"].append(f"{lease}, draining" if mid in draining else lease)

@@ -130,7 +130,9 @@ def device_memory(machines: Iterable[dict], sessions: Iterable[dict]) -> list[De
     device (the rpc-server's CPU) counts against the machine's RAM. Devices an rpc-server serves that NVML does not see
     (another backend) are listed with the figures the rpc-server reported at its start.
     """
-    sessions = list(sessions)
+    stages: dict[str, list[StageView]] = {}  # machine -> its stages: one pass over the sessions, not one per machine
+    for st in session_stages(sessions):
+        stages.setdefault(st.machine_id, []).append(st)
     out: list[DeviceMemory] = []
     for m in machines:
         mid = m["machine_id"]
@@ -138,10 +140,9 @@ def device_memory(machines: Iterable[dict], sessions: Iterable[dict]) -> list[De
         gpus = {f"CUDA{g['index']}": g for g in res.get("gpus") or []}
         extra = {d["name"]: d for d in rpc.get("devices") or [] if d.get("kind") != "cpu" and d["name"] not in gpus}
         reserved: dict[str, int] = {}
-        for st in session_stages(sessions):
-            if st.machine_id == mid:
-                dev = st.device if st.device in gpus or st.device in extra else "RAM"
-                reserved[dev] = reserved.get(dev, 0) + st.bytes
+        for st in stages.get(mid, ()):
+            dev = st.device if st.device in gpus or st.device in extra else "RAM"
+            reserved[dev] = reserved.get(dev, 0) + st.bytes
         if res:
             total, avail = int(res.get("ram_total", 0)), int(res.get("ram_available", 0))
             out.append(DeviceMemory(mid, "RAM", "RAM", "ram", total, avail, reserved.get("RAM", 0)))

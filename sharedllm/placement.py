@@ -275,7 +275,8 @@ def plan(
     placed: tuple[list[int], list[int]] | None = None
     chosen: list[int] = []
     for k in candidates:
-        chosen = sorted(by_size[:k])  # back to mesh order
+        # back to mesh order (all the usable devices: that is ``usable`` itself, no sort of 10,000 indices)
+        chosen = list(usable) if k == len(usable) else sorted(by_size[:k])
         placed = _place(chosen, capacity, prefix)
         if placed is not None:
             break
