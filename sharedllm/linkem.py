@@ -25,7 +25,8 @@ TLS bytes), and :attr:`endpoint` stays the relay's. Command line::
     python -m sharedllm.linkem --target HOST:PORT [--rtt-ms 20] [--mbit 100] [--control-dir DIR]
 
 prints ``SHAREDLLM_LINKEM {"endpoint": ..., "pid": ..., "control": ...}``, then answers JSON lines on stdin
-(``{"op": "stats"}``, ``{"op": "set", "rtt_ms": 5, "mbit": 1000}``, ``{"op": "info"}``) until stdin closes.
+(``{"op": "stats"}``, ``{"op": "set", "rtt_ms": 5, "mbit": 1000}``, ``{"op": "trace", "on": true}``,
+``{"op": "info"}``) until stdin closes.
 """
 
 from __future__ import annotations
@@ -71,6 +72,7 @@ class LinkEmulator:
         self.turns = 0
         self.round_trips = 0
         self.connections = 0
+        self._trace: list[tuple] | None = None  # (time, connection, direction, bytes, "r" read / "s" sent) when on
         self._listener: socket.socket | None = None
         self._proc: subprocess.Popen | None = None
         self._proc_lock = threading.Lock()
@@ -155,6 +157,16 @@ class LinkEmulator:
         self._set(rtt_ms, mbit)
         return self.stats()
 
+    def trace(self, on: bool) -> dict[str, Any]:
+        """Start (``on``) or stop recording every chunk: ``{"events": [[time, connection, direction, bytes, kind],
+        ...]}`` since the last call, ``kind`` "r" when the emulator read it, "s" when it passed it on; times are
+        ``time.monotonic()`` (the same clock in every process of the machine)."""
+        if self._proc is not None:
+            return self._ask({"op": "trace", "on": on})
+        with self._lock:
+            events, self._trace = self._trace or [], ([] if on else None)
+        return {"events": events}
+
     def command(self, msg: dict[str, Any]) -> dict[str, Any]:
         """One control command (a decoded JSON line) and its answer."""
         op = msg.get("op")
@@ -163,12 +175,14 @@ class LinkEmulator:
                 return self.stats()
             if op == "set":
                 return self.set(float(msg.get("rtt_ms", 0.0)), msg.get("mbit"))
+            if op == "trace":
+                return self.trace(bool(msg.get("on", False)))
             if op == "info":
                 return {"endpoint": self.endpoint, "target": self.target_endpoint, "pid": self.pid,
                         "control": self.control}
         except (TypeError, ValueError) as exc:
             return {"error": str(exc)}
-        return {"error": f"unknown op {op!r}; use stats, set or info"}
+        return {"error": f"unknown op {op!r}; use stats, set, trace or info"}
 
     def _spawn(self) -> None:
         cmd = [sys.executable, "-m", "sharedllm.linkem", "--target", self.target_endpoint,
@@ -218,12 +232,15 @@ class LinkEmulator:
             self._socks += [client, server]
             with self._lock:
                 self.connections += 1
+                conn = self.connections
             last = [-1]  # the direction of this connection's last chunk
-            self._direction(client, server, 0, last)
-            self._direction(server, client, 1, last)
+            self._direction(client, server, 0, last, conn)
+            self._direction(server, client, 1, last, conn)
 
-    def _count(self, index: int, size: int, last: list[int]) -> None:
+    def _count(self, index: int, size: int, last: list[int], conn: int, now: float) -> None:
         with self._lock:
+            if self._trace is not None and len(self._trace) < 1_000_000:
+                self._trace.append((now, conn, index, size, "r"))
             self.bytes[index] += size
             self.chunks[index] += 1
             if last[0] != index:
@@ -233,7 +250,13 @@ class LinkEmulator:
                         self.round_trips += 1
                 last[0] = index
 
-    def _direction(self, src: socket.socket, dst: socket.socket, index: int, last: list[int]) -> None:
+    def _sent(self, index: int, size: int, conn: int) -> None:
+        if self._trace is not None:
+            with self._lock:
+                if self._trace is not None:
+                    self._trace.append((time.monotonic(), conn, index, size, "s"))
+
+    def _direction(self, src: socket.socket, dst: socket.socket, index: int, last: list[int], conn: int) -> None:
         """One way of one connection: a reader that stamps each chunk with when it arrives, a writer that sends it
         then. With no latency, a chunk that finds the line empty is sent by the reader itself (no hand-over)."""
         line: collections.deque[tuple[float, bytes]] = collections.deque()
@@ -248,7 +271,7 @@ class LinkEmulator:
                     rate, one_way = self.bytes_per_s, self.one_way
                     sent = max(now, free_at[0]) + (len(data) / rate if rate else 0.0)
                     free_at[0] = sent
-                    self._count(index, len(data), last)
+                    self._count(index, len(data), last, conn, now)
                     with ready:
                         direct = one_way == 0.0 and not line and not busy[0]
                         if not direct:
@@ -257,6 +280,7 @@ class LinkEmulator:
                     if direct:  # only this thread adds to the line, so nothing can overtake this chunk
                         if (wait := sent - time.monotonic()) > 0:
                             time.sleep(wait)
+                        self._sent(index, len(data), conn)  # before: the peer may have it as soon as it is sent
                         dst.sendall(data)
             except OSError:
                 pass
@@ -276,6 +300,7 @@ class LinkEmulator:
                         break
                     if (wait := due - time.monotonic()) > 0:
                         time.sleep(wait)
+                    self._sent(index, len(data), conn)
                     dst.sendall(data)
                     with ready:
                         busy[0] = False
@@ -321,6 +346,9 @@ class LinkControl:
 
     def set(self, rtt_ms: float, mbit: float | None = None) -> dict[str, Any]:
         return self.ask({"op": "set", "rtt_ms": rtt_ms, "mbit": mbit})
+
+    def trace(self, on: bool) -> dict[str, Any]:
+        return self.ask({"op": "trace", "on": on})
 
     def info(self) -> dict[str, Any]:
         return self.ask({"op": "info"})

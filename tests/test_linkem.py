@@ -103,9 +103,16 @@ MESSAGES = [bytes([i]) * (10 + 1000 * i) for i in range(6)]
 def test_the_link_counts_round_trips_and_bytes_per_direction():
     server, target = _frame_server()
     with server, LinkEmulator(target) as link:
+        assert link.trace(True) == {"events": []}
         total = _exchange(link.endpoint, MESSAGES)
         # The last echo may still be on its way back through the writer when the client has it: wait for the count.
         stats = _wait_for(lambda: (st := link.stats())["bytes"] == [total, total] and st)
+        events = link.trace(False)["events"]
+    # Every chunk read is passed on, in each direction, and the trace follows the bytes.
+    for direction in (0, 1):
+        for kind in ("r", "s"):
+            assert sum(e[3] for e in events if e[2] == direction and e[4] == kind) == total
+    assert {e[1] for e in events} == {1}  # one connection
     assert stats["round_trips"] == len(MESSAGES)  # however many reads each burst took
     assert stats["turns"] == 2 * len(MESSAGES) - 1
     assert stats["chunks"][0] >= len(MESSAGES) and stats["chunks"][1] >= len(MESSAGES)
