@@ -97,7 +97,10 @@ class LinkEmulator:
         """Listen (here or in the child); returns when :attr:`endpoint` accepts connections."""
         if self.wire:
             self._relay = _client_relay(self.target_endpoint)
-            self.target = self._relay.remote  # emulate between the relay and its server relay
+            if not self._relay.remote:
+                raise ValueError("link emulator: wire=True needs a client relay that connects to its server relay "
+                                 "itself (not through a hub)")
+            self.target = tuple(self._relay.remote)  # emulate between the relay and its server relay
         if self.process:
             self._spawn()
         else:
