@@ -176,6 +176,9 @@ class ModelEstimate:
     file_bytes: int
     # True: the output layer (norm and projection) runs on the client's CPU; slot n_layer holds nothing on the mesh.
     output_on_client: bool = False
+    # What the device holding the last layers (and the output layer, unless on the client) needs on top of
+    # compute_bytes: the logits beyond the layers' own peak, and more copies of the stage's input.
+    output_compute_bytes: int = 0
 
     def slot_bytes(self) -> tuple[int, ...]:
         """Bytes per slot (weights + KV), ``n_layer + 1`` entries, the output layer last."""
@@ -546,17 +549,28 @@ def estimate_memory(gguf: GGUFFile, n_ctx: int, *, n_ubatch: int = 512, kv_type_
     default_head_dim = n_embd // n_head if n_head else 0
     head_k = _int_param(gguf, "attention.key_length", default_head_dim)
     head_v = _int_param(gguf, "attention.value_length", default_head_dim)
-    # Conservative on purpose: every layer is counted with the full n_ctx, sliding-window layers (Gemma 3: 5 of 6)
-    # included, though llama.cpp gives them only n_swa + n_ubatch cells; and n_ctx is rounded up to llama.cpp's
-    # 256-cell padding. A layer without KV heads (recurrent layers of hybrid models) gets no KV cache. Measured on
-    # Gemma 3 270M (llama-cpp-python 0.3.36, F16 KV) at n_ctx 8192: 24 MiB for the 3 global layers + 15 MiB for the
-    # 15 SWA layers of 1024 cells = 39 MiB; the same 512 KiB per 1024 cells and layer as here, which says 144 MiB.
+    # Every layer gets the full n_ctx, sliding-window layers (Gemma 3: 5 of 6) included: llama-cpp-python's
+    # default swa_full=True makes llama.cpp give them a full-size cache too ("using full-size SWA cache"), and the
+    # 256-cell padding. A layer without KV heads (recurrent layers of hybrid models) gets no KV cache. Measured on the
+    # synthetic models of bench/synth_gguf.py (bench/bench_matrix.py): equal to llama.cpp's "KV buffer size".
     n_kv_cells = -(-n_ctx // 256) * 256
     layer_kv = tuple(n_kv_cells * h * (head_k + head_v) * kv_type_bytes for h in n_heads_kv)
 
     n_vocab = token_embd.shape[1] if token_embd is not None and len(token_embd.shape) > 1 else 0
     n_ff = max(_per_layer(gguf, "feed_forward_length", 0))
-    compute = _compute_bytes(n_embd, n_ff, 0 if output_on_client else n_vocab, n_head, n_kv_cells, n_ubatch)
+    n_ff_exp = gguf.get("expert_feed_forward_length")
+    if type(n_ff_exp) is int and n_ff_exp > 0:  # MoE: the routed experts' activations, and the router's
+        n_ff = _int_param(gguf, "expert_used_count", 0) * n_ff_exp + _int_param(gguf, "expert_count", 0)
+    shape = _GraphShape(
+        n_embd=n_embd, n_ff=n_ff, n_vocab=n_vocab, n_head=n_head, q_dim=n_head * head_k,
+        kv_dim=max(n_heads_kv) * (head_k + head_v), n_kv=n_kv_cells, n_ubatch=min(n_ubatch, n_ctx),
+        # llama.cpp builds one KQ mask per attention kind: Gemma 2/3 have sliding-window and global layers.
+        n_masks=2 if gguf.architecture in _SWA_PATTERN and gguf.get("attention.sliding_window") else 1,
+        # Pipeline parallelism (several devices, no tensor overrides: the output layer is not moved to the client)
+        # makes llama.cpp's scheduler keep 4 copies of every stage input.
+        n_copies=1 if output_on_client else 4,
+    )
+    compute, output_compute = _compute_bytes(shape, output_on_mesh=not output_on_client)
 
     return ModelEstimate(
         path=gguf.path,
@@ -570,26 +584,56 @@ def estimate_memory(gguf: GGUFFile, n_ctx: int, *, n_ubatch: int = 512, kv_type_
         compute_bytes=compute,
         file_bytes=gguf.file_size,
         output_on_client=output_on_client,
+        output_compute_bytes=output_compute,
     )
 
 
-def _compute_bytes(n_embd: int, n_ff: int, n_vocab: int, n_head: int, n_ctx: int, n_ubatch: int) -> int:
-    """Upper bound of llama.cpp's compute buffer on one device: the F32 tensors of the worst-case n_ubatch graph.
+# Architectures whose layers alternate sliding-window and global attention in llama.cpp (a second KQ mask). Phi-3
+# writes attention.sliding_window too, but llama.cpp disables its SWA.
+_SWA_PATTERN = frozenset({"gemma2", "gemma3", "gemma3n", "cohere2"})
 
-    ggml-alloc reuses memory, so the buffer is the peak of the largest live tensors, not their sum: either the logits
-    (n_vocab x n_ubatch: llama.cpp reserves the graph with one output per token) on the output layer's device, or the
-    attention scores KQ (n_head x n_ctx x n_ubatch, without flash attention; softmax runs in place), plus a few
-    n_embd / n_ff wide activations that live beside them. Devices without the output layer need less: fine.
 
-    Calibrated on Gemma 3 270M Q4_K_M, llama-cpp-python 0.3.36, CPU backend (what an rpc-server CPU device gets),
-    flash attention off and auto (auto chose off; forced on gave the same), "sched_reserve: CPU compute buffer size":
-      n_ubatch 512: n_ctx 512 -> 515.75 MiB, 2048 / 8192 / 32768 -> 514.50 MiB   (this formula: 529.00 MiB)
-      n_ctx 8192: n_ubatch 128 -> 128.63 MiB (132.25), n_ubatch 2048 -> 2058.01 MiB (2116.00)
-    The logits dominate there (262k vocab). For a small-vocab, many-head model the KQ term does, e.g. Llama 3 8B at
-    n_ctx 8192: 512 MiB of KQ + 116 MiB, against the ~560 MiB llama.cpp users report without flash attention.
+@dataclass(frozen=True)
+class _GraphShape:
+    """The sizes that set llama.cpp's compute buffers (counts of elements; n_ubatch tokens per micro-batch)."""
+
+    n_embd: int
+    n_ff: int
+    n_vocab: int
+    n_head: int
+    q_dim: int  # n_head * head_dim
+    kv_dim: int  # K + V width of one token in one layer
+    n_kv: int  # KV cells of the reserved graph (n_ctx padded)
+    n_ubatch: int
+    n_masks: int
+    n_copies: int
+
+
+def _compute_bytes(g: _GraphShape, output_on_mesh: bool) -> tuple[int, int]:
+    """(compute buffer of a mesh device, what the device with the last layers needs on top of it), in bytes.
+
+    ggml-alloc reuses memory, so a compute buffer is the peak of the live F32 tensors of the worst-case graph that
+    llama.cpp reserves (n_ubatch tokens attending to every KV cell, flash attention off as "auto" picks on the CPU):
+    - the stage's inputs, kept alive all along and copied ``n_copies`` times under pipeline parallelism: the KQ
+      mask(s) (n_kv x n_ubatch) and the hidden state coming from the previous stage;
+    - the larger of the attention peak (KQ, n_head x n_kv x n_ubatch, with the Q/K/V and hidden-state activations
+      beside it) and the feed-forward peak (gate, up and their product beside the hidden states);
+    - on the device with the last layers, more copies of the hidden state, and the logits (n_vocab x n_ubatch:
+      llama.cpp reserves one output per token) beyond what the layers' peak leaves free.
+
+    Fitted to llama.cpp's "compute buffer size" of rpc-server CPU devices (llama-cpp-python 0.3.36) for the seven
+    synthetic architectures of bench/synth_gguf.py at n_ctx 512, 1024 and 4096 on two machines: never below, and
+    the device totals (weights + KV + compute) within 15% above (bench/bench_matrix.py measures every cell). One
+    device (no pipeline copies) is overestimated by the three extra copies of the inputs. Gemma 3 270M, one CPU
+    device: 515.75 MiB at n_ubatch 512 (the 262k-token logits), 18.51 MiB with the output layer on the client.
     """
     f32 = 4
-    logits = n_vocab * n_ubatch * f32
-    scores = n_head * n_ctx * n_ubatch * f32
-    activations = (4 * n_embd + 3 * n_ff) * n_ubatch * f32
-    return max(logits, scores) + activations
+    t = g.n_ubatch
+    inputs = g.n_copies * t * (g.n_masks * g.n_kv + g.n_embd) * f32
+    attention = t * (g.n_head * g.n_kv) * f32 + t * f32 * (2 * g.q_dim + 11 * g.n_embd // 2 + 3 * g.kv_dim // 2)
+    feed_forward = t * f32 * (3 * g.n_ff + 4 * g.n_embd)
+    peak = max(attention, feed_forward)
+    extra = (g.n_copies + 1) * t * g.n_embd * f32
+    if output_on_mesh:
+        extra += max(0, t * f32 * (g.n_vocab + 2 * g.n_embd) - peak)
+    return inputs + peak, extra

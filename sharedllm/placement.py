@@ -248,6 +248,8 @@ def plan(
         log.debug("skipping %d device(s) without usable memory for %s", skipped, estimate.path)
 
     slots = estimate.slot_bytes()
+    # The device holding the output slot also holds the logits and more input copies (see gguf._compute_bytes).
+    slots = (*slots[:-1], slots[-1] + estimate.output_compute_bytes)
     prefix = [0]
     for b in slots:
         prefix.append(prefix[-1] + b)
@@ -335,7 +337,8 @@ def _validate(
             f"estimate for {estimate.path} has {len(estimate.layer_weight_bytes)} weight and "
             f"{len(estimate.layer_kv_bytes)} KV entries for n_layer={estimate.n_layer}"
         )
-    if estimate.compute_bytes < 0 or estimate.output_bytes < 0 or any(b < 0 for b in estimate.slot_bytes()):
+    if (estimate.compute_bytes < 0 or estimate.output_compute_bytes < 0 or estimate.output_bytes < 0
+            or any(b < 0 for b in estimate.slot_bytes())):
         raise ValueError(f"estimate for {estimate.path} has negative byte counts")
     seen: set[tuple[str, int]] = set()
     for d in devices:
@@ -523,7 +526,7 @@ def _stages(
                 n_slots=n,
                 weight_bytes=weights,
                 kv_bytes=sum(estimate.layer_kv_bytes[start:layer_end]),
-                compute_bytes=estimate.compute_bytes,
+                compute_bytes=estimate.compute_bytes + (estimate.output_compute_bytes if has_output else 0),
                 has_output=has_output,
                 output_on_client=estimate.output_on_client,
             )

@@ -94,7 +94,7 @@ def check_invariants(topo: Topology, est: ModelEstimate, devices: list[DeviceSlo
         assert s.first_slot == start and s.n_slots >= 1
         start += s.n_slots
         assert s.weight_bytes + s.kv_bytes == sum(slots[s.first_slot : s.first_slot + s.n_slots])
-        assert s.compute_bytes == est.compute_bytes
+        assert s.compute_bytes == est.compute_bytes + (est.output_compute_bytes if s.has_output else 0)
         dev = by_key[(s.endpoint, s.device_index)]
         assert s.total_bytes <= dev.free_bytes * (1 - headroom)
     assert start == est.n_layer + 1
@@ -449,3 +449,21 @@ def test_of_equal_devices_the_direct_ones_are_chosen_before_those_behind_the_hub
     bigger = dataclasses.replace(nat, free_bytes=8 * GiB)
     assert plan([bigger, *devs[1:]], est, strategy="pack").machines == ["a-nat"]  # memory first, then the path
     assert plan([nat, device("b", 4 * GiB)], est, max_devices=1, prefer={"a-nat"}).machines == ["a-nat"]  # warm first
+
+
+def test_the_output_device_holds_its_extra_compute():
+    """output_compute_bytes (logits, more input copies) lands on the device with the output slot, and counts when
+    deciding what fits there: the output slot moves to a device that can hold it."""
+    est = dataclasses.replace(estimate(n_layer=4, layer_weight=10 * MB, layer_kv=0, output=10 * MB,
+                                       compute=10 * MB), output_compute_bytes=100 * MB)
+    # In mesh order beta, the last device, holds the output slot; with the extra only alpha can, and moves to the end.
+    devs = [device("alpha", int(150 * MB / 0.9)), device("beta", int(40 * MB / 0.9))]
+    assert plan(devs, dataclasses.replace(est, output_compute_bytes=0)).stages[-1].machine_id == "beta"
+    topo = plan(devs, est)
+    check_invariants(topo, est, devs)
+    last = topo.stages[-1]
+    assert last.machine_id == "alpha" and last.has_output
+    assert last.compute_bytes == 110 * MB and topo.stages[0].compute_bytes == 10 * MB
+    assert last.total_bytes <= 150 * MB
+    with pytest.raises(ModelTooLarge):
+        plan([device("beta", int(40 * MB / 0.9)), device("gamma", int(40 * MB / 0.9))], est)
