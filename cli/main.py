@@ -214,11 +214,12 @@ def _register() -> None:
     # Commands that live in their own modules.
     from sharedllm.cli.drain import drain
     from sharedllm.cli.models import models
+    from sharedllm.cli.plan import plan
     from sharedllm.cli.serve import serve
     from sharedllm.cli.status import status
     from sharedllm.cli.trust import clients, trust
 
-    for command in (status, drain, serve, models, trust, clients):
+    for command in (status, drain, serve, models, trust, clients, plan):
         cli.add_command(command)
 
 

@@ -233,9 +233,14 @@ class Mesh:
         output_layer: str = "auto",
         parallel: int = 1,
     ) -> Topology:
-        """Plan a topology for ``model`` without loading it. Raises ``ModelTooLarge`` when the mesh cannot hold it."""
-        path = self.resolve(model)
-        estimate = self._estimate(path, n_ctx * _check_parallel(parallel), output_layer, machines)
+        """Plan a topology for ``model`` without loading it. Raises ``ModelTooLarge`` when the mesh cannot hold it.
+
+        Nothing is downloaded: for a URL or catalog entry not in the model cache yet, only the remote file's GGUF
+        header is read (HTTP ``Range``, a few MB), so a model too large for the mesh is refused before a byte of its
+        weights moves."""
+        catalog = self._call("sharedllm_catalog", action="list") if models.needs_catalog(model) else None
+        parsed = models.header(model, catalog)  # for a remote model: its header only
+        estimate = self._estimate(parsed, n_ctx * _check_parallel(parallel), output_layer, machines)
         from sharedllm.ggml import build_info
 
         d = self._call(
@@ -312,6 +317,10 @@ class Mesh:
         if max_recoveries < 0:
             raise ValueError(f"max_recoveries must be >= 0, got {max_recoveries}")
         build_info()  # measured once per library build and cached; not part of planning time
+        catalog = self._call("sharedllm_catalog", action="list") if models.needs_catalog(model) else None
+        if models.needs_download(model, catalog):  # a model too large for the mesh is refused before the download
+            self.plan(model, n_ctx, strategy=strategy, headroom=headroom, machines=machines, max_devices=max_devices,
+                      output_layer=output_layer, parallel=parallel)
         path = self.resolve(model)
         estimate = self._estimate(path, n_ctx * _check_parallel(parallel), output_layer, machines)
         handle = MeshModel(
@@ -326,12 +335,13 @@ class Mesh:
         handle._open()
         return handle
 
-    def _estimate(self, path: Path, n_ctx: int, output_layer: str, machines: list[str] | None
+    def _estimate(self, model: Path | gguf.GGUFFile, n_ctx: int, output_layer: str, machines: list[str] | None
                   ) -> gguf.ModelEstimate:
-        """The model's memory estimate, with ``output_layer`` (see :meth:`load`) resolved."""
+        """The model's memory estimate (of a local file, or a header already read), with ``output_layer`` (see
+        :meth:`load`) resolved."""
         if output_layer not in OUTPUT_LAYERS:
             raise ValueError(f"output_layer must be one of {', '.join(OUTPUT_LAYERS)}, got {output_layer!r}")
-        parsed = gguf.read_gguf(path)
+        parsed = model if isinstance(model, gguf.GGUFFile) else gguf.read_gguf(model)
         on_client = output_layer == "client"
         if output_layer == "auto" and gguf.ties_embeddings(parsed):
             on_client = not any(d.get("kind") in ("gpu", "igpu") for m in self.machines()

