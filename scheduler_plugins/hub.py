@@ -247,8 +247,9 @@ class MeshHub:
             return None
         return machine in (self.stats.get("machines") or {})
 
-    def due(self) -> bool:
-        return time.monotonic() - self._polled >= self.POLL_EVERY
+    def due(self, heartbeat_interval: float = 0.0) -> bool:
+        """Whether to poll again: every POLL_EVERY seconds, or every heartbeat interval of a larger cluster."""
+        return time.monotonic() - self._polled >= max(self.POLL_EVERY, heartbeat_interval)
 
     async def poll(self, machines: list[dict]) -> None:
         """Refresh the hub's figures, and try the direct endpoint of machines not tried lately (in the background)."""

@@ -43,6 +43,7 @@ EXTENSION = "sharedllm"
 LEASE_TOKEN_TTL = 24 * 3600.0  # seconds; a token stops working earlier, when its lease ends (the relay checks)
 LEASE_PUSH_TIMEOUT = 15.0  # seconds for the leased machines' relays to take a new lease
 HEARTBEAT_LATE = 4.0  # seconds without a heartbeat that make a machine suspect (or 5 heartbeat intervals)
+SWEEP_EVERY = 10  # reconciles, or heartbeat intervals if longer, between full scans when no worker came or went
 RECLAIM_GRACE = 120.0  # seconds a session open when the scheduler died waits for its client to report again
 
 
@@ -180,6 +181,11 @@ class MeshPlugin(SchedulerPlugin):
         self._client = None
         self._generation = 0
         self._wake: asyncio.Event | None = None
+        self._dirty = True  # the next reconcile scans every worker (see reconcile)
+        self._touched: set[str] = set()  # machines whose workers came or went since the last reconcile
+        self._workers_of: dict[str, list[str]] = {}  # machine -> its live workers, oldest first (kept by the hooks)
+        self._machine_of: dict[str, str] = {}  # worker -> its machine
+        self._ticks = 0
         self._task: asyncio.Task | None = None
         self._closing = False
         self.sessions: dict[str, Session] = {}
@@ -360,8 +366,21 @@ class MeshPlugin(SchedulerPlugin):
 
     def add_worker(self, scheduler=None, worker: str | None = None) -> None:
         # Do not create actors here: the worker has not had its registration reply yet (see NOTES).
+        self._touch(worker)
         if self._wake:
             self._wake.set()
+
+    def _touch(self, worker: str | None) -> None:
+        """A worker joined: index it under its machine and settle that machine at the next reconcile (every machine,
+        when its machine is not known)."""
+        rep = self.worker_report(worker) if worker and self.scheduler is not None else None
+        if rep and rep.get("machine_id"):
+            machine = rep["machine_id"]
+            self._machine_of[worker] = machine
+            self._workers_of.setdefault(machine, []).append(worker)
+            self._touched.add(machine)
+        else:
+            self._dirty = True
 
     def remove_worker(self, scheduler=None, worker: str | None = None, **kwargs) -> None:
         for machine, rec in list(self.actors.items()):
@@ -369,6 +388,15 @@ class MeshPlugin(SchedulerPlugin):
                 logger.warning("worker %s holding the rpc-server actor of machine %s left", worker, machine)
                 self.actors.pop(machine)
                 self._release(rec)
+                self._touched.add(machine)  # its other workers, if any, take the actor at the next reconcile
+        machine = self._machine_of.pop(worker, None)
+        if machine is not None:
+            rest = [w for w in self._workers_of.get(machine, []) if w != worker]
+            if rest:
+                self._workers_of[machine] = rest
+            else:
+                self._workers_of.pop(machine, None)
+                self._touched.add(machine)
         if self._wake:
             self._wake.set()
 
@@ -380,6 +408,16 @@ class MeshPlugin(SchedulerPlugin):
         if ws is None:
             return None
         return ws.metrics.get(EXTENSION) or ws.extra.get(EXTENSION)
+
+    def _relays(self) -> list[dict]:
+        """Each machine with an actor and its rpc-server's state, as the hub's poll wants them (not ``machines()``:
+        this runs every few seconds and must stay cheap with a thousand machines)."""
+        out = []
+        for machine, rec in self.actors.items():
+            rpc = (self.worker_report(rec.worker) or {}).get("rpc")
+            if rpc:
+                out.append({"machine_id": machine, "rpc": rpc})
+        return out
 
     def machine_workers(self) -> dict[str, list[str]]:
         """machine id -> addresses of its live workers, oldest first."""
@@ -481,19 +519,44 @@ class MeshPlugin(SchedulerPlugin):
         return model_fault(self._last_exit(machine)) is not None
 
     async def reconcile(self) -> None:
-        """Make sure every machine with a live worker has exactly one actor, and none lingers elsewhere."""
-        self._note_model_faults()
+        """Make sure every machine with a live worker has exactly one actor, and none lingers elsewhere.
+
+        Called every ``reconcile_interval`` and at once when a worker comes or goes. Machines whose workers came or
+        went (``_touched``) are settled at once; the scan of every worker and actor runs every ``SWEEP_EVERY`` calls,
+        or at the next call after a pin failed (``_dirty``). So a heartbeat costs the plugin about the same with 10
+        machines as with 1,000, churn included (``bench/bench_scale.py``)."""
+        from distributed.scheduler import heartbeat_interval
+
+        self._ticks += 1
         self._expire_unreclaimed()
-        if self.hub is not None and self.hub.due():
-            await self.hub.poll(self.machines())
-        by_machine = self.machine_workers()
-        for machine, rec in list(self.actors.items()):
-            if machine not in by_machine or rec.worker not in self.scheduler.workers:
+        # Dask spaces heartbeats out as the cluster grows (0.5 s up to 10 workers, 6 s at 1,000); the sweeps follow
+        # (every SWEEP_EVERY heartbeat intervals at the least), so they cost the same per heartbeat at any size.
+        beat = heartbeat_interval(len(self.scheduler.workers))
+        if self.hub is not None and self.hub.due(beat):
+            await self.hub.poll(self._relays())
+        sweep_every = max(SWEEP_EVERY, round(SWEEP_EVERY * beat / self.reconcile_interval))
+        if self._dirty or self._ticks % sweep_every == 0:
+            self._dirty = False
+            self._touched.clear()
+            self._note_model_faults()
+            by_machine = self._workers_of = self.machine_workers()
+            self._machine_of = {w: m for m, ws in by_machine.items() for w in ws}
+            self._settle(by_machine, set(self.actors) | set(by_machine))
+        elif self._touched:
+            touched, self._touched = self._touched, set()
+            live = self.scheduler.workers
+            self._settle({m: ws for m in touched if (ws := [w for w in self._workers_of.get(m, []) if w in live])},
+                         touched)
+
+    def _settle(self, by_machine: dict[str, list[str]], machines: set[str]) -> None:
+        """Give each of ``machines`` with a live worker (``by_machine``) one actor, and drop the actors of the rest."""
+        for machine in machines:
+            rec = self.actors.get(machine)
+            if rec is not None and (machine not in by_machine or rec.worker not in self.scheduler.workers):
                 self.actors.pop(machine)
                 self._release(rec)
-        for machine, workers in by_machine.items():
-            if machine not in self.actors and machine not in self._pending:
-                self._pending[machine] = asyncio.ensure_future(self._pin(machine, workers[0]))
+            if machine in by_machine and machine not in self.actors and machine not in self._pending:
+                self._pending[machine] = asyncio.ensure_future(self._pin(machine, by_machine[machine][0]))
 
     async def _get_client(self):
         if self._client is None:
@@ -541,6 +604,7 @@ class MeshPlugin(SchedulerPlugin):
             logger.info("machine %s: rpc-server %s %s", machine, rec.state.get("state"), rec.state.get("endpoint"))
         except Exception as exc:
             logger.warning("could not start the rpc-server actor of machine %s on %s: %s", machine, worker, exc)
+            self._dirty = True  # try again at the next reconcile
         finally:
             self._pending.pop(machine, None)
 
