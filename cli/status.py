@@ -57,6 +57,9 @@ def machines_table(state: dict) -> Table:
             cell.append(f"\n{rpc['reason']}", style="dim")
         ram_total = int(res.get("ram_total", 0))
         ram = f"{gib(ram_total - int(res.get('ram_available', 0)))} / {gib(ram_total)}" if res else "-"
+        if m.get("max_memory"):  # what the owner gives the mesh (--max-memory)
+            ram += "\ngives " + ", ".join(f"{'each device' if k == '*' else k} {gib(v)}"
+                                         for k, v in sorted(m["max_memory"].items()))
         gpus = "\n".join(
             f"{d.label}: {gib(d.total - d.free)} / {gib(d.total)}"
             + ("" if d.utilization is None else f" ({d.utilization:.0%} busy)")

@@ -457,6 +457,7 @@ class MeshPlugin(SchedulerPlugin):
                     "rpc": rpc,
                     "build": rep.get("build"),
                     "labels": rep.get("labels") or {},
+                    "max_memory": rep.get("max_memory") or {},
                     "warm": sorted(self.warm.get(machine, {})),
                     "trust": self.trust.seen(machine, rep.get("labels") or {}).to_dict(),
                     "heartbeat_age": now - max(self.scheduler.workers[w].last_seen for w in workers),
@@ -730,6 +731,14 @@ class MeshPlugin(SchedulerPlugin):
         slots: list[DeviceSlot] = []
         skipped: list[str] = []
         want_proto = (build or {}).get("rpc_protocol")
+        reserved: dict[tuple[str, str], int] = {}  # (machine, device) -> bytes the open sessions' stages hold there
+        if any(m.get("max_memory") for m in machines):
+            from sharedllm.scheduler_plugins.metrics import session_stages
+
+            sessions = ({"session_id": x.session_id, "model": x.model, "topology": x.topology}
+                        for x in self.sessions.values())
+            for st in session_stages(sessions):
+                reserved[st.machine_id, st.device] = reserved.get((st.machine_id, st.device), 0) + st.bytes
         for m in machines:
             rpc, res = m["rpc"], m.get("resources") or {}
             if rpc.get("state") != "ready":
@@ -756,6 +765,10 @@ class MeshPlugin(SchedulerPlugin):
                     free, total = res["ram_available"], res["ram_total"]  # fresh, the server's figure is from its start
                 elif dev["name"] in gpus:
                     free, total = gpus[dev["name"]]["memory_free"], gpus[dev["name"]]["memory_total"]
+                cap = (m.get("max_memory") or {}).get(dev["name"]) or (m.get("max_memory") or {}).get("*")
+                if cap:  # what the owner gives (--max-memory), less what open sessions hold there already
+                    total = min(total, cap)
+                    free = max(0, min(free, cap - reserved.get((m["machine_id"], dev["name"]), 0)))
                 slots.append(DeviceSlot(m["machine_id"], endpoint, i, dev["name"], free, total,
                                         "cpu" if dev["kind"] == "cpu" else "gpu", via_hub=reach == "hub"))
         return slots, skipped

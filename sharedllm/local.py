@@ -239,6 +239,7 @@ class LocalMesh:
         rpc_devices: tuple[str, ...] = (),
         labels: dict[str, str] | None = None,
         inbound: bool | None = None,
+        worker_args: list[str] | tuple[str, ...] = (),
     ) -> list[_Proc]:
         """Start ``dask worker --nworkers N`` for one emulated machine (``rpc_devices``: what its server serves;
         ``inbound=False``: a machine behind NAT, its relay listens on no port and serves through the relay hub)."""
@@ -258,6 +259,7 @@ class LocalMesh:
             cmd += ["--rpc-device", dev]
         for key, value in (labels or {}).items():
             cmd += ["--label", f"{key}={value}"]
+        cmd += list(worker_args)  # more options of the sharedllm.worker preload (--max-memory 12GiB, ...)
         proc = self._spawn(f"worker-{machine_id}-{len(self.workers)}", cmd, machine_id)
         self.workers.append(proc)
         if wait:

@@ -40,10 +40,11 @@ class MachineAgent:
     """Per-worker state: which machine this worker belongs to, and the rpc-server supervisor if it holds the actor."""
 
     def __init__(self, worker, machine_id: str, config: RPCServerConfig, labels: dict[str, str] | None = None,
-                 state_dir: str | os.PathLike | None = None):
+                 state_dir: str | os.PathLike | None = None, max_memory: dict[str, int] | None = None):
         self.worker = worker
         self.machine_id = machine_id
         self.labels = dict(labels or {})
+        self.max_memory = dict(max_memory or {})  # device name ("*": each device) -> bytes its owner gives
         self.config = config
         # Where the machine's data plane records itself: the same for every worker of the machine, across restarts.
         self.state_dir = Path(state_dir) if state_dir else default_state_dir(worker, machine_id)
@@ -76,6 +77,7 @@ class MachineAgent:
             "rpc": sup.report() if sup else None,
             "build": self.build(),
             "labels": self.labels,
+            "max_memory": self.max_memory,
             "pid": os.getpid(),
         }
 
@@ -123,6 +125,7 @@ class MachineReporter(WorkerPlugin):
         state_dir: str | None = None,
         orphan_timeout: float | None = None,
         inbound: bool = True,
+        max_memory: dict[str, int] | None = None,
     ):
         self.machine_id = resources.machine_id(machine_id)  # validates an override, raises ValueError
         if cache_cap < 0:
@@ -138,6 +141,9 @@ class MachineReporter(WorkerPlugin):
         self.relay_port = relay_port
         self.insecure_direct_rpc = insecure_direct_rpc
         self.inbound = inbound
+        self.max_memory = dict(max_memory or {})
+        if any(v <= 0 for v in self.max_memory.values()):
+            raise ValueError(f"max_memory must be positive, got {self.max_memory}")
         self.rpc_host = rpc_host
         self.rpc_port = rpc_port
         self.rpc_threads = rpc_threads
@@ -166,7 +172,7 @@ class MachineReporter(WorkerPlugin):
             relay_port=self.relay_port, machine_id=self.machine_id, orphan_timeout=self.orphan_timeout,
             inbound=self.inbound,
         )
-        agent = MachineAgent(worker, self.machine_id, config, self.labels, self.state_dir)
+        agent = MachineAgent(worker, self.machine_id, config, self.labels, self.state_dir, self.max_memory)
         _note_close_reason(worker, agent)
         worker.extensions[EXTENSION] = agent
         worker.startup_information[EXTENSION] = agent.report
@@ -213,6 +219,9 @@ def _note_close_reason(worker, agent: MachineAgent) -> None:
 @click.option("--cache-dir", default=None, help="rpc-server tensor cache directory")
 @click.option("--cache-cap", default="10GiB", show_default=True,
               help="tensor cache size cap; least recently used files are evicted beyond it")
+@click.option("--max-memory", "max_memory", multiple=True,
+              help="memory this machine gives the mesh: SIZE for each device it serves, or DEVICE=SIZE for one "
+                   "(CPU=12GiB, CUDA0=20GiB), repeatable; placement never plans more there (default: all free memory)")
 @click.option("--label", "labels", multiple=True, help="KEY=VALUE label for route-sensitive placement, repeatable")
 @click.option("--secret-file", envvar="SHAREDLLM_CLUSTER_SECRET_FILE", default=None,
               help="file holding the cluster secret (else $SHAREDLLM_CLUSTER_SECRET)")
@@ -222,7 +231,7 @@ def _note_close_reason(worker, agent: MachineAgent) -> None:
 @click.option("--orphan-timeout", type=float, default=DEFAULT_ORPHAN_TIMEOUT, show_default=True,
               help="seconds the rpc-server and relay serve on without a worker (the scheduler restarting)")
 async def dask_setup(worker, machine_id, rpc_host, rpc_port, relay_port, no_inbound, insecure_direct_rpc, rpc_threads,
-                     rpc_devices, cache_dir, cache_cap, labels, secret_file, state_dir, orphan_timeout):
+                     rpc_devices, cache_dir, cache_cap, max_memory, labels, secret_file, state_dir, orphan_timeout):
     from dask.utils import parse_bytes
 
     from sharedllm.logs import follow_dask_logging
@@ -240,9 +249,28 @@ async def dask_setup(worker, machine_id, rpc_host, rpc_port, relay_port, no_inbo
     plugin = MachineReporter(machine_id, rpc_host, rpc_port, rpc_threads, tuple(rpc_devices), cache_dir,
                              parse_bytes(cache_cap), pairs, relay_port=relay_port,
                              insecure_direct_rpc=insecure_direct_rpc, state_dir=state_dir,
-                             orphan_timeout=orphan_timeout, inbound=not no_inbound)
+                             orphan_timeout=orphan_timeout, inbound=not no_inbound,
+                             max_memory=parse_max_memory(max_memory))
     await vouch(worker, plugin.machine_id, secret_file)
     await worker.plugin_add(plugin, catch_errors=False)
+
+
+def parse_max_memory(items: tuple[str, ...] | list[str]) -> dict[str, int]:
+    """``--max-memory`` values (``12GiB``, ``CUDA0=20GiB``) as ``{device name or "*": bytes}``."""
+    from dask.utils import parse_bytes
+
+    out: dict[str, int] = {}
+    for item in items:
+        device, sep, size = item.rpartition("=")
+        try:
+            value = parse_bytes(size)
+        except (ValueError, TypeError):
+            raise click.BadParameter(f"--max-memory wants SIZE or DEVICE=SIZE (12GiB, CUDA0=20GiB), got {item!r}"
+                                     ) from None
+        if value <= 0 or (sep and not device):
+            raise click.BadParameter(f"--max-memory wants a positive SIZE or DEVICE=SIZE, got {item!r}")
+        out[device or "*"] = value
+    return out
 
 
 async def vouch(worker, machine_id: str, secret_file: str | None) -> None:
