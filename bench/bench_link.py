@@ -55,12 +55,12 @@ from bench_mesh import (
     PROMPT,
     CpuMeter,
     _fmt,
-    _llama_cpp_lib_dir,
     completion_kwargs,
     finish,
     machine_info,
     patched_model_params,
     render,
+    rpc_libs,
     timed_stream,
     wait_for_quiet,
 )
@@ -81,13 +81,7 @@ TIMES = ("machine_s", "link_s")
 
 def raw_child(spec: dict[str, Any]) -> None:
     """Load the model through the given endpoints, then run one completion per line of stdin (``{"tokens": n}``)."""
-    lib_dir = _llama_cpp_lib_dir()
-    ggml = ctypes.CDLL(str(lib_dir / "libggml.so"), mode=ctypes.RTLD_GLOBAL)
-    rpc = ctypes.CDLL(str(lib_dir / "libggml-rpc.so"), mode=ctypes.RTLD_GLOBAL)
-    rpc.ggml_backend_rpc_add_server.restype = ctypes.c_void_p
-    rpc.ggml_backend_rpc_add_server.argtypes = [ctypes.c_char_p]
-    ggml.ggml_backend_reg_dev_get.restype = ctypes.c_void_p
-    ggml.ggml_backend_reg_dev_get.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    ggml, rpc = rpc_libs()
     devices = []
     for endpoint in spec["endpoints"]:
         reg = rpc.ggml_backend_rpc_add_server(endpoint.encode())

@@ -186,8 +186,8 @@ def run_llama(model_path: str, llama_kwargs: dict[str, Any], tokens: int, *, dev
 # --- raw-rpc: runs in a fresh process that never imports sharedllm ----------------------------------------------
 
 
-def raw_rpc_child(spec: dict[str, Any]) -> dict[str, Any]:
-    """Hand-driven llama.cpp RPC: register the servers, pick their devices, load with the given split, generate."""
+def rpc_libs() -> tuple[ctypes.CDLL, ctypes.CDLL]:
+    """llama-cpp-python's ggml and ggml-rpc libraries, with the functions raw RPC clients call typed."""
     lib_dir = _llama_cpp_lib_dir()
     ggml = ctypes.CDLL(str(lib_dir / "libggml.so"), mode=ctypes.RTLD_GLOBAL)
     rpc = ctypes.CDLL(str(lib_dir / "libggml-rpc.so"), mode=ctypes.RTLD_GLOBAL)
@@ -197,6 +197,12 @@ def raw_rpc_child(spec: dict[str, Any]) -> dict[str, Any]:
     ggml.ggml_backend_reg_dev_count.argtypes = [ctypes.c_void_p]
     ggml.ggml_backend_reg_dev_get.restype = ctypes.c_void_p
     ggml.ggml_backend_reg_dev_get.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    return ggml, rpc
+
+
+def raw_rpc_child(spec: dict[str, Any]) -> dict[str, Any]:
+    """Hand-driven llama.cpp RPC: register the servers, pick their devices, load with the given split, generate."""
+    ggml, rpc = rpc_libs()
 
     t0 = time.perf_counter()
     regs: dict[str, int] = {}

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import os
 import sys
@@ -26,6 +25,7 @@ from sharedllm.dataplane import (
     DEFAULT_ORPHAN_TIMEOUT,
     HUB_FILE,
     TOUCH_EVERY,
+    control_call,
     control_socket_path,
     process_runs,
     read_json,
@@ -138,21 +138,7 @@ class HubProcess:
 
     async def stats(self, timeout: float = 2.0) -> dict | None:
         """The hub's figures (:meth:`sharedllm.relay.hub.RelayHub.stats`), or None when it does not answer."""
-        try:
-            reader, writer = await asyncio.wait_for(asyncio.open_unix_connection(str(self._control)), timeout)
-        except (OSError, asyncio.TimeoutError):
-            return None
-        try:
-            writer.write(b"status\n")
-            await writer.drain()
-            line = await asyncio.wait_for(reader.readline(), timeout)
-            return json.loads(line) if line else None
-        except (OSError, ValueError, asyncio.TimeoutError):
-            return None
-        finally:
-            writer.close()
-            with contextlib.suppress(Exception):
-                await writer.wait_closed()
+        return await control_call(self._control, "status", timeout)
 
     async def close(self, stop: bool | None = None) -> None:
         """Stop supervising; stop the hub too when it cannot be adopted (no state file) or ``stop`` says so."""

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import os
 import signal
@@ -31,6 +30,7 @@ from sharedllm.dataplane import (
     RELAY_FILE,
     SERVER_FILE,
     TOUCH_EVERY,
+    control_call,
     control_socket_path,
     process_runs,
     process_state,
@@ -532,21 +532,7 @@ class RPCServerSupervisor:
 
     async def _control(self, command: str, timeout: float = 10.0) -> dict | None:
         """Send one command to the relay's control socket; its answer, or None when it cannot be reached."""
-        try:
-            reader, writer = await asyncio.wait_for(asyncio.open_unix_connection(str(self._control_path)), timeout)
-        except (OSError, asyncio.TimeoutError):
-            return None
-        try:
-            writer.write(f"{command}\n".encode())
-            await writer.drain()
-            line = await asyncio.wait_for(reader.readline(), timeout)
-            return json.loads(line) if line else None
-        except (OSError, ValueError, asyncio.TimeoutError):
-            return None
-        finally:
-            writer.close()
-            with contextlib.suppress(Exception):
-                await writer.wait_closed()
+        return await control_call(self._control_path, command, timeout)
 
     async def _tell_relay(self, lease: str | None) -> None:
         """Make the relay admit ``lease`` (None: nobody) and wait for its acknowledgement."""

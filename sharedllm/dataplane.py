@@ -60,6 +60,28 @@ def control_socket_path(state_dir: str | os.PathLike, name: str = "relay.sock") 
     return short / f"{digest}-{name}"
 
 
+async def control_call(path: str | os.PathLike, command: str, timeout: float = 10.0) -> dict | None:
+    """Send one command line to a data-plane process's control socket (a relay, the relay hub) and return its JSON
+    answer line; None when it cannot be reached or does not answer in ``timeout`` seconds."""
+    import asyncio
+
+    try:
+        reader, writer = await asyncio.wait_for(asyncio.open_unix_connection(str(path)), timeout)
+    except (OSError, asyncio.TimeoutError):
+        return None
+    try:
+        writer.write(f"{command}\n".encode())
+        await writer.drain()
+        line = await asyncio.wait_for(reader.readline(), timeout)
+        return json.loads(line) if line else None
+    except (OSError, ValueError, asyncio.TimeoutError):
+        return None
+    finally:
+        writer.close()
+        with contextlib.suppress(Exception):
+            await writer.wait_closed()
+
+
 def write_json(path: str | os.PathLike, data: dict) -> None:
     """Replace ``path`` with ``data`` as JSON, atomically (a reader sees the old or the new file, never half)."""
     path = Path(path)

@@ -36,6 +36,15 @@ logger = logging.getLogger("sharedllm.relay")  # one name for the package, and w
 _TOKEN_REASONS = ("malformed", "bad MAC", "wrong machine", "expired", "lease mismatch")
 
 
+def _refusal(reason: bytes, who: str) -> TokenError | RelayError:
+    """The error for a refusal frame from ``who`` (a relay, a hub): a refused token, or another reason."""
+    text = reason.decode(errors="replace")
+    head, _, detail = text.partition(": ")
+    if head in _TOKEN_REASONS:
+        return TokenError(head, f"{who}: {detail}")
+    return RelayError(f"{who} refused the connection: {text}")
+
+
 
 class ClientRelay(_Acceptor):
     """A loopback endpoint for llama.cpp that tunnels each connection to a remote :class:`ServerRelay`.
@@ -117,11 +126,7 @@ class ClientRelay(_Acceptor):
             except (OSError, ValueError, struct.error) as exc:
                 raise RelayError(f"relay hub {hub} closed the handshake for machine {machine} ({exc})") from exc
             if status != _STATUS_OK:
-                text = reason.decode(errors="replace")
-                head, _, detail = text.partition(": ")
-                if head in _TOKEN_REASONS:
-                    raise TokenError(head, f"relay hub {hub}: {detail}")
-                raise RelayError(f"relay hub {hub} refused the connection: {text}")
+                raise _refusal(reason, f"relay hub {hub}")
             raw.settimeout(self.connect_timeout)
             return raw, where
         except BaseException:
@@ -158,11 +163,7 @@ class ClientRelay(_Acceptor):
             except (OSError, ValueError, struct.error) as exc:
                 raise RelayError(f"relay {where} closed the handshake ({exc})") from exc
             if status != _STATUS_OK:
-                text = reason.decode(errors="replace")
-                head, _, detail = text.partition(": ")
-                if head in _TOKEN_REASONS:
-                    raise TokenError(head, f"relay {where}: {detail}")
-                raise RelayError(f"relay {where} refused the connection: {text}")
+                raise _refusal(reason, f"relay {where}")
             return tls
         except BaseException:
             _close(tls)
