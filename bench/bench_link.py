@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
 import json
 import logging
 import os
@@ -56,6 +55,7 @@ from bench_mesh import (
     CpuMeter,
     _fmt,
     completion_kwargs,
+    cpu_buffer_type,
     finish,
     machine_info,
     patched_model_params,
@@ -91,11 +91,7 @@ def raw_child(spec: dict[str, Any]) -> None:
     kwargs = {"n_ctx": N_CTX, "n_gpu_layers": -1, "tensor_split": spec["tensor_split"], "verbose": False}
     cpu_buft = None
     if spec["output_on_client"]:  # as the engine: the output layer on this CPU, every core for its projection
-        ggml.ggml_backend_dev_by_type.restype = ctypes.c_void_p
-        ggml.ggml_backend_dev_by_type.argtypes = [ctypes.c_int]
-        ggml.ggml_backend_dev_buffer_type.restype = ctypes.c_void_p
-        ggml.ggml_backend_dev_buffer_type.argtypes = [ctypes.c_void_p]
-        cpu_buft = ggml.ggml_backend_dev_buffer_type(ggml.ggml_backend_dev_by_type(0))
+        cpu_buft = cpu_buffer_type(ggml)
         kwargs["n_threads"] = os.cpu_count() or 1
     import llama_cpp
 

@@ -200,6 +200,15 @@ def rpc_libs() -> tuple[ctypes.CDLL, ctypes.CDLL]:
     return ggml, rpc
 
 
+def cpu_buffer_type(ggml: ctypes.CDLL) -> int:
+    """This process's CPU buffer type: where the engine keeps the output layer when it runs on the client."""
+    ggml.ggml_backend_dev_by_type.restype = ctypes.c_void_p
+    ggml.ggml_backend_dev_by_type.argtypes = [ctypes.c_int]
+    ggml.ggml_backend_dev_buffer_type.restype = ctypes.c_void_p
+    ggml.ggml_backend_dev_buffer_type.argtypes = [ctypes.c_void_p]
+    return ggml.ggml_backend_dev_buffer_type(ggml.ggml_backend_dev_by_type(0))  # 0: GGML_BACKEND_DEVICE_TYPE_CPU
+
+
 def raw_rpc_child(spec: dict[str, Any]) -> dict[str, Any]:
     """Hand-driven llama.cpp RPC: register the servers, pick their devices, load with the given split, generate."""
     ggml, rpc = rpc_libs()
@@ -221,11 +230,7 @@ def raw_rpc_child(spec: dict[str, Any]) -> dict[str, Any]:
     kwargs = {"n_ctx": spec["n_ctx"], "n_gpu_layers": -1, "tensor_split": spec["tensor_split"], "verbose": False}
     cpu_buft = None
     if spec["output_on_client"]:  # the mesh's placement of the output layer, and its threads, as the engine does
-        ggml.ggml_backend_dev_by_type.restype = ctypes.c_void_p
-        ggml.ggml_backend_dev_by_type.argtypes = [ctypes.c_int]
-        ggml.ggml_backend_dev_buffer_type.restype = ctypes.c_void_p
-        ggml.ggml_backend_dev_buffer_type.argtypes = [ctypes.c_void_p]
-        cpu_buft = ggml.ggml_backend_dev_buffer_type(ggml.ggml_backend_dev_by_type(0))
+        cpu_buft = cpu_buffer_type(ggml)
         kwargs["n_threads"] = os.cpu_count() or 1
     res = run_llama(spec["model_path"], kwargs, spec["tokens"], devices=devices, use_extra_bufts=False,
                     cpu_buft=cpu_buft)
