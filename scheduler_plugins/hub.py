@@ -140,6 +140,10 @@ class HubProcess:
         """The hub's figures (:meth:`sharedllm.relay.hub.RelayHub.stats`), or None when it does not answer."""
         return await control_call(self._control, "status", timeout)
 
+    async def revoke(self, lease: str) -> dict | None:
+        """Tell the hub that ``lease`` ended (its hub tokens are refused, its connections closed)."""
+        return await control_call(self._control, f"revoke {lease}")
+
     async def close(self, stop: bool | None = None) -> None:
         """Stop supervising; stop the hub too when it cannot be adopted (no state file) or ``stop`` says so."""
         self._closing = True
@@ -204,6 +208,11 @@ class MeshHub:
         from sharedllm.relay.hub import hub_machine_key
 
         return {"host": self.host, "port": self.port, "credential": hub_machine_key(self.key, machine).hex()}
+
+    async def revoke(self, session_id: str) -> None:
+        """A session ended: its hub tokens stop working at the hub too (a separate hub is not told)."""
+        if self.process is not None:
+            await self.process.revoke(session_id)
 
     def for_lease(self, session_id: str, machine: str, ttl: float) -> dict:
         """The hub as a client's relay takes it (the host filled in by the client when not advertised)."""

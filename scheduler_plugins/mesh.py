@@ -714,6 +714,8 @@ class MeshPlugin(SchedulerPlugin):
                 revoke = self._push_lease(machine, None)  # the lease's tokens stop working, its connections close
                 if revoke is not None:
                     revokes.append(self._background(revoke))
+        if self.hub is not None:  # and its hub tokens at the hub
+            revokes.append(self._background(self.hub.revoke(session_id)))
         for machine in sess.machines:  # the servers are idle now: a safe moment to trim their tensor caches
             rec = self.actors.get(machine)
             if rec is not None and rec.actor is not None:

@@ -182,3 +182,24 @@ def test_unreachable_direct_endpoint_falls_back_to_the_hub_and_a_new_hub_gets_th
     finally:
         sr.stop()
         hub.stop()
+
+
+def test_an_ended_lease_is_cut_and_refused_at_the_hub(rpc_server, certs, hub):
+    sr = nat_relay(rpc_server, certs, hub.endpoint)
+    try:
+        wait_for(sr.hub_link.connected.is_set, 10, what="the machine's registration at the hub")
+        cr = client_through(hub, certs)
+        live = cr.open()
+        try:
+            assert hub.revoke("lease-A") == 1  # the live connection of the lease is closed...
+            live.settimeout(5)
+            assert everything_until_closed(live) == b""
+        finally:
+            live.close()
+        with pytest.raises(TokenError, match="lease lease-A has ended"):  # ... and its tokens refused from now on
+            cr.open()
+        other = client_through(hub, certs, htoken=hub_token("lease-B"), token=mint_token(K1, "lease-B", M1, 60))
+        with pytest.raises(TokenError, match="lease mismatch"):  # another lease passes the hub; the machine decides
+            other.check()
+    finally:
+        sr.stop()

@@ -67,6 +67,15 @@ def test_a_machine_behind_nat_serves_through_the_hub(nat_mesh, local_greedy):
         assert "hub/nat-1" in llm.topology.endpoints
         out = llm.create_completion(PROMPT, max_tokens=64, temperature=0)
         assert out["choices"][0]["text"] == local_greedy["completion"]
+        hub_token = llm._lease_relays["nat-1"]["hub"]
+    # The session ended: the hub refuses its hub token from now on (the machine refuses its lease too).
+    def refused() -> bytes:
+        with socket.create_connection((mesh.scheduler_host(), hub_token["port"]), timeout=10) as s:
+            relay._send_frame(s, KIND_CONNECT, json.dumps({"machine": "nat-1", "token": hub_token["token"]}).encode())
+            return everything_until_closed(s)
+
+    assert b"has ended" in wait_for(lambda: b"has ended" in (answer := refused()) and answer, 20,
+                                    what="the hub to refuse the ended lease")
     hub = wait_for(lambda: (h := mesh.state()["hub"])["forwarded"] > forwarded and h, 10, what="hub figures")
     assert hub["machines"]["nat-1"]["bytes_to"] > 100_000  # the layers went to the NAT machine through the hub
     assert hub["machines"]["nat-1"]["bytes_from"] > 0

@@ -118,7 +118,10 @@ def _hub_main(args: argparse.Namespace, stop: threading.Event) -> int:
     hub.start()
     if args.control_socket:
         def answer(line: str) -> dict | None:
-            return hub.stats() if line.strip() == "status" else None
+            cmd, _, arg = line.strip().partition(" ")
+            if cmd == "revoke" and arg.strip():
+                return {"revoked": arg.strip(), "closed": hub.revoke(arg.strip())}
+            return hub.stats() if cmd == "status" else None
 
         threading.Thread(target=_control_socket, args=(answer, args.control_socket, stop), daemon=True).start()
     _write_ready({"endpoint": hub.endpoint, "pid": os.getpid(), "control": args.control_socket}, args.ready_file)

@@ -158,6 +158,8 @@ class RelayHub:
         self._machines: dict[str, _Machine] = {}
         self._waiting: dict[str, _Waiting] = {}
         self._socks: set[socket.socket] = set()
+        self._leases: dict[str, set[socket.socket]] = {}  # lease -> its clients' live sockets
+        self._revoked: dict[str, float] = {}  # ended leases -> when their tokens expire at the latest
         self._listener: socket.socket | None = None
         self._stopping = threading.Event()
         self.refused: dict[str, int] = {}
@@ -193,6 +195,20 @@ class RelayHub:
     def machines(self) -> list[str]:
         with self._lock:
             return sorted(self._machines)
+
+    def revoke(self, lease: str, ttl: float = 24 * 3600.0) -> int:
+        """The lease ended: refuse its hub tokens from now on and close its live connections; how many closed.
+        (The machines refuse it too, inside TLS; this stops the hub from forwarding its handshakes at all.)"""
+        now = time.time()
+        with self._lock:
+            self._revoked = {k: t for k, t in self._revoked.items() if t > now}  # forget what expired anyway
+            self._revoked[lease] = now + ttl
+            socks = list(self._leases.pop(lease, ()))
+        for s in socks:
+            _kick(s)
+        if socks:
+            logger.info("hub closed %d connection(s) of lease %s, which ended", len(socks), lease)
+        return len(socks)
 
     def stats(self) -> dict:
         """What the dashboard and the benchmarks read: per machine, since when it is registered, its live and total
@@ -361,6 +377,24 @@ class RelayHub:
             lease = verify_token(self._client_key, str(msg.get("token", "")), machine_id)
         except TokenError as exc:
             return self._refuse(sock, peer, f"{exc}")
+        with self._lock:
+            ended = lease in self._revoked
+            if not ended:
+                self._leases.setdefault(lease, set()).add(sock)
+        if ended:
+            return self._refuse(sock, peer, f"lease mismatch: lease {lease} has ended")
+        try:
+            self._join(sock, peer, machine_id, lease)
+        finally:
+            with self._lock:
+                live = self._leases.get(lease)
+                if live is not None:
+                    live.discard(sock)
+                    if not live:
+                        del self._leases[lease]
+
+    def _join(self, sock: socket.socket, peer: str, machine_id: str, lease: str) -> None:
+        """Ask the machine for a data connection and splice the client's socket to it."""
         with self._lock:
             rec = self._machines.get(machine_id)
             if rec is not None and rec.active >= self.max_connections_per_machine:
