@@ -207,6 +207,8 @@ def render(result: dict, markdown: bool) -> str:
             f"{_ms(local)}), {mesh.get('tokens')} tokens",
             f"client (the engine): weights {_client_weights(mesh) / MiB:.1f} MiB allocated, "
             f"{mesh['estimate']['input_bytes'] / MiB:.1f} MiB estimated",
+            "host load (1-min average, 2 cores): " + ", ".join(
+                f"{k.replace('_', ' ')} {v:.1f}" for k, v in (result.get("loadavg") or {}).items()),
             f"greedy text: {'equal' if result.get('same_text') else 'DIFFERENT'} to local "
             f"({mesh.get('text', '')!r})",
         ]
@@ -277,7 +279,10 @@ def main(argv: list[str] | None = None) -> int:
           file=sys.stderr, flush=True)
     save()
 
+    # Other work on this host slows both runs alike only if it stays the same: the 1-minute load average, recorded.
+    result["loadavg"] = {"before_local": os.getloadavg()[0]}
     result["local"] = run_local(path, args.n_ctx, args.tokens)
+    result["loadavg"]["after_local"] = os.getloadavg()[0]
     print(f"local: load {result['local']['load_s']:.1f}s, {_tps(result['local'])} tok/s "
           f"{result['local']['text']!r}", file=sys.stderr, flush=True)
     save()
@@ -303,6 +308,7 @@ def main(argv: list[str] | None = None) -> int:
         result["caps"]["refusals"] = refused
         save()
         result["mesh"] = run_mesh(mesh, path, args.n_ctx, args.tokens, pids, args.load_timeout)
+        result["loadavg"]["after_mesh"] = os.getloadavg()[0]
     mesh_r = result["mesh"]
     result["same_text"] = mesh_r.get("load_ok", False) and mesh_r.get("text") == result["local"]["text"]
     result["ok"] = bool(result["same_text"] and mesh_r.get("three_way") and mesh_r.get("estimate_ok")
