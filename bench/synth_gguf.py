@@ -4,12 +4,12 @@
     .venv/bin/python bench/synth_gguf.py --arch llama3-8b --quant Q4_K_M --out DIR [--scale tiny|full]
     .venv/bin/python bench/synth_gguf.py --list
 
-Each architecture is a real configuration (Llama 3.1 8B and 70B, Qwen2.5 7B, Qwen3 8B, Gemma 3 4B, Phi-3 mini,
-Mistral 7B v0.3, Qwen3-30B-A3B) written with the keys, tensor names and shapes ``convert_hf_to_gguf.py`` gives it,
-and a ``tiny`` variant of the same structure (GQA ratio, tied or untied embeddings, Qwen2's QKV biases, QK-norm,
-Gemma's sliding-window pattern and extra norms, Phi-3's fused QKV and gate-up, MoE experts) with small dimensions,
-several of them row lengths that are not a multiple of 256 (k-quants cannot take those rows, llama.cpp's quantizer
-then picks another type for them: part of what the matrix verifies).
+Each architecture is a real configuration (Llama 3.1 8B and 70B, Llama 3.2 3B, Qwen2.5 7B, Qwen3 8B, Gemma 3 4B,
+Phi-3 mini, Mistral 7B v0.3, Qwen3-30B-A3B) written with the keys, tensor names and shapes ``convert_hf_to_gguf.py``
+gives it, and a ``tiny`` variant of the same structure (GQA ratio, tied or untied embeddings, Qwen2's QKV biases,
+QK-norm, Gemma's sliding-window pattern and extra norms, Phi-3's fused QKV and gate-up, MoE experts) with small
+dimensions, several of them row lengths that are not a multiple of 256 (k-quants cannot take those rows, llama.cpp's
+quantizer then picks another type for them: part of what the matrix verifies).
 
 The weights are random (normal, std 0.02; norms 1) so that activations stay small and generation finite. The
 output rows of control tokens and of end-of-generation are scaled down so that greedy text runs its full length
@@ -81,6 +81,7 @@ class Arch:
     qkv_bias: bool = False
     qk_norm: bool = False
     rope_freqs: bool = False  # Llama 3.1's rope scaling factors tensor
+    rope_factor: float = 8.0  # its scaling factor (Llama 3.1: 8, Llama 3.2: 32)
     fused: bool = False  # Phi-3: attn_qkv and a gate+up ffn_up
     gemma: bool = False  # Gemma 3: post-norms, embeddings scaled, GELU
     extra: dict = field(default_factory=dict)  # further {arch}.* metadata
@@ -95,6 +96,10 @@ ARCHS: dict[str, Arch] = {a.name: a for a in (
          Dims(8192, 80, 64, 8, 28672, 128256, n_ctx_train=131072),
          Dims(512, 8, 8, 1, 1792, 2000),
          "bpe", "llama-bpe", 500000.0, 1e-5, rope_freqs=True),
+    Arch("llama3.2-3b", "llama",
+         Dims(3072, 28, 24, 8, 8192, 128256, n_ctx_train=131072),
+         Dims(768, 4, 6, 2, 2048, 2000),
+         "bpe", "llama-bpe", 500000.0, 1e-5, tied=True, rope_freqs=True, rope_factor=32.0),
     Arch("qwen2.5-7b", "qwen2",
          Dims(3584, 28, 28, 4, 18944, 152064, n_ctx_train=32768),
          Dims(448, 4, 7, 1, 2368, 2100),
@@ -317,20 +322,22 @@ def tensor_shapes(a: Arch, d: Dims) -> Iterator[tuple[str, tuple[int, ...]]]:
         yield "output.weight", (d.n_vocab, e)
 
 
-def _llama3_rope_factors(n: int, base: float) -> np.ndarray:
-    """Llama 3.1's rope scaling (factor 8, low 1, high 4, original context 8192), as convert_hf_to_gguf writes it."""
+def _llama3_rope_factors(n: int, base: float, factor: float = 8.0) -> np.ndarray:
+    """Llama 3.1's rope scaling (factor 8, low 1, high 4, original context 8192; Llama 3.2: factor 32), as
+    convert_hf_to_gguf writes it."""
     freqs = 1.0 / base ** (np.arange(0, 2 * n, 2, dtype=np.float64) / (2 * n))
     wavelen = 2 * np.pi / freqs
     low, high = 8192 / 1.0, 8192 / 4.0
     smooth = (8192 / wavelen - 1.0) / (4.0 - 1.0)
-    factors = np.where(wavelen < high, 1.0, np.where(wavelen > low, 8.0, 1.0 / ((1 - smooth) / 8.0 + smooth)))
+    factors = np.where(wavelen < high, 1.0,
+                       np.where(wavelen > low, factor, 1.0 / ((1 - smooth) / factor + smooth)))
     return factors.astype(np.float32)
 
 
 def _value(a: Arch, d: Dims, name: str, shape: tuple[int, ...], vocab: Vocab, rng: np.random.Generator,
            pool: np.ndarray | None) -> np.ndarray:
     if name == "rope_freqs.weight":
-        return _llama3_rope_factors(shape[0], a.rope_base)
+        return _llama3_rope_factors(shape[0], a.rope_base, a.rope_factor)
     if name.endswith("norm.weight"):
         return np.ones(shape, np.float32)
     if name.endswith(".bias"):
