@@ -60,6 +60,41 @@ def control_socket_path(state_dir: str | os.PathLike, name: str = "relay.sock") 
     return short / f"{digest}-{name}"
 
 
+def serve_control(answer, path: str | os.PathLike, stop: threading.Event) -> None:
+    """Serve control commands on the Unix socket ``path`` (owner only) until ``stop``: one JSON answer line per
+    command line, ``answer(line)`` (None: no answer). Listening when this returns; a thread serves each client. The
+    other end is :func:`control_call`."""
+    import socket
+
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+    srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old = os.umask(0o177)
+    try:
+        srv.bind(str(path))
+    finally:
+        os.umask(old)
+    srv.listen(8)
+
+    def serve(conn: socket.socket) -> None:
+        with conn, conn.makefile("rw") as f:
+            for line in f:
+                if (reply := answer(line)) is not None:
+                    f.write(json.dumps(reply) + "\n")
+                    f.flush()
+
+    def accept() -> None:
+        with srv:
+            while not stop.is_set():
+                try:
+                    conn, _ = srv.accept()
+                except OSError:
+                    return
+                threading.Thread(target=serve, args=(conn,), name="control", daemon=True).start()
+
+    threading.Thread(target=accept, name="control-accept", daemon=True).start()
+
+
 async def control_call(path: str | os.PathLike, command: str, timeout: float = 10.0) -> dict | None:
     """Send one command line to a data-plane process's control socket (a relay, the relay hub) and return its JSON
     answer line; None when it cannot be reached or does not answer in ``timeout`` seconds."""

@@ -373,26 +373,9 @@ def _serve_control(link: LinkEmulator, control_dir: Path, stop: threading.Event)
     path = control_dir / f"linkem-{os.getpid()}.sock"
     if path.exists():
         path = control_dir / f"linkem-{os.getpid()}-{id(link):x}.sock"
-    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    server.bind(str(path))
-    server.listen(8)
+    from sharedllm.dataplane import serve_control
 
-    def serve(conn: socket.socket) -> None:
-        with conn, conn.makefile("rwb") as f:
-            for raw in f:
-                f.write(json.dumps(_answer(link, raw)).encode() + b"\n")
-                f.flush()
-
-    def accept() -> None:
-        with server:
-            while not stop.is_set():
-                try:
-                    conn, _ = server.accept()
-                except OSError:
-                    return
-                threading.Thread(target=serve, args=(conn,), name="linkem-control", daemon=True).start()
-
-    threading.Thread(target=accept, name="linkem-control-accept", daemon=True).start()
+    serve_control(lambda line: _answer(link, line), path, stop)
     return str(path)
 
 

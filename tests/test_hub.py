@@ -54,6 +54,17 @@ def nat_relay(rpc_server, certs, hub_endpoint: str, credential: bytes = hub_mach
     return sr
 
 
+@pytest.fixture
+def registered(rpc_server, certs, hub):
+    """A machine that listens nowhere, registered at ``hub``."""
+    sr = nat_relay(rpc_server, certs, hub.endpoint)
+    try:
+        wait_for(sr.hub_link.connected.is_set, 10, what="the machine's registration at the hub")
+        yield sr
+    finally:
+        sr.stop()
+
+
 def hub_token(lease: str = "lease-A", machine: str = M1, ttl: float = 60, **kw) -> str:
     return mint_token(hub_client_key(HUB_KEY), lease, machine, ttl, **kw)
 
@@ -95,68 +106,60 @@ def _hub_answer(hub: RelayHub, kind: int, msg: dict | bytes) -> bytes:
         return got
 
 
-def test_the_hub_forwards_nothing_without_proof(rpc_server, certs, hub, caplog):
-    sr = nat_relay(rpc_server, certs, hub.endpoint)
+def test_the_hub_forwards_nothing_without_proof(rpc_server, certs, hub, registered, caplog):
+    before = rpc_server.accepted()
+    with caplog.at_level(logging.WARNING, logger="sharedllm.relay"):
+        # a raw socket with bytes that are no handshake, and one that sends nothing
+        with socket.create_connection(("127.0.0.1", hub.port)) as s:
+            s.sendall(b"GET / HTTP/1.0\r\n\r\n")
+            assert everything_until_closed(s).startswith(b"SLR1\x01")  # refused: not a relay frame
+        with socket.create_connection(("127.0.0.1", hub.port)) as s:
+            assert everything_until_closed(s) == b""  # closed after the handshake timeout
+        refusals = {
+            "the machine's own token is no hub token": (KIND_CONNECT, {"machine": M1,
+                                                                      "token": mint_token(K1, "lease-A", M1, 60)}),
+            "expired": (KIND_CONNECT, {"machine": M1, "token": hub_token(ttl=1, now=0)}),
+            "another machine's token": (KIND_CONNECT, {"machine": M1, "token": hub_token(machine="other")}),
+            "not connected": (KIND_CONNECT, {"machine": "other", "token": hub_token(machine="other")}),
+            "no such connection": (KIND_DATA, {"machine": M1, "conn": "0" * 32, "proof": "x"}),
+            "no machine": (KIND_CONNECT, b"not json"),
+        }
+        answers = {why: _hub_answer(hub, kind, msg) for why, (kind, msg) in refusals.items()}
+    for why, answer in answers.items():
+        assert answer.startswith(b"SLR1\x01"), (why, answer)  # a refusal frame, then the hub closed
+    assert b"bad MAC" in answers["the machine's own token is no hub token"]
+    assert b"expired" in answers["expired"]
+    assert b"wrong machine" in answers["another machine's token"]
+    assert b"is not connected to this hub" in answers["not connected"]
+    assert b"unknown connection id" in answers["no such connection"]
+    assert b"malformed handshake" in answers["no machine"]
+    # a machine without the credential cannot register (nor take over the registered one)
+    impostor = nat_relay(rpc_server, certs, hub.endpoint, credential=b"x" * 32)
     try:
-        wait_for(sr.hub_link.connected.is_set, 10, what="the machine's registration at the hub")
-        before = rpc_server.accepted()
-        with caplog.at_level(logging.WARNING, logger="sharedllm.relay"):
-            # a raw socket with bytes that are no handshake, and one that sends nothing
-            with socket.create_connection(("127.0.0.1", hub.port)) as s:
-                s.sendall(b"GET / HTTP/1.0\r\n\r\n")
-                assert everything_until_closed(s).startswith(b"SLR1\x01")  # refused: not a relay frame
-            with socket.create_connection(("127.0.0.1", hub.port)) as s:
-                assert everything_until_closed(s) == b""  # closed after the handshake timeout
-            refusals = {
-                "the machine's own token is no hub token": (KIND_CONNECT, {"machine": M1,
-                                                                          "token": mint_token(K1, "lease-A", M1, 60)}),
-                "expired": (KIND_CONNECT, {"machine": M1, "token": hub_token(ttl=1, now=0)}),
-                "another machine's token": (KIND_CONNECT, {"machine": M1, "token": hub_token(machine="other")}),
-                "not connected": (KIND_CONNECT, {"machine": "other", "token": hub_token(machine="other")}),
-                "no such connection": (KIND_DATA, {"machine": M1, "conn": "0" * 32, "proof": "x"}),
-                "no machine": (KIND_CONNECT, b"not json"),
-            }
-            answers = {why: _hub_answer(hub, kind, msg) for why, (kind, msg) in refusals.items()}
-        for why, answer in answers.items():
-            assert answer.startswith(b"SLR1\x01"), (why, answer)  # a refusal frame, then the hub closed
-        assert b"bad MAC" in answers["the machine's own token is no hub token"]
-        assert b"expired" in answers["expired"]
-        assert b"wrong machine" in answers["another machine's token"]
-        assert b"is not connected to this hub" in answers["not connected"]
-        assert b"unknown connection id" in answers["no such connection"]
-        assert b"malformed handshake" in answers["no machine"]
-        # a machine without the credential cannot register (nor take over the registered one)
-        impostor = nat_relay(rpc_server, certs, hub.endpoint, credential=b"x" * 32)
-        try:
-            wait_for(lambda: impostor.hub_link.last_error, 10, what="the impostor's refusal")
-            assert "not vouched for" in impostor.hub_link.last_error
-            assert not impostor.hub_link.connected.is_set() and hub.machines() == [M1]
-        finally:
-            impostor.stop()
-        assert hub.forwarded == 0
-        assert rpc_server.accepted() == before, "a refused connection reached the rpc-server"
-        assert "hub refused" in caplog.text
+        wait_for(lambda: impostor.hub_link.last_error, 10, what="the impostor's refusal")
+        assert "not vouched for" in impostor.hub_link.last_error
+        assert not impostor.hub_link.connected.is_set() and hub.machines() == [M1]
     finally:
-        sr.stop()
+        impostor.stop()
+    assert hub.forwarded == 0
+    assert rpc_server.accepted() == before, "a refused connection reached the rpc-server"
+    assert "hub refused" in caplog.text
 
 
-def test_hub_limits_connections_per_machine(rpc_server, certs, hub):
-    sr = nat_relay(rpc_server, certs, hub.endpoint)
+
+def test_hub_limits_connections_per_machine(rpc_server, certs, hub, registered):
+    cr = client_through(hub, certs)
+    held = [cr.open(), cr.open()]  # the hub's limit in this test is 2
     try:
-        wait_for(sr.hub_link.connected.is_set, 10, what="the machine's registration at the hub")
-        cr = client_through(hub, certs)
-        held = [cr.open(), cr.open()]  # the hub's limit in this test is 2
-        try:
-            with pytest.raises(RelayError, match="too many connections to machine"):
-                cr.open()
-        finally:
-            for t in held:
-                t.close()
-        wait_for(lambda: hub.stats()["machines"][M1]["active"] == 0, 10, what="the held connections to end")
-        cr.open().close()  # room again
-        assert hub.stats()["refused"].get("too many connections to machine machine-nat") == 1
+        with pytest.raises(RelayError, match="too many connections to machine"):
+            cr.open()
     finally:
-        sr.stop()
+        for t in held:
+            t.close()
+    wait_for(lambda: hub.stats()["machines"][M1]["active"] == 0, 10, what="the held connections to end")
+    cr.open().close()  # room again
+    assert hub.stats()["refused"].get("too many connections to machine machine-nat") == 1
+
 
 
 def test_unreachable_direct_endpoint_falls_back_to_the_hub_and_a_new_hub_gets_the_machine_back(rpc_server, certs):
@@ -184,22 +187,17 @@ def test_unreachable_direct_endpoint_falls_back_to_the_hub_and_a_new_hub_gets_th
         hub.stop()
 
 
-def test_an_ended_lease_is_cut_and_refused_at_the_hub(rpc_server, certs, hub):
-    sr = nat_relay(rpc_server, certs, hub.endpoint)
+def test_an_ended_lease_is_cut_and_refused_at_the_hub(rpc_server, certs, hub, registered):
+    cr = client_through(hub, certs)
+    live = cr.open()
     try:
-        wait_for(sr.hub_link.connected.is_set, 10, what="the machine's registration at the hub")
-        cr = client_through(hub, certs)
-        live = cr.open()
-        try:
-            assert hub.revoke("lease-A") == 1  # the live connection of the lease is closed...
-            live.settimeout(5)
-            assert everything_until_closed(live) == b""
-        finally:
-            live.close()
-        with pytest.raises(TokenError, match="lease lease-A has ended"):  # ... and its tokens refused from now on
-            cr.open()
-        other = client_through(hub, certs, htoken=hub_token("lease-B"), token=mint_token(K1, "lease-B", M1, 60))
-        with pytest.raises(TokenError, match="lease mismatch"):  # another lease passes the hub; the machine decides
-            other.check()
+        assert hub.revoke("lease-A") == 1  # the live connection of the lease is closed...
+        live.settimeout(5)
+        assert everything_until_closed(live) == b""
     finally:
-        sr.stop()
+        live.close()
+    with pytest.raises(TokenError, match="lease lease-A has ended"):  # ... and its tokens refused from now on
+        cr.open()
+    other = client_through(hub, certs, htoken=hub_token("lease-B"), token=mint_token(K1, "lease-B", M1, 60))
+    with pytest.raises(TokenError, match="lease mismatch"):  # another lease passes the hub; the machine decides
+        other.check()

@@ -4,17 +4,15 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import logging
 import os
-import socket
 import sys
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 
+from sharedllm.dataplane import serve_control
 from sharedllm.relay.certs import cert_fingerprint, make_self_signed
 from sharedllm.relay.client import ClientRelay
 from sharedllm.relay.server import ServerRelay
@@ -72,34 +70,6 @@ def _control_loop(relay: ServerRelay) -> None:
             print(READY_PREFIX + json.dumps(answer), flush=True)
 
 
-def _control_socket(answer: Callable[[str], dict | None], path: str, stop: threading.Event) -> None:
-    """Serve control commands on a Unix socket (owner only), one JSON answer line per command (``answer(line)``): a
-    new supervisor reaches a relay it adopted here, as stdin belonged to the one that started it."""
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(path)
-    srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    old = os.umask(0o177)
-    try:
-        srv.bind(path)
-    finally:
-        os.umask(old)
-    srv.listen(4)
-
-    def serve(conn: socket.socket) -> None:
-        with conn, conn.makefile("rw") as f:
-            for line in f:
-                if (reply := answer(line)) is not None:
-                    f.write(json.dumps(reply) + "\n")
-                    f.flush()
-
-    while not stop.is_set():
-        try:
-            conn, _ = srv.accept()
-        except OSError:
-            return
-        threading.Thread(target=serve, args=(conn,), name="relay-control", daemon=True).start()
-
-
 def _write_ready(ready: dict, ready_file: str | None) -> None:
     if ready_file:
         from sharedllm.dataplane import write_json
@@ -123,7 +93,7 @@ def _hub_main(args: argparse.Namespace, stop: threading.Event) -> int:
                 return {"revoked": arg.strip(), "closed": hub.revoke(arg.strip())}
             return hub.stats() if cmd == "status" else None
 
-        threading.Thread(target=_control_socket, args=(answer, args.control_socket, stop), daemon=True).start()
+        serve_control(answer, args.control_socket, stop)
     _write_ready({"endpoint": hub.endpoint, "pid": os.getpid(), "control": args.control_socket}, args.ready_file)
     if args.alive_file:
         from sharedllm.dataplane import DEFAULT_ORPHAN_TIMEOUT, watch_alive_file
@@ -215,8 +185,7 @@ def main(argv: list[str] | None = None) -> int:
                  "target": args.target, "control": args.control_socket, "python": sys.executable,
                  "hub": args.hub, "inbound": not args.no_inbound}
         if args.control_socket:
-            threading.Thread(target=_control_socket, args=(lambda line: _control(relay, line), args.control_socket,
-                                                           stop), daemon=True).start()
+            serve_control(lambda line: _control(relay, line), args.control_socket, stop)
         _write_ready(ready, args.ready_file)
         if args.alive_file:
             from sharedllm.dataplane import DEFAULT_ORPHAN_TIMEOUT, watch_alive_file
