@@ -154,10 +154,18 @@ class MachineReporter(WorkerPlugin):
             raise ValueError(f"orphan_timeout must be > 0 seconds, got {orphan_timeout}")
         self.orphan_timeout = orphan_timeout or DEFAULT_ORPHAN_TIMEOUT
 
+    def tensor_cache_dir(self) -> str | None:
+        """Where the rpc-server keeps its tensor cache; None with ``cache_cap == 0`` (no cache: llama.cpp's
+        rpc-server writes every big tensor it receives to its cache during a load, whatever the cap, so a machine
+        short of disk for a 40 GB model turns it off)."""
+        if self.cache_cap == 0:
+            return None
+        base = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "sharedllm"
+        return self.cache_dir or str(base / "tensor-cache" / self.machine_id)
+
     def setup(self, worker) -> None:
         host = self.rpc_host or get_address_host(worker.address)
-        base = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "sharedllm"
-        cache = self.cache_dir or str(base / "tensor-cache" / self.machine_id)
+        cache = self.tensor_cache_dir()
         if self.insecure_direct_rpc:
             from sharedllm.relay import warn_insecure_direct
 
@@ -218,7 +226,8 @@ def _note_close_reason(worker, agent: MachineAgent) -> None:
 @click.option("--rpc-device", "rpc_devices", multiple=True, help="device to serve, repeatable (default: GPUs or CPU)")
 @click.option("--cache-dir", default=None, help="rpc-server tensor cache directory")
 @click.option("--cache-cap", default="10GiB", show_default=True,
-              help="tensor cache size cap; least recently used files are evicted beyond it")
+              help="tensor cache size cap; least recently used files are evicted beyond it (0: no cache; a load "
+                   "writes every weight over 10 MiB to the cache first, whatever the cap)")
 @click.option("--max-memory", "max_memory", multiple=True,
               help="memory this machine gives the mesh: SIZE for each device it serves, or DEVICE=SIZE for one "
                    "(CPU=12GiB, CUDA0=20GiB), repeatable; placement never plans more there (default: all free memory)")

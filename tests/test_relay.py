@@ -418,3 +418,23 @@ def test_model_through_the_tunnel_matches_direct(rpc_server, server_relay, certs
     assert len(direct) > 20
     assert tunnelled == direct
     assert server_relay.accepted >= 1
+
+
+def test_splice_trace(rpc_server, server_relay, certs, tmp_path, monkeypatch):
+    """SHAREDLLM_RELAY_TRACE: each hop of a tunnelled connection writes its reads and writes when the connection
+    ends; what came in on one side went out on the other."""
+    from sharedllm.relay import wire
+
+    monkeypatch.setattr(wire, "_TRACE_DIR", str(tmp_path))
+    with client(server_relay, certs, mint_token(K1, "lease-A", M1, ttl=60)) as cr:
+        assert rpc_hello(cr.endpoint) == rpc_server.version
+        deadline = time.monotonic() + 20
+        while len(list(tmp_path.glob("splice-*.jsonl"))) < 2:  # the client relay's hop and the server relay's
+            assert time.monotonic() < deadline, list(tmp_path.iterdir())
+            time.sleep(0.05)
+    for path in tmp_path.glob("splice-*.jsonl"):
+        events = [json.loads(line) for line in path.read_text().splitlines()]
+        total = {kind: sum(n for _t, k, n in events if k == kind) for kind in ("pi", "po", "ti", "to")}
+        assert total["pi"] == total["to"] > 0 and total["ti"] == total["po"] > 0, (path.name, total)
+        assert [e[0] for e in events] == sorted(e[0] for e in events)
+        assert any(k == "w" for _t, k, _n in events)

@@ -76,3 +76,16 @@ def test_discard_what_a_crashed_server_wrote(tmp_path):
     during = entry(tmp_path, "00000000000000d0", 10, started - 100, written=started + 5)  # an old hit, a new write
     assert tensor_cache.discard_since(tmp_path, started) == [during]
     assert before.exists()
+
+
+def test_cap_zero_turns_the_cache_off(tmp_path, monkeypatch):
+    from sharedllm.worker import MachineReporter
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert MachineReporter("m-1").tensor_cache_dir() == str(tmp_path / "sharedllm" / "tensor-cache" / "m-1")
+    assert MachineReporter("m-1", cache_dir=str(tmp_path / "c")).tensor_cache_dir() == str(tmp_path / "c")
+    # cap 0: no --cache-dir for the rpc-server at all (a load would write every big weight there first)
+    assert MachineReporter("m-1", cache_cap=0).tensor_cache_dir() is None
+    assert MachineReporter("m-1", cache_dir=str(tmp_path / "c"), cache_cap=0).tensor_cache_dir() is None
+    with pytest.raises(ValueError, match="cache_cap"):
+        MachineReporter("m-1", cache_cap=-1)

@@ -4,7 +4,9 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
+import os
 import select
 import socket
 import ssl
@@ -22,6 +24,11 @@ _STATUS_OK, _STATUS_REFUSED = 0, 1
 _BUFSIZE = 1 << 18  # 256 KiB per direction: a 1 MiB logits tensor crosses in four writes
 _RECORD = 16384  # the largest TLS record payload: a shorter read means the peer's burst has ended
 _HUP = select.POLLHUP | select.POLLERR | select.POLLNVAL
+# SHAREDLLM_RELAY_TRACE=DIR: every splice writes DIR/splice-PID-N.jsonl at its end, one [time, event, bytes] per
+# read/write ("pi"/"po": plain in/out, "ti"/"to": TLS in/out, "w": woken by poll), time.monotonic() (one clock for
+# every process of a machine): where a round trip spends its time on this hop, for benchmarks and debugging.
+_TRACE_DIR = os.environ.get("SHAREDLLM_RELAY_TRACE") or None
+_trace_seq = iter(range(1 << 62))
 
 
 def parse_endpoint(endpoint: str) -> tuple[str, int]:
@@ -109,6 +116,8 @@ def splice(plain: socket.socket, tls: ssl.SSLSocket) -> tuple[int, int, int]:
     p_in = p_out = t_in = t_out = True  # may the next read/write on plain/tls make progress (else wait for poll)
     send_waits = recv_waits = 0  # the poll event a blocked TLS write / read waits for (renegotiation, full buffers)
     poller = select.poll()
+    ev: list[tuple[float, str, int]] | None = [] if _TRACE_DIR else None
+    now = time.monotonic
     pfd, tfd = plain.fileno(), tls.fileno()
     pmask = tmask = POLLIN
     poller.register(pfd, pmask)
@@ -129,6 +138,8 @@ def splice(plain: socket.socket, tls: ssl.SSLSocket) -> tuple[int, int, int]:
                     if n == 0:
                         plain_eof = True
                     elif n > 0:
+                        if ev is not None:
+                            ev.append((now(), "pi", n))
                         up_lo, up_hi, progress = 0, n, True
                         p_in = n == _BUFSIZE
                         if last != 1:
@@ -143,6 +154,8 @@ def splice(plain: socket.socket, tls: ssl.SSLSocket) -> tuple[int, int, int]:
                     except OSError:
                         return sent_up, sent_down, turns  # the remote side is gone
                     else:
+                        if ev is not None:
+                            ev.append((now(), "to", n))
                         send_waits, progress = 0, True
                         up_lo += n
                         sent_up += n
@@ -165,6 +178,8 @@ def splice(plain: socket.socket, tls: ssl.SSLSocket) -> tuple[int, int, int]:
                     if n == 0:
                         tls_eof = True
                         break
+                    if ev is not None:
+                        ev.append((now(), "ti", n))
                     down_hi += n
                     progress = True
                     if last != 2:
@@ -179,6 +194,8 @@ def splice(plain: socket.socket, tls: ssl.SSLSocket) -> tuple[int, int, int]:
                     except OSError:
                         return sent_up, sent_down, turns  # the local side is gone
                     else:
+                        if ev is not None:
+                            ev.append((now(), "po", n))
                         down_lo += n
                         sent_down += n
                         progress = True
@@ -195,15 +212,29 @@ def splice(plain: socket.socket, tls: ssl.SSLSocket) -> tuple[int, int, int]:
             if want_t != tmask:
                 poller.modify(tfd, want_t)
                 tmask = want_t
-            for fd, ev in poller.poll():
-                if ev & select.POLLNVAL:
+            ready = poller.poll()
+            if ev is not None:
+                ev.append((now(), "w", len(ready)))
+            for fd, what in ready:
+                if what & select.POLLNVAL:
                     return sent_up, sent_down, turns
-                hup = bool(ev & _HUP)
+                hup = bool(what & _HUP)
                 if fd == pfd:
-                    p_in = p_in or hup or bool(ev & POLLIN)
-                    p_out = p_out or hup or bool(ev & POLLOUT)
+                    p_in = p_in or hup or bool(what & POLLIN)
+                    p_out = p_out or hup or bool(what & POLLOUT)
                 else:
-                    t_in = t_in or hup or bool(ev & POLLIN)
-                    t_out = t_out or hup or bool(ev & POLLOUT)
+                    t_in = t_in or hup or bool(what & POLLIN)
+                    t_out = t_out or hup or bool(what & POLLOUT)
     finally:
         _close(plain, tls)
+        if ev:
+            _write_trace(ev)
+
+
+def _write_trace(events: list[tuple[float, str, int]]) -> None:
+    path = os.path.join(_TRACE_DIR, f"splice-{os.getpid()}-{next(_trace_seq)}.jsonl")
+    try:
+        with open(path, "w") as f:
+            f.writelines(json.dumps(e) + "\n" for e in events)
+    except OSError as exc:
+        logger.warning("relay trace: cannot write %s: %s", path, exc)
