@@ -4,10 +4,11 @@ capped CUDA rpc-server plus a CPU rpc-server.
 
     python bench/gpu/big_check.py [--steps matrix,8b,70b] [--models /tmp/big] [--tokens 16] [--out $OUT/big.json]
 
-Prepared for a session that is lent a GPU machine (see bench/gpu/big_check.sh, run after build.sh); nothing here runs
-without CUDA. Models are synthetic (random weights, real shapes and metadata): the tiny matrix models come from
-bench/synth_gguf.py (quantized by llama.cpp), the 8B and 70B Q4_K_M from bench/synth_blocks.py (written straight in
-ggml-quantized blocks, with the per-tensor types llama.cpp's quantizer picks: about 4.9 and 42.5 GB).
+Prepared for a session that is lent a GPU machine (``bash bench/gpu/checks.sh big_check.py`` after
+bench/gpu/build.sh); nothing here runs without CUDA unless ``--device CPU`` (a smoke test of the script). Models are
+synthetic (random weights, real shapes and metadata): the tiny matrix models come from bench/synth_gguf.py
+(quantized by llama.cpp), the 8B and 70B Q4_K_M from bench/synth_blocks.py (written straight in ggml-quantized
+blocks, with the per-tensor types llama.cpp's quantizer picks: about 4.9 and 42.5 GB).
 
 Every machine runs with ``--cache-cap 0`` (no tensor cache: the 70B's weights would be written to disk again).
 
