@@ -84,13 +84,14 @@ def miniature(d: sg.Dims) -> sg.Dims:
                                n_ff_exp=256 if d.n_expert else 0)
 
 
-def type_map(arch: str, quant: str, workdir: str | os.PathLike) -> dict[str, int]:
-    """tensor name -> the ggml type llama.cpp's quantizer gives it in ``quant`` (from the miniature)."""
+def type_map(arch: str, quant: str, workdir: str | os.PathLike, dims: sg.Dims | None = None) -> dict[str, int]:
+    """tensor name -> the ggml type llama.cpp's quantizer gives it in ``quant`` (from the miniature of ``dims``,
+    default the full shape)."""
     from sharedllm.gguf import read_gguf
 
     a = sg.ARCHS[arch]
     work = Path(workdir)
-    src = sg.write_f32(arch, work / f"{arch}-mini-F32.gguf", scale="mini", dims=miniature(a.full))
+    src = sg.write_f32(arch, work / f"{arch}-mini-F32.gguf", scale="mini", dims=miniature(dims or a.full))
     dst = sg.quantize(src, work / f"{arch}-mini-{quant}.gguf", quant)
     return {t.name: t.ggml_type for t in read_gguf(dst).tensors}
 
@@ -109,15 +110,16 @@ class _FileType:
 
 
 def write_blocks(arch: str, quant: str, path: str | os.PathLike, *, seed: int = 0,
-                 types: dict[str, int] | None = None, workdir: str | os.PathLike | None = None) -> Path:
-    """Write ``arch`` at full scale in ``quant`` to ``path`` (see the module's docstring); returns ``path``."""
+                 types: dict[str, int] | None = None, workdir: str | os.PathLike | None = None,
+                 dims: sg.Dims | None = None) -> Path:
+    """Write ``arch`` at full scale (or ``dims``) in ``quant`` to ``path`` (see the module's docstring)."""
     import gguf
 
     a = sg.ARCHS[arch]
-    d = a.full
+    d = dims or a.full
     if types is None:
         with tempfile.TemporaryDirectory(dir=workdir) as tmp:
-            types = type_map(arch, quant, tmp)
+            types = type_map(arch, quant, tmp, d)
     vocab = sg.vocab_for(a, d.n_vocab)
     shapes = list(sg.tensor_shapes(a, d))
     missing = [n for n, _ in shapes if n not in types]
@@ -128,6 +130,7 @@ def write_blocks(arch: str, quant: str, path: str | os.PathLike, *, seed: int = 
     tmp = path.with_name(path.name + ".part")
     w = gguf.GGUFWriter(tmp, a.arch)
     sg._metadata(_FileType(w, sg.FTYPES[quant]), a, d, vocab, "full")
+    w.add_quantization_version(gguf.GGML_QUANT_VERSION)  # as llama.cpp's quantizer writes it
     for name, shape in shapes:
         t = types[name]
         nbytes = int(np.prod(shape[:-1])) * lib.ggml_row_size(t, shape[-1])
