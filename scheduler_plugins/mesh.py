@@ -656,10 +656,14 @@ class MeshPlugin(SchedulerPlugin):
         requests: int = 0,
         client: str | None = None,
         load: dict | None = None,
+        total_tokens: int | None = None,
+        total_requests: int | None = None,
     ) -> dict:
         """A client's statistics for its session: tokens and seconds since its last report, ``requests`` finished
         (or ``request_done`` for one), a recovery, the engine's ``load`` (sequences ``running`` and ``waiting``, mean
         decode ``batch``, ``parallel``). ``seconds`` is wall time: the throughput of a batch is its aggregate one.
+        ``total_tokens``/``total_requests``: the client's totals for the session, which the counts never stay
+        under (reports this scheduler took but had not saved before a kill are counted again this way).
         The first report after a scheduler restart reclaims a restored
         session (``client``: the client's id now, in case it had to connect anew)."""
         sess = self.sessions.get(session_id)
@@ -674,6 +678,11 @@ class MeshPlugin(SchedulerPlugin):
         sess.tokens += tokens
         sess.seconds += seconds
         sess.requests += requests + int(request_done)
+        if isinstance(total_tokens, int) and total_tokens > sess.tokens:
+            self.tokens_total += total_tokens - sess.tokens
+            sess.tokens = total_tokens
+        if isinstance(total_requests, int) and total_requests > sess.requests:
+            sess.requests = total_requests
         if seconds > 0 and tokens > 0:
             sess.last_tok_s = tokens / seconds
             sess.history.append((now, sess.last_tok_s))

@@ -362,6 +362,8 @@ class Mesh:
         try:
             self._call(handler, timeout=REPORT_TIMEOUT, **kwargs)
         except Exception as exc:
+            if _older_scheduler(exc, kwargs):
+                return self._report(handler, **_without_newer(kwargs))
             logger.debug("could not report %s: %s", handler, exc)
             return False
         return True
@@ -373,6 +375,8 @@ class Mesh:
         try:
             await self._acall(handler, timeout=REPORT_TIMEOUT, **kwargs)
         except Exception as exc:
+            if _older_scheduler(exc, kwargs):
+                return await self._areport(handler, **_without_newer(kwargs))
             logger.debug("could not report %s: %s", handler, exc)
             return False
         return True
@@ -380,6 +384,17 @@ class Mesh:
 
 OUTPUT_LAYERS = ("auto", "client", "mesh")
 REPORT_TIMEOUT = 5.0  # seconds a statistics report may take; a slower scheduler is left alone for a while
+_NEWER_REPORT_KEYS = ("total_tokens", "total_requests")  # report arguments a scheduler before them refuses
+
+
+def _older_scheduler(exc: Exception, kwargs: dict) -> bool:
+    """A report refused by a scheduler of an earlier SharedLLM for an argument it does not know yet."""
+    return (isinstance(exc, TypeError) and "unexpected keyword argument" in str(exc)
+            and any(k in kwargs for k in _NEWER_REPORT_KEYS))
+
+
+def _without_newer(kwargs: dict) -> dict:
+    return {k: v for k, v in kwargs.items() if k not in _NEWER_REPORT_KEYS}
 
 
 def _check_parallel(parallel: int) -> int:
@@ -391,12 +406,15 @@ def _check_parallel(parallel: int) -> int:
 class _Reports:
     """A session's throughput reports. What could not be sent (the scheduler away, restarting, slow) is added to the
     next report, so the scheduler's counts stay whole; after a report that failed or timed out none is tried for
-    ``QUIET`` seconds, so a generation never waits on a scheduler that does not answer."""
+    ``QUIET`` seconds, so a generation never waits on a scheduler that does not answer. Each report also carries the
+    session's totals so far (``total_tokens``, ``total_requests``): a scheduler killed after it took a report but
+    before it saved it comes back with older counts, and the next report puts them right."""
 
     QUIET = 30.0
 
     def __init__(self):
         self.tokens, self.seconds, self.requests, self.ttft_ms = 0, 0.0, 0, None
+        self.total_tokens = self.total_requests = 0  # of the current session (``new_session``)
         self.quiet_until = 0.0
         self._lock = threading.Lock()  # the requests of one handle report from many threads
         self._taken_at = time.monotonic()
@@ -408,6 +426,8 @@ class _Reports:
             self.tokens += tokens
             self.seconds += seconds
             self.requests += int(done)
+            self.total_tokens += tokens
+            self.total_requests += int(done)
             self.ttft_ms = ttft_ms if ttft_ms is not None else self.ttft_ms
             if time.monotonic() < self.quiet_until or not (self.tokens or self.requests or self.ttft_ms is not None):
                 return None
@@ -416,9 +436,15 @@ class _Reports:
             now = time.monotonic()
             seconds = min(self.seconds, max(now - self._taken_at, 0.0)) or self.seconds
             self._taken_at = now
-            report = {"tokens": self.tokens, "seconds": seconds, "requests": self.requests, "ttft_ms": self.ttft_ms}
+            report = {"tokens": self.tokens, "seconds": seconds, "requests": self.requests, "ttft_ms": self.ttft_ms,
+                      "total_tokens": self.total_tokens, "total_requests": self.total_requests}
             self.tokens, self.seconds, self.requests, self.ttft_ms = 0, 0.0, 0, None
             return report
+
+    def new_session(self) -> None:
+        """The handle has a new session (a load, a recovery): its totals start at zero."""
+        with self._lock:
+            self.total_tokens = self.total_requests = 0
 
     def sent(self, ok: bool | None, report: dict) -> None:
         """The outcome of sending ``report`` (see ``Mesh._report``: None, not tried): unless it went, its counts go
@@ -565,6 +591,7 @@ class MeshModel:
         )
         self.plan_ms = (time.perf_counter() - t0) * 1000
         self.session_id = d["session_id"]
+        self._reports.new_session()
         topo = self.topology = Topology.from_dict(d["topology"])
         # Which rpc-server process each machine ran when we leased it: a later restart betrays a lost machine.
         self._servers_seen = {m["machine_id"]: (m.get("rpc") or {}).get("pid") for m in self._mesh.machines()
