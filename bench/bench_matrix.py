@@ -3,6 +3,7 @@
 
     .venv/bin/python bench/bench_matrix.py [--machines 2] [--n-ctx 1024] [--arch A ...] [--quant Q ...] [--markdown]
                                            [--models DIR] [--out bench/results/matrix.json]
+    .venv/bin/python bench/bench_matrix.py --machines 3 4 [--output-layer client mesh] [--out ...-nway.json]
 
 Every cell is a synthetic model (bench/synth_gguf.py, the ``tiny`` shapes of a real configuration, quantized by
 llama.cpp) loaded through ``Mesh.load`` on an embedded ``LocalMesh``, spread over every machine. A cell is green when
@@ -12,6 +13,13 @@ llama.cpp) loaded through ``Mesh.load`` on an embedded ``LocalMesh``, spread ove
 - on every rpc-server, what llama.cpp allocated there (its model, KV and compute buffers, as the engine's llama.cpp
   log reports them per device) is at most the placement's estimate for that stage, and the estimate at most 15%
   above it. The column shows the worst stage's error, ``estimate / allocated - 1``.
+
+N-way splits (``--machines 3 4``: one embedded mesh per count, the model spread over all of its machines, one run
+per ``--output-layer``): every stage is named by its kind, ``first`` (its input comes from the client), ``middle``
+(it receives the hidden state from a machine and sends it on to the next) or ``last`` (the last layers, and the
+output layer unless it runs on the client), and the table gives each cell's worst error per kind. Those results
+go to ``bench/results/matrix-nway.json`` unless ``--out`` says otherwise; a single 2-machine run with the default
+output layer keeps ``bench/results/matrix.json``'s format.
 
 Also recorded in the JSON, per stage: the buffers one by one against weight_bytes / kv_bytes / compute_bytes, and
 each rpc-server's RSS growth from before the load to after the generation (a lower bound of what it allocated:
@@ -59,6 +67,15 @@ def engine_buffers(text: str) -> tuple[list[dict[str, int]], dict[str, int]]:
     return [by_ep[ep] for ep in order], client
 
 
+KINDS = ("first", "middle", "last")
+
+
+def stage_kind(i: int, n: int) -> str:
+    """``first``, ``middle`` or ``last`` for stage ``i`` of ``n`` (a single stage is ``last``: it holds the output
+    slot, and its input comes from the client)."""
+    return "last" if i == n - 1 else "first" if i == 0 else "middle"
+
+
 def stage_report(stage, buffers: dict[str, int]) -> dict:
     """One stage's buffers against its estimate; ``error`` = estimate / allocated - 1 (the log's 0.01 MiB rounding
     is granted to the estimate)."""
@@ -72,7 +89,8 @@ def stage_report(stage, buffers: dict[str, int]) -> dict:
             "estimated": estimated, "error": error, "ok": ok}
 
 
-def run_cell(mesh, machines: list[str], path: Path, n_ctx: int, tokens: int, pids: dict[str, int]) -> dict:
+def run_cell(mesh, machines: list[str], path: Path, n_ctx: int, tokens: int, pids: dict[str, int],
+             output_layer: str = "auto") -> dict:
     import psutil
 
     from sharedllm.engine import build_llama
@@ -87,7 +105,7 @@ def run_cell(mesh, machines: list[str], path: Path, n_ctx: int, tokens: int, pid
     rss0 = {m: psutil.Process(pid).memory_info().rss for m, pid in pids.items()}
     t0 = time.perf_counter()
     try:
-        with mesh.load(str(path), n_ctx=n_ctx, machines=machines, verbose=True) as h:
+        with mesh.load(str(path), n_ctx=n_ctx, machines=machines, verbose=True, output_layer=output_layer) as h:
             cell["load_s"] = time.perf_counter() - t0
             out = h.create_completion(PROMPT, max_tokens=tokens, temperature=0)
             rss1 = {m: psutil.Process(pid).memory_info().rss for m, pid in pids.items()}
@@ -99,9 +117,15 @@ def run_cell(mesh, machines: list[str], path: Path, n_ctx: int, tokens: int, pid
         return cell
     cell["mesh_text"] = out["choices"][0]["text"]
     cell["same_text"] = cell["mesh_text"] == cell["local_text"]
+    if len(devices) != len(stages):
+        cell.update(ok=False, load_ok=False, why=f"the engine log names {len(devices)} RPC devices for "
+                                                 f"{len(stages)} stages")
+        return cell
     cell["stages"] = [stage_report(s, b) for s, b in zip(stages, devices, strict=True)]
-    for st in cell["stages"]:
+    for i, st in enumerate(cell["stages"]):
+        st["kind"] = stage_kind(i, len(stages))
         st["rss_growth"] = rss1[st["machine"]] - rss0[st["machine"]]
+    cell["output_on_client"] = estimate.output_on_client
     client_weights = sum(v for k, v in client.items() if k.startswith("model:"))
     cell["client"] = {"buffers": client, "estimated_weights": estimate.input_bytes,
                       "weights_error": estimate.input_bytes / client_weights - 1 if client_weights else None}
@@ -116,14 +140,29 @@ def run_cell(mesh, machines: list[str], path: Path, n_ctx: int, tokens: int, pid
     return cell
 
 
-def render(cells: dict, archs: list[str], quants: list[str], markdown: bool) -> str:
+def worst_by_kind(cell: dict) -> dict[str, float]:
+    """The worst error (farthest from zero) of each stage kind present in ``cell``."""
+    worst: dict[str, float] = {}
+    for st in cell.get("stages") or []:
+        k = st.get("kind")
+        if k is not None and (k not in worst or abs(st["error"]) > abs(worst[k])):
+            worst[k] = st["error"]
+    return {k: worst[k] for k in KINDS if k in worst}
+
+
+def render(cells: dict, archs: list[str], quants: list[str], markdown: bool, by_kind: bool = False) -> str:
+    """The arch x quant table; ``by_kind``: each cell's worst error per stage kind (f/m/l) instead of overall."""
     def mark(c: dict | None) -> str:
         if c is None:
             return "-"
         if not c.get("load_ok"):
             return "FAIL load"
         text = "ok" if c["same_text"] else "TEXT"
-        est = f"{c['error']:+.1%}" + ("" if c["estimate_ok"] else " OVER BAR")
+        if by_kind:
+            est = " ".join(f"{k[0]}{e:+.1%}" for k, e in worst_by_kind(c).items())
+        else:
+            est = f"{c['error']:+.1%}"
+        est += "" if c["estimate_ok"] else " OVER BAR"
         return f"{'✅' if c['ok'] else '❌'} {text} {est}" if markdown else f"{text} {est}"
 
     rows = [["architecture", *quants]] + [[a, *(mark(cells.get(f"{a}/{q}")) for q in quants)] for a in archs]
@@ -135,47 +174,85 @@ def render(cells: dict, archs: list[str], quants: list[str], markdown: bool) -> 
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows)
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--arch", action="append", choices=sorted(synth_gguf.ARCHS), help="repeatable")
-    ap.add_argument("--quant", action="append", choices=list(synth_gguf.QUANTS), help="repeatable")
-    ap.add_argument("--machines", type=int, default=2)
-    ap.add_argument("--n-ctx", type=int, default=1024)
-    ap.add_argument("--tokens", type=int, default=16)
-    ap.add_argument("--models", default=os.path.expanduser("~/.cache/sharedllm/synth"))
-    ap.add_argument("--out", default="bench/results/matrix.json")
-    ap.add_argument("--markdown", action="store_true")
-    args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
-    archs = args.arch or list(synth_gguf.MATRIX_ARCHS)
-    quants = args.quant or list(synth_gguf.QUANTS)
-
+def run_matrix(n_machines: int, archs: list[str], quants: list[str], args, output_layer: str) -> dict:
+    """Every cell on one embedded mesh of ``n_machines`` machines, spread over all of them."""
     from sharedllm.local import LocalMesh
 
     cells: dict[str, dict] = {}
-    t0 = time.perf_counter()
-    with LocalMesh(machines=args.machines, dashboard=False) as lm:
+    with LocalMesh(machines=n_machines, dashboard=False) as lm:
         mesh = lm.mesh()
-        table = mesh.machines()
+        table = mesh.wait_for_machines(n_machines, timeout=180)
         machines = sorted(m["machine_id"] for m in table)
         pids = {m["machine_id"]: m["rpc"]["pid"] for m in table}
         for arch in archs:
             for quant in quants:
                 path = synth_gguf.synthesize(arch, quant, args.models)
-                cell = run_cell(mesh, machines, path, args.n_ctx, args.tokens, pids)
+                cell = run_cell(mesh, machines, path, args.n_ctx, args.tokens, pids, output_layer)
                 cells[f"{arch}/{quant}"] = cell
-                print(f"{arch:<18} {quant:<7} {'ok' if cell['ok'] else 'FAIL'} "
-                      f"{cell.get('error', float('nan')):+.1%} {cell.get('why', '')}", file=sys.stderr, flush=True)
-    print(render(cells, archs, quants, args.markdown))
-    bad = [k for k, c in cells.items() if not c["ok"]]
-    failing = f"; failing: {', '.join(bad)}" if bad else ""
-    print(f"\n{len(cells) - len(bad)}/{len(cells)} cells green on {args.machines} machines, n_ctx {args.n_ctx}, "
-          f"{args.tokens} greedy tokens, {time.perf_counter() - t0:.0f}s{failing}")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"cells": cells, "config": vars(args), "host": platform.node(),
-                                          "date": time.strftime("%Y-%m-%dT%H:%M:%S%z")}, indent=1))
-    return 0 if not bad else 1
+                kinds = " ".join(f"{k} {e:+.1%}" for k, e in worst_by_kind(cell).items())
+                print(f"{n_machines}-way {output_layer:<6} {arch:<18} {quant:<7} {'ok' if cell['ok'] else 'FAIL'} "
+                      f"{cell.get('error', float('nan')):+.1%} ({kinds}) {cell.get('why', '')}",
+                      file=sys.stderr, flush=True)
+    return cells
 
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--arch", action="append", choices=sorted(synth_gguf.ARCHS), help="repeatable")
+    ap.add_argument("--quant", action="append", choices=list(synth_gguf.QUANTS), help="repeatable")
+    ap.add_argument("--machines", type=int, nargs="+", default=[2],
+                    help="machines per mesh; several counts (3 4) run the matrix once per count")
+    ap.add_argument("--output-layer", nargs="+", default=["auto"], choices=("auto", "client", "mesh"),
+                    help="where the output layer runs (Mesh.load's output_layer); several run the matrix once each")
+    ap.add_argument("--n-ctx", type=int, default=1024)
+    ap.add_argument("--tokens", type=int, default=16)
+    ap.add_argument("--models", default=os.path.expanduser("~/.cache/sharedllm/synth"))
+    ap.add_argument("--out", help="default: bench/results/matrix.json for one 2-machine run with the default "
+                                  "output layer, else bench/results/matrix-nway.json")
+    ap.add_argument("--markdown", action="store_true")
+    args = ap.parse_args(argv)
+    if min(args.machines) < 1:
+        ap.error("--machines must be at least 1")
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
+    archs = args.arch or list(synth_gguf.MATRIX_ARCHS)
+    quants = args.quant or list(synth_gguf.QUANTS)
+    classic = args.machines == [2] and args.output_layer == ["auto"]
+    if args.out is None:
+        args.out = "bench/results/matrix.json" if classic else "bench/results/matrix-nway.json"
+
+    t0 = time.perf_counter()
+    runs = []
+    for n in args.machines:
+        for output_layer in args.output_layer:
+            cells = run_matrix(n, archs, quants, args, output_layer)
+            runs.append({"machines": n, "output_layer": output_layer, "cells": cells})
+    all_bad = []
+    for run in runs:
+        cells = run["cells"]
+        if not classic:
+            print(f"\n{run['machines']} machines, output layer {run['output_layer']} "
+                  "(worst error per stage kind: f first, m middle, l last)")
+        print(render(cells, archs, quants, args.markdown, by_kind=not classic))
+        bad = [k for k, c in cells.items() if not c["ok"]]
+        all_bad += [f"{run['machines']}-way/{run['output_layer']}/{k}" for k in bad]
+        worst = {}
+        for c in cells.values():
+            for k, e in worst_by_kind(c).items():
+                if k not in worst or abs(e) > abs(worst[k]):
+                    worst[k] = e
+        run["worst_by_kind"] = {k: worst[k] for k in KINDS if k in worst}
+        failing = f"; failing: {', '.join(bad)}" if bad else ""
+        kinds = ", ".join(f"{k} {e:+.1%}" for k, e in run["worst_by_kind"].items())
+        print(f"\n{len(cells) - len(bad)}/{len(cells)} cells green on {run['machines']} machines "
+              f"(output layer {run['output_layer']}), n_ctx {args.n_ctx}, {args.tokens} greedy tokens; worst per "
+              f"stage kind: {kinds}{failing}")
+    print(f"\n{time.perf_counter() - t0:.0f}s in all")
+    config = {**vars(args), "machines": args.machines[0]} if classic else vars(args)
+    meta = {"config": config, "host": platform.node(), "date": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    body = {"cells": runs[0]["cells"], **meta} if classic else {"runs": runs, **meta}
+    Path(args.out).write_text(json.dumps(body, indent=1))
+    return 0 if not all_bad else 1
 
 if __name__ == "__main__":
     sys.exit(main())

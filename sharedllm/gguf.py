@@ -173,13 +173,24 @@ class ModelEstimate:
     layer_kv_bytes: tuple[int, ...]  # len n_layer, KV cache for n_ctx
     output_bytes: int  # slot n_layer: output norm + output projection (a copy of token_embd when tied)
     input_bytes: int  # stays on the client
-    compute_bytes: int  # compute buffer on each participating device
+    compute_bytes: int  # the most a device's compute buffer needs, whichever layers it holds
     file_bytes: int
     # True: the output layer (norm and projection) runs on the client's CPU; slot n_layer holds nothing on the mesh.
     output_on_client: bool = False
-    # What the device holding the last layers (and the output layer, unless on the client) needs on top of
-    # compute_bytes: the logits beyond the layers' own peak, and more copies of the stage's input.
+    # What the device holding the output slot may need on top of compute_bytes: the logits beyond the layers' own
+    # peak. compute_bytes and output_compute_bytes bound every stage (placement plans with them); ``buffers`` says
+    # what each stage needs exactly (stage_compute_bytes).
     output_compute_bytes: int = 0
+    buffers: ComputeBuffers | None = None
+
+    def stage_compute_bytes(self, first_slot: int, end_slot: int, n_stages: int) -> int:
+        """The compute buffer llama.cpp reserves on the device holding slots ``[first_slot, end_slot)`` of a split
+        into ``n_stages`` stages. Without ``buffers`` (an estimate made by hand): the bound placement plans with."""
+        has_output = end_slot == self.n_layer + 1
+        if self.buffers is None:
+            return self.compute_bytes + (self.output_compute_bytes if has_output else 0)
+        return self.buffers.stage_bytes(range(first_slot, min(end_slot, self.n_layer)), has_output,
+                                        first=first_slot == 0, n_stages=n_stages)
 
     def slot_bytes(self) -> tuple[int, ...]:
         """Bytes per slot (weights + KV), ``n_layer + 1`` entries, the output layer last."""
@@ -199,6 +210,79 @@ class ModelEstimate:
         d = dict(d)
         d["layer_weight_bytes"] = tuple(d["layer_weight_bytes"])
         d["layer_kv_bytes"] = tuple(d["layer_kv_bytes"])
+        if d.get("buffers") is not None:
+            d["buffers"] = ComputeBuffers.from_dict(d["buffers"])
+        return cls(**d)
+
+
+@dataclass(frozen=True)
+class ComputeBuffers:
+    """What sets the compute buffer llama.cpp reserves on each stage of a split, in bytes (see ``_compute_buffers``).
+
+    ggml's scheduler cuts the graph where the device changes. Each stage receives its inputs (from the client's CPU,
+    or the previous device) into tensors of its own compute buffer; under pipeline parallelism (several devices, the
+    output layer on the mesh) it keeps ``n_copies`` copies of each, for the whole graph. Beside them lies the peak of
+    the stage's own tensors, which ggml-alloc reuses as the graph runs.
+    """
+
+    n_copies: int  # copies of every stage input: 4 under pipeline parallelism, else 1
+    hidden: int  # one hidden state of the micro-batch (n_embd x n_ubatch F32)
+    positions: int  # the token positions, received by every stage with layers
+    attention_inputs: tuple[int, ...]  # per attention kind (one per KV cache): its KQ mask and K and V row indices
+    layer_attention: tuple[int, ...]  # per layer: the index of its attention kind
+    output_ids: int  # the rows to output, received by the stage with the last layer
+    attention_peak: int  # a layer's own peak during attention
+    feed_forward_peak: int  # a layer's own peak during the feed-forward
+    output_peak: int  # the output layer's own peak: its norm and the logits (0: the output layer is on the client)
+
+    def stage_bytes(self, layers: range, has_output: bool, first: bool, n_stages: int) -> int:
+        """The compute buffer of a stage holding ``layers`` (and the output slot when ``has_output``).
+
+        The inputs, from llama.cpp's graph split (``GGML_SCHED_DEBUG=1`` lists them per split):
+        - the first stage receives the token embeddings from the client; every later stage with layers receives
+          two hidden states, because the scheduler runs the next layer's input norm on the device before it: the
+          residual stream (``l_out``) and its norm. A stage holding only the output layer receives its norm;
+        - every stage with layers receives the positions, and for each attention kind its layers use (Gemma 3: the
+          sliding-window cache, the global one, or both) the KQ mask and the K and V row indices;
+        - the stage with the last layer receives the ids of the rows to output.
+        With one copy (no pipeline parallelism) an input copy is freed after its last use: the hidden states are
+        then part of the layers' peak, and the other inputs are gone by the feed-forward of a stage's only layer.
+        A stage holding only the output slot of an output layer on the client gets no compute buffer at all.
+        """
+        copies = self.n_copies if n_stages > 1 else 1
+        if not layers and not (has_output and self.output_peak):
+            return 0
+        kinds = {self.layer_attention[i] for i in layers}
+        received = self.positions + sum(self.attention_inputs[k] for k in kinds) if layers else 0
+        if layers and layers[-1] == len(self.layer_attention) - 1:
+            received += self.output_ids
+        # Beside the last layers the logits land above two holes those layers leave.
+        output = self.output_peak + (2 * self.hidden if layers else 0) if has_output and self.output_peak else 0
+        if copies > 1:
+            hidden = self.hidden * (1 if first or not layers else 2)
+            return copies * (hidden + received) + max(self.layer_peak if layers else 0, output)
+        if len(layers) == 1:
+            return max(received + self.attention_peak, self.feed_forward_peak, output)
+        return max(received + self.layer_peak, output)
+
+    @property
+    def layer_peak(self) -> int:
+        """A layer's own peak: attention or feed-forward, whichever is larger."""
+        return max(self.attention_peak, self.feed_forward_peak)
+
+    def bound(self) -> tuple[int, int]:
+        """(what any stage with layers needs at most, what the stage with the output slot may need on top of it):
+        a later stage with every attention kind and the last layer; the logits beyond the layers' peak."""
+        every = range(len(self.layer_attention))
+        layers = self.stage_bytes(every, False, first=False, n_stages=2)
+        output = self.output_peak + 2 * self.hidden if self.output_peak else 0
+        return layers, max(0, output - self.layer_peak)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ComputeBuffers:
+        d = dict(d)
+        d["attention_inputs"] = tuple(d["attention_inputs"])
+        d["layer_attention"] = tuple(d["layer_attention"])
         return cls(**d)
 
 
@@ -560,18 +644,21 @@ def estimate_memory(gguf: GGUFFile, n_ctx: int, *, n_ubatch: int = 512, kv_type_
     n_vocab = token_embd.shape[1] if token_embd is not None and len(token_embd.shape) > 1 else 0
     n_ff = max(_per_layer(gguf, "feed_forward_length", 0))
     n_ff_exp = gguf.get("expert_feed_forward_length")
-    if type(n_ff_exp) is int and n_ff_exp > 0:  # MoE: the routed experts' activations, and the router's
-        n_ff = _int_param(gguf, "expert_used_count", 0) * n_ff_exp + _int_param(gguf, "expert_count", 0)
+    moe = type(n_ff_exp) is int and n_ff_exp > 0
+    n_expert_used = _int_param(gguf, "expert_used_count", 0) if moe else 0
+    layer_attention = _attention_kinds(gguf)
     shape = _GraphShape(
         n_embd=n_embd, n_ff=n_ff, n_vocab=n_vocab, n_head=n_head, q_dim=n_head * head_k,
-        kv_dim=max(n_heads_kv) * (head_k + head_v), n_kv=n_kv_cells, n_ubatch=min(n_ubatch, n_ctx),
-        # llama.cpp builds one KQ mask per attention kind: Gemma 2/3 have sliding-window and global layers.
-        n_masks=2 if gguf.architecture in _SWA_PATTERN and gguf.get("attention.sliding_window") else 1,
-        # Pipeline parallelism (several devices, no tensor overrides: the output layer is not moved to the client)
-        # makes llama.cpp's scheduler keep 4 copies of every stage input.
-        n_copies=1 if output_on_client else 4,
+        v_dim=max(n_heads_kv) * head_v, n_kv=n_kv_cells, n_ubatch=min(n_ubatch, n_ctx),
+        n_kinds=max(layer_attention) + 1,
+        n_ff_exp=n_ff_exp if moe else 0, n_expert_used=n_expert_used,
+        n_expert=_int_param(gguf, "expert_count", 0) if moe else 0,
     )
-    compute, output_compute = _compute_bytes(shape, output_on_mesh=not output_on_client)
+    # Pipeline parallelism (several devices, no tensor overrides: the output layer is not moved to the client)
+    # makes llama.cpp's scheduler keep 4 copies of every stage input.
+    buffers = _compute_buffers(shape, layer_attention, n_copies=1 if output_on_client else 4,
+                               output_on_mesh=not output_on_client)
+    compute, output_compute = buffers.bound()
 
     return ModelEstimate(
         path=gguf.path,
@@ -586,12 +673,29 @@ def estimate_memory(gguf: GGUFFile, n_ctx: int, *, n_ubatch: int = 512, kv_type_
         file_bytes=gguf.file_size,
         output_on_client=output_on_client,
         output_compute_bytes=output_compute,
+        buffers=buffers,
     )
 
 
-# Architectures whose layers alternate sliding-window and global attention in llama.cpp (a second KQ mask). Phi-3
-# writes attention.sliding_window too, but llama.cpp disables its SWA.
-_SWA_PATTERN = frozenset({"gemma2", "gemma3", "gemma3n", "cohere2"})
+# Architectures whose layers alternate sliding-window and global attention in llama.cpp (each kind has its own KV
+# cache, KQ mask and row indices), and llama.cpp's default pattern: layer ``il`` slides when ``il % n < n - 1``
+# (``llama_hparams::set_swa_pattern``); ``attention.sliding_window_pattern`` in the file overrides it. Phi-3 writes
+# attention.sliding_window too, but llama.cpp disables its SWA.
+_SWA_PATTERN = {"gemma2": 2, "gemma3": 6, "gemma3n": 5, "cohere2": 4}
+
+
+def _attention_kinds(gguf: GGUFFile) -> tuple[int, ...]:
+    """Per layer: 0 for global attention, 1 for sliding-window attention (a second KV cache in llama.cpp)."""
+    n_layer = gguf.n_layer
+    pattern = _SWA_PATTERN.get(gguf.architecture)
+    if pattern is None or not gguf.get("attention.sliding_window"):
+        return (0,) * n_layer
+    value = gguf.get("attention.sliding_window_pattern")
+    if isinstance(value, list) and len(value) == n_layer and all(type(v) is bool for v in value):
+        return tuple(int(v) for v in value)
+    if type(value) is int and value >= 0:
+        pattern = value
+    return tuple(int(pattern == 0 or il % pattern < pattern - 1) for il in range(n_layer))
 
 
 @dataclass(frozen=True)
@@ -603,38 +707,59 @@ class _GraphShape:
     n_vocab: int
     n_head: int
     q_dim: int  # n_head * head_dim
-    kv_dim: int  # K + V width of one token in one layer
+    v_dim: int  # V width of one token in one layer (n_head_kv * head_dim_v), the widest layer's
     n_kv: int  # KV cells of the reserved graph (n_ctx padded)
     n_ubatch: int
-    n_masks: int
-    n_copies: int
+    n_kinds: int  # attention kinds (KV caches): 2 when sliding-window and global layers alternate
+    n_ff_exp: int = 0  # MoE: one expert's feed-forward width
+    n_expert_used: int = 0
+    n_expert: int = 0
 
 
-def _compute_bytes(g: _GraphShape, output_on_mesh: bool) -> tuple[int, int]:
-    """(compute buffer of a mesh device, what the device with the last layers needs on top of it), in bytes.
+def _compute_buffers(g: _GraphShape, layer_attention: tuple[int, ...], n_copies: int,
+                     output_on_mesh: bool) -> ComputeBuffers:
+    """The compute buffers of the worst-case graph llama.cpp reserves: n_ubatch tokens attending to every KV cell,
+    flash attention off (what "auto" picks on the CPU), so the V cache is stored transposed.
 
-    ggml-alloc reuses memory, so a compute buffer is the peak of the live F32 tensors of the worst-case graph that
-    llama.cpp reserves (n_ubatch tokens attending to every KV cell, flash attention off as "auto" picks on the CPU):
-    - the stage's inputs, kept alive all along and copied ``n_copies`` times under pipeline parallelism: the KQ
-      mask(s) (n_kv x n_ubatch) and the hidden state coming from the previous stage;
-    - the larger of the attention peak (KQ, n_head x n_kv x n_ubatch, with the Q/K/V and hidden-state activations
-      beside it) and the feed-forward peak (gate, up and their product beside the hidden states);
-    - on the device with the last layers, more copies of the hidden state, and the logits (n_vocab x n_ubatch:
-      llama.cpp reserves one output per token) beyond what the layers' peak leaves free.
+    Inputs (exact, from the graph's input tensors): a hidden state is n_embd x n_ubatch F32; the positions n_ubatch
+    I32; per attention kind, the KQ mask n_kv x n_ubatch F32, the K row indices n_ubatch I64 and the V ones
+    n_ubatch x v_dim I64 (one per element of the transposed V); the output ids n_ubatch I32 (one output per token).
 
-    Fitted to llama.cpp's "compute buffer size" of rpc-server CPU devices (llama-cpp-python 0.3.36) for the seven
-    synthetic architectures of bench/synth_gguf.py at n_ctx 512, 1024 and 4096 on two machines: never below, and
-    the device totals (weights + KV + compute) within 15% above (bench/bench_matrix.py measures every cell). One
-    device (no pipeline copies) is overestimated by the three extra copies of the inputs. Gemma 3 270M, one CPU
-    device: 515.75 MiB at n_ubatch 512 (the 262k-token logits), 18.51 MiB with the output layer on the client.
+    The peaks follow ggml-alloc, which reuses freed tensors (best fit, in place where it can) but cannot fit a large
+    tensor into the small holes earlier ones leave:
+    - attention: KQ (n_head x n_kv x n_ubatch), allocated beside the residual stream and Q, above the holes left by
+      the layer's norm and the previous layer's Q: KQ + 2 hidden + 2 Q;
+    - feed-forward: gate, up and their product (3 x n_ff) beside the residual stream, the attention's output and
+      its norm (3 hidden), above the hole of the attention's widest output (Q); for MoE, instead of 3 x n_ff, the
+      routed experts' activations (and their down projections, n_embd per expert used) and the router's logits and
+      probabilities;
+    - the output layer: the logits (n_vocab x n_ubatch: llama.cpp reserves one output per token) beside the final
+      norm; on a device that also ran layers, above two holes they leave.
+    Measured against what rpc-server CPU devices allocated (llama-cpp-python 0.3.36; bench/bench_matrix.py reads
+    llama.cpp's "compute buffer size", ``GGML_RPC_DEBUG=1`` makes each rpc-server log its buffers to the byte) on the
+    synthetic shapes of bench/synth_gguf.py split 2, 3 and 4 ways at n_ctx 256, 1024 and 4096, and Gemma 3 270M on
+    one device: the inputs match to the byte, and so do the attention peak of the Llama, Qwen and Gemma shapes (Phi-3's
+    fused QKV needs less) and the output peak; the feed-forward peak, which dominates at n_ctx 256, bounds every shape
+    by at most 3 hidden states. The MoE feed-forward peak is not measured: attention dominates in every shape here.
     """
-    f32 = 4
+    f32, i32, i64 = 4, 4, 8
     t = g.n_ubatch
-    inputs = g.n_copies * t * (g.n_masks * g.n_kv + g.n_embd) * f32
-    attention = t * (g.n_head * g.n_kv) * f32 + t * f32 * (2 * g.q_dim + 11 * g.n_embd // 2 + 3 * g.kv_dim // 2)
-    feed_forward = t * f32 * (3 * g.n_ff + 4 * g.n_embd)
-    peak = max(attention, feed_forward)
-    extra = (g.n_copies + 1) * t * g.n_embd * f32
-    if output_on_mesh:
-        extra += max(0, t * f32 * (g.n_vocab + 2 * g.n_embd) - peak)
-    return inputs + peak, extra
+    hidden = t * g.n_embd * f32
+    attention = t * f32 * (g.n_head * g.n_kv + 2 * g.q_dim + 2 * g.n_embd)
+    if g.n_ff_exp:
+        experts = g.n_expert_used * max(3 * g.n_ff_exp, g.n_ff_exp + g.n_embd) + 2 * g.n_expert
+        feed_forward = t * f32 * (experts + 3 * g.n_embd + g.q_dim)
+    else:
+        feed_forward = t * f32 * (3 * g.n_ff + 3 * g.n_embd + g.q_dim)
+    attention_inputs = t * (g.n_kv * f32 + i64 + g.v_dim * i64)
+    return ComputeBuffers(
+        n_copies=n_copies,
+        hidden=hidden,
+        positions=t * i32,
+        attention_inputs=(attention_inputs,) * g.n_kinds,
+        layer_attention=layer_attention,
+        output_ids=t * i32,
+        attention_peak=attention,
+        feed_forward_peak=feed_forward,
+        output_peak=t * f32 * (g.n_vocab + g.n_embd) if output_on_mesh else 0,
+    )

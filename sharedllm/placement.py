@@ -248,7 +248,7 @@ def plan(
         log.debug("skipping %d device(s) without usable memory for %s", skipped, estimate.path)
 
     slots = estimate.slot_bytes()
-    # The device holding the output slot also holds the logits and more input copies (see gguf._compute_bytes).
+    # The device holding the output slot may also need room for the logits (see gguf.ComputeBuffers).
     slots = (*slots[:-1], slots[-1] + estimate.output_compute_bytes)
     prefix = [0]
     for b in slots:
@@ -506,11 +506,16 @@ def _stages(
     ordered: list[DeviceSlot], chosen: list[int], counts: list[int], estimate: ModelEstimate
 ) -> tuple[Stage, ...]:
     n_layer = estimate.n_layer
+    # A device without slots is left out: llama.cpp would still allocate a compute buffer on a device it is given.
+    used = [(i, n) for i, n in zip(chosen, counts, strict=True) if n]
+    # A device left with only the (empty) output slot of an output layer on the client would hold nothing and compute
+    # nothing: the slot goes to the device before it.
+    if estimate.output_on_client and len(used) > 1 and used[-1][1] == 1:
+        (i, n), _ = used[-2], used.pop()
+        used[-1] = (i, n + 1)
     stages = []
     start = 0
-    for i, n in zip(chosen, counts, strict=True):
-        if n == 0:
-            continue  # llama.cpp would still allocate a compute buffer on a device it is given
+    for i, n in used:
         end = start + n
         layer_end = min(end, n_layer)
         has_output = end == n_layer + 1
@@ -526,7 +531,9 @@ def _stages(
                 n_slots=n,
                 weight_bytes=weights,
                 kv_bytes=sum(estimate.layer_kv_bytes[start:layer_end]),
-                compute_bytes=estimate.compute_bytes + (estimate.output_compute_bytes if has_output else 0),
+                # The stage's own: a first stage receives one hidden state, a later one two, a stage without the
+                # last layers no logits (placement's capacity check used the bound of any stage).
+                compute_bytes=estimate.stage_compute_bytes(start, end, len(used)),
                 has_output=has_output,
                 output_on_client=estimate.output_on_client,
             )

@@ -217,6 +217,37 @@ def test_estimate_with_the_output_layer_on_the_client(gemma):
     assert ModelEstimate.from_dict(client.to_dict()) == client
 
 
+def test_stage_compute_buffers_real_gemma(gemma):
+    """Each stage's own compute buffer against llama.cpp's, measured on rpc-server CPU devices (llama-cpp-python
+    0.3.36): Gemma 3 270M on one device (no pipeline copies), and the stage kinds of a split."""
+    MiB = 1 << 20
+    for n_ctx, n_ubatch, measured in [(512, 512, 515.75), (8192, 512, 514.5), (8192, 128, 128.63),
+                                      (8192, 2048, 2058.01)]:
+        e = estimate_memory(gemma, n_ctx, n_ubatch=n_ubatch)
+        alone = e.stage_compute_bytes(0, e.n_layer + 1, 1)
+        assert measured * MiB - 0.005 * MiB <= alone <= 1.01 * measured * MiB
+        assert alone <= e.compute_bytes + e.output_compute_bytes  # what placement plans with bounds it
+    e = estimate_memory(gemma, 2048)
+    b, n = e.buffers, e.n_layer
+    # Layers 5, 11 and 17 attend globally, the others through the sliding window: a stage of layers 0-4 receives
+    # one KQ mask and its row indices, a stage of layers 4-6 both kinds.
+    assert [i for i, k in enumerate(b.layer_attention) if k == 0] == [5, 11, 17]
+    first, middle = e.stage_compute_bytes(0, 5, 3), e.stage_compute_bytes(5, 10, 3)
+    # A later stage receives two hidden states (the residual stream and its norm, run on the device before), four
+    # copies of each under pipeline parallelism, and the global attention's inputs.
+    assert middle - first == 4 * (b.hidden + b.attention_inputs[0])
+    last, only_output = e.stage_compute_bytes(10, n + 1, 3), e.stage_compute_bytes(n, n + 1, 3)
+    assert last - middle == 4 * b.output_ids + b.output_peak + 2 * b.hidden - b.layer_peak > 450 * MiB  # logits
+    assert only_output == 4 * b.hidden + b.output_peak
+    assert max(first, middle, last, only_output) <= e.compute_bytes + e.output_compute_bytes
+    assert max(first, middle) <= e.compute_bytes
+    # The output layer on the client: one copy of each input, and nothing at all on a device with only its slot.
+    c = estimate_memory(gemma, 2048, output_on_client=True)
+    assert c.stage_compute_bytes(n, n + 1, 3) == 0
+    assert c.stage_compute_bytes(0, 5, 3) < c.stage_compute_bytes(5, 10, 3) == c.stage_compute_bytes(10, n + 1, 3) - \
+        c.buffers.output_ids
+
+
 # --- synthetic files --------------------------------------------------------------------------------------------
 
 

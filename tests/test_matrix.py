@@ -2,7 +2,7 @@
 """The architecture x quantization matrix, the suite's share: every architecture once and every quantization once
 (a diagonal), synthetic tiny models (bench/synth_gguf.py) through the shared 2-machine mesh. Greedy text must equal
 local llama-cpp-python's, and what each rpc-server allocated must stay within the placement's estimate and at most
-15% below it. The full 7 x 7 matrix: bench/bench_matrix.py."""
+15% below it. The full 7 x 7 matrix: bench/bench_matrix.py (``--machines 3 4`` for N-way splits)."""
 
 from __future__ import annotations
 
@@ -17,8 +17,10 @@ import bench_matrix
 import synth_gguf
 
 from sharedllm.gguf import GGML_TYPES, read_gguf
+from tests.conftest import machine, wait_for
 
 TWO = ["machine-1", "machine-2"]
+THREE = [*TWO, "machine-3"]
 N_CTX = 1024
 TOKENS = 16
 # Each architecture with a different quantization; those with rows that are not a multiple of 256 (Qwen2.5 448 and
@@ -93,3 +95,28 @@ def test_mesh_greedy_and_memory_match(mesh, synth_dir, arch, quant):
         assert report["ok"], report
     assert sum(v for k, v in client.items() if k.startswith("model:")) == pytest.approx(estimate.input_bytes,
                                                                                           abs=0.01 * (1 << 20))
+
+
+@pytest.mark.mesh
+def test_three_way_split_each_stage_kind_within_its_estimate(mesh_cluster, mesh, synth_dir):
+    """A 3-way split of a tiny untied Llama 3 70B shape, its output layer on the mesh: the middle stage receives two
+    hidden states from the machine before it (the residual stream and its norm, four copies each under pipeline
+    parallelism), the first one from the client, the last one holds the logits. Each stays within its estimate."""
+    mesh_cluster.add_machine("machine-3")
+    try:
+        wait_for(lambda: (m := machine(mesh, "machine-3")) and m["rpc"]["state"] == "ready" and m["rpc"]["relay"],
+                 timeout=90, what="machine-3's rpc-server and relay")
+        path = synth_gguf.synthesize("llama3-70b", "Q4_K_M", synth_dir)
+        with mesh.load(str(path), n_ctx=N_CTX, machines=THREE, verbose=True, output_layer="mesh") as h:
+            assert h.topology.machines == THREE and not h.topology.output_on_client
+            devices, _ = bench_matrix.engine_buffers(Path(h._engine.log_path).read_text(errors="replace"))
+            stages = h.topology.stages
+    finally:
+        mesh_cluster.stop_machine("machine-3")
+        wait_for(lambda: machine(mesh, "machine-3") is None, what="machine-3 to leave")
+    assert len(devices) == len(stages) == 3
+    first, middle, last = (bench_matrix.stage_report(s, b) for s, b in zip(stages, devices, strict=True))
+    for report in (first, middle, last):
+        assert report["ok"], report
+    assert stages[1].compute_bytes > stages[0].compute_bytes
+    assert middle["measured"]["compute"] > first["measured"]["compute"]

@@ -94,7 +94,9 @@ def check_invariants(topo: Topology, est: ModelEstimate, devices: list[DeviceSlo
         assert s.first_slot == start and s.n_slots >= 1
         start += s.n_slots
         assert s.weight_bytes + s.kv_bytes == sum(slots[s.first_slot : s.first_slot + s.n_slots])
-        assert s.compute_bytes == est.compute_bytes + (est.output_compute_bytes if s.has_output else 0)
+        # The stage's own compute buffer, within the bound placement plans with.
+        assert s.compute_bytes == est.stage_compute_bytes(s.first_slot, s.end_slot, len(topo.stages))
+        assert s.compute_bytes <= est.compute_bytes + (est.output_compute_bytes if s.has_output else 0)
         dev = by_key[(s.endpoint, s.device_index)]
         assert s.total_bytes <= dev.free_bytes * (1 - headroom)
     assert start == est.n_layer + 1
@@ -349,6 +351,23 @@ def test_output_layer_on_the_client_splits_the_layers_evenly():
     on_mesh = plan(devs, estimate())
     assert not on_mesh.output_on_client and on_mesh.stages[-1].describe_layers().endswith("output")
     assert on_mesh.stages[0].n_slots > topo.stages[0].n_slots
+
+
+def test_no_device_holds_only_the_output_slot_of_an_output_layer_on_the_client():
+    # A split that leaves the last device only the output slot: with the output layer on the client that slot is
+    # empty, and llama.cpp would neither allocate nor compute anything there. The device before takes the slot.
+    from sharedllm.placement import _stages
+
+    est = dataclasses.replace(estimate(n_layer=4, output=0, compute=10 * MB), output_on_client=True)
+    devs = [device(f"m{i}", GiB) for i in range(5)]
+    stages = _stages(devs, list(range(5)), [1] * 5, est)
+    topo = Topology(model=est.path, n_layer=4, n_ctx=est.n_ctx, stages=stages)
+    assert [s.describe_layers() for s in stages] == ["0", "1", "2", "3"]
+    assert topo.machines == ["m0", "m1", "m2", "m3"] and topo.tensor_split == [1.0, 1.0, 1.0, 2.0]
+    assert stages[-1].has_output and stages[-1].compute_bytes == est.compute_bytes
+    # On the mesh the output slot holds the output layer itself: it keeps its device.
+    on_mesh = _stages(devs, list(range(5)), [1] * 5, estimate(n_layer=4, output=8 * MB, compute=10 * MB))
+    assert len(on_mesh) == 5 and on_mesh[-1].describe_layers() == "output"
 
 
 def test_shuffled_input_gives_the_same_topology():
