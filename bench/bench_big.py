@@ -1,22 +1,26 @@
 # SPDX-License-Identifier: AGPL-3.0-or-later
-"""Benchmark: a Llama 3.2 3B-shaped Q4_K_M model (about 2 GB) that no two of three emulated machines can hold.
+"""Benchmark: a real-sized model that no N-1 of N emulated machines can hold (default: Llama 3.2 3B on three).
 
     PYTHONPATH=. .venv/bin/python bench/bench_big.py [--models /tmp/synth-big] [--n-ctx 512] [--tokens 16]
                                                      [--share 0.42] [--markdown] [--out bench/results/big.json]
+    PYTHONPATH=. .venv/bin/python bench/bench_big.py --arch llama3-8b --machines 2 --tokens 16 \
+                                                     --out bench/results/big-8b.json
 
-The model is synthetic (bench/synth_gguf.py ``llama3.2-3b --scale full``: Llama 3.2 3B's metadata, tensor names and
-shapes, random weights, quantized to Q4_K_M by llama.cpp), written once under ``--models`` and reused. Writing it
-takes the F32 source first (about 13 GB on disk), which is deleted once the Q4_K_M file exists.
+The model is synthetic (bench/synth_gguf.py ``--arch ARCH --scale full``, default ``llama3.2-3b``: the real model's
+metadata, tensor names and shapes, random weights, quantized to Q4_K_M by llama.cpp), written once under ``--models``
+and reused. Writing it takes the F32 source first (4 bytes a weight: about 13 GB for 3B, 32 GB for Llama 3.1 8B),
+which is deleted once the Q4_K_M file exists.
 
-An embedded ``LocalMesh`` starts three machines, each with the worker option ``--max-memory`` set so that its
-usable capacity (after the placement's 10% headroom and its compute buffer) is ``--share`` of what the model needs
-on the mesh (weights, KV cache for ``--n-ctx``, the last stage's extra compute): 3 x 0.42 holds it, 2 x 0.42 does
-not. Before loading, ``Mesh.plan`` is asked for every pair of machines and must refuse each one. Then:
+An embedded ``LocalMesh`` starts ``--machines`` N machines (default 3), each with the worker option ``--max-memory``
+set so that its usable capacity (after the placement's 10% headroom and its compute buffer) is ``--share`` of what
+the model needs on the mesh (weights, KV cache for ``--n-ctx``, the last stage's extra compute), a share in
+(1/N, 1/(N-1)): 3 x 0.42 holds it, 2 x 0.42 does not; 2 x 0.75 holds it, 1 x 0.75 does not. Before loading,
+``Mesh.plan`` is asked for every set of N-1 machines and must refuse each one. Then:
 
 - local llama-cpp-python (``build_llama(..., use_extra_bufts=False)``: the rpc-servers' CPU kernels) loads the model
   and streams ``--tokens`` greedy tokens: the oracle, and the local speed;
-- ``Mesh.load`` on the three machines: the topology must have three stages, one per machine; the same greedy
-  stream must give the same text;
+- ``Mesh.load`` on the N machines: the topology must have N stages, one per machine; the same greedy stream must
+  give the same text;
 - per machine: the placement's estimate for its stage (weights, KV, compute) against what llama.cpp allocated there
   (the engine's log, read as bench/bench_matrix.py does), and the rpc-server's RSS growth from before the load to
   after the generation (a lower bound: pages of the compute buffer a short generation never touches do not count);
@@ -28,6 +32,7 @@ The table goes to stdout (``--markdown`` for the README); everything, failures i
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import logging
 import os
@@ -45,7 +50,7 @@ import synth_gguf
 
 log = logging.getLogger("bench.big")
 ARCH, QUANT = "llama3.2-3b", "Q4_K_M"
-MACHINES = ("machine-1", "machine-2", "machine-3")
+MACHINES = 3  # the default --machines
 HEADROOM = 0.10  # Mesh.load's default: the fraction of each device's free memory placement leaves alone
 MiB = 1 << 20
 GiB = 1 << 30
@@ -75,7 +80,7 @@ def ensure_model(models: Path, arch: str = ARCH, scale: str = "full") -> tuple[P
     print(f"quantizing to {dst} ...", file=sys.stderr, flush=True)
     synth_gguf.quantize(src, dst, QUANT)
     info["quantize_s"] = time.perf_counter() - t0
-    src.unlink()  # 13 GB: the Q4_K_M file is what is kept
+    src.unlink()  # 4 bytes a weight: the Q4_K_M file is what is kept
     return dst, info
 
 
@@ -108,22 +113,32 @@ def run_local(path: Path, n_ctx: int, tokens: int) -> dict:
     return {"load_s": load_s, **res}
 
 
+def default_share(machines: int) -> float:
+    """A capacity share that N machines hold and N-1 do not: halfway between 1/N and 1/(N-1)."""
+    return round((1 / machines + 1 / (machines - 1)) / 2, 2)
+
+
 def run_mesh(mesh, path: Path, n_ctx: int, tokens: int, pids: dict[str, int], load_timeout: float) -> dict:
-    """Load on the three machines, stream the greedy tokens, read the buffers llama.cpp allocated per device."""
+    """Load on every machine, stream the greedy tokens, read the buffers llama.cpp allocated per device."""
     out: dict = {"progress": []}
     t0 = time.perf_counter()
     last = [-1]
+    reports = {"n": 0, "bytes": [], "total": set()}
 
-    def progress(fraction: float) -> None:
-        step = int(fraction * 10)
+    def progress(p) -> None:  # a sharedllm.engine.LoadProgress: the fraction, carrying done_bytes of total_bytes
+        reports["n"] += 1
+        reports["bytes"].append(p.done_bytes)
+        reports["total"].add(p.total_bytes)
+        step = int(p * 10)
         if step > last[0]:
             last[0] = step
-            out["progress"].append([round(time.perf_counter() - t0, 2), round(fraction, 3)])
-            print(f"  loading: {step * 10:3d}% at {time.perf_counter() - t0:6.1f}s", file=sys.stderr, flush=True)
+            out["progress"].append([round(time.perf_counter() - t0, 2), round(p, 3), p.done_bytes])
+            print(f"  loading: {step * 10:3d}% ({(p.done_bytes or 0) / MiB:7.0f} of {(p.total_bytes or 0) / MiB:.0f} "
+                  f"MiB) at {time.perf_counter() - t0:6.1f}s", file=sys.stderr, flush=True)
 
     rss0 = rss(pids)
     try:
-        with mesh.load(str(path), n_ctx=n_ctx, machines=list(MACHINES), verbose=True, on_progress=progress,
+        with mesh.load(str(path), n_ctx=n_ctx, machines=list(pids), verbose=True, on_progress=progress,
                        load_timeout=load_timeout, token_timeout=300.0) as h:
             out["load_s"] = time.perf_counter() - t0
             out["phases"] = {k: round(v, 3) for k, v in (h._engine.info.get("phases") or {}).items()}
@@ -140,9 +155,13 @@ def run_mesh(mesh, path: Path, n_ctx: int, tokens: int, pids: dict[str, int], lo
                    after_s=time.perf_counter() - t0)
         return out
     out["load_ok"] = True
+    done = reports["bytes"]
+    out["progress_bytes"] = {"reports": reports["n"], "total_bytes": sorted(reports["total"], key=str),
+                             "monotone": all(a <= b for a, b in itertools.pairwise(done)) if None not in done else None,
+                             "last_bytes": done[-1] if done else None}
     out["n_stages"] = len(stages)
     out["stage_machines"] = [s.machine_id for s in stages]
-    out["three_way"] = len(stages) == 3 and len(set(out["stage_machines"])) == 3
+    out["n_way"] = len(stages) == len(pids) and len(set(out["stage_machines"])) == len(pids)
     out["output_on_client"] = estimate.output_on_client
     out["estimate"] = {"device_bytes": estimate.device_bytes, "compute_bytes": estimate.compute_bytes,
                        "output_compute_bytes": estimate.output_compute_bytes, "input_bytes": estimate.input_bytes}
@@ -188,21 +207,26 @@ def render(result: dict, markdown: bool) -> str:
     synth = model.get("synth") or {}
     made = "reused" if synth.get("reused") else (
         f"synthesized: F32 {synth.get('f32_s', 0):.0f}s, quantize {synth.get('quantize_s', 0):.0f}s")
+    n = result["config"]["machines"]
     summary = [
         f"model: {model.get('name')} ({model.get('file_mib', 0):.0f} MiB, {made}), n_ctx {result['config']['n_ctx']}",
         f"caps: --max-memory {caps.get('cap_bytes', 0) / MiB:.0f} MiB per machine; the mesh needs "
-        f"{caps.get('need_bytes', 0) / MiB:.0f} MiB + a compute buffer per machine; pairs refused by the "
-        f"placement: {caps.get('pairs_refused', '?')}/3",
+        f"{caps.get('need_bytes', 0) / MiB:.0f} MiB + a compute buffer per machine; sets of {n - 1} machine(s) "
+        f"refused by the placement: {caps.get('smaller_refused', '?')}/{n}",
     ]
     if mesh.get("load_ok"):
         ph = mesh.get("phases") or {}
+        pb = mesh.get("progress_bytes") or {}
         summary += [
             f"topology: {mesh['n_stages']} stages on {', '.join(mesh['stage_machines'])} "
-            f"({'3-way split' if mesh['three_way'] else 'NOT a 3-way split'}), output layer on the "
+            f"({f'{n}-way split' if mesh['n_way'] else f'NOT a {n}-way split'}), output layer on the "
             f"{'client' if mesh['output_on_client'] else 'mesh'}",
             f"load: mesh {mesh['load_s']:.1f}s (weights {ph.get('weights', 0):.1f}s, "
-            f"context {ph.get('context', 0):.1f}s; "
-            f"{len(mesh['progress'])} progress reports), local {local.get('load_s', 0):.1f}s",
+            f"context {ph.get('context', 0):.1f}s), local {local.get('load_s', 0):.1f}s",
+            f"load progress: {pb.get('reports')} reports in bytes, "
+            f"{'never decreasing' if pb.get('monotone') else 'NOT MONOTONE'}, the last "
+            f"{(pb.get('last_bytes') or 0) / MiB:.0f} MiB of {'/'.join(str(t) for t in pb.get('total_bytes', []))} "
+            f"bytes; every 10%: " + ", ".join(f"{f:.0%} at {t:.1f}s" for t, f, *_ in mesh["progress"]),
             f"decode: mesh {_tps(mesh)} tok/s (first token {_ms(mesh)}), local {_tps(local)} tok/s (first token "
             f"{_ms(local)}), {mesh.get('tokens')} tokens",
             f"client (the engine): weights {_client_weights(mesh) / MiB:.1f} MiB allocated, "
@@ -237,18 +261,28 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--models", default="/tmp/synth-big", help="where the synthetic model is written and reused")
     ap.add_argument("--n-ctx", type=int, default=512)
     ap.add_argument("--tokens", type=int, default=16)
-    ap.add_argument("--share", type=float, default=0.42,
-                    help="each machine's usable capacity as a fraction of the model's need on the mesh "
-                         "(must be in (1/3, 1/2): three machines hold it, two do not)")
+    ap.add_argument("--machines", type=int, default=MACHINES, help="machines in the mesh, at least 2 (default 3)")
+    ap.add_argument("--share", type=float, default=None,
+                    help="each machine's usable capacity as a fraction of the model's need on the mesh, in "
+                         "(1/N, 1/(N-1)): N machines hold it, N-1 do not (default: halfway, 0.42 for 3, 0.75 for 2)")
     ap.add_argument("--load-timeout", type=float, default=1200.0)
+    ap.add_argument("--arch", default=ARCH, choices=sorted(synth_gguf.ARCHS),
+                    help=f"the synthetic architecture (default {ARCH}; llama3-8b: Llama 3.1 8B, about 4.6 GiB)")
     # A quick check of this script itself: --arch llama3-70b --scale tiny (8 small layers, seconds to write).
-    ap.add_argument("--arch", default=ARCH, choices=sorted(synth_gguf.ARCHS), help=argparse.SUPPRESS)
     ap.add_argument("--scale", default="full", choices=("tiny", "full"), help=argparse.SUPPRESS)
-    ap.add_argument("--out", default="bench/results/big.json")
+    ap.add_argument("--out", default=None,
+                    help="JSON results (default bench/results/big.json; big-ARCH-Nm.json for another arch or N)")
     ap.add_argument("--markdown", action="store_true")
     args = ap.parse_args(argv)
-    if not 1 / 3 < args.share < 1 / 2:
-        ap.error(f"--share must be in (1/3, 1/2) for a forced 3-way split, got {args.share}")
+    if args.machines < 2:
+        ap.error(f"--machines must be at least 2 for a forced split, got {args.machines}")
+    n = args.machines
+    args.share = default_share(n) if args.share is None else args.share
+    if not 1 / n < args.share < 1 / (n - 1):
+        ap.error(f"--share must be in (1/{n}, 1/{n - 1}) for a forced {n}-way split, got {args.share}")
+    if args.out is None:
+        default = args.arch == ARCH and n == MACHINES and args.scale == "full"
+        args.out = "bench/results/big.json" if default else f"bench/results/big-{args.arch}-{n}m.json"
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
 
     from sharedllm.errors import MeshError, ModelTooLarge
@@ -287,16 +321,17 @@ def main(argv: list[str] | None = None) -> int:
           f"{result['local']['text']!r}", file=sys.stderr, flush=True)
     save()
 
+    machines = [f"machine-{i + 1}" for i in range(n)]
     with LocalMesh(machines=0, dashboard=False) as lm:
-        for m in MACHINES:
+        for m in machines:
             # Each machine's tensor cache in the mesh's temporary directory: a cold load, and nothing left behind.
             lm.add_machine(m, worker_args=["--max-memory", str(cap), "--cache-dir", str(lm.workdir / f"cache-{m}")])
         mesh = lm.mesh()
-        table = mesh.wait_for_machines(len(MACHINES), timeout=180)
-        pids = {m["machine_id"]: m["rpc"]["pid"] for m in table}
+        table = mesh.wait_for_machines(n, timeout=180)
+        pids = {m["machine_id"]: m["rpc"]["pid"] for m in sorted(table, key=lambda m: machines.index(m["machine_id"]))}
         refused = []
-        for pair in ((0, 1), (0, 2), (1, 2)):
-            names = [MACHINES[i] for i in pair]
+        for names in itertools.combinations(machines, n - 1):
+            names = list(names)
             try:
                 topo = mesh.plan(str(path), args.n_ctx, machines=names)
                 log.warning("the placement fits the model on %s alone: %s", names, topo)
@@ -304,15 +339,16 @@ def main(argv: list[str] | None = None) -> int:
                 refused.append({"machines": names, "why": str(exc)[:300]})
             except MeshError as exc:  # refused for another reason: not the check this is
                 log.warning("planning on %s failed: %s: %s", names, type(exc).__name__, exc)
-        result["caps"]["pairs_refused"] = len(refused)
+        result["caps"]["smaller_refused"] = len(refused)
         result["caps"]["refusals"] = refused
         save()
         result["mesh"] = run_mesh(mesh, path, args.n_ctx, args.tokens, pids, args.load_timeout)
         result["loadavg"]["after_mesh"] = os.getloadavg()[0]
     mesh_r = result["mesh"]
     result["same_text"] = mesh_r.get("load_ok", False) and mesh_r.get("text") == result["local"]["text"]
-    result["ok"] = bool(result["same_text"] and mesh_r.get("three_way") and mesh_r.get("estimate_ok")
-                        and result["caps"]["pairs_refused"] == 3)
+    result["ok"] = bool(result["same_text"] and mesh_r.get("n_way") and mesh_r.get("estimate_ok")
+                        and result["caps"]["smaller_refused"] == n
+                        and (mesh_r.get("progress_bytes") or {}).get("monotone"))
     save()
     print(render(result, args.markdown))
     print(f"\n{'OK' if result['ok'] else 'NOT OK'} in {result['total_s']:.0f}s; raw figures in {out_path}")

@@ -2,10 +2,13 @@
 """Benchmark: cold against warm model load through the mesh (the rpc-servers' tensor cache).
 
     .venv/bin/python bench/bench_load.py [--repeats 3] [--link-mbps 0 --link-mbps 1000] [--out bench/results/load.json]
+    .venv/bin/python bench/bench_load.py --model /tmp/synth-big/llama3-8b-full-Q4_K_M.gguf --repeats 1 \
+        --rpc-path tunnel --link-mbps 0 --out bench/results/load-8b.json
 
 (default links: loopback, then 1000 and 100 Mbit/s emulated)
 
-Gemma 3 270M Q4_K_M, n_ctx 2048, an embedded ``LocalMesh(machines=2)``. Each repeat starts a fresh mesh whose
+``--model`` (default Gemma 3 270M Q4_K_M; a path or a catalog name), ``--n-ctx`` (default 2048), an embedded
+``LocalMesh(machines=2)``. Each repeat starts a fresh mesh whose
 rpc-servers get empty tensor caches (``XDG_CACHE_HOME`` points the workers at a new temporary directory; the default
 cache is ``$XDG_CACHE_HOME/sharedllm/tensor-cache/<machine>``), then times:
 
@@ -16,6 +19,14 @@ cache is ``$XDG_CACHE_HOME/sharedllm/tensor-cache/<machine>``), then times:
 
 Both load the same model file, which is read once before timing so that the page cache is warm for both. Each load
 also generates 4 greedy tokens: cold and warm must give the same text, or the cache served wrong weights.
+
+Each load also records its progress reports (``sharedllm.engine.LoadProgress``: bytes of tensor data done, which
+must never decrease and must end at the file's total) and the client's memory: this process and the engine child
+with its client relays (the mesh's own processes, rpc-servers included, are left out), sampled every 50 ms from
+the start of ``mesh.load`` to the handle being ready. Anonymous resident memory (``rss - shared``: heap and
+buffers, where a second copy of the weights would have to live) and resident file pages (the mapped model: page
+cache shared with every other reader, not a copy) are reported apart, with the engine's own peak RSS (``VmHWM``),
+against the file's size.
 
 ``--rpc-path`` (repeatable): ``tunnel``, the mesh's default (llama.cpp's bytes cross the machines' TLS relays), and
 ``direct`` (``--insecure-direct-rpc``: llama.cpp connects to the rpc-servers themselves). Each gets its own meshes.
@@ -33,6 +44,7 @@ import argparse
 import contextlib
 import dataclasses
 import datetime
+import itertools
 import json
 import logging
 import os
@@ -51,7 +63,7 @@ from typing import Any
 
 logger = logging.getLogger("bench_load")
 
-N_CTX = 2048
+N_CTX = 2048  # the default --n-ctx
 PROMPT = "Once upon a time"
 TARGET = 2.0  # warm at least 2x faster than cold
 
@@ -149,18 +161,140 @@ def environ(**values: str) -> Iterator[None]:
                 os.environ[k] = v
 
 
-def timed_load(mesh, model_path: str, output_layer: str = "auto") -> dict[str, Any]:
-    """One ``mesh.load``: wall seconds to a usable handle, and where they went; then 4 greedy tokens."""
+class ClientMemory:
+    """The client's resident memory while a load runs, sampled every ``interval`` seconds in a thread: this process
+    plus every ``python -m sharedllm.engine`` child and its descendants (the engine's client relays). Not the
+    mesh's processes (scheduler, workers, rpc-servers), although ``LocalMesh`` starts them as children too.
+
+    ``anon`` is ``rss - shared`` (anonymous pages: heap, buffers, a copy of the weights if one were made), ``file``
+    is ``shared`` (resident pages of mapped files: the model mmapped, the libraries; page cache, not a copy).
+    """
+
+    def __init__(self, interval: float = 0.05):
+        import psutil
+
+        self.me = psutil.Process()
+        self.interval = interval
+        self.peak = {"anon": 0, "file": 0, "rss": 0, "engine_anon": 0, "engine_rss": 0}
+        self.samples = 0
+        self.engine_pid: int | None = None
+        self.after: dict[str, int] = {}
+        self._stop = threading.Event()
+        self.base = self._sample()
+        self._thread = threading.Thread(target=self._run, daemon=True, name="client-memory")
+
+    def _procs(self) -> tuple[list, list]:
+        engines = []
+        for child in self.me.children():
+            with contextlib.suppress(Exception):
+                if "sharedllm.engine" in child.cmdline():
+                    engines.append(child)
+        tree = list(engines)
+        for e in engines:
+            with contextlib.suppress(Exception):
+                tree += e.children(recursive=True)
+        return [self.me, *tree], engines
+
+    def _sample(self) -> dict[str, int]:
+        procs, engines = self._procs()
+        got = {"anon": 0, "file": 0, "rss": 0, "engine_anon": 0, "engine_rss": 0}
+        for p in procs:
+            try:
+                mi = p.memory_info()
+            except Exception:  # a relay or the engine that just exited
+                continue
+            got["anon"] += mi.rss - mi.shared
+            got["file"] += mi.shared
+            got["rss"] += mi.rss
+            if p in engines:
+                self.engine_pid = p.pid
+                got["engine_anon"] += mi.rss - mi.shared
+                got["engine_rss"] += mi.rss
+        return got
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            got = self._sample()
+            self.samples += 1
+            for k, v in got.items():
+                self.peak[k] = max(self.peak[k], v)
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> ClientMemory:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+            self.after = self._sample()  # once loaded: llama.cpp unmaps the file ranges no CPU buffer uses
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def report(self, file_bytes: int, engine_hwm: int | None) -> dict[str, Any]:
+        anon_growth = self.peak["anon"] - self.base["anon"]
+        return {"samples": self.samples, "interval_s": self.interval, "before": self.base, "peak": self.peak,
+                "after": self.after,
+                "peak_anon_growth": anon_growth, "peak_anon_growth_over_file": anon_growth / file_bytes,
+                "peak_rss_growth_over_file": (self.peak["rss"] - self.base["rss"]) / file_bytes,
+                "engine_vm_hwm": engine_hwm, "engine_vm_hwm_over_file": engine_hwm / file_bytes if engine_hwm else None}
+
+
+def vm_hwm(pid: int) -> int | None:
+    """A process's peak resident set size (``VmHWM``, kernel-kept: no sampling gap), in bytes."""
+    with contextlib.suppress(OSError), open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return None
+
+
+def progress_summary(reports: list[tuple[float, Any]]) -> dict[str, Any]:
+    """The load's ``LoadProgress`` reports: how many, whether in bytes, never decreasing, ending at the total."""
+    done = [p.done_bytes for _, p in reports]
+    totals = sorted({p.total_bytes for _, p in reports}, key=str)
+    in_bytes = bool(reports) and all(isinstance(d, int) for d in done)
+    gaps = [b - a for (a, _), (b, _) in itertools.pairwise(reports)]
+    return {"reports": len(reports), "in_bytes": in_bytes, "total_bytes": totals,
+            "monotone": in_bytes and all(a <= b for a, b in itertools.pairwise(done)),
+            "ends_at_total": in_bytes and len(totals) == 1 and done[-1] == totals[0],
+            "first_s": reports[0][0] if reports else None, "last_s": reports[-1][0] if reports else None,
+            "max_gap_s": max(gaps, default=None),
+            # every 10%: (seconds since mesh.load, bytes done)
+            "deciles": _deciles(reports)}
+
+
+def _deciles(reports: list[tuple[float, Any]]) -> list[list[float]]:
+    out, last = [], -1
+    for t, p in reports:
+        if int(p * 10) > last:
+            last = int(p * 10)
+            out.append([round(t, 2), p.done_bytes])
+    return out
+
+
+def timed_load(mesh, model_path: str, output_layer: str = "auto", n_ctx: int = N_CTX) -> dict[str, Any]:
+    """One ``mesh.load``: wall seconds to a usable handle, and where they went, its progress reports and the
+    client's memory; then 4 greedy tokens."""
+    reports: list[tuple[float, Any]] = []
+    file_bytes = os.path.getsize(model_path)
+    mem = ClientMemory()
     t0 = time.perf_counter()
-    with mesh.load(model_path, n_ctx=N_CTX, output_layer=output_layer) as llm:
+    with mem, mesh.load(model_path, n_ctx=n_ctx, output_layer=output_layer,
+                        on_progress=lambda p: reports.append((time.perf_counter() - t0, p))) as llm:
         wall = time.perf_counter() - t0
+        mem.stop()  # the load's peak: the sampling ends with the load
         info = (llm._engine.info or {}) if llm._engine else {}
+        hwm = vm_hwm(info["pid"]) if info.get("pid") else None
         engine_s = info.get("load_seconds")
         text = llm.create_completion(PROMPT, max_tokens=4, temperature=0)["choices"][0]["text"]
         return {"load_s": wall, "handle_load_s": llm.load_seconds, "lease_ms": llm.plan_ms,
                 "engine_llama_load_s": engine_s,
                 "other_s": wall - engine_s - llm.plan_ms / 1000 if engine_s is not None else None,
                 "breakdown_s": breakdown(wall, llm.load_seconds, llm.plan_ms / 1000, info.get("phases") or {}),
+                "progress": progress_summary(reports), "client_memory": mem.report(file_bytes, hwm),
                 "text": text, "machines": llm.topology.machines, "endpoints": llm.topology.endpoints}
 
 
@@ -195,8 +329,8 @@ def cache_stats(root: Path) -> dict[str, dict[str, int]]:
     return {d.name: tensor_cache.stats(d) for d in sorted(base.iterdir())} if base.exists() else {}
 
 
-def one_repeat(model_path: str, mbps: float, machines: int, direct: bool = False, output_layer: str = "auto"
-               ) -> dict[str, Any]:
+def one_repeat(model_path: str, mbps: float, machines: int, direct: bool = False, output_layer: str = "auto",
+               n_ctx: int = N_CTX) -> dict[str, Any]:
     from sharedllm.actor import public_endpoint
     from sharedllm.local import LocalMesh
 
@@ -217,9 +351,9 @@ def one_repeat(model_path: str, mbps: float, machines: int, direct: bool = False
             route = routed_through({k: p.endpoint for k, p in proxies.items()}) if proxies else contextlib.nullcontext()
             try:
                 with route:
-                    cold = timed_load(mesh, model_path, output_layer)
+                    cold = timed_load(mesh, model_path, output_layer, n_ctx)
                     after_cold = cache_stats(root)
-                    warm = timed_load(mesh, model_path, output_layer)
+                    warm = timed_load(mesh, model_path, output_layer, n_ctx)
             finally:
                 for p in proxies.values():
                     p.close()
@@ -241,10 +375,10 @@ print(time.perf_counter() - t0)
 """
 
 
-def local_load_s(model_path: str) -> float:
+def local_load_s(model_path: str, n_ctx: int = N_CTX) -> float:
     """The floor: llama.cpp loading the model in one process with no RPC at all (a fresh process each time)."""
-    out = subprocess.run([sys.executable, "-c", LOCAL_LOAD_CHILD, model_path, str(N_CTX)], capture_output=True,
-                         text=True, check=True, timeout=300)
+    out = subprocess.run([sys.executable, "-c", LOCAL_LOAD_CHILD, model_path, str(n_ctx)], capture_output=True,
+                         text=True, check=True, timeout=600)
     return float(out.stdout.strip().splitlines()[-1])
 
 
@@ -257,12 +391,13 @@ def machine_info() -> dict[str, Any]:
 
 def benchmark(args: argparse.Namespace) -> dict[str, Any]:
     from sharedllm import models
+    from sharedllm.gguf import read_gguf
 
-    model_path = str(models.default_model_path())
+    model_path = str(models.resolve(args.model) if args.model else models.default_model_path())
     with open(model_path, "rb") as f:  # warm the page cache: both loads read the file from memory
         while f.read(16 << 20):
             pass
-    local = [local_load_s(model_path) for _ in range(args.repeats)]
+    local = [local_load_s(model_path, args.n_ctx) for _ in range(args.repeats)]
     logger.info("llama.cpp loads the model locally, without RPC, in %.2f s (median)", statistics.median(local))
     scenarios = []
     for path, mbps, output in [(path, mbps, output) for mbps in args.link_mbps for path in args.rpc_path
@@ -271,7 +406,8 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
         for r in range(args.repeats):
             logger.info("%s, link %s, output layer %s, repeat %d/%d: fresh mesh, empty tensor caches", path,
                         _link(mbps), output, r + 1, args.repeats)
-            res = one_repeat(model_path, mbps, args.machines, direct=path == "direct", output_layer=output)
+            res = one_repeat(model_path, mbps, args.machines, direct=path == "direct", output_layer=output,
+                             n_ctx=args.n_ctx)
             logger.info("  cold %.2f s (llama.cpp load %.2f s), warm %.2f s (llama.cpp load %.2f s); caches after "
                         "cold: %s", res["cold"]["load_s"], res["cold"]["engine_llama_load_s"], res["warm"]["load_s"],
                         res["warm"]["engine_llama_load_s"], res["cache_after_cold"])
@@ -282,6 +418,10 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
         for kind in ("cold", "warm"):
             med[kind]["breakdown_s"] = {k: statistics.median(run[kind]["breakdown_s"][k] for run in runs)
                                         for k in PHASES}
+            med[kind]["peak_anon_growth"] = statistics.median(run[kind]["client_memory"]["peak_anon_growth"]
+                                                              for run in runs)
+            med[kind]["engine_vm_hwm"] = statistics.median(run[kind]["client_memory"]["engine_vm_hwm"] or 0
+                                                           for run in runs)
         cached = [sum(s["bytes"] for s in run["cache_after_cold"].values()) for run in runs]
         scenarios.append({
             "rpc_path": path, "link_mbps": mbps, "output_layer": output, "runs": runs, "median": med,
@@ -293,9 +433,16 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
             # An emulated link whose proxies saw no bytes did not slow anything: the topology's endpoints are no
             # longer the rpc-server endpoints the proxies were put in front of (e.g. relays), and the row is void.
             "link_emulated": not mbps or all(run["proxied_bytes"] for run in runs),
+            "progress_ok": all(run[k]["progress"]["monotone"] and run[k]["progress"]["ends_at_total"]
+                               for run in runs for k in ("cold", "warm")),
         })
     return {"machine": machine_info(),
-            "config": {"model": model_path, "n_ctx": N_CTX, "machines": args.machines, "repeats": args.repeats,
+            "config": {"model": model_path, "file_bytes": os.path.getsize(model_path),
+                       # what a load that streams tensor by tensor may hold at once (llama.cpp's RPC client buffers
+                       # one tensor's message)
+                       "largest_tensor_bytes": max(t.nbytes for t in read_gguf(model_path).tensors),
+                       "n_ctx": args.n_ctx,
+                       "machines": args.machines, "repeats": args.repeats,
                        "link_mbps": args.link_mbps, "rpc_paths": args.rpc_path, "output_layers": args.output_layer,
                        "target_speedup": TARGET},
             "local_load_s": {"runs": local, "median": statistics.median(local)},
@@ -323,7 +470,8 @@ def report(result: dict[str, Any], markdown: bool) -> str:
                      f"{c['load_s'] - c['engine_llama_load_s']:.2f} / {w['load_s'] - w['engine_llama_load_s']:.2f}",
                      gib(sc["cached_bytes"])])
     cfg, m = result["config"], result["machine"]
-    lines = [f"Gemma 3 270M Q4_K_M load through a {cfg['machines']}-machine mesh, n_ctx {cfg['n_ctx']}, median of "
+    lines = [f"{Path(cfg['model']).name} ({gib(cfg.get('file_bytes') or os.path.getsize(cfg['model']))}) load "
+             f"through a {cfg['machines']}-machine mesh, n_ctx {cfg['n_ctx']}, median of "
              f"{cfg['repeats']} repeats (fresh mesh and empty tensor caches each), {m['cpu_count']} CPUs, "
              f"llama-cpp-python {m['llama_cpp_python']}", "", render(rows, markdown), ""]
     lines.append(f"floor: llama.cpp alone loads the model from the same file, without RPC, in "
@@ -337,6 +485,31 @@ def report(result: dict[str, Any], markdown: bool) -> str:
     brows.append(["sum"] + [f"{sum(sc['median'][kind]['breakdown_s'].values()):.3f}" for sc in result["scenarios"]
                             for kind in ("cold", "warm")])
     lines.append(render(brows, markdown))
+    lines += ["", "load progress and the client's memory (this process + the engine and its relays, sampled every "
+              "50 ms during mesh.load; anon = rss - shared; the engine's VmHWM from the kernel), first repeat:", ""]
+    mrows = [["load", "progress reports", "in bytes, monotone, ends at total", "longest gap s",
+              "client anon before", "client anon peak", "growth / file", "file pages peak", "file pages loaded",
+              "engine VmHWM / file"]]
+    file_bytes = cfg.get("file_bytes")
+    for sc in result["scenarios"]:
+        for kind in ("cold", "warm"):
+            r = sc["runs"][0][kind]
+            pr, cm = r.get("progress"), r.get("client_memory")
+            if not pr or not cm:
+                continue
+            fb = file_bytes or 1
+            mrows.append([f"{_name(sc)} {kind}", str(pr["reports"]),
+                          "yes" if pr["in_bytes"] and pr["monotone"] and pr["ends_at_total"] else "NO",
+                          f"{pr['max_gap_s']:.2f}" if pr["max_gap_s"] is not None else "-",
+                          gib(cm["before"]["anon"]), gib(cm["peak"]["anon"]),
+                          f"{cm['peak_anon_growth'] / fb:.3f}", gib(cm["peak"]["file"]),
+                          gib(cm["after"]["file"]) if cm.get("after") else "-",
+                          f"{(cm['engine_vm_hwm'] or 0) / fb:.3f}"])
+    if len(mrows) > 1:
+        lines.append(render(mrows, markdown))
+        if cfg.get("largest_tensor_bytes"):
+            lines.append(f"(file {gib(file_bytes)}, its largest tensor {gib(cfg['largest_tensor_bytes'])}; file pages "
+                         "are the mapped model, page cache shared with any other reader of the file, not a copy)")
     for sc in result["scenarios"]:
         verdict = "meets" if sc["speedup"] >= TARGET else "BELOW"
         if not sc["cached_bytes"]:
@@ -369,6 +542,9 @@ def render(rows: list[list[str]], markdown: bool) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default=None,
+                   help="a GGUF path or catalog name (default: Gemma 3 270M Q4_K_M from its PyPI package)")
+    p.add_argument("--n-ctx", type=int, default=N_CTX, help=f"context per load (default {N_CTX})")
     p.add_argument("--repeats", type=int, default=3, help="fresh meshes per link (default 3)")
     p.add_argument("--machines", type=int, default=2, help="loopback machines in the mesh (default 2)")
     p.add_argument("--link-mbps", type=float, action="append", default=None, metavar="MBPS",

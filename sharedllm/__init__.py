@@ -34,7 +34,7 @@ __version__ = "0.1.0"
 
 # Imported lazily: the rpc-server and engine processes import this package and must start without Dask.
 _LAZY = {"Mesh": "sharedllm.client", "MeshModel": "sharedllm.client", "LocalMesh": "sharedllm.local",
-         "Topology": "sharedllm.placement"}
+         "Topology": "sharedllm.placement", "LoadProgress": "sharedllm.engine"}
 
 
 def __getattr__(name: str):
@@ -44,7 +44,7 @@ def __getattr__(name: str):
 
 
 __all__ = [
-    "ClientBanned", "EngineError", "InvalidModel", "LocalMesh", "Mesh", "MeshBusy", "MeshError", "MeshModel",
-    "ModelClosed", "ModelError", "ModelNotFound", "ModelTooLarge", "NoMachines", "RPCServerError", "RateLimited",
-    "SchedulerUnreachable", "Topology", "WorkerLost",
+    "ClientBanned", "EngineError", "InvalidModel", "LoadProgress", "LocalMesh", "Mesh", "MeshBusy", "MeshError",
+    "MeshModel", "ModelClosed", "ModelError", "ModelNotFound", "ModelTooLarge", "NoMachines", "RPCServerError",
+    "RateLimited", "SchedulerUnreachable", "Topology", "WorkerLost",
 ]

@@ -248,6 +248,35 @@ def test_stage_compute_buffers_real_gemma(gemma):
         c.buffers.output_ids
 
 
+def test_estimate_covers_llama_cpp_at_8b_size():
+    """Llama 3.1 8B's shape, Q4_K_M, n_ctx 512, split over two rpc-servers (bench/bench_big.py --arch llama3-8b
+    --machines 2): llama.cpp allocated 152.02 MiB of compute on the first stage and 342.53 MiB on the stage with the
+    output layer, a few KiB over the bare formula. The estimate covers both (and the log's 0.005 MiB rounding)
+    without being wasteful."""
+    from sharedllm.gguf import TensorInfo
+
+    q4_k, q6_k, f32 = 12, 14, 0
+    n_embd, n_ff, n_vocab, kv = 4096, 14336, 128256, 1024
+    tensors = [TensorInfo("token_embd.weight", (n_embd, n_vocab), q4_k, 0, 0),
+               TensorInfo("output.weight", (n_embd, n_vocab), q6_k, 0, 0),
+               TensorInfo("output_norm.weight", (n_embd,), f32, 0, 0)]
+    for i in range(32):
+        tensors += [TensorInfo(f"blk.{i}.attn_q.weight", (n_embd, n_embd), q4_k, 0, 0),
+                    TensorInfo(f"blk.{i}.attn_k.weight", (n_embd, kv), q4_k, 0, 0),
+                    TensorInfo(f"blk.{i}.ffn_up.weight", (n_embd, n_ff), q4_k, 0, 0)]
+    metadata = {"general.architecture": "llama", "llama.block_count": 32, "llama.embedding_length": n_embd,
+                "llama.feed_forward_length": n_ff, "llama.attention.head_count": 32,
+                "llama.attention.head_count_kv": 8, "llama.context_length": 131072}
+    est = estimate_memory(GGUFFile("8b.gguf", 3, metadata, tuple(tensors), 0, 0), 512)
+    MiB = 1 << 20
+    first, last = 152.02 * MiB, 342.53 * MiB  # llama-cpp-python 0.3.36, rpc-server CPU devices
+    # The split of that run: layers 0-17, then 18-31 and the output layer (slot 32).
+    stage_first, stage_last = est.stage_compute_bytes(0, 18, 2), est.stage_compute_bytes(18, 33, 2)
+    assert first - 0.005 * MiB <= stage_first <= 1.15 * first
+    assert last - 0.005 * MiB <= stage_last <= 1.15 * last
+    assert stage_first <= est.compute_bytes and stage_last <= est.compute_bytes + est.output_compute_bytes
+
+
 # --- synthetic files --------------------------------------------------------------------------------------------
 
 

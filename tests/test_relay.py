@@ -438,3 +438,29 @@ def test_splice_trace(rpc_server, server_relay, certs, tmp_path, monkeypatch):
         assert total["pi"] == total["to"] > 0 and total["ti"] == total["po"] > 0, (path.name, total)
         assert [e[0] for e in events] == sorted(e[0] for e in events)
         assert any(k == "w" for _t, k, _n in events)
+
+
+@pytest.mark.mesh
+def test_load_progress_counts_bytes_and_never_decreases(rpc_server):
+    """Loading onto an rpc-server reports ``LoadProgress``: the fraction llama.cpp gives, a float, carrying the
+    bytes of tensor data done out of the file's; the reports never decrease and end at every byte."""
+    from sharedllm.engine import Engine, EngineSpec, EngineStage, LoadProgress
+    from sharedllm.gguf import read_gguf
+    from sharedllm.models import default_model_path
+
+    model = default_model_path()
+    total = sum(t.nbytes for t in read_gguf(model).tensors)
+    seen: list = []
+    engine = Engine(EngineSpec(model_path=str(model), stages=[EngineStage(endpoint=rpc_server.endpoint, machine_id=M1)],
+                               llama_kwargs={"n_ctx": 512}), on_progress=seen.append)
+    try:
+        engine.start()
+    finally:
+        engine.close()
+    assert len(seen) > 100  # one report per tensor (Gemma 3 270M has 236), not a handful
+    assert all(isinstance(p, LoadProgress) and p.total_bytes == total for p in seen)
+    done = [p.done_bytes for p in seen]
+    assert done == sorted(done) and done[0] < total // 100 and done[-1] == total
+    assert [float(p) for p in seen] == sorted(float(p) for p in seen) and seen[-1] == 1.0
+    assert all(abs(p.done_bytes - p * total) <= 1 for p in seen)
+    assert int(seen[-1] * 10) == 10  # still a plain fraction for callbacks written for one

@@ -138,12 +138,17 @@ def _build_llama(spec: EngineSpec, out_fd: int, phases: dict[str, float]):
         devices.append({"endpoint": st.endpoint, "machine_id": st.machine_id, **dev.to_dict()})
     phases["connected"] = time.monotonic()
 
+    total = _tensor_bytes(spec.model_path)
+
     @ctypes.CFUNCTYPE(ctypes.c_bool, ctypes.c_float, ctypes.c_void_p)
     def progress(fraction, _user):
         now = time.monotonic()
         phases.setdefault("weights_start", now)
         phases["weights_end"] = now
-        _write_frame(out_fd, ("progress", float(fraction)))
+        # llama.cpp's fraction is bytes of tensor data done over the file's tensor data: the same bytes, counted.
+        fraction = min(max(float(fraction), 0.0), 1.0)
+        done = round(fraction * total) if total else None
+        _write_frame(out_fd, ("progress", fraction, done, total))
         return True
 
     kwargs = dict(spec.llama_kwargs)
@@ -158,6 +163,17 @@ def _build_llama(spec: EngineSpec, out_fd: int, phases: dict[str, float]):
                       output_on_client=spec.output_on_client, parallel=spec.parallel, **kwargs)
     phases["built"] = time.monotonic()
     return llm, devices
+
+
+def _tensor_bytes(model_path: str) -> int | None:
+    """The bytes of tensor data in the GGUF file (what llama.cpp's load progress counts), None if unreadable: then
+    llama.cpp reports the file's problem itself."""
+    from sharedllm.gguf import read_gguf
+
+    try:
+        return sum(t.nbytes for t in read_gguf(model_path).tensors)
+    except Exception:
+        return None
 
 
 def _phase_seconds(started_at: float, init_at: float, marks: dict[str, float]) -> dict[str, float]:

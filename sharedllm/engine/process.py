@@ -103,6 +103,24 @@ class _Inbox:
                 loop.call_soon_threadsafe(event.set)
 
 
+class LoadProgress(float):
+    """How far a model load has come: the fraction of the model's tensor data loaded (llama.cpp's own count: sent to
+    the rpc-servers, or mapped for the client's CPU), and the same in bytes, ``done_bytes`` of ``total_bytes`` (the
+    tensor data in the GGUF file). A float, so a callback written for the bare fraction keeps working. The values a
+    load reports never decrease."""
+
+    __slots__ = ("done_bytes", "total_bytes")
+
+    def __new__(cls, fraction: float, done_bytes: int | None = None, total_bytes: int | None = None) -> LoadProgress:
+        self = super().__new__(cls, fraction)
+        self.done_bytes = done_bytes
+        self.total_bytes = total_bytes
+        return self
+
+    def __repr__(self) -> str:
+        return f"LoadProgress({float(self):.3f}, done_bytes={self.done_bytes}, total_bytes={self.total_bytes})"
+
+
 class Engine:
     """Client-side handle on one engine process.
 
@@ -119,7 +137,7 @@ class Engine:
         *,
         load_timeout: float = 600.0,
         token_timeout: float = 120.0,
-        on_progress: Callable[[float], None] | None = None,
+        on_progress: Callable[[LoadProgress], None] | None = None,
         probe: Callable[[EngineSpec], tuple[str, str] | None] | None = None,
         watchdog: Callable[[], tuple[str, str] | None] | None = None,
         watch_after: float = 2.0,
@@ -186,7 +204,7 @@ class Engine:
             msg = self._recv(self._reader.read, deadline - time.monotonic(), during="loading the model")
             if msg[0] == "progress":
                 if self.on_progress:
-                    self.on_progress(msg[1])
+                    self.on_progress(LoadProgress(*msg[1:4]))
             elif msg[0] == "ready":
                 self.info = msg[1]
                 phases = self.info.get("phases")
