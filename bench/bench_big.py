@@ -56,9 +56,20 @@ MiB = 1 << 20
 GiB = 1 << 30
 
 
-def ensure_model(models: Path, arch: str = ARCH, scale: str = "full") -> tuple[Path, dict]:
-    """The Q4_K_M file under ``models``, synthesized (F32 source, quantize, F32 deleted) unless already there."""
+def ensure_model(models: Path, arch: str = ARCH, scale: str = "full", blocks: bool = False) -> tuple[Path, dict]:
+    """The Q4_K_M file under ``models``, synthesized (F32 source, quantize, F32 deleted) unless already there;
+    ``blocks``: written straight in quantized blocks by bench/synth_blocks.py (llama.cpp's per-tensor types, ggml's
+    quantization of random rows; seconds instead of minutes, no F32 source)."""
     models.mkdir(parents=True, exist_ok=True)
+    if blocks:
+        import synth_blocks
+
+        dst = models / f"{arch}-full-{QUANT}-blocks.gguf"
+        if dst.exists():
+            return dst, {"reused": True, "writer": "synth_blocks"}
+        t0 = time.perf_counter()
+        synth_blocks.write_blocks(arch, QUANT, dst, workdir=models)
+        return dst, {"reused": False, "writer": "synth_blocks", "write_s": time.perf_counter() - t0}
     dst = models / f"{arch}-{scale}-{QUANT}.gguf"  # the names synth_gguf.synthesize uses
     src = models / f"{arch}-{scale}-F32.gguf"
     if synth_gguf._current(dst):
@@ -206,6 +217,8 @@ def render(result: dict, markdown: bool) -> str:
     model = result.get("model") or {}
     synth = model.get("synth") or {}
     made = "reused" if synth.get("reused") else (
+        f"written in quantized blocks by synth_blocks in {synth.get('write_s', 0):.0f}s"
+        if synth.get("writer") == "synth_blocks" else
         f"synthesized: F32 {synth.get('f32_s', 0):.0f}s, quantize {synth.get('quantize_s', 0):.0f}s")
     n = result["config"]["machines"]
     summary = [
@@ -273,6 +286,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=None,
                     help="JSON results (default bench/results/big.json; big-ARCH-Nm.json for another arch or N)")
     ap.add_argument("--markdown", action="store_true")
+    ap.add_argument("--blocks", action="store_true",
+                    help="write the model with bench/synth_blocks.py (straight in quantized blocks) if it is missing")
     args = ap.parse_args(argv)
     if args.machines < 2:
         ap.error(f"--machines must be at least 2 for a forced split, got {args.machines}")
@@ -299,7 +314,7 @@ def main(argv: list[str] | None = None) -> int:
         out_path.parent.mkdir(parents=True, exist_ok=True)
         out_path.write_text(json.dumps(result, indent=1))
 
-    path, synth = ensure_model(Path(args.models), args.arch, args.scale)
+    path, synth = ensure_model(Path(args.models), args.arch, args.scale, blocks=args.blocks)
     parsed = read_gguf(path)
     result["model"] = {"name": path.name, "file_mib": path.stat().st_size / MiB, "synth": synth,
                        "n_layer": parsed.n_layer, "tied": ties_embeddings(parsed)}

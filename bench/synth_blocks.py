@@ -125,6 +125,8 @@ def write_blocks(arch: str, quant: str, path: str | os.PathLike, *, seed: int = 
     missing = [n for n, _ in shapes if n not in types]
     if missing:
         raise RuntimeError(f"the miniature has no type for {missing[:3]}")
+    order = {name: i for i, name in enumerate(types)}  # the quantizer's file order (a CPU mapping spans its tensors)
+    shapes.sort(key=lambda ns: order[ns[0]])
     lib = _ggml()
     path = Path(path)
     tmp = path.with_name(path.name + ".part")
@@ -175,13 +177,15 @@ def write_blocks(arch: str, quant: str, path: str | os.PathLike, *, seed: int = 
 
 
 def compare(path: str | os.PathLike, other: str | os.PathLike) -> dict:
-    """Tensor names, shapes and types of two files, and their sizes: what differs."""
+    """Tensor names, shapes, types and order of two files, and their sizes: what differs."""
     from sharedllm.gguf import read_gguf
 
     a, b = read_gguf(path), read_gguf(other)
     ta = {t.name: (t.ggml_type, tuple(t.shape)) for t in a.tensors}
     tb = {t.name: (t.ggml_type, tuple(t.shape)) for t in b.tensors}
     diff = {n: (ta.get(n), tb.get(n)) for n in sorted(set(ta) | set(tb)) if ta.get(n) != tb.get(n)}
+    if not diff and list(ta) != list(tb):
+        diff["(order)"] = (list(ta)[:4], list(tb)[:4])
     return {"tensors": len(ta), "differ": diff, "size": Path(path).stat().st_size,
             "other_size": Path(other).stat().st_size}
 
