@@ -464,3 +464,92 @@ def test_load_progress_counts_bytes_and_never_decreases(rpc_server):
     assert [float(p) for p in seen] == sorted(float(p) for p in seen) and seen[-1] == 1.0
     assert all(abs(p.done_bytes - p * total) <= 1 for p in seen)
     assert int(seen[-1] * 10) == 10  # still a plain fraction for callbacks written for one
+
+
+def _rpc(cmd: int, payload: bytes) -> bytes:
+    return bytes([cmd]) + len(payload).to_bytes(8, "little") + payload
+
+
+def test_rpc_frames_find_where_requests_that_get_a_reply_end():
+    from sharedllm.relay.wire import RpcFrames
+
+    set_tensor, graph_compute, get_tensor, hello = 6, 10, 8, 14
+    f = RpcFrames()
+    stream = _rpc(set_tensor, b"x" * 1000) + _rpc(graph_compute, b"g" * 300)
+    for i in range(0, len(stream), 7):  # in pieces that split headers and payloads
+        f.feed(memoryview(stream[i:i + 7]))
+        assert not f.reply_due
+    assert not f.inside
+    reply = _rpc(get_tensor, b"r" * 40)
+    f.feed(memoryview(reply[:5]))
+    assert f.inside and not f.reply_due
+    f.feed(memoryview(reply[5:]))
+    assert f.reply_due and not f.inside
+    g = RpcFrames()
+    g.feed(memoryview(_rpc(hello, bytes(24)) + _rpc(99, b"")))  # a command unknown here gets a reply as far as we know
+    assert g.reply_due
+    h = RpcFrames()
+    h.feed(memoryview(_rpc(graph_compute, b"")))  # an empty payload completes with its header
+    assert not h.reply_due and not h.inside
+
+
+def test_client_relay_sends_one_burst_per_round_trip(certs, tmp_path, monkeypatch):
+    """A request without a reply written in three pieces, then one with a reply: the machine's relay gets them as
+    one TLS record (it and the rpc-server wake once), and the reply comes back. A request without a reply and nothing
+    after it still goes, within the hold time. A recorder stands in for the rpc-server."""
+    import json
+
+    from sharedllm.relay import wire
+
+    got: list[bytes] = []
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def recorder():
+        conn, _ = listener.accept()
+        with conn:
+            while data := conn.recv(1 << 16):
+                got.append(data)
+                if data.endswith(_rpc(15, b"")):  # DEVICE_COUNT: answer it
+                    conn.sendall((4).to_bytes(8, "little") + (1).to_bytes(4, "little"))
+
+    t = threading.Thread(target=recorder, daemon=True)
+    t.start()
+    monkeypatch.setattr(wire, "_TRACE_DIR", str(tmp_path))
+    monkeypatch.setattr(wire, "HOLD_S", 0.5)  # longer than the gaps between the pieces below, however loaded the host
+    sr = ServerRelay("127.0.0.1", 0, f"127.0.0.1:{listener.getsockname()[1]}", certfile=certs["cert"],
+                     keyfile=certs["key"], secret=K1, machine_id=M1).start()
+    sr.set_lease("L")
+    set_tensor = _rpc(6, b"w" * 3000)
+    try:
+        with client(sr, certs, mint_token(K1, "L", M1, ttl=60)) as cr:
+            host, port = relay.parse_endpoint(cr.endpoint)
+            with socket.create_connection((host, port), timeout=10) as s:
+                s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                for piece in (set_tensor[:1], set_tensor[1:9], set_tensor[9:], _rpc(15, b"")):  # as llama.cpp writes
+                    s.sendall(piece)
+                    time.sleep(0.01)  # not a synchronization: pieces apart in time, as a busy client writes them
+                assert int.from_bytes(_recv_all(s, 12)[8:], "little") == 1
+                s.sendall(_rpc(6, b"z" * 10))  # no reply, nothing after it: it goes once the hold time is over
+                deadline = time.monotonic() + 10
+                while b"".join(got) != set_tensor + _rpc(15, b"") + _rpc(6, b"z" * 10):
+                    assert time.monotonic() < deadline, got
+                    time.sleep(0.01)
+    finally:
+        sr.stop()
+        listener.close()
+        t.join(5)
+    server_side = [json.loads(line) for p in tmp_path.glob(f"splice-{os.getpid()}-*.jsonl")
+                   for line in p.read_text().splitlines()]
+    records = [n for _t, k, n in server_side if k == "ti"]
+    # The server relay's hop (TLS in): the first burst in one record, then the late one. The client relay's hop
+    # writes its own trace too ("pi" from llama.cpp's side): three pieces and a query read, sent as one.
+    assert len(set_tensor) + 9 in records and 19 in records, records
+
+
+def _recv_all(s: socket.socket, n: int) -> bytes:
+    buf = b""
+    while len(buf) < n:
+        chunk = s.recv(n - len(buf))
+        assert chunk, "closed"
+        buf += chunk
+    return buf

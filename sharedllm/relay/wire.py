@@ -93,7 +93,56 @@ def _recv_frame(sock: socket.socket, deadline: float) -> tuple[int, bytes]:
     return kind, _recv_exact(sock, size, deadline)
 
 
-def splice(plain: socket.socket, tls: ssl.SSLSocket) -> tuple[int, int, int]:
+class RpcFrames:
+    """Where llama.cpp's RPC requests end, in the byte stream a client sends: ``| cmd (1 byte) | size (8, little
+    endian) | payload |``. A client relay holds back the requests that get no reply (llama.cpp sends each command as
+    three writes, and a token's inputs, graph and result fetch as several commands) and sends them with the next one
+    that does: one TLS burst per round trip instead of one per write, so the machine's relay and rpc-server wake once.
+
+    Commands without a reply in ggml's RPC protocol (llama-cpp-python 0.3.36, protocol 7): FREE_BUFFER,
+    BUFFER_CLEAR, SET_TENSOR, GRAPH_COMPUTE, INIT_TENSOR, GRAPH_RECOMPUTE, MEMSET_TENSOR. Any other command, one
+    unknown here included, ends a burst at once; and nothing is held longer than :data:`HOLD_S` (a command that got
+    a reply in a later protocol costs that much, never a stall)."""
+
+    NO_REPLY = frozenset({4, 5, 6, 10, 12, 16, 17})
+    _HEADER = 9
+
+    def __init__(self) -> None:
+        self._head = bytearray()  # the current request's header so far
+        self._left = 0  # payload bytes of the current request still to come
+        self._cmd = -1
+        self.reply_due = False  # a request that gets a reply is complete: send what is held
+
+    def feed(self, data: memoryview) -> None:
+        i, n = 0, len(data)
+        while i < n:
+            if self._left:
+                step = min(self._left, n - i)
+                self._left -= step
+                i += step
+            else:
+                take = min(self._HEADER - len(self._head), n - i)
+                self._head += data[i:i + take]
+                i += take
+                if len(self._head) < self._HEADER:
+                    break
+                self._cmd = self._head[0]
+                self._left = int.from_bytes(self._head[1:], "little")
+                self._head.clear()
+            if not self._left and not self._head and self._cmd not in self.NO_REPLY:
+                self.reply_due = True
+
+    @property
+    def inside(self) -> bool:
+        """In the middle of a request (its header or payload has more to come)."""
+        return bool(self._head or self._left)
+
+
+HOLD_S = 0.001  # the longest a client relay holds a request that gets no reply
+_HOLD_MAX = _BUFSIZE // 2  # held bytes beyond this go at once (weights streaming during a load)
+
+
+def splice(plain: socket.socket, tls: ssl.SSLSocket, coalesce: bool = False) -> tuple[int, int, int]:
     """Move bytes both ways between ``plain`` and ``tls`` until either side closes.
 
     Returns (bytes plain → TLS, bytes TLS → plain, turns): a turn is a change of direction, so with llama.cpp's
@@ -103,6 +152,9 @@ def splice(plain: socket.socket, tls: ssl.SSLSocket) -> tuple[int, int, int]:
     from two threads at once. A hop costs one wake-up and the fewest system calls: a read shorter than the buffer (or
     than a TLS record) is taken as the end of a burst, so no read is retried just to see ``EAGAIN``; poll says when
     more comes. Several TLS records are drained into one buffer before one plain write. Both sockets are closed.
+
+    ``coalesce`` (a client relay: ``plain`` is llama.cpp's RPC client): requests that get no reply are held until
+    the one that does, see :class:`RpcFrames`.
     """
     POLLIN, POLLOUT = select.POLLIN, select.POLLOUT
     plain.setblocking(False)
@@ -110,6 +162,8 @@ def splice(plain: socket.socket, tls: ssl.SSLSocket) -> tuple[int, int, int]:
     up, down = bytearray(_BUFSIZE), bytearray(_BUFSIZE)
     upv, downv = memoryview(up), memoryview(down)
     up_lo = up_hi = down_lo = down_hi = 0  # pending bytes: up[up_lo:up_hi] → tls, down[down_lo:down_hi] → plain
+    frames = RpcFrames() if coalesce else None
+    hold_until = 0.0  # held requests go by then at the latest
     sent_up = sent_down = turns = 0
     last = 0  # direction of the last bytes moved: 1 up, 2 down
     plain_eof = tls_eof = False
@@ -128,9 +182,10 @@ def splice(plain: socket.socket, tls: ssl.SSLSocket) -> tuple[int, int, int]:
             while progress:
                 progress = False
                 # plain → TLS
-                if up_hi == 0 and p_in and not plain_eof:
+                # (more is read into a buffer not yet sent, never under a TLS write that must be retried as it was)
+                if up_lo == 0 and up_hi < _BUFSIZE and (up_hi == 0 or not send_waits) and p_in and not plain_eof:
                     try:
-                        n = plain.recv_into(up)
+                        n = plain.recv_into(upv[up_hi:])
                     except BlockingIOError:
                         n, p_in = -1, False
                     except OSError:
@@ -140,11 +195,18 @@ def splice(plain: socket.socket, tls: ssl.SSLSocket) -> tuple[int, int, int]:
                     elif n > 0:
                         if ev is not None:
                             ev.append((now(), "pi", n))
-                        up_lo, up_hi, progress = 0, n, True
-                        p_in = n == _BUFSIZE
+                        if frames is not None:
+                            if up_hi == 0:
+                                hold_until = now() + HOLD_S
+                            frames.feed(upv[up_hi:up_hi + n])
+                        p_in = n == _BUFSIZE - up_hi
+                        up_hi += n
+                        progress = True
                         if last != 1:
                             last, turns = 1, turns + 1
-                if up_hi and (t_out if send_waits != POLLIN else t_in):
+                holding = (frames is not None and up_hi and up_lo == 0 and not plain_eof and not frames.reply_due
+                           and up_hi < _HOLD_MAX and now() < hold_until)
+                if up_hi and not holding and (t_out if send_waits != POLLIN else t_in):
                     try:
                         n = tls.send(upv[up_lo:up_hi])
                     except ssl.SSLWantWriteError:
@@ -161,6 +223,8 @@ def splice(plain: socket.socket, tls: ssl.SSLSocket) -> tuple[int, int, int]:
                         sent_up += n
                         if up_lo >= up_hi:
                             up_lo = up_hi = 0
+                            if frames is not None:
+                                frames.reply_due = False
                 # TLS → plain: drain the records at hand into the buffer, then write once
                 while down_hi < _BUFSIZE and not tls_eof and ((t_in if recv_waits != POLLOUT else t_out)
                                                               or tls.pending()):
@@ -203,7 +267,9 @@ def splice(plain: socket.socket, tls: ssl.SSLSocket) -> tuple[int, int, int]:
                             down_lo = down_hi = 0
             if (tls_eof and down_hi == 0) or (plain_eof and up_hi == 0):
                 return sent_up, sent_down, turns
-            want_p = (POLLIN if up_hi == 0 and not plain_eof else 0) | (POLLOUT if down_hi and not p_out else 0)
+            want_p = ((POLLIN if up_lo == 0 and up_hi < _BUFSIZE and (up_hi == 0 or not send_waits) and not plain_eof
+                       else 0)
+                      | (POLLOUT if down_hi and not p_out else 0))
             want_t = ((POLLIN if down_hi < _BUFSIZE and not tls_eof and recv_waits != POLLOUT else 0)
                       | recv_waits | (send_waits if up_hi else 0))
             if want_p != pmask:
@@ -212,7 +278,9 @@ def splice(plain: socket.socket, tls: ssl.SSLSocket) -> tuple[int, int, int]:
             if want_t != tmask:
                 poller.modify(tfd, want_t)
                 tmask = want_t
-            ready = poller.poll()
+            holding = (frames is not None and up_hi and up_lo == 0 and not plain_eof and not frames.reply_due
+                       and up_hi < _HOLD_MAX)
+            ready = poller.poll(max(0.0, (hold_until - now()) * 1000) if holding else None)
             if ev is not None:
                 ev.append((now(), "w", len(ready)))
             for fd, what in ready:
