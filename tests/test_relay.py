@@ -473,24 +473,26 @@ def _rpc(cmd: int, payload: bytes) -> bytes:
 def test_rpc_frames_find_where_requests_that_get_a_reply_end():
     from sharedllm.relay.wire import RpcFrames
 
-    set_tensor, graph_compute, get_tensor, hello = 6, 10, 8, 14
+    set_tensor, graph_compute, get_tensor, hello, free_buffer = 6, 10, 8, 14, 4
     f = RpcFrames()
-    stream = _rpc(set_tensor, b"x" * 1000) + _rpc(graph_compute, b"g" * 300)
+    stream = _rpc(set_tensor, b"x" * 1000) + _rpc(set_tensor, b"y" * 300)
     for i in range(0, len(stream), 7):  # in pieces that split headers and payloads
         f.feed(memoryview(stream[i:i + 7]))
         assert not f.reply_due
     assert not f.inside
-    reply = _rpc(get_tensor, b"r" * 40)
-    f.feed(memoryview(reply[:5]))
+    graph = _rpc(graph_compute, b"g" * 40)  # the machine's work: it goes at once, with what was held
+    f.feed(memoryview(graph[:5]))
     assert f.inside and not f.reply_due
-    f.feed(memoryview(reply[5:]))
+    f.feed(memoryview(graph[5:]))
     assert f.reply_due and not f.inside
     g = RpcFrames()
-    g.feed(memoryview(_rpc(hello, bytes(24)) + _rpc(99, b"")))  # a command unknown here gets a reply as far as we know
+    g.feed(memoryview(_rpc(hello, bytes(24)) + _rpc(99, b"")))  # a command unknown here may get a reply: it goes
     assert g.reply_due
     h = RpcFrames()
-    h.feed(memoryview(_rpc(graph_compute, b"")))  # an empty payload completes with its header
+    h.feed(memoryview(_rpc(free_buffer, b"")))  # an empty payload completes with its header
     assert not h.reply_due and not h.inside
+    h.feed(memoryview(_rpc(get_tensor, b"t" * 16)))
+    assert h.reply_due
 
 
 def test_client_relay_sends_one_burst_per_round_trip(certs, tmp_path, monkeypatch):

@@ -95,23 +95,24 @@ def _recv_frame(sock: socket.socket, deadline: float) -> tuple[int, bytes]:
 
 class RpcFrames:
     """Where llama.cpp's RPC requests end, in the byte stream a client sends: ``| cmd (1 byte) | size (8, little
-    endian) | payload |``. A client relay holds back the requests that get no reply (llama.cpp sends each command as
-    three writes, and a token's inputs, graph and result fetch as several commands) and sends them with the next one
-    that does: one TLS burst per round trip instead of one per write, so the machine's relay and rpc-server wake once.
+    endian) | payload |``. A client relay holds back the requests that only set state on the machine (llama.cpp
+    writes each command as three pieces, and a token's inputs as several commands) and sends them with the next one
+    that makes the machine work or answer (a graph to compute, a tensor to fetch): one TLS burst per step instead of
+    one per write, so the machine's relay and rpc-server wake once, and the graph starts as soon as it would have.
 
-    Commands without a reply in ggml's RPC protocol (llama-cpp-python 0.3.36, protocol 7): FREE_BUFFER,
-    BUFFER_CLEAR, SET_TENSOR, GRAPH_COMPUTE, INIT_TENSOR, GRAPH_RECOMPUTE, MEMSET_TENSOR. Any other command, one
-    unknown here included, ends a burst at once; and nothing is held longer than :data:`HOLD_S` (a command that got
-    a reply in a later protocol costs that much, never a stall)."""
+    Held (no reply, no work to start; ggml's RPC protocol in llama-cpp-python 0.3.36, protocol 7): FREE_BUFFER,
+    BUFFER_CLEAR, SET_TENSOR, INIT_TENSOR, MEMSET_TENSOR. Any other command, GRAPH_COMPUTE and one unknown here
+    included, ends a burst at once; and nothing is held longer than :data:`HOLD_S` (a command that got a reply in a
+    later protocol costs that much, never a stall)."""
 
-    NO_REPLY = frozenset({4, 5, 6, 10, 12, 16, 17})
+    HOLD = frozenset({4, 5, 6, 12, 17})
     _HEADER = 9
 
     def __init__(self) -> None:
         self._head = bytearray()  # the current request's header so far
         self._left = 0  # payload bytes of the current request still to come
         self._cmd = -1
-        self.reply_due = False  # a request that gets a reply is complete: send what is held
+        self.reply_due = False  # a request that is not held is complete: send it and what was held
 
     def feed(self, data: memoryview) -> None:
         i, n = 0, len(data)
@@ -129,7 +130,7 @@ class RpcFrames:
                 self._cmd = self._head[0]
                 self._left = int.from_bytes(self._head[1:], "little")
                 self._head.clear()
-            if not self._left and not self._head and self._cmd not in self.NO_REPLY:
+            if not self._left and not self._head and self._cmd not in self.HOLD:
                 self.reply_due = True
 
     @property
@@ -138,7 +139,7 @@ class RpcFrames:
         return bool(self._head or self._left)
 
 
-HOLD_S = 0.001  # the longest a client relay holds a request that gets no reply
+HOLD_S = 0.001  # the longest a client relay holds a request (RpcFrames.HOLD)
 _HOLD_MAX = _BUFSIZE // 2  # held bytes beyond this go at once (weights streaming during a load)
 
 
@@ -153,8 +154,8 @@ def splice(plain: socket.socket, tls: ssl.SSLSocket, coalesce: bool = False) -> 
     than a TLS record) is taken as the end of a burst, so no read is retried just to see ``EAGAIN``; poll says when
     more comes. Several TLS records are drained into one buffer before one plain write. Both sockets are closed.
 
-    ``coalesce`` (a client relay: ``plain`` is llama.cpp's RPC client): requests that get no reply are held until
-    the one that does, see :class:`RpcFrames`.
+    ``coalesce`` (a client relay: ``plain`` is llama.cpp's RPC client): requests that only set state are held until
+    the next one that does more, see :class:`RpcFrames`.
     """
     POLLIN, POLLOUT = select.POLLIN, select.POLLOUT
     plain.setblocking(False)
