@@ -2,7 +2,7 @@
 """Benchmark: raw llama.cpp RPC against the mesh over an emulated link (latency and a bandwidth cap per machine).
 
     PYTHONPATH=. .venv/bin/python bench/bench_link.py [--tokens 32] [--repeats 3] [--rtt 0 1 5 20] [--mbit 1000 100]
-        [--quick] [--markdown] [--out bench/results/link.json]
+        [--quick] [--markdown] [--out bench/results/link.json] [--pin CORES] [--device CPU] [--model PATH]
 
 Gemma 3 270M Q4_K_M, the same prompt, greedy, on 2 loopback machines, each behind its own link emulator
 (:mod:`sharedllm.linkem`, every emulator in a process of its own so that no measured process pays for its threads).
@@ -26,6 +26,12 @@ over N - 1 (what the request's start and its first token cost is reported apart,
 interleaved: each setting runs every path in turn (the first path rotates), then the next setting, and the whole
 sweep again per repeat; mesh/raw-rpc ratios are paired within a setting and repeat. The greedy texts of every run
 must be equal (the oracle). The table goes to stdout, the numbers to ``--out``.
+
+``--pin CORES`` (a host with 3 x CORES + 3 cores or more): each emulated machine gets CORES cores of its own (its
+rpc-server with CORES threads and its server relay; the raw path's rpc-server of the same stage), the client as many
+(the engine with its relay threads, or the raw child; CORES threads), the link emulators two, and the mesh's Dask
+processes the rest: machines as real ones are, none waiting for a core another holds. ``--device CPU`` keeps the
+rpc-servers on the CPU on a GPU host.
 """
 
 from __future__ import annotations
@@ -92,7 +98,7 @@ def raw_child(spec: dict[str, Any]) -> None:
     cpu_buft = None
     if spec["output_on_client"]:  # as the engine: the output layer on this CPU, every core for its projection
         cpu_buft = cpu_buffer_type(ggml)
-        kwargs["n_threads"] = os.cpu_count() or 1
+        kwargs["n_threads"] = spec.get("threads") or os.cpu_count() or 1
     import llama_cpp
 
     t0 = time.perf_counter()
@@ -218,20 +224,24 @@ class Rig:
 
     def __init__(self) -> None:
         self.stack = contextlib.ExitStack()
+        self.rpc_pids: dict[str, int] = {}
 
-    def rpc_server(self, log: Path) -> str:
+    def rpc_server(self, log: Path, threads: int | None = None, device: str | None = None) -> str:
         """A ``python -m sharedllm.rpc_server`` as the LocalMesh starts its own (every core, quiet OpenMP)."""
         from sharedllm.ggml import rpc_hello
         from sharedllm.rpc_server import free_port
 
         port = free_port("127.0.0.1")
         env = dict(os.environ, GOMP_SPINCOUNT="10000")
+        threads = threads or len(os.sched_getaffinity(0))
         with open(log, "wb") as f:
             proc = subprocess.Popen([sys.executable, "-m", "sharedllm.rpc_server", "--host", "127.0.0.1", "--port",
-                                     str(port), "--threads", str(len(os.sched_getaffinity(0))), "--parent-pid",
-                                     str(os.getpid())], stdin=subprocess.DEVNULL, stdout=f, stderr=f, env=env)
+                                     str(port), "--threads", str(threads), "--parent-pid", str(os.getpid()),
+                                     *(["--device", device] if device else [])],
+                                    stdin=subprocess.DEVNULL, stdout=f, stderr=f, env=env)
         self.stack.callback(_stop, proc)
         endpoint = f"127.0.0.1:{port}"
+        self.rpc_pids[endpoint] = proc.pid
         deadline = time.monotonic() + 60
         while True:
             try:
@@ -249,6 +259,82 @@ class Rig:
 
     def close(self) -> None:
         self.stack.close()
+
+
+# --- --pin: each emulated machine on cores of its own ------------------------------------------------------------
+
+
+def core_groups(per_machine: int, machines: int) -> dict[str, list[int]] | None:
+    """Cores for the client (the engine or raw child, with its relay threads), each machine (its rpc-server and
+    server relay), the link emulators, and the rest (Dask, this process); None when the host has too few."""
+    cores = sorted(os.sched_getaffinity(0))
+    need = per_machine * (machines + 1) + 2 + 1
+    if len(cores) < need:
+        return None
+    groups, i = {"client": cores[:per_machine]}, per_machine
+    for m in range(machines):
+        groups[f"machine-{m}"] = cores[i:i + per_machine]
+        i += per_machine
+    groups["links"], groups["rest"] = cores[i:i + 2], cores[i + 2:]
+    return groups
+
+
+def pin(pid: int, cores: list[int]) -> int:
+    """Every thread of ``pid`` (and the threads it starts later) on ``cores``; how many threads were pinned."""
+    n = 0
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        with contextlib.suppress(OSError):
+            os.sched_setaffinity(int(tid), cores)
+            n += 1
+    return n
+
+
+def _procs() -> dict[int, str]:
+    out = {}
+    for p in os.listdir("/proc"):
+        if p.isdigit():
+            with contextlib.suppress(OSError):
+                out[int(p)] = Path(f"/proc/{p}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    return out
+
+
+def pin_all(groups: dict[str, list[int]], lm, topo, rig: Rig, raw_links: list, mesh_links: list,
+            raw_children: list[int]) -> dict[str, Any]:
+    """Pin the benchmark's processes to their groups: each stage's machine (the mesh's rpc-server and server relay
+    of that machine, the raw path's rpc-server of that stage) on its own cores, both clients on the client's, the
+    link emulators on theirs, everything else of the mesh (scheduler, workers) and this process on the rest."""
+    procs = _procs()
+    done: dict[str, list[int]] = {}
+
+    def put(group: str, pid: int) -> None:
+        if pin(pid, groups[group]):
+            done.setdefault(group, []).append(pid)
+
+    parent = {}
+    for pid in procs:
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            parent[pid] = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    mine, grew = {os.getpid()}, True
+    while grew:  # this process and its descendants (the mesh's scheduler, workers, their children, the clients)
+        new = {pid for pid, pp in parent.items() if pp in mine} - mine
+        mine |= new
+        grew = bool(new)
+    for pid in mine:  # first everything on the rest, then the specific ones where they belong
+        put("rest", pid)
+    for i, stage in enumerate(topo.stages):
+        for pid, cmd in procs.items():
+            if f"/{stage.machine_id}/" in cmd and ("sharedllm.rpc_server" in cmd or "sharedllm.relay server" in cmd):
+                put(f"machine-{i}", pid)
+    for i, lk in enumerate(raw_links):  # each raw path has one rpc-server per stage
+        put(f"machine-{i % len(topo.stages)}", rig.rpc_pids[lk.target_endpoint])
+    for lk in [*raw_links, *mesh_links]:
+        put("links", lk.pid if hasattr(lk, "target") else lk.info()["pid"])
+    for pid, cmd in procs.items():
+        if "sharedllm.engine" in cmd and str(os.getpid()) in cmd:
+            put("client", pid)
+    for pid in raw_children:
+        put("client", pid)
+    return {"groups": groups, "pinned": done}
 
 
 def _stop(proc: subprocess.Popen) -> None:
@@ -324,19 +410,27 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
     from sharedllm.linkem import LinkControl
     from sharedllm.local import LocalMesh
 
-    model_path = str(models.default_model_path())
+    model_path = args.model or str(models.default_model_path())
     settings = [(rtt, mbit) for mbit in args.mbit for rtt in args.rtt]
     t_start = time.perf_counter()
     rig = Rig()
     with tempfile.TemporaryDirectory(prefix="bench-link-") as workdir, contextlib.closing(rig):
         work = Path(workdir)
-        lm = rig.stack.enter_context(contextlib.closing(LocalMesh(machines=2, dashboard=False)))
+        groups = core_groups(args.pin, 2) if args.pin else None
+        if args.pin and groups is None:
+            raise SystemExit(f"--pin {args.pin} needs {args.pin * 3 + 3} cores; this host has "
+                             f"{len(os.sched_getaffinity(0))}")
+        if args.device:  # the mesh's workers read their options from SHAREDLLM_<OPTION> too
+            os.environ["SHAREDLLM_RPC_DEVICES"] = args.device
+        lm = rig.stack.enter_context(contextlib.closing(LocalMesh(machines=2, dashboard=False,
+                                                                  rpc_threads=args.pin or None)))
         lm.start()
         control_dir = work / "mesh-links"
-        logger.info("mesh: loading %s behind link emulators on the wire", MODEL_NAME)
+        logger.info("mesh: loading %s behind link emulators on the wire", args.model or MODEL_NAME)
         t0 = time.perf_counter()
-        llm = lm.mesh().load(MODEL_NAME, n_ctx=N_CTX, link={"rtt_ms": 0.0, "process": True, "wire": True,
-                                                            "control_dir": str(control_dir)})
+        threads = {"n_threads": args.pin} if args.pin else {}
+        llm = lm.mesh().load(args.model or MODEL_NAME, n_ctx=N_CTX, link={"rtt_ms": 0.0, "process": True, "wire": True,
+                                                            "control_dir": str(control_dir)}, **threads)
         rig.stack.callback(llm.close)
         mesh_load_s = time.perf_counter() - t0
         topo = llm.topology
@@ -352,10 +446,11 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
         for name, on_client in ((RAW, topo.output_on_client), (RAW_LLAMA, False)):
             if name == RAW_LLAMA and (args.no_llama_placement or not topo.output_on_client):
                 continue  # the mesh already places the output layer as llama.cpp does: raw-rpc is that path
-            servers = [rig.rpc_server(work / f"{name[:7]}-{i}.log") for i in range(len(topo.stages))]
+            servers = [rig.rpc_server(work / f"{name[:7]}-{i}.log", args.pin, args.device)
+                       for i in range(len(topo.stages))]
             links = [rig.link(ep) for ep in servers]
             spec = {"model_path": model_path, "endpoints": [lk.endpoint for lk in links], "tensor_split": split,
-                    "output_on_client": on_client}
+                    "output_on_client": on_client, "threads": args.pin}
             logger.info("%s: loading through the links", name)
             path = RawPath(name, links, spec, work / f"{name[:7]}-child.log")
             rig.stack.callback(path.close)
@@ -367,6 +462,11 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
         rig.stack.callback(probe_server.close)
         probe = rig.link(probe_target)
 
+        pinned = None
+        if groups:
+            pinned = pin_all(groups, lm, topo, rig, [lk for n in names if n != MESH for lk in paths[n].links],
+                             mesh_links, [paths[n].proc.pid for n in names if n != MESH])
+            logger.info("pinned: %s", pinned)
         for name in names:  # warm-up, not counted
             paths[name].run(min(8, args.tokens))
         runs: dict[str, dict[str, list]] = {_setting_name(*s): {n: [] for n in names} for s in settings}
@@ -390,7 +490,9 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
                                 "%.0f%% CPU", r + 1, args.repeats, key, name, res["decode_tps"] or 0,
                                 res["ttft_ms"] or 0, res["link"]["round_trips"], res["cpu"]["foreign_pct"])
     total_s = time.perf_counter() - t_start
-    return summarize(args, runs, first, link_rtt, loads, topo, model_path, total_s)
+    result = summarize(args, runs, first, link_rtt, loads, topo, model_path, total_s)
+    result["config"]["pin"] = pinned
+    return result
 
 
 def _median(values: list[float | None]) -> float | None:
@@ -520,6 +622,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-llama-placement", action="store_true",
                    help="skip raw-rpc with llama.cpp's own placement of the output layer")
     p.add_argument("--pings", type=int, default=30, help="round trips to measure each link setting with (30)")
+    p.add_argument("--device", default=None, help="what every rpc-server serves (CPU on a GPU host; default: "
+                                                    "its default, GPUs or CPU)")
+    p.add_argument("--model", default=None, help="the Gemma 3 270M file (default: from its package, as the mesh's)")
+    p.add_argument("--pin", type=int, default=0, metavar="CORES",
+                   help="give each emulated machine CORES cores of its own, the client as many, the links two "
+                        "(taskset-style affinity of every process and thread; rpc-servers and the client with CORES "
+                        "threads): machines as real ones are, on a host with 3 x CORES + 3 cores or more")
     p.add_argument("--quiet-wait", type=float, default=2.0, metavar="SECONDS",
                    help="before each run, wait up to this long for other processes to leave the CPU (default 2)")
     p.add_argument("--max-foreign", type=float, default=15.0, metavar="PCT",
