@@ -7,6 +7,7 @@ so a connection the relay refused must leave no such line.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -287,49 +288,57 @@ def test_allowed_callback(rpc_server, certs):
 # --- the data path ---------------------------------------------------------------------------------------------------
 
 
-def test_splice_moves_bulk_both_ways(certs):
-    """Megabytes each way, in uneven pieces, arrive intact and in order (an echo server stands in for llama.cpp)."""
+@contextlib.contextmanager
+def stand_in(certs: dict, serve):
+    """A server relay (lease "L") in front of a stand-in for the rpc-server: ``serve(data, conn)`` for each read of
+    its one connection; yields a client relay to it."""
     listener = socket.create_server(("127.0.0.1", 0))
 
-    def echo():
+    def run():
         conn, _ = listener.accept()
         with conn:
             while data := conn.recv(1 << 16):
-                conn.sendall(data)
+                serve(data, conn)
 
-    t = threading.Thread(target=echo, daemon=True)
+    t = threading.Thread(target=run, daemon=True)
     t.start()
     sr = ServerRelay("127.0.0.1", 0, f"127.0.0.1:{listener.getsockname()[1]}", certfile=certs["cert"],
                      keyfile=certs["key"], secret=K1, machine_id=M1).start()
     sr.set_lease("L")
     try:
         with client(sr, certs, mint_token(K1, "L", M1, ttl=60)) as cr:
-            payload = os.urandom(5 << 20)
-            host, port = relay.parse_endpoint(cr.endpoint)
-            with socket.create_connection((host, port)) as s:
-                s.settimeout(60)
-                got = bytearray()
-
-                def reader():
-                    while len(got) < len(payload):
-                        chunk = s.recv(1 << 20)
-                        if not chunk:
-                            break
-                        got.extend(chunk)
-
-                rt = threading.Thread(target=reader)
-                rt.start()
-                pos, size = 0, 1
-                while pos < len(payload):
-                    s.sendall(payload[pos:pos + size])
-                    pos += size
-                    size = min(size * 3 + 7, 1 << 20)
-                rt.join(60)
-            assert bytes(got) == payload
+            yield cr
     finally:
         sr.stop()
         listener.close()
         t.join(5)
+
+
+def test_splice_moves_bulk_both_ways(certs):
+    """Megabytes each way, in uneven pieces, arrive intact and in order (an echo server stands in for llama.cpp)."""
+    with stand_in(certs, lambda data, conn: conn.sendall(data)) as cr:
+        payload = os.urandom(5 << 20)
+        host, port = relay.parse_endpoint(cr.endpoint)
+        with socket.create_connection((host, port)) as s:
+            s.settimeout(60)
+            got = bytearray()
+
+            def reader():
+                while len(got) < len(payload):
+                    chunk = s.recv(1 << 20)
+                    if not chunk:
+                        break
+                    got.extend(chunk)
+
+            rt = threading.Thread(target=reader)
+            rt.start()
+            pos, size = 0, 1
+            while pos < len(payload):
+                s.sendall(payload[pos:pos + size])
+                pos += size
+                size = min(size * 3 + 7, 1 << 20)
+            rt.join(60)
+        assert bytes(got) == payload
 
 
 def test_stop_closes_everything(rpc_server, certs):
@@ -504,42 +513,28 @@ def test_client_relay_sends_one_burst_per_round_trip(certs, tmp_path, monkeypatc
     from sharedllm.relay import wire
 
     got: list[bytes] = []
-    listener = socket.create_server(("127.0.0.1", 0))
 
-    def recorder():
-        conn, _ = listener.accept()
-        with conn:
-            while data := conn.recv(1 << 16):
-                got.append(data)
-                if data.endswith(_rpc(15, b"")):  # DEVICE_COUNT: answer it
-                    conn.sendall((4).to_bytes(8, "little") + (1).to_bytes(4, "little"))
+    def recorder(data, conn):
+        got.append(data)
+        if data.endswith(_rpc(15, b"")):  # DEVICE_COUNT: answer it
+            conn.sendall((4).to_bytes(8, "little") + (1).to_bytes(4, "little"))
 
-    t = threading.Thread(target=recorder, daemon=True)
-    t.start()
     monkeypatch.setattr(wire, "_TRACE_DIR", str(tmp_path))
     monkeypatch.setattr(wire, "HOLD_S", 0.5)  # longer than the gaps between the pieces below, however loaded the host
-    sr = ServerRelay("127.0.0.1", 0, f"127.0.0.1:{listener.getsockname()[1]}", certfile=certs["cert"],
-                     keyfile=certs["key"], secret=K1, machine_id=M1).start()
-    sr.set_lease("L")
     set_tensor = _rpc(6, b"w" * 3000)
-    try:
-        with client(sr, certs, mint_token(K1, "L", M1, ttl=60)) as cr:
-            host, port = relay.parse_endpoint(cr.endpoint)
-            with socket.create_connection((host, port), timeout=10) as s:
-                s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                for piece in (set_tensor[:1], set_tensor[1:9], set_tensor[9:], _rpc(15, b"")):  # as llama.cpp writes
-                    s.sendall(piece)
-                    time.sleep(0.01)  # not a synchronization: pieces apart in time, as a busy client writes them
-                assert int.from_bytes(_recv_all(s, 12)[8:], "little") == 1
-                s.sendall(_rpc(6, b"z" * 10))  # no reply, nothing after it: it goes once the hold time is over
-                deadline = time.monotonic() + 10
-                while b"".join(got) != set_tensor + _rpc(15, b"") + _rpc(6, b"z" * 10):
-                    assert time.monotonic() < deadline, got
-                    time.sleep(0.01)
-    finally:
-        sr.stop()
-        listener.close()
-        t.join(5)
+    with stand_in(certs, recorder) as cr:
+        host, port = relay.parse_endpoint(cr.endpoint)
+        with socket.create_connection((host, port), timeout=10) as s:
+            s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            for piece in (set_tensor[:1], set_tensor[1:9], set_tensor[9:], _rpc(15, b"")):  # as llama.cpp writes
+                s.sendall(piece)
+                time.sleep(0.01)  # not a synchronization: pieces apart in time, as a busy client writes them
+            assert int.from_bytes(_recv_all(s, 12)[8:], "little") == 1
+            s.sendall(_rpc(6, b"z" * 10))  # no reply, nothing after it: it goes once the hold time is over
+            deadline = time.monotonic() + 10
+            while b"".join(got) != set_tensor + _rpc(15, b"") + _rpc(6, b"z" * 10):
+                assert time.monotonic() < deadline, got
+                time.sleep(0.01)
     server_side = [json.loads(line) for p in tmp_path.glob(f"splice-{os.getpid()}-*.jsonl")
                    for line in p.read_text().splitlines()]
     records = [n for _t, k, n in server_side if k == "ti"]
