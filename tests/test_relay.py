@@ -156,14 +156,18 @@ def client(sr: ServerRelay, certs: dict, token: str, **kw) -> ClientRelay:
     return ClientRelay(sr.endpoint, token, **kw).start()
 
 
+def _recv_all(s: socket.socket, n: int) -> bytes:
+    buf = b""
+    while len(buf) < n:
+        chunk = s.recv(n - len(buf))
+        assert chunk, "the tunnel closed before the whole answer"
+        buf += chunk
+    return buf
+
+
 def _read_hello_answer(sock: socket.socket) -> bytes:
     """The rpc-server's whole answer to HELLO: a part left unread would later count as sent after a close."""
-    answer = b""
-    while len(answer) < HELLO_ANSWER:
-        chunk = sock.recv(HELLO_ANSWER - len(answer))
-        assert chunk, "the tunnel closed before the rpc-server's answer"
-        answer += chunk
-    return answer
+    return _recv_all(sock, HELLO_ANSWER)
 
 
 # --- the handshake guards the rpc-server ----------------------------------------------------------------------------
@@ -541,12 +545,3 @@ def test_client_relay_sends_one_burst_per_round_trip(certs, tmp_path, monkeypatc
     # The server relay's hop (TLS in): the first burst in one record, then the late one. The client relay's hop
     # writes its own trace too ("pi" from llama.cpp's side): three pieces and a query read, sent as one.
     assert len(set_tensor) + 9 in records and 19 in records, records
-
-
-def _recv_all(s: socket.socket, n: int) -> bytes:
-    buf = b""
-    while len(buf) < n:
-        chunk = s.recv(n - len(buf))
-        assert chunk, "closed"
-        buf += chunk
-    return buf
