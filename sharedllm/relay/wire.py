@@ -173,6 +173,12 @@ def splice(plain: socket.socket, tls: ssl.SSLSocket, coalesce: bool = False) -> 
     poller = select.poll()
     ev: list[tuple[float, str, int]] | None = [] if _TRACE_DIR else None
     now = time.monotonic
+
+    def holding() -> bool:
+        """Requests that only set state are waiting for the next one (coalesce), and their time is not up."""
+        return (frames is not None and up_hi > 0 and up_lo == 0 and not plain_eof and not frames.reply_due
+                and up_hi < _HOLD_MAX and now() < hold_until)
+
     pfd, tfd = plain.fileno(), tls.fileno()
     pmask = tmask = POLLIN
     poller.register(pfd, pmask)
@@ -205,9 +211,7 @@ def splice(plain: socket.socket, tls: ssl.SSLSocket, coalesce: bool = False) -> 
                         progress = True
                         if last != 1:
                             last, turns = 1, turns + 1
-                holding = (frames is not None and up_hi and up_lo == 0 and not plain_eof and not frames.reply_due
-                           and up_hi < _HOLD_MAX and now() < hold_until)
-                if up_hi and not holding and (t_out if send_waits != POLLIN else t_in):
+                if up_hi and not holding() and (t_out if send_waits != POLLIN else t_in):
                     try:
                         n = tls.send(upv[up_lo:up_hi])
                     except ssl.SSLWantWriteError:
@@ -279,9 +283,10 @@ def splice(plain: socket.socket, tls: ssl.SSLSocket, coalesce: bool = False) -> 
             if want_t != tmask:
                 poller.modify(tfd, want_t)
                 tmask = want_t
-            holding = (frames is not None and up_hi and up_lo == 0 and not plain_eof and not frames.reply_due
-                       and up_hi < _HOLD_MAX)
-            ready = poller.poll(max(0.0, (hold_until - now()) * 1000) if holding else None)
+            # Bytes not sent with nothing blocking the TLS write: held, until hold_until at the latest (ms, rounded up;
+            # 0 when the hold ran out since the loop looked: they go on the next pass).
+            held = frames is not None and up_hi > 0 and up_lo == 0 and not send_waits
+            ready = poller.poll(max(0.0, hold_until - now()) * 1000 if held else None)
             if ev is not None:
                 ev.append((now(), "w", len(ready)))
             for fd, what in ready:
