@@ -44,6 +44,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import bench_load
 import bench_matrix
 import bench_mesh
 import synth_gguf
@@ -134,12 +135,10 @@ def run_mesh(mesh, path: Path, n_ctx: int, tokens: int, pids: dict[str, int], lo
     out: dict = {"progress": []}
     t0 = time.perf_counter()
     last = [-1]
-    reports = {"n": 0, "bytes": [], "total": set()}
+    reports: list = []  # (seconds since the load began, LoadProgress)
 
     def progress(p) -> None:  # a sharedllm.engine.LoadProgress: the fraction, carrying done_bytes of total_bytes
-        reports["n"] += 1
-        reports["bytes"].append(p.done_bytes)
-        reports["total"].add(p.total_bytes)
+        reports.append((time.perf_counter() - t0, p))
         step = int(p * 10)
         if step > last[0]:
             last[0] = step
@@ -166,10 +165,8 @@ def run_mesh(mesh, path: Path, n_ctx: int, tokens: int, pids: dict[str, int], lo
                    after_s=time.perf_counter() - t0)
         return out
     out["load_ok"] = True
-    done = reports["bytes"]
-    out["progress_bytes"] = {"reports": reports["n"], "total_bytes": sorted(reports["total"], key=str),
-                             "monotone": all(a <= b for a, b in itertools.pairwise(done)) if None not in done else None,
-                             "last_bytes": done[-1] if done else None}
+    out["progress_bytes"] = {**bench_load.progress_summary(reports),
+                             "last_bytes": reports[-1][1].done_bytes if reports else None}
     out["n_stages"] = len(stages)
     out["stage_machines"] = [s.machine_id for s in stages]
     out["n_way"] = len(stages) == len(pids) and len(set(out["stage_machines"])) == len(pids)
