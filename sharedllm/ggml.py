@@ -207,11 +207,15 @@ from sharedllm import ggml
 s = socket.socket(); s.bind(("127.0.0.1", 0)); port = s.getsockname()[1]; s.close()
 ep = f"127.0.0.1:{port}"
 threading.Thread(target=ggml.start_server, args=(ep, ggml.default_server_devices(), 1), daemon=True).start()
-for _ in range(200):
+deadline, err = time.monotonic() + 50, None  # a loaded host starts the server slowly: wait, up to the caller's limit
+while time.monotonic() < deadline:
     try:
         print(json.dumps(ggml.rpc_hello(ep, timeout=2))); sys.stdout.flush(); break
-    except OSError:
+    except OSError as exc:
+        err = exc
         time.sleep(0.05)
+else:
+    print(f"no HELLO from the probe's rpc-server at {ep} in 50s: {err}", file=sys.stderr); sys.stderr.flush()
 import os; os._exit(0)
 """
 
