@@ -423,12 +423,12 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
         if args.device:  # the mesh's workers read their options from SHAREDLLM_<OPTION> too
             os.environ["SHAREDLLM_RPC_DEVICES"] = args.device
         lm = rig.stack.enter_context(contextlib.closing(LocalMesh(machines=2, dashboard=False,
-                                                                  rpc_threads=args.pin or None)))
+                                                                  rpc_threads=args.threads or None)))
         lm.start()
         control_dir = work / "mesh-links"
         logger.info("mesh: loading %s behind link emulators on the wire", args.model or MODEL_NAME)
         t0 = time.perf_counter()
-        threads = {"n_threads": args.pin} if args.pin else {}
+        threads = {"n_threads": args.threads} if args.threads else {}
         llm = lm.mesh().load(args.model or MODEL_NAME, n_ctx=N_CTX, link={"rtt_ms": 0.0, "process": True, "wire": True,
                                                             "control_dir": str(control_dir)}, **threads)
         rig.stack.callback(llm.close)
@@ -446,11 +446,11 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
         for name, on_client in ((RAW, topo.output_on_client), (RAW_LLAMA, False)):
             if name == RAW_LLAMA and (args.no_llama_placement or not topo.output_on_client):
                 continue  # the mesh already places the output layer as llama.cpp does: raw-rpc is that path
-            servers = [rig.rpc_server(work / f"{name[:7]}-{i}.log", args.pin, args.device)
+            servers = [rig.rpc_server(work / f"{name[:7]}-{i}.log", args.threads, args.device)
                        for i in range(len(topo.stages))]
             links = [rig.link(ep) for ep in servers]
             spec = {"model_path": model_path, "endpoints": [lk.endpoint for lk in links], "tensor_split": split,
-                    "output_on_client": on_client, "threads": args.pin}
+                    "output_on_client": on_client, "threads": args.threads}
             logger.info("%s: loading through the links", name)
             path = RawPath(name, links, spec, work / f"{name[:7]}-child.log")
             rig.stack.callback(path.close)
@@ -550,6 +550,7 @@ def summarize(args, runs, first, link_rtt, loads, topo, model_path, total_s) -> 
                    "model": model_path, "prompt": PROMPT, "n_ctx": N_CTX,
                    "completion_kwargs": completion_kwargs(args.tokens), "quiet_wait_s": args.quiet_wait,
                    "max_foreign_pct": args.max_foreign, "retries": args.retries, "pings": args.pings,
+                   "threads": args.threads or None,
                    "link": "sharedllm.linkem, one process per link; mesh: on the wire (TLS), raw: in front of the "
                            "rpc-server"},
         "topology": {"endpoints": topo.endpoints, "tensor_split": topo.tensor_split,
@@ -629,6 +630,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="give each emulated machine CORES cores of its own, the client as many, the links two "
                         "(taskset-style affinity of every process and thread; rpc-servers and the client with CORES "
                         "threads): machines as real ones are, on a host with 3 x CORES + 3 cores or more")
+    p.add_argument("--threads", type=int, default=0, metavar="N",
+                   help="CPU threads of every rpc-server and of the client (default: every core; --pin sets it)")
     p.add_argument("--quiet-wait", type=float, default=2.0, metavar="SECONDS",
                    help="before each run, wait up to this long for other processes to leave the CPU (default 2)")
     p.add_argument("--max-foreign", type=float, default=15.0, metavar="PCT",
@@ -648,6 +651,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.quick:
         args.tokens, args.repeats, args.rtt, args.mbit = 16, 1, [0.0, 20.0], [1000.0]
+    if args.pin:
+        args.threads = args.pin
     if args.tokens < 2 or args.repeats < 1:
         p.error("--tokens must be >= 2 and --repeats >= 1")
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s %(message)s")

@@ -545,3 +545,145 @@ def test_client_relay_sends_one_burst_per_round_trip(certs, tmp_path, monkeypatc
     # The server relay's hop (TLS in): the first burst in one record, then the late one. The client relay's hop
     # writes its own trace too ("pi" from llama.cpp's side): three pieces and a query read, sent as one.
     assert len(set_tensor) + 9 in records and 19 in records, records
+
+
+# --- prefetching tensor fetches (sharedllm.relay.rpc.Prefetch) ------------------------------------------------------
+
+_SET, _GET, _COMPUTE, _FREE, _HELLO_CMD = 6, 8, 10, 4, 14
+
+
+def _get(tensor: int, size: int = 64) -> bytes:
+    """A GET_TENSOR request as llama.cpp writes it: an rpc_tensor (its id first), offset, size."""
+    return _rpc(_GET, tensor.to_bytes(8, "little") + bytes(288) + bytes(8) + size.to_bytes(8, "little"))
+
+
+class _Machine:
+    """Stands in for an rpc-server speaking protocol 7: HELLO, SET_TENSOR (a new value of a tensor), GRAPH_COMPUTE
+    (every tensor changes), FREE_BUFFER, GET_TENSOR (a tensor's current value). Logs each request it serves."""
+
+    def __init__(self) -> None:
+        self.buf = bytearray()
+        self.values: dict[int, int] = {}
+        self.log: list[tuple[int, int]] = []  # (cmd, tensor id or -1), in the order served
+        self.reads: list[list[int]] = []  # the commands each read of its connection brought
+
+    def value(self, tensor: int, size: int) -> bytes:
+        return (f"{tensor}:{self.values.get(tensor, 0)}:".encode() * size)[:size]
+
+    def __call__(self, data: bytes, conn: socket.socket) -> None:
+        self.buf += data
+        served = []
+        while len(self.buf) >= 9 and len(self.buf) >= 9 + int.from_bytes(self.buf[1:9], "little"):
+            cmd, n = self.buf[0], int.from_bytes(self.buf[1:9], "little")
+            payload = bytes(self.buf[9:9 + n])
+            del self.buf[:9 + n]
+            tensor = int.from_bytes(payload[:8], "little") if cmd in (_SET, _GET) else -1
+            self.log.append((cmd, tensor))
+            served.append(cmd)
+            if cmd == _HELLO_CMD:
+                conn.sendall((28).to_bytes(8, "little") + bytes([7, 0, 0, 0]) + bytes(24))
+            elif cmd == _SET:
+                self.values[tensor] = int.from_bytes(payload[8:16], "little")
+            elif cmd == _COMPUTE:
+                self.values = {t: v + 1000 for t, v in self.values.items()}
+            elif cmd == _GET:
+                size = int.from_bytes(payload[-8:], "little")
+                conn.sendall(size.to_bytes(8, "little") + self.value(tensor, size))
+        if served:
+            self.reads.append(served)
+
+
+def _ask(s: socket.socket, req: bytes) -> bytes:
+    s.sendall(req)
+    size = int.from_bytes(_recv_all(s, 8), "little")
+    return _recv_all(s, size)
+
+
+def test_prefetch_answers_the_fetch_that_always_follows_another(certs):
+    """Through real relays, a stand-in machine, and a client that behaves as llama.cpp handing a stage's two outputs
+    to the next stage: set inputs, compute, fetch X, fetch Y, at every step. From the second step on, Y travels with
+    X (one round trip, not two) and the client's own fetch of Y never reaches the machine; every answer is the value
+    the machine holds when the client asks. A request between X and Y (here one that changes Y) makes the relay drop
+    its early answer; a freed buffer makes it forget what it learned."""
+    machine = _Machine()
+    with stand_in(certs, machine) as cr:
+        assert cr.prefetch
+        host, port = relay.parse_endpoint(cr.endpoint)
+        with socket.create_connection((host, port), timeout=20) as s:
+            s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            assert _ask(s, _rpc(_HELLO_CMD, bytes(24)))[0] == 7
+
+            def step(value: int, between: bytes = b"") -> None:
+                s.sendall(_rpc(_SET, (1).to_bytes(8, "little") + value.to_bytes(8, "little")))
+                s.sendall(_rpc(_COMPUTE, b"graph"))
+                assert _ask(s, _get(1)) == machine.value(1, 64)
+                if between:
+                    s.sendall(between)
+                assert _ask(s, _get(2, 128)) == machine.value(2, 128)
+
+            for v in range(4):
+                step(v)
+            gets = [t for cmd, t in machine.log if cmd == _GET]
+            assert gets == [1, 2, 1, 2, 1, 2, 1, 2], gets  # every fetch served once: Y never twice
+            # From the second step on, Y came in the same read as X: asked for before the client did.
+            assert sum(r.count(_GET) == 2 for r in machine.reads) == 3, machine.reads
+
+            n = len(machine.log)
+            step(10, between=_rpc(_SET, (2).to_bytes(8, "little") + (77).to_bytes(8, "little")))
+            # Y was asked for early, then the client changed it: it got the new value, from its own fetch
+            assert [t for cmd, t in machine.log[n:] if cmd == _GET] == [1, 2, 2], machine.log[n:]
+
+            s.sendall(_rpc(_FREE, bytes(8)))  # a buffer freed: nothing learned is used any more
+            n, reads = len(machine.log), len(machine.reads)
+            step(11)
+            assert [t for cmd, t in machine.log[n:] if cmd == _GET] == [1, 2], machine.log[n:]
+            assert all(r.count(_GET) < 2 for r in machine.reads[reads:]), machine.reads[reads:]
+
+
+def test_prefetch_keeps_its_hands_off_what_it_does_not_know():
+    """Only a stream that starts with HELLO and a machine answering protocol 7 is prefetched on; an early reply is
+    cut out of the machine's stream whichever way the stream is cut into reads; a reply no request asked for is an
+    error, not a guess."""
+    from sharedllm.relay.rpc import Prefetch, ProtocolError, RpcFrames
+
+    def client_side(pf: Prefetch, frames: RpcFrames, data: bytes) -> bytes:
+        buf = bytearray(1 << 16)
+        view = memoryview(buf)
+        view[:len(data)] = data
+        frames.feed(view[:len(data)], 0)
+        hi, give = pf.requests(frames.done, view, len(data), 1 << 16)
+        assert give == b""
+        return bytes(buf[:hi])
+
+    def machine_side(pf: Prefetch, data: bytes, cut: int) -> bytes:
+        out = b""
+        for i in range(0, len(data), cut):
+            buf = bytearray(data[i:i + cut])
+            out += bytes(buf[:pf.replies(memoryview(buf), 0, len(buf))])
+        return out
+
+    hello_reply = (28).to_bytes(8, "little") + bytes([7, 0, 0, 0]) + bytes(24)
+    for cut in (1, 5, 9, 1000):
+        pf, frames = Prefetch(), RpcFrames(keep=True)
+        assert client_side(pf, frames, _rpc(_HELLO_CMD, bytes(24))) == _rpc(_HELLO_CMD, bytes(24))
+        assert machine_side(pf, hello_reply, cut) == hello_reply
+        step = _get(1) + _get(2, 16)
+        assert client_side(pf, frames, _get(1)) == _get(1)
+        assert client_side(pf, frames, _get(2, 16)) == _get(2, 16)  # learned: 2 follows 1
+        assert client_side(pf, frames, _get(1)) == step  # 2 goes with 1
+        x, y = (64).to_bytes(8, "little") + b"x" * 64, (16).to_bytes(8, "little") + b"y" * 16
+        first = (64).to_bytes(8, "little") + b"a" * 64 + (16).to_bytes(8, "little") + b"b" * 16
+        assert machine_side(pf, first + x + y, cut) == first + x  # Y's answer is kept for the client's own fetch
+        assert pf.saved == 0 and bytes(pf._kept) == y
+    # Not HELLO first, or another protocol: every byte passes untouched, whatever it looks like.
+    pf, frames = Prefetch(), RpcFrames(keep=True)
+    assert client_side(pf, frames, _get(1) + _get(2)) == _get(1) + _get(2)
+    assert not pf.active and machine_side(pf, b"anything at all", 4) == b"anything at all"
+    pf, frames = Prefetch(), RpcFrames(keep=True)
+    client_side(pf, frames, _rpc(_HELLO_CMD, bytes(24)))
+    old = (28).to_bytes(8, "little") + bytes([6, 0, 0, 0]) + bytes(24)
+    assert machine_side(pf, old + b"more", 3) == old + b"more" and not pf.active
+    pf, frames = Prefetch(), RpcFrames(keep=True)
+    client_side(pf, frames, _rpc(_HELLO_CMD, bytes(24)))
+    with pytest.raises(ProtocolError):
+        machine_side(pf, hello_reply + (4).to_bytes(8, "little") + b"what", 1000)

@@ -22,7 +22,10 @@ reached through two relays::
 - **Speed.** llama.cpp makes several small request/response round trips per token, so the relays are built for
   latency: one thread per connection that moves bytes in both directions with non-blocking sockets and ``poll``
   (an ``SSLSocket`` must not be read and written from two threads at once), ``TCP_NODELAY`` on every socket, and
-  buffers that coalesce several TLS records into one write. ``bench/bench_tunnel.py`` measures the cost.
+  buffers that coalesce several TLS records into one write. ``bench/bench_tunnel.py`` measures the cost. The client
+  relay reads llama.cpp's RPC framing (:mod:`~sharedllm.relay.rpc`): it sends a step's requests as one burst, and it
+  asks for the tensor fetch that always follows another one right behind it, so the handover of a stage's outputs to
+  the next stage costs one round trip, not one per tensor (``SHAREDLLM_RELAY_PREFETCH=0`` turns that off).
 
 ``--insecure-direct-rpc`` (:func:`warn_insecure_direct`) skips the tunnel on a trusted LAN; it warns at every start.
 
@@ -35,7 +38,8 @@ Command line, for debugging and for running a relay as its own process::
     python -m sharedllm.relay mint --key-file F --lease L --machine-id M --ttl 3600
 
 Modules: :mod:`~sharedllm.relay.tokens` (lease tokens), :mod:`~sharedllm.relay.certs` (certificates, TLS contexts),
-:mod:`~sharedllm.relay.wire` (endpoints, frames, splice), :mod:`~sharedllm.relay.server` (``ServerRelay``),
+:mod:`~sharedllm.relay.wire` (endpoints, frames, splice), :mod:`~sharedllm.relay.rpc` (llama.cpp's RPC framing:
+coalescing and prefetching), :mod:`~sharedllm.relay.server` (``ServerRelay``),
 :mod:`~sharedllm.relay.client` (``ClientRelay``), :mod:`~sharedllm.relay.cli` (the command line).
 """
 

@@ -13,7 +13,10 @@ import ssl
 import struct
 import time
 
+from sharedllm.relay.rpc import Prefetch, ProtocolError, RpcFrames
 from sharedllm.relay.tokens import MAX_TOKEN_BYTES
+
+__all__ = ["RpcFrames", "join_endpoint", "parse_endpoint", "splice"]
 
 logger = logging.getLogger("sharedllm.relay")  # one name for the package, and when run as python -m sharedllm.relay
 
@@ -93,57 +96,12 @@ def _recv_frame(sock: socket.socket, deadline: float) -> tuple[int, bytes]:
     return kind, _recv_exact(sock, size, deadline)
 
 
-class RpcFrames:
-    """Where llama.cpp's RPC requests end, in the byte stream a client sends: ``| cmd (1 byte) | size (8, little
-    endian) | payload |``. A client relay holds back the requests that only set state on the machine (llama.cpp
-    writes each command as three pieces, and a token's inputs as several commands) and sends them with the next one
-    that makes the machine work or answer (a graph to compute, a tensor to fetch): one TLS burst per step instead of
-    one per write, so the machine's relay and rpc-server wake once, and the graph starts as soon as it would have.
-
-    Held (no reply, no work to start; ggml's RPC protocol in llama-cpp-python 0.3.36, protocol 7): FREE_BUFFER,
-    BUFFER_CLEAR, SET_TENSOR, INIT_TENSOR, MEMSET_TENSOR. Any other command, GRAPH_COMPUTE and one unknown here
-    included, ends a burst at once; and nothing is held longer than :data:`HOLD_S` (a command that got a reply in a
-    later protocol costs that much, never a stall)."""
-
-    HOLD = frozenset({4, 5, 6, 12, 17})
-    _HEADER = 9
-
-    def __init__(self) -> None:
-        self._head = bytearray()  # the current request's header so far
-        self._left = 0  # payload bytes of the current request still to come
-        self._cmd = -1
-        self.reply_due = False  # a request that is not held is complete: send it and what was held
-
-    def feed(self, data: memoryview) -> None:
-        i, n = 0, len(data)
-        while i < n:
-            if self._left:
-                step = min(self._left, n - i)
-                self._left -= step
-                i += step
-            else:
-                take = min(self._HEADER - len(self._head), n - i)
-                self._head += data[i:i + take]
-                i += take
-                if len(self._head) < self._HEADER:
-                    break
-                self._cmd = self._head[0]
-                self._left = int.from_bytes(self._head[1:], "little")
-                self._head.clear()
-            if not self._left and not self._head and self._cmd not in self.HOLD:
-                self.reply_due = True
-
-    @property
-    def inside(self) -> bool:
-        """In the middle of a request (its header or payload has more to come)."""
-        return bool(self._head or self._left)
-
-
 HOLD_S = 0.001  # the longest a client relay holds a request (RpcFrames.HOLD)
 _HOLD_MAX = _BUFSIZE // 2  # held bytes beyond this go at once (weights streaming during a load)
 
 
-def splice(plain: socket.socket, tls: ssl.SSLSocket, coalesce: bool = False) -> tuple[int, int, int]:
+def splice(plain: socket.socket, tls: ssl.SSLSocket, coalesce: bool = False,
+           prefetch: bool = False) -> tuple[int, int, int]:
     """Move bytes both ways between ``plain`` and ``tls`` until either side closes.
 
     Returns (bytes plain → TLS, bytes TLS → plain, turns): a turn is a change of direction, so with llama.cpp's
@@ -155,7 +113,9 @@ def splice(plain: socket.socket, tls: ssl.SSLSocket, coalesce: bool = False) -> 
     more comes. Several TLS records are drained into one buffer before one plain write. Both sockets are closed.
 
     ``coalesce`` (a client relay: ``plain`` is llama.cpp's RPC client): requests that only set state are held until
-    the next one that does more, see :class:`RpcFrames`.
+    the next one that does more, see :class:`RpcFrames`. ``prefetch`` (a client relay too): a tensor fetch that
+    followed another one last time is sent right behind it, and answered here when the client asks for it next,
+    see :class:`~sharedllm.relay.rpc.Prefetch`.
     """
     POLLIN, POLLOUT = select.POLLIN, select.POLLOUT
     plain.setblocking(False)
@@ -163,7 +123,8 @@ def splice(plain: socket.socket, tls: ssl.SSLSocket, coalesce: bool = False) -> 
     up, down = bytearray(_BUFSIZE), bytearray(_BUFSIZE)
     upv, downv = memoryview(up), memoryview(down)
     up_lo = up_hi = down_lo = down_hi = 0  # pending bytes: up[up_lo:up_hi] → tls, down[down_lo:down_hi] → plain
-    frames = RpcFrames() if coalesce else None
+    frames = RpcFrames(keep=prefetch) if coalesce or prefetch else None
+    early = Prefetch() if prefetch else None
     hold_until = 0.0  # held requests go by then at the latest
     sent_up = sent_down = turns = 0
     last = 0  # direction of the last bytes moved: 1 up, 2 down
@@ -205,9 +166,16 @@ def splice(plain: socket.socket, tls: ssl.SSLSocket, coalesce: bool = False) -> 
                         if frames is not None:
                             if up_hi == 0:
                                 hold_until = now() + HOLD_S
-                            frames.feed(upv[up_hi:up_hi + n])
+                            frames.feed(upv[up_hi:up_hi + n], up_hi)
                         p_in = n == _BUFSIZE - up_hi
                         up_hi += n
+                        if early is not None and frames.done:
+                            up_hi, give = early.requests(frames.done, upv, up_hi, _BUFSIZE - down_hi)
+                            if give:  # a fetch answered here: its reply, or as much of it as came yet
+                                downv[down_hi:down_hi + len(give)] = give
+                                down_hi += len(give)
+                            if not up_hi:
+                                frames.reply_due = False
                         progress = True
                         if last != 1:
                             last, turns = 1, turns + 1
@@ -230,6 +198,7 @@ def splice(plain: socket.socket, tls: ssl.SSLSocket, coalesce: bool = False) -> 
                             up_lo = up_hi = 0
                             if frames is not None:
                                 frames.reply_due = False
+                                frames.rebase()
                 # TLS → plain: drain the records at hand into the buffer, then write once
                 while down_hi < _BUFSIZE and not tls_eof and ((t_in if recv_waits != POLLOUT else t_out)
                                                               or tls.pending()):
@@ -249,7 +218,14 @@ def splice(plain: socket.socket, tls: ssl.SSLSocket, coalesce: bool = False) -> 
                         break
                     if ev is not None:
                         ev.append((now(), "ti", n))
-                    down_hi += n
+                    if early is not None:
+                        try:
+                            down_hi = early.replies(downv, down_hi, down_hi + n)
+                        except ProtocolError as exc:
+                            logger.error("relay: %s; closing the connection", exc)
+                            return sent_up, sent_down, turns
+                    else:
+                        down_hi += n
                     progress = True
                     if last != 2:
                         last, turns = 2, turns + 1
@@ -301,6 +277,8 @@ def splice(plain: socket.socket, tls: ssl.SSLSocket, coalesce: bool = False) -> 
                     t_out = t_out or hup or bool(what & POLLOUT)
     finally:
         _close(plain, tls)
+        if early is not None and (early.saved or early.wasted):
+            logger.debug("relay: %d tensor fetches answered ahead, %d asked for in vain", early.saved, early.wasted)
         if ev:
             _write_trace(ev)
 
