@@ -64,15 +64,16 @@ class ClientRelay(_Acceptor):
     def __init__(self, remote: str, token: str, *, fingerprint: str | None = None,
                  cafile: str | os.PathLike | None = None, server_hostname: str | None = None,
                  connect_timeout: float = 10.0, listen_host: str = "127.0.0.1", hub: dict | None = None,
-                 via_hub: bool = False, coalesce: bool = True, prefetch: bool | None = None):
+                 via_hub: bool = False, coalesce: bool | None = None, prefetch: bool | None = None):
         from sharedllm.relay.hub import VIA_HUB_PREFIX
 
         if (fingerprint is None) == (cafile is None):
             raise ValueError("ClientRelay needs exactly one of fingerprint= (pinned certificate) or cafile=")
         super().__init__()
-        self.coalesce = coalesce  # the local side speaks llama.cpp's RPC: one TLS burst per round trip (RpcFrames)
-        # ... and its tensor fetches that recur at every step are asked for early (rpc.Prefetch); off with
-        # SHAREDLLM_RELAY_PREFETCH=0 (to compare, or should a llama.cpp release break the relay's reading of it)
+        # The local side speaks llama.cpp's RPC: one TLS burst per round trip (rpc.RpcFrames), and the tensor fetches
+        # that recur at every step asked for early (rpc.Prefetch). Off with SHAREDLLM_RELAY_COALESCE=0 and
+        # SHAREDLLM_RELAY_PREFETCH=0: to compare, or should a llama.cpp release break the relay's reading of it.
+        self.coalesce = coalesce if coalesce is not None else os.environ.get("SHAREDLLM_RELAY_COALESCE", "1") != "0"
         self.prefetch = prefetch if prefetch is not None else os.environ.get("SHAREDLLM_RELAY_PREFETCH", "1") != "0"
         self._via = remote if remote.startswith(VIA_HUB_PREFIX) else None
         if (self._via or via_hub) and not hub:

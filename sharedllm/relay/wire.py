@@ -32,6 +32,7 @@ _HUP = select.POLLHUP | select.POLLERR | select.POLLNVAL
 # every process of a machine): where a round trip spends its time on this hop, for benchmarks and debugging.
 _TRACE_DIR = os.environ.get("SHAREDLLM_RELAY_TRACE") or None
 _trace_seq = iter(range(1 << 62))
+_TRACE_FLUSH = 1024  # events a splice keeps before it appends them to its file
 
 
 def parse_endpoint(endpoint: str) -> tuple[str, int]:
@@ -133,6 +134,7 @@ def splice(plain: socket.socket, tls: ssl.SSLSocket, coalesce: bool = False,
     send_waits = recv_waits = 0  # the poll event a blocked TLS write / read waits for (renegotiation, full buffers)
     poller = select.poll()
     ev: list[tuple[float, str, int]] | None = [] if _TRACE_DIR else None
+    trace_path: str | None = None
     now = time.monotonic
 
     def holding() -> bool:
@@ -265,6 +267,9 @@ def splice(plain: socket.socket, tls: ssl.SSLSocket, coalesce: bool = False,
             ready = poller.poll(max(0.0, hold_until - now()) * 1000 if held else None)
             if ev is not None:
                 ev.append((now(), "w", len(ready)))
+                if len(ev) >= _TRACE_FLUSH:  # now and then, not only at the end: a process may leave by os._exit
+                    trace_path = _write_trace(ev, trace_path)
+                    ev.clear()
             for fd, what in ready:
                 if what & select.POLLNVAL:
                     return sent_up, sent_down, turns
@@ -280,13 +285,15 @@ def splice(plain: socket.socket, tls: ssl.SSLSocket, coalesce: bool = False,
         if early is not None and (early.saved or early.wasted):
             logger.debug("relay: %d tensor fetches answered ahead, %d asked for in vain", early.saved, early.wasted)
         if ev:
-            _write_trace(ev)
+            _write_trace(ev, trace_path)
 
 
-def _write_trace(events: list[tuple[float, str, int]]) -> None:
-    path = os.path.join(_TRACE_DIR, f"splice-{os.getpid()}-{next(_trace_seq)}.jsonl")
+def _write_trace(events: list[tuple[float, str, int]], path: str | None) -> str | None:
+    """Append ``events`` to this splice's trace file (a new one when ``path`` is None); returns its path."""
+    path = path or os.path.join(_TRACE_DIR, f"splice-{os.getpid()}-{next(_trace_seq)}.jsonl")
     try:
-        with open(path, "w") as f:
+        with open(path, "a") as f:
             f.writelines(json.dumps(e) + "\n" for e in events)
     except OSError as exc:
         logger.warning("relay trace: cannot write %s: %s", path, exc)
+    return path
