@@ -18,7 +18,8 @@ different greedy prompts are streamed at once (``max_tokens=--tokens``), through
 each through the Python API (threads calling ``create_completion(stream=True)``; not for ``llama_cpp.server``) and
 over HTTP (``sharedllm.openai_server`` / the llama-cpp-python server, streamed with httpx, one thread per stream).
 Then the batched handles again (Python API; 1, 8 and the most streams) with an emulated link of ``--rtt`` ms to
-every machine (``sharedllm.linkem``, in the engine): the mesh's machines are not on one computer.
+every machine (``sharedllm.linkem``, each in its own process, on the wire between the client relay and the machine's
+relay, as in ``bench_link.py``): the mesh's machines are not on one computer.
 
 Per run: aggregate tokens/s (every stream's tokens over the wall time from the common start to the last token), p50
 and p95 time to first token (from each request's start), p50 inter-token latency (every gap of every stream). Runs
@@ -134,6 +135,13 @@ def run_level(n: int, stream: Callable[[str], Iterator[str]]) -> dict[str, Any]:
     }
 
 
+def _link(rtt: float) -> dict | None:
+    """The emulated link of ``rtt`` ms to each machine: a process of its own (threads in the engine would share its
+    GIL with the engine's loop) on the wire (what crosses a real link: TLS, after the client relay's coalescing and
+    prefetching)."""
+    return {"rtt_ms": rtt, "process": True, "wire": True} if rtt else None
+
+
 def mesh_setups(args: argparse.Namespace, mesh) -> dict[str, dict[str, Any]]:
     """The handles on the loopback mesh: batched (exact and fast) and one at a time, through the Python API and
     HTTP; then batched on the emulated link of each ``--rtt``, through the Python API."""
@@ -148,7 +156,7 @@ def mesh_setups(args: argparse.Namespace, mesh) -> dict[str, dict[str, Any]]:
     out: dict[str, dict[str, Any]] = {}
     for name, parallel, exact, rtt, apis in setups:
         with mesh.load("gemma-3-270m", n_ctx=N_CTX, machines=["machine-1", "machine-2"], parallel=parallel,
-                       exact_batches=exact, link={"rtt_ms": rtt} if rtt else None) as llm:
+                       exact_batches=exact, link=_link(rtt)) as llm:
             llm.create_completion(PROMPTS[0], max_tokens=8, temperature=0)  # warm up
             app = create_app(llm, model_id=MODEL_ID, max_queue=256, queue_timeout=3600)
             with ServerThread(app) as server:

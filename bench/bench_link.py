@@ -423,14 +423,15 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
         if args.device:  # the mesh's workers read their options from SHAREDLLM_<OPTION> too
             os.environ["SHAREDLLM_RPC_DEVICES"] = args.device
         lm = rig.stack.enter_context(contextlib.closing(LocalMesh(machines=2, dashboard=False,
-                                                                  rpc_threads=args.threads or None)))
+                                                                  rpc_threads=args.threads or None,
+                                                                  insecure_direct_rpc=args.no_relays)))
         lm.start()
         control_dir = work / "mesh-links"
         logger.info("mesh: loading %s behind link emulators on the wire", args.model or MODEL_NAME)
         t0 = time.perf_counter()
         threads = {"n_threads": args.threads} if args.threads else {}
-        llm = lm.mesh().load(args.model or MODEL_NAME, n_ctx=N_CTX, link={"rtt_ms": 0.0, "process": True, "wire": True,
-                                                            "control_dir": str(control_dir)}, **threads)
+        link = {"rtt_ms": 0.0, "process": True, "wire": not args.no_relays, "control_dir": str(control_dir)}
+        llm = lm.mesh().load(args.model or MODEL_NAME, n_ctx=N_CTX, link=link, **threads)
         rig.stack.callback(llm.close)
         mesh_load_s = time.perf_counter() - t0
         topo = llm.topology
@@ -550,7 +551,7 @@ def summarize(args, runs, first, link_rtt, loads, topo, model_path, total_s) -> 
                    "model": model_path, "prompt": PROMPT, "n_ctx": N_CTX,
                    "completion_kwargs": completion_kwargs(args.tokens), "quiet_wait_s": args.quiet_wait,
                    "max_foreign_pct": args.max_foreign, "retries": args.retries, "pings": args.pings,
-                   "threads": args.threads or None,
+                   "threads": args.threads or None, "mesh_relays": not args.no_relays,
                    "link": "sharedllm.linkem, one process per link; mesh: on the wire (TLS), raw: in front of the "
                            "rpc-server"},
         "topology": {"endpoints": topo.endpoints, "tensor_split": topo.tensor_split,
@@ -597,7 +598,9 @@ def report(result: dict[str, Any], markdown: bool) -> str:
         f"Gemma 3 270M Q4_K_M, {cfg['tokens']} greedy tokens, median of {cfg['repeats']} interleaved repeats, "
         f"2 loopback machines (tensor_split {result['topology']['tensor_split']}, output layer on the "
         + ("client" if result["topology"]["output_on_client"] else "last machine")
-        + f"), {m['cpu_count']} CPUs; one emulated link per machine (its own process)",
+        + f"), {m['cpu_count']} CPUs; one emulated link per machine (its own process)"
+        + ("" if cfg.get("mesh_relays", True) else "; the mesh WITHOUT its relays (--no-relays)")
+        + (f"; {cfg['threads']} thread(s) per machine and client" if cfg.get("threads") else ""),
         "",
         render(rows, markdown),
         "",
@@ -632,6 +635,9 @@ def main(argv: list[str] | None = None) -> int:
                         "threads): machines as real ones are, on a host with 3 x CORES + 3 cores or more")
     p.add_argument("--threads", type=int, default=0, metavar="N",
                    help="CPU threads of every rpc-server and of the client (default: every core; --pin sets it)")
+    p.add_argument("--no-relays", action="store_true",
+                   help="the mesh without its relays (--insecure-direct-rpc machines, the link in front of each "
+                        "rpc-server): what the relays cost, apart from the engine")
     p.add_argument("--quiet-wait", type=float, default=2.0, metavar="SECONDS",
                    help="before each run, wait up to this long for other processes to leave the CPU (default 2)")
     p.add_argument("--max-foreign", type=float, default=15.0, metavar="PCT",

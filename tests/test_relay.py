@@ -293,9 +293,9 @@ def test_allowed_callback(rpc_server, certs):
 
 
 @contextlib.contextmanager
-def stand_in(certs: dict, serve):
+def stand_in(certs: dict, serve, **kw):
     """A server relay (lease "L") in front of a stand-in for the rpc-server: ``serve(data, conn)`` for each read of
-    its one connection; yields a client relay to it."""
+    its one connection; yields a client relay to it (``kw``: the client relay's options)."""
     listener = socket.create_server(("127.0.0.1", 0))
 
     def run():
@@ -310,7 +310,7 @@ def stand_in(certs: dict, serve):
                      keyfile=certs["key"], secret=K1, machine_id=M1).start()
     sr.set_lease("L")
     try:
-        with client(sr, certs, mint_token(K1, "L", M1, ttl=60)) as cr:
+        with client(sr, certs, mint_token(K1, "L", M1, ttl=60), fingerprint=certs["fingerprint"], **kw) as cr:
             yield cr
     finally:
         sr.stop()
@@ -599,15 +599,16 @@ def _ask(s: socket.socket, req: bytes) -> bytes:
     return _recv_all(s, size)
 
 
-def test_prefetch_answers_the_fetch_that_always_follows_another(certs):
+@pytest.mark.parametrize("coalesce", [True, False])
+def test_prefetch_answers_the_fetch_that_always_follows_another(certs, coalesce):
     """Through real relays, a stand-in machine, and a client that behaves as llama.cpp handing a stage's two outputs
     to the next stage: set inputs, compute, fetch X, fetch Y, at every step. From the second step on, Y travels with
     X (one round trip, not two) and the client's own fetch of Y never reaches the machine; every answer is the value
     the machine holds when the client asks. A request between X and Y (here one that changes Y) makes the relay drop
-    its early answer; a freed buffer makes it forget what it learned."""
+    its early answer; a freed buffer makes it forget what it learned. With coalescing on and off."""
     machine = _Machine()
-    with stand_in(certs, machine) as cr:
-        assert cr.prefetch
+    with stand_in(certs, machine, coalesce=coalesce) as cr:
+        assert cr.prefetch and cr.coalesce == coalesce
         host, port = relay.parse_endpoint(cr.endpoint)
         with socket.create_connection((host, port), timeout=20) as s:
             s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)

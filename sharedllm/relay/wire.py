@@ -139,7 +139,7 @@ def splice(plain: socket.socket, tls: ssl.SSLSocket, coalesce: bool = False,
 
     def holding() -> bool:
         """Requests that only set state are waiting for the next one (coalesce), and their time is not up."""
-        return (frames is not None and up_hi > 0 and up_lo == 0 and not plain_eof and not frames.reply_due
+        return (coalesce and frames is not None and up_hi > 0 and up_lo == 0 and not plain_eof and not frames.reply_due
                 and up_hi < _HOLD_MAX and now() < hold_until)
 
     pfd, tfd = plain.fileno(), tls.fileno()
@@ -263,7 +263,7 @@ def splice(plain: socket.socket, tls: ssl.SSLSocket, coalesce: bool = False,
                 tmask = want_t
             # Bytes not sent with nothing blocking the TLS write: held, until hold_until at the latest (ms, rounded up;
             # 0 when the hold ran out since the loop looked: they go on the next pass).
-            held = frames is not None and up_hi > 0 and up_lo == 0 and not send_waits
+            held = coalesce and up_hi > 0 and up_lo == 0 and not send_waits
             ready = poller.poll(max(0.0, hold_until - now()) * 1000 if held else None)
             if ev is not None:
                 ev.append((now(), "w", len(ready)))
