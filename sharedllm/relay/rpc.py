@@ -47,6 +47,11 @@ _LEARNED_MAX = 256
 _FORWARD, _KEEP, _DROP, _KEPT = 0, 1, 2, 3
 
 
+def _fetch_size(req: bytes) -> int:
+    """The bytes a tensor fetch asks for: the last field of its request."""
+    return int.from_bytes(req[-8:], "little")
+
+
 class ProtocolError(ConnectionError):
     """The replies do not match the requests: the relay cannot tell which bytes are whose."""
 
@@ -135,15 +140,13 @@ class Prefetch:
         self.wasted = 0
         self._next: dict[bytes, bytes] = {}  # a fetch -> the fetch that came right after it, last time
         self._prev: bytes | None = None  # the last request, when it was a fetch
-        self._queue: deque[list[int]] = deque()  # one [mode] per reply due, in order
+        self._queue: deque[list[int]] = deque()  # one [mode, size] per reply due, in order (size -1: not a fetch)
         self._early: bytes | None = None  # the fetch sent early, until the client's next request
         self._early_entry: list[int] | None = None
         self._kept = bytearray()  # the early fetch's reply, so far
         self._entry: list[int] | None = None  # the reply being received
         self._head = bytearray()  # its size field, so far
         self._left = -1  # its payload bytes still to come (-1: its size field is not complete)
-        self._expect: deque[int] = deque()  # the size each tensor fetch's reply must have (-1: not a fetch)
-        self._size = -1
         self._first_request = True  # must be HELLO, or the stream is not llama.cpp's RPC as known here
         self._first_reply = True  # HELLO's: its first payload byte is the protocol's major version
         self._confirmed = False  # the machine answered HELLO with protocol 7: a reply without a request is an error
@@ -181,8 +184,7 @@ class Prefetch:
                     entry[0] = _DROP
                 self._kept = bytearray()
             if cmd not in NO_REPLY:
-                self._queue.append([_FORWARD])
-                self._expect.append(int.from_bytes(req[-8:], "little") if req is not None else -1)
+                self._queue.append([_FORWARD, _fetch_size(req) if req is not None else -1])
             if cmd in (ALLOC_BUFFER, FREE_BUFFER):
                 self._next.clear()
             self._learn(req)
@@ -206,13 +208,12 @@ class Prefetch:
         nxt = self._next.get(req)
         if nxt is None or hi + len(nxt) > len(buf):
             return hi
-        size = int.from_bytes(nxt[-8:], "little")
+        size = _fetch_size(nxt)
         if size + 8 > PREFETCH_MAX:
             return hi
         buf[hi:hi + len(nxt)] = nxt
-        entry = [_KEEP]
+        entry = [_KEEP, size]
         self._queue.append(entry)
-        self._expect.append(size)
         self._early, self._early_entry = nxt, entry
         return hi + len(nxt)
 
@@ -233,7 +234,6 @@ class Prefetch:
                     buf[out:out + hi - i] = bytes(buf[i:hi])
                     return out + hi - i
                 self._entry = self._queue.popleft()
-                self._size = self._expect.popleft()
                 self._head.clear()
                 self._left = -1
             if self._left < 0:
@@ -241,8 +241,8 @@ class Prefetch:
                 self._head += buf[i:i + take]
                 if len(self._head) == 8:
                     self._left = int.from_bytes(self._head, "little")
-                    if self._size >= 0 and self._left != self._size:
-                        raise ProtocolError(f"a tensor fetch of {self._size} bytes got a reply of {self._left}")
+                    if self._entry[1] >= 0 and self._left != self._entry[1]:
+                        raise ProtocolError(f"a tensor fetch of {self._entry[1]} bytes got a reply of {self._left}")
             else:
                 take = min(self._left, hi - i)
                 if self._first_reply and take:
