@@ -34,7 +34,7 @@ from collections import deque
 logger = logging.getLogger("sharedllm.relay")
 
 PROTOCOL_MAJOR = 7
-ALLOC_BUFFER, FREE_BUFFER, SET_TENSOR, GET_TENSOR, GRAPH_COMPUTE, HELLO = 0, 4, 6, 8, 10, 14
+ALLOC_BUFFER, FREE_BUFFER, SET_TENSOR, GET_TENSOR, GRAPH_COMPUTE, HELLO, GRAPH_RECOMPUTE = 0, 4, 6, 8, 10, 14, 16
 CMD_COUNT = 19  # RPC_CMD_COUNT: a larger command makes the rpc-server drop the connection
 # Requests that get no reply in protocol 7: FREE_BUFFER, BUFFER_CLEAR, SET_TENSOR, GRAPH_COMPUTE, INIT_TENSOR,
 # GRAPH_RECOMPUTE, MEMSET_TENSOR. Every other command gets exactly one.
@@ -73,7 +73,7 @@ class RpcFrames:
     :meth:`rebase`), and the request's bytes when it is a tensor fetch (else None), for :class:`Prefetch`.
     """
 
-    HOLD = frozenset({4, 5, 6, 12, 17})
+    HOLD = NO_REPLY - {GRAPH_COMPUTE, GRAPH_RECOMPUTE}  # no reply, and no work for the machine to start
     _HEADER = 9
 
     def __init__(self, keep: bool = False) -> None:
