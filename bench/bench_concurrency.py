@@ -142,6 +142,18 @@ def _link(rtt: float) -> dict | None:
     return {"rtt_ms": rtt, "process": True, "wire": True} if rtt else None
 
 
+def _idle_stats(llm, before: dict[str, Any], timeout: float = 30.0) -> dict[str, Any]:
+    """The engine's statistics once it reported the end of the run (running 0, more steps than ``before``); with
+    ``parallel=1`` (no batch scheduler, no steps) at once."""
+    deadline = time.monotonic() + timeout
+    while "steps" in before:
+        stats = llm.load_stats
+        if (stats["running"] == 0 and stats.get("steps", 0) > before["steps"]) or time.monotonic() > deadline:
+            return stats
+        time.sleep(0.05)
+    return llm.load_stats
+
+
 def mesh_setups(args: argparse.Namespace, mesh) -> dict[str, dict[str, Any]]:
     """The handles on the loopback mesh: batched (exact and fast) and one at a time, through the Python API and
     HTTP; then batched on the emulated link of each ``--rtt``, through the Python API."""
@@ -166,8 +178,13 @@ def mesh_setups(args: argparse.Namespace, mesh) -> dict[str, dict[str, Any]]:
                         continue
                     for n in args.levels if not rtt else [n for n in args.levels if n in (1, 8, top)]:
                         logger.info("%s, %s: %d stream(s)", name, api, n)
-                        out[f"{name}|{api}|{n}"] = {"setup": name, "api": api, "max_batch": llm.max_batch,
-                                                    **run_level(n, stream)}
+                        before = llm.load_stats
+                        run = run_level(n, stream)
+                        after = _idle_stats(llm, before)
+                        steps = after.get("steps", 0) - before.get("steps", 0)
+                        out[f"{name}|{api}|{n}"] = {
+                            "setup": name, "api": api, "max_batch": llm.max_batch, **run, "decode_steps": steps,
+                            "passes_per_step": (after["passes"] - before["passes"]) / steps if steps > 0 else None}
     return out
 
 
@@ -237,13 +254,14 @@ def summarize(runs: dict[str, dict[str, Any]]) -> dict[str, Any]:
 
 def report(result: dict[str, Any], markdown: bool) -> str:
     rows = [["setup", "api", "streams", "tokens", "agg tok/s", "x vs 1 stream", "TTFT p50 ms", "TTFT p95 ms",
-             "ITL p50 ms"]]
+             "ITL p50 ms", "passes/step"]]
     runs = result["runs"]
     for r in runs.values():
         base = runs.get(f"{r['setup']}|{r['api']}|1")
         rows.append([r["setup"], r["api"], str(r["streams"]), str(r["tokens"]), f"{r['tok_s']:.1f}",
                      f"{r['tok_s'] / base['tok_s']:.2f}" if base else "-", f"{r['ttft_p50_ms']:.0f}",
-                     f"{r['ttft_p95_ms']:.0f}", "-" if r["itl_p50_ms"] is None else f"{r['itl_p50_ms']:.1f}"])
+                     f"{r['ttft_p95_ms']:.0f}", "-" if r["itl_p50_ms"] is None else f"{r['itl_p50_ms']:.1f}",
+                     "-" if r.get("passes_per_step") is None else f"{r['passes_per_step']:.2f}"])
     lines = [render(rows, markdown), ""]
     for api, bar in result["summary"]["bars"].items():
         lines.append(f"bar ({api}): 8 streams give {bar['throughput_8_over_1']:.2f}x the tokens/s of 1 "

@@ -481,7 +481,7 @@ class SessionTable(DashboardComponent):
         self.scheduler = scheduler
         self.source = ColumnDataSource({k: [] for k in self.columns}, name="sharedllm-sessions")
         widths = {"session": 90, "model": 200, "layers": 260, "tokens": 70, "requests": 70, "tok_s": 90,
-                  "ttft": 80, "batch": 150, "opened": 90, "client": 200}
+                  "ttft": 80, "batch": 200, "opened": 90, "client": 200}
         cols = [TableColumn(field=k, title=v, width=widths[k]) for k, v in self.columns.items()]
         kwargs.setdefault("height", 80)
         self.root = DataTable(source=self.source, columns=cols, index_position=None, reorderable=False,
@@ -507,8 +507,10 @@ class SessionTable(DashboardComponent):
             ttft = s.get("last_ttft_ms")
             data["ttft"].append("-" if ttft is None else f"{ttft:.0f} ms")
             load = s.get("load") or {}
+            passes = f" in {load['passes_per_step']:.1f} passes" if load.get("passes_per_step", 1) > 1.05 else ""
             data["batch"].append(f"{load.get('running', 0):.0f} / {load.get('waiting', 0):.0f} / "
-                                 f"{load.get('batch', 0):.1f} of {load.get('parallel', 1):.0f}" if load else "-")
+                                 f"{load.get('batch', 0):.1f}{passes} of {load.get('parallel', 1):.0f}"
+                                 if load else "-")
             data["opened"].append(_clock(s.get("opened")))
             data["client"].append(s.get("client") or "?")
         self.root.height = 30 + 28 * max(len(sessions), 1)

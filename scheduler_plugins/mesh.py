@@ -690,7 +690,8 @@ class MeshPlugin(SchedulerPlugin):
             sess.last_ttft_ms = ttft_ms
         if isinstance(load, dict):
             sess.load = {k: float(v) for k, v in load.items()
-                         if k in ("running", "waiting", "batch", "parallel") and isinstance(v, (int, float))}
+                         if k in ("running", "waiting", "batch", "passes_per_step", "parallel")
+                         and isinstance(v, (int, float))}
         sess.last_report = now
         self.tokens_total += tokens
         from sharedllm.scheduler_plugins.metrics import record_session_report

@@ -362,12 +362,16 @@ def _families(plugin: Any) -> Iterator[Any]:
                              "batch or waiting for a sequence, as last reported", labels=["session", "model", "state"])
     batch = GaugeMetricFamily(f"{PREFIX}_session_batch_size", "Mean sequences decoded per step by each session's "
                               "engine, as last reported", labels=["session", "model"])
+    passes = GaugeMetricFamily(f"{PREFIX}_session_passes_per_step", "Mean llama_decode passes per decode step of "
+                               "each session's engine (one per run of consecutive sequence ids, or more where the "
+                               "kernels limit the batch), as last reported", labels=["session", "model"])
     for s in sessions:
         load = s.get("load") or {}
         for state in ("running", "waiting"):
             seqs.add_metric([s["session_id"], s.get("model", ""), state], float(load.get(state, 0.0)))
         batch.add_metric([s["session_id"], s.get("model", "")], float(load.get("batch", 0.0)))
-    yield from (seqs, batch)
+        passes.add_metric([s["session_id"], s.get("model", "")], float(load.get("passes_per_step", 0.0)))
+    yield from (seqs, batch, passes)
 
     yield CounterMetricFamily(f"{PREFIX}_tokens_generated", "Tokens generated on the mesh since the scheduler started",
                               value=float(plugin.tokens_total))

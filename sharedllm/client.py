@@ -836,16 +836,17 @@ class MeshModel:
     @property
     def load_stats(self) -> dict:
         """The engine's batch: sequences ``running`` and ``waiting`` (requests in flight when it runs one at a
-        time), the mean ``batch`` size of its last decode steps and its ``parallel``."""
+        time), the mean ``batch`` size (sequences) and ``passes_per_step`` (llama_decode passes) of its last decode
+        steps, its ``parallel``, and (batched) the ``steps`` and ``passes`` since it started."""
         engine = self._engine
         if engine is None:
             return {"running": 0, "waiting": 0, "batch": 0.0, "parallel": self.parallel}
         if self.parallel == 1:
             n = engine.in_flight
             return {"running": min(n, 1), "waiting": max(n - 1, 0), "batch": float(min(n, 1)), "parallel": 1}
-        stats = dict(engine.stats)
+        stats = dict(engine.poll_stats())
         # The scheduler's last report may be a step behind the requests this handle sees in flight.
-        stats.setdefault("running", 0)
+        stats["running"] = min(stats.get("running", 0), engine.in_flight)
         stats["waiting"] = max(stats.get("waiting", 0), engine.in_flight - stats["running"])
         return {"batch": 0.0, "parallel": self.parallel, **stats}
 

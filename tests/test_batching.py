@@ -148,6 +148,40 @@ def test_a_cancelled_request_frees_its_sequence_at_once(batched):
     assert order[0] == "short", order  # it did not wait for a long stream to end
 
 
+def test_sequences_that_left_in_any_order_leave_the_next_batch_one_pass_a_step(batched, solo):
+    # llama.cpp evaluates several KV streams in one pass only when their sequence ids are consecutive, in increasing
+    # order; a batch of slots in any other order is split into one pass per run of them (each a round trip to every
+    # machine and a read of all the weights). Round 1: 8 sequences of different lengths, which leave in an order
+    # unlike the one they came in; round 2: 8 at once, as long as each other, must take no more passes a step than
+    # the kernels' limit asks (max_batch), whatever round 1 left behind.
+    def at_once(items: list[tuple[str, int]]) -> dict[str, str]:
+        texts: dict[str, str] = {}
+
+        def one(prompt: str, n: int) -> None:
+            texts[prompt] = "".join(c["choices"][0]["text"] for c in batched.create_completion(
+                prompt, max_tokens=n, temperature=0, stream=True))
+
+        threads = [threading.Thread(target=one, args=item) for item in items]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=300)
+        return texts
+
+    def idle(after: int = -1) -> dict:
+        return wait_for(lambda: (s := batched.load_stats)["running"] == 0 and s.get("steps", -1) > after and s,
+                        timeout=60, what="the engine's report of its last step")
+
+    assert at_once(PROMPTS) == solo
+    before = idle()
+    texts = at_once([(p, 16) for p, _ in PROMPTS])
+    after = idle(before["steps"])
+    assert all(solo[p].startswith(texts[p]) and texts[p] for p, _ in PROMPTS), texts
+    steps, passes = after["steps"] - before["steps"], after["passes"] - before["passes"]
+    assert 15 <= steps <= 24, (steps, passes)  # the 8 sequences were decoded together, not one after another
+    assert passes <= steps * -(-len(PROMPTS) // batched.max_batch), (steps, passes, batched.max_batch)
+
+
 def test_the_server_batches_and_answers_queue_full_and_context_overflow(batched, solo):
     app = create_app(batched, model_id="gemma", max_queue=0, queue_timeout=60)
     assert app.state.queue.concurrency == 8
@@ -289,3 +323,19 @@ def test_the_queue_serves_waiting_clients_in_turn():
     # alice came first with four, bob after with two: they alternate while both wait.
     assert order[:4] == ["alice0", "bob0", "alice1", "bob1"], order
     assert sorted(order) == ["alice0", "alice1", "alice2", "alice3", "bob0", "bob1"]
+
+
+def test_a_decode_step_is_one_pass_per_run_of_consecutive_slots():
+    """No model: how a step's sequences (in slot order) are cut into llama_decode passes."""
+    from types import SimpleNamespace
+
+    from sharedllm.engine.batch import passes
+
+    def cut(slots: list[int], size: int) -> list[list[int]]:
+        return [[s.slot for s in group] for group in passes([SimpleNamespace(slot=s) for s in slots], size)]
+
+    assert cut(list(range(16)), 16) == [list(range(16))]
+    assert cut(list(range(16)), 7) == [list(range(6)), list(range(6, 12)), list(range(12, 16))]
+    assert cut([0, 1, 3, 4, 5, 9], 16) == [[0, 1], [3, 4, 5], [9]]  # a free slot between two runs: two passes
+    assert cut([0, 1, 2, 3, 5, 6], 3) == [[0, 1], [2, 3], [5, 6]]
+    assert cut([], 4) == []

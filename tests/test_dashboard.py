@@ -395,7 +395,8 @@ def test_collector_series_and_one_first_token_per_request():
             self.d, self.session_id, self.machines = d, d["session_id"], d["machines"]
 
         def to_dict(self) -> dict:
-            return {**self.d, "last_tok_s": 12.5}
+            return {**self.d, "last_tok_s": 12.5,
+                    "load": {"running": 3.0, "waiting": 1.0, "batch": 2.5, "passes_per_step": 1.5, "parallel": 4.0}}
 
     class Plugin:  # what the collector reads of MeshPlugin
         scheduler = type("S", (), {"status": "Status.running"})()
@@ -431,6 +432,9 @@ def test_collector_series_and_one_first_token_per_request():
     assert _value(fams, "sharedllm_gpu_utilization_ratio", machine="a", device="CUDA0") == 0.5
     assert _value(fams, "sharedllm_sessions_active") == 1
     assert _value(fams, "sharedllm_session_tokens_per_second", session="s1") == 12.5
+    assert _value(fams, "sharedllm_session_sequences", session="s1", state="waiting") == 1
+    assert _value(fams, "sharedllm_session_batch_size", session="s1") == 2.5
+    assert _value(fams, "sharedllm_session_passes_per_step", session="s1") == 1.5
     assert _value(fams, "sharedllm_tokens_generated", "sharedllm_tokens_generated_total") == 42
     ttft = "sharedllm_time_to_first_token_seconds"
     assert _value(fams, ttft, f"{ttft}_count") == 2  # 0.3 s and 0.7 s; the 2.3 s of the same request is not one

@@ -6,11 +6,17 @@ stream (``n_seq_max = parallel``, ``kv_unified = false``: a sequence's cells sta
 attention sums exactly the terms it would sum alone). One thread, the scheduler, owns the context and loops:
 
 1. it frees the slots of sequences that ended, were cancelled or whose caller left (``llama_memory_seq_rm``), and
-   gives free slots to waiting sequences, first come first served (fairness between clients is the server's job, at
-   admission: see ``sharedllm.openai_server.RequestQueue``);
+   gives free slots to waiting sequences, first come first served, the lowest free slot first (fairness between
+   clients is the server's job, at admission: see ``sharedllm.openai_server.RequestQueue``);
 2. it decodes the next token of every running sequence in one ``llama_decode`` (one pass over the mesh for all of
    them: on a mesh every pass pays a round trip per machine, so a batch of B sequences pays it once for B), or in
-   balanced groups of at most ``max_batch`` when more would change the kernels (:func:`invariant_batch`);
+   balanced groups of at most ``max_batch`` when more would change the kernels (:func:`invariant_batch`). llama.cpp
+   evaluates several KV streams in one pass only when their sequence ids are consecutive, in increasing order
+   (``llama_batch_allocr::split_equal``, sequential: a batch of slots 7, 6, ..., 0, 8, ..., 15 is 9 passes, every
+   one a round trip to every machine and a read of all the weights). So the slots are kept compact (lowest free
+   slot first), a step's batch is in slot order, and each pass is one run of consecutive slots (:func:`passes`);
+   a sequence held back by ``LOOKAHEAD`` between two that are decoded is decoded anyway (up to
+   ``LOOKAHEAD_MAX``), since leaving it out would cost a pass;
 3. before that, it evaluates the prompts of sequences still reading theirs, at most ``prefill_chunk`` tokens in all
    per step, each prompt chunk in its own ``llama_decode``: a long prompt takes several steps and never stalls the
    running streams for long. Evaluating a prompt alone (not mixed with other sequences' tokens) keeps its kernels
@@ -27,6 +33,7 @@ catches up.
 from __future__ import annotations
 
 import collections
+import heapq
 import logging
 import threading
 import time
@@ -38,6 +45,7 @@ from sharedllm.engine.sampling import sampler_chain
 logger = logging.getLogger(__name__)
 
 LOOKAHEAD = 4  # tokens a sequence may run ahead of its consumer
+LOOKAHEAD_MAX = 16  # ... when holding it back would split a decode step into one more pass
 
 
 class QueueFull(Exception):
@@ -87,12 +95,13 @@ class BatchScheduler:
         # Sequences per llama_decode of a decode step; 0: all of them (see invariant_batch).
         self.max_batch = max_batch or parallel
         self._cond = threading.Condition()
-        self._free = list(range(parallel - 1, -1, -1))  # slots (sequence ids), popped from the end: 0 first
+        self._free = list(range(parallel))  # free slots (sequence ids), a heap: the lowest is taken first
         self._running: list[Sequence] = []
         self._waiting: collections.deque[Sequence] = collections.deque()
         self._closed = False
-        self.steps = 0
-        self._batch_sizes: collections.deque[int] = collections.deque(maxlen=64)
+        self.steps = 0  # decode steps
+        self.passes = 0  # their llama_decode passes
+        self._recent: collections.deque[tuple[int, int]] = collections.deque(maxlen=64)  # (sequences, passes)
         self._stats_at = 0.0
         self._reported: tuple[int, int] | None = None  # (running, waiting) as last reported
         self._thread = threading.Thread(target=self._loop, name="batch-scheduler", daemon=True)
@@ -157,9 +166,7 @@ class BatchScheduler:
                 with self._cond:
                     self._reap()
                     self._admit()
-                    decode = [s for s in self._running
-                              if s.prefilled and s.next_input is not None and not s.ended
-                              and len(s.pending) < LOOKAHEAD]
+                    decode = self._decoded()
                     prefills = self._prefills()
                     if self._closed:
                         return
@@ -171,10 +178,15 @@ class BatchScheduler:
                 for seq, chunk in prefills:
                     last = seq.n_past + len(chunk) >= len(seq.prompt)
                     self._step([seq] if last else [], [(tok, seq.n_past + i, seq) for i, tok in enumerate(chunk)],
-                               logits=[len(chunk) - 1] if last else [], counted=False)
-                for group in _groups(decode, self.max_batch):
-                    self._step(group, [(s.next_input, s.n_past, s) for s in group], logits=list(range(len(group))),
-                               counted=True)
+                               logits=[len(chunk) - 1] if last else [])
+                groups = passes(decode, self.max_batch)
+                for group in groups:
+                    self._step(group, [(s.next_input, s.n_past, s) for s in group], logits=list(range(len(group))))
+                if groups:
+                    with self._cond:
+                        self.steps += 1
+                        self.passes += len(groups)
+                        self._recent.append((len(decode), len(groups)))
                 self._report_stats()
         except Exception as exc:  # a bug here must not leave every consumer waiting for ever
             logger.exception("the batch scheduler failed")
@@ -190,12 +202,24 @@ class BatchScheduler:
             self._running.remove(seq)
             seq.ended = True
             self._lib.llama_memory_seq_rm(self._memory, seq.slot, -1, -1)
-            self._free.append(seq.slot)
+            heapq.heappush(self._free, seq.slot)
             seq.sampler.close()
         for seq in [s for s in self._waiting if s.left or s.stopped()]:
             self._waiting.remove(seq)
             seq.ended = True
             seq.sampler.close()
+
+    def _decoded(self) -> list[Sequence]:
+        """The sequences whose next token this step decodes, in slot order: every running one that has read its
+        prompt and is less than ``LOOKAHEAD`` tokens ahead of its consumer, and those up to ``LOOKAHEAD_MAX`` ahead
+        whose slot lies between two of them (see the module's docstring)."""
+        ready = [s for s in self._running if s.prefilled and s.next_input is not None and not s.ended]
+        due = [s.slot for s in ready if len(s.pending) < LOOKAHEAD]
+        if not due:
+            return []
+        lo, hi = min(due), max(due)
+        return sorted((s for s in ready if len(s.pending) < LOOKAHEAD
+                       or (lo < s.slot < hi and len(s.pending) < LOOKAHEAD_MAX)), key=lambda s: s.slot)
 
     def _prefills(self) -> list[tuple[Sequence, list[int]]]:
         """The prompt chunks of this step: sequences still reading their prompt, first admitted first, up to
@@ -218,14 +242,12 @@ class BatchScheduler:
     def _admit(self) -> None:
         while self._free and self._waiting:
             seq = self._waiting.popleft()
-            seq.slot = self._free.pop()
+            seq.slot = heapq.heappop(self._free)
             self._running.append(seq)
 
-    def _step(self, sampled: list[Sequence], tokens: list[tuple[int, int, Sequence]], logits: list[int],
-              counted: bool) -> None:
+    def _step(self, sampled: list[Sequence], tokens: list[tuple[int, int, Sequence]], logits: list[int]) -> None:
         """One ``llama_decode`` of ``tokens`` (token, position, sequence); sample the next token of each sequence of
-        ``sampled`` from the logits of batch row ``logits[i]``. ``counted``: a decode step (its size is a batch size
-        of the statistics), not a prompt chunk."""
+        ``sampled`` from the logits of batch row ``logits[i]``."""
         batch = self._batch
         want = set(logits)
         for i, (tok, pos, seq) in enumerate(tokens):
@@ -255,9 +277,6 @@ class BatchScheduler:
                     seq.first_token_at = now
                 if self._lib.llama_vocab_is_eog(self._vocab, tok) or seq.n_past >= self.n_ctx_seq:
                     seq.ended = True
-            if counted:
-                self.steps += 1
-                self._batch_sizes.append(len(sampled))
             self._cond.notify_all()
 
     def _report_stats(self) -> None:
@@ -269,18 +288,27 @@ class BatchScheduler:
         if counts == self._reported and (now - self._stats_at < 0.5 or not counts[0]):
             return
         self._reported, self._stats_at = counts, now
-        sizes = list(self._batch_sizes)
+        recent = list(self._recent)
+        n = len(recent) or 1
         self.on_stats({"running": counts[0], "waiting": counts[1], "parallel": self.parallel, "steps": self.steps,
-                       "batch": sum(sizes) / len(sizes) if sizes else 0.0})
+                       "passes": self.passes, "batch": sum(r[0] for r in recent) / n,
+                       "passes_per_step": sum(r[1] for r in recent) / n})
 
 
-def _groups(seqs: list[Sequence], size: int) -> list[list[Sequence]]:
-    """``seqs`` in as few groups of at most ``size`` as possible, of sizes as equal as possible."""
-    if not seqs:
-        return []
-    n = -(-len(seqs) // size)
-    step = -(-len(seqs) // n)
-    return [seqs[i:i + step] for i in range(0, len(seqs), step)]
+def passes(seqs: list[Sequence], size: int) -> list[list[Sequence]]:
+    """The ``llama_decode`` passes of a decode step of ``seqs`` (in slot order): each run of consecutive slots
+    (llama.cpp evaluates the KV streams of one pass only when they are consecutive), in as few groups of at most
+    ``size`` as possible, of sizes as equal as possible."""
+    out: list[list[Sequence]] = []
+    start = 0
+    for i in range(1, len(seqs) + 1):
+        if i == len(seqs) or seqs[i].slot != seqs[i - 1].slot + 1:
+            run = seqs[start:i]
+            n = -(-len(run) // size)
+            step = -(-len(run) // n)
+            out += [run[j:j + step] for j in range(0, len(run), step)]
+            start = i
+    return out
 
 
 def invariant_batch(llm: Any, parallel: int) -> int:

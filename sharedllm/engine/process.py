@@ -224,6 +224,20 @@ class Engine:
         elif (inbox := self._inboxes.get(msg[1])) is not None:
             inbox.put((msg[0], *msg[2:]))
 
+    def poll_stats(self) -> dict[str, Any]:
+        """The batch scheduler's last report. The pipe is read by the calls waiting on it; when none does (an idle
+        engine), the reports already in it are read here, or the last ones would wait for the next call."""
+        if self._reader is not None and not self._eof and self._pipe.acquire(blocking=False):
+            try:
+                while self._reader.ready():
+                    self._route(self._reader.read(timeout=1.0))
+            except (EOFError, OSError, ValueError, TimeoutError):
+                pass  # the next call finds the end of the pipe, or the rest of the frame
+            finally:
+                self._pipe.release()
+                self._hand_over()
+        return self.stats
+
     def _pipe_ended(self) -> None:
         self._eof = True
         for inbox in list(self._inboxes.values()):
