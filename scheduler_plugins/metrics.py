@@ -20,6 +20,8 @@ name                                                        type       what
 ``sharedllm_session_sequences{session,model,state}``        gauge      requests ``running`` in its engine's batch
                                                                        or ``waiting`` for a sequence
 ``sharedllm_session_batch_size{session,model}``             gauge      mean sequences per decode step
+``sharedllm_session_passes_per_step{session,model}``        gauge      mean llama_decode passes per step (each a
+                                                                       round trip to every machine)
 ``sharedllm_tokens_generated_total``                        counter    tokens generated since the scheduler started
 ``sharedllm_requests_total``                                counter    completed requests
 ``sharedllm_time_to_first_token_seconds``                   histogram  per streamed request
@@ -362,9 +364,10 @@ def _families(plugin: Any) -> Iterator[Any]:
                              "batch or waiting for a sequence, as last reported", labels=["session", "model", "state"])
     batch = GaugeMetricFamily(f"{PREFIX}_session_batch_size", "Mean sequences decoded per step by each session's "
                               "engine, as last reported", labels=["session", "model"])
-    passes = GaugeMetricFamily(f"{PREFIX}_session_passes_per_step", "Mean llama_decode passes per decode step of "
-                               "each session's engine (one per run of consecutive sequence ids, or more where the "
-                               "kernels limit the batch), as last reported", labels=["session", "model"])
+    passes = GaugeMetricFamily(f"{PREFIX}_session_passes_per_step", "Mean llama_decode passes per step of each "
+                               "session's engine (a pass is a round trip to every machine: exact batches take one per "
+                               "prompt chunk and per run of consecutive sequence ids, fast ones one), as last reported",
+                               labels=["session", "model"])
     for s in sessions:
         load = s.get("load") or {}
         for state in ("running", "waiting"):

@@ -24,6 +24,13 @@ attention sums exactly the terms it would sum alone). One thread, the scheduler,
 4. it samples each new token with the sequence's own native sampler chain (:mod:`.sampling`) and hands it to the
    sequence's consumer.
 
+That is the exact mode (``exact_batches``, the default). The fast mode (``unified=True``) is llama-server's: one KV
+cache shared by all sequences (``kv_unified = true``), so any mix of sequences and prompt tokens is one pass, and each
+step is one ``llama_decode`` of every running sequence's next token and, within ``prefill_chunk`` tokens (and the
+context's ``n_batch``), chunks of the waiting prompts: a newcomer's prompt costs the running streams no pass of its
+own, and several newcomers' prompts share one. A sequence's attention then spans cells of the others (masked) and
+its prompt is evaluated among other rows, so its text may differ from its solo text where the kernels' rounding does.
+
 A consumer is the request's thread in llama-cpp-python's ``create_completion``, whose ``Llama.generate`` is
 replaced by :meth:`BatchScheduler.generate`: stop strings, detokenisation, chat templates and the dict shapes stay
 llama-cpp-python's own. A consumer more than ``LOOKAHEAD`` tokens behind is skipped by the decode step until it
@@ -78,20 +85,21 @@ class BatchScheduler:
     """The slots, the waiting line and the loop that decodes them (see the module's docstring)."""
 
     def __init__(self, llm: Any, parallel: int, n_ctx_seq: int, *, prefill_chunk: int = 0, max_waiting: int = 64,
-                 max_batch: int = 0, on_stats: Callable[[dict], None] | None = None):
+                 max_batch: int = 0, unified: bool = False, on_stats: Callable[[dict], None] | None = None):
         import llama_cpp
 
         self.llm = llm
         self.parallel = parallel
         self.n_ctx_seq = n_ctx_seq
         self.prefill_chunk = prefill_chunk or llm.n_batch
+        self.unified = unified
         self.max_waiting = max_waiting
         self.on_stats = on_stats
         self._lib = llama_cpp
         self._ctx = llm.ctx
         self._memory = llama_cpp.llama_get_memory(self._ctx)
         self._vocab = llm._model.vocab
-        self._batch = llama_cpp.llama_batch_init(max(parallel, self.prefill_chunk), 0, 1)
+        self._batch = llama_cpp.llama_batch_init(parallel + self.prefill_chunk, 0, 1)
         # Sequences per llama_decode of a decode step; 0: all of them (see invariant_batch).
         self.max_batch = max_batch or parallel
         self._cond = threading.Condition()
@@ -99,8 +107,8 @@ class BatchScheduler:
         self._running: list[Sequence] = []
         self._waiting: collections.deque[Sequence] = collections.deque()
         self._closed = False
-        self.steps = 0  # decode steps
-        self.passes = 0  # their llama_decode passes
+        self.steps = 0  # steps of the loop that evaluated anything
+        self.passes = 0  # their llama_decode passes (prompt chunks and decodes)
         self._recent: collections.deque[tuple[int, int]] = collections.deque(maxlen=64)  # (sequences, passes)
         self._stats_at = 0.0
         self._reported: tuple[int, int] | None = None  # (running, waiting) as last reported
@@ -167,26 +175,21 @@ class BatchScheduler:
                     self._reap()
                     self._admit()
                     decode = self._decoded()
-                    prefills = self._prefills()
+                    budget = self.prefill_chunk
+                    if self.unified:  # one pass: the prompt chunks and the decoded tokens fit n_batch together
+                        budget = min(budget, self.llm.n_batch - len(decode))
+                    prefills = self._prefills(budget, cut=self.unified)
                     if self._closed:
                         return
                     if not decode and not prefills:
                         self._report_stats()
                         self._cond.wait(0.5)
                         continue
-                # New prompts first (their time to first token), within the step's budget; then the running ones.
-                for seq, chunk in prefills:
-                    last = seq.n_past + len(chunk) >= len(seq.prompt)
-                    self._step([seq] if last else [], [(tok, seq.n_past + i, seq) for i, tok in enumerate(chunk)],
-                               logits=[len(chunk) - 1] if last else [])
-                groups = passes(decode, self.max_batch)
-                for group in groups:
-                    self._step(group, [(s.next_input, s.n_past, s) for s in group], logits=list(range(len(group))))
-                if groups:
-                    with self._cond:
-                        self.steps += 1
-                        self.passes += len(groups)
-                        self._recent.append((len(decode), len(groups)))
+                n = self._mixed_step(decode, prefills) if self.unified else self._separate_steps(decode, prefills)
+                with self._cond:
+                    self.steps += 1
+                    self.passes += n
+                    self._recent.append((len(decode), n))
                 self._report_stats()
         except Exception as exc:  # a bug here must not leave every consumer waiting for ever
             logger.exception("the batch scheduler failed")
@@ -209,6 +212,31 @@ class BatchScheduler:
             seq.ended = True
             seq.sampler.close()
 
+    def _separate_steps(self, decode: list[Sequence], prefills: list[tuple[Sequence, list[int]]]) -> int:
+        """The exact mode's step: each prompt chunk in a pass of its own (new prompts first: their time to first
+        token), then the decoded sequences in their passes (:func:`passes`). Returns the passes."""
+        for seq, chunk in prefills:
+            last = seq.n_past + len(chunk) >= len(seq.prompt)
+            self._step([seq] if last else [], [(tok, seq.n_past + i, seq) for i, tok in enumerate(chunk)],
+                       logits=[len(chunk) - 1] if last else [])
+        groups = passes(decode, self.max_batch)
+        for group in groups:
+            self._step(group, [(s.next_input, s.n_past, s) for s in group], logits=list(range(len(group))))
+        return len(prefills) + len(groups)
+
+    def _mixed_step(self, decode: list[Sequence], prefills: list[tuple[Sequence, list[int]]]) -> int:
+        """The fast mode's step: one pass of the decoded sequences' next tokens and the prompt chunks; a sequence
+        whose prompt ends in it gets its first token. Returns the passes (1)."""
+        tokens = [(s.next_input, s.n_past, s) for s in decode]
+        sampled, logits = list(decode), list(range(len(decode)))
+        for seq, chunk in prefills:
+            tokens += [(tok, seq.n_past + i, seq) for i, tok in enumerate(chunk)]
+            if seq.n_past + len(chunk) >= len(seq.prompt):
+                sampled.append(seq)
+                logits.append(len(tokens) - 1)
+        self._step(sampled, tokens, logits)
+        return 1
+
     def _decoded(self) -> list[Sequence]:
         """The sequences whose next token this step decodes, in slot order: every running one that has read its
         prompt and is less than ``LOOKAHEAD`` tokens ahead of its consumer, and those up to ``LOOKAHEAD_MAX`` ahead
@@ -221,16 +249,18 @@ class BatchScheduler:
         return sorted((s for s in ready if len(s.pending) < LOOKAHEAD
                        or (lo < s.slot < hi and len(s.pending) < LOOKAHEAD_MAX)), key=lambda s: s.slot)
 
-    def _prefills(self) -> list[tuple[Sequence, list[int]]]:
+    def _prefills(self, budget: int, cut: bool) -> list[tuple[Sequence, list[int]]]:
         """The prompt chunks of this step: sequences still reading their prompt, first admitted first, up to
-        ``prefill_chunk`` tokens in all (at least one chunk). Each is evaluated alone (its own ``llama_decode``), as
-        a solo request's prompt is."""
+        ``budget`` tokens in all. ``cut`` (fast mode): the last chunk is cut to what is left of the budget. Else
+        chunks of ``prefill_chunk`` tokens, at least one: each is evaluated alone (its own ``llama_decode``), as a
+        solo request's prompt is."""
         out: list[tuple[Sequence, list[int]]] = []
-        budget = self.prefill_chunk
         for seq in self._running:
+            if budget <= 0:
+                break
             if seq.prefilled or seq.ended:
                 continue
-            chunk = seq.prompt[seq.n_past:seq.n_past + self.prefill_chunk]
+            chunk = seq.prompt[seq.n_past:seq.n_past + (min(self.prefill_chunk, budget) if cut else self.prefill_chunk)]
             if out and len(chunk) > budget:
                 break
             out.append((seq, chunk))

@@ -50,7 +50,7 @@ OUTPUT_ON_CLIENT = r"^(output|output_norm|token_embd)\.weight$"
 
 
 def build_llama(model_path: str, *, devices: list[int] = (), use_extra_bufts: bool = False, progress=None,
-                output_on_client: bool = False, parallel: int = 1, **kwargs):
+                output_on_client: bool = False, parallel: int = 1, unified: bool = False, **kwargs):
     """Construct ``llama_cpp.Llama`` with the model parameters its constructor does not expose.
 
     ``devices`` (raw ggml device handles) become ``llama_model_params.devices``; ``use_extra_bufts=False`` gives the
@@ -58,6 +58,8 @@ def build_llama(model_path: str, *, devices: list[int] = (), use_extra_bufts: bo
     ``output_on_client`` keeps the output layer on this process's CPU (:data:`OUTPUT_ON_CLIENT`).
     ``parallel`` > 1: a context for that many sequences (``n_seq_max``), each with its own KV cache stream
     (``kv_unified=False``) of ``n_ctx`` cells; ``n_ctx`` is per sequence, the context holds ``parallel * n_ctx``.
+    ``unified``: one KV cache of ``parallel * n_ctx`` cells shared by the sequences instead (``kv_unified=True``,
+    llama-server's default: any mix of sequences and prompt tokens in one pass, see ``sharedllm.engine.batch``).
     Call it in a process that may die: with RPC devices llama.cpp aborts on a lost server.
     """
     import ctypes
@@ -91,7 +93,7 @@ def build_llama(model_path: str, *, devices: list[int] = (), use_extra_bufts: bo
     def patched_ctx():
         params = original_ctx()
         params.n_seq_max = parallel
-        params.kv_unified = False
+        params.kv_unified = unified
         return params
 
     kwargs.setdefault("verbose", False)
@@ -160,7 +162,8 @@ def _build_llama(spec: EngineSpec, out_fd: int, phases: dict[str, float]):
             # would give it half the cores. The rest of a token's time the client waits on the network.
             kwargs.setdefault("n_threads", os.cpu_count() or 1)
     llm = build_llama(spec.model_path, devices=handles, use_extra_bufts=spec.use_extra_bufts, progress=progress,
-                      output_on_client=spec.output_on_client, parallel=spec.parallel, **kwargs)
+                      output_on_client=spec.output_on_client, parallel=spec.parallel,
+                      unified=spec.parallel > 1 and not spec.exact_batches, **kwargs)
     phases["built"] = time.monotonic()
     return llm, devices
 
@@ -356,6 +359,7 @@ class _BatchRunner:
                         self.max_batch)
         self.scheduler = BatchScheduler(llm, spec.parallel, n_ctx_seq, prefill_chunk=spec.prefill_chunk,
                                         max_waiting=spec.max_waiting, max_batch=self.max_batch,
+                                        unified=not spec.exact_batches,
                                         on_stats=lambda s: out.send(("stats", s)))
         llm.generate = self._generate
         llm.set_seed = self._set_seed  # the request's seed is its own, not the shared Llama._seed
