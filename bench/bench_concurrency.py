@@ -9,7 +9,8 @@ different greedy prompts are streamed at once (``max_tokens=--tokens``), through
 
 - ``batched``: one handle loaded with ``parallel=max(levels)``: the N requests are N sequences of one batch, in
   decode passes of at most the batch that keeps each sequence's text exact (``exact_batches``, measured at load);
-- ``batched (fast)``: the same with ``exact_batches=False``: one pass per step;
+- ``batched (fast)``: the same with ``exact_batches=False``: one KV cache for all sequences (llama-server's way), one
+  pass per step with the new prompts in it;
 - ``one at a time``: the same mesh, a handle with ``parallel=1``: the requests queue behind each other (what every
   version of SharedLLM before continuous batching did, and what llama-cpp-python's server does);
 - ``llama_cpp.server``: ``python -m llama_cpp.server`` on this machine (local, no mesh: the thing our users would run
@@ -25,7 +26,8 @@ Per run: aggregate tokens/s (every stream's tokens over the wall time from the c
 and p95 time to first token (from each request's start), p50 inter-token latency (every gap of every stream). Runs
 of one setup go level by level in one process, side by side, so the ratios compare like with like: the bars are the
 batched aggregate tokens/s at 8 streams over 1 stream (>= 3x) and the batched p50 TTFT at 8 streams over 1 stream
-(<= 3x), for each batched setup. The texts of the exact batched runs are checked against the one-at-a-time texts
+(<= 3x), for each batched setup. ``passes/step``: the engine's llama_decode passes per step (each a round trip
+to every machine) over the run. The texts of the exact batched runs are checked against the one-at-a-time texts
 (the oracle: the same text alone).
 """
 

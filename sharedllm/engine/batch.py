@@ -240,11 +240,12 @@ class BatchScheduler:
     def _decoded(self) -> list[Sequence]:
         """The sequences whose next token this step decodes, in slot order: every running one that has read its
         prompt and is less than ``LOOKAHEAD`` tokens ahead of its consumer, and those up to ``LOOKAHEAD_MAX`` ahead
-        whose slot lies between two of them (see the module's docstring)."""
+        whose slot lies between two of them in the exact mode (see the module's docstring; in the fast mode any
+        sequences are one pass)."""
         ready = [s for s in self._running if s.prefilled and s.next_input is not None and not s.ended]
         due = [s.slot for s in ready if len(s.pending) < LOOKAHEAD]
-        if not due:
-            return []
+        if not due or self.unified:
+            return [s for s in ready if len(s.pending) < LOOKAHEAD]
         lo, hi = min(due), max(due)
         return sorted((s for s in ready if len(s.pending) < LOOKAHEAD
                        or (lo < s.slot < hi and len(s.pending) < LOOKAHEAD_MAX)), key=lambda s: s.slot)
