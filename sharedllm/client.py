@@ -481,7 +481,8 @@ def _engine_stages(topo: Topology, relays: dict[str, dict], scheduler_host: str 
             relay["hub"] = {"endpoint": join_endpoint(hub.get("host") or scheduler_host, hub["port"]),
                             "token": hub["token"], "machine": hub["machine"]}
             relay["via_hub"] = bool(info.get("via_hub"))
-        stages.append(EngineStage(st.endpoint, st.device_index, st.machine_id, relay=relay))
+        stages.append(EngineStage(st.endpoint, st.device_index, st.machine_id, cpu=st.device_name == "CPU",
+                                  relay=relay))
     return stages
 
 

@@ -549,7 +549,7 @@ def test_client_relay_sends_one_burst_per_round_trip(certs, tmp_path, monkeypatc
 
 # --- prefetching tensor fetches (sharedllm.relay.rpc.Prefetch) ------------------------------------------------------
 
-_SET, _GET, _COMPUTE, _FREE, _HELLO_CMD = 6, 8, 10, 4, 14
+_SET, _GET, _COMPUTE, _FREE, _HELLO_CMD, _ALLOC_SIZE = 6, 8, 10, 4, 14, 13
 
 
 def _get(tensor: int, size: int = 64) -> bytes:
@@ -559,7 +559,10 @@ def _get(tensor: int, size: int = 64) -> bytes:
 
 class _Machine:
     """Stands in for an rpc-server speaking protocol 7: HELLO, SET_TENSOR (a new value of a tensor), GRAPH_COMPUTE
-    (every tensor changes), FREE_BUFFER, GET_TENSOR (a tensor's current value). Logs each request it serves."""
+    (every tensor changes), FREE_BUFFER, GET_TENSOR (a tensor's current value), GET_ALLOC_SIZE (always
+    ``ALLOC_SIZE``). Logs each request it serves."""
+
+    ALLOC_SIZE = 777
 
     def __init__(self) -> None:
         self.buf = bytearray()
@@ -589,6 +592,8 @@ class _Machine:
             elif cmd == _GET:
                 size = int.from_bytes(payload[-8:], "little")
                 conn.sendall(size.to_bytes(8, "little") + self.value(tensor, size))
+            elif cmd == _ALLOC_SIZE:
+                conn.sendall((8).to_bytes(8, "little") + self.ALLOC_SIZE.to_bytes(8, "little"))
         if served:
             self.reads.append(served)
 
@@ -688,3 +693,68 @@ def test_prefetch_keeps_its_hands_off_what_it_does_not_know():
     client_side(pf, frames, _rpc(_HELLO_CMD, bytes(24)))
     with pytest.raises(ProtocolError):
         machine_side(pf, hello_reply + (4).to_bytes(8, "little") + b"what", 1000)
+
+
+def _alloc_size(device: int, type_: int, ne: tuple[int, ...], nb: tuple[int, ...] | None = None, *, op: int = 0,
+                buffer: int = 0) -> bytes:
+    """A GET_ALLOC_SIZE request as llama.cpp writes it: the device, an rpc_tensor (packed: id, type, buffer, ne[4],
+    nb[4], op, ...) and its GGML_MAX_SRC sources (none here). ``nb``: contiguous when not given (one byte per
+    element for a quantized type: never sent to a real machine)."""
+    from sharedllm.relay.rpc import TENSOR
+
+    if nb is None:
+        nb = ({0: 4, 1: 2, 26: 4, 30: 2}.get(type_, 1),)
+        for n in ne[:-1]:
+            nb += (nb[-1] * n,)
+    t = (7).to_bytes(8, "little") + type_.to_bytes(4, "little") + buffer.to_bytes(8, "little")
+    t += b"".join(n.to_bytes(4, "little") for n in ne) + b"".join(n.to_bytes(4, "little") for n in nb)
+    t += op.to_bytes(4, "little")
+    t += bytes(TENSOR - len(t))
+    return _rpc(_ALLOC_SIZE, device.to_bytes(4, "little") + t + bytes(TENSOR * 10))
+
+
+# Tensors whose allocation size a CPU device's relay may answer: F32, F16, BF16 and I32, contiguous or not (a
+# permuted view's strides), 4-D, empty; with the op of a matrix product (the ops llama.cpp asks about).
+_SIZED = [(0, (640, 9, 1, 1), None), (0, (256, 9, 4, 1), None), (1, (64, 512, 4, 2), None), (30, (1024, 3, 1, 1), None),
+          (26, (12, 1, 1, 1), None), (0, (9, 640, 1, 1), (2560, 4, 23040, 23040)), (0, (0, 4, 1, 1), None),
+          (0, (4096, 32, 8, 1), (4, 16384, 524288, 4194304))]
+
+
+def test_cpu_allocation_sizes_are_what_a_cpu_rpc_server_answers(rpc_server):
+    """The oracle: for each tensor, the size the relay would answer is the real CPU rpc-server's answer."""
+    from sharedllm.relay.rpc import cpu_alloc_size
+
+    mul_mat = 29  # GGML_OP_MUL_MAT: one of the ops llama.cpp's RPC client asks about
+    host, port = relay.parse_endpoint(rpc_server.endpoint)
+    with socket.create_connection((host, port), timeout=20) as s:
+        assert _ask(s, _rpc(_HELLO_CMD, bytes(24)))[0] == 7
+        for type_, ne, nb in _SIZED:
+            req = _alloc_size(0, type_, ne, nb, op=mul_mat)
+            real = int.from_bytes(_ask(s, req), "little")
+            assert cpu_alloc_size(req) == (0, real), (type_, ne, nb, real)
+    # Not answered here: a quantized tensor, one in a buffer, a request of another size.
+    assert cpu_alloc_size(_alloc_size(0, 12, (4096, 4, 1, 1))) is None
+    assert cpu_alloc_size(_alloc_size(0, 0, (640, 9, 1, 1), buffer=0x5000)) is None
+    assert cpu_alloc_size(_alloc_size(0, 0, (640, 9, 1, 1))[:-8]) is None
+
+
+def test_client_relay_answers_allocation_sizes_of_its_cpu_devices(certs):
+    """Through real relays and a stand-in machine: an allocation size for a CPU device is answered by the client
+    relay (it never reaches the machine); for another device, a quantized tensor, or while a reply is due (replies
+    keep their order), the machine answers."""
+    from sharedllm.relay.rpc import cpu_alloc_size
+
+    machine = _Machine()
+    with stand_in(certs, machine, cpu_devices={0}) as cr:
+        host, port = relay.parse_endpoint(cr.endpoint)
+        with socket.create_connection((host, port), timeout=20) as s:
+            assert _ask(s, _rpc(_HELLO_CMD, bytes(24)))[0] == 7
+            here = _alloc_size(0, 0, (640, 9, 1, 1))
+            assert int.from_bytes(_ask(s, here), "little") == cpu_alloc_size(here)[1] == 640 * 9 * 4
+            assert int.from_bytes(_ask(s, _alloc_size(1, 0, (640, 9, 1, 1))), "little") == machine.ALLOC_SIZE
+            assert int.from_bytes(_ask(s, _alloc_size(0, 12, (4096, 4, 1, 1))), "little") == machine.ALLOC_SIZE
+            s.sendall(_get(1) + here)  # a fetch's reply is due: the size must come after it, so from the machine
+            assert _recv_all(s, 8 + 64)[8:] == machine.value(1, 64)
+            assert int.from_bytes(_ask(s, b""), "little") == machine.ALLOC_SIZE
+            assert int.from_bytes(_ask(s, here), "little") == 640 * 9 * 4
+    assert [cmd for cmd, _ in machine.log].count(_ALLOC_SIZE) == 3, machine.log

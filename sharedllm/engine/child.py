@@ -203,7 +203,8 @@ def _open_tunnels(spec: EngineSpec) -> dict[str, str]:
     local: dict[str, str] = {}
     for st in spec.stages:
         if st.relay and st.endpoint not in local:
-            cr = st.client_relay().start()
+            cpus = {s.device_index for s in spec.stages if s.endpoint == st.endpoint and s.cpu}
+            cr = st.client_relay(cpu_devices=cpus).start()
             _TUNNELS.append(cr)
             local[st.endpoint] = cr.endpoint
     if spec.link:  # an emulated link between this engine and every machine (benchmarks: sharedllm.linkem)

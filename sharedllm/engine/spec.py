@@ -21,10 +21,12 @@ class EngineStage:
     endpoint: str
     device_index: int = 0
     machine_id: str = ""
+    cpu: bool = False  # the device is the machine's CPU (its client relay answers allocation sizes for it)
     relay: dict | None = field(default=None, compare=False, hash=False, repr=False)  # holds a secret token
 
     def client_relay(self, **kwargs: Any):
-        """A :class:`sharedllm.relay.ClientRelay` to this stage's machine, with its token and pinned certificate."""
+        """A :class:`sharedllm.relay.ClientRelay` to this stage's machine, with its token and pinned certificate
+        (``kwargs``: the relay's options, ``cpu_devices`` for one)."""
         from sharedllm.relay import ClientRelay
 
         return ClientRelay(self.endpoint, self.relay["token"], fingerprint=self.relay["fingerprint"],

@@ -57,6 +57,9 @@ class ClientRelay(_Acceptor):
     (:mod:`sharedllm.relay.hub`). A ``remote`` of ``hub/MACHINE`` (a machine that accepts no inbound connection) or
     ``via_hub=True`` goes through the hub at once; otherwise the hub is the fallback once the remote is unreachable.
     Either way TLS runs end to end with the machine's relay, as on a direct connection.
+
+    ``cpu_devices``: the indices of the machine's rpc-server devices that are CPUs; the relay answers llama.cpp's
+    allocation-size questions about them itself (see :mod:`sharedllm.relay.rpc`), with prefetching on.
     """
 
     _what = "relay client"
@@ -64,7 +67,8 @@ class ClientRelay(_Acceptor):
     def __init__(self, remote: str, token: str, *, fingerprint: str | None = None,
                  cafile: str | os.PathLike | None = None, server_hostname: str | None = None,
                  connect_timeout: float = 10.0, listen_host: str = "127.0.0.1", hub: dict | None = None,
-                 via_hub: bool = False, coalesce: bool | None = None, prefetch: bool | None = None):
+                 via_hub: bool = False, coalesce: bool | None = None, prefetch: bool | None = None,
+                 cpu_devices: frozenset[int] | set[int] = frozenset()):
         from sharedllm.relay.hub import VIA_HUB_PREFIX
 
         if (fingerprint is None) == (cafile is None):
@@ -75,6 +79,9 @@ class ClientRelay(_Acceptor):
         # SHAREDLLM_RELAY_PREFETCH=0: to compare, or should a llama.cpp release break the relay's reading of it.
         self.coalesce = coalesce if coalesce is not None else os.environ.get("SHAREDLLM_RELAY_COALESCE", "1") != "0"
         self.prefetch = prefetch if prefetch is not None else os.environ.get("SHAREDLLM_RELAY_PREFETCH", "1") != "0"
+        # Allocation sizes answered here for the CPU devices (rpc.cpu_alloc_size); SHAREDLLM_RELAY_ALLOC_SIZES=0: asked.
+        answer = os.environ.get("SHAREDLLM_RELAY_ALLOC_SIZES", "1") != "0"
+        self.cpu_devices = frozenset(cpu_devices) if answer else frozenset()
         self._via = remote if remote.startswith(VIA_HUB_PREFIX) else None
         if (self._via or via_hub) and not hub:
             raise ValueError(f"machine {remote} is reached through a relay hub only, and no hub was given")
@@ -210,7 +217,7 @@ class ClientRelay(_Acceptor):
             self._conns.attach(cid, tls)
             if self._stopping.is_set():
                 return
-            splice(local, tls, coalesce=self.coalesce, prefetch=self.prefetch)
+            splice(local, tls, coalesce=self.coalesce, prefetch=self.prefetch, cpu_devices=self.cpu_devices)
         except Exception:
             logger.exception("relay tunnel to %s failed", self.remote_endpoint)
         finally:

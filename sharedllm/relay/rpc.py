@@ -5,7 +5,7 @@ A request is ``| cmd (1 byte) | size (8, little endian) | payload |``; a reply `
 order of the requests that get one (ggml-rpc.cpp, protocol 7 in llama-cpp-python 0.3.36). A connection serves one
 client, in order, and its buffers and tensors are its own.
 
-Two uses, both in the client relay (:func:`sharedllm.relay.wire.splice`):
+Three uses, all in the client relay (:func:`sharedllm.relay.wire.splice`):
 
 - :class:`RpcFrames` finds where requests end, so requests that only set state are held and sent with the next one
   that makes the machine work or answer: one TLS burst per step.
@@ -15,6 +15,16 @@ Two uses, both in the client relay (:func:`sharedllm.relay.wire.splice`):
   on its connection and, when a learned fetch is sent, sends the one that followed it last time right behind it. If
   the client's next request on this connection is exactly that fetch, its reply is already on its way (or here) and
   the request never crosses the link; if anything else comes, the early reply is dropped when it arrives.
+- :class:`Prefetch` also answers, for a CPU device of the machine, the allocation sizes llama.cpp asks for
+  (``GET_ALLOC_SIZE``): its RPC client asks the machine for the size of every matrix product (and a few other ops)
+  of a shape it has not seen yet, a round trip each, before the graph of a new prompt length or context size can
+  run: 2 to 6 per machine for a new prompt length, on a WAN tens of milliseconds each before the first token. On a
+  CPU device the machine's answer is ``ggml_nbytes`` of the tensor as the request describes it (the CPU buffer type
+  has no size function of its own; ggml-rpc.cpp ``rpc_server::get_alloc_size``), which the relay computes from the
+  same bytes: only for a tensor without a buffer (the machine then asks the device's default buffer type) and of a
+  type of one element per block (F32, F16, BF16, I32: what those ops produce), only when no reply is due before it
+  (replies keep their order), and only for the devices the engine says are CPUs (:class:`~sharedllm.relay.ClientRelay`
+  ``cpu_devices``). Anything else is asked of the machine as before.
 
 Why the early reply is the reply the client would get: a fetch only reads, the machine serves this connection alone
 and in order, and the client's very next request on it must be that same fetch (same tensor, offset and size), so
@@ -35,11 +45,17 @@ logger = logging.getLogger("sharedllm.relay")
 
 PROTOCOL_MAJOR = 7
 ALLOC_BUFFER, FREE_BUFFER, SET_TENSOR, GET_TENSOR, GRAPH_COMPUTE, HELLO, GRAPH_RECOMPUTE = 0, 4, 6, 8, 10, 14, 16
+GET_ALLOC_SIZE = 13
 CMD_COUNT = 19  # RPC_CMD_COUNT: a larger command makes the rpc-server drop the connection
 # Requests that get no reply in protocol 7: FREE_BUFFER, BUFFER_CLEAR, SET_TENSOR, GRAPH_COMPUTE, INIT_TENSOR,
 # GRAPH_RECOMPUTE, MEMSET_TENSOR. Every other command gets exactly one.
 NO_REPLY = frozenset({4, 5, 6, 10, 12, 16, 17})
 GET_REQUEST = 9 + 296 + 16  # header, rpc_tensor, offset and size
+TENSOR = 296  # sizeof(rpc_tensor), packed
+ALLOC_SIZE_REQUEST = 9 + 4 + TENSOR * 11  # header, device, the tensor and its GGML_MAX_SRC sources
+# Bytes per element of the ggml types of one element per block that an allocation size is answered for here:
+# GGML_TYPE_F32, F16, I32, BF16 (ggml.h).
+_ELEMENT_BYTES = {0: 4, 1: 2, 26: 4, 30: 2}
 PREFETCH_MAX = 192 * 1024  # the largest fetch asked for early: hidden states of a decode step (8 of an 8B), not logits
 _LEARNED_MAX = 256
 
@@ -50,6 +66,24 @@ _FORWARD, _KEEP, _DROP, _KEPT = 0, 1, 2, 3
 def _fetch_size(req: bytes) -> int:
     """The bytes a tensor fetch asks for: the last field of its request."""
     return int.from_bytes(req[-8:], "little")
+
+
+def cpu_alloc_size(req: bytes) -> tuple[int, int] | None:
+    """``(device, bytes)``: what a CPU device's rpc-server answers to the ``GET_ALLOC_SIZE`` request ``req`` (header
+    included), i.e. ``ggml_nbytes`` of its tensor; None when that is not known here (a tensor in a buffer, a type of
+    several elements per block, a request of another size)."""
+    if len(req) != ALLOC_SIZE_REQUEST or req[0] != GET_ALLOC_SIZE:
+        return None
+    device = int.from_bytes(req[9:13], "little")
+    t = req[13:13 + TENSOR]  # id u64, type u32, buffer u64, ne u32[4], nb u32[4], ...
+    element = _ELEMENT_BYTES.get(int.from_bytes(t[8:12], "little"))
+    if element is None or any(t[12:20]):
+        return None
+    ne = [int.from_bytes(t[20 + 4 * i:24 + 4 * i], "little") for i in range(4)]
+    nb = [int.from_bytes(t[36 + 4 * i:40 + 4 * i], "little") for i in range(4)]
+    if 0 in ne:
+        return device, 0
+    return device, element + sum((n - 1) * b for n, b in zip(ne, nb, strict=True))
 
 
 class ProtocolError(ConnectionError):
@@ -70,10 +104,12 @@ class RpcFrames:
 
     With ``keep``, every complete request is also listed in :attr:`done` as ``(cmd, start, end, request)``: where it
     lies in the buffer fed (positions as passed to :meth:`feed`; ``start`` is -1 when the request began before
-    :meth:`rebase`), and the request's bytes when it is a tensor fetch (else None), for :class:`Prefetch`.
+    :meth:`rebase`), and the request's bytes when it is a tensor fetch or an allocation size (else None), for
+    :class:`Prefetch`.
     """
 
     HOLD = NO_REPLY - {GRAPH_COMPUTE, GRAPH_RECOMPUTE}  # no reply, and no work for the machine to start
+    _KEPT = {(GET_TENSOR, GET_REQUEST), (GET_ALLOC_SIZE, ALLOC_SIZE_REQUEST)}  # (command, size) of the requests kept
     _HEADER = 9
 
     def __init__(self, keep: bool = False) -> None:
@@ -106,7 +142,7 @@ class RpcFrames:
                     break
                 self._cmd = self._head[0]
                 self._left = int.from_bytes(self._head[1:], "little")
-                if self._keep and self._cmd == GET_TENSOR and self._left + self._HEADER == GET_REQUEST:
+                if self._keep and (self._cmd, self._left + self._HEADER) in self._KEPT:
                     self._body = bytearray(self._head)
                 self._head.clear()
             if not self._left and not self._head:
@@ -132,12 +168,14 @@ class Prefetch:
     The splice calls :meth:`requests` with the requests :class:`RpcFrames` found complete in its outgoing buffer
     (it may strip a fetch answered here and append an early fetch) and :meth:`replies` with every chunk of replies
     it receives (it cuts early replies out). ``saved`` counts the round trips it removed, ``wasted`` the early fetches
-    nobody asked for."""
+    nobody asked for, ``sized`` the allocation sizes answered here for the devices of ``cpu_devices``."""
 
-    def __init__(self) -> None:
+    def __init__(self, cpu_devices: frozenset[int] | set[int] = frozenset()) -> None:
         self.active = True
         self.saved = 0
         self.wasted = 0
+        self.sized = 0
+        self.cpu_devices = frozenset(cpu_devices)
         self._next: dict[bytes, bytes] = {}  # a fetch -> the fetch that came right after it, last time
         self._prev: bytes | None = None  # the last request, when it was a fetch
         self._queue: deque[list[int]] = deque()  # one [mode, size] per reply due, in order (size -1: not a fetch)
@@ -158,9 +196,10 @@ class Prefetch:
         """Requests complete in ``buf`` (nothing of ``buf[:hi]`` is sent yet, ``hi`` its end), in order. Returns the
         new end of ``buf`` and the bytes to pass to the client first (an early reply, ``room`` at most)."""
         give = b""
-        for cmd, start, end, req in done:
+        for cmd, start, end, body in done:
             if not self.active:
                 break
+            req = body if cmd == GET_TENSOR else None  # a tensor fetch
             if cmd >= CMD_COUNT or (self._first_request and cmd != HELLO):
                 self.active = False  # the machine drops the connection, or this is not the protocol known here
                 break
@@ -183,6 +222,14 @@ class Prefetch:
                 if entry[0] == _KEEP:
                     entry[0] = _DROP
                 self._kept = bytearray()
+            if (cmd == GET_ALLOC_SIZE and body is not None and start >= 0 and end == hi and self._confirmed
+                    and not self._queue and self._entry is None and room - len(give) >= 16
+                    and (answer := cpu_alloc_size(body)) is not None and answer[0] in self.cpu_devices):
+                hi = start  # answered here: no reply is due before it, so this one is next in order
+                give += (8).to_bytes(8, "little") + answer[1].to_bytes(8, "little")
+                self.sized += 1
+                self._learn(None)
+                continue
             if cmd not in NO_REPLY:
                 self._queue.append([_FORWARD, _fetch_size(req) if req is not None else -1])
             if cmd in (ALLOC_BUFFER, FREE_BUFFER):

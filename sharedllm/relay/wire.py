@@ -101,8 +101,8 @@ HOLD_S = 0.001  # the longest a client relay holds a request (RpcFrames.HOLD)
 _HOLD_MAX = _BUFSIZE // 2  # held bytes beyond this go at once (weights streaming during a load)
 
 
-def splice(plain: socket.socket, tls: ssl.SSLSocket, coalesce: bool = False,
-           prefetch: bool = False) -> tuple[int, int, int]:
+def splice(plain: socket.socket, tls: ssl.SSLSocket, coalesce: bool = False, prefetch: bool = False,
+           cpu_devices: frozenset[int] = frozenset()) -> tuple[int, int, int]:
     """Move bytes both ways between ``plain`` and ``tls`` until either side closes.
 
     Returns (bytes plain → TLS, bytes TLS → plain, turns): a turn is a change of direction, so with llama.cpp's
@@ -116,7 +116,7 @@ def splice(plain: socket.socket, tls: ssl.SSLSocket, coalesce: bool = False,
     ``coalesce`` (a client relay: ``plain`` is llama.cpp's RPC client): requests that only set state are held until
     the next one that does more, see :class:`RpcFrames`. ``prefetch`` (a client relay too): a tensor fetch that
     followed another one last time is sent right behind it, and answered here when the client asks for it next,
-    see :class:`~sharedllm.relay.rpc.Prefetch`.
+    see :class:`~sharedllm.relay.rpc.Prefetch`; it also answers allocation sizes for the devices of ``cpu_devices``.
     """
     POLLIN, POLLOUT = select.POLLIN, select.POLLOUT
     plain.setblocking(False)
@@ -125,7 +125,7 @@ def splice(plain: socket.socket, tls: ssl.SSLSocket, coalesce: bool = False,
     upv, downv = memoryview(up), memoryview(down)
     up_lo = up_hi = down_lo = down_hi = 0  # pending bytes: up[up_lo:up_hi] → tls, down[down_lo:down_hi] → plain
     frames = RpcFrames(keep=prefetch) if coalesce or prefetch else None
-    early = Prefetch() if prefetch else None
+    early = Prefetch(cpu_devices) if prefetch else None
     hold_until = 0.0  # held requests go by then at the latest
     sent_up = sent_down = turns = 0
     last = 0  # direction of the last bytes moved: 1 up, 2 down
@@ -282,8 +282,9 @@ def splice(plain: socket.socket, tls: ssl.SSLSocket, coalesce: bool = False,
                     t_out = t_out or hup or bool(what & POLLOUT)
     finally:
         _close(plain, tls)
-        if early is not None and (early.saved or early.wasted):
-            logger.debug("relay: %d tensor fetches answered ahead, %d asked for in vain", early.saved, early.wasted)
+        if early is not None and (early.saved or early.wasted or early.sized):
+            logger.debug("relay: %d tensor fetches answered ahead, %d asked for in vain, %d allocation sizes answered",
+                         early.saved, early.wasted, early.sized)
         if ev:
             _write_trace(ev, trace_path)
 
