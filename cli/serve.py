@@ -79,13 +79,17 @@ def _bind(host: str, port: int) -> socket.socket:
 @click.option("--n-ctx", default=2048, show_default=True, help="context length in tokens, per sequence")
 @click.option("--parallel", default=1, show_default=True, type=click.IntRange(min=1),
               help="requests each replica runs at once, decoded together (continuous batching)")
+@click.option("--exact-batches/--fast-batches", default=True, show_default=True,
+              help="with --parallel: exact, each request gets the text it gets alone (llama.cpp's kernels change with "
+                   "the batch: decode passes stay small, prompts are read one at a time); fast, llama-server's way "
+                   "(one KV cache, one pass per step with the new prompts in it: more tokens/s, first tokens sooner)")
 @click.option("--replicas", default=1, show_default=True, type=click.IntRange(min=1),
               help="copies of the model on disjoint machines; each request goes to the least loaded")
 @click.option("--machine", "machines", multiple=True, help="place the model only on these machines (repeatable)")
 @output_layer_option
 @friendly_errors
 def serve(scheduler, model_ref, model_name, host, port, api_keys, api_keys_file, insecure_no_auth, max_queue,
-          queue_timeout, n_ctx, parallel, replicas, machines, output_layer) -> None:
+          queue_timeout, n_ctx, parallel, exact_batches, replicas, machines, output_layer) -> None:
     """Serve a model of the mesh with an OpenAI-compatible API (/v1/completions, /v1/chat/completions, ...)."""
     import uvicorn
 
@@ -112,7 +116,7 @@ def serve(scheduler, model_ref, model_name, host, port, api_keys, api_keys_file,
         model_id = model_name or path.stem
         click.echo(f"loading {path.name} across the mesh at {scheduler}...", err=True)
         load_kwargs = {"n_ctx": n_ctx, "machines": list(machines) or None, "output_layer": output_layer,
-                       "parallel": parallel}
+                       "parallel": parallel, "exact_batches": exact_batches}
         if replicas > 1:
             from sharedllm.replicas import Replicas
 
@@ -132,7 +136,8 @@ def serve(scheduler, model_ref, model_name, host, port, api_keys, api_keys_file,
 
         url = f"http://{join_endpoint(host, sock.getsockname()[1])}/v1"
         click.echo(f"serving model '{model_id}' at {url} (API schema: /openapi.json, docs: /docs; "
-                   f"{len(keys)} API key(s)); Ctrl-C stops", err=True)
+                   f"{len(keys)} API key(s); {parallel} request(s) at once per replica"
+                   f"{', exact batches' if exact_batches else ', fast batches'}); Ctrl-C stops", err=True)
         config = uvicorn.Config(app, log_config=None, access_log=verbose > 0, timeout_graceful_shutdown=10,
                                 log_level="info" if verbose else "warning")
         # uvicorn shuts down gracefully on SIGINT/SIGTERM, then raises the signal again for the previous handler:

@@ -71,7 +71,7 @@ def test_sharedllm_serve_command(mesh_cluster, tmp_path):
     proc = subprocess.Popen(
         [str(BIN / "sharedllm"), "serve", "--scheduler", mesh_cluster.address, "--model", "gemma-3-270m",
          "--port", "0", "--api-keys-file", str(keys), "--model-name", "gemma", "--max-queue", "2",
-         *[a for m in TWO for a in ("--machine", m)]],
+         "--parallel", "2", "--fast-batches", *[a for m in TWO for a in ("--machine", m)]],
         stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines: queue.Queue[str] = queue.Queue()
     threading.Thread(target=lambda: [lines.put(ln) for ln in proc.stdout], daemon=True).start()
@@ -87,6 +87,7 @@ def test_sharedllm_serve_command(mesh_cluster, tmp_path):
             if m := re.search(r"at (http://127\.0\.0\.1:\d+)/v1", ln):
                 url = m.group(1)
         assert url, "".join(seen)
+        assert "2 request(s) at once per replica, fast batches" in seen[-1], seen[-1]
         assert httpx.get(f"{url}/health", timeout=10).json()["status"] == "ok"
         client = _client(url, "sk-file-key")
         assert [m.id for m in client.models.list().data] == ["gemma"]
