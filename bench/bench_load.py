@@ -13,7 +13,8 @@ rpc-servers get empty tensor caches (``XDG_CACHE_HOME`` points the workers at a 
 cache is ``$XDG_CACHE_HOME/sharedllm/tensor-cache/<machine>``), then times:
 
 - ``cold``: the first ``mesh.load`` (lease, plan, probe, engine start, llama.cpp load with every weight uploaded;
-  weights over 10 MiB are also written to the server's cache);
+  weights over the client's hash threshold, 1 MiB in our build (10 MiB upstream), are also written to the server's
+  cache);
 - ``warm``: the same load again on the same rpc-servers (llama.cpp sends each big weight's hash, and the server reads
   it from its cache instead of receiving it).
 
@@ -514,7 +515,8 @@ def report(result: dict[str, Any], markdown: bool) -> str:
         verdict = "meets" if sc["speedup"] >= TARGET else "BELOW"
         if not sc["cached_bytes"]:
             lines.append(f"{_name(sc)}: warm {sc['speedup']:.2f}x cold; nothing to cache: every tensor this placement "
-                         "sends is under llama.cpp's 10 MiB cache threshold, so both loads send the same bytes; "
+                         "sends is under llama.cpp's cache threshold (1 MiB in our build), so both loads send the "
+                         "same bytes; "
                          f"greedy text cold = warm: {'yes' if sc['texts_match'] else 'NO'}")
             continue
         if not sc.get("link_emulated", True):

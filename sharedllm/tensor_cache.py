@@ -3,7 +3,8 @@
 
 How llama.cpp uses the directory (``ggml/src/ggml-rpc/ggml-rpc.cpp`` in the vendored llama.cpp):
 
-- Only weight tensors of more than 10 MiB (``HASH_THRESHOLD``) take the cache path. The client sends
+- Only weight tensors of more than ``HASH_THRESHOLD`` (10 MiB upstream; 1 MiB in the build ``scripts/setup.sh``
+  makes, a client-side constant) take the cache path. The client sends
   ``SET_TENSOR_HASH`` with the 64-bit FNV-1a hash of the data; the server looks for ``<cache_dir>/<hash>`` (16
   lowercase hex digits, no extension). On a hit it reads the whole file with an ``ifstream`` and copies it into the
   tensor; on a miss the client sends the data with ``SET_TENSOR`` and a flag that makes the server write that file.

@@ -227,7 +227,8 @@ def _note_close_reason(worker, agent: MachineAgent) -> None:
 @click.option("--cache-dir", default=None, help="rpc-server tensor cache directory")
 @click.option("--cache-cap", default="10GiB", show_default=True,
               help="tensor cache size cap; least recently used files are evicted beyond it (0: no cache; a load "
-                   "writes every weight over 10 MiB to the cache first, whatever the cap)")
+                   "writes every weight over llama.cpp's hash threshold to the cache first, whatever the cap: "
+                   "1 MiB in SharedLLM's build, 10 MiB upstream)")
 @click.option("--max-memory", "max_memory", multiple=True,
               help="memory this machine gives the mesh: SIZE for each device it serves, or DEVICE=SIZE for one "
                    "(CPU=12GiB, CUDA0=20GiB), repeatable; placement never plans more there (default: all free memory)")

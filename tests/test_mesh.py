@@ -84,6 +84,25 @@ def test_greedy_mesh_equals_local(mesh, local_greedy):
     assert all("gemma-3-270m-q4_k_m.gguf" in machine(mesh, m)["warm"] for m in TWO)
 
 
+def test_weights_over_one_mib_reach_the_machines_tensor_caches(mesh):
+    # Our build offers every weight over 1 MiB to the machines' tensor caches by hash (scripts/setup.sh lowers
+    # llama.cpp's client-side HASH_THRESHOLD from 10 MiB), so a warm load re-sends none of them. The first machine
+    # never holds the output layer or the 170 MiB embedding: after a load from an empty cache it holds Gemma's 1.03 MiB
+    # ffn_down weights of its layers, where a stock llama.cpp caches nothing.
+    from pathlib import Path
+
+    from sharedllm import tensor_cache
+
+    # machine-1's cache, as sharedllm.worker places it by default (the test cluster gives no --cache-dir)
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "sharedllm" / "tensor-cache" / "machine-1"
+    for entry in tensor_cache.entries(cache):
+        entry.path.unlink()  # always safe between sessions: the next load sends that tensor again
+    with mesh.load("gemma-3-270m", n_ctx=N_CTX, machines=TWO) as llm:
+        llm.create_completion(PROMPT, max_tokens=2, temperature=0)
+    sizes = [e.size for e in tensor_cache.entries(cache)]
+    assert len(sizes) >= 3 and all(1 << 20 < n <= 10 << 20 for n in sizes), sizes
+
+
 def test_stream_stopped_early_leaves_the_session_usable(mesh, local_greedy):
     with mesh.load("gemma-3-270m", n_ctx=N_CTX, machines=TWO) as llm:
         it = llm.create_completion(PROMPT, max_tokens=64, temperature=0, stream=True)
