@@ -243,12 +243,12 @@ class BatchScheduler:
         whose slot lies between two of them in the exact mode (see the module's docstring; in the fast mode any
         sequences are one pass)."""
         ready = [s for s in self._running if s.prefilled and s.next_input is not None and not s.ended]
-        due = [s.slot for s in ready if len(s.pending) < LOOKAHEAD]
+        due = [s for s in ready if len(s.pending) < LOOKAHEAD]
         if not due or self.unified:
-            return [s for s in ready if len(s.pending) < LOOKAHEAD]
-        lo, hi = min(due), max(due)
-        return sorted((s for s in ready if len(s.pending) < LOOKAHEAD
-                       or (lo < s.slot < hi and len(s.pending) < LOOKAHEAD_MAX)), key=lambda s: s.slot)
+            return due
+        lo, hi = min(s.slot for s in due), max(s.slot for s in due)
+        held = [s for s in ready if LOOKAHEAD <= len(s.pending) < LOOKAHEAD_MAX and lo < s.slot < hi]
+        return sorted(due + held, key=lambda s: s.slot)
 
     def _prefills(self, budget: int, cut: bool) -> list[tuple[Sequence, list[int]]]:
         """The prompt chunks of this step: sequences still reading their prompt, first admitted first, up to

@@ -163,7 +163,7 @@ def _build_llama(spec: EngineSpec, out_fd: int, phases: dict[str, float]):
             kwargs.setdefault("n_threads", os.cpu_count() or 1)
     llm = build_llama(spec.model_path, devices=handles, use_extra_bufts=spec.use_extra_bufts, progress=progress,
                       output_on_client=spec.output_on_client, parallel=spec.parallel,
-                      unified=spec.parallel > 1 and not spec.exact_batches, **kwargs)
+                      unified=spec.unified_kv, **kwargs)
     phases["built"] = time.monotonic()
     return llm, devices
 
@@ -360,7 +360,7 @@ class _BatchRunner:
                         self.max_batch)
         self.scheduler = BatchScheduler(llm, spec.parallel, n_ctx_seq, prefill_chunk=spec.prefill_chunk,
                                         max_waiting=spec.max_waiting, max_batch=self.max_batch,
-                                        unified=not spec.exact_batches,
+                                        unified=spec.unified_kv,
                                         on_stats=lambda s: out.send(("stats", s)))
         llm.generate = self._generate
         llm.set_seed = self._set_seed  # the request's seed is its own, not the shared Llama._seed

@@ -75,6 +75,11 @@ class EngineSpec:
     # machine. None: the real network.
     link: dict | None = None
 
+    @property
+    def unified_kv(self) -> bool:
+        """Fast batches: one KV cache shared by the sequences (``kv_unified``, see ``sharedllm.engine.batch``)."""
+        return self.parallel > 1 and not self.exact_batches
+
 
 def first_failing_stage(stages: list[EngineStage], timeout: float) -> tuple[EngineStage, str, Exception] | None:
     """Probe each rpc-server of ``stages`` once (:func:`probe_stage`); the first that fails, with how: ``"timeout"``
