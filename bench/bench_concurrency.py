@@ -149,8 +149,8 @@ def _idle_stats(llm, before: dict[str, Any], timeout: float = 30.0) -> dict[str,
     ``parallel=1`` (no batch scheduler, no steps) at once."""
     deadline = time.monotonic() + timeout
     while "steps" in before:
-        stats = llm.load_stats
-        if (stats["running"] == 0 and stats.get("steps", 0) > before["steps"]) or time.monotonic() > deadline:
+        stats = llm.engine_stats  # not load_stats: its running is 0 once the calls return, before the last report
+        if (stats.get("running") == 0 and stats.get("steps", 0) > before["steps"]) or time.monotonic() > deadline:
             return stats
         time.sleep(0.05)
     return llm.load_stats
@@ -180,7 +180,7 @@ def mesh_setups(args: argparse.Namespace, mesh) -> dict[str, dict[str, Any]]:
                         continue
                     for n in args.levels if not rtt else [n for n in args.levels if n in (1, 8, top)]:
                         logger.info("%s, %s: %d stream(s)", name, api, n)
-                        before = llm.load_stats
+                        before = llm.engine_stats or llm.load_stats
                         run = run_level(n, stream)
                         after = _idle_stats(llm, before)
                         steps = after.get("steps", 0) - before.get("steps", 0)

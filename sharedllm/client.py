@@ -835,6 +835,14 @@ class MeshModel:
         return ModelClosed("the model was closed; load it again") if self._closed else None
 
     @property
+    def engine_stats(self) -> dict:
+        """The batch engine's last report as it sent it: ``running``, ``waiting``, ``steps``, ``passes``... ({} when
+        the handle runs one request at a time). Unlike :attr:`load_stats`, which caps ``running`` by the calls in
+        flight, it says 0 running only once the engine reported its last step."""
+        engine = self._engine
+        return dict(engine.poll_stats()) if engine is not None and self.parallel > 1 else {}
+
+    @property
     def load_stats(self) -> dict:
         """The engine's batch: sequences ``running`` and ``waiting`` (requests in flight when it runs one at a
         time), the mean ``batch`` size (sequences) and ``passes_per_step`` (llama_decode passes) of its last decode
@@ -845,7 +853,7 @@ class MeshModel:
         if self.parallel == 1:
             n = engine.in_flight
             return {"running": min(n, 1), "waiting": max(n - 1, 0), "batch": float(min(n, 1)), "parallel": 1}
-        stats = dict(engine.poll_stats())
+        stats = self.engine_stats
         # The scheduler's last report may be a step behind the requests this handle sees in flight.
         stats["running"] = min(stats.get("running", 0), engine.in_flight)
         stats["waiting"] = max(stats.get("waiting", 0), engine.in_flight - stats["running"])

@@ -183,7 +183,7 @@ def _at_once(llm, items: list[tuple[str, int]]) -> dict[str, str]:
 
 def _idle(llm, after: int = -1) -> dict:
     """The engine's statistics once it reported its last step (nothing running, more steps than ``after``)."""
-    return wait_for(lambda: (s := llm.load_stats)["running"] == 0 and s.get("steps", -1) > after and s,
+    return wait_for(lambda: (s := llm.engine_stats).get("running") == 0 and s.get("steps", -1) > after and s,
                     timeout=60, what="the engine's report of its last step")
 
 
