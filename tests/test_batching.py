@@ -263,6 +263,34 @@ def test_the_engine_samples_each_sequence_with_its_own_chain(model_path):
         engine.close()
 
 
+def test_a_sequence_is_not_decoded_past_its_max_tokens(model_path):
+    """Without a mesh: a request of max_tokens=n costs n steps (its prompt's, then n - 1 decodes), streamed or not,
+    completion or chat: the engine does not decode ahead of a consumer that will take no more (work thrown away, in a
+    step a newcomer would wait for)."""
+    engine = Engine(EngineSpec(str(model_path), llama_kwargs={"n_ctx": 1024}, parallel=2))
+    engine.start()
+    try:
+        def steps_of(run) -> tuple[str, int]:
+            before = engine.poll_stats().get("steps", 0)  # idle: each run waits for the report of its last step
+            text = run()
+            after = wait_for(lambda: (s := engine.poll_stats()).get("running") == 0 and s.get("steps", 0) > before
+                             and s, timeout=60, what="the engine's report of the request's last step")
+            return text, after["steps"] - before
+
+        args = {"prompt": "Once upon a time", "temperature": 0}
+        for n in (1, 6, 17):
+            called, steps = steps_of(lambda n=n: _text(engine.call("create_completion", {**args, "max_tokens": n})))
+            assert steps == n, (n, steps)
+            streamed, steps = steps_of(lambda n=n: "".join(
+                c["choices"][0]["text"] for c, _ in engine.stream("create_completion", {**args, "max_tokens": n})))
+            assert (streamed, steps) == (called, n)
+        chat, steps = steps_of(lambda: engine.call("create_chat_completion", {
+            "messages": [{"role": "user", "content": "Say hi"}], "max_tokens": 5, "temperature": 0}))
+        assert steps == chat["usage"]["completion_tokens"] == 5, chat
+    finally:
+        engine.close()
+
+
 def test_kill_an_rpc_server_with_four_sequences_in_flight(mesh, batched, solo):
     # Last in the module: the handle goes on without machine-2 afterwards.
     four = PROMPTS[:4]
@@ -344,3 +372,23 @@ def test_a_decode_step_is_one_pass_per_run_of_consecutive_slots():
     assert cut([0, 1, 3, 4, 5, 9], 16) == [[0, 1], [3, 4, 5], [9]]  # a free slot between two runs: two passes
     assert cut([0, 1, 2, 3, 5, 6], 3) == [[0, 1], [2, 3], [5, 6]]
     assert cut([], 4) == []
+
+
+def test_prompts_are_read_fewest_tokens_left_first_and_none_waits_for_ever():
+    """No model: the order in which waiting prompts are read (shortest remaining first, a patient one first)."""
+    from sharedllm.engine.batch import PATIENCE_S, Sequence, prefill_order
+
+    def seq(length: int, read: int = 0, waited: float = 0.0) -> Sequence:
+        s = Sequence(list(range(length)), sampler=None, stopped=lambda: False)
+        s.n_past, s.submitted = read, 1000.0 - waited
+        return s
+
+    def order(seqs: list[Sequence]) -> list[int]:
+        return [seqs.index(s) for s in prefill_order(seqs, now=1000.0)]
+
+    # A burst: the short prompts first; equal ones in the order they came.
+    assert order([seq(50), seq(5), seq(20), seq(5)]) == [1, 3, 2, 0]
+    # What is left counts: a long prompt almost read goes before a shorter new one.
+    assert order([seq(12), seq(500, read=495)]) == [1, 0]
+    # A prompt that let others go first for PATIENCE_S goes first, before shorter ones; the oldest of those first.
+    assert order([seq(3), seq(400, waited=PATIENCE_S), seq(900, waited=PATIENCE_S + 1)]) == [2, 1, 0]

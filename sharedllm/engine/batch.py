@@ -17,8 +17,9 @@ attention sums exactly the terms it would sum alone). One thread, the scheduler,
    slot first), a step's batch is in slot order, and each pass is one run of consecutive slots (:func:`passes`);
    a sequence held back by ``LOOKAHEAD`` between two that are decoded is decoded anyway (up to
    ``LOOKAHEAD_MAX``), since leaving it out would cost a pass;
-3. before that, it evaluates the prompts of sequences still reading theirs, at most ``prefill_chunk`` tokens in all
-   per step, each prompt chunk in its own ``llama_decode``: a long prompt takes several steps and never stalls the
+3. before that, it evaluates the prompts of sequences still reading theirs, the fewest tokens left first
+   (:func:`prefill_order`), at most ``prefill_chunk`` tokens in all per step, each prompt chunk in its own
+   ``llama_decode``: a long prompt takes several steps and never stalls the
    running streams for long. Evaluating a prompt alone (not mixed with other sequences' tokens) keeps its kernels
    those of a solo request;
 4. it samples each new token with the sequence's own native sampler chain (:mod:`.sampling`) and hands it to the
@@ -34,7 +35,7 @@ its prompt is evaluated among other rows, so its text may differ from its solo t
 A consumer is the request's thread in llama-cpp-python's ``create_completion``, whose ``Llama.generate`` is
 replaced by :meth:`BatchScheduler.generate`: stop strings, detokenisation, chat templates and the dict shapes stay
 llama-cpp-python's own. A consumer more than ``LOOKAHEAD`` tokens behind is skipped by the decode step until it
-catches up.
+catches up, and a sequence that reached its ``max_tokens`` is not decoded further unless its consumer asks.
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ logger = logging.getLogger(__name__)
 
 LOOKAHEAD = 4  # tokens a sequence may run ahead of its consumer
 LOOKAHEAD_MAX = 16  # ... when holding it back would split a decode step into one more pass
+PATIENCE_S = 2.0  # a prompt lets shorter ones go first for at most this long, then goes first itself
 
 
 class QueueFull(Exception):
@@ -62,8 +64,10 @@ class QueueFull(Exception):
 class Sequence:
     """One request's sequence: its prompt, sampler, slot and the tokens not yet taken by its consumer."""
 
-    def __init__(self, prompt: list[int], sampler: Any, stopped: Callable[[], bool]):
+    def __init__(self, prompt: list[int], sampler: Any, stopped: Callable[[], bool], limit: int | None = None):
         self.prompt = prompt
+        self.limit = limit  # the tokens its consumer will take at most (max_tokens); None: until the context ends
+        self.sampled = 0
         self.sampler = sampler
         self.stopped = stopped  # the parent cancelled the request (or the engine closes)
         self.slot = -1
@@ -72,6 +76,7 @@ class Sequence:
         self.pending: collections.deque[int] = collections.deque()
         self.ended = False  # no more tokens will come (end of generation, context full, cancelled, error)
         self.left = False  # the consumer stopped taking tokens
+        self.wanting = False  # the consumer waits for a token none of which is pending
         self.error: str | None = None
         self.submitted = time.monotonic()
         self.first_token_at: float | None = None
@@ -79,6 +84,13 @@ class Sequence:
     @property
     def prefilled(self) -> bool:
         return self.n_past >= len(self.prompt)
+
+    def wants_more(self) -> bool:
+        """Whether its next token may be decoded: before its limit, or when the consumer asks for more (a consumer may
+        take more than ``max_tokens``: llama-cpp-python does not count a token that ends in an incomplete UTF-8
+        character). Decoding past the limit ahead of the consumer would be work thrown away, in a step a newcomer
+        waits for."""
+        return self.limit is None or self.sampled < self.limit or (self.wanting and not self.pending)
 
 
 class BatchScheduler:
@@ -118,14 +130,17 @@ class BatchScheduler:
     # --- the consumers' side ----------------------------------------------------------------------------------
 
     def generate(self, tokens: list[int], *, seed: int, logit_bias: dict | None, stopped: Callable[[], bool],
-                 **sampling: Any) -> Iterator[int]:
-        """``Llama.generate`` for one request: submit its sequence, yield its tokens as the scheduler samples them."""
+                 max_tokens: int | None = None, **sampling: Any) -> Iterator[int]:
+        """``Llama.generate`` for one request: submit its sequence, yield its tokens as the scheduler samples them.
+        ``max_tokens`` (> 0): the consumer takes no more (llama-cpp-python's ``max_tokens``), so the sequence is not
+        decoded further ahead of it."""
         prompt = list(tokens)
         if not prompt:
             raise ValueError("the prompt is empty")
         if len(prompt) >= self.n_ctx_seq:
             raise ValueError(f"Requested tokens ({len(prompt)}) exceed context window of {self.n_ctx_seq}")
-        seq = Sequence(prompt, sampler_chain(self.llm, seed=seed, logit_bias=logit_bias, **sampling), stopped)
+        limit = min(max_tokens, self.n_ctx_seq - len(prompt)) if max_tokens and max_tokens > 0 else None
+        seq = Sequence(prompt, sampler_chain(self.llm, seed=seed, logit_bias=logit_bias, **sampling), stopped, limit)
         with self._cond:
             if self._closed:
                 raise RuntimeError("the engine is closing")
@@ -142,6 +157,9 @@ class BatchScheduler:
             while True:
                 with self._cond:
                     while not seq.pending and not seq.ended:
+                        if not seq.wanting:
+                            seq.wanting = True
+                            self._cond.notify_all()  # past its limit it is decoded only now
                         self._cond.wait(0.5)
                         if seq.stopped() and not seq.pending:  # cancelled while it waits for a slot or a token
                             self._cond.notify_all()
@@ -150,6 +168,7 @@ class BatchScheduler:
                         if seq.error is not None:
                             raise RuntimeError(seq.error)
                         return
+                    seq.wanting = False
                     token = seq.pending.popleft()
                     self._cond.notify_all()  # it may have been held back by LOOKAHEAD
                 yield token
@@ -242,7 +261,8 @@ class BatchScheduler:
         prompt and is less than ``LOOKAHEAD`` tokens ahead of its consumer, and those up to ``LOOKAHEAD_MAX`` ahead
         whose slot lies between two of them in the exact mode (see the module's docstring; in the fast mode any
         sequences are one pass)."""
-        ready = [s for s in self._running if s.prefilled and s.next_input is not None and not s.ended]
+        ready = [s for s in self._running
+                 if s.prefilled and s.next_input is not None and not s.ended and s.wants_more()]
         due = [s for s in ready if len(s.pending) < LOOKAHEAD]
         if not due or self.unified:
             return due
@@ -251,16 +271,14 @@ class BatchScheduler:
         return sorted(due + held, key=lambda s: s.slot)
 
     def _prefills(self, budget: int, cut: bool) -> list[tuple[Sequence, list[int]]]:
-        """The prompt chunks of this step: sequences still reading their prompt, first admitted first, up to
+        """The prompt chunks of this step: sequences still reading their prompt, in :func:`prefill_order`, up to
         ``budget`` tokens in all. ``cut`` (fast mode): the last chunk is cut to what is left of the budget. Else
         chunks of ``prefill_chunk`` tokens, at least one: each is evaluated alone (its own ``llama_decode``), as a
         solo request's prompt is."""
         out: list[tuple[Sequence, list[int]]] = []
-        for seq in self._running:
+        for seq in prefill_order([s for s in self._running if not s.prefilled and not s.ended], time.monotonic()):
             if budget <= 0:
                 break
-            if seq.prefilled or seq.ended:
-                continue
             chunk = seq.prompt[seq.n_past:seq.n_past + (min(self.prefill_chunk, budget) if cut else self.prefill_chunk)]
             if out and len(chunk) > budget:
                 break
@@ -302,6 +320,7 @@ class BatchScheduler:
             for _, pos, seq in tokens:
                 seq.n_past = max(seq.n_past, pos + 1)
             for seq, tok in new:
+                seq.sampled += 1
                 seq.pending.append(tok)
                 seq.next_input = tok
                 if seq.first_token_at is None:
@@ -324,6 +343,20 @@ class BatchScheduler:
         self.on_stats({"running": counts[0], "waiting": counts[1], "parallel": self.parallel, "steps": self.steps,
                        "passes": self.passes, "batch": sum(r[0] for r in recent) / n,
                        "passes_per_step": sum(r[1] for r in recent) / n})
+
+
+def prefill_order(seqs: list[Sequence], now: float) -> list[Sequence]:
+    """The order in which sequences read their prompts: the fewest prompt tokens left first (shortest remaining
+    processing time: in a burst of requests the short prompts get their first token after their own prompt, not
+    after every prompt of the burst, which minimises the mean time to first token), except that a sequence waiting
+    ``PATIENCE_S`` or more goes before, oldest first (no prompt waits for ever behind a stream of shorter ones).
+    Ties: first admitted first."""
+    def key(seq: Sequence) -> tuple[int, float]:
+        if now - seq.submitted >= PATIENCE_S:
+            return 0, seq.submitted
+        return 1, len(seq.prompt) - seq.n_past
+
+    return sorted(seqs, key=key)
 
 
 def passes(seqs: list[Sequence], size: int) -> list[list[Sequence]]:

@@ -15,6 +15,7 @@ from the batch scheduler.
 from __future__ import annotations
 
 import functools
+import inspect
 import itertools
 import logging
 import os
@@ -263,6 +264,7 @@ class _Call:
         self.tokens = 0
         self.stop: str | None = None  # "cancel" or "close" once the parent asked
         self.seed: int | None = None  # the seed llama-cpp-python set for this request (batched calls)
+        self.max_tokens: int | None = None  # its create_completion's max_tokens (batched calls)
 
     def stopped(self) -> bool:
         return self.stop is not None
@@ -364,6 +366,16 @@ class _BatchRunner:
                                         on_stats=lambda s: out.send(("stats", s)))
         llm.generate = self._generate
         llm.set_seed = self._set_seed  # the request's seed is its own, not the shared Llama._seed
+        # Llama.generate is not told max_tokens: it is taken where every completion (chat ones too) passes it.
+        create, signature = llm.create_completion, inspect.signature(llm.create_completion)
+
+        def create_completion(*args: Any, **kwargs: Any) -> Any:
+            bound = signature.bind(*args, **kwargs)
+            bound.apply_defaults()
+            self._local.call.max_tokens = bound.arguments.get("max_tokens")
+            return create(*args, **kwargs)
+
+        llm.create_completion = create_completion
 
     def _set_seed(self, seed: int) -> None:
         self._local.call.seed = seed
@@ -374,7 +386,7 @@ class _BatchRunner:
         del logits_processor
         seed = call.seed if call.seed is not None else self.llm._seed
         tokens = self.scheduler.generate(tokens, seed=seed, logit_bias=call.kwargs.get("logit_bias"),
-                                         stopped=call.stopped, **sampling)
+                                         stopped=call.stopped, max_tokens=call.max_tokens, **sampling)
         return call.generated(tokens, self.llm._model.vocab)
 
     def submit(self, call: _Call) -> None:
