@@ -275,6 +275,7 @@ class Mesh:
         parallel: int = 1,
         max_waiting: int = 64,
         exact_batches: bool = True,
+        max_stall_ms: float = 500.0,
         link: dict | None = None,
         **llama_kwargs,
     ) -> MeshModel:
@@ -313,7 +314,10 @@ class Mesh:
         ``max_waiting`` waiting ones a call raises ``ModelBusy``. With ``parallel=1`` (default) requests run one at
         a time through llama-cpp-python's own generation. ``exact_batches`` (default): a decode step holds no more
         sequences than keep each one's greedy text what it is alone (see ``sharedllm.engine.batch.invariant_batch``);
-        False: one pass per step, faster where the kernels change with the batch. ``link``: for benchmarks, an
+        False: one pass per step, faster where the kernels change with the batch. ``max_stall_ms``: while sequences
+        are generating, a step reads no more of new prompts than keeps it (their next token) within this, as
+        measured (at least 32 tokens a step; exact batches: whole chunks of ``n_batch``); 0: ``n_batch`` tokens a
+        step. ``link``: for benchmarks, an
         emulated link to every machine (``{"rtt_ms": 20, "mbit": 100}``, see ``sharedllm.linkem``).
         """
         from sharedllm.ggml import build_info
@@ -334,7 +338,7 @@ class Mesh:
             llama_kwargs={"n_ctx": n_ctx, **llama_kwargs},
             wait_timeout=wait_timeout, load_timeout=load_timeout, token_timeout=token_timeout,
             max_recoveries=max_recoveries, on_progress=on_progress, parallel=parallel, max_waiting=max_waiting,
-            engine_options={"exact_batches": exact_batches, "link": link},
+            engine_options={"exact_batches": exact_batches, "max_stall_ms": max_stall_ms, "link": link},
         )
         handle._open()
         return handle

@@ -392,3 +392,34 @@ def test_prompts_are_read_fewest_tokens_left_first_and_none_waits_for_ever():
     assert order([seq(12), seq(500, read=495)]) == [1, 0]
     # A prompt that let others go first for PATIENCE_S goes first, before shorter ones; the oldest of those first.
     assert order([seq(3), seq(400, waited=PATIENCE_S), seq(900, waited=PATIENCE_S + 1)]) == [2, 1, 0]
+
+
+def test_the_prefill_budget_keeps_a_step_within_max_stall_ms():
+    """No model: what a step is measured to cost, and the prompt tokens it may read while sequences decode."""
+    from types import SimpleNamespace
+
+    from sharedllm.engine.batch import MIN_PREFILL, BatchScheduler, StepCost
+
+    cost = StepCost()
+    cost.observe(100.0, 50, 0)  # a burst's prompts, nothing decoding: 2 ms a prompt token
+    assert (cost.token_ms, cost.decode_ms) == (2.0, None)
+    cost.observe(40.0, 0, 4)  # a step that only decodes
+    assert cost.decode_ms == 40.0
+    cost.observe(40.0 + 3.0 * 20, 20, 4)  # decodes and reads 20 prompt tokens at 3 ms each
+    assert cost.token_ms == pytest.approx(2.0 + StepCost.ALPHA * (3.0 - 2.0))
+    cost.observe(500.0, StepCost.SAMPLE - 1, 4)  # too few prompt tokens to tell the cost of one
+    assert cost.token_ms == pytest.approx(2.3)
+
+    def budget(decoding: int, max_stall_ms: float, cost: StepCost = cost) -> int:
+        return BatchScheduler._prefill_budget(SimpleNamespace(max_stall_ms=max_stall_ms, prefill_chunk=512,
+                                                              cost=cost), decoding)
+
+    assert budget(4, 500.0) == int((500.0 - 40.0) / 2.3)
+    assert budget(0, 500.0) == 512  # nothing decoding: no stream to hold up
+    assert budget(4, 50.0) == MIN_PREFILL  # a prompt always progresses
+    assert budget(4, 1e6) == budget(4, 0.0) == 512  # at most prefill_chunk; 0: no bound
+    assert budget(4, 500.0, StepCost()) == 512  # not measured yet
+    free = StepCost()
+    free.observe(50.0, 0, 4)
+    free.observe(20.0, 100, 4)  # a step with prompt tokens faster than the last decode-only step (noise)
+    assert free.token_ms == 0.0 and budget(4, 500.0, free) == 512

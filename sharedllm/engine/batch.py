@@ -18,8 +18,9 @@ attention sums exactly the terms it would sum alone). One thread, the scheduler,
    a sequence held back by ``LOOKAHEAD`` between two that are decoded is decoded anyway (up to
    ``LOOKAHEAD_MAX``), since leaving it out would cost a pass;
 3. before that, it evaluates the prompts of sequences still reading theirs, the fewest tokens left first
-   (:func:`prefill_order`), at most ``prefill_chunk`` tokens in all per step, each prompt chunk in its own
-   ``llama_decode``: a long prompt takes several steps and never stalls the
+   (:func:`prefill_order`), at most ``prefill_chunk`` tokens in all per step, and while sequences are decoding
+   no more than keep the step within ``max_stall_ms`` as measured (:class:`StepCost`; whole chunks in the exact
+   mode), each prompt chunk in its own ``llama_decode``: a long prompt takes several steps and never stalls the
    running streams for long. Evaluating a prompt alone (not mixed with other sequences' tokens) keeps its kernels
    those of a solo request;
 4. it samples each new token with the sequence's own native sampler chain (:mod:`.sampling`) and hands it to the
@@ -55,6 +56,7 @@ logger = logging.getLogger(__name__)
 LOOKAHEAD = 4  # tokens a sequence may run ahead of its consumer
 LOOKAHEAD_MAX = 16  # ... when holding it back would split a decode step into one more pass
 PATIENCE_S = 2.0  # a prompt lets shorter ones go first for at most this long, then goes first itself
+MIN_PREFILL = 32  # prompt tokens a step reads at least, whatever max_stall_ms asks (a prompt always progresses)
 
 
 class QueueFull(Exception):
@@ -97,7 +99,8 @@ class BatchScheduler:
     """The slots, the waiting line and the loop that decodes them (see the module's docstring)."""
 
     def __init__(self, llm: Any, parallel: int, n_ctx_seq: int, *, prefill_chunk: int = 0, max_waiting: int = 64,
-                 max_batch: int = 0, unified: bool = False, on_stats: Callable[[dict], None] | None = None):
+                 max_batch: int = 0, unified: bool = False, max_stall_ms: float = 0.0,
+                 on_stats: Callable[[dict], None] | None = None):
         import llama_cpp
 
         self.llm = llm
@@ -105,6 +108,8 @@ class BatchScheduler:
         self.n_ctx_seq = n_ctx_seq
         self.prefill_chunk = prefill_chunk or llm.n_batch
         self.unified = unified
+        self.max_stall_ms = max_stall_ms
+        self.cost = StepCost()
         self.max_waiting = max_waiting
         self.on_stats = on_stats
         self._lib = llama_cpp
@@ -194,7 +199,7 @@ class BatchScheduler:
                     self._reap()
                     self._admit()
                     decode = self._decoded()
-                    budget = self.prefill_chunk
+                    budget = self._prefill_budget(len(decode))
                     if self.unified:  # one pass: the prompt chunks and the decoded tokens fit n_batch together
                         budget = min(budget, self.llm.n_batch - len(decode))
                     prefills = self._prefills(budget, cut=self.unified)
@@ -204,7 +209,9 @@ class BatchScheduler:
                         self._report_stats()
                         self._cond.wait(0.5)
                         continue
+                started = time.monotonic()
                 n = self._mixed_step(decode, prefills) if self.unified else self._separate_steps(decode, prefills)
+                self.cost.observe((time.monotonic() - started) * 1000, sum(len(c) for _, c in prefills), len(decode))
                 with self._cond:
                     self.steps += 1
                     self.passes += n
@@ -269,6 +276,15 @@ class BatchScheduler:
         lo, hi = min(s.slot for s in due), max(s.slot for s in due)
         held = [s for s in ready if LOOKAHEAD <= len(s.pending) < LOOKAHEAD_MAX and lo < s.slot < hi]
         return sorted(due + held, key=lambda s: s.slot)
+
+    def _prefill_budget(self, decoding: int) -> int:
+        """Prompt tokens this step may read: ``prefill_chunk``; while sequences are decoding and ``max_stall_ms`` is
+        set, no more than keep the step (and so their next token) within it, as measured (:class:`StepCost`), and at
+        least ``MIN_PREFILL``."""
+        if not decoding or self.max_stall_ms <= 0 or self.cost.token_ms is None:
+            return self.prefill_chunk
+        fits = (self.max_stall_ms - (self.cost.decode_ms or 0.0)) / max(self.cost.token_ms, 1e-3)
+        return max(MIN_PREFILL, min(self.prefill_chunk, int(fits)))
 
     def _prefills(self, budget: int, cut: bool) -> list[tuple[Sequence, list[int]]]:
         """The prompt chunks of this step: sequences still reading their prompt, in :func:`prefill_order`, up to
@@ -343,6 +359,30 @@ class BatchScheduler:
         self.on_stats({"running": counts[0], "waiting": counts[1], "parallel": self.parallel, "steps": self.steps,
                        "passes": self.passes, "batch": sum(r[0] for r in recent) / n,
                        "passes_per_step": sum(r[1] for r in recent) / n})
+
+
+class StepCost:
+    """What a step costs, measured as the scheduler goes (exponential averages): ``decode_ms``, a step that only
+    decodes (what the running sequences' next token costs: passes, round trips, the weights read) and ``token_ms``,
+    each prompt token a step reads on top of that (None until a step has read ``SAMPLE`` prompt tokens or more)."""
+
+    SAMPLE = 16
+    ALPHA = 0.3
+
+    def __init__(self) -> None:
+        self.decode_ms: float | None = None
+        self.token_ms: float | None = None
+
+    def observe(self, ms: float, prompt_tokens: int, decoded: int) -> None:
+        if not prompt_tokens:
+            if decoded:
+                self.decode_ms = self._avg(self.decode_ms, ms)
+        elif prompt_tokens >= self.SAMPLE:
+            extra = ms - (self.decode_ms or 0.0) if decoded else ms
+            self.token_ms = self._avg(self.token_ms, max(extra, 0.0) / prompt_tokens)
+
+    def _avg(self, old: float | None, new: float) -> float:
+        return new if old is None else old + self.ALPHA * (new - old)
 
 
 def prefill_order(seqs: list[Sequence], now: float) -> list[Sequence]:

@@ -362,7 +362,7 @@ class _BatchRunner:
                         self.max_batch)
         self.scheduler = BatchScheduler(llm, spec.parallel, n_ctx_seq, prefill_chunk=spec.prefill_chunk,
                                         max_waiting=spec.max_waiting, max_batch=self.max_batch,
-                                        unified=spec.unified_kv,
+                                        unified=spec.unified_kv, max_stall_ms=spec.max_stall_ms,
                                         on_stats=lambda s: out.send(("stats", s)))
         llm.generate = self._generate
         llm.set_seed = self._set_seed  # the request's seed is its own, not the shared Llama._seed
