@@ -11,8 +11,8 @@ about ``--prompt-tokens`` tokens (and ``max_tokens=1``) arrives. Reported: the r
 while that prompt is read (max and p50, every stream), the tokens they got meanwhile, the long request's time to its
 first token, and the running streams' gaps before it came (the baseline). ``max_stall_ms=0``: a step reads up to
 ``n_batch`` prompt tokens (llama-server's way, and SharedLLM's before the bound); the default, 500: no more than
-keep the step within 500 ms, as measured. Fast batches cut the prompt to the budget; exact batches read whole
-chunks of ``n_batch`` (a prompt's chunks are those of a solo request), so the bound applies between prompts only.
+keep the step within 500 ms, as measured. Fast batches cut the prompt to the budget; exact batches cut it only in
+chunks that keep its arithmetic (``sharedllm.engine.invariance``: measured at load; else whole chunks of ``n_batch``).
 """
 
 from __future__ import annotations

@@ -313,12 +313,13 @@ class Mesh:
         threads or asyncio tasks share the handle; beyond ``parallel`` they wait for a sequence, and beyond
         ``max_waiting`` waiting ones a call raises ``ModelBusy``. With ``parallel=1`` (default) requests run one at
         a time through llama-cpp-python's own generation. ``exact_batches`` (default): a decode step holds no more
-        sequences than keep each one's greedy text what it is alone (see ``sharedllm.engine.batch.invariant_batch``);
-        False: one pass per step, faster where the kernels change with the batch. ``max_stall_ms``: while sequences
-        are generating, a step reads no more of new prompts than keeps it (their next token) within this, as
-        measured (at least 32 tokens a step; exact batches: whole chunks of ``n_batch``); 0: ``n_batch`` tokens a
-        step. ``link``: for benchmarks, an
-        emulated link to every machine (``{"rtt_ms": 20, "mbit": 100}``, see ``sharedllm.linkem``).
+        sequences than keep each one's greedy text what it is alone (see
+        ``sharedllm.engine.invariance.invariant_batch``); False: one pass per step, faster where the kernels change
+        with the batch. ``max_stall_ms``: while sequences are generating, a step reads no more of new prompts than
+        keeps it (their next token) within this, as measured (at least 32 tokens a step; exact batches: in chunks
+        that keep a prompt's arithmetic, else whole chunks of ``n_batch``); 0: ``n_batch`` tokens a step.
+        ``link``: for benchmarks, an emulated link to every machine (``{"rtt_ms": 20, "mbit": 100}``, see
+        ``sharedllm.linkem``).
         """
         from sharedllm.ggml import build_info
 

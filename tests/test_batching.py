@@ -15,11 +15,13 @@ import json
 import os
 import signal
 import threading
+import time
 
 import httpx
 import pytest
 
 from sharedllm.engine import Engine, EngineSpec
+from sharedllm.engine.batch import MIN_PREFILL
 from sharedllm.errors import ModelBusy, ModelClosed
 from sharedllm.openai_server import ServerThread, create_app
 from tests.conftest import machine, wait_for
@@ -289,6 +291,78 @@ def test_a_sequence_is_not_decoded_past_its_max_tokens(model_path):
         assert steps == chat["usage"]["completion_tokens"] == 5, chat
     finally:
         engine.close()
+
+
+@pytest.mark.parametrize("exact", [True, False], ids=["exact", "fast"])
+def test_a_long_prompt_does_not_freeze_the_running_streams(model_path, exact):
+    """Without a mesh: while a stream runs, a long prompt is read a bounded chunk a step (``max_stall_ms``, here so
+    small that each step reads about MIN_PREFILL tokens), so the running stream keeps getting tokens meanwhile;
+    without the bound, n_batch tokens a step and the stream waits for them. Exact batches cut the prompt only where
+    that leaves its arithmetic as it is (``invariant_chunks``): its text is the text it gets alone."""
+    long_prompt = "The quick brown fox jumps over the lazy dog. " * 60  # more than n_batch (512) tokens
+    runner = "Once upon a time, in a small village at the edge of a great forest, there lived"  # >= StepCost.SAMPLE
+    args = {"prompt": long_prompt, "max_tokens": 8, "temperature": 0}
+
+    def run(max_stall_ms: float) -> tuple[int, int, str, str]:
+        engine = Engine(EngineSpec(str(model_path), llama_kwargs={"n_ctx": 4096}, parallel=2, exact_batches=exact,
+                                   max_stall_ms=max_stall_ms))
+        engine.start()
+        stamps: list[float] = []
+        try:
+            alone = _text(engine.call("create_completion", args))  # nothing else running: n_batch a step
+            n_prompt = len(engine.call("tokenize", {"text": long_prompt.encode()}))
+            stream = engine.stream("create_completion", {"prompt": runner, "max_tokens": 1000, "temperature": 0})
+
+            def read() -> None:
+                with contextlib.suppress(ModelClosed):  # the engine closes under it at the end
+                    stamps.extend(time.monotonic() for _ in stream)
+
+            threading.Thread(target=read, daemon=True).start()
+            wait_for(lambda: len(stamps) >= 3, timeout=60, what="the running stream's first tokens")
+            start, first, text = time.monotonic(), None, ""
+            for chunk, _ in engine.stream("create_completion", args):
+                first = first or time.monotonic()
+                text += chunk["choices"][0]["text"]
+            return sum(start < t < first for t in list(stamps)), n_prompt, alone, text
+        finally:
+            engine.close()
+
+    bounded, n_prompt, alone, batched = run(1.0)
+    assert n_prompt > 8 * MIN_PREFILL, n_prompt
+    # About n_prompt / MIN_PREFILL steps read the prompt, each with the running stream's next token.
+    assert bounded >= n_prompt // MIN_PREFILL // 2, (bounded, n_prompt)
+    if exact:
+        assert batched == alone and alone, (batched, alone)
+    unbounded, *_ = run(0.0)
+    assert unbounded <= 5, unbounded  # 2 steps of n_batch
+
+
+def test_exact_prompt_chunks_keep_the_passes_of_a_solo_request_where_it_matters():
+    """No model: how exact batches cut a prompt (``exact_chunk``): every pass at least ``min_chunk`` tokens, none
+    leaving fewer behind, and a solo request's own last pass kept as it is when it is shorter."""
+    from sharedllm.engine.invariance import exact_chunk, solo_last_pass
+
+    assert [solo_last_pass(n, 512, 512) for n in (1, 7, 512, 515, 600, 1024)] == [1, 7, 512, 3, 88, 512]
+    assert solo_last_pass(600, 512, 256) == 88 and solo_last_pass(300, 512, 256) == 44
+
+    def cuts(total: int, budget: int, cap: int = 512, min_chunk: int = 32) -> list[int]:
+        out, done = [], 0
+        final = solo_last_pass(total, 512, cap)
+        while done < total:
+            out.append(exact_chunk(total - done, final, budget, cap, min_chunk))
+            done += out[-1]
+        assert done == total
+        return out
+
+    assert cuts(20, 32) == [20]  # shorter than a chunk: one pass, as alone
+    assert cuts(40, 32) == [40]  # 32 would leave 8
+    assert cuts(64, 32) == [32, 32]
+    assert cuts(600, 100) == [100] * 5 + [100]  # solo: 512 + 88, both long passes
+    assert cuts(610, 100) == [100] * 5 + [110]  # 100 would leave 10
+    assert cuts(515, 100) == [100] * 4 + [112, 3]  # solo's last pass of 3 is kept, alone and last
+    assert cuts(515, 512) == [512, 3]
+    assert cuts(1000, 10) == [32] * 30 + [40]  # at least min_chunk, whatever the budget
+    assert cuts(2000, 2000) == [512, 512, 512, 464]  # at most one ubatch
 
 
 def test_kill_an_rpc_server_with_four_sequences_in_flight(mesh, batched, solo):

@@ -10,19 +10,19 @@ attention sums exactly the terms it would sum alone). One thread, the scheduler,
    clients is the server's job, at admission: see ``sharedllm.openai_server.RequestQueue``);
 2. it decodes the next token of every running sequence in one ``llama_decode`` (one pass over the mesh for all of
    them: on a mesh every pass pays a round trip per machine, so a batch of B sequences pays it once for B), or in
-   balanced groups of at most ``max_batch`` when more would change the kernels (:func:`invariant_batch`). llama.cpp
-   evaluates several KV streams in one pass only when their sequence ids are consecutive, in increasing order
-   (``llama_batch_allocr::split_equal``, sequential: a batch of slots 7, 6, ..., 0, 8, ..., 15 is 9 passes, every
-   one a round trip to every machine and a read of all the weights). So the slots are kept compact (lowest free
-   slot first), a step's batch is in slot order, and each pass is one run of consecutive slots (:func:`passes`);
-   a sequence held back by ``LOOKAHEAD`` between two that are decoded is decoded anyway (up to
-   ``LOOKAHEAD_MAX``), since leaving it out would cost a pass;
+   balanced groups of at most ``max_batch`` when more would change the kernels
+   (:func:`.invariance.invariant_batch`). llama.cpp evaluates several KV streams in one pass only when their
+   sequence ids are consecutive, in increasing order (``llama_batch_allocr::split_equal``, sequential: a batch of
+   slots 7, 6, ..., 0, 8, ..., 15 is 9 passes, every one a round trip to every machine and a read of all the
+   weights). So the slots are kept compact (lowest free slot first), a step's batch is in slot order, and each pass
+   is one run of consecutive slots (:func:`passes`); a sequence held back by ``LOOKAHEAD`` between two that are
+   decoded is decoded anyway (up to ``LOOKAHEAD_MAX``), since leaving it out would cost a pass;
 3. before that, it evaluates the prompts of sequences still reading theirs, the fewest tokens left first
-   (:func:`prefill_order`), at most ``prefill_chunk`` tokens in all per step, and while sequences are decoding
-   no more than keep the step within ``max_stall_ms`` as measured (:class:`StepCost`; whole chunks in the exact
-   mode), each prompt chunk in its own ``llama_decode``: a long prompt takes several steps and never stalls the
-   running streams for long. Evaluating a prompt alone (not mixed with other sequences' tokens) keeps its kernels
-   those of a solo request;
+   (:func:`prefill_order`), at most ``prefill_chunk`` tokens in all per step, and while sequences are decoding no
+   more than keep the step within ``max_stall_ms`` as measured (:class:`StepCost`; in the exact mode in chunks that
+   keep a solo request's arithmetic, :mod:`.invariance`), each prompt chunk in its own ``llama_decode``: a long
+   prompt takes several steps and never stalls the running streams for long. Evaluating a prompt alone (not mixed
+   with other sequences' tokens) keeps its kernels those of a solo request;
 4. it samples each new token with the sequence's own native sampler chain (:mod:`.sampling`) and hands it to the
    sequence's consumer.
 
@@ -49,6 +49,7 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
+from sharedllm.engine.invariance import exact_chunk, solo_last_pass
 from sharedllm.engine.sampling import sampler_chain
 
 logger = logging.getLogger(__name__)
@@ -99,7 +100,7 @@ class BatchScheduler:
     """The slots, the waiting line and the loop that decodes them (see the module's docstring)."""
 
     def __init__(self, llm: Any, parallel: int, n_ctx_seq: int, *, prefill_chunk: int = 0, max_waiting: int = 64,
-                 max_batch: int = 0, unified: bool = False, max_stall_ms: float = 0.0,
+                 max_batch: int = 0, unified: bool = False, max_stall_ms: float = 0.0, min_chunk: int = 0,
                  on_stats: Callable[[dict], None] | None = None):
         import llama_cpp
 
@@ -109,6 +110,10 @@ class BatchScheduler:
         self.prefill_chunk = prefill_chunk or llm.n_batch
         self.unified = unified
         self.max_stall_ms = max_stall_ms
+        # Exact mode: prompts may be cut in chunks of at least this many tokens (invariant_chunks); 0: in the passes
+        # of a solo request only.
+        self.min_chunk = min_chunk
+        self._n_ubatch = llm.context_params.n_ubatch
         self.cost = StepCost()
         self.max_waiting = max_waiting
         self.on_stats = on_stats
@@ -289,13 +294,22 @@ class BatchScheduler:
     def _prefills(self, budget: int, cut: bool) -> list[tuple[Sequence, list[int]]]:
         """The prompt chunks of this step: sequences still reading their prompt, in :func:`prefill_order`, up to
         ``budget`` tokens in all. ``cut`` (fast mode): the last chunk is cut to what is left of the budget. Else
-        chunks of ``prefill_chunk`` tokens, at least one: each is evaluated alone (its own ``llama_decode``), as a
-        solo request's prompt is."""
+        (exact mode) each chunk is evaluated alone (its own ``llama_decode``), as a solo request's prompt is, at least
+        one: chunks of ``prefill_chunk`` tokens, or with ``min_chunk`` (the kernels allow it: ``invariant_chunks``)
+        chunks within the budget cut by :func:`~sharedllm.engine.invariance.exact_chunk`."""
         out: list[tuple[Sequence, list[int]]] = []
         for seq in prefill_order([s for s in self._running if not s.prefilled and not s.ended], time.monotonic()):
             if budget <= 0:
                 break
-            chunk = seq.prompt[seq.n_past:seq.n_past + (min(self.prefill_chunk, budget) if cut else self.prefill_chunk)]
+            if cut:
+                size = min(self.prefill_chunk, budget)
+            elif self.min_chunk:
+                final = solo_last_pass(len(seq.prompt), self.llm.n_batch, self._n_ubatch)
+                size = exact_chunk(len(seq.prompt) - seq.n_past, final, budget,
+                                   min(self.prefill_chunk, self._n_ubatch), self.min_chunk)
+            else:
+                size = self.prefill_chunk
+            chunk = seq.prompt[seq.n_past:seq.n_past + size]
             if out and len(chunk) > budget:
                 break
             out.append((seq, chunk))
@@ -413,63 +427,3 @@ def passes(seqs: list[Sequence], size: int) -> list[list[Sequence]]:
             out += [run[j:j + step] for j in range(0, len(run), step)]
             start = i
     return out
-
-
-def invariant_batch(llm: Any, parallel: int) -> int:
-    """The largest number of sequences one decode step may hold without changing any sequence's arithmetic.
-
-    llama.cpp's kernels may change with the number of rows of a matrix product: on x86 CPUs with Gemma 3 270M
-    Q4_K_M, ``MUL_MAT`` of the Q4_K ``attn_output`` weights (1024 -> 640) gives a row other bits from 8 rows on,
-    and the logits of a sequence decoded with 7 others then differ from its logits alone by up to 0.67 (whether the
-    bits flip depends on the data: with some prompts the logits stay equal). Measured on the loaded model with its
-    devices, for prompts of 3, 4, 8 and 12 tokens: every sequence reads the prompt, then sequence 0's next token is
-    decoded alone and with 1, 2, ... others; the answer is the largest k for which its logits stay bit-identical
-    for every batch of at most k and every prompt (``parallel`` when they always do). Costs at most
-    ``4 * (parallel + 1)`` decodes; the cells are freed afterwards.
-    """
-    import ctypes
-
-    import llama_cpp
-    import numpy as np
-
-    ctx, n_vocab = llm.ctx, llm.n_vocab()
-    memory = llama_cpp.llama_get_memory(ctx)
-    text = llm.tokenize(b"Once upon a time, in a small village by the sea, there lived", add_bos=True)
-    batch = llama_cpp.llama_batch_init(12 * parallel, 0, 1)
-
-    def decode(items: list[tuple[int, int, int]], row: int) -> np.ndarray:
-        for i, (tok, pos, seq) in enumerate(items):
-            batch.token[i], batch.pos[i], batch.n_seq_id[i] = tok, pos, 1
-            batch.seq_id[i][0] = seq
-            batch.logits[i] = i == row
-        batch.n_tokens = len(items)
-        if llama_cpp.llama_decode(ctx, batch) != 0:
-            raise RuntimeError("llama_decode failed while measuring the batch")
-        ptr = llama_cpp.llama_get_logits_ith(ctx, row)
-        return np.ctypeslib.as_array(ctypes.cast(ptr, ctypes.POINTER(ctypes.c_float)), shape=(n_vocab,)).copy()
-
-    def clear() -> None:
-        for s in range(parallel):
-            llama_cpp.llama_memory_seq_rm(memory, s, -1, -1)
-
-    limit = parallel
-    try:
-        for length in (3, 4, 8, 12):
-            prompt = text[:length]
-            clear()
-            nxt = int(decode([(tok, pos, s) for s in range(parallel) for pos, tok in enumerate(prompt)],
-                             len(prompt) - 1).argmax())
-            alone = None
-            for k in range(1, limit + 1):
-                row = decode([(nxt, len(prompt), s) for s in range(k)], 0)
-                for s in range(k):
-                    llama_cpp.llama_memory_seq_rm(memory, s, len(prompt), -1)
-                if alone is None:
-                    alone = row
-                elif not np.array_equal(row, alone):
-                    limit = k - 1
-                    break
-        return limit
-    finally:
-        clear()
-        llama_cpp.llama_batch_free(batch)

@@ -27,8 +27,8 @@ from collections.abc import Iterator
 from typing import Any
 
 from sharedllm.engine.batch import QueueFull as _BUSY
-from sharedllm.engine.batch import invariant_batch
 from sharedllm.engine.framing import _FrameReader, _write_frame
+from sharedllm.engine.invariance import invariant_batch, invariant_chunks
 from sharedllm.engine.spec import EngineSpec
 
 logger = logging.getLogger(__name__)
@@ -348,7 +348,7 @@ class _BatchRunner:
     (:class:`sharedllm.engine.batch.BatchScheduler`)."""
 
     def __init__(self, llm: Any, spec: EngineSpec, out: _Out):
-        from sharedllm.engine.batch import BatchScheduler
+        from sharedllm.engine.batch import MIN_PREFILL, BatchScheduler
 
         self.llm, self.out = llm, out
         self.calls: dict[int, _Call] = {}
@@ -360,10 +360,19 @@ class _BatchRunner:
         if self.max_batch < spec.parallel:
             logger.info("decode steps of at most %d sequences: more change llama.cpp's kernels on these devices",
                         self.max_batch)
+        # ... and prompts cut within max_stall_ms only where that leaves their arithmetic what it is alone.
+        self.min_chunk = 0
+        if spec.exact_batches and spec.max_stall_ms > 0:
+            lo = max(MIN_PREFILL, self.max_batch + 1)
+            if 2 * lo + 3 <= min(llm.n_batch, llm.context_params.n_ubatch, n_ctx_seq) and invariant_chunks(llm, lo):
+                self.min_chunk = lo
+            else:
+                logger.info("prompts are read in chunks of n_batch: shorter ones change llama.cpp's kernels on these "
+                            "devices (max_stall_ms bounds a step between prompts only)")
         self.scheduler = BatchScheduler(llm, spec.parallel, n_ctx_seq, prefill_chunk=spec.prefill_chunk,
                                         max_waiting=spec.max_waiting, max_batch=self.max_batch,
                                         unified=spec.unified_kv, max_stall_ms=spec.max_stall_ms,
-                                        on_stats=lambda s: out.send(("stats", s)))
+                                        min_chunk=self.min_chunk, on_stats=lambda s: out.send(("stats", s)))
         llm.generate = self._generate
         llm.set_seed = self._set_seed  # the request's seed is its own, not the shared Llama._seed
         # Llama.generate is not told max_tokens: it is taken where every completion (chat ones too) passes it.

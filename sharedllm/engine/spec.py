@@ -71,9 +71,9 @@ class EngineSpec:
     max_stall_ms: float = 500.0
     max_waiting: int = 64  # requests that may wait for a sequence of the batch; more get ModelBusy
     # True: a decode step holds no more sequences than leave each one's arithmetic as it is alone (measured at load:
-    # sharedllm.engine.batch.invariant_batch), so a batched greedy request yields its solo text. False: llama-server's
-    # way, one KV cache shared by the sequences and one pass per step, every running sequence's next token and the
-    # waiting prompts together (faster, first tokens sooner; a batched text may differ from its solo text).
+    # sharedllm.engine.invariance), so a batched greedy request yields its solo text. False: llama-server's way, one
+    # KV cache shared by the sequences and one pass per step, every running sequence's next token and the waiting
+    # prompts together (faster, first tokens sooner; a batched text may differ from its solo text).
     exact_batches: bool = True
     # Benchmarks: {"rtt_ms": ..., "mbit": ...} puts an emulated link (sharedllm.linkem) between the engine and every
     # machine. None: the real network.
