@@ -55,7 +55,9 @@ class EngineSpec:
     stages: list[EngineStage] = field(default_factory=list)  # empty: a plain local model
     tensor_split: list[float] = field(default_factory=list)
     llama_kwargs: dict[str, Any] = field(default_factory=dict)
-    use_extra_bufts: bool = False  # False: the same CPU kernels as an rpc-server (see NOTES, the oracle)
+    # False: the same CPU kernels as an rpc-server (see NOTES, the oracle). Fast batches (unified_kv) take llama.cpp's
+    # default kernels (repacked weights) whatever this says.
+    use_extra_bufts: bool = False
     # False: every request starts from an empty context. Reusing a cached prompt prefix re-evaluates the last prompt
     # token alone, and a batch of one takes other kernels than the full prompt: greedy text can then differ from a
     # fresh run. True trades that reproducibility for speed on long shared prefixes (chat).
