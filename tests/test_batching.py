@@ -483,6 +483,8 @@ def test_the_prefill_budget_keeps_a_step_within_max_stall_ms():
     assert cost.token_ms == pytest.approx(2.0 + StepCost.ALPHA * (3.0 - 2.0))
     cost.observe(500.0, StepCost.SAMPLE - 1, 4)  # too few prompt tokens to tell the cost of one
     assert cost.token_ms == pytest.approx(2.3)
+    cost.observe(40.0 + 2.3 * 50, 50, 0)  # prompts only: the step's own cost (the decode step's) is not theirs
+    assert cost.token_ms == pytest.approx(2.3)
 
     def budget(decoding: int, max_stall_ms: float, cost: StepCost = cost) -> int:
         return BatchScheduler._prefill_budget(SimpleNamespace(max_stall_ms=max_stall_ms, prefill_chunk=512,

@@ -392,7 +392,9 @@ class StepCost:
             if decoded:
                 self.decode_ms = self._avg(self.decode_ms, ms)
         elif prompt_tokens >= self.SAMPLE:
-            extra = ms - (self.decode_ms or 0.0) if decoded else ms
+            # A step that reads prompts only still pays what a pass costs whatever it holds (round trips to every
+            # machine, a read of the weights): behind a link, most of a short prompt's step. Not a cost per token.
+            extra = ms - (self.decode_ms or 0.0)
             self.token_ms = self._avg(self.token_ms, max(extra, 0.0) / prompt_tokens)
 
     def _avg(self, old: float | None, new: float) -> float:
