@@ -85,7 +85,8 @@ def _bind(host: str, port: int) -> socket.socket:
                    "(one KV cache, one pass per step with the new prompts in it: more tokens/s, first tokens sooner)")
 @click.option("--max-stall-ms", default=500.0, show_default=True, type=click.FloatRange(min=0),
               help="with --parallel: while requests are generating, a step reads no more of new prompts than keeps "
-                   "their next token within this many ms (a long prompt does not freeze them; 0: n_batch tokens)")
+                   "their next token within this many ms, or two decode steps' time when longer (a long prompt does "
+                   "not freeze them; 0: n_batch tokens)")
 @click.option("--replicas", default=1, show_default=True, type=click.IntRange(min=1),
               help="copies of the model on disjoint machines; each request goes to the least loaded")
 @click.option("--machine", "machines", multiple=True, help="place the model only on these machines (repeatable)")

@@ -316,8 +316,9 @@ class Mesh:
         sequences than keep each one's greedy text what it is alone (see
         ``sharedllm.engine.invariance.invariant_batch``); False: one pass per step, faster where the kernels change
         with the batch. ``max_stall_ms``: while sequences are generating, a step reads no more of new prompts than
-        keeps it (their next token) within this, as measured (at least 32 tokens a step; exact batches: in chunks
-        that keep a prompt's arithmetic, else whole chunks of ``n_batch``); 0: ``n_batch`` tokens a step.
+        keeps it (their next token) within this (or two decode steps' time when longer), as measured (at least 32
+        tokens a step; exact batches: in chunks that keep a prompt's arithmetic, else whole chunks of ``n_batch``);
+        0: ``n_batch`` tokens a step.
         ``link``: for benchmarks, an emulated link to every machine (``{"rtt_ms": 20, "mbit": 100}``, see
         ``sharedllm.linkem``).
         """

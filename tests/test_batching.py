@@ -472,7 +472,7 @@ def test_the_prefill_budget_keeps_a_step_within_max_stall_ms():
     """No model: what a step is measured to cost, and the prompt tokens it may read while sequences decode."""
     from types import SimpleNamespace
 
-    from sharedllm.engine.batch import MIN_PREFILL, BatchScheduler, StepCost
+    from sharedllm.engine.batch import MIN_PREFILL, STALL_STEPS, BatchScheduler, StepCost
 
     cost = StepCost()
     cost.observe(100.0, 50, 0)  # a burst's prompts, nothing decoding: 2 ms a prompt token
@@ -495,6 +495,10 @@ def test_the_prefill_budget_keeps_a_step_within_max_stall_ms():
     assert budget(4, 50.0) == MIN_PREFILL  # a prompt always progresses
     assert budget(4, 1e6) == budget(4, 0.0) == 512  # at most prefill_chunk; 0: no bound
     assert budget(4, 500.0, StepCost()) == 512  # not measured yet
+    slow = StepCost()
+    slow.observe(400.0, 0, 4)  # behind a link: a decode step alone takes 400 ms
+    slow.observe(400.0 + 5.0 * 40, 40, 4)
+    assert budget(4, 500.0, slow) == int((STALL_STEPS * 400.0 - 400.0) / 5.0)  # two decode steps' time, not 100 ms
     free = StepCost()
     free.observe(50.0, 0, 4)
     free.observe(20.0, 100, 4)  # a step with prompt tokens faster than the last decode-only step (noise)

@@ -58,6 +58,7 @@ LOOKAHEAD = 4  # tokens a sequence may run ahead of its consumer
 LOOKAHEAD_MAX = 16  # ... when holding it back would split a decode step into one more pass
 PATIENCE_S = 2.0  # a prompt lets shorter ones go first for at most this long, then goes first itself
 MIN_PREFILL = 32  # prompt tokens a step reads at least, whatever max_stall_ms asks (a prompt always progresses)
+STALL_STEPS = 2.0  # ... and a step may take this many decode-only steps' time, when that is longer than max_stall_ms
 
 
 class QueueFull(Exception):
@@ -284,11 +285,14 @@ class BatchScheduler:
 
     def _prefill_budget(self, decoding: int) -> int:
         """Prompt tokens this step may read: ``prefill_chunk``; while sequences are decoding and ``max_stall_ms`` is
-        set, no more than keep the step (and so their next token) within it, as measured (:class:`StepCost`), and at
-        least ``MIN_PREFILL``."""
+        set, no more than keep the step (and so their next token) within it, or within ``STALL_STEPS`` decode-only
+        steps where those take longer (behind a link a decode step alone may take most of ``max_stall_ms``, and the
+        newcomers would wait step after step for their prompts), as measured (:class:`StepCost`), and at least
+        ``MIN_PREFILL``."""
         if not decoding or self.max_stall_ms <= 0 or self.cost.token_ms is None:
             return self.prefill_chunk
-        fits = (self.max_stall_ms - (self.cost.decode_ms or 0.0)) / max(self.cost.token_ms, 1e-3)
+        decode_ms = self.cost.decode_ms or 0.0
+        fits = (max(self.max_stall_ms, STALL_STEPS * decode_ms) - decode_ms) / max(self.cost.token_ms, 1e-3)
         return max(MIN_PREFILL, min(self.prefill_chunk, int(fits)))
 
     def _prefills(self, budget: int, cut: bool) -> list[tuple[Sequence, list[int]]]:

@@ -67,9 +67,9 @@ class EngineSpec:
     # llama-cpp-python's own generate. llama_kwargs["n_ctx"] is each sequence's context.
     parallel: int = 1
     prefill_chunk: int = 0  # prompt tokens evaluated per step of the batch; 0: n_batch
-    # While sequences are decoding, a step reads no more prompt tokens than keep it within this (measured as it goes;
-    # at least sharedllm.engine.batch.MIN_PREFILL): a long prompt does not freeze the running streams. 0: no limit
-    # but prefill_chunk.
+    # While sequences are decoding, a step reads no more prompt tokens than keep it within this or two decode-only
+    # steps' time, whichever is longer (measured as it goes; at least sharedllm.engine.batch.MIN_PREFILL): a long
+    # prompt does not freeze the running streams. 0: no limit but prefill_chunk.
     max_stall_ms: float = 500.0
     max_waiting: int = 64  # requests that may wait for a sequence of the batch; more get ModelBusy
     # True: a decode step holds no more sequences than leave each one's arithmetic as it is alone (measured at load:
