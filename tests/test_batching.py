@@ -486,12 +486,14 @@ def test_the_prefill_budget_keeps_a_step_within_max_stall_ms():
     cost.observe(40.0 + 2.3 * 50, 50, 0)  # prompts only: the step's own cost (the decode step's) is not theirs
     assert cost.token_ms == pytest.approx(2.3)
 
-    def budget(decoding: int, max_stall_ms: float, cost: StepCost = cost) -> int:
+    def budget(decoding: int, max_stall_ms: float, cost: StepCost = cost, reading: int = 1) -> int:
         return BatchScheduler._prefill_budget(SimpleNamespace(max_stall_ms=max_stall_ms, prefill_chunk=512,
-                                                              cost=cost), decoding)
+                                                              cost=cost), decoding, reading)
 
     assert budget(4, 500.0) == int((500.0 - 40.0) / 2.3)
     assert budget(0, 500.0) == 512  # nothing decoding: no stream to hold up
+    assert budget(4, 500.0, reading=4) == int((500.0 - 40.0) / 2.3)  # as many decoding as reading
+    assert budget(4, 500.0, reading=5) == 512  # a burst: more newcomers than running streams, the prompts go first
     assert budget(4, 50.0) == MIN_PREFILL  # a prompt always progresses
     assert budget(4, 1e6) == budget(4, 0.0) == 512  # at most prefill_chunk; 0: no bound
     assert budget(4, 500.0, StepCost()) == 512  # not measured yet

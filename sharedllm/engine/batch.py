@@ -205,7 +205,8 @@ class BatchScheduler:
                     self._reap()
                     self._admit()
                     decode = self._decoded()
-                    budget = self._prefill_budget(len(decode))
+                    reading = sum(1 for s in self._running if not s.prefilled and not s.ended)
+                    budget = self._prefill_budget(len(decode), reading)
                     if self.unified:  # one pass: the prompt chunks and the decoded tokens fit n_batch together
                         budget = min(budget, self.llm.n_batch - len(decode))
                     prefills = self._prefills(budget, cut=self.unified)
@@ -283,13 +284,15 @@ class BatchScheduler:
         held = [s for s in ready if LOOKAHEAD <= len(s.pending) < LOOKAHEAD_MAX and lo < s.slot < hi]
         return sorted(due + held, key=lambda s: s.slot)
 
-    def _prefill_budget(self, decoding: int) -> int:
-        """Prompt tokens this step may read: ``prefill_chunk``; while sequences are decoding and ``max_stall_ms`` is
-        set, no more than keep the step (and so their next token) within it, or within ``STALL_STEPS`` decode-only
-        steps where those take longer (behind a link a decode step alone may take most of ``max_stall_ms``, and the
-        newcomers would wait step after step for their prompts), as measured (:class:`StepCost`), and at least
-        ``MIN_PREFILL``."""
-        if not decoding or self.max_stall_ms <= 0 or self.cost.token_ms is None:
+    def _prefill_budget(self, decoding: int, reading: int) -> int:
+        """Prompt tokens this step may read: ``prefill_chunk``; while at least as many sequences are decoding as are
+        reading their prompts (``reading``) and ``max_stall_ms`` is set, no more than keep the step (and so their next
+        token) within it, or within ``STALL_STEPS`` decode-only steps where those take longer (behind a link a decode
+        step alone may take most of ``max_stall_ms``, and the newcomers would wait step after step for their
+        prompts), as measured (:class:`StepCost`), and at least ``MIN_PREFILL``. Fewer decoding than reading (a
+        burst of requests, of which the first few started a step earlier): every step of theirs the bound saves
+        would cost more newcomers a step each, so the prompts go first."""
+        if not decoding or decoding < reading or self.max_stall_ms <= 0 or self.cost.token_ms is None:
             return self.prefill_chunk
         decode_ms = self.cost.decode_ms or 0.0
         fits = (max(self.max_stall_ms, STALL_STEPS * decode_ms) - decode_ms) / max(self.cost.token_ms, 1e-3)
