@@ -30,20 +30,12 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_concurrency import PROMPTS
 from bench_mesh import machine_info, render
 
 logger = logging.getLogger("bench_stall")
 
-RUNNERS = [
-    "Once upon a time, in a small village at the edge of a great forest,",
-    "The history of the printing press begins",
-    "Here is a recipe for a simple tomato soup:",
-    "The three laws of motion, explained for a child:",
-    "Dear neighbour, I am writing to you about",
-    "A short guide to planting tomatoes in spring:",
-    "The lighthouse keeper looked out at the storm and",
-    "Why is the sky blue? The answer lies in",
-]
+RUNNERS = PROMPTS[:8]  # bench_concurrency's: different greedy prompts
 SENTENCE = "The committee met on Tuesday to review the budget, the schedule and the list of open questions. "
 
 
