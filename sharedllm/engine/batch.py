@@ -205,11 +205,11 @@ class BatchScheduler:
                     self._reap()
                     self._admit()
                     decode = self._decoded()
-                    reading = sum(1 for s in self._running if not s.prefilled and not s.ended)
-                    budget = self._prefill_budget(len(decode), reading)
+                    reading = [s for s in self._running if not s.prefilled and not s.ended]
+                    budget = self._prefill_budget(len(decode), len(reading))
                     if self.unified:  # one pass: the prompt chunks and the decoded tokens fit n_batch together
                         budget = min(budget, self.llm.n_batch - len(decode))
-                    prefills = self._prefills(budget, cut=self.unified)
+                    prefills = self._prefills(reading, budget, cut=self.unified)
                     if self._closed:
                         return
                     if not decode and not prefills:
@@ -298,14 +298,15 @@ class BatchScheduler:
         fits = (max(self.max_stall_ms, STALL_STEPS * decode_ms) - decode_ms) / max(self.cost.token_ms, 1e-3)
         return max(MIN_PREFILL, min(self.prefill_chunk, int(fits)))
 
-    def _prefills(self, budget: int, cut: bool) -> list[tuple[Sequence, list[int]]]:
-        """The prompt chunks of this step: sequences still reading their prompt, in :func:`prefill_order`, up to
-        ``budget`` tokens in all. ``cut`` (fast mode): the last chunk is cut to what is left of the budget. Else
-        (exact mode) each chunk is evaluated alone (its own ``llama_decode``), as a solo request's prompt is, at least
-        one: chunks of ``prefill_chunk`` tokens, or with ``min_chunk`` (the kernels allow it: ``invariant_chunks``)
-        chunks within the budget cut by :func:`~sharedllm.engine.invariance.exact_chunk`."""
+    def _prefills(self, reading: list[Sequence], budget: int, cut: bool) -> list[tuple[Sequence, list[int]]]:
+        """The prompt chunks of this step: of ``reading`` (the sequences still reading their prompt), in
+        :func:`prefill_order`, up to ``budget`` tokens in all. ``cut`` (fast mode): the last chunk is cut to what is
+        left of the budget. Else (exact mode) each chunk is evaluated alone (its own ``llama_decode``), as a solo
+        request's prompt is, at least one: chunks of ``prefill_chunk`` tokens, or with ``min_chunk`` (the kernels
+        allow it: ``invariant_chunks``) chunks within the budget cut by
+        :func:`~sharedllm.engine.invariance.exact_chunk`."""
         out: list[tuple[Sequence, list[int]]] = []
-        for seq in prefill_order([s for s in self._running if not s.prefilled and not s.ended], time.monotonic()):
+        for seq in prefill_order(reading, time.monotonic()):
             if budget <= 0:
                 break
             if cut:
