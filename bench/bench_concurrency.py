@@ -169,8 +169,9 @@ def mesh_setups(args: argparse.Namespace, mesh) -> dict[str, dict[str, Any]]:
                    (f"batched (fast), rtt {rtt:g} ms", top, False, rtt, ("python",))]
     out: dict[str, dict[str, Any]] = {}
     for name, parallel, exact, rtt, apis in setups:
+        # The levels send the same prompts again: without the prompt cache, each reads its prompt as at first.
         with mesh.load("gemma-3-270m", n_ctx=N_CTX, machines=["machine-1", "machine-2"], parallel=parallel,
-                       exact_batches=exact, link=_link(rtt)) as llm:
+                       exact_batches=exact, link=_link(rtt), prompt_cache=False) as llm:
             llm.create_completion(PROMPTS[0], max_tokens=8, temperature=0)  # warm up
             app = create_app(llm, model_id=MODEL_ID, max_queue=256, queue_timeout=3600)
             with ServerThread(app) as server:

@@ -41,6 +41,7 @@ import contextlib
 import json
 import logging
 import os
+import random
 import socket
 import statistics
 import subprocess
@@ -501,6 +502,18 @@ def _median(values: list[float | None]) -> float | None:
     return statistics.median(vals) if vals else None
 
 
+def median_interval(values: list[float], level: float = 0.9, resamples: int = 2000) -> list[float] | None:
+    """A bootstrap interval of the median of ``values`` (paired ratios): how far the noise of this host moves it
+    (fixed seed: the same runs give the same interval). None for fewer than 3 values."""
+    if len(values) < 3:
+        return None
+    rng = random.Random(0)
+    meds = sorted(statistics.median(rng.choices(values, k=len(values))) for _ in range(resamples))
+    lo = meds[int((1 - level) / 2 * resamples)]
+    hi = meds[min(resamples - 1, int((1 + level) / 2 * resamples))]
+    return [lo, hi]
+
+
 def summarize(args, runs, first, link_rtt, loads, topo, model_path, total_s) -> dict[str, Any]:
     settings: dict[str, Any] = {}
     texts: set[str] = set()
@@ -539,6 +552,7 @@ def summarize(args, runs, first, link_rtt, loads, topo, model_path, total_s) -> 
                      for m, w in zip(p[MESH]["runs"], p[RAW]["runs"], strict=True)]
             out["mesh/raw decode per repeat"] = pairs
             out["mesh/raw decode"] = _median(pairs)
+            out["mesh/raw decode, 90% interval"] = median_interval([x for x in pairs if x is not None])
             out["mesh/raw decode, ratio of medians"] = (p[MESH]["decode_tps"] / p[RAW]["decode_tps"]
                                                         if p[MESH]["decode_tps"] and p[RAW]["decode_tps"] else None)
             out["mesh/raw TTFT"] = (p[MESH]["ttft_ms"] / p[RAW]["ttft_ms"]
@@ -576,9 +590,9 @@ def _kib(v: float | None) -> str:
 
 def report(result: dict[str, Any], markdown: bool) -> str:
     cfg, m = result["config"], result["machine"]
-    rows = [["link (set; measured p50 RTT)", "path", "decode tok/s", "TTFT ms", "mesh/raw", "round trips/token",
-             "bytes/token up", "bytes/token down", "ms/token: machines, link, client", "first token: round trips, down",
-             "others' CPU"]]
+    rows = [["link (set; measured p50 RTT)", "path", "decode tok/s", "TTFT ms", "mesh/raw [90% interval]",
+             "round trips/token", "bytes/token up", "bytes/token down", "ms/token: machines, link, client",
+             "first token: round trips, down", "others' CPU"]]
     for key, s in result["settings"].items():
         measured = s.get("link_rtt_measured") or {}
         label = f"{key}; {_fmt(measured.get('p50_ms'), 2)} ms"
@@ -587,6 +601,8 @@ def report(result: dict[str, Any], markdown: bool) -> str:
             ratio = ""
             if name == MESH and s.get("mesh/raw decode") is not None:
                 ratio = f"{s['mesh/raw decode']:.3f}"
+                if s.get("mesh/raw decode, 90% interval"):
+                    ratio += " [{:.2f}, {:.2f}]".format(*s["mesh/raw decode, 90% interval"])
             rows.append([label, name, _fmt(p["decode_tps"], 1), _fmt(p["ttft_ms"], 0), ratio,
                          _fmt(pt["round_trips"], 2), _kib(pt["bytes_up"]), _kib(pt["bytes_down"]),
                          f"{_fmt(pt.get('machine_ms'), 1)}, {_fmt(pt.get('link_ms'), 1)}, "
@@ -606,6 +622,9 @@ def report(result: dict[str, Any], markdown: bool) -> str:
         "",
         f"mesh/raw-rpc decode (median of paired repeats), worst setting: {_fmt(worst, 3)} ("
         + ("meets" if result["meets_target"] else "BELOW") + f" the {TARGET_RATIO} bar at every setting)",
+        "settings whose 90% interval holds the bar (this host's noise cannot tell): "
+        + (", ".join(k for k, s in result["settings"].items() if (iv := s.get("mesh/raw decode, 90% interval"))
+                     and iv[0] <= TARGET_RATIO <= iv[1]) or "none"),
         "greedy texts of every run and path: " + ("identical" if result["texts_match"]
                                                  else f"DIFFER ({len(result['distinct_texts'])} variants)"),
     ]

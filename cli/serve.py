@@ -87,13 +87,17 @@ def _bind(host: str, port: int) -> socket.socket:
               help="with --parallel: while requests are generating, a step reads no more of new prompts than keeps "
                    "their next token within this many ms, or two decode steps' time when longer (a long prompt does "
                    "not freeze them; 0: n_batch tokens)")
+@click.option("--prompt-cache/--no-prompt-cache", default=True, show_default=True,
+              help="a request keeps the KV cells its prompt shares with an earlier one's and reads only the rest (a "
+                   "chat's history is not read again every turn), where that leaves its text what it is alone")
 @click.option("--replicas", default=1, show_default=True, type=click.IntRange(min=1),
               help="copies of the model on disjoint machines; each request goes to the least loaded")
 @click.option("--machine", "machines", multiple=True, help="place the model only on these machines (repeatable)")
 @output_layer_option
 @friendly_errors
 def serve(scheduler, model_ref, model_name, host, port, api_keys, api_keys_file, insecure_no_auth, max_queue,
-          queue_timeout, n_ctx, parallel, exact_batches, max_stall_ms, replicas, machines, output_layer) -> None:
+          queue_timeout, n_ctx, parallel, exact_batches, max_stall_ms, prompt_cache, replicas, machines,
+          output_layer) -> None:
     """Serve a model of the mesh with an OpenAI-compatible API (/v1/completions, /v1/chat/completions, ...)."""
     import uvicorn
 
@@ -120,7 +124,8 @@ def serve(scheduler, model_ref, model_name, host, port, api_keys, api_keys_file,
         model_id = model_name or path.stem
         click.echo(f"loading {path.name} across the mesh at {scheduler}...", err=True)
         load_kwargs = {"n_ctx": n_ctx, "machines": list(machines) or None, "output_layer": output_layer,
-                       "parallel": parallel, "exact_batches": exact_batches, "max_stall_ms": max_stall_ms}
+                       "parallel": parallel, "exact_batches": exact_batches, "max_stall_ms": max_stall_ms,
+                       "prompt_cache": prompt_cache}
         if replicas > 1:
             from sharedllm.replicas import Replicas
 

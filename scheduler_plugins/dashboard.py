@@ -473,6 +473,7 @@ class SessionTable(DashboardComponent):
         "tok_s": "last tokens/s",
         "ttft": "last TTFT",
         "batch": "running / waiting / batch",
+        "cached": "prompt cached",
         "opened": "opened",
         "client": "client",
     }
@@ -481,7 +482,7 @@ class SessionTable(DashboardComponent):
         self.scheduler = scheduler
         self.source = ColumnDataSource({k: [] for k in self.columns}, name="sharedllm-sessions")
         widths = {"session": 90, "model": 200, "layers": 260, "tokens": 70, "requests": 70, "tok_s": 90,
-                  "ttft": 80, "batch": 200, "opened": 90, "client": 200}
+                  "ttft": 80, "batch": 200, "cached": 100, "opened": 90, "client": 200}
         cols = [TableColumn(field=k, title=v, width=widths[k]) for k, v in self.columns.items()]
         kwargs.setdefault("height", 80)
         self.root = DataTable(source=self.source, columns=cols, index_position=None, reorderable=False,
@@ -511,6 +512,8 @@ class SessionTable(DashboardComponent):
             data["batch"].append(f"{load.get('running', 0):.0f} / {load.get('waiting', 0):.0f} / "
                                  f"{load.get('batch', 0):.1f}{passes} of {load.get('parallel', 1):.0f}"
                                  if load else "-")
+            prompt = load.get("prompt_tokens", 0)
+            data["cached"].append(f"{100 * load.get('cached_tokens', 0) / prompt:.0f}%" if prompt else "-")
             data["opened"].append(_clock(s.get("opened")))
             data["client"].append(s.get("client") or "?")
         self.root.height = 30 + 28 * max(len(sessions), 1)

@@ -690,7 +690,8 @@ class MeshPlugin(SchedulerPlugin):
             sess.last_ttft_ms = ttft_ms
         if isinstance(load, dict):
             sess.load = {k: float(v) for k, v in load.items()
-                         if k in ("running", "waiting", "batch", "passes_per_step", "parallel")
+                         if k in ("running", "waiting", "batch", "passes_per_step", "parallel", "prompt_tokens",
+                                  "cached_tokens")
                          and isinstance(v, (int, float))}
         sess.last_report = now
         self.tokens_total += tokens

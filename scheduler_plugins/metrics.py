@@ -22,6 +22,8 @@ name                                                        type       what
 ``sharedllm_session_batch_size{session,model}``             gauge      mean sequences per decode step
 ``sharedllm_session_passes_per_step{session,model}``        gauge      mean llama_decode passes per step (each a
                                                                        round trip to every machine)
+``sharedllm_session_prompt_tokens{session,model,source}``   gauge      prompt tokens since its engine was loaded:
+                                                                       ``read``, or ``cached`` (the prompt cache)
 ``sharedllm_tokens_generated_total``                        counter    tokens generated since the scheduler started
 ``sharedllm_requests_total``                                counter    completed requests
 ``sharedllm_time_to_first_token_seconds``                   histogram  per streamed request
@@ -368,13 +370,19 @@ def _families(plugin: Any) -> Iterator[Any]:
                                "session's engine (a pass is a round trip to every machine: exact batches take one per "
                                "prompt chunk and per run of consecutive sequence ids, fast ones one), as last reported",
                                labels=["session", "model"])
+    prompt = GaugeMetricFamily(f"{PREFIX}_session_prompt_tokens", "Prompt tokens of each session's requests since "
+                               "its engine was loaded: read, or found in its prompt cache (cached)",
+                               labels=["session", "model", "source"])
     for s in sessions:
         load = s.get("load") or {}
         for state in ("running", "waiting"):
             seqs.add_metric([s["session_id"], s.get("model", ""), state], float(load.get(state, 0.0)))
         batch.add_metric([s["session_id"], s.get("model", "")], float(load.get("batch", 0.0)))
         passes.add_metric([s["session_id"], s.get("model", "")], float(load.get("passes_per_step", 0.0)))
-    yield from (seqs, batch, passes)
+        cached = float(load.get("cached_tokens", 0.0))
+        prompt.add_metric([s["session_id"], s.get("model", ""), "read"], float(load.get("prompt_tokens", 0.0)) - cached)
+        prompt.add_metric([s["session_id"], s.get("model", ""), "cached"], cached)
+    yield from (seqs, batch, passes, prompt)
 
     yield CounterMetricFamily(f"{PREFIX}_tokens_generated", "Tokens generated on the mesh since the scheduler started",
                               value=float(plugin.tokens_total))

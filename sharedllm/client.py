@@ -276,6 +276,7 @@ class Mesh:
         max_waiting: int = 64,
         exact_batches: bool = True,
         max_stall_ms: float = 500.0,
+        prompt_cache: bool = True,
         link: dict | None = None,
         **llama_kwargs,
     ) -> MeshModel:
@@ -318,7 +319,11 @@ class Mesh:
         with the batch. ``max_stall_ms``: while sequences are generating, a step reads no more of new prompts than
         keeps it (their next token) within this (or two decode steps' time when longer), as measured (at least 32
         tokens a step; exact batches: in chunks that keep a prompt's arithmetic, else whole chunks of ``n_batch``);
-        0: ``n_batch`` tokens a step.
+        0: ``n_batch`` tokens a step. ``prompt_cache`` (default): a request keeps the KV cells its prompt shares with
+        an earlier request's and reads only the rest (a chat's history is not read again every turn), wherever that
+        leaves its text what it is alone: with ``parallel=1`` or exact batches only cells written by the passes a
+        fresh context makes (whole passes of ``n_batch`` tokens; exact batches: chunks of at least the measured
+        size), with fast batches any common prefix. ``engine_stats``: ``prompt_tokens`` and ``cached_tokens``.
         ``link``: for benchmarks, an emulated link to every machine (``{"rtt_ms": 20, "mbit": 100}``, see
         ``sharedllm.linkem``).
         """
@@ -340,7 +345,8 @@ class Mesh:
             llama_kwargs={"n_ctx": n_ctx, **llama_kwargs},
             wait_timeout=wait_timeout, load_timeout=load_timeout, token_timeout=token_timeout,
             max_recoveries=max_recoveries, on_progress=on_progress, parallel=parallel, max_waiting=max_waiting,
-            engine_options={"exact_batches": exact_batches, "max_stall_ms": max_stall_ms, "link": link},
+            engine_options={"exact_batches": exact_batches, "max_stall_ms": max_stall_ms,
+                            "prompt_cache": prompt_cache, "link": link},
         )
         handle._open()
         return handle
@@ -842,11 +848,12 @@ class MeshModel:
 
     @property
     def engine_stats(self) -> dict:
-        """The batch engine's last report as it sent it: ``running``, ``waiting``, ``steps``, ``passes``... ({} when
-        the handle runs one request at a time). Unlike :attr:`load_stats`, which caps ``running`` by the calls in
+        """The engine's last report as it sent it: ``prompt_tokens`` and ``cached_tokens`` (the prompt tokens of the
+        requests since it was loaded, and those found in its prompt cache), and when it batches ``running``,
+        ``waiting``, ``steps``, ``passes``... Unlike :attr:`load_stats`, which caps ``running`` by the calls in
         flight, it says 0 running only once the engine reported its last step."""
         engine = self._engine
-        return dict(engine.poll_stats()) if engine is not None and self.parallel > 1 else {}
+        return dict(engine.poll_stats()) if engine is not None else {}
 
     @property
     def load_stats(self) -> dict:
@@ -858,7 +865,8 @@ class MeshModel:
             return {"running": 0, "waiting": 0, "batch": 0.0, "parallel": self.parallel}
         if self.parallel == 1:
             n = engine.in_flight
-            return {"running": min(n, 1), "waiting": max(n - 1, 0), "batch": float(min(n, 1)), "parallel": 1}
+            return {**self.engine_stats, "running": min(n, 1), "waiting": max(n - 1, 0), "batch": float(min(n, 1)),
+                    "parallel": 1}
         stats = self.engine_stats
         # The scheduler's last report may be a step behind the requests this handle sees in flight.
         stats["running"] = min(stats.get("running", 0), engine.in_flight)

@@ -396,7 +396,8 @@ def test_collector_series_and_one_first_token_per_request():
 
         def to_dict(self) -> dict:
             return {**self.d, "last_tok_s": 12.5,
-                    "load": {"running": 3.0, "waiting": 1.0, "batch": 2.5, "passes_per_step": 1.5, "parallel": 4.0}}
+                    "load": {"running": 3.0, "waiting": 1.0, "batch": 2.5, "passes_per_step": 1.5, "parallel": 4.0,
+                             "prompt_tokens": 1000.0, "cached_tokens": 750.0}}
 
     class Plugin:  # what the collector reads of MeshPlugin
         scheduler = type("S", (), {"status": "Status.running"})()
@@ -435,6 +436,8 @@ def test_collector_series_and_one_first_token_per_request():
     assert _value(fams, "sharedllm_session_sequences", session="s1", state="waiting") == 1
     assert _value(fams, "sharedllm_session_batch_size", session="s1") == 2.5
     assert _value(fams, "sharedllm_session_passes_per_step", session="s1") == 1.5
+    assert _value(fams, "sharedllm_session_prompt_tokens", session="s1", source="cached") == 750
+    assert _value(fams, "sharedllm_session_prompt_tokens", session="s1", source="read") == 250
     assert _value(fams, "sharedllm_tokens_generated", "sharedllm_tokens_generated_total") == 42
     ttft = "sharedllm_time_to_first_token_seconds"
     assert _value(fams, ttft, f"{ttft}_count") == 2  # 0.3 s and 0.7 s; the 2.3 s of the same request is not one

@@ -58,6 +58,7 @@ LOOKAHEAD = 4  # tokens a sequence may run ahead of its consumer
 LOOKAHEAD_MAX = 16  # ... when holding it back would split a decode step into one more pass
 PATIENCE_S = 2.0  # a prompt lets shorter ones go first for at most this long, then goes first itself
 MIN_PREFILL = 32  # prompt tokens a step reads at least, whatever max_stall_ms asks (a prompt always progresses)
+REUSE_MIN = 16  # prompt tokens a slot's cache must give to be chosen for it (else a slot with no cache is taken)
 STALL_STEPS = 2.0  # ... and a step may take this many decode-only steps' time, when that is longer than max_stall_ms
 
 
@@ -84,6 +85,10 @@ class Sequence:
         self.error: str | None = None
         self.submitted = time.monotonic()
         self.first_token_at: float | None = None
+        self.outputs: list[int] = []  # every token sampled: the cells past the prompt hold them, in order
+        self.cached = 0  # prompt tokens whose cells it found in its slot (the prompt cache)
+        self.reusable = 0  # its leading cells a later prompt may reuse (exact mode: written as a solo request would)
+        self.on_admit: Callable[[int], None] | None = None
 
     @property
     def prefilled(self) -> bool:
@@ -102,7 +107,7 @@ class BatchScheduler:
 
     def __init__(self, llm: Any, parallel: int, n_ctx_seq: int, *, prefill_chunk: int = 0, max_waiting: int = 64,
                  max_batch: int = 0, unified: bool = False, max_stall_ms: float = 0.0, min_chunk: int = 0,
-                 on_stats: Callable[[dict], None] | None = None):
+                 prompt_cache: bool = True, on_stats: Callable[[dict], None] | None = None):
         import llama_cpp
 
         self.llm = llm
@@ -127,6 +132,12 @@ class BatchScheduler:
         self.max_batch = max_batch or parallel
         self._cond = threading.Condition()
         self._free = list(range(parallel))  # free slots (sequence ids), a heap: the lowest is taken first
+        # The prompt cache: a free slot keeps the cells of its last sequence, {slot: (their tokens, when freed)}.
+        self.prompt_cache = prompt_cache
+        self._cache: dict[int, tuple[list[int], float]] = {}
+        self._n_swa = llama_cpp.llama_model_n_swa(llm._model.model)
+        self.prompt_tokens = 0  # prompt tokens of the sequences admitted, and of those found in the cache
+        self.cached_tokens = 0
         self._running: list[Sequence] = []
         self._waiting: collections.deque[Sequence] = collections.deque()
         self._closed = False
@@ -141,10 +152,12 @@ class BatchScheduler:
     # --- the consumers' side ----------------------------------------------------------------------------------
 
     def generate(self, tokens: list[int], *, seed: int, logit_bias: dict | None, stopped: Callable[[], bool],
-                 max_tokens: int | None = None, **sampling: Any) -> Iterator[int]:
+                 max_tokens: int | None = None, on_admit: Callable[[int], None] | None = None,
+                 **sampling: Any) -> Iterator[int]:
         """``Llama.generate`` for one request: submit its sequence, yield its tokens as the scheduler samples them.
         ``max_tokens`` (> 0): the consumer takes no more (llama-cpp-python's ``max_tokens``), so the sequence is not
-        decoded further ahead of it."""
+        decoded further ahead of it. ``on_admit``: called with the prompt tokens found in the cache when the
+        sequence gets its slot."""
         prompt = list(tokens)
         if not prompt:
             raise ValueError("the prompt is empty")
@@ -152,6 +165,7 @@ class BatchScheduler:
             raise ValueError(f"Requested tokens ({len(prompt)}) exceed context window of {self.n_ctx_seq}")
         limit = min(max_tokens, self.n_ctx_seq - len(prompt)) if max_tokens and max_tokens > 0 else None
         seq = Sequence(prompt, sampler_chain(self.llm, seed=seed, logit_bias=logit_bias, **sampling), stopped, limit)
+        seq.on_admit = on_admit
         with self._cond:
             if self._closed:
                 raise RuntimeError("the engine is closing")
@@ -237,7 +251,7 @@ class BatchScheduler:
         for seq in [s for s in self._running if s.left or s.stopped()]:
             self._running.remove(seq)
             seq.ended = True
-            self._lib.llama_memory_seq_rm(self._memory, seq.slot, -1, -1)
+            self._release(seq)
             heapq.heappush(self._free, seq.slot)
             seq.sampler.close()
         for seq in [s for s in self._waiting if s.left or s.stopped()]:
@@ -249,6 +263,8 @@ class BatchScheduler:
         """The exact mode's step: each prompt chunk in a pass of its own (new prompts first: their time to first
         token), then the decoded sequences in their passes (:func:`passes`). Returns the passes."""
         for seq, chunk in prefills:
+            if seq.reusable == seq.n_past and self._solo_pass(len(chunk)):
+                seq.reusable += len(chunk)
             last = seq.n_past + len(chunk) >= len(seq.prompt)
             self._step([seq] if last else [], [(tok, seq.n_past + i, seq) for i, tok in enumerate(chunk)],
                        logits=[len(chunk) - 1] if last else [])
@@ -329,8 +345,89 @@ class BatchScheduler:
     def _admit(self) -> None:
         while self._free and self._waiting:
             seq = self._waiting.popleft()
-            seq.slot = heapq.heappop(self._free)
+            slot, reuse = self._choose_slot(seq.prompt)
+            self._free.remove(slot)
+            heapq.heapify(self._free)
+            seq.slot = slot
+            seq.n_past = seq.reusable = seq.cached = self._take_cells(slot, reuse)
+            self.prompt_tokens += len(seq.prompt)
+            self.cached_tokens += seq.cached
             self._running.append(seq)
+            if seq.on_admit is not None:
+                seq.on_admit(seq.cached)
+
+    # --- the prompt cache -------------------------------------------------------------------------------------
+
+    def _release(self, seq: Sequence) -> None:
+        """A sequence left its slot: keep the cells a later prompt may reuse (the prompt cache), free the rest."""
+        keep = seq.n_past if self.unified else seq.reusable
+        if self.prompt_cache and seq.error is None and keep > 0:
+            self._cache[seq.slot] = ((seq.prompt + seq.outputs)[:keep], time.monotonic())
+            self._lib.llama_memory_seq_rm(self._memory, seq.slot, keep, -1)
+        else:
+            self._cache.pop(seq.slot, None)
+            self._lib.llama_memory_seq_rm(self._memory, seq.slot, -1, -1)
+
+    def _solo_pass(self, rows: int) -> bool:
+        """Exact mode: whether a prompt pass of ``rows`` rows (starting where the sequence's reusable cells end)
+        writes its cells as a solo request's passes would: at least ``min_chunk`` rows where chunks are allowed
+        (:func:`~sharedllm.engine.invariance.invariant_chunks`), else a whole ``prefill_chunk`` (it then starts at a
+        multiple of it, as a solo request's passes do)."""
+        return rows >= self.min_chunk if self.min_chunk else rows == self.prefill_chunk
+
+    def reusable(self, prompt: list[int], cached: list[int]) -> int:
+        """How many leading cells of a slot that holds ``cached`` the sequence of ``prompt`` may keep: their common
+        prefix, less at least the prompt's last token (its logits are needed) and, in the exact mode, less what
+        leaves the rest of the prompt read in the passes a solo request reads it in (every pass at least
+        ``min_chunk`` rows but the solo request's own last one, or whole ``prefill_chunk`` passes), so that the
+        request's text stays its solo text."""
+        common = common_prefix(cached, prompt[:-1])
+        if self.unified or common <= 0:
+            return max(common, 0)
+        if not self.min_chunk:
+            return common - common % self.prefill_chunk
+        total = len(prompt)
+        final = solo_last_pass(total, self.llm.n_batch, self._n_ubatch)
+        if final >= self.min_chunk:
+            return max(0, min(common, total - self.min_chunk))
+        common = min(common, total - final)
+        gap = total - final - common
+        if 0 < gap < self.min_chunk:
+            common -= self.min_chunk - gap
+        return max(common, 0)
+
+    def _choose_slot(self, prompt: list[int]) -> tuple[int, int]:
+        """The free slot for a new sequence, and how many cells of its cache to keep. The slot whose cache gives the
+        most (at least ``REUSE_MIN`` tokens), unless keeping that prefix would throw away most of a cache while a
+        slot holding none is free; otherwise a slot holding no cache (the fast mode), the lowest free slot (the exact
+        mode: consecutive slots are one pass), or else the one whose cache is oldest."""
+        best, reuse = -1, 0
+        if self.prompt_cache:
+            for slot in self._free:
+                if slot in self._cache and (n := self.reusable(prompt, self._cache[slot][0])) > reuse:
+                    best, reuse = slot, n
+        empty = [slot for slot in self._free if slot not in self._cache]
+        if reuse >= REUSE_MIN and (2 * reuse >= len(self._cache[best][0]) or not empty):
+            return best, reuse
+        if not self.unified:
+            slot = self._free[0]
+        elif empty:
+            slot = min(empty)
+        else:
+            slot = min(self._free, key=lambda s: self._cache[s][1])
+        return slot, self.reusable(prompt, self._cache[slot][0]) if slot in self._cache else 0
+
+    def _take_cells(self, slot: int, reuse: int) -> int:
+        """Give ``slot`` to a new sequence keeping its first ``reuse`` cells; returns the cells kept. None are kept
+        where the memory cannot drop a suffix (recurrent models) or lost cells the suffix attends to (a sliding
+        window cache that is not full-size)."""
+        cached = self._cache.pop(slot, None)
+        if reuse > 0 and cached is not None and self._lib.llama_memory_seq_rm(self._memory, slot, reuse, -1):
+            first = self._lib.llama_memory_seq_pos_min(self._memory, slot)
+            if 0 <= first <= (max(0, reuse - self._n_swa) if self._n_swa > 0 else 0):
+                return reuse
+        self._lib.llama_memory_seq_rm(self._memory, slot, -1, -1)
+        return 0
 
     def _step(self, sampled: list[Sequence], tokens: list[tuple[int, int, Sequence]], logits: list[int]) -> None:
         """One ``llama_decode`` of ``tokens`` (token, position, sequence); sample the next token of each sequence of
@@ -359,6 +456,7 @@ class BatchScheduler:
                 seq.n_past = max(seq.n_past, pos + 1)
             for seq, tok in new:
                 seq.sampled += 1
+                seq.outputs.append(tok)
                 seq.pending.append(tok)
                 seq.next_input = tok
                 if seq.first_token_at is None:
@@ -380,7 +478,8 @@ class BatchScheduler:
         n = len(recent) or 1
         self.on_stats({"running": counts[0], "waiting": counts[1], "parallel": self.parallel, "steps": self.steps,
                        "passes": self.passes, "batch": sum(r[0] for r in recent) / n,
-                       "passes_per_step": sum(r[1] for r in recent) / n})
+                       "passes_per_step": sum(r[1] for r in recent) / n, "prompt_tokens": self.prompt_tokens,
+                       "cached_tokens": self.cached_tokens})
 
 
 class StepCost:
@@ -407,6 +506,12 @@ class StepCost:
 
     def _avg(self, old: float | None, new: float) -> float:
         return new if old is None else old + self.ALPHA * (new - old)
+
+
+def common_prefix(a: Any, b: Any) -> int:
+    """The length of the longest common prefix of two token sequences."""
+    n = min(len(a), len(b))
+    return next((i for i in range(n) if a[i] != b[i]), n)
 
 
 def prefill_order(seqs: list[Sequence], now: float) -> list[Sequence]:

@@ -27,6 +27,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from sharedllm.engine.batch import QueueFull as _BUSY
+from sharedllm.engine.batch import common_prefix
 from sharedllm.engine.framing import _FrameReader, _write_frame
 from sharedllm.engine.invariance import invariant_batch, invariant_chunks
 from sharedllm.engine.spec import EngineSpec
@@ -267,6 +268,7 @@ class _Call:
         self.stop: str | None = None  # "cancel" or "close" once the parent asked
         self.seed: int | None = None  # the seed llama-cpp-python set for this request (batched calls)
         self.max_tokens: int | None = None  # its create_completion's max_tokens (batched calls)
+        self.cached_tokens: int | None = None  # its prompt's tokens found in the prompt cache
 
     def stopped(self) -> bool:
         return self.stop is not None
@@ -288,7 +290,10 @@ class _Call:
         fn = getattr(llm, self.method)
         try:
             if not self.streamed:
-                end = ("result", self.rid, fn(**self.kwargs))
+                result = fn(**self.kwargs)
+                if isinstance(result, dict) and isinstance(result.get("usage"), dict) and self.cached_tokens:
+                    result["usage"]["prompt_tokens_details"] = {"cached_tokens": self.cached_tokens}  # OpenAI's
+                end = ("result", self.rid, result)
             else:
                 for chunk in fn(**self.kwargs, stream=True):
                     self.out.send(("chunk", self.rid, chunk, self.tokens))
@@ -305,10 +310,6 @@ class _Call:
             self.out.send(end)
 
 
-def _generated(call: _Call, generate: Any, vocab: Any, *args: Any, **kwargs: Any) -> Iterator[int]:
-    return call.generated(generate(*args, **kwargs), vocab)
-
-
 class _SerialRunner:
     """``parallel == 1``: the calls run one after the other in one thread, through llama-cpp-python's own
     ``Llama.generate``."""
@@ -317,6 +318,8 @@ class _SerialRunner:
         self.llm, self.spec, self.out = llm, spec, out
         self.calls: dict[int, _Call] = {}
         self._queue: queue.SimpleQueue[_Call | None] = queue.SimpleQueue()
+        self._trusted = 0  # leading cells of the context that a later prompt may keep (see _keep)
+        self.prompt_tokens = self.cached_tokens = 0
         self._thread = threading.Thread(target=self._work, name="calls", daemon=True)
         self._thread.start()
 
@@ -331,15 +334,46 @@ class _SerialRunner:
                 if call.stopped():  # cancelled before it started
                     self.out.send(("done", call.rid, 0) if call.streamed else ("error", call.rid, "cancelled", ""))
                     continue
-                if not self.spec.reuse_prompt_cache:
-                    self.llm.reset()
-                self.llm.generate = functools.partial(_generated, call, self.llm.generate, vocab)
+                self.llm.generate = functools.partial(self._generate, call, self.llm.generate, vocab)
                 try:
                     call.run(self.llm)
                 finally:
                     self.llm.__dict__.pop("generate", None)
+                    self.out.send(("stats", {"prompt_tokens": self.prompt_tokens,
+                                             "cached_tokens": self.cached_tokens}))
             finally:
                 self.calls.pop(call.rid, None)
+
+    def _generate(self, call: _Call, generate: Any, vocab: Any, tokens: Any, *args: Any, **kwargs: Any
+                  ) -> Iterator[int]:
+        """``Llama.generate`` for ``call``, from the context's cells that its prompt may keep (the prompt cache)."""
+        tokens = list(tokens)
+        keep = 0
+        if self.spec.reuse_prompt_cache:  # llama-cpp-python's own reuse of any common prefix
+            keep = common_prefix(self.llm._input_ids, tokens)
+        elif self.spec.prompt_cache and (keep := self._keep(tokens)):
+            self.llm.n_tokens = keep  # Llama.generate finds these cells its prompt's prefix, and reads the rest
+        else:
+            self.llm.reset()
+        call.cached_tokens = min(keep, len(tokens) - 1)
+        self.prompt_tokens += len(tokens)
+        self.cached_tokens += call.cached_tokens
+        self._trusted = 0
+        try:
+            yield from call.generated(generate(tokens, *args, **kwargs), vocab)
+        finally:
+            whole = len(tokens) - len(tokens) % self.llm.n_batch
+            self._trusted = min(whole, self.llm.n_tokens)
+
+    def _keep(self, prompt: list[int]) -> int:
+        """How many leading cells of the context a request of ``prompt`` keeps with its greedy text unchanged: those
+        its prompt shares with the last one's, in whole passes of ``n_batch`` tokens (llama-cpp-python reads a
+        prompt in passes of ``n_batch`` from where the cells end, so the rest is read in the passes a fresh context
+        reads it in, and the cells kept were written by the same passes), and never its last token (its logits
+        are needed)."""
+        n = min(self._trusted, len(prompt) - 1)
+        common = common_prefix(self.llm._input_ids[:n], prompt)
+        return common - common % self.llm.n_batch
 
     def close(self) -> None:
         self._queue.put(None)
@@ -374,7 +408,8 @@ class _BatchRunner:
         self.scheduler = BatchScheduler(llm, spec.parallel, n_ctx_seq, prefill_chunk=spec.prefill_chunk,
                                         max_waiting=spec.max_waiting, max_batch=self.max_batch,
                                         unified=spec.unified_kv, max_stall_ms=spec.max_stall_ms,
-                                        min_chunk=self.min_chunk, on_stats=lambda s: out.send(("stats", s)))
+                                        min_chunk=self.min_chunk, prompt_cache=spec.prompt_cache,
+                                        on_stats=lambda s: out.send(("stats", s)))
         llm.generate = self._generate
         llm.set_seed = self._set_seed  # the request's seed is its own, not the shared Llama._seed
         # Llama.generate is not told max_tokens: it is taken where every completion (chat ones too) passes it.
@@ -397,7 +432,8 @@ class _BatchRunner:
         del logits_processor
         seed = call.seed if call.seed is not None else self.llm._seed
         tokens = self.scheduler.generate(tokens, seed=seed, logit_bias=call.kwargs.get("logit_bias"),
-                                         stopped=call.stopped, max_tokens=call.max_tokens, **sampling)
+                                         stopped=call.stopped, max_tokens=call.max_tokens,
+                                         on_admit=lambda n: setattr(call, "cached_tokens", n), **sampling)
         return call.generated(tokens, self.llm._model.vocab)
 
     def submit(self, call: _Call) -> None:

@@ -62,6 +62,10 @@ class EngineSpec:
     # token alone, and a batch of one takes other kernels than the full prompt: greedy text can then differ from a
     # fresh run. True trades that reproducibility for speed on long shared prefixes (chat).
     reuse_prompt_cache: bool = False
+    # True: a request keeps the cells of the context that its prompt shares with an earlier one's wherever that
+    # leaves its text as it is alone (those written by the passes a fresh context would make; fast batches: any), and
+    # reads only the rest: a chat's history is not read again every turn. False: every request reads its whole prompt.
+    prompt_cache: bool = True
     output_on_client: bool = False  # see OUTPUT_ON_CLIENT
     # Sequences decoded together (continuous batching, sharedllm.engine.batch); 1: one request at a time through
     # llama-cpp-python's own generate. llama_kwargs["n_ctx"] is each sequence's context.
