@@ -5,12 +5,10 @@ by the passes a fresh context would make; fast batches: any common prefix)."""
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import pytest
 
 from sharedllm.engine import Engine, EngineSpec
-from sharedllm.engine.batch import BatchScheduler
+from sharedllm.engine.prompt_cache import PromptCache
 from tests.conftest import wait_for
 
 # A chat's history of 700-odd tokens (more than one n_batch pass of 512), then two turns.
@@ -85,6 +83,25 @@ def test_the_next_turn_of_a_chat_reads_only_what_it_adds(model_path, fresh, mode
         engine.close()
 
 
+def test_fast_batches_share_a_running_sequences_prefix(model_path):
+    """Fast batches: a request whose prompt starts as a running request's does (the same system prompt) shares that
+    sequence's cells (one KV cache: a cell of two sequences is one cell) instead of reading them again, while the
+    running one goes on."""
+    engine = _engine(model_path, "fast")
+    try:
+        stream = engine.stream("create_completion", {"prompt": HISTORY + "\nTell me a long story about the fox.",
+                                                     "max_tokens": 200, "temperature": 0})
+        got = [next(stream) for _ in range(3)]  # it is running: its prompt's cells are written
+        out, n, cached = _complete(engine, HISTORY + "\nQuestion: who watched the sheep?\nAnswer:")
+        n_history = len(engine.call("tokenize", {"text": HISTORY.encode()}))
+        assert n_history - 2 <= cached < n, (cached, n_history, n)
+        assert out.strip()
+        got += list(stream)  # and the running one went on to its end
+        assert len(got) > 10, len(got)
+    finally:
+        engine.close()
+
+
 def test_without_the_cache_every_request_reads_its_whole_prompt(model_path, fresh):
     engine = _engine(model_path, "exact", prompt_cache=False)
     try:
@@ -96,13 +113,13 @@ def test_without_the_cache_every_request_reads_its_whole_prompt(model_path, fres
 
 
 def test_how_many_cells_a_prompt_keeps():
-    """No model: :meth:`BatchScheduler.reusable`, the cells of a slot's cache a new prompt keeps."""
+    """No model: :meth:`PromptCache.reusable`, the cells of a slot's cache a new prompt keeps."""
     def keeps(prompt_len: int, common: int, *, unified: bool = False, min_chunk: int = 32, chunk: int = 512) -> int:
-        fake = SimpleNamespace(unified=unified, min_chunk=min_chunk, prefill_chunk=chunk,
-                               llm=SimpleNamespace(n_batch=512), _n_ubatch=512)
+        cache = PromptCache(None, None, enabled=True, unified=unified, min_chunk=min_chunk, prefill_chunk=chunk,
+                            n_batch=512, n_ubatch=512, n_swa=0)
         prompt = list(range(prompt_len))
         cached = prompt[:common] + [-1] * 50  # then they differ
-        return BatchScheduler.reusable(fake, prompt, cached)
+        return cache.reusable(prompt, cached)
 
     assert keeps(700, 600, unified=True) == 600  # fast batches: the whole common prefix
     assert keeps(700, 700, unified=True) == 699  # never the last token: its logits are needed

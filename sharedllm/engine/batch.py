@@ -5,8 +5,9 @@ The model of llama.cpp's ``tools/server``: a fixed set of slots, one per sequenc
 stream (``n_seq_max = parallel``, ``kv_unified = false``: a sequence's cells start at 0 in its own stream, so its
 attention sums exactly the terms it would sum alone). One thread, the scheduler, owns the context and loops:
 
-1. it frees the slots of sequences that ended, were cancelled or whose caller left (``llama_memory_seq_rm``), and
-   gives free slots to waiting sequences, first come first served, the lowest free slot first (fairness between
+1. it frees the slots of sequences that ended, were cancelled or whose caller left (``llama_memory_seq_rm``; a slot
+   keeps the cells a later prompt may reuse, :mod:`.prompt_cache`), and gives free slots to waiting sequences, first
+   come first served, the lowest free slot first unless another's cells give the prompt a prefix (fairness between
    clients is the server's job, at admission: see ``sharedllm.openai_server.RequestQueue``);
 2. it decodes the next token of every running sequence in one ``llama_decode`` (one pass over the mesh for all of
    them: on a mesh every pass pays a round trip per machine, so a batch of B sequences pays it once for B), or in
@@ -50,6 +51,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from sharedllm.engine.invariance import exact_chunk, solo_last_pass
+from sharedllm.engine.prompt_cache import PromptCache
 from sharedllm.engine.sampling import sampler_chain
 
 logger = logging.getLogger(__name__)
@@ -58,7 +60,6 @@ LOOKAHEAD = 4  # tokens a sequence may run ahead of its consumer
 LOOKAHEAD_MAX = 16  # ... when holding it back would split a decode step into one more pass
 PATIENCE_S = 2.0  # a prompt lets shorter ones go first for at most this long, then goes first itself
 MIN_PREFILL = 32  # prompt tokens a step reads at least, whatever max_stall_ms asks (a prompt always progresses)
-REUSE_MIN = 16  # prompt tokens a slot's cache must give to be chosen for it (else a slot with no cache is taken)
 STALL_STEPS = 2.0  # ... and a step may take this many decode-only steps' time, when that is longer than max_stall_ms
 
 
@@ -132,12 +133,9 @@ class BatchScheduler:
         self.max_batch = max_batch or parallel
         self._cond = threading.Condition()
         self._free = list(range(parallel))  # free slots (sequence ids), a heap: the lowest is taken first
-        # The prompt cache: a free slot keeps the cells of its last sequence, {slot: (their tokens, when freed)}.
-        self.prompt_cache = prompt_cache
-        self._cache: dict[int, tuple[list[int], float]] = {}
-        self._n_swa = llama_cpp.llama_model_n_swa(llm._model.model)
-        self.prompt_tokens = 0  # prompt tokens of the sequences admitted, and of those found in the cache
-        self.cached_tokens = 0
+        self.cache = PromptCache(llama_cpp, self._memory, enabled=prompt_cache, unified=unified, min_chunk=min_chunk,
+                                 prefill_chunk=self.prefill_chunk, n_batch=llm.n_batch, n_ubatch=self._n_ubatch,
+                                 n_swa=llama_cpp.llama_model_n_swa(llm._model.model))
         self._running: list[Sequence] = []
         self._waiting: collections.deque[Sequence] = collections.deque()
         self._closed = False
@@ -251,7 +249,7 @@ class BatchScheduler:
         for seq in [s for s in self._running if s.left or s.stopped()]:
             self._running.remove(seq)
             seq.ended = True
-            self._release(seq)
+            self.cache.release(seq)
             heapq.heappush(self._free, seq.slot)
             seq.sampler.close()
         for seq in [s for s in self._waiting if s.left or s.stopped()]:
@@ -263,7 +261,7 @@ class BatchScheduler:
         """The exact mode's step: each prompt chunk in a pass of its own (new prompts first: their time to first
         token), then the decoded sequences in their passes (:func:`passes`). Returns the passes."""
         for seq, chunk in prefills:
-            if seq.reusable == seq.n_past and self._solo_pass(len(chunk)):
+            if seq.reusable == seq.n_past and self.cache.solo_pass(len(chunk)):
                 seq.reusable += len(chunk)
             last = seq.n_past + len(chunk) >= len(seq.prompt)
             self._step([seq] if last else [], [(tok, seq.n_past + i, seq) for i, tok in enumerate(chunk)],
@@ -345,89 +343,14 @@ class BatchScheduler:
     def _admit(self) -> None:
         while self._free and self._waiting:
             seq = self._waiting.popleft()
-            slot, reuse = self._choose_slot(seq.prompt)
+            slot, reuse, source = self.cache.choose(seq.prompt, self._free, self._running)
             self._free.remove(slot)
             heapq.heapify(self._free)
             seq.slot = slot
-            seq.n_past = seq.reusable = seq.cached = self._take_cells(slot, reuse)
-            self.prompt_tokens += len(seq.prompt)
-            self.cached_tokens += seq.cached
+            seq.n_past = seq.reusable = seq.cached = self.cache.take(slot, len(seq.prompt), reuse, source)
             self._running.append(seq)
             if seq.on_admit is not None:
                 seq.on_admit(seq.cached)
-
-    # --- the prompt cache -------------------------------------------------------------------------------------
-
-    def _release(self, seq: Sequence) -> None:
-        """A sequence left its slot: keep the cells a later prompt may reuse (the prompt cache), free the rest."""
-        keep = seq.n_past if self.unified else seq.reusable
-        if self.prompt_cache and seq.error is None and keep > 0:
-            self._cache[seq.slot] = ((seq.prompt + seq.outputs)[:keep], time.monotonic())
-            self._lib.llama_memory_seq_rm(self._memory, seq.slot, keep, -1)
-        else:
-            self._cache.pop(seq.slot, None)
-            self._lib.llama_memory_seq_rm(self._memory, seq.slot, -1, -1)
-
-    def _solo_pass(self, rows: int) -> bool:
-        """Exact mode: whether a prompt pass of ``rows`` rows (starting where the sequence's reusable cells end)
-        writes its cells as a solo request's passes would: at least ``min_chunk`` rows where chunks are allowed
-        (:func:`~sharedllm.engine.invariance.invariant_chunks`), else a whole ``prefill_chunk`` (it then starts at a
-        multiple of it, as a solo request's passes do)."""
-        return rows >= self.min_chunk if self.min_chunk else rows == self.prefill_chunk
-
-    def reusable(self, prompt: list[int], cached: list[int]) -> int:
-        """How many leading cells of a slot that holds ``cached`` the sequence of ``prompt`` may keep: their common
-        prefix, less at least the prompt's last token (its logits are needed) and, in the exact mode, less what
-        leaves the rest of the prompt read in the passes a solo request reads it in (every pass at least
-        ``min_chunk`` rows but the solo request's own last one, or whole ``prefill_chunk`` passes), so that the
-        request's text stays its solo text."""
-        common = common_prefix(cached, prompt[:-1])
-        if self.unified or common <= 0:
-            return max(common, 0)
-        if not self.min_chunk:
-            return common - common % self.prefill_chunk
-        total = len(prompt)
-        final = solo_last_pass(total, self.llm.n_batch, self._n_ubatch)
-        if final >= self.min_chunk:
-            return max(0, min(common, total - self.min_chunk))
-        common = min(common, total - final)
-        gap = total - final - common
-        if 0 < gap < self.min_chunk:
-            common -= self.min_chunk - gap
-        return max(common, 0)
-
-    def _choose_slot(self, prompt: list[int]) -> tuple[int, int]:
-        """The free slot for a new sequence, and how many cells of its cache to keep. The slot whose cache gives the
-        most (at least ``REUSE_MIN`` tokens), unless keeping that prefix would throw away most of a cache while a
-        slot holding none is free; otherwise a slot holding no cache (the fast mode), the lowest free slot (the exact
-        mode: consecutive slots are one pass), or else the one whose cache is oldest."""
-        best, reuse = -1, 0
-        if self.prompt_cache:
-            for slot in self._free:
-                if slot in self._cache and (n := self.reusable(prompt, self._cache[slot][0])) > reuse:
-                    best, reuse = slot, n
-        empty = [slot for slot in self._free if slot not in self._cache]
-        if reuse >= REUSE_MIN and (2 * reuse >= len(self._cache[best][0]) or not empty):
-            return best, reuse
-        if not self.unified:
-            slot = self._free[0]
-        elif empty:
-            slot = min(empty)
-        else:
-            slot = min(self._free, key=lambda s: self._cache[s][1])
-        return slot, self.reusable(prompt, self._cache[slot][0]) if slot in self._cache else 0
-
-    def _take_cells(self, slot: int, reuse: int) -> int:
-        """Give ``slot`` to a new sequence keeping its first ``reuse`` cells; returns the cells kept. None are kept
-        where the memory cannot drop a suffix (recurrent models) or lost cells the suffix attends to (a sliding
-        window cache that is not full-size)."""
-        cached = self._cache.pop(slot, None)
-        if reuse > 0 and cached is not None and self._lib.llama_memory_seq_rm(self._memory, slot, reuse, -1):
-            first = self._lib.llama_memory_seq_pos_min(self._memory, slot)
-            if 0 <= first <= (max(0, reuse - self._n_swa) if self._n_swa > 0 else 0):
-                return reuse
-        self._lib.llama_memory_seq_rm(self._memory, slot, -1, -1)
-        return 0
 
     def _step(self, sampled: list[Sequence], tokens: list[tuple[int, int, Sequence]], logits: list[int]) -> None:
         """One ``llama_decode`` of ``tokens`` (token, position, sequence); sample the next token of each sequence of
@@ -478,8 +401,8 @@ class BatchScheduler:
         n = len(recent) or 1
         self.on_stats({"running": counts[0], "waiting": counts[1], "parallel": self.parallel, "steps": self.steps,
                        "passes": self.passes, "batch": sum(r[0] for r in recent) / n,
-                       "passes_per_step": sum(r[1] for r in recent) / n, "prompt_tokens": self.prompt_tokens,
-                       "cached_tokens": self.cached_tokens})
+                       "passes_per_step": sum(r[1] for r in recent) / n, "prompt_tokens": self.cache.prompt_tokens,
+                       "cached_tokens": self.cache.cached_tokens})
 
 
 class StepCost:
@@ -506,12 +429,6 @@ class StepCost:
 
     def _avg(self, old: float | None, new: float) -> float:
         return new if old is None else old + self.ALPHA * (new - old)
-
-
-def common_prefix(a: Any, b: Any) -> int:
-    """The length of the longest common prefix of two token sequences."""
-    n = min(len(a), len(b))
-    return next((i for i in range(n) if a[i] != b[i]), n)
 
 
 def prefill_order(seqs: list[Sequence], now: float) -> list[Sequence]:

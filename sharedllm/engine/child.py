@@ -27,9 +27,9 @@ from collections.abc import Iterator
 from typing import Any
 
 from sharedllm.engine.batch import QueueFull as _BUSY
-from sharedllm.engine.batch import common_prefix
 from sharedllm.engine.framing import _FrameReader, _write_frame
 from sharedllm.engine.invariance import invariant_batch, invariant_chunks
+from sharedllm.engine.prompt_cache import common_prefix
 from sharedllm.engine.spec import EngineSpec
 
 logger = logging.getLogger(__name__)
