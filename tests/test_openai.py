@@ -565,3 +565,22 @@ def test_a_blocking_model_streams_from_a_thread_and_stops_when_the_client_hangs_
         [gen] = app.state.generations
         assert model.closed.wait(10) and gen.finished.wait(10)  # the generator was closed: the model stopped
         assert wait_for(lambda: app.state.queue.running == 0, timeout=10, what="the slot to be released")
+
+
+def test_a_system_message_is_the_start_of_gemmas_first_turn():
+    """No model: GGUFs without a chat template get Gemma's own template (``sharedllm.engine.chat``), where a leading
+    system message starts the first user turn; llama-cpp-python's ``gemma`` format dropped it (and every instruction an
+    OpenAI client sends as ``system``). Without one, the prompt is llama-cpp-python's."""
+    from llama_cpp import llama_chat_format
+
+    from sharedllm.engine.chat import format_gemma
+
+    turns = [{"role": "user", "content": "Name a colour."}, {"role": "assistant", "content": "Blue."},
+             {"role": "user", "content": "Another?"}]
+    assert format_gemma(turns).prompt == llama_chat_format.format_gemma(turns).prompt
+    with_system = format_gemma([{"role": "system", "content": " Answer in French. "}, *turns]).prompt
+    assert with_system == ("<start_of_turn>user\nAnswer in French.\n\nName a colour.<end_of_turn>\n"
+                           "<start_of_turn>model\nBlue.<end_of_turn>\n<start_of_turn>user\nAnother?<end_of_turn>\n"
+                           "<start_of_turn>model\n")
+    parts = [{"role": "user", "content": [{"type": "text", "text": "Name a "}, {"type": "text", "text": "colour."}]}]
+    assert format_gemma(parts).prompt == llama_chat_format.format_gemma(turns[:1]).prompt  # OpenAI's content parts

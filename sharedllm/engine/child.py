@@ -231,8 +231,10 @@ def _fallback_chat_format(metadata: dict[str, str]) -> str | None:
     """
     if metadata.get("tokenizer.chat_template"):
         return None
+    from sharedllm.engine.chat import GEMMA  # registers it
+
     arch = metadata.get("general.architecture") or ""
-    return "gemma" if arch.startswith("gemma") else None
+    return GEMMA if arch.startswith("gemma") else None
 
 
 class _Out:
