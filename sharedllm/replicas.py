@@ -6,14 +6,19 @@
 
 Each replica is a :class:`sharedllm.client.MeshModel` with its own lease (sessions lease their machines alone, so
 the replicas never share one) and its own engine. A request goes to the replica with the fewest requests in flight
-(ties: the first). When a replica loses a machine, its handle recovers as a single one does (its requests replay on
-its new topology) while the others keep serving; a replica whose recovery failed is left out, and the set fails only
-when every replica has.
+(ties: the first), unless it continues an earlier request (a chat's next turn, a prompt that extends an earlier one):
+then it goes where that one went, whose prompt cache holds its prefix, as long as that replica has no more than
+``AFFINITY_SLACK`` requests in flight beyond the least loaded one (:class:`Affinity`). When a replica loses a
+machine, its handle recovers as a single one does (its requests replay on its new topology) while the others keep
+serving; a replica whose recovery failed is left out, and the set fails only when every replica has.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
+import hashlib
+import json
 import logging
 import threading
 from collections.abc import AsyncIterator, Iterator
@@ -22,6 +27,56 @@ from typing import Any
 from sharedllm.errors import EngineError
 
 logger = logging.getLogger(__name__)
+
+AFFINITY_SLACK = 1  # requests in flight a replica may have beyond the least loaded one and still get a continuation
+
+
+class Affinity:
+    """Which replica served the requests whose text a new request's text continues.
+
+    A request's text is its prompt, or its chat messages one after the other (a chat's next turn: the last turn's
+    messages, the answer and a new message; its text starts with the last turn's). Every ``STEP`` characters of a
+    request's text, the hash of the text so far is remembered with the replica that served it (the last ``SIZE``
+    of them); a new request goes where the longest of those that starts its text went. Only hashes are kept, in
+    memory."""
+
+    STEP = 256
+    SIZE = 16384
+
+    def __init__(self) -> None:
+        self._seen: collections.OrderedDict[bytes, int] = collections.OrderedDict()
+
+    @staticmethod
+    def text(args: tuple) -> str:
+        """The text of a request's first argument: a prompt (or its tokens), or chat messages."""
+        first = args[0] if args else ""
+        if isinstance(first, str):
+            return first
+        if first and isinstance(first[0], dict):
+            return "".join(json.dumps(m, sort_keys=True, default=str) for m in first)
+        return " ".join(map(str, first))
+
+    def _marks(self, text: str) -> list[bytes]:
+        h = hashlib.blake2b(digest_size=16)
+        out = []
+        for start in range(0, len(text) - len(text) % self.STEP, self.STEP):
+            h.update(text[start:start + self.STEP].encode("utf-8", "surrogatepass"))
+            out.append(h.copy().digest())
+        return out
+
+    def where(self, text: str) -> int | None:
+        """The replica that served the longest remembered text that starts ``text``; None when none does."""
+        for mark in reversed(self._marks(text)):
+            if (i := self._seen.get(mark)) is not None:
+                return i
+        return None
+
+    def served(self, text: str, i: int) -> None:
+        for mark in self._marks(text):
+            self._seen[mark] = i
+            self._seen.move_to_end(mark)
+        while len(self._seen) > self.SIZE:
+            self._seen.popitem(last=False)
 
 
 class Replicas:
@@ -35,6 +90,7 @@ class Replicas:
         self.handles = list(handles)
         self._load = [0] * len(self.handles)  # requests in flight per replica
         self._lock = threading.Lock()
+        self._affinity = Affinity()
 
     @classmethod
     def load(cls, mesh: Any, model: str, replicas: int = 2, **load_kwargs: Any) -> Replicas:
@@ -102,13 +158,19 @@ class Replicas:
 
     # --- requests -----------------------------------------------------------------------------------------------
 
-    def _pick(self) -> int:
-        """The least loaded replica that can serve; counts the request in."""
+    def _pick(self, args: tuple = ()) -> int:
+        """The replica for a request of ``args``: the least loaded that can serve, or the one that served the request
+        it continues (:class:`Affinity`) when that one is not much busier; counts the request in."""
+        text = Affinity.text(args)
         with self._lock:
             usable = [i for i, h in enumerate(self.handles) if getattr(h, "failure", None) is None]
             if not usable:
                 raise EngineError(f"every replica failed; the last: {self.failure}; load the model again")
             i = min(usable, key=lambda j: self._load[j])
+            cached = self._affinity.where(text)
+            if cached in usable and self._load[cached] <= self._load[i] + AFFINITY_SLACK:
+                i = cached
+            self._affinity.served(text, i)
             self._load[i] += 1
             return i
 
@@ -117,7 +179,7 @@ class Replicas:
             self._load[i] -= 1
 
     def _run(self, method: str, args: tuple, kwargs: dict) -> Any:
-        i = self._pick()
+        i = self._pick(args)
         try:
             out = getattr(self.handles[i], method)(*args, **kwargs)
         except BaseException:
@@ -135,7 +197,7 @@ class Replicas:
             self._done(i)
 
     async def _arun(self, method: str, args: tuple, kwargs: dict) -> Any:
-        i = self._pick()
+        i = self._pick(args)
         try:
             out = await getattr(self.handles[i], method)(*args, **kwargs)
         except BaseException:

@@ -59,3 +59,47 @@ def test_a_replica_that_loses_a_machine_recovers_while_the_other_answers(mesh_cl
     finally:
         mesh_cluster.stop_machine("machine-3")
         wait_for(lambda: machine(mesh, "machine-3") is None, what="machine-3 to leave")
+
+
+def test_a_request_that_continues_an_earlier_one_goes_to_its_replica():
+    """No model (handles that record their calls): a chat's next turn, or a prompt extending an earlier prompt, goes
+    to the replica that served the earlier request (its prompt cache holds the prefix), unless that replica has more
+    than AFFINITY_SLACK requests in flight beyond the least loaded one; anything else goes to the least loaded."""
+    from sharedllm.replicas import AFFINITY_SLACK
+
+    class Handle:
+        def __init__(self) -> None:
+            self.calls: list[str] = []
+
+        def create_completion(self, prompt, **kwargs):
+            self.calls.append(prompt)
+            return iter(["chunk"]) if kwargs.get("stream") else {"prompt": prompt}
+
+        def create_chat_completion(self, messages, **kwargs):
+            self.calls.append(messages[-1]["content"])
+            return {}
+
+    handles = [Handle(), Handle()]
+    replicas = Replicas(handles)
+    doc = "The village council meets on the first Monday of every month. " * 20  # > Affinity.STEP characters
+    chat = [{"role": "system", "content": doc}, {"role": "user", "content": "When?"}]
+
+    held = replicas.create_completion("Once upon a time " * 40, stream=True)  # replica 0 busy: the chat goes to 1
+    replicas.create_chat_completion(chat)
+    assert list(held) == ["chunk"]  # replica 0 idle again
+    assert handles[1].calls == ["When?"]
+    # Both idle: the next turn goes where the first went, not to the first of the least loaded.
+    replicas.create_chat_completion([*chat, {"role": "assistant", "content": "Monday."},
+                                     {"role": "user", "content": "Where?"}])
+    assert handles[1].calls == ["When?", "Where?"]
+    replicas.create_completion("Once upon a time " * 40 + "there was a fox.")
+    assert handles[0].calls[-1].endswith("fox.")  # the prompt that extends replica 0's
+    replicas.create_completion("Something else entirely.")  # no earlier request: the least loaded (a tie: 0)
+    assert handles[0].calls[-1] == "Something else entirely."
+    # Busier than the least loaded by more than AFFINITY_SLACK: the continuation goes to the least loaded.
+    replicas._load = [0, AFFINITY_SLACK + 1]
+    replicas.create_chat_completion([*chat, {"role": "user", "content": "Who?"}])
+    assert handles[0].calls[-1] == "Who?" and handles[1].calls[-1] == "Where?"
+    replicas._load = [AFFINITY_SLACK, 0]
+    replicas.create_chat_completion([*chat, {"role": "user", "content": "Why?"}])
+    assert handles[0].calls[-1] == "Why?"  # within the slack: where the prefix was read last ("Who?")
