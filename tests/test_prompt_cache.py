@@ -57,18 +57,16 @@ def fresh(model_path) -> dict[str, str]:
 @pytest.mark.parametrize("mode", ["serial", "exact", "fast"])
 def test_the_next_turn_of_a_chat_reads_only_what_it_adds(model_path, fresh, mode):
     """The second turn of a chat (the first turn's prompt, its answer and a new question) keeps the cells of the
-    first turn's prompt: one request at a time, those of its whole n_batch passes (512 of its 700-odd tokens); exact
-    batches, all of them but what leaves the rest read in the passes of a solo request; fast batches, the first
-    turn's answer too. One at a time and exact, the answer is the answer without the cache."""
+    first turn's prompt: one request at a time and exact batches, all of them but what leaves the rest read in the
+    passes of a solo request (chunks of at least the measured size, and a solo request's own short last pass); fast
+    batches, the first turn's answer too. One at a time and exact, the answer is the answer without the cache."""
     engine = _engine(model_path, mode)
     try:
         out1, n1, cached1 = _complete(engine, TURN1)
         assert cached1 == 0 and n1 > 512, (cached1, n1)
         turn2 = TURN1 + out1 + QUESTION2
         out2, n2, cached2 = _complete(engine, turn2)
-        if mode == "serial":
-            assert cached2 == 512, (cached2, n1, n2)
-        elif mode == "exact":
+        if mode in ("serial", "exact"):
             assert n1 - 64 <= cached2 <= n1, (cached2, n1, n2)
         else:
             n_answer = len(engine.call("tokenize", {"text": (TURN1 + out1).encode()}))
@@ -135,12 +133,15 @@ def test_how_many_cells_a_prompt_keeps():
 @pytest.mark.mesh
 def test_on_the_mesh_the_next_turn_keeps_the_cells_on_the_machines(mesh, fresh):
     """Through the mesh (the cells live on the machines' rpc-servers): one request at a time, the second turn keeps
-    the first 512 cells, its text is the text without the cache, and the session reports what the cache gave."""
+    the cells of the first turn's prompt, its text is the text without the cache, and the session reports what the
+    cache gave."""
     with mesh.load("gemma-3-270m", n_ctx=2048, machines=["machine-1", "machine-2"]) as llm:
-        assert llm.create_completion(TURN1, **ARGS)["choices"][0]["text"] == fresh["out1"]
+        first = llm.create_completion(TURN1, **ARGS)
+        assert first["choices"][0]["text"] == fresh["out1"]
         before = wait_for(lambda: llm.engine_stats.get("prompt_tokens"), timeout=30, what="the engine's report")
         assert llm.create_completion(fresh["turn2"], **ARGS)["choices"][0]["text"] == fresh["out2"]
         stats = wait_for(lambda: (s := llm.engine_stats).get("prompt_tokens", 0) > before and s, timeout=30,
                          what="the engine's report of the second turn")
-        assert stats["cached_tokens"] == 512, stats
-        assert llm.load_stats["cached_tokens"] == 512
+        n1 = first["usage"]["prompt_tokens"]
+        assert n1 - 64 <= stats["cached_tokens"] <= n1, (stats, n1)
+        assert llm.load_stats["cached_tokens"] == stats["cached_tokens"]

@@ -28,8 +28,8 @@ from typing import Any
 
 from sharedllm.engine.batch import QueueFull as _BUSY
 from sharedllm.engine.framing import _FrameReader, _write_frame
-from sharedllm.engine.invariance import invariant_batch, invariant_chunks
-from sharedllm.engine.prompt_cache import common_prefix
+from sharedllm.engine.invariance import exact_chunk, invariant_batch, invariant_chunks, solo_last_pass
+from sharedllm.engine.prompt_cache import PromptCache, common_prefix, keeps_prefix
 from sharedllm.engine.spec import EngineSpec
 
 logger = logging.getLogger(__name__)
@@ -314,13 +314,15 @@ class _Call:
 
 class _SerialRunner:
     """``parallel == 1``: the calls run one after the other in one thread, through llama-cpp-python's own
-    ``Llama.generate``."""
+    ``Llama.generate``, each from the cells of the context its prompt may keep (the prompt cache: see
+    :meth:`_generate`)."""
 
     def __init__(self, llm: Any, spec: EngineSpec, out: _Out):
         self.llm, self.spec, self.out = llm, spec, out
         self.calls: dict[int, _Call] = {}
         self._queue: queue.SimpleQueue[_Call | None] = queue.SimpleQueue()
-        self._trusted = 0  # leading cells of the context that a later prompt may keep (see _keep)
+        self._trusted = 0  # leading cells of the context written as a fresh context writes them (see _generate)
+        self._rules: PromptCache | None = None  # what a prompt may keep of them, once measured
         self.prompt_tokens = self.cached_tokens = 0
         self._thread = threading.Thread(target=self._work, name="calls", daemon=True)
         self._thread.start()
@@ -329,8 +331,29 @@ class _SerialRunner:
         self.calls[call.rid] = call
         self._queue.put(call)
 
+    def _measure(self) -> PromptCache:
+        """The prompt cache's rules on these devices: prompts read in chunks of at least ``MIN_PREFILL`` tokens
+        where that gives the logits of one pass (:func:`invariant_chunks`, measured once, before the first call: it
+        uses the context's cells), else in whole passes of ``n_batch``."""
+        import llama_cpp
+
+        from sharedllm.engine.batch import MIN_PREFILL
+
+        llm, lo = self.llm, MIN_PREFILL
+        n_ubatch = llm.context_params.n_ubatch
+        fits = 2 * lo + 3 <= min(llm.n_batch, n_ubatch, llm.n_ctx())
+        min_chunk = lo if fits and invariant_chunks(llm, lo) else 0
+        llm.reset()
+        return PromptCache(None, None, enabled=True, unified=False, min_chunk=min_chunk, prefill_chunk=llm.n_batch,
+                           n_batch=llm.n_batch, n_ubatch=n_ubatch, n_swa=llama_cpp.llama_model_n_swa(llm._model.model))
+
     def _work(self) -> None:
         vocab = self.llm._model.vocab
+        if self.spec.prompt_cache and not self.spec.reuse_prompt_cache:
+            try:
+                self._rules = self._measure()
+            except Exception:
+                logger.exception("the prompt cache's measure failed; every request reads its whole prompt")
         while (call := self._queue.get()) is not None:
             try:
                 if call.stopped():  # cancelled before it started
@@ -348,15 +371,31 @@ class _SerialRunner:
 
     def _generate(self, call: _Call, generate: Any, vocab: Any, tokens: Any, *args: Any, **kwargs: Any
                   ) -> Iterator[int]:
-        """``Llama.generate`` for ``call``, from the context's cells that its prompt may keep (the prompt cache)."""
+        """``Llama.generate`` for ``call``, keeping the cells of the context its prompt may keep with its greedy text
+        unchanged: those it shares with the last prompt that were written as a fresh context writes them (passes of
+        at least ``min_chunk`` rows, or whole ``n_batch`` passes: not a generated token's cell, nor a prompt's short
+        last pass), as many as leave the rest read in passes that keep its arithmetic
+        (:meth:`PromptCache.reusable`). The rest is read here in chunks cut as exact batches cut them
+        (:func:`exact_chunk`), but for its last chunk, which ``Llama.generate`` reads in one pass as it reads a
+        prompt (a solo request's own last pass when that is shorter than ``min_chunk``)."""
+        import llama_cpp
+
         tokens = list(tokens)
-        keep = 0
+        keep, rules, llm = 0, self._rules, self.llm
         if self.spec.reuse_prompt_cache:  # llama-cpp-python's own reuse of any common prefix
-            keep = common_prefix(self.llm._input_ids, tokens)
-        elif self.spec.prompt_cache and (keep := self._keep(tokens)):
-            self.llm.n_tokens = keep  # Llama.generate finds these cells its prompt's prefix, and reads the rest
+            keep = common_prefix(llm._input_ids, tokens)
+        elif (rules is not None and (keep := rules.reusable(tokens, llm._input_ids[:self._trusted]))
+              and keeps_prefix(llama_cpp, llama_cpp.llama_get_memory(llm.ctx), 0, keep, rules.n_swa)):
+            llm.n_tokens = keep
+            if rules.min_chunk:  # else Llama.generate reads on in whole passes of n_batch, as a fresh context does
+                final = solo_last_pass(len(tokens), llm.n_batch, rules.n_ubatch)
+                cap = min(llm.n_batch, rules.n_ubatch)
+                while (left := len(tokens) - llm.n_tokens) > (chunk := exact_chunk(left, final, llm.n_batch, cap,
+                                                                                   rules.min_chunk)):
+                    llm.eval(tokens[llm.n_tokens:llm.n_tokens + chunk])
         else:
-            self.llm.reset()
+            keep = 0
+            llm.reset()
         call.cached_tokens = min(keep, len(tokens) - 1)
         self.prompt_tokens += len(tokens)
         self.cached_tokens += call.cached_tokens
@@ -364,18 +403,13 @@ class _SerialRunner:
         try:
             yield from call.generated(generate(tokens, *args, **kwargs), vocab)
         finally:
-            whole = len(tokens) - len(tokens) % self.llm.n_batch
-            self._trusted = min(whole, self.llm.n_tokens)
-
-    def _keep(self, prompt: list[int]) -> int:
-        """How many leading cells of the context a request of ``prompt`` keeps with its greedy text unchanged: those
-        its prompt shares with the last one's, in whole passes of ``n_batch`` tokens (llama-cpp-python reads a
-        prompt in passes of ``n_batch`` from where the cells end, so the rest is read in the passes a fresh context
-        reads it in, and the cells kept were written by the same passes), and never its last token (its logits
-        are needed)."""
-        n = min(self._trusted, len(prompt) - 1)
-        common = common_prefix(self.llm._input_ids[:n], prompt)
-        return common - common % self.llm.n_batch
+            if rules is not None:
+                final = solo_last_pass(len(tokens), llm.n_batch, rules.n_ubatch)
+                if not rules.min_chunk:
+                    written = len(tokens) - len(tokens) % llm.n_batch
+                else:
+                    written = len(tokens) - (final if final < rules.min_chunk else 0)
+                self._trusted = min(written, llm.n_tokens)
 
     def close(self) -> None:
         self._queue.put(None)

@@ -35,6 +35,18 @@ def common_prefix(a: Any, b: Any) -> int:
     return next((i for i in range(n) if a[i] != b[i]), n)
 
 
+def keeps_prefix(lib: Any, memory: Any, seq: int, keep: int, n_swa: int) -> bool:
+    """Drop sequence ``seq``'s cells from position ``keep`` on; whether its first ``keep`` cells are then what the
+    rest of a prompt attends to: False where the memory cannot drop a suffix (recurrent models) or a sliding-window
+    cache that is not full-size lost cells of the window before ``keep`` (then drop them all)."""
+    if lib.llama_memory_seq_rm(memory, seq, keep, -1):
+        first = lib.llama_memory_seq_pos_min(memory, seq)
+        if 0 <= first <= (max(0, keep - n_swa) if n_swa > 0 else 0):
+            return True
+    lib.llama_memory_seq_rm(memory, seq, -1, -1)
+    return False
+
+
 class PromptCache:
     """The cells the free slots keep, and the choice of a slot for a new sequence (see the module's docstring).
     ``lib`` is ``llama_cpp``, ``memory`` the context's ``llama_memory_t``; ``enabled=False`` keeps nothing.
@@ -116,14 +128,11 @@ class PromptCache:
         if reuse > 0 and source is not None:
             self._lib.llama_memory_seq_rm(self._memory, slot, -1, -1)
             self._lib.llama_memory_seq_cp(self._memory, source, slot, 0, reuse)
-            kept = self._lib.llama_memory_seq_pos_max(self._memory, slot) == reuse - 1
-        else:
-            kept = reuse > 0 and cached is not None and self._lib.llama_memory_seq_rm(self._memory, slot, reuse, -1)
-        if kept:
-            first = self._lib.llama_memory_seq_pos_min(self._memory, slot)
-            kept = 0 <= first <= (max(0, reuse - self.n_swa) if self.n_swa > 0 else 0)
-        if not kept:
-            self._lib.llama_memory_seq_rm(self._memory, slot, -1, -1)
+            if self._lib.llama_memory_seq_pos_max(self._memory, slot) != reuse - 1:
+                reuse = 0
+        elif cached is None:
+            reuse = 0
+        if not keeps_prefix(self._lib, self._memory, slot, reuse, self.n_swa):
             reuse = 0
         self.prompt_tokens += prompt_len
         self.cached_tokens += reuse
