@@ -100,6 +100,29 @@ def test_fast_batches_share_a_running_sequences_prefix(model_path):
         engine.close()
 
 
+def test_exact_batches_copy_a_shared_prefix_and_keep_each_conversation(model_path, fresh):
+    """Exact batches, two slots: a second conversation that shares the first one's document gets a copy of its KV
+    stream (the prefix kept, the rest dropped) in the free slot instead of taking the first one's slot; the first
+    conversation's next turn then finds its own cells whole. Both texts are the texts without the cache."""
+    engine = _engine(model_path, "exact")
+    other = HISTORY + "\nQuestion: what did the dog do every morning?\nAnswer:"
+    try:
+        out1, n1, _ = _complete(engine, TURN1)
+        n_history = len(engine.call("tokenize", {"text": HISTORY.encode()}))
+        b1, _, cached_b = _complete(engine, other)
+        assert n_history - 64 <= cached_b <= n_history, (cached_b, n_history)
+        out2, _, cached2 = _complete(engine, fresh["turn2"])
+        assert n1 - 64 <= cached2 <= n1, (cached2, n1)  # its own slot, whole
+        assert (out1, out2) == (fresh["out1"], fresh["out2"])
+    finally:
+        engine.close()
+    alone = _engine(model_path, "serial", prompt_cache=False)
+    try:
+        assert _complete(alone, other)[0] == b1
+    finally:
+        alone.close()
+
+
 def test_without_the_cache_every_request_reads_its_whole_prompt(model_path, fresh):
     engine = _engine(model_path, "exact", prompt_cache=False)
     try:

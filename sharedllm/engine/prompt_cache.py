@@ -92,20 +92,25 @@ class PromptCache:
         """The free slot (of ``free``, a heap) for a new sequence, how many cells to give it, and the sequence id to
         share them from (None: the slot's own).
 
-        Exact mode: the slot whose cells give the most (at least ``REUSE_MIN`` tokens), unless keeping that prefix
-        would throw away most of them while a slot holding none is free; else the lowest free slot (consecutive
-        slots are one pass). Fast mode: the slot whose cells the prompt continues whole (a chat's next turn), or,
-        when no slot holding none is free, the one that gives the most unless that throws away most of its cells;
-        else a slot holding none (or the one freed longest ago), sharing the cells of whichever sequence gives the
-        most, running or cached (nobody's cells are thrown away for it)."""
+        Exact mode: the slot whose cells give the most (at least ``REUSE_MIN`` tokens) if the prompt continues all of
+        them (a chat's next turn) or no slot holding none is free; else a slot holding none gets a copy of that
+        slot's KV stream (``llama_memory_seq_cp`` between streams copies the whole stream on the devices; the
+        suffix is dropped), so that another conversation's cells are not thrown away for a shared prefix; else the
+        lowest free slot (consecutive slots are one pass).
+
+        Fast mode: the slot whose cells the prompt continues whole (a chat's next turn), or, when no slot holding
+        none is free, the one that gives the most unless that throws away most of its cells; else a slot holding
+        none (or the one freed longest ago), sharing the cells of whichever sequence gives the most, running or
+        cached (nobody's cells are thrown away for it)."""
         gives = {slot: self.reusable(prompt, self.slots[slot][0]) for slot in free if slot in self.slots} \
             if self.enabled else {}
         best = max(gives, key=gives.__getitem__, default=-1)
         reuse, cells = gives.get(best, 0), len(self.slots[best][0]) if best in gives else 0
         empty = [slot for slot in free if slot not in self.slots]
         if not self.unified:
-            if reuse >= REUSE_MIN and (2 * reuse >= cells or not empty):
-                return best, reuse, None
+            if reuse >= REUSE_MIN:
+                whole = common_prefix(self.slots[best][0], prompt) >= cells
+                return (best, reuse, None) if whole or not empty else (min(empty), reuse, best)
             slot = free[0]
             return slot, gives.get(slot, 0), None
         if reuse >= REUSE_MIN and (reuse == cells or (not empty and 2 * reuse >= cells)):
@@ -127,8 +132,11 @@ class PromptCache:
         cached = self.slots.pop(slot, None)
         if reuse > 0 and source is not None:
             self._lib.llama_memory_seq_rm(self._memory, slot, -1, -1)
-            self._lib.llama_memory_seq_cp(self._memory, source, slot, 0, reuse)
-            if self._lib.llama_memory_seq_pos_max(self._memory, slot) != reuse - 1:
+            # One KV cache: the cells get the slot's sequence id too. One stream per sequence: llama.cpp copies a
+            # whole stream only (its data at the next decode); keeps_prefix drops the suffix.
+            self._lib.llama_memory_seq_cp(self._memory, source, slot, 0 if self.unified else -1,
+                                          reuse if self.unified else -1)
+            if self._lib.llama_memory_seq_pos_max(self._memory, slot) < reuse - 1:
                 reuse = 0
         elif cached is None:
             reuse = 0
