@@ -21,7 +21,7 @@ import hashlib
 import json
 import logging
 import threading
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 from sharedllm.errors import EngineError
@@ -77,6 +77,68 @@ class Affinity:
             self._seen.move_to_end(mark)
         while len(self._seen) > self.SIZE:
             self._seen.popitem(last=False)
+
+
+class _Counted:
+    """A replica's stream that counts its request out once: at its end, when closed, or when dropped, also if it was
+    never iterated (a generator's ``finally`` would not run then, and the replica would look busy for good)."""
+
+    def __init__(self, chunks: Iterator[dict], done: Callable[[], None]):
+        self._chunks, self._done = chunks, done
+
+    def __iter__(self) -> _Counted:
+        return self
+
+    def __next__(self) -> dict:
+        try:
+            return next(self._chunks)
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        done, self._done = self._done, None
+        if done is not None:
+            try:
+                if (close := getattr(self._chunks, "close", None)) is not None:
+                    close()
+            finally:
+                done()
+
+    def __del__(self) -> None:
+        with contextlib.suppress(Exception):
+            self.close()
+
+
+class _ACounted:
+    """:class:`_Counted` for an asyncio stream."""
+
+    def __init__(self, chunks: AsyncIterator[dict], done: Callable[[], None]):
+        self._chunks, self._done = chunks, done
+
+    def __aiter__(self) -> _ACounted:
+        return self
+
+    async def __anext__(self) -> dict:
+        try:
+            return await self._chunks.__anext__()
+        except BaseException:
+            await self.aclose()
+            raise
+
+    async def aclose(self) -> None:
+        done, self._done = self._done, None
+        if done is not None:
+            try:
+                with contextlib.suppress(Exception):
+                    await self._chunks.aclose()
+            finally:
+                done()
+
+    def __del__(self) -> None:
+        done, self._done = self._done, None
+        if done is not None:
+            done()  # the stream itself is closed by its own finaliser
 
 
 class Replicas:
@@ -186,15 +248,9 @@ class Replicas:
             self._done(i)
             raise
         if kwargs.get("stream"):
-            return self._counted(out, i)
+            return _Counted(out, lambda: self._done(i))
         self._done(i)
         return out
-
-    def _counted(self, chunks: Iterator[dict], i: int) -> Iterator[dict]:
-        try:
-            yield from chunks
-        finally:
-            self._done(i)
 
     async def _arun(self, method: str, args: tuple, kwargs: dict) -> Any:
         i = self._pick(args)
@@ -204,18 +260,9 @@ class Replicas:
             self._done(i)
             raise
         if kwargs.get("stream"):
-            return self._acounted(out, i)
+            return _ACounted(out, lambda: self._done(i))
         self._done(i)
         return out
-
-    async def _acounted(self, chunks: AsyncIterator[dict], i: int) -> AsyncIterator[dict]:
-        try:
-            async for chunk in chunks:
-                yield chunk
-        finally:
-            self._done(i)
-            with contextlib.suppress(Exception):
-                await chunks.aclose()
 
     def create_completion(self, prompt: str | list[int], **kwargs: Any) -> dict | Iterator[dict]:
         return self._run("create_completion", (prompt,), kwargs)

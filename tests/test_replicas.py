@@ -64,7 +64,8 @@ def test_a_replica_that_loses_a_machine_recovers_while_the_other_answers(mesh_cl
 def test_a_request_that_continues_an_earlier_one_goes_to_its_replica():
     """No model (handles that record their calls): a chat's next turn, or a prompt extending an earlier prompt, goes
     to the replica that served the earlier request (its prompt cache holds the prefix), unless that replica has more
-    than AFFINITY_SLACK requests in flight beyond the least loaded one; anything else goes to the least loaded."""
+    than AFFINITY_SLACK requests in flight beyond the least loaded one; anything else goes to the least loaded. And a
+    stream counts its request out however it ends, also when it is dropped unread."""
     from sharedllm.replicas import AFFINITY_SLACK
 
     class Handle:
@@ -83,6 +84,16 @@ def test_a_request_that_continues_an_earlier_one_goes_to_its_replica():
     replicas = Replicas(handles)
     doc = "The village council meets on the first Monday of every month. " * 20  # > Affinity.STEP characters
     chat = [{"role": "system", "content": doc}, {"role": "user", "content": "When?"}]
+
+    # A stream counts its request out when it ends, is closed or is dropped, iterated or not.
+    for end in ("close", "drop"):
+        stream = replicas.create_completion(f"{end} " * 100, stream=True)
+        assert sum(replicas._load) == 1
+        if end == "close":
+            stream.close()
+        del stream
+        assert replicas._load == [0, 0], end
+    handles[0].calls.clear()
 
     held = replicas.create_completion("Once upon a time " * 40, stream=True)  # replica 0 busy: the chat goes to 1
     replicas.create_chat_completion(chat)
