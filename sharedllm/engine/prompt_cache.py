@@ -117,11 +117,10 @@ class PromptCache:
             return best, reuse, None
         slot = min(empty) if empty else min(free, key=lambda s: self.slots[s][1])
         own = gives.get(slot, 0)
-        if self.enabled:
-            holders = [(s.slot, (s.prompt + s.outputs)[:s.n_past]) for s in running]
-            holders += [(other, cached) for other, (cached, _) in self.slots.items() if other != slot]
-            source, shared = max(((h, self.reusable(prompt, cached)) for h, cached in holders),
-                                 key=lambda x: x[1], default=(None, 0))
+        if self.enabled:  # the free slots' caches were weighed above (gives); the running sequences' cells too
+            holders = [(s.slot, self.reusable(prompt, (s.prompt + s.outputs)[:s.n_past])) for s in running]
+            holders += [(other, n) for other, n in gives.items() if other != slot]
+            source, shared = max(holders, key=lambda x: x[1], default=(None, 0))
             if shared >= REUSE_MIN and shared > own:
                 return slot, shared, source
         return slot, own, None
