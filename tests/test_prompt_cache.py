@@ -11,6 +11,8 @@ from sharedllm.engine import Engine, EngineSpec
 from sharedllm.engine.prompt_cache import PromptCache
 from tests.conftest import wait_for
 
+pytestmark = pytest.mark.mesh  # the real model (one test, the cluster too): not among `pytest -m "not mesh"`'s
+
 # A chat's history of 700-odd tokens (more than one n_batch pass of 512), then two turns.
 HISTORY = ("The fox and the dog lived on the same farm. Every morning the fox ran to the river and the dog "
            "watched the sheep, and every evening they met by the old barn to tell each other about their day. ") * 18
@@ -153,7 +155,6 @@ def test_how_many_cells_a_prompt_keeps():
     assert keeps(700, 400, min_chunk=0) == 0
 
 
-@pytest.mark.mesh
 def test_on_the_mesh_the_next_turn_keeps_the_cells_on_the_machines(mesh, fresh):
     """Through the mesh (the cells live on the machines' rpc-servers): one request at a time, the second turn keeps
     the cells of the first turn's prompt, its text is the text without the cache, and the session reports what the
