@@ -28,7 +28,7 @@ from typing import Any
 
 from sharedllm.engine.batch import QueueFull as _BUSY
 from sharedllm.engine.framing import _FrameReader, _write_frame
-from sharedllm.engine.invariance import exact_chunk, invariant_batch, invariant_chunks, solo_last_pass
+from sharedllm.engine.invariance import exact_chunk, invariant_batch, min_chunk, solo_last_pass
 from sharedllm.engine.prompt_cache import PromptCache, common_prefix, keeps_prefix
 from sharedllm.engine.spec import EngineSpec
 
@@ -339,13 +339,12 @@ class _SerialRunner:
 
         from sharedllm.engine.batch import MIN_PREFILL
 
-        llm, lo = self.llm, MIN_PREFILL
-        n_ubatch = llm.context_params.n_ubatch
-        fits = 2 * lo + 3 <= min(llm.n_batch, n_ubatch, llm.n_ctx())
-        min_chunk = lo if fits and invariant_chunks(llm, lo) else 0
+        llm = self.llm
+        chunk = min_chunk(llm, MIN_PREFILL, llm.n_ctx())
         llm.reset()
-        return PromptCache(None, None, enabled=True, unified=False, min_chunk=min_chunk, prefill_chunk=llm.n_batch,
-                           n_batch=llm.n_batch, n_ubatch=n_ubatch, n_swa=llama_cpp.llama_model_n_swa(llm._model.model))
+        return PromptCache(None, None, enabled=True, unified=False, min_chunk=chunk, prefill_chunk=llm.n_batch,
+                           n_batch=llm.n_batch, n_ubatch=llm.context_params.n_ubatch,
+                           n_swa=llama_cpp.llama_model_n_swa(llm._model.model))
 
     def _work(self) -> None:
         vocab = self.llm._model.vocab
@@ -435,10 +434,8 @@ class _BatchRunner:
         # ... and prompts cut within max_stall_ms only where that leaves their arithmetic what it is alone.
         self.min_chunk = 0
         if spec.exact_batches and spec.max_stall_ms > 0:
-            lo = max(MIN_PREFILL, self.max_batch + 1)
-            if 2 * lo + 3 <= min(llm.n_batch, llm.context_params.n_ubatch, n_ctx_seq) and invariant_chunks(llm, lo):
-                self.min_chunk = lo
-            else:
+            self.min_chunk = min_chunk(llm, max(MIN_PREFILL, self.max_batch + 1), n_ctx_seq)
+            if not self.min_chunk:
                 logger.info("prompts are read in chunks of n_batch: shorter ones change llama.cpp's kernels on these "
                             "devices (max_stall_ms bounds a step between prompts only)")
         self.scheduler = BatchScheduler(llm, spec.parallel, n_ctx_seq, prefill_chunk=spec.prefill_chunk,

@@ -121,6 +121,13 @@ def invariant_chunks(llm: Any, min_chunk: int) -> bool:
         llama_cpp.llama_batch_free(batch)
 
 
+def min_chunk(llm: Any, lo: int, n_ctx: int) -> int:
+    """``lo`` where a prompt read in chunks of at least ``lo`` tokens keeps its arithmetic (:func:`invariant_chunks`,
+    measured here when its ``2 * lo + 3``-token prompt fits ``n_batch``, ``n_ubatch`` and ``n_ctx``), else 0."""
+    fits = 2 * lo + 3 <= min(llm.n_batch, llm.context_params.n_ubatch, n_ctx)
+    return lo if fits and invariant_chunks(llm, lo) else 0
+
+
 def solo_last_pass(total: int, n_batch: int, n_ubatch: int) -> int:
     """Tokens in the last pass of a solo request's prompt of ``total`` tokens: llama-cpp-python evaluates it in
     batches of ``n_batch``, which llama.cpp splits into ubatches of ``n_ubatch``."""
