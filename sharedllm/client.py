@@ -581,13 +581,17 @@ class MeshModel:
         self.plan_ms = 0.0
         self.load_seconds = 0.0
         self.metadata: dict = {}
-        self.recoveries: list[dict] = []  # one record per recovery: lost machine, reason, seconds to reload
+        # One record per recovery: lost machine, reason, when it began (time.monotonic()), seconds to reload.
+        self.recoveries: list[dict] = []
         self._failed: Exception | None = None
         self._closed = False
         self._lease_relays: dict[str, dict] = {}
         self._reports = _Reports()
         self._move_retry_at = 0.0
         self._servers_seen: dict[str, int | None] = {}
+        # What an engine of this handle measured of its machines' kernels (sharedllm.engine.invariance), and on which
+        # machines: a recovery onto some of them takes it instead of measuring again before its replay.
+        self._measured: tuple[frozenset[str], dict] | None = None
         # One recovery for all the requests a lost machine broke: the first to get there reloads, the others find
         # the engine replaced (a new ``_generation``) and replay on it.
         self._recovery_lock = threading.Lock()
@@ -632,6 +636,7 @@ class MeshModel:
                 output_on_client=self.estimate.output_on_client,
                 parallel=self.parallel,
                 max_waiting=self.max_waiting,
+                invariance=self._measured[1] if self._measured and set(topo.machines) <= self._measured[0] else None,
                 **self._engine_options,
             )
             self._engine = Engine(spec, load_timeout=self._load_timeout, token_timeout=self._token_timeout,
@@ -644,6 +649,8 @@ class MeshModel:
             self._release("closed")
             raise ModelClosed("the model was closed while it was being loaded; load it again")
         self.metadata = info.get("metadata", {})
+        if spec.invariance is None and info.get("invariance"):
+            self._measured = (frozenset(topo.machines), info["invariance"])
         self.load_seconds = time.perf_counter() - t0
         logger.info("loaded %s on %d machine(s) in %.1fs", name, len(topo.machines), self.load_seconds)
 
@@ -665,7 +672,7 @@ class MeshModel:
 
         Not when the model itself made an rpc-server abort (see :func:`sharedllm.actor.model_fault`): it would
         abort the next machines too. That is ``InvalidModel``, and no machine is blamed for it."""
-        t0 = time.perf_counter()
+        t0, started = time.perf_counter(), time.monotonic()
         # A machine the watchdog found stopped or cut off did not crash: there is no exit to diagnose.
         fault = None if getattr(exc, "alive", False) else self._model_fault(getattr(exc, "machine", None))
         if fault is not None:
@@ -681,7 +688,8 @@ class MeshModel:
         self._release(f"failed: {exc}")
         if lost:
             self._lost_at[lost] = time.monotonic()
-        time.sleep(min(0.25 * 2**attempt, 4.0))  # backoff: the mesh may still be noticing the loss
+        if attempt or not lost:  # backoff: the mesh may still be noticing the loss (a machine known lost is excluded)
+            time.sleep(min(0.25 * 2**attempt, 4.0))
         logger.warning("recovering %s after: %s (attempt %d of %d)", self.path.name, exc, attempt + 1,
                        self.max_recoveries)
         try:
@@ -693,7 +701,7 @@ class MeshModel:
             self._failed = err
             raise
         self.recoveries.append({"lost": lost, "reason": str(exc), "seconds": time.perf_counter() - t0,
-                                "machines": self.topology.machines})
+                                "started": started, "machines": self.topology.machines})
         self._mesh._report("sharedllm_session_report", session_id=self.session_id, tokens=0, seconds=0.0,
                            recovered=True, lost=lost)
 

@@ -51,6 +51,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from sharedllm.engine.invariance import exact_chunk, solo_last_pass
+from sharedllm.engine.logprobs import token_logprobs
 from sharedllm.engine.prompt_cache import PromptCache
 from sharedllm.engine.sampling import sampler_chain
 
@@ -90,6 +91,8 @@ class Sequence:
         self.cached = 0  # prompt tokens whose cells it found in its slot (the prompt cache)
         self.reusable = 0  # its leading cells a later prompt may reuse (exact mode: written as a solo request would)
         self.on_admit: Callable[[int], None] | None = None
+        # (k, records): append each sampled token's log-probability and the top k's (sharedllm.engine.logprobs)
+        self.logprobs: tuple[int, list] | None = None
 
     @property
     def prefilled(self) -> bool:
@@ -128,6 +131,7 @@ class BatchScheduler:
         self._ctx = llm.ctx
         self._memory = llama_cpp.llama_get_memory(self._ctx)
         self._vocab = llm._model.vocab
+        self._n_vocab = llm.n_vocab()
         self._batch = llama_cpp.llama_batch_init(parallel + self.prefill_chunk, 0, 1)
         # Sequences per llama_decode of a decode step; 0: all of them (see invariant_batch).
         self.max_batch = max_batch or parallel
@@ -151,11 +155,12 @@ class BatchScheduler:
 
     def generate(self, tokens: list[int], *, seed: int, logit_bias: dict | None, stopped: Callable[[], bool],
                  max_tokens: int | None = None, on_admit: Callable[[int], None] | None = None,
-                 **sampling: Any) -> Iterator[int]:
+                 logprobs: tuple[int, list] | None = None, **sampling: Any) -> Iterator[int]:
         """``Llama.generate`` for one request: submit its sequence, yield its tokens as the scheduler samples them.
         ``max_tokens`` (> 0): the consumer takes no more (llama-cpp-python's ``max_tokens``), so the sequence is not
         decoded further ahead of it. ``on_admit``: called with the prompt tokens found in the cache when the
-        sequence gets its slot."""
+        sequence gets its slot. ``logprobs``: ``(k, records)``, a list to which each sampled token's record goes
+        (:func:`sharedllm.engine.logprobs.token_logprobs`), in order."""
         prompt = list(tokens)
         if not prompt:
             raise ValueError("the prompt is empty")
@@ -163,7 +168,7 @@ class BatchScheduler:
             raise ValueError(f"Requested tokens ({len(prompt)}) exceed context window of {self.n_ctx_seq}")
         limit = min(max_tokens, self.n_ctx_seq - len(prompt)) if max_tokens and max_tokens > 0 else None
         seq = Sequence(prompt, sampler_chain(self.llm, seed=seed, logit_bias=logit_bias, **sampling), stopped, limit)
-        seq.on_admit = on_admit
+        seq.on_admit, seq.logprobs = on_admit, logprobs
         with self._cond:
             if self._closed:
                 raise RuntimeError("the engine is closing")
@@ -373,6 +378,10 @@ class BatchScheduler:
             return
         new = [(seq, self._lib.llama_sampler_sample(seq.sampler.sampler, self._ctx, row))
                for seq, row in zip(sampled, logits, strict=True)]
+        for (seq, tok), row in zip(new, logits, strict=True):
+            if seq.logprobs is not None:  # from the logits row it was sampled from, before the next decode
+                k, records = seq.logprobs
+                records.append(token_logprobs(self._lib, self._ctx, row, self._n_vocab, tok, k))
         now = time.monotonic()
         with self._cond:
             for _, pos, seq in tokens:

@@ -271,6 +271,7 @@ class _Call:
         self.seed: int | None = None  # the seed llama-cpp-python set for this request (batched calls)
         self.max_tokens: int | None = None  # its create_completion's max_tokens (batched calls)
         self.cached_tokens: int | None = None  # its prompt's tokens found in the prompt cache
+        self.trail = None  # its tokens' log-probabilities, when it asked for them (sharedllm.engine.logprobs.Trail)
 
     def stopped(self) -> bool:
         return self.stop is not None
@@ -285,11 +286,17 @@ class _Call:
                 return
             if not llama_cpp.llama_vocab_is_eog(vocab, token):
                 self.tokens += 1
+            if self.trail is not None:
+                self.trail.tokens.append(token)
             yield token
 
     def run(self, llm: Any) -> None:
         """Run the request on ``llm`` and send its chunks and its end (nothing when the engine closes under it)."""
         fn = getattr(llm, self.method)
+        if self.method == "create_chat_completion" and self.kwargs.get("logprobs") and \
+                self.kwargs.get("top_logprobs") is None:
+            # OpenAI's logprobs=True alone: the chosen tokens' (llama-cpp-python would give none without a count)
+            self.kwargs = {**self.kwargs, "top_logprobs": 0}
         try:
             if not self.streamed:
                 result = fn(**self.kwargs)
@@ -312,6 +319,35 @@ class _Call:
             self.out.send(end)
 
 
+def _wrap_create_completion(llm: Any, current: Any, batched: bool) -> None:
+    """Wrap ``llm.create_completion``, which every completion (chat ones too) goes through, for the call that
+    ``current()`` runs: it records the call's ``max_tokens`` (``Llama.generate`` is not told them), and when the call
+    asks for ``logprobs`` it runs the completion without them and puts them on its result or chunks from the
+    log-probabilities recorded as each token was sampled (:mod:`.logprobs`), with or without ``logits_all``. The
+    prompt's own log-probabilities (``echo=True``) are llama-cpp-python's (``parallel=1`` and ``logits_all=True``)."""
+    from sharedllm.engine.logprobs import Trail
+
+    create, signature = llm.create_completion, inspect.signature(llm.create_completion)
+
+    def create_completion(*args: Any, **kwargs: Any) -> Any:
+        bound = signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        call: _Call = current()
+        call.max_tokens = bound.arguments.get("max_tokens")
+        k = bound.arguments.get("logprobs")
+        if k is None or (bound.arguments.get("echo") and not batched):
+            return create(*args, **kwargs)
+        if bound.arguments.get("echo"):
+            raise ValueError("logprobs with echo=True (the prompt's own log-probabilities) are not available from a "
+                             "model loaded with parallel > 1; load it with parallel=1 and logits_all=True")
+        call.trail = trail = Trail(int(k), llm, bound.arguments["prompt"])
+        bound.arguments["logprobs"] = None
+        out = create(*bound.args, **bound.kwargs)
+        return trail.chunks(out) if bound.arguments.get("stream") else trail.completion(out)
+
+    llm.create_completion = create_completion
+
+
 class _SerialRunner:
     """``parallel == 1``: the calls run one after the other in one thread, through llama-cpp-python's own
     ``Llama.generate``, each from the cells of the context its prompt may keep (the prompt cache: see
@@ -321,8 +357,16 @@ class _SerialRunner:
         self.llm, self.spec, self.out = llm, spec, out
         self.calls: dict[int, _Call] = {}
         self._queue: queue.SimpleQueue[_Call | None] = queue.SimpleQueue()
+        self._call: _Call | None = None  # the call running
+        _wrap_create_completion(llm, lambda: self._call, batched=False)
         self._trusted = 0  # leading cells of the context written as a fresh context writes them (see _generate)
         self._rules: PromptCache | None = None  # what a prompt may keep of them, once measured
+        self.invariance: dict = {}  # what was measured (or given by spec.invariance), for the "ready" info
+        if spec.prompt_cache and not spec.reuse_prompt_cache:  # at load: part of its time, not the first request's
+            try:
+                self._rules = self._measure()
+            except Exception:
+                logger.exception("the prompt cache's measure failed; every request reads its whole prompt")
         self.prompt_tokens = self.cached_tokens = 0
         self._thread = threading.Thread(target=self._work, name="calls", daemon=True)
         self._thread.start()
@@ -333,35 +377,35 @@ class _SerialRunner:
 
     def _measure(self) -> PromptCache:
         """The prompt cache's rules on these devices: prompts read in chunks of at least ``MIN_PREFILL`` tokens
-        where that gives the logits of one pass (:func:`invariant_chunks`, measured once, before the first call: it
-        uses the context's cells), else in whole passes of ``n_batch``."""
+        where that gives the logits of one pass (:func:`invariant_chunks`, measured once, before any call: it
+        uses the context's cells: at load; or as ``spec.invariance`` says), else in whole passes of ``n_batch``."""
         import llama_cpp
 
         from sharedllm.engine.batch import MIN_PREFILL
 
         llm = self.llm
-        chunk = min_chunk(llm, MIN_PREFILL, llm.n_ctx())
-        llm.reset()
+        chunk = (self.spec.invariance or {}).get("serial_min_chunk")
+        if chunk is None:
+            chunk = min_chunk(llm, MIN_PREFILL, llm.n_ctx())
+            llm.reset()
+        self.invariance = {"serial_min_chunk": chunk}
         return PromptCache(None, None, enabled=True, unified=False, min_chunk=chunk, prefill_chunk=llm.n_batch,
                            n_batch=llm.n_batch, n_ubatch=llm.context_params.n_ubatch,
                            n_swa=llama_cpp.llama_model_n_swa(llm._model.model))
 
     def _work(self) -> None:
         vocab = self.llm._model.vocab
-        if self.spec.prompt_cache and not self.spec.reuse_prompt_cache:
-            try:
-                self._rules = self._measure()
-            except Exception:
-                logger.exception("the prompt cache's measure failed; every request reads its whole prompt")
         while (call := self._queue.get()) is not None:
             try:
                 if call.stopped():  # cancelled before it started
                     self.out.send(("done", call.rid, 0) if call.streamed else ("error", call.rid, "cancelled", ""))
                     continue
                 self.llm.generate = functools.partial(self._generate, call, self.llm.generate, vocab)
+                self._call = call
                 try:
                     call.run(self.llm)
                 finally:
+                    self._call = None
                     self.llm.__dict__.pop("generate", None)
                     self.out.send(("stats", {"prompt_tokens": self.prompt_tokens,
                                              "cached_tokens": self.cached_tokens}))
@@ -400,7 +444,7 @@ class _SerialRunner:
         self.cached_tokens += call.cached_tokens
         self._trusted = 0
         try:
-            yield from call.generated(generate(tokens, *args, **kwargs), vocab)
+            yield from call.generated(self._recorded(call, generate(tokens, *args, **kwargs)), vocab)
         finally:
             if rules is not None:
                 final = solo_last_pass(len(tokens), llm.n_batch, rules.n_ubatch)
@@ -409,6 +453,21 @@ class _SerialRunner:
                 else:
                     written = len(tokens) - (final if final < rules.min_chunk else 0)
                 self._trusted = min(written, llm.n_tokens)
+
+    def _recorded(self, call: _Call, tokens: Iterator[int]) -> Iterator[int]:
+        """``tokens``, each with its log-probabilities recorded when ``call`` asked for them: ``Llama.generate``
+        yields a token before it evaluates it, so the context's last logits are still those it was sampled from."""
+        if call.trail is None:
+            yield from tokens
+            return
+        import llama_cpp
+
+        from sharedllm.engine.logprobs import token_logprobs
+
+        n_vocab = self.llm.n_vocab()
+        for token in tokens:
+            call.trail.records.append(token_logprobs(llama_cpp, self.llm.ctx, -1, n_vocab, token, call.trail.k))
+            yield token
 
     def close(self) -> None:
         self._queue.put(None)
@@ -426,18 +485,26 @@ class _BatchRunner:
         self._local = threading.local()  # .call: the call this thread runs
         n_ctx_seq = llm.n_ctx() // spec.parallel
         llm._n_ctx = n_ctx_seq  # llama-cpp-python checks prompts and max_tokens against it: one sequence's context
-        # Exact batches: no more sequences per decode than leave each one's arithmetic what it is alone.
-        self.max_batch = invariant_batch(llm, spec.parallel) if spec.exact_batches else spec.parallel
+        # Exact batches: no more sequences per decode than leave each one's arithmetic what it is alone (measured
+        # here, or by an earlier engine of the session on these machines: spec.invariance).
+        known = spec.invariance or {}
+        self.max_batch = spec.parallel
+        if spec.exact_batches:
+            self.max_batch = known.get("max_batch") or invariant_batch(llm, spec.parallel)
         if self.max_batch < spec.parallel:
             logger.info("decode steps of at most %d sequences: more change llama.cpp's kernels on these devices",
                         self.max_batch)
         # ... and prompts cut within max_stall_ms only where that leaves their arithmetic what it is alone.
         self.min_chunk = 0
         if spec.exact_batches and spec.max_stall_ms > 0:
-            self.min_chunk = min_chunk(llm, max(MIN_PREFILL, self.max_batch + 1), n_ctx_seq)
+            self.min_chunk = known.get("batch_min_chunk")
+            if self.min_chunk is None:
+                self.min_chunk = min_chunk(llm, max(MIN_PREFILL, self.max_batch + 1), n_ctx_seq)
             if not self.min_chunk:
                 logger.info("prompts are read in chunks of n_batch: shorter ones change llama.cpp's kernels on these "
                             "devices (max_stall_ms bounds a step between prompts only)")
+        self.invariance = {"max_batch": self.max_batch, "batch_min_chunk": self.min_chunk} if spec.exact_batches \
+            else {}
         self.scheduler = BatchScheduler(llm, spec.parallel, n_ctx_seq, prefill_chunk=spec.prefill_chunk,
                                         max_waiting=spec.max_waiting, max_batch=self.max_batch,
                                         unified=spec.unified_kv, max_stall_ms=spec.max_stall_ms,
@@ -445,16 +512,7 @@ class _BatchRunner:
                                         on_stats=lambda s: out.send(("stats", s)))
         llm.generate = self._generate
         llm.set_seed = self._set_seed  # the request's seed is its own, not the shared Llama._seed
-        # Llama.generate is not told max_tokens: it is taken where every completion (chat ones too) passes it.
-        create, signature = llm.create_completion, inspect.signature(llm.create_completion)
-
-        def create_completion(*args: Any, **kwargs: Any) -> Any:
-            bound = signature.bind(*args, **kwargs)
-            bound.apply_defaults()
-            self._local.call.max_tokens = bound.arguments.get("max_tokens")
-            return create(*args, **kwargs)
-
-        llm.create_completion = create_completion
+        _wrap_create_completion(llm, lambda: self._local.call, batched=True)
 
     def _set_seed(self, seed: int) -> None:
         self._local.call.seed = seed
@@ -464,16 +522,14 @@ class _BatchRunner:
         # llama-cpp-python turns logit_bias into a Python logits processor; the batch uses llama.cpp's own sampler.
         del logits_processor
         seed = call.seed if call.seed is not None else self.llm._seed
+        trail = call.trail
         tokens = self.scheduler.generate(tokens, seed=seed, logit_bias=call.kwargs.get("logit_bias"),
                                          stopped=call.stopped, max_tokens=call.max_tokens,
+                                         logprobs=None if trail is None else (trail.k, trail.records),
                                          on_admit=lambda n: setattr(call, "cached_tokens", n), **sampling)
         return call.generated(tokens, self.llm._model.vocab)
 
     def submit(self, call: _Call) -> None:
-        if call.kwargs.get("logprobs") is not None or call.kwargs.get("top_logprobs") is not None:
-            self.out.send(("error", call.rid, "value", "logprobs are not available from a model loaded with "
-                           "parallel > 1; load it with parallel=1 and logits_all=True"))
-            return
         self.calls[call.rid] = call
         threading.Thread(target=self._run, args=(call,), name=f"call-{call.rid}", daemon=True).start()
 
@@ -520,6 +576,7 @@ def _child_main(parent_pid: int) -> int:
         "n_ctx": llm._n_ctx,
         "parallel": spec.parallel,
         "max_batch": getattr(runner, "max_batch", 1),
+        "invariance": runner.invariance,
         "n_vocab": llm.n_vocab(),
         "pid": os.getpid(),
         "metadata": dict(llm.metadata),

@@ -81,6 +81,10 @@ class EngineSpec:
     # KV cache shared by the sequences and one pass per step, every running sequence's next token and the waiting
     # prompts together (faster, first tokens sooner; a batched text may differ from its solo text).
     exact_batches: bool = True
+    # What an earlier engine of this session measured of these machines' kernels (sharedllm.engine.invariance; the
+    # engine's "ready" info gives it): a recovery onto machines that took part in that session takes it instead of
+    # measuring again before its replay (0.6-2.3 s). None: measured at load.
+    invariance: dict | None = None
     # Benchmarks: {"rtt_ms": ..., "mbit": ...} puts an emulated link (sharedllm.linkem) between the engine and every
     # machine. None: the real network.
     link: dict | None = None
