@@ -643,6 +643,10 @@ class MeshModel:
                                   on_progress=self._on_progress or _log_progress(name), watchdog=self._suspect)
             info = self._engine.start()
         except BaseException as exc:
+            # The engine decodes at load (its measures of the kernels): a model that makes llama.cpp abort may
+            # already have done it.
+            if (err := self._invalid_model(exc)) is not None:
+                raise err from exc
             self._release(f"failed to load: {exc}")
             raise
         if self._closed:  # closed by another thread while this (re)load ran: the lease goes back at once
@@ -673,16 +677,7 @@ class MeshModel:
         Not when the model itself made an rpc-server abort (see :func:`sharedllm.actor.model_fault`): it would
         abort the next machines too. That is ``InvalidModel``, and no machine is blamed for it."""
         t0, started = time.perf_counter(), time.monotonic()
-        # A machine the watchdog found stopped or cut off did not crash: there is no exit to diagnose.
-        fault = None if getattr(exc, "alive", False) else self._model_fault(getattr(exc, "machine", None))
-        if fault is not None:
-            machine, assertion = fault
-            err = InvalidModel(
-                f"{self.path}: this model made machine {machine}'s rpc-server abort ({assertion}); it was not loaded "
-                "elsewhere and no machine is blamed: the file is damaged or malformed, get it again from its source",
-                str(self.path))
-            self._failed = err
-            self._release(f"failed: invalid model: {assertion}")
+        if (err := self._invalid_model(exc)) is not None:
             raise err from exc
         lost = getattr(exc, "machine", None) or self._find_lost()
         self._release(f"failed: {exc}")
@@ -704,6 +699,24 @@ class MeshModel:
                                 "started": started, "machines": self.topology.machines})
         self._mesh._report("sharedllm_session_report", session_id=self.session_id, tokens=0, seconds=0.0,
                            recovered=True, lost=lost)
+
+    def _invalid_model(self, exc: BaseException) -> InvalidModel | None:
+        """``InvalidModel`` when the engine was lost (``exc``) because the model made an rpc-server of this session
+        abort (:meth:`_model_fault`); the handle has failed then, its session ended saying so. None otherwise."""
+        # A machine the watchdog found stopped or cut off did not crash: there is no exit to diagnose.
+        if not isinstance(exc, EngineError) or isinstance(exc, ModelClosed) or getattr(exc, "alive", False):
+            return None
+        fault = self._model_fault(getattr(exc, "machine", None))
+        if fault is None:
+            return None
+        machine, assertion = fault
+        err = InvalidModel(
+            f"{self.path}: this model made machine {machine}'s rpc-server abort ({assertion}); it was not loaded "
+            "elsewhere and no machine is blamed: the file is damaged or malformed, get it again from its source",
+            str(self.path))
+        self._failed = err
+        self._release(f"failed: invalid model: {assertion}")
+        return err
 
     def _recover_shared(self, exc: EngineError, attempt: int, generation: int) -> None:
         """``_recover`` once for every request of the lost engine: the first request to get here reloads; the
