@@ -431,6 +431,11 @@ def _mergeable(chunk: dict) -> bool:
             and isinstance(choices[0].get("delta"), dict) and "role" not in choices[0]["delta"])
 
 
+def _usage(req: _Request) -> bool:
+    """Whether a streamed answer ends with a usage chunk (``stream_options: {"include_usage": true}``)."""
+    return bool(req.stream and (req.stream_options or {}).get("include_usage"))
+
+
 def _sse(data: Any) -> bytes:
     return b"data: " + json.dumps(data, ensure_ascii=False, separators=(",", ":")).encode() + b"\n\n"
 
@@ -453,8 +458,9 @@ class _EventStream(Response):
 
     media_type = "text/event-stream"
 
-    def __init__(self, generation: _Generation, first: dict | None, param: str):
+    def __init__(self, generation: _Generation, first: dict | None, param: str, include_usage: bool = False):
         self._generation = generation
+        self._include_usage = include_usage
         self._body = self._events(first, param)
         self.status_code, self.background = 200, None
         self.init_headers({"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})  # no body: no Content-Length
@@ -474,7 +480,7 @@ class _EventStream(Response):
             if kind == "chunk" and _mergeable(value):
                 value["choices"][0]["delta"] = {**first["choices"][0]["delta"], **value["choices"][0]["delta"]}
                 first, pending = value, None
-        batch = [_sse(first)]
+        batch = [self._sse(first)]
         while True:
             item, pending = pending or self._generation.ready(), None
             if item is None:
@@ -484,11 +490,20 @@ class _EventStream(Response):
                 item = await self._generation.next()
             kind, value = item
             if kind == "chunk":
-                batch.append(_sse(value))
+                batch.append(self._sse(value))
                 continue
             batch.append(_last_event(kind, value, param))
             yield b"".join(batch)
             return
+
+    def _sse(self, chunk: dict) -> bytes:
+        """The chunk's event; the engine puts the request's usage on its last chunk: with ``include_usage`` it
+        follows in a chunk of its own, with no choices (OpenAI's ``stream_options``), else it is left out."""
+        usage = chunk.pop("usage", None)
+        if not (usage and self._include_usage):
+            return _sse(chunk)
+        tail = {k: chunk[k] for k in ("id", "object", "created", "model") if k in chunk}
+        return _sse(chunk) + _sse({**tail, "choices": [], "usage": usage})
 
     async def __call__(self, scope, receive, send) -> None:
         watcher = asyncio.ensure_future(self._cancel_on_disconnect(receive))
@@ -522,7 +537,8 @@ class _Request(BaseModel):
     top_p: float | None = Field(None, ge=0.0, le=1.0)
     stop: str | list[str] | None = Field(None, description="Up to 4 sequences where generation stops.")
     stream: bool | None = Field(False, description="Answer with server-sent events, one per token.")
-    stream_options: dict[str, Any] | None = Field(None, description="Accepted; usage chunks are not sent.")
+    stream_options: dict[str, Any] | None = Field(
+        None, description="{\"include_usage\": true}: a last chunk, before [DONE], with the usage and no choices.")
     seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1)
     presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
@@ -952,7 +968,8 @@ def create_app(
             state["failed"] = exc
         return map_exception(exc, param=param)
 
-    async def run(request: Request, method: Callable, kwargs: dict, stream: bool, param: str):
+    async def run(request: Request, method: Callable, kwargs: dict, stream: bool, param: str,
+                  include_usage: bool = False):
         slot = await admit(request)
         if slot.waited and await request.is_disconnected():  # the client gave up while it waited in the queue
             slot.release()
@@ -988,7 +1005,7 @@ def create_app(
                 raise failed(first, param)
             if kind == "done":  # no chunk at all: an empty stream is still a valid one
                 return StreamingResponse(iter([b"data: [DONE]\n\n"]), media_type="text/event-stream")
-            return _EventStream(gen, first if kind == "chunk" else None, param)
+            return _EventStream(gen, first if kind == "chunk" else None, param, include_usage)
         except BaseException:
             gen.cancel()
             raise
@@ -1022,7 +1039,7 @@ def create_app(
         """Complete a prompt; ``stream: true`` streams chunks as server-sent events."""
         check_model(body.model)
         kwargs = completion_kwargs(body, model_id, n_vocab)
-        return await run(request, model.create_completion, kwargs, bool(body.stream), "prompt")
+        return await run(request, model.create_completion, kwargs, bool(body.stream), "prompt", _usage(body))
 
     @app.post("/v1/chat/completions", tags=["openai"],
               responses=_responses(ChatCompletion, stream=True, errors=(400, 401, 404, 429, 503)))
@@ -1030,7 +1047,8 @@ def create_app(
         """Answer a conversation with the model's chat template; ``stream: true`` streams server-sent events."""
         check_model(body.model)
         kwargs = chat_kwargs(body, model_id, n_vocab)
-        return await run(request, model.create_chat_completion, kwargs, bool(body.stream), "messages")
+        return await run(request, model.create_chat_completion, kwargs, bool(body.stream), "messages",
+                         _usage(body))
 
     def openapi() -> dict:
         # Validation errors are answered 400 with an OpenAI error object, not FastAPI's 422: say so in the schema.

@@ -180,6 +180,21 @@ def test_completions_plain_and_streaming(client, local_greedy):
     assert len(chunks) > 10
     assert "".join(c.choices[0].text for c in chunks) == local_greedy["completion"]
     assert chunks[-1].choices[0].finish_reason == "length"
+    assert all(c.usage is None for c in chunks)  # not asked for
+    # stream_options.include_usage: one more chunk, with no choices, says what the non-streamed answer's usage says.
+    chunks = list(client.completions.create(model=MODEL_ID, prompt=PROMPT, max_tokens=64, temperature=0,
+                                            stream=True, stream_options={"include_usage": True}))
+    *text, last = chunks
+    assert "".join(c.choices[0].text for c in text) == local_greedy["completion"] and last.choices == []
+    assert (last.usage.prompt_tokens, last.usage.completion_tokens, last.usage.total_tokens) == (
+        out.usage.prompt_tokens, 64, out.usage.prompt_tokens + 64)
+    assert all(c.usage is None for c in text) and last.id == text[0].id
+    whole = client.chat.completions.create(model=MODEL_ID, messages=CHAT, max_tokens=8, temperature=0)
+    chat = list(client.chat.completions.create(model=MODEL_ID, messages=CHAT, max_tokens=8, temperature=0,
+                                               stream=True, stream_options={"include_usage": True}))
+    assert chat[-1].choices == [] and chat[-1].usage.total_tokens == whole.usage.total_tokens > 0
+    assert (chat[-1].usage.prompt_tokens, chat[-1].usage.completion_tokens) == (whole.usage.prompt_tokens,
+                                                                                whole.usage.completion_tokens)
 
 
 def test_sse_wire_format(http):

@@ -23,7 +23,7 @@ import queue
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from typing import Any
 
 from sharedllm.engine.batch import QueueFull as _BUSY
@@ -272,6 +272,7 @@ class _Call:
         self.max_tokens: int | None = None  # its create_completion's max_tokens (batched calls)
         self.cached_tokens: int | None = None  # its prompt's tokens found in the prompt cache
         self.trail = None  # its tokens' log-probabilities, when it asked for them (sharedllm.engine.logprobs.Trail)
+        self.prompt_tokens = 0  # tokens of its prompt (the last generation's, when a chat handler makes several)
 
     def stopped(self) -> bool:
         return self.stop is not None
@@ -290,6 +291,14 @@ class _Call:
                 self.trail.tokens.append(token)
             yield token
 
+    def usage(self) -> dict:
+        """Its usage so far, as a completion's ``usage``."""
+        usage = {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.tokens,
+                 "total_tokens": self.prompt_tokens + self.tokens}
+        if self.cached_tokens:
+            usage["prompt_tokens_details"] = {"cached_tokens": self.cached_tokens}
+        return usage
+
     def run(self, llm: Any) -> None:
         """Run the request on ``llm`` and send its chunks and its end (nothing when the engine closes under it)."""
         fn = getattr(llm, self.method)
@@ -305,6 +314,8 @@ class _Call:
                 end = ("result", self.rid, result)
             else:
                 for chunk in fn(**self.kwargs, stream=True):
+                    if _finished(chunk):  # the last chunk carries the usage (the OpenAI server may send it on)
+                        chunk["usage"] = self.usage()
                     self.out.send(("chunk", self.rid, chunk, self.tokens))
                     if self.stopped():
                         break
@@ -346,6 +357,12 @@ def _wrap_create_completion(llm: Any, current: Any, batched: bool) -> None:
         return trail.chunks(out) if bound.arguments.get("stream") else trail.completion(out)
 
     llm.create_completion = create_completion
+
+
+def _finished(chunk: Any) -> bool:
+    """Whether a streamed chunk is a completion's last (it has a finish reason)."""
+    choices = chunk.get("choices") if isinstance(chunk, dict) else None
+    return bool(choices) and isinstance(choices[0], dict) and choices[0].get("finish_reason") is not None
 
 
 class _SerialRunner:
@@ -440,6 +457,7 @@ class _SerialRunner:
             keep = 0
             llm.reset()
         call.cached_tokens = min(keep, len(tokens) - 1)
+        call.prompt_tokens = len(tokens)
         self.prompt_tokens += len(tokens)
         self.cached_tokens += call.cached_tokens
         self._trusted = 0
@@ -454,7 +472,7 @@ class _SerialRunner:
                     written = len(tokens) - (final if final < rules.min_chunk else 0)
                 self._trusted = min(written, llm.n_tokens)
 
-    def _recorded(self, call: _Call, tokens: Iterator[int]) -> Iterator[int]:
+    def _recorded(self, call: _Call, tokens: Generator[int, Any, None]) -> Iterator[int]:
         """``tokens``, each with its log-probabilities recorded when ``call`` asked for them: ``Llama.generate``
         yields a token before it evaluates it, so the context's last logits are still those it was sampled from."""
         if call.trail is None:
@@ -465,9 +483,12 @@ class _SerialRunner:
         from sharedllm.engine.logprobs import token_logprobs
 
         n_vocab = self.llm.n_vocab()
-        for token in tokens:
-            call.trail.records.append(token_logprobs(llama_cpp, self.llm.ctx, -1, n_vocab, token, call.trail.k))
-            yield token
+        try:
+            for token in tokens:
+                call.trail.records.append(token_logprobs(llama_cpp, self.llm.ctx, -1, n_vocab, token, call.trail.k))
+                yield token
+        finally:
+            tokens.close()  # as ``yield from`` would: llama-cpp-python stopped taking them (a stop string, a cancel)
 
     def close(self) -> None:
         self._queue.put(None)
@@ -523,6 +544,7 @@ class _BatchRunner:
         del logits_processor
         seed = call.seed if call.seed is not None else self.llm._seed
         trail = call.trail
+        call.prompt_tokens = len(tokens)
         tokens = self.scheduler.generate(tokens, seed=seed, logit_bias=call.kwargs.get("logit_bias"),
                                          stopped=call.stopped, max_tokens=call.max_tokens,
                                          logprobs=None if trail is None else (trail.k, trail.records),
