@@ -50,6 +50,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from sharedllm.errors import ClientBanned, EngineError, MeshBusy, MeshError, ModelBusy, RateLimited
+from sharedllm.tool_calls import ToolError, Tools, as_text
 
 logger = logging.getLogger(__name__)
 
@@ -598,8 +599,14 @@ class ChatCompletionRequest(_Request):
     response_format: ResponseFormat | None = None
     logprobs: bool | None = None
     top_logprobs: int | None = Field(None, ge=0, le=20)
-    tools: list[dict[str, Any]] | None = Field(None, description="Not supported: must be empty.")
-    functions: list[dict[str, Any]] | None = Field(None, description="Not supported: must be empty.")
+    tools: list[dict[str, Any]] | None = Field(
+        None, description="Functions the model may call (sharedllm.tool_calls: any chat model, through its template).")
+    tool_choice: str | dict[str, Any] | None = Field(
+        None, description='"auto" (with tools, the default), "none", "required" or {"type": "function", "function": '
+                          '{"name": ...}}; "required" and a named function hold the answer to a call by a grammar.')
+    parallel_tool_calls: bool | None = Field(
+        None, description="true: an answer may call several functions; else one (as llama-server's default).")
+    functions: list[dict[str, Any]] | None = Field(None, description="Deprecated by OpenAI: use tools.")
 
 
 class ErrorDetail(BaseModel):
@@ -664,6 +671,8 @@ class Completion(BaseModel):
 class ChatResponseMessage(BaseModel):
     role: Literal["assistant"]
     content: str | None = None
+    tool_calls: list[dict[str, Any]] | None = Field(
+        None, description='[{"id", "type": "function", "function": {"name", "arguments": a JSON string}}]')
 
 
 class ChatChoice(BaseModel):
@@ -769,19 +778,36 @@ def _message(m: ChatMessage) -> dict[str, Any]:
     out: dict[str, Any] = {"role": role, "content": content}
     if m.name is not None:
         out["name"] = m.name
+    for key in ("tool_calls", "tool_call_id"):  # an assistant's calls, and the call a tool message answers
+        if (value := (m.model_extra or {}).get(key)) is not None:
+            out[key] = value
     return out
 
 
-def chat_kwargs(req: ChatCompletionRequest, model_id: str, n_vocab: int | None) -> dict[str, Any]:
-    """``create_chat_completion`` keyword arguments for ``req``; the chat template is the model's (GGUF metadata)."""
+def chat_tools(req: ChatCompletionRequest) -> Tools | None:
+    """The tools ``req`` offers the model (:mod:`sharedllm.tool_calls`), None when none."""
+    try:
+        return Tools.parse(req.tools, req.tool_choice, req.parallel_tool_calls)
+    except ToolError as exc:
+        raise APIError(400, str(exc), param=exc.param) from None
+
+
+def chat_kwargs(req: ChatCompletionRequest, model_id: str, n_vocab: int | None, tools: Tools | None = None
+                ) -> dict[str, Any]:
+    """``create_chat_completion`` keyword arguments for ``req``; the chat template is the model's (GGUF metadata).
+    ``tools``: :func:`chat_tools`'s, in the system message (and a grammar for a required call)."""
     if req.n not in (None, 1):
         raise APIError(400, "only n=1 is supported", param="n")
-    if req.tools or req.functions:
-        raise APIError(400, "tools and function calling are not supported by this server", param="tools")
+    if req.functions:
+        raise APIError(400, "functions (deprecated by OpenAI) are not supported: pass them as tools",
+                       param="functions")
     kw = _common_kwargs(req, n_vocab)
     if req.max_tokens is None and req.max_completion_tokens is not None:
         kw["max_tokens"] = req.max_completion_tokens
-    kw["messages"] = [_message(m) for m in req.messages]
+    try:
+        kw["messages"] = (tools.messages if tools else as_text)([_message(m) for m in req.messages])
+    except ToolError as exc:
+        raise APIError(400, str(exc), param=exc.param) from None
     if req.logprobs:
         kw["logprobs"] = True
         if req.top_logprobs is not None:
@@ -796,19 +822,25 @@ def chat_kwargs(req: ChatCompletionRequest, model_id: str, n_vocab: int | None) 
             kw["response_format"] = {"type": "json_object", "schema": schema}
         else:
             kw["response_format"] = {"type": "json_object"}
+    if tools is not None and tools.choice == "required":
+        if "response_format" in kw:
+            raise APIError(400, "a response_format and a required tool call cannot both hold the answer",
+                           param="tool_choice")
+        _check_json_schema(tools.schema(), param="tools")
+        kw["response_format"] = {"type": "json_object", "schema": tools.schema()}
     kw["model"] = model_id
     return kw
 
 
-def _check_json_schema(schema: dict) -> None:
+def _check_json_schema(schema: dict, param: str = "response_format") -> None:
     # llama-cpp-python silently falls back to any JSON when it cannot turn a schema into a grammar; say so instead.
     from llama_cpp.llama_grammar import json_schema_to_gbnf
 
     try:
         json_schema_to_gbnf(json.dumps(schema))
     except Exception as exc:
-        raise APIError(400, f"response_format schema cannot be turned into a grammar: {type(exc).__name__}: {exc}",
-                       param="response_format") from None
+        raise APIError(400, f"{param} schema cannot be turned into a grammar: {type(exc).__name__}: {exc}",
+                       param=param) from None
 
 
 # --- authentication ---------------------------------------------------------------------------------------------
@@ -969,7 +1001,7 @@ def create_app(
         return map_exception(exc, param=param)
 
     async def run(request: Request, method: Callable, kwargs: dict, stream: bool, param: str,
-                  include_usage: bool = False):
+                  include_usage: bool = False, tools: Tools | None = None):
         slot = await admit(request)
         if slot.waited and await request.is_disconnected():  # the client gave up while it waited in the queue
             slot.release()
@@ -987,16 +1019,21 @@ def create_app(
                 raise failed(exc, param) from None
             finally:
                 slot.release()
-            return JSONResponse(out)
+            return JSONResponse(tools.completion(out) if tools else out)
         # The status line waits until the model accepted the request (a model that says when: MeshModel), else for
         # the first token: errors before then (bad arguments, a prompt longer than the context, rate limits) get
         # their status code; later ones go in-band.
         extra = {"on_accepted": lambda: gen.accepted()} if getattr(model, "streams_acceptance", False) else {}
         amethod = getattr(model, f"a{method.__name__}", None)  # MeshModel.acreate_*: no thread in between
         if amethod is not None:
-            gen = _TaskGeneration(lambda: amethod(**kwargs, stream=True, **extra), slot)
+            async def start() -> AsyncIterator[dict]:
+                chunks = await amethod(**kwargs, stream=True, **extra)
+                return tools.achunks(chunks) if tools else chunks
+
+            gen = _TaskGeneration(start, slot)
         else:
-            gen = _ThreadGeneration(lambda: method(**kwargs, stream=True, **extra), slot, threads)
+            gen = _ThreadGeneration(lambda: (tools.chunks if tools else iter)(method(**kwargs, stream=True, **extra)),
+                                    slot, threads)
         app.state.generations.append(gen)
         gen.start()
         try:
@@ -1046,9 +1083,10 @@ def create_app(
     async def chat_completions(body: ChatCompletionRequest, request: Request):
         """Answer a conversation with the model's chat template; ``stream: true`` streams server-sent events."""
         check_model(body.model)
-        kwargs = chat_kwargs(body, model_id, n_vocab)
+        tools = chat_tools(body)
+        kwargs = chat_kwargs(body, model_id, n_vocab, tools)
         return await run(request, model.create_chat_completion, kwargs, bool(body.stream), "messages",
-                         _usage(body))
+                         _usage(body), tools)
 
     def openapi() -> dict:
         # Validation errors are answered 400 with an OpenAI error object, not FastAPI's 422: say so in the schema.

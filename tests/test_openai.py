@@ -259,8 +259,8 @@ def test_malformed_requests(client, http, local_greedy):
     resp = post("/v1/chat/completions", json={"model": MODEL_ID, "messages": CHAT, "n": 2})
     assert resp.status_code == 400
     resp = post("/v1/chat/completions", json={"model": MODEL_ID, "messages": CHAT,
-                                              "tools": [{"type": "function", "function": {"name": "f"}}]})
-    assert resp.status_code == 400 and _error(resp)["param"] == "tools"
+                                              "functions": [{"name": "f", "parameters": {}}]})
+    assert resp.status_code == 400 and _error(resp)["param"] == "functions"  # tools: see test_tool_calls_...
     resp = post("/v1/embeddings", json={"model": MODEL_ID, "input": "x"})
     assert resp.status_code == 404 and _error(resp)["code"] == "unknown_url"
 
@@ -599,3 +599,55 @@ def test_a_system_message_is_the_start_of_gemmas_first_turn():
                            "<start_of_turn>model\n")
     parts = [{"role": "user", "content": [{"type": "text", "text": "Name a "}, {"type": "text", "text": "colour."}]}]
     assert format_gemma(parts).prompt == llama_chat_format.format_gemma(turns[:1]).prompt  # OpenAI's content parts
+
+
+WEATHER = [{"type": "function", "function": {
+    "name": "get_weather", "description": "The weather in a city now",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}, "unit": {"enum": ["C", "F"]}},
+                   "required": ["city"]}}},
+    {"type": "function", "function": {
+        "name": "add", "description": "Add two numbers",
+        "parameters": {"type": "object", "properties": {"a": {"type": "number"}, "b": {"type": "number"}},
+                       "required": ["a", "b"]}}}]
+ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
+
+
+def test_tool_calls_through_the_mesh(client, http):
+    """tools + tool_choice "required" / a named function: the grammar holds the answer to a call whose arguments
+    match the function's schema; streamed, the call comes whole in one delta; a tool result goes back in."""
+    def matches(name: str, arguments: str) -> bool:  # the two schemas above
+        args = json.loads(arguments)
+        if name == "add":
+            return set(args) == {"a", "b"} and all(isinstance(v, int | float) for v in args.values())
+        return isinstance(args.get("city"), str) and args.get("unit", "C") in ("C", "F") and set(args) <= {
+            "city", "unit"}
+
+    schemas = {t["function"]["name"] for t in WEATHER}
+    for choice, names in (("required", schemas), ({"type": "function", "function": {"name": "add"}}, {"add"})):
+        out = client.chat.completions.create(model=MODEL_ID, messages=ASK, tools=WEATHER, tool_choice=choice,
+                                             max_tokens=60, temperature=0)
+        [answer] = out.choices
+        assert answer.finish_reason == "tool_calls" and answer.message.content is None
+        [call] = answer.message.tool_calls  # one call: parallel_tool_calls was not asked for
+        assert call.type == "function" and call.id.startswith("call_") and call.function.name in names
+        assert matches(call.function.name, call.function.arguments), call
+    chunks = list(client.chat.completions.create(model=MODEL_ID, messages=ASK, tools=WEATHER,
+                                                 tool_choice="required", max_tokens=60, temperature=0, stream=True))
+    deltas = [c.choices[0].delta for c in chunks if c.choices and c.choices[0].delta.tool_calls]
+    assert len(deltas) == 1 and chunks[-1].choices[0].finish_reason == "tool_calls"
+    [streamed] = deltas[0].tool_calls
+    assert streamed.index == 0 and streamed.function.name in schemas
+    assert matches(streamed.function.name, streamed.function.arguments), streamed
+    # The call and its result go back in as the conversation's history; the model answers (in any words).
+    history = [*ASK, {"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
+               {"role": "tool", "tool_call_id": call.id, "content": '{"temperature": 18, "sky": "cloudy"}'}]
+    out = client.chat.completions.create(model=MODEL_ID, messages=history, tools=WEATHER, tool_choice="none",
+                                         max_tokens=8, temperature=0)
+    assert out.choices[0].message.content and out.choices[0].message.tool_calls is None
+    # Malformed tools are 400s that name the field.
+    for body, param in (({"tools": [{"type": "function", "function": {"name": "bad name"}}]}, "tools"),
+                        ({"tools": WEATHER, "tool_choice": {"type": "function", "function": {"name": "nope"}}},
+                         "tool_choice"),
+                        ({"tool_choice": "required"}, "tool_choice")):
+        r = http.post("/v1/chat/completions", json={"model": MODEL_ID, "messages": ASK, "max_tokens": 4, **body})
+        assert r.status_code == 400 and _error(r)["param"] == param, r.text
