@@ -22,7 +22,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any, NoReturn
 
-from sharedllm import gguf, models
+from sharedllm import gguf, models, tool_calls
 from sharedllm.engine import Engine, EngineSpec, EngineStage, LoadProgress, _to_the_end
 from sharedllm.errors import (
     REFUSAL,
@@ -1082,8 +1082,11 @@ class MeshModel:
     __call__ = create_completion
 
     def create_chat_completion(self, messages: list[dict], **kwargs) -> dict | Iterator[dict]:
-        """Same arguments and result as ``llama_cpp.Llama.create_chat_completion`` (chat template from the GGUF)."""
-        return self._run("create_chat_completion", {"messages": messages, **kwargs})
+        """Same arguments and result as ``llama_cpp.Llama.create_chat_completion`` (chat template from the GGUF);
+        OpenAI's ``tools``, ``tool_choice`` and ``parallel_tool_calls`` as :mod:`sharedllm.tool_calls` says."""
+        kwargs, tools = tool_calls.prepare({"messages": messages, **kwargs})
+        out = self._run("create_chat_completion", kwargs)
+        return tools.wrap(out) if tools else out
 
     # The same for asyncio, in the manner of openai.AsyncOpenAI: ``await llm.acreate_completion(...)`` returns the
     # result, or with ``stream=True`` an async iterator of chunks (``async for chunk in await ...``). A stream's
@@ -1095,7 +1098,9 @@ class MeshModel:
 
     async def acreate_chat_completion(self, messages: list[dict], **kwargs) -> dict | AsyncIterator[dict]:
         """``create_chat_completion`` for asyncio."""
-        return await self._arun("create_chat_completion", {"messages": messages, **kwargs})
+        kwargs, tools = tool_calls.prepare({"messages": messages, **kwargs})
+        out = await self._arun("create_chat_completion", kwargs)
+        return tools.wrap(out) if tools else out
 
     async def _arun(self, method: str, kwargs: dict) -> dict | AsyncIterator[dict]:
         self._check_usable()

@@ -50,7 +50,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from sharedllm.errors import ClientBanned, EngineError, MeshBusy, MeshError, ModelBusy, RateLimited
-from sharedllm.tool_calls import ToolError, Tools, as_text
+from sharedllm.tool_calls import ToolError, Tools, prepare
 
 logger = logging.getLogger(__name__)
 
@@ -784,30 +784,15 @@ def _message(m: ChatMessage) -> dict[str, Any]:
     return out
 
 
-def chat_tools(req: ChatCompletionRequest) -> Tools | None:
-    """The tools ``req`` offers the model (:mod:`sharedllm.tool_calls`), None when none."""
-    try:
-        return Tools.parse(req.tools, req.tool_choice, req.parallel_tool_calls)
-    except ToolError as exc:
-        raise APIError(400, str(exc), param=exc.param) from None
-
-
-def chat_kwargs(req: ChatCompletionRequest, model_id: str, n_vocab: int | None, tools: Tools | None = None
-                ) -> dict[str, Any]:
-    """``create_chat_completion`` keyword arguments for ``req``; the chat template is the model's (GGUF metadata).
-    ``tools``: :func:`chat_tools`'s, in the system message (and a grammar for a required call)."""
+def chat_kwargs(req: ChatCompletionRequest, model_id: str, n_vocab: int | None) -> tuple[dict[str, Any], Tools | None]:
+    """``create_chat_completion`` keyword arguments for ``req`` (the chat template is the model's, from the GGUF
+    metadata), and the tools it offers the model, which read the answer back (:mod:`sharedllm.tool_calls`)."""
     if req.n not in (None, 1):
         raise APIError(400, "only n=1 is supported", param="n")
-    if req.functions:
-        raise APIError(400, "functions (deprecated by OpenAI) are not supported: pass them as tools",
-                       param="functions")
     kw = _common_kwargs(req, n_vocab)
     if req.max_tokens is None and req.max_completion_tokens is not None:
         kw["max_tokens"] = req.max_completion_tokens
-    try:
-        kw["messages"] = (tools.messages if tools else as_text)([_message(m) for m in req.messages])
-    except ToolError as exc:
-        raise APIError(400, str(exc), param=exc.param) from None
+    kw["messages"] = [_message(m) for m in req.messages]
     if req.logprobs:
         kw["logprobs"] = True
         if req.top_logprobs is not None:
@@ -822,25 +807,25 @@ def chat_kwargs(req: ChatCompletionRequest, model_id: str, n_vocab: int | None, 
             kw["response_format"] = {"type": "json_object", "schema": schema}
         else:
             kw["response_format"] = {"type": "json_object"}
-    if tools is not None and tools.choice == "required":
-        if "response_format" in kw:
-            raise APIError(400, "a response_format and a required tool call cannot both hold the answer",
-                           param="tool_choice")
-        _check_json_schema(tools.schema(), param="tools")
-        kw["response_format"] = {"type": "json_object", "schema": tools.schema()}
     kw["model"] = model_id
-    return kw
+    for key in ("tools", "tool_choice", "parallel_tool_calls", "functions"):
+        if (value := getattr(req, key)) is not None:
+            kw[key] = value
+    try:
+        return prepare(kw)
+    except ToolError as exc:
+        raise APIError(400, str(exc), param=exc.param) from None
 
 
-def _check_json_schema(schema: dict, param: str = "response_format") -> None:
+def _check_json_schema(schema: dict) -> None:
     # llama-cpp-python silently falls back to any JSON when it cannot turn a schema into a grammar; say so instead.
     from llama_cpp.llama_grammar import json_schema_to_gbnf
 
     try:
         json_schema_to_gbnf(json.dumps(schema))
     except Exception as exc:
-        raise APIError(400, f"{param} schema cannot be turned into a grammar: {type(exc).__name__}: {exc}",
-                       param=param) from None
+        raise APIError(400, f"response_format schema cannot be turned into a grammar: {type(exc).__name__}: {exc}",
+                       param="response_format") from None
 
 
 # --- authentication ---------------------------------------------------------------------------------------------
@@ -1083,8 +1068,7 @@ def create_app(
     async def chat_completions(body: ChatCompletionRequest, request: Request):
         """Answer a conversation with the model's chat template; ``stream: true`` streams server-sent events."""
         check_model(body.model)
-        tools = chat_tools(body)
-        kwargs = chat_kwargs(body, model_id, n_vocab, tools)
+        kwargs, tools = chat_kwargs(body, model_id, n_vocab)
         return await run(request, model.create_chat_completion, kwargs, bool(body.stream), "messages",
                          _usage(body), tools)
 

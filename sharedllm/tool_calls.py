@@ -142,6 +142,12 @@ class Tools:
             choice["finish_reason"] = "tool_calls"
         return result
 
+    def wrap(self, out: Any) -> Any:
+        """A chat completion's result, or its stream of chunks (an iterator or an async iterator), read back."""
+        if isinstance(out, dict):
+            return self.completion(out)
+        return self.achunks(out) if hasattr(out, "__aiter__") else self.chunks(out)
+
     def chunks(self, chunks: Iterator[dict]) -> Iterator[dict]:
         """A streamed chat completion: text as it comes, unless it may be tool calls (``required``, or an answer
         that starts with ``{`` or a fence): then held to the end and sent as one chunk of calls, or as the text."""
@@ -238,3 +244,28 @@ def as_text(messages: list[dict]) -> list[dict]:
         else:
             out.append({k: v for k, v in m.items() if k not in ("tool_calls", "tool_call_id")})
     return out
+
+
+def prepare(kwargs: dict) -> tuple[dict, Tools | None]:
+    """``create_chat_completion`` keyword arguments with OpenAI's ``tools``, ``tool_choice`` and
+    ``parallel_tool_calls`` taken out and turned into what llama-cpp-python takes (the messages, and for a required
+    call a ``response_format`` grammar), and the :class:`Tools` whose :meth:`Tools.wrap` reads the answer back
+    (None when no tools are offered). Raises :class:`ToolError`."""
+    kwargs = dict(kwargs)
+    tools = Tools.parse(kwargs.pop("tools", None), kwargs.pop("tool_choice", None),
+                        kwargs.pop("parallel_tool_calls", None))
+    if kwargs.get("functions") or kwargs.get("function_call"):
+        raise ToolError("functions (deprecated by OpenAI) are not supported: pass them as tools", "functions")
+    kwargs["messages"] = (tools.messages if tools else as_text)(list(kwargs.get("messages") or []))
+    if tools is not None and tools.choice == "required":
+        if (kwargs.get("response_format") or {}).get("type", "text") != "text":
+            raise ToolError("a response_format and a required tool call cannot both hold the answer", "tool_choice")
+        from llama_cpp.llama_grammar import json_schema_to_gbnf
+
+        try:
+            json_schema_to_gbnf(json.dumps(tools.schema()))
+        except Exception as exc:  # llama-cpp-python would fall back to any JSON: say so instead
+            raise ToolError(f"the tools' parameter schemas cannot be turned into a grammar: {type(exc).__name__}: "
+                            f"{exc}", "tools") from None
+        kwargs["response_format"] = {"type": "json_object", "schema": tools.schema()}
+    return kwargs, tools

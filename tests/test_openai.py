@@ -612,7 +612,7 @@ WEATHER = [{"type": "function", "function": {
 ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
 
 
-def test_tool_calls_through_the_mesh(client, http):
+def test_tool_calls_through_the_mesh(client, http, llm):
     """tools + tool_choice "required" / a named function: the grammar holds the answer to a call whose arguments
     match the function's schema; streamed, the call comes whole in one delta; a tool result goes back in."""
     def matches(name: str, arguments: str) -> bool:  # the two schemas above
@@ -638,6 +638,11 @@ def test_tool_calls_through_the_mesh(client, http):
     [streamed] = deltas[0].tool_calls
     assert streamed.index == 0 and streamed.function.name in schemas
     assert matches(streamed.function.name, streamed.function.arguments), streamed
+    # The Python API reads answers back the same way.
+    out = llm.create_chat_completion(ASK, tools=WEATHER, tool_choice="required", max_tokens=60, temperature=0)
+    [py] = out["choices"][0]["message"]["tool_calls"]
+    assert out["choices"][0]["finish_reason"] == "tool_calls" and matches(py["function"]["name"],
+                                                                          py["function"]["arguments"])
     # The call and its result go back in as the conversation's history; the model answers (in any words).
     history = [*ASK, {"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
                {"role": "tool", "tool_call_id": call.id, "content": '{"temperature": 18, "sky": "cloudy"}'}]
