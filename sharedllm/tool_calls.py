@@ -230,8 +230,9 @@ def as_text(messages: list[dict]) -> list[dict]:
             plain = []
             for c in calls:
                 fn = (c or {}).get("function") or {}
-                try:
-                    args = json.loads(fn.get("arguments") or "{}")
+                args = fn.get("arguments") or "{}"
+                try:  # OpenAI sends a JSON string; some clients send the object itself
+                    args = args if isinstance(args, dict) else json.loads(args)
                 except (TypeError, ValueError):
                     raise ToolError(f"messages[{i}].tool_calls: arguments must be a JSON string", "messages") from None
                 names[str(c.get("id"))] = fn.get("name", "")

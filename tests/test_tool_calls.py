@@ -80,6 +80,9 @@ def test_the_history_of_tool_calls_is_text_for_any_template():
     assert Tools.parse([ADD], None).messages(history[1:2])[0]["role"] == "system"
     with pytest.raises(ToolError):
         as_text([{"role": "assistant", "tool_calls": [{"id": "c", "function": {"name": "add", "arguments": "{x"}}]}])
+    as_object = [{"role": "assistant", "tool_calls": [{"id": "c1", "function": {"name": "add",
+                                                                               "arguments": {"a": 1, "b": 2}}}]}]
+    assert as_text(as_object) == [plain[2]]  # arguments sent as an object, not a string: read the same
 
 
 def _chunk(content: str | None = None, role: str | None = None, finish: str | None = None) -> dict:
