@@ -261,12 +261,20 @@ def prepare(kwargs: dict) -> tuple[dict, Tools | None]:
     if tools is not None and tools.choice == "required":
         if (kwargs.get("response_format") or {}).get("type", "text") != "text":
             raise ToolError("a response_format and a required tool call cannot both hold the answer", "tool_choice")
-        from llama_cpp.llama_grammar import json_schema_to_gbnf
-
-        try:
-            json_schema_to_gbnf(json.dumps(tools.schema()))
-        except Exception as exc:  # llama-cpp-python would fall back to any JSON: say so instead
-            raise ToolError(f"the tools' parameter schemas cannot be turned into a grammar: {type(exc).__name__}: "
-                            f"{exc}", "tools") from None
-        kwargs["response_format"] = {"type": "json_object", "schema": tools.schema()}
+        schema = tools.schema()
+        if (why := grammar_error(schema)) is not None:
+            raise ToolError(f"the tools' parameter schemas cannot be turned into a grammar: {why}", "tools")
+        kwargs["response_format"] = {"type": "json_object", "schema": schema}
     return kwargs, tools
+
+
+def grammar_error(schema: dict) -> str | None:
+    """Why llama-cpp-python cannot turn the JSON ``schema`` into a grammar, None when it can (given one it cannot, it
+    falls back to any JSON without a word: callers say so instead)."""
+    from llama_cpp.llama_grammar import json_schema_to_gbnf
+
+    try:
+        json_schema_to_gbnf(json.dumps(schema))
+    except Exception as exc:
+        return f"{type(exc).__name__}: {exc}"
+    return None

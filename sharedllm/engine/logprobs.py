@@ -54,6 +54,7 @@ class Trail:
         self._llm = llm
         # llama-cpp-python's text_offset counts from the prompt's characters
         self._base = len(prompt) if isinstance(prompt, str) else len(self._text(list(prompt)))
+        self._pieces: list[bytes] = []  # each token's bytes, as they are given out
         self._ends: list[int] = []  # each token's end, in bytes of the completion's text
         self._chars = 0  # characters of the tokens given out so far
         self._given = 0
@@ -65,13 +66,13 @@ class Trail:
         """The ``logprobs`` object of the next tokens not given yet that start within the first ``upto`` bytes of the
         completion's text; None when there are none."""
         while len(self._ends) < len(self.tokens):
-            start = self._ends[-1] if self._ends else 0
-            self._ends.append(start + len(self._llm.detokenize([self.tokens[len(self._ends)]])))
+            self._pieces.append(self._llm.detokenize([self.tokens[len(self._ends)]]))
+            self._ends.append((self._ends[-1] if self._ends else 0) + len(self._pieces[-1]))
         out: dict[str, list] = {"tokens": [], "text_offset": [], "token_logprobs": [], "top_logprobs": []}
         while self._given < len(self.tokens) and (self._ends[self._given - 1] if self._given else 0) < upto:
             i, self._given = self._given, self._given + 1
-            token, (logprob, best) = self.tokens[i], self.records[i]
-            piece = self._text([token])
+            logprob, best = self.records[i]
+            piece = self._pieces[i].decode("utf-8", errors="ignore")
             top = {self._text([t]): lp for t, lp in best}
             top[piece] = logprob  # as llama-cpp-python: the chosen token is always among them
             out["tokens"].append(piece)

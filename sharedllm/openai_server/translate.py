@@ -3,12 +3,11 @@
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from sharedllm.openai_server.errors import APIError
 from sharedllm.openai_server.schemas import ChatCompletionRequest, ChatMessage, CompletionRequest, _Request
-from sharedllm.tool_calls import ToolError, Tools, prepare
+from sharedllm.tool_calls import ToolError, Tools, grammar_error, prepare
 
 _SAMPLING = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "repeat_penalty", "presence_penalty",
              "frequency_penalty")
@@ -119,14 +118,8 @@ def chat_kwargs(req: ChatCompletionRequest, model_id: str, n_vocab: int | None) 
 
 
 def _check_json_schema(schema: dict) -> None:
-    # llama-cpp-python silently falls back to any JSON when it cannot turn a schema into a grammar; say so instead.
-    from llama_cpp.llama_grammar import json_schema_to_gbnf
-
-    try:
-        json_schema_to_gbnf(json.dumps(schema))
-    except Exception as exc:
-        raise APIError(400, f"response_format schema cannot be turned into a grammar: {type(exc).__name__}: {exc}",
-                       param="response_format") from None
+    if (why := grammar_error(schema)) is not None:
+        raise APIError(400, f"response_format schema cannot be turned into a grammar: {why}", param="response_format")
 
 
 
