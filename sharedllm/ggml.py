@@ -13,6 +13,7 @@ import functools
 import json
 import logging
 import os
+import re
 import socket
 import struct
 import subprocess
@@ -220,12 +221,59 @@ import os; os._exit(0)
 """
 
 
+_HEADER_VERSION = re.compile(r"^#define\s+RPC_PROTO_(MAJOR|MINOR|PATCH)_VERSION\s+(\d+)", re.M)
+
+
+def header_protocol_version() -> tuple[int, int, int] | None:
+    """The RPC protocol version in the ``ggml-rpc.h`` installed with llama-cpp-python (the same build as its
+    libraries), or None when the distribution carries no such header."""
+    from importlib import metadata
+
+    try:
+        files = metadata.files("llama_cpp_python") or []
+    except metadata.PackageNotFoundError:
+        return None
+    for f in files:
+        if f.name == "ggml-rpc.h":
+            try:
+                found = dict(_HEADER_VERSION.findall(Path(f.locate()).read_text()))
+            except OSError:
+                return None
+            if set(found) == {"MAJOR", "MINOR", "PATCH"}:
+                return int(found["MAJOR"]), int(found["MINOR"]), int(found["PATCH"])
+    return None
+
+
+def probe_protocol_version(tries: int = 3) -> tuple[int, int, int]:
+    """Ask a throwaway loopback rpc-server (in a process of its own) for its protocol version."""
+    why = ""
+    for attempt in range(1, tries + 1):
+        try:
+            out = subprocess.run(
+                [sys.executable, "-X", "faulthandler", "-c", _PROBE],
+                capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL,
+            )
+        except subprocess.TimeoutExpired:
+            why = "no answer in 60 s"
+            continue
+        lines = [ln for ln in out.stdout.splitlines() if ln.startswith("[")]
+        if lines:
+            return tuple(json.loads(lines[-1]))
+        why = f"exit status {out.returncode}; {out.stderr.strip()[-300:] or 'nothing on stderr'}"
+        logger.warning("RPC protocol probe %d of %d failed: %s", attempt, tries, why)
+    raise RuntimeError(f"could not read the RPC protocol version ({why}); reinstall with scripts/setup.sh")
+
+
 @functools.lru_cache(maxsize=1)
 def rpc_protocol_version() -> tuple[int, int, int]:
-    """The RPC protocol version of the installed llama.cpp (a macro upstream, so it is measured once and cached).
+    """The RPC protocol version of the installed llama.cpp (a macro upstream).
 
-    A throwaway process starts a loopback rpc-server and asks it; the answer is cached on disk per library build.
+    Read from the ``ggml-rpc.h`` that llama-cpp-python installs beside its libraries; a build without it is asked
+    through a throwaway loopback rpc-server, and the answer cached on disk per library build.
     """
+    version = header_protocol_version()
+    if version is not None:
+        return version
     lib = lib_dir() / "libggml-rpc.so"
     st = lib.stat()
     cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "sharedllm" / "rpc-version.json"
@@ -236,13 +284,7 @@ def rpc_protocol_version() -> tuple[int, int, int]:
             return tuple(known[key])
     except (OSError, ValueError):
         known = {}
-    out = subprocess.run(
-        [sys.executable, "-c", _PROBE], capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL
-    )
-    lines = [ln for ln in out.stdout.splitlines() if ln.startswith("[")]
-    if not lines:
-        raise RuntimeError(f"could not read the RPC protocol version: {out.stderr.strip()[-300:]}")
-    version = tuple(json.loads(lines[-1]))
+    version = probe_protocol_version()
     try:
         cache.parent.mkdir(parents=True, exist_ok=True)
         known[key] = list(version)
