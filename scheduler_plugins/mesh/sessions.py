@@ -1,0 +1,255 @@
+# SPDX-License-Identifier: AGPL-3.0-or-later
+"""Sessions and leases: a client's model on some machines, leased atomically (a FIFO queue while they are busy), the
+relays told of each lease, the clients' reports, and the end of a session.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+
+from sharedllm.errors import MeshBusy, MeshError, NoMachines
+from sharedllm.scheduler_plugins.mesh.records import (
+    LEASE_PUSH_TIMEOUT,
+    LEASE_TOKEN_TTL,
+    Session,
+)
+
+logger = logging.getLogger("sharedllm.scheduler")
+
+
+class Leases:
+    """Part of ``MeshPlugin``: sessions, leases and the clients' reports."""
+
+    async def handle_session_open(self, model: str, topology: dict, client: str = "") -> dict:
+        """Register a session on an explicit topology (leases its machines as they are)."""
+        return await self._open_session(model, topology, client)
+
+    async def handle_session_report(
+        self,
+        session_id: str,
+        tokens: int,
+        seconds: float,
+        ttft_ms: float | None = None,
+        request_done: bool = False,
+        recovered: bool = False,
+        lost: str | None = None,
+        requests: int = 0,
+        client: str | None = None,
+        load: dict | None = None,
+        total_tokens: int | None = None,
+        total_requests: int | None = None,
+    ) -> dict:
+        """A client's statistics for its session: tokens and seconds since its last report, ``requests`` finished
+        (or ``request_done`` for one), a recovery, the engine's ``load`` (sequences ``running`` and ``waiting``, mean
+        decode ``batch``, ``parallel``). ``seconds`` is wall time: the throughput of a batch is its aggregate one.
+        ``total_tokens``/``total_requests``: the client's totals for the session, which the counts never stay
+        under (reports this scheduler took but had not saved before a kill are counted again this way).
+        The first report after a scheduler restart reclaims a restored
+        session (``client``: the client's id now, in case it had to connect anew)."""
+        sess = self.sessions.get(session_id)
+        if sess is None:
+            return {"status": "unknown-session"}
+        self._reclaim(sess, client)
+        sess.recoveries += int(recovered)
+        if lost and not self._aborted_on_model(lost):  # a model that crashed the machine is not the machine's fault
+            self.trust.failed(lost)
+        self.rate.charge_tokens(sess.client or "anonymous", tokens)
+        now = time.time()
+        sess.tokens += tokens
+        sess.seconds += seconds
+        sess.requests += requests + int(request_done)
+        if isinstance(total_tokens, int) and total_tokens > sess.tokens:
+            self.tokens_total += total_tokens - sess.tokens
+            sess.tokens = total_tokens
+        if isinstance(total_requests, int) and total_requests > sess.requests:
+            sess.requests = total_requests
+        if seconds > 0 and tokens > 0:
+            sess.last_tok_s = tokens / seconds
+            sess.history.append((now, sess.last_tok_s))
+        if ttft_ms is not None:
+            sess.last_ttft_ms = ttft_ms
+        if isinstance(load, dict):
+            sess.load = {k: float(v) for k, v in load.items()
+                         if k in ("running", "waiting", "batch", "passes_per_step", "parallel", "prompt_tokens",
+                                  "cached_tokens")
+                         and isinstance(v, (int, float))}
+        sess.last_report = now
+        self.tokens_total += tokens
+        from sharedllm.scheduler_plugins.metrics import record_session_report
+
+        record_session_report(self, session_id, ttft_ms, requests + int(request_done), recovered)  # never raises
+        return {"status": "OK"}
+
+    async def handle_session_close(self, session_id: str, reason: str = "closed", wait: bool = True) -> dict:
+        """End a session; answers once its machines' relays no longer admit its tokens (``wait=False``: at once, for
+        a client that replaces a failed engine and must not wait on the relay of a machine that does not answer)."""
+        revokes = self._close_session(session_id, reason)
+        if revokes and wait:
+            await asyncio.wait(revokes, timeout=LEASE_PUSH_TIMEOUT)
+        return {"status": "OK" if revokes is not None else "unknown-session"}
+
+    def _close_session(self, session_id: str, reason: str) -> list[asyncio.Task] | None:
+        """Close a session (None: unknown); returns the running calls that revoke its lease on the relays."""
+        if session_id in self.sessions:
+            self._note_model_faults()  # while the session still holds its machines: a strike goes to its client
+        sess = self.sessions.pop(session_id, None)
+        if sess is None:
+            return None
+        revokes = []
+        if reason == "closed" or reason.startswith("moved"):
+            self.trust.served(sess.machines, sess.tokens)
+        for machine in sess.machines:  # its weights went through this machine's tensor cache
+            self.warm.setdefault(machine, {})[sess.model] = time.time()
+        for machine in sess.machines:
+            if not any(machine in other.machines for other in self.sessions.values()):
+                revoke = self._push_lease(machine, None)  # the lease's tokens stop working, its connections close
+                if revoke is not None:
+                    revokes.append(self._background(revoke))
+        if self.hub is not None:  # and its hub tokens at the hub
+            revokes.append(self._background(self.hub.revoke(session_id)))
+        for machine in sess.machines:  # the servers are idle now: a safe moment to trim their tensor caches
+            rec = self.actors.get(machine)
+            if rec is not None and rec.actor is not None:
+                self._background(rec.actor.maintain_cache())
+        self.ended.append({**sess.to_dict(), "closed": time.time(), "reason": reason})
+        from sharedllm.scheduler_plugins.metrics import record_session_close
+
+        record_session_close(self, session_id, reason)  # never raises
+        logger.info("session %s closed (%s): %d tokens in %d requests", session_id, reason, sess.tokens, sess.requests)
+        self._released()
+        return revokes
+
+    def leased_machines(self, but: str | None = None) -> set[str]:
+        """The machines some session holds (``but``: leaving that session out)."""
+        return {m for sid, sess in self.sessions.items() if sid != but for m in sess.machines}
+
+    async def handle_acquire(
+        self,
+        estimate: dict,
+        model: str = "",
+        client: str = "",
+        wait_timeout: float = 60.0,
+        replaces: str | None = None,
+        **plan_kwargs,
+    ) -> dict:
+        """Plan over free machines and lease them to a new session, atomically. When the model would fit but the
+        machines it needs are leased, wait in a FIFO queue for a release, up to ``wait_timeout`` seconds.
+
+        ``replaces``: a session of the same client that the new one takes over (its machines count as free, it ends
+        when the new one opens): how a client moves off machines that drain, with no gap in its lease."""
+        if replaces is not None and (self.sessions.get(replaces) or Session("", "", "", {})).client != client:
+            raise MeshError(f"session {replaces} is not open for client {client}; load the model again")
+        self._check_rate(client, new_lease=replaces is None)
+        deadline = time.monotonic() + wait_timeout
+        first = True
+        err: Exception | None = None
+        while True:
+            if not (first and self._waiters):  # someone queued before us: keep FIFO order
+                try:
+                    topo = self._plan(estimate, free_only=True, replaces=replaces, **plan_kwargs)
+                except MeshError as exc:
+                    err = exc
+                    self._plan(estimate, **plan_kwargs)  # raises when the model cannot fit even on an idle mesh
+                else:
+                    if replaces is not None:
+                        self._close_session(replaces, "moved to other machines: its machines drain")
+                    return await self._open_session(model, topo, client)
+            first = False
+            left = deadline - time.monotonic()
+            if left <= 0:
+                busy = sorted(self.leased_machines() | self.draining)
+                raise MeshBusy(
+                    f"every machine that can hold {model or 'the model'} is busy ({len(self.sessions)} session(s); "
+                    f"in use or draining: {', '.join(busy) or 'none'}); waited {wait_timeout:.0f}s: retry later, "
+                    f"raise wait_timeout, or add machines ({err})"
+                )
+            waiter = asyncio.get_running_loop().create_future()
+            self._waiters.append(waiter)
+            try:
+                await asyncio.wait_for(waiter, left)
+            except asyncio.TimeoutError:
+                pass
+            finally:
+                with contextlib.suppress(ValueError):
+                    self._waiters.remove(waiter)
+
+    async def handle_request(self, session_id: str) -> dict:
+        """Called by a client before each generation request: the per-client rate limits. ``draining``: machines of
+        the session that drain, which the client should move off between two requests."""
+        sess = self.sessions.get(session_id)
+        if sess is None:
+            raise MeshError(f"session {session_id} is not open (its lease expired?); load the model again")
+        self._reclaim(sess)
+        self._check_rate(sess.client)
+        return {"status": "OK", "draining": [m for m in sess.machines if m in self.draining]}
+
+    async def _open_session(self, model: str, topology: dict, client: str) -> dict:
+        self._session_seq += 1
+        sid = f"s{self._session_seq}-{int(time.time() * 1000) % 100000:05d}"
+        sess = Session(sid, client, model, topology)
+        self.sessions[sid] = sess  # the machines are leased from here on: no other acquire plans on them
+        try:
+            relays = await self._grant(sid, sess.machines)
+        except MeshError:
+            self._close_session(sid, "failed: a machine's relay did not take the lease")
+            raise
+        logger.info("session %s opened by %s: %s on %s", sid, client or "?", model, sess.machines)
+        return {"session_id": sid, "topology": topology, "relays": relays}
+
+    def _push_lease(self, machine: str, lease: str | None):
+        """The actor call that makes ``machine``'s relay admit ``lease`` (None: nobody), or None without actor."""
+        rec = self.actors.get(machine)
+        if rec is None or rec.actor is None:
+            return None
+        self._lease_seq += 1
+        return rec.actor.set_lease(lease, self._lease_seq)
+
+    async def _grant(self, sid: str, machines: list[str]) -> dict[str, dict]:
+        """Tell the leased machines' relays about lease ``sid``; one token per machine for the client.
+
+        Machines serving RPC directly (``--insecure-direct-rpc``) get no token: the client connects to them as is."""
+        from sharedllm.relay import machine_key, mint_token
+
+        state = {m["machine_id"]: m for m in self.machines()}
+        relays: dict[str, dict] = {}
+        pushes = []
+        for machine in machines:
+            rpc = (state.get(machine) or {}).get("rpc") or {}
+            info = rpc.get("relay")
+            if rpc.get("direct") or not info:
+                continue
+            call = self._push_lease(machine, sid)
+            if call is None:
+                raise NoMachines(f"machine {machine} has no rpc-server actor right now; retry in a moment")
+            pushes.append((machine, call))
+            relays[machine] = {
+                "endpoint": info["endpoint"], "fingerprint": info["fingerprint"],
+                "token": mint_token(machine_key(self.relay_master, machine), sid, machine, LEASE_TOKEN_TTL),
+            }
+            if self.hub is not None and info.get("hub"):  # registered at the hub: the way in, or the fallback
+                relays[machine]["hub"] = self.hub.for_lease(sid, machine, LEASE_TOKEN_TTL)
+                relays[machine]["via_hub"] = state[machine].get("reach") == "hub"
+        if pushes:
+            results = await asyncio.gather(*(asyncio.wait_for(c, LEASE_PUSH_TIMEOUT) for _, c in pushes),
+                                           return_exceptions=True)
+            failed = [f"{m} ({r!r})" for (m, _), r in zip(pushes, results, strict=True) if isinstance(r, BaseException)]
+            if failed:
+                logger.warning("session %s: relays did not take the lease: %s", sid, ", ".join(failed))
+                raise NoMachines(f"the relay of {', '.join(failed)} did not take the lease; retry, or leave the "
+                                 "machine out with machines=[...]")
+        return relays
+
+    def _released(self) -> None:
+        # Wake every waiter in FIFO order; each re-plans in turn and requeues if it still does not fit.
+        for w in list(self._waiters):
+            if not w.done():
+                w.set_result(None)
+
+    def remove_client(self, scheduler=None, client: str | None = None) -> None:
+        # A client that disconnects (killed, or gone without closing its models) loses its leases.
+        for sid, sess in list(self.sessions.items()):
+            if sess.client and sess.client == client:
+                self._close_session(sid, "lease expired: client disconnected")
