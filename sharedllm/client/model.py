@@ -14,16 +14,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from sharedllm import gguf, tool_calls
+from sharedllm.client.delivery import _Delivery
+from sharedllm.client.recovery import Recovery
 from sharedllm.client.reports import _Reports
 from sharedllm.engine import Engine, EngineSpec, EngineStage, LoadProgress, _to_the_end
 from sharedllm.errors import (
     EngineError,
     InvalidModel,
-    MeshBusy,
-    MeshError,
     ModelClosed,
-    ModelTooLarge,
-    NoMachines,
     SchedulerUnreachable,
     WorkerLost,
     gib,
@@ -91,8 +89,7 @@ def _log_progress(name: str) -> Callable[[LoadProgress], None]:
 
     return report
 
-
-class MeshModel:
+class MeshModel(Recovery):
     """A model loaded across the mesh. Mirrors ``llama_cpp.Llama``'s completion API; use as a context manager.
 
     The handle owns a lease on its machines and an engine process. If a machine dies during a request, the handle
@@ -231,156 +228,6 @@ class MeshModel:
                                wait=not reason.startswith("failed"))
             self.session_id = None
 
-    def _recover(self, exc: EngineError, attempt: int) -> None:
-        """Replace a failed engine: lease a topology without the lost machine and load the model there.
-
-        Not when the model itself made an rpc-server abort (see :func:`sharedllm.actor.model_fault`): it would
-        abort the next machines too. That is ``InvalidModel``, and no machine is blamed for it."""
-        t0, started = time.perf_counter(), time.monotonic()
-        if (err := self._invalid_model(exc)) is not None:
-            raise err from exc
-        lost = getattr(exc, "machine", None) or self._find_lost()
-        self._release(f"failed: {exc}")
-        if lost:
-            self._lost_at[lost] = time.monotonic()
-        if attempt or not lost:  # backoff: the mesh may still be noticing the loss (a machine known lost is excluded)
-            time.sleep(min(0.25 * 2**attempt, 4.0))
-        logger.warning("recovering %s after: %s (attempt %d of %d)", self.path.name, exc, attempt + 1,
-                       self.max_recoveries)
-        try:
-            self._open()
-        except (ModelTooLarge, NoMachines, MeshBusy) as err:
-            self._failed = type(err)(f"lost machine {lost or '?'} ({exc}); the remaining mesh cannot take over: {err}")
-            raise self._failed from err
-        except BaseException as err:  # the handle has no engine now: later requests say so instead of crashing
-            self._failed = err
-            raise
-        self.recoveries.append({"lost": lost, "reason": str(exc), "seconds": time.perf_counter() - t0,
-                                "started": started, "machines": self.topology.machines})
-        self._mesh._report("sharedllm_session_report", session_id=self.session_id, tokens=0, seconds=0.0,
-                           recovered=True, lost=lost)
-
-    def _invalid_model(self, exc: BaseException) -> InvalidModel | None:
-        """``InvalidModel`` when the engine was lost (``exc``) because the model made an rpc-server of this session
-        abort (:meth:`_model_fault`); the handle has failed then, its session ended saying so. None otherwise."""
-        # A machine the watchdog found stopped or cut off did not crash: there is no exit to diagnose.
-        if not isinstance(exc, EngineError) or isinstance(exc, ModelClosed) or getattr(exc, "alive", False):
-            return None
-        fault = self._model_fault(getattr(exc, "machine", None))
-        if fault is None:
-            return None
-        machine, assertion = fault
-        err = InvalidModel(
-            f"{self.path}: this model made machine {machine}'s rpc-server abort ({assertion}); it was not loaded "
-            "elsewhere and no machine is blamed: the file is damaged or malformed, get it again from its source",
-            str(self.path))
-        self._failed = err
-        self._release(f"failed: invalid model: {assertion}")
-        return err
-
-    def _recover_shared(self, exc: EngineError, attempt: int, generation: int) -> None:
-        """``_recover`` once for every request of the lost engine: the first request to get here reloads; the
-        others, broken by the same loss, find a newer engine and replay on it (or the handle failed: they say so)."""
-        with self._recovery_lock:
-            if self._generation == generation:
-                try:
-                    self._recover(exc, attempt)
-                finally:
-                    self._generation += 1
-                return
-        self._check_usable()
-
-    def _current(self) -> tuple[Engine, int]:
-        """The engine to run a request on and its generation; waits for a recovery in progress."""
-        with self._recovery_lock:
-            engine, generation = self._engine, self._generation
-        if engine is None:
-            self._check_usable()
-            raise ModelClosed("the model was closed; load it again")
-        return engine, generation
-
-    async def _acurrent(self) -> tuple[Engine, int]:
-        """``_current`` for asyncio: a recovery in progress is waited for in a thread."""
-        if self._recovery_lock.acquire(blocking=False):
-            self._recovery_lock.release()
-            if self._engine is not None:
-                return self._engine, self._generation
-        return await asyncio.to_thread(self._current)
-
-    def _model_fault(self, suspect: str | None = None, settle: float = 1.5) -> tuple[str, str] | None:
-        """(machine, assertion) when an rpc-server of this session aborted on a ggml assertion, else None.
-
-        Machines report their server's exit with their heartbeats: while the machine the engine blamed (``suspect``;
-        None: any) still reports our server as running, wait up to ``settle`` seconds for news. A machine gone from
-        the table is no model's fault."""
-        from sharedllm.actor import model_fault
-
-        deadline = time.monotonic() + settle
-        while self._mesh._reachable():  # the scheduler away: nothing to learn (and no recovery without it either)
-            try:
-                now = {m["machine_id"]: m.get("rpc") or {} for m in self._mesh.machines()}
-            except MeshError:
-                return None
-            unsettled = False
-            for mid, pid in self._servers_seen.items():
-                rpc = now.get(mid) or {}
-                last = rpc.get("last_exit") or {}
-                if pid is not None and last.get("pid") == pid:
-                    if (assertion := model_fault(last)) is not None:
-                        return mid, assertion
-                elif rpc.get("pid") == pid and rpc.get("state") == "ready" and suspect in (None, mid):
-                    unsettled = True
-            if not unsettled or time.monotonic() > deadline:
-                return None
-            time.sleep(0.1)
-        return None
-
-    def _suspect(self) -> tuple[str, str] | None:
-        """The engine's watchdog, asked while a request waits on the mesh for seconds: (machine, why) when a machine
-        of this session is known to be gone or stuck, from the machines' heartbeats; None when nothing is known (a
-        slow machine is not suspect, nor is one while the scheduler is away)."""
-        if not self._mesh._reachable():
-            return None
-        try:
-            now = {m["machine_id"]: m for m in self._mesh._call("sharedllm_state", timeout=2.0)["machines"]}
-        except Exception as exc:
-            logger.debug("watchdog: no machine table (%s)", exc)
-            return None
-        for mid, pid in self._servers_seen.items():
-            m = now.get(mid)
-            if m is None:  # its worker restarting (a machine that is really gone breaks the engine's connection)
-                continue
-            rpc = m.get("rpc") or {}
-            # Not a mere "starting": a new worker of the machine may be adopting the server.
-            exited = (rpc.get("last_exit") or {}).get("pid") == pid
-            if exited or (rpc.get("state") == "ready" and rpc.get("pid") != pid):
-                return mid, "lost its rpc-server (it exited)"
-            if rpc.get("stopped"):
-                return mid, f"has its {' and '.join(rpc['stopped'])} stopped (SIGSTOP or a debugger)"
-            if m.get("heartbeat_age", 0) > m.get("heartbeat_limit", float("inf")):
-                return mid, f"sent no heartbeat for {m['heartbeat_age']:.0f}s (frozen, or cut off from the mesh)"
-        return None
-
-    def _excluded(self) -> list[str]:
-        """The machines a new lease leaves out: those this handle lost in the last ``EXCLUDE_FOR`` seconds. Not for
-        ever: a machine that comes back (its supervisor restarted it, or its owner did) is good again, and a handle
-        that excluded every machine it ever lost would, after a few losses, have nowhere left to go."""
-        now = time.monotonic()
-        return [m for m, t in self._lost_at.items() if now - t < self.EXCLUDE_FOR]
-
-    def _find_lost(self) -> str | None:
-        """The machine of our topology that is gone, not ready, or whose rpc-server restarted since we leased it
-        (its supervisor can bring it back before the engine's failure is probed)."""
-        try:
-            now = {m["machine_id"]: m.get("rpc") or {} for m in self._mesh.machines()}
-        except MeshError:
-            return None
-        for mid, pid in self._servers_seen.items():
-            rpc = now.get(mid)
-            if rpc is None or rpc.get("state") != "ready" or rpc.get("pid") != pid:
-                return mid
-        return None
-
     def close(self) -> None:
         """Stop the engine and give the lease back; the rpc-servers are free for the next session."""
         if not self._closed:
@@ -500,40 +347,6 @@ class MeshModel:
         if answer.get("draining"):
             await _to_the_end(asyncio.to_thread(self._move_off, answer["draining"]))
 
-    def _move_off(self, draining: list[str]) -> None:
-        """Some machines of this session drain (their operator takes them out, to upgrade them): between two
-        requests, lease a topology without them, taking this session's other machines over, and load the model
-        there; nothing is replayed, nothing fails. When the rest of the mesh cannot take the model now, stay (and
-        ask again in ``MOVE_RETRY`` seconds): the drain waits for this session."""
-        if time.monotonic() < self._move_retry_at:
-            return
-        if self._engine is not None and self._engine.in_flight:
-            # Other requests run on this engine: moving now would cut them. The next request between them moves.
-            logger.info("%s: machine(s) %s drain; moving once no request runs", self.path.name, ", ".join(draining))
-            return
-        with self._recovery_lock:
-            self._move_off_now(draining)
-            self._generation += 1
-
-    def _move_off_now(self, draining: list[str]) -> None:
-        old = self._engine, self.session_id, self.topology, self._servers_seen, self._lease_relays
-        self._engine = None
-        try:
-            self._open(replaces=self.session_id, wait_timeout=0)
-        except (MeshBusy, NoMachines, ModelTooLarge) as exc:  # the old session holds on
-            self._engine, self.session_id, self.topology, self._servers_seen, self._lease_relays = old
-            self._move_retry_at = time.monotonic() + self.MOVE_RETRY
-            logger.warning("cannot move %s off draining machine(s) %s now: %s", self.path.name, ", ".join(draining),
-                           exc)
-            return
-        except BaseException as exc:
-            old[0].close()  # the scheduler ended the old session for the new one, which failed to load
-            self._failed = exc
-            raise
-        old[0].close()
-        logger.info("moved %s off draining machine(s) %s: now on %s", self.path.name, ", ".join(draining),
-                    ", ".join(self.topology.machines))
-
     def _run(self, method: str, kwargs: dict) -> dict | Iterator[dict]:
         self._check_usable()
         self._admit()
@@ -607,18 +420,6 @@ class MeshModel:
         finally:
             await self._astats(*delivery.report(), done=True)
 
-    def _give_up_unless_recoverable(self, exc: EngineError | InvalidModel, attempt: int) -> None:
-        """After a failed attempt of a non-streamed request: raise ``exc`` (the handle has failed) unless a recovery
-        can replay the request (a model that made llama.cpp abort cannot be replayed anywhere)."""
-        if isinstance(exc, InvalidModel) or not self._recoverable(exc, attempt):
-            self._failed = exc
-            raise exc
-
-    def _recoverable(self, exc: EngineError, attempt: int) -> bool:
-        # A diverged replay would diverge again, and a closed handle stays closed: the request is over.
-        return (attempt < self.max_recoveries and not self._closed and not isinstance(exc, ModelClosed)
-                and "diverged" not in str(exc))
-
     def _stats(self, tokens: int, seconds: float, ttft_ms: float | None, done: bool) -> None:
         if self.session_id and (report := self._reports.add(tokens, seconds, ttft_ms, done)) is not None:
             self._reports.sent(self._mesh._report("sharedllm_session_report", session_id=self.session_id,
@@ -682,68 +483,3 @@ class MeshModel:
             await self._astats(tokens, time.perf_counter() - t0, None, done=True)
             return out
         raise AssertionError("unreachable")
-
-
-class _Delivery:
-    """The chunks of one streamed request across its attempts: a replay after a recovery must yield the text already
-    delivered, which is checked and skipped; the stream keeps the first attempt's id; throughput is counted."""
-
-    def __init__(self, report_every: float):
-        self.report_every = report_every
-        self.delivered: list[str] = []  # text of every chunk the caller has seen
-        self.ident: tuple | None = None  # id and created of the first attempt, kept across replays
-        self.seen = 0  # chunks of the current attempt
-        self.t0 = self.last = time.perf_counter()
-        self.ttft: float | None = None  # ms, reported once per request
-        self.tokens = 0  # tokens generated for the caller (the engine's count), across attempts
-        self.mark = 0  # tokens at the last report
-
-    def replay(self) -> None:
-        """A new attempt starts: its chunks repeat the delivered ones first."""
-        self.seen = 0
-
-    def take(self, chunk: dict, generated: int) -> dict | None:
-        """The chunk to deliver, or None for a replayed one. ``generated``: the tokens this attempt's engine has
-        generated so far (a replay counts the delivered ones again, hence the maximum)."""
-        text = _chunk_text(chunk)
-        if self.seen < len(self.delivered):
-            if text != self.delivered[self.seen]:
-                raise EngineError(
-                    f"the replay after a lost machine diverged at chunk {self.seen} ({text!r} instead of "
-                    f"{self.delivered[self.seen]!r}); use temperature=0 or an explicit seed"
-                )
-            self.seen += 1
-            return None
-        if self.ident is None:
-            self.ident = (chunk.get("id"), chunk.get("created"))
-        else:
-            chunk = {**chunk, "id": self.ident[0], "created": self.ident[1]}
-        self.delivered.append(text)
-        self.seen += 1
-        self.tokens = max(self.tokens, generated)
-        if self.ttft is None and len(self.delivered) == 1:
-            self.last = time.perf_counter()
-            self.ttft = (self.last - self.t0) * 1000
-        return chunk
-
-    def report_due(self) -> bool:
-        return time.perf_counter() - self.last >= self.report_every
-
-    def finish(self, generated: int) -> None:
-        """The attempt ended: the engine's final count (the last chunks may carry no new token)."""
-        self.tokens = max(self.tokens, generated)
-
-    def report(self) -> tuple[int, float, float | None]:
-        """Tokens and seconds since the last report, and the time to first token if not reported yet."""
-        now = time.perf_counter()
-        out = (self.tokens - self.mark, now - self.last, self.ttft)
-        self.mark, self.last, self.ttft = self.tokens, now, None
-        return out
-
-
-def _chunk_text(chunk: dict) -> str:
-    choice = (chunk.get("choices") or [{}])[0]
-    if "text" in choice:
-        return choice["text"] or ""
-    delta = choice.get("delta") or {}
-    return f"{delta.get('role', '')}\x00{delta.get('content') or ''}"
