@@ -208,7 +208,7 @@ def run_poisoned(lm: LocalMesh, workdir: Path) -> dict:
     path = poisoned_copy(default_model_path(), workdir)
     failures = {r["machine_id"]: r["failures"] for r in mesh._call("sharedllm_trust")["machines"]}
     restarts = {m: machine(mesh, m)["rpc"]["restarts"] for m in THREE}
-    saved, gguf._ASSERTED = gguf._ASSERTED, {}
+    saved, gguf.reader._ASSERTED = gguf.reader._ASSERTED, {}
     row: dict[str, Any] = {"fault": "poisoned", "same_text": None}
     t0 = time.perf_counter()
     try:
@@ -220,7 +220,7 @@ def run_poisoned(lm: LocalMesh, workdir: Path) -> dict:
                 row.update(survived=True, stall_s=time.perf_counter() - t0, recoveries=len(llm.recoveries),
                            error=str(exc)[:160])
     finally:
-        gguf._ASSERTED = saved
+        gguf.reader._ASSERTED = saved
     whole_mesh_ready(lm)
     crashed = [m for m in THREE if machine(mesh, m)["rpc"]["restarts"] > restarts[m]]
     after = {r["machine_id"]: r["failures"] for r in mesh._call("sharedllm_trust")["machines"]}

@@ -53,7 +53,7 @@ def test_a_model_that_makes_rpc_servers_abort_is_invalid_and_blames_no_machine(m
     from sharedllm import gguf
 
     # Stands for an assertion the pre-load check cannot foresee: the model reaches the rpc-servers.
-    monkeypatch.setattr(gguf, "_ASSERTED", {})
+    monkeypatch.setattr(gguf.reader, "_ASSERTED", {})
     failures = _failures(mesh)
     client = mesh.client.id
 

@@ -417,11 +417,11 @@ def test_limits(tmp_path, monkeypatch):
     path = write(tmp_path, gguf_bytes(kvs, MODEL_TENSORS))
     g = read_gguf(path)
     assert g.metadata["t.long"] == Skipped(STRING, len(long)) and g.metadata["t.strs"] == ["ab"] * 10
-    monkeypatch.setattr(gguf, "MAX_KEPT_BYTES", 0)  # nothing fits: big values are skipped, scalars are kept
+    monkeypatch.setattr(gguf.reader, "MAX_KEPT_BYTES", 0)  # nothing fits: big values are skipped, scalars are kept
     g = read_gguf(path)
     assert g.metadata["t.strs"] == Skipped(ARRAY, 10, STRING) and g.metadata["t.ints"] == Skipped(ARRAY, 1, INT8)
     assert g.n_layer == 2 and g.metadata["general.architecture"] == "llama"
-    monkeypatch.setattr(gguf, "MAX_WALK", 5)
+    monkeypatch.setattr(gguf.reader, "MAX_WALK", 5)
     raises(InvalidModel, path, "more than 5 strings")
     monkeypatch.undo()
     raises(InvalidModel, write(tmp_path, gguf_bytes([("k" * 70000, UINT8, 1)], []), "key.gguf"), "string bytes")
