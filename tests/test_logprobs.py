@@ -52,6 +52,15 @@ def _merged(chunks) -> dict:
     return out
 
 
+def _assert_bytes(content: list[dict], text: str) -> None:
+    """OpenAI's ``bytes``: each token's UTF-8 bytes, together the message's text; each alternative's its own."""
+    assert content and all(isinstance(e["bytes"], list) for e in content)
+    assert bytes(b for e in content for b in e["bytes"]).decode() == text
+    for e in content:
+        assert bytes(e["bytes"]).decode(errors="ignore") == e["token"]
+        assert all(bytes(t["bytes"]).decode(errors="ignore") == t["token"] for t in e["top_logprobs"])
+
+
 @pytest.mark.parametrize("parallel", [1, 2])
 def test_an_engine_gives_llama_cpp_pythons_logprobs_without_logits_all(model_path, native, parallel):
     engine = Engine(EngineSpec(str(model_path), llama_kwargs={"n_ctx": 256}, parallel=parallel))
@@ -74,6 +83,14 @@ def test_an_engine_gives_llama_cpp_pythons_logprobs_without_logits_all(model_pat
         content = chat["choices"][0]["logprobs"]["content"]
         assert "".join(e["token"] for e in content) == chat["choices"][0]["message"]["content"]
         assert all(e["logprob"] <= 0 and [t["token"] for t in e["top_logprobs"]] == [e["token"]] for e in content)
+        _assert_bytes(content, chat["choices"][0]["message"]["content"])
+        # Streamed chat: each chunk's entries, their bytes too.
+        chunks = [c for c, _ in engine.stream("create_chat_completion", {
+            "messages": [{"role": "user", "content": "Say hi"}], "max_tokens": 5, "temperature": 0, "logprobs": True,
+            "top_logprobs": 2})]
+        streamed = [e for c in chunks for e in ((c["choices"][0].get("logprobs") or {}).get("content") or [])]
+        _assert_bytes(streamed, "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks))
+        assert [e["token"] for e in streamed] == [e["token"] for e in content]
         # No logprobs asked: none given.
         assert engine.call("create_completion", {"prompt": PROMPTS[0], "max_tokens": 2})["choices"][0]["logprobs"] \
             is None
@@ -104,3 +121,4 @@ def test_logprobs_of_batched_requests_through_the_mesh_and_its_api(mesh, native)
             assert "".join(e["token"] for e in content) == r.json()["choices"][0]["message"]["content"]
             assert all(len(e["top_logprobs"]) in (2, 3) and e["top_logprobs"][0]["logprob"] >= e["logprob"]
                        for e in content)
+            _assert_bytes(content, r.json()["choices"][0]["message"]["content"])

@@ -58,6 +58,9 @@ class Trail:
         self._ends: list[int] = []  # each token's end, in bytes of the completion's text
         self._chars = 0  # characters of the tokens given out so far
         self._given = 0
+        # The bytes of each token given out and of its alternatives (by their text), for chat's ``bytes``.
+        self._given_bytes: list[tuple[bytes, dict[str, bytes]]] = []
+        self._chat_at = 0  # chat ``logprobs.content`` entries given their bytes so far
 
     def _text(self, tokens: list[int]) -> str:
         return self._llm.detokenize(tokens).decode("utf-8", errors="ignore")
@@ -73,8 +76,11 @@ class Trail:
             i, self._given = self._given, self._given + 1
             logprob, best = self.records[i]
             piece = self._pieces[i].decode("utf-8", errors="ignore")
-            top = {self._text([t]): lp for t, lp in best}
+            alternatives = {(raw := self._llm.detokenize([t])).decode("utf-8", errors="ignore"): (raw, lp)
+                            for t, lp in best}
+            top = {text: lp for text, (_, lp) in alternatives.items()}
             top[piece] = logprob  # as llama-cpp-python: the chosen token is always among them
+            self._given_bytes.append((self._pieces[i], {text: raw for text, (raw, _) in alternatives.items()}))
             out["tokens"].append(piece)
             out["text_offset"].append(self._base + self._chars)
             out["token_logprobs"].append(logprob)
@@ -96,6 +102,22 @@ class Trail:
             sent += len((choice.get("text") or "").encode())
             choice["logprobs"] = self._take(sent)
             yield chunk
+
+
+    def chat_bytes(self, chat: dict) -> None:
+        """OpenAI's ``bytes`` on the ``logprobs.content`` entries of a chat completion or chunk made of this trail's
+        tokens, in order (llama-cpp-python's conversion leaves None): each token's bytes as llama.cpp gives them, whole
+        even for a token that holds part of a character (its ``token`` text cannot say it)."""
+        for choice in chat.get("choices") or []:
+            for entry in (choice.get("logprobs") or {}).get("content") or []:
+                if self._chat_at >= len(self._given_bytes):
+                    return
+                piece, alternatives = self._given_bytes[self._chat_at]
+                self._chat_at += 1
+                entry["bytes"] = list(piece)
+                for alt in entry.get("top_logprobs") or []:
+                    raw = piece if alt["token"] == entry["token"] else alternatives.get(alt["token"])
+                    alt["bytes"] = list(raw if raw is not None else alt["token"].encode())
 
 
 def _empty() -> dict:
