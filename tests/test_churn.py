@@ -63,14 +63,21 @@ def stream_with_fault(llm, fault, after: int = 8, api: str = "blocking", **kwarg
 def test_kill_rpc_server_mid_stream_the_stream_goes_on(mesh, local_greedy, api):
     victim = machine(mesh, "machine-2")["rpc"]
     with mesh.load("gemma-3-270m", n_ctx=N_CTX, machines=TWO) as llm:
+        standby = llm._standby.proc.pid  # the engine process started ahead for a recovery
         text, gap = stream_with_fault(llm, lambda: os.kill(victim["pid"], signal.SIGKILL), api=api)
         assert text == local_greedy["completion"]  # no duplicated, no missing text
         assert [r["lost"] for r in llm.recoveries] == ["machine-2"]
         assert llm.topology.machines == ["machine-1"]
         assert gap < 10
+        # The recovery loaded into the standby, and a new one waits for the next.
+        assert llm._engine.info["pid"] == standby
+        assert llm._standby is not None and llm._standby.alive and llm._standby.proc.pid != standby
+        spare = llm._standby.proc.pid
         # The handle keeps working on its new topology.
         again = llm.create_completion(PROMPT, max_tokens=64, temperature=0)
         assert again["choices"][0]["text"] == local_greedy["completion"]
+    with pytest.raises(ProcessLookupError):  # closing the handle stopped its standby
+        os.kill(spare, 0)
     ready_again(mesh, "machine-2", victim["pid"])
 
 

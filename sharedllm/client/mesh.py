@@ -271,6 +271,8 @@ class Mesh:
         When every machine that could hold the model is leased, ``load`` waits up to ``wait_timeout`` seconds in a
         FIFO queue, then raises ``MeshBusy``. When a machine dies mid-generation, the handle reloads the model on
         the remaining machines and replays the request, up to ``max_recoveries`` times; the caller's stream goes on.
+        For that the handle keeps a standby engine process (interpreter up, llama-cpp-python imported, ~50 MB, idle)
+        unless ``max_recoveries=0``.
 
         ``llama_kwargs`` go to ``llama_cpp.Llama`` in the engine (``n_threads``, ``n_batch``, ``seed``, ``chat_format``,
         ...). Errors: ``ModelNotFound``/``InvalidModel`` for the file, ``ModelTooLarge``/``NoMachines`` for the mesh,

@@ -17,7 +17,7 @@ from sharedllm import gguf, tool_calls
 from sharedllm.client.delivery import _Delivery
 from sharedllm.client.recovery import Recovery
 from sharedllm.client.reports import _Reports
-from sharedllm.engine import Engine, EngineSpec, EngineStage, LoadProgress, _to_the_end
+from sharedllm.engine import Engine, EngineSpec, EngineStage, LoadProgress, Standby, _to_the_end
 from sharedllm.errors import (
     EngineError,
     InvalidModel,
@@ -153,6 +153,8 @@ class MeshModel(Recovery):
         # the engine replaced (a new ``_generation``) and replay on it.
         self._recovery_lock = threading.Lock()
         self._generation = 0
+        # The engine process the next recovery (or move) loads into, started ahead (see Standby).
+        self._standby: Standby | None = None
 
     # --- lifecycle ---------------------------------------------------------------------------------------------
 
@@ -196,8 +198,10 @@ class MeshModel(Recovery):
                 invariance=self._measured[1] if self._measured and set(topo.machines) <= self._measured[0] else None,
                 **self._engine_options,
             )
+            standby, self._standby = self._standby, None
             self._engine = Engine(spec, load_timeout=self._load_timeout, token_timeout=self._token_timeout,
-                                  on_progress=self._on_progress or _log_progress(name), watchdog=self._suspect)
+                                  on_progress=self._on_progress or _log_progress(name), watchdog=self._suspect,
+                                  standby=standby)
             info = self._engine.start()
         except BaseException as exc:
             # The engine decodes at load (its measures of the kernels): a model that makes llama.cpp abort may
@@ -214,6 +218,20 @@ class MeshModel(Recovery):
             self._measured = (frozenset(topo.machines), info["invariance"])
         self.load_seconds = time.perf_counter() - t0
         logger.info("loaded %s on %d machine(s) in %.1fs", name, len(topo.machines), self.load_seconds)
+        self._spare()
+
+    def _spare(self) -> None:
+        """Start the standby engine process that the next recovery takes (none with ``max_recoveries=0``)."""
+        if self.max_recoveries > 0 and self._standby is None and not self._closed:
+            try:
+                self._standby = Standby()
+            except OSError as exc:  # a recovery then starts its own process, as without a standby
+                logger.warning("could not start a standby engine process: %s", exc)
+
+    def _drop_standby(self) -> None:
+        standby, self._standby = self._standby, None
+        if standby is not None:
+            standby.close()
 
     def _release(self, reason: str) -> None:
         if self._engine is not None:
@@ -233,6 +251,7 @@ class MeshModel(Recovery):
         if not self._closed:
             self._closed = True
             self._release(f"failed: {self._failed}" if self._failed else "closed")
+        self._drop_standby()
 
     def __enter__(self) -> MeshModel:
         return self
@@ -242,12 +261,12 @@ class MeshModel(Recovery):
 
     def __del__(self):
         # Only stop the child: no scheduler call from a finalizer (it may run at interpreter shutdown).
-        engine = getattr(self, "_engine", None)
-        if engine is not None:
-            try:
-                engine.close()
-            except Exception:
-                pass
+        for part in (getattr(self, "_engine", None), getattr(self, "_standby", None)):
+            if part is not None:
+                try:
+                    part.close()
+                except Exception:
+                    pass
 
     def __repr__(self) -> str:
         where = f"on {len(self.topology.stages)} device(s)" if self.topology else "(not loaded)"

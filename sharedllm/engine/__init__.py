@@ -17,8 +17,8 @@ No Dask here: the engine knows endpoints and a tensor split, nothing about the m
 """
 
 from sharedllm.engine.child import OUTPUT_ON_CLIENT, build_llama
-from sharedllm.engine.process import Engine, LoadProgress, _to_the_end
+from sharedllm.engine.process import Engine, LoadProgress, Standby, _to_the_end
 from sharedllm.engine.spec import EngineSpec, EngineStage, first_failing_stage, probe_stage
 
-__all__ = ["OUTPUT_ON_CLIENT", "Engine", "EngineSpec", "EngineStage", "LoadProgress", "_to_the_end", "build_llama",
-           "first_failing_stage", "probe_stage"]
+__all__ = ["OUTPUT_ON_CLIENT", "Engine", "EngineSpec", "EngineStage", "LoadProgress", "Standby", "_to_the_end",
+           "build_llama", "first_failing_stage", "probe_stage"]

@@ -185,7 +185,7 @@ def _tensor_bytes(model_path: str) -> int | None:
 
 def _phase_seconds(started_at: float, init_at: float, marks: dict[str, float]) -> dict[str, float]:
     """Durations of the child's load phases from its timestamps (see ``_build_llama``); ``started_at`` stays a
-    timestamp, for the parent to turn into the spawn time (interpreter start and imports before ``_child_main``)."""
+    timestamp, for the parent to turn into the spawn time (interpreter start and the import of llama-cpp-python)."""
     order = [("init", init_at), *((k, marks[k]) for k in ("imported", "connected", "weights_start", "weights_end",
                                                              "built") if k in marks)]
     names = {"imported": "import", "connected": "connect", "weights_start": "model_metadata",
@@ -571,12 +571,14 @@ class _BatchRunner:
 
 
 def _child_main(parent_pid: int) -> int:
-    started_at = time.monotonic()
     # Frames go out on a private copy of stdout; anything else printed (llama.cpp, Python) lands in the log (stderr).
     out = _Out(os.dup(1))
     os.dup2(2, 1)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s engine %(levelname)s %(message)s")
     threading.Thread(target=_watch_parent, args=(parent_pid,), daemon=True).start()
+    import llama_cpp  # noqa: F401  before the spec comes: a standby process (see Engine) waits with it imported
+
+    started_at = time.monotonic()  # ready for a spec: the parent counts the time to here as the spawn
     reader = _FrameReader(0)
     try:
         init = reader.read()
@@ -585,6 +587,7 @@ def _child_main(parent_pid: int) -> int:
     spec: EngineSpec = init["spec"]
     t0 = time.perf_counter()
     init_at = time.monotonic()
+    started_at = max(started_at, init.get("sent_at", started_at))  # a standby's wait for its spec is no phase
     marks: dict[str, float] = {}
     try:
         llm, devices = _build_llama(spec, out.fd, marks)

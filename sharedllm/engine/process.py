@@ -121,6 +121,50 @@ class LoadProgress(float):
         return f"LoadProgress({float(self):.3f}, done_bytes={self.done_bytes}, total_bytes={self.total_bytes})"
 
 
+def _child_env() -> dict[str, str]:
+    # GGML_NO_BACKTRACE: on abort, ggml would attach gdb to print a backtrace, which takes seconds.
+    env = dict(os.environ, PYTHONUNBUFFERED="1", GGML_NO_BACKTRACE="1")
+    # The engine's own CPU work is tiny (embedding rows, sampling) between network waits: its OpenMP threads
+    # should sleep soon after, not spin ~300k times and take the CPU from the rest of the user's process.
+    env.setdefault("GOMP_SPINCOUNT", "10000")
+    return env
+
+
+class Standby:
+    """An engine process started ahead of need: its interpreter up and llama-cpp-python imported, waiting for the
+    spec of the model it will load. A recovery that takes it skips those ~0.3-0.8 s (``MeshModel`` keeps one).
+
+    It costs an idle process (~50 MB) and nothing else; it exits with its parent, or on :meth:`close`."""
+
+    def __init__(self):
+        self.log = tempfile.NamedTemporaryFile(prefix="sharedllm-engine-", suffix=".log", delete=False)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "sharedllm.engine", str(os.getpid())],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self.log,
+            env=_child_env(),
+            start_new_session=True,  # Ctrl-C in the user's terminal reaches the user's code, not the engine
+        )
+        self.spawned = time.monotonic()  # CLOCK_MONOTONIC is system-wide: the child's timestamps compare with it
+
+    @property
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def close(self) -> None:
+        """Stop the process (it holds nothing) and remove its log."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        for f in (self.proc.stdin, self.proc.stdout):
+            with contextlib.suppress(Exception):
+                f.close()
+        self.log.close()
+        with contextlib.suppress(OSError):
+            os.unlink(self.log.name)
+
+
 class Engine:
     """Client-side handle on one engine process.
 
@@ -141,8 +185,13 @@ class Engine:
         probe: Callable[[EngineSpec], tuple[str, str] | None] | None = None,
         watchdog: Callable[[], tuple[str, str] | None] | None = None,
         watch_after: float = 2.0,
+        standby: Standby | None = None,
     ):
         self.spec = spec
+        # A process started ahead (see Standby): start() loads the model in it instead of starting one, unless it died.
+        self._standby = standby if standby is not None and standby.alive else None
+        if standby is not None and self._standby is None:
+            standby.close()
         self.load_timeout = load_timeout
         self.token_timeout = token_timeout
         # While a call hears nothing for more than ``watch_after`` seconds, ``watchdog()`` is asked every second
@@ -152,7 +201,8 @@ class Engine:
         self.watch_after = watch_after
         self.on_progress = on_progress
         self._probe = probe or _probe_stages
-        self._log = tempfile.NamedTemporaryFile(prefix="sharedllm-engine-", suffix=".log", delete=False)
+        self._log = self._standby.log if self._standby else tempfile.NamedTemporaryFile(
+            prefix="sharedllm-engine-", suffix=".log", delete=False)
         self.info: dict[str, Any] = {}
         self.stats: dict[str, Any] = {}  # the batch scheduler's last report: running, waiting, batch size...
         self._proc: subprocess.Popen | None = None
@@ -182,23 +232,22 @@ class Engine:
         return len(self._inboxes)
 
     def start(self) -> dict[str, Any]:
-        """Start the child and load the model. Returns what the child reports (devices, load time, n_ctx...)."""
-        # GGML_NO_BACKTRACE: on abort, ggml would attach gdb to print a backtrace, which takes seconds.
-        env = dict(os.environ, PYTHONUNBUFFERED="1", GGML_NO_BACKTRACE="1")
-        # The engine's own CPU work is tiny (embedding rows, sampling) between network waits: its OpenMP threads
-        # should sleep soon after, not spin ~300k times and take the CPU from the rest of the user's process.
-        env.setdefault("GOMP_SPINCOUNT", "10000")
+        """Start the child (or take the standby) and load the model. Returns what the child reports (devices, load
+        time, n_ctx...)."""
         spawned = time.monotonic()  # CLOCK_MONOTONIC is system-wide: the child's timestamps compare with it
-        self._proc = subprocess.Popen(
-            [sys.executable, "-m", "sharedllm.engine", str(os.getpid())],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=self._log,
-            env=env,
-            start_new_session=True,  # Ctrl-C in the user's terminal reaches the user's code, not the engine
-        )
+        if self._standby is not None:
+            self._proc, self._standby = self._standby.proc, None
+        else:
+            self._proc = subprocess.Popen(
+                [sys.executable, "-m", "sharedllm.engine", str(os.getpid())],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=self._log,
+                env=_child_env(),
+                start_new_session=True,  # Ctrl-C in the user's terminal reaches the user's code, not the engine
+            )
         self._reader = _FrameReader(self._proc.stdout.fileno())
-        self._send({"op": "init", "spec": self.spec})
+        self._send({"op": "init", "spec": self.spec, "sent_at": time.monotonic()})
         deadline = time.monotonic() + self.load_timeout
         while True:
             msg = self._recv(self._reader.read, deadline - time.monotonic(), during="loading the model")
@@ -209,7 +258,7 @@ class Engine:
                 self.info = msg[1]
                 phases = self.info.get("phases")
                 if phases is not None and "started_at" in phases:
-                    phases["spawn"] = phases.pop("started_at") - spawned
+                    phases["spawn"] = max(0.0, phases.pop("started_at") - spawned)  # 0: a standby, started ahead
                     logger.debug("engine load phases (s): %s", phases)
                 return self.info
             elif msg[0] == "error":
@@ -523,6 +572,9 @@ class Engine:
         end with ``ModelClosed``; with ``replaced`` (the engine failed and its handle recovers), with the engine's
         failure, which their handle recovers from."""
         self._closing = not replaced
+        if self._standby is not None:  # never started: the standby it was given goes with it
+            self._standby.close()
+            self._standby = None
         proc = self._proc
         if proc is None:
             return
