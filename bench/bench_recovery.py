@@ -17,6 +17,10 @@ The text must equal a run without the fault. Per run: kill -> next token (the lo
 kill), and for a recovery its parts: kill -> the client's recovery begins (noticing the loss, and checking that the
 model was not what made the server abort), the reload (lease + engine start on the remaining machine), and the
 replay (the prompt and the tokens already delivered, read again) up to the next new token.
+
+``--standby both`` (default) runs each recovering fault twice per repeat, side by side: with the standby engine
+process the handle keeps (``sharedllm.engine.Standby``: the reload loads into a process started ahead) and without
+(the reload starts its own, as before it existed).
 """
 
 from __future__ import annotations
@@ -75,16 +79,21 @@ def back(lm, mesh, fault: str, rpc_pid: int, killed_worker: int | None) -> dict:
     return wait_until(f"{MID} did not serve again", ready)
 
 
-def one_run(lm, mesh, fault: str, tokens: int, kill_after: int, reference: str) -> dict:
+def one_run(lm, mesh, fault: str, tokens: int, kill_after: int, reference: str, standby: bool = True) -> dict:
     victim = machine(mesh, MID)
     rpc_pid = victim["rpc"]["pid"]
     killed_worker = worker_pid(lm, victim["actor_worker"]) if fault == "worker" else None
     gaps: list[float] = []
+    times: list[float] = []  # each chunk's arrival
     with mesh.load("gemma-3-270m", n_ctx=2048, machines=["machine-1", MID]) as llm:
+        if not standby:  # as before the standby existed: a recovery starts its own engine process
+            llm.standby = False
+            llm._drop_standby()
         text, n, t_kill, after_kill, prev = "", 0, None, None, None
         t0 = time.monotonic()
         for chunk in llm.create_completion(PROMPT, max_tokens=tokens, temperature=0, stream=True):
             now = time.monotonic()
+            times.append(now)
             if prev is not None:
                 gaps.append(now - prev)
             if t_kill is not None and after_kill is None:
@@ -105,13 +114,17 @@ def one_run(lm, mesh, fault: str, tokens: int, kill_after: int, reference: str) 
     # The longest gap between chunks from the kill on (the first one counts from the kill itself).
     later = gaps[kill_after:]  # gaps[i] ends at chunk i + 2: the gaps after the first chunk after the kill
     stall = max([after_kill - t_kill, *later]) if after_kill is not None else None
-    row = {"fault": fault, "kill_to_next_token_s": stall, "recoveries": len(recs),
+    row = {"fault": fault, "standby": standby, "kill_to_next_token_s": stall, "recoveries": len(recs),
            "itl_before_kill_ms": 1000 * statistics.median(gaps[:kill_after - 1]) if kill_after > 2 else None,
            "total_s": total, "chunks": n, "same_text": text == reference}
     if recs:
         rec = recs[0]
+        # replay: from the reloaded engine to the first chunk after it (a chunk already under way at the kill may
+        # arrive before the loss is noticed)
+        reloaded = rec["started"] + rec["seconds"]
+        resumed = next((t for t in times if t > reloaded), None)
         row.update(lost=rec["lost"], notice_s=rec["started"] - t_kill, reload_s=rec["seconds"],
-                   replay_s=after_kill - rec["started"] - rec["seconds"] if after_kill else None)
+                   replay_s=resumed - reloaded if resumed is not None else None)
     if fault == "power cut":
         lm.add_machine(MID)
     m = back(lm, mesh, fault, rpc_pid, killed_worker)
@@ -126,7 +139,10 @@ def main() -> None:
     ap.add_argument("--kill-after", type=int, default=16)
     ap.add_argument("--markdown", action="store_true", help="print the table as markdown")
     ap.add_argument("--out", default="bench/results/recovery.json")
+    ap.add_argument("--standby", choices=("both", "on", "off"), default="both",
+                    help="recover into the handle's standby engine process, or start one (both: side by side)")
     args = ap.parse_args()
+    settings = {"both": (True, False), "on": (True,), "off": (False,)}[args.standby]
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
 
     runs = []
@@ -137,19 +153,25 @@ def main() -> None:
             reference = llm.create_completion(PROMPT, max_tokens=args.tokens, temperature=0)["choices"][0]["text"]
         for k in range(args.repeats):
             for fault in FAULTS:
-                r = one_run(lm, mesh, fault, args.tokens, args.kill_after, reference)
-                runs.append(r)
-                log.warning("run %d, %s: %.2fs kill -> next token, %d recoveries, same text %s", k + 1, fault,
-                            r["kill_to_next_token_s"] or -1, r["recoveries"], r["same_text"])
+                # a worker's loss recovers nothing; the order alternates (ABBA): a run after another fault's runs
+                # finds the machine still settling
+                order = settings if k % 2 == 0 else settings[::-1]
+                for standby in order if fault != "worker" else settings[:1]:
+                    r = one_run(lm, mesh, fault, args.tokens, args.kill_after, reference, standby)
+                    runs.append(r)
+                    log.warning("run %d, %s, standby %s: %.2fs kill -> next token, %d recoveries, same text %s",
+                                k + 1, fault, standby, r["kill_to_next_token_s"] or -1, r["recoveries"],
+                                r["same_text"])
 
     def med(rs, key):
         vals = [r[key] for r in rs if r.get(key) is not None]
         return statistics.median(vals) if vals else None
 
     rows = []
-    for fault in FAULTS:
-        rs = [r for r in runs if r["fault"] == fault]
-        rows.append({"fault": fault, "runs": len(rs), "kill_to_next_token_median_s": med(rs, "kill_to_next_token_s"),
+    for fault, standby in dict.fromkeys((r["fault"], r["standby"]) for r in runs):
+        rs = [r for r in runs if r["fault"] == fault and r["standby"] == standby]
+        rows.append({"fault": fault, "standby": standby, "runs": len(rs),
+                     "kill_to_next_token_median_s": med(rs, "kill_to_next_token_s"),
                      "kill_to_next_token_max_s": max(r["kill_to_next_token_s"] or 0 for r in rs),
                      "itl_before_kill_median_ms": med(rs, "itl_before_kill_ms"),
                      "recoveries": sum(r["recoveries"] for r in rs), "notice_median_s": med(rs, "notice_s"),
@@ -160,9 +182,10 @@ def main() -> None:
     def cell(v, fmt="{:.2f}"):
         return "-" if v is None else fmt.format(v)
 
-    head = ["killed", "kill -> next token (median)", "(max)", "ITL before (ms)", "recoveries", "notice",
+    head = ["killed", "standby", "kill -> next token (median)", "(max)", "ITL before (ms)", "recoveries", "notice",
             "reload", "replay", "data plane kept", "text == no fault"]
-    lines = [[r["fault"], cell(r["kill_to_next_token_median_s"]) + " s", cell(r["kill_to_next_token_max_s"]) + " s",
+    lines = [[r["fault"], "yes" if r["standby"] else "no", cell(r["kill_to_next_token_median_s"]) + " s",
+              cell(r["kill_to_next_token_max_s"]) + " s",
               cell(r["itl_before_kill_median_ms"], "{:.0f}"), f"{r['recoveries']} of {r['runs']}",
               cell(r["notice_median_s"]), cell(r["reload_median_s"]), cell(r["replay_median_s"]),
               "yes" if r["data_plane_kept"] else "no", "yes" if r["all_same_text"] else "NO"] for r in rows]

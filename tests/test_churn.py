@@ -63,7 +63,8 @@ def stream_with_fault(llm, fault, after: int = 8, api: str = "blocking", **kwarg
 def test_kill_rpc_server_mid_stream_the_stream_goes_on(mesh, local_greedy, api):
     victim = machine(mesh, "machine-2")["rpc"]
     with mesh.load("gemma-3-270m", n_ctx=N_CTX, machines=TWO) as llm:
-        standby = llm._standby.proc.pid  # the engine process started ahead for a recovery
+        # the engine process started ahead for a recovery, once the handle is idle
+        standby = wait_for(lambda: llm._standby, timeout=30, what="the standby engine process").proc.pid
         text, gap = stream_with_fault(llm, lambda: os.kill(victim["pid"], signal.SIGKILL), api=api)
         assert text == local_greedy["completion"]  # no duplicated, no missing text
         assert [r["lost"] for r in llm.recoveries] == ["machine-2"]
@@ -71,8 +72,8 @@ def test_kill_rpc_server_mid_stream_the_stream_goes_on(mesh, local_greedy, api):
         assert gap < 10
         # The recovery loaded into the standby, and a new one waits for the next.
         assert llm._engine.info["pid"] == standby
-        assert llm._standby is not None and llm._standby.alive and llm._standby.proc.pid != standby
-        spare = llm._standby.proc.pid
+        spare = wait_for(lambda: (sb := llm._standby) and sb.alive and sb.proc.pid != standby and sb.proc.pid,
+                         timeout=30, what="a new standby engine process")
         # The handle keeps working on its new topology.
         again = llm.create_completion(PROMPT, max_tokens=64, temperature=0)
         assert again["choices"][0]["text"] == local_greedy["completion"]

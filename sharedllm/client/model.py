@@ -155,6 +155,8 @@ class MeshModel(Recovery):
         self._generation = 0
         # The engine process the next recovery (or move) loads into, started ahead (see Standby).
         self._standby: Standby | None = None
+        self.standby = max_recoveries > 0  # keep a standby engine process (set False to do without)
+        self._standby_lock = threading.Lock()
 
     # --- lifecycle ---------------------------------------------------------------------------------------------
 
@@ -198,7 +200,9 @@ class MeshModel(Recovery):
                 invariance=self._measured[1] if self._measured and set(topo.machines) <= self._measured[0] else None,
                 **self._engine_options,
             )
-            standby, self._standby = self._standby, None
+            with self._standby_lock:
+                standby, self._standby = self._standby, None
+            self._spare()  # the next one, for the next recovery: started beside this load
             self._engine = Engine(spec, load_timeout=self._load_timeout, token_timeout=self._token_timeout,
                                   on_progress=self._on_progress or _log_progress(name), watchdog=self._suspect,
                                   standby=standby)
@@ -218,18 +222,24 @@ class MeshModel(Recovery):
             self._measured = (frozenset(topo.machines), info["invariance"])
         self.load_seconds = time.perf_counter() - t0
         logger.info("loaded %s on %d machine(s) in %.1fs", name, len(topo.machines), self.load_seconds)
-        self._spare()
 
     def _spare(self) -> None:
-        """Start the standby engine process that the next recovery takes (none with ``max_recoveries=0``)."""
-        if self.max_recoveries > 0 and self._standby is None and not self._closed:
+        """Start the standby engine process that the next recovery (or move) takes; none with ``standby=False``.
+
+        Started as a load begins, beside it: the load waits on the network and on one core (the vocabulary), the
+        standby's interpreter start and imports (~0.4 s of a core) take another, and are done before requests come.
+        A standby started after the load would slow the first requests, or a recovery's replay, on a small host."""
+        with self._standby_lock:
+            if not self.standby or self._standby is not None or self._closed:
+                return
             try:
                 self._standby = Standby()
             except OSError as exc:  # a recovery then starts its own process, as without a standby
                 logger.warning("could not start a standby engine process: %s", exc)
 
     def _drop_standby(self) -> None:
-        standby, self._standby = self._standby, None
+        with self._standby_lock:
+            standby, self._standby = self._standby, None
         if standby is not None:
             standby.close()
 

@@ -199,7 +199,6 @@ class Recovery:
         except (MeshBusy, NoMachines, ModelTooLarge) as exc:  # the old session holds on
             self._engine, self.session_id, self.topology, self._servers_seen, self._lease_relays = old
             self._move_retry_at = time.monotonic() + self.MOVE_RETRY
-            self._spare()  # the failed load took the standby
             logger.warning("cannot move %s off draining machine(s) %s now: %s", self.path.name, ", ".join(draining),
                            exc)
             return
