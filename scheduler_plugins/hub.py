@@ -20,11 +20,14 @@ import tempfile
 import time
 from pathlib import Path
 
-from sharedllm.actor import _Process, _ready_file, _spawn, _terminate
 from sharedllm.dataplane import (
     DEFAULT_ORPHAN_TIMEOUT,
     HUB_FILE,
     TOUCH_EVERY,
+    _Process,
+    _ready_file,
+    _spawn,
+    _terminate,
     control_call,
     control_socket_path,
     process_runs,

@@ -16,16 +16,21 @@ Files in a machine's state directory (``dask worker --preload sharedllm.worker -
   directories: beyond that the socket lives in a private short directory named after the state directory
   (:func:`control_socket_path`).
 
+It also starts and stops these processes (``_spawn``, ``_ready_file``, ``_terminate``; an adopted one is no child of
+ours: ``_Process`` waits on its pidfd), for the actor's rpc-server and relay and the scheduler's relay hub.
+
 No Dask here, and nothing that imports llama.cpp: the rpc-server and the relay import it.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import json
 import logging
 import os
+import signal
 import threading
 import time
 from pathlib import Path
@@ -212,3 +217,95 @@ def kill_running(processes: list[tuple[int, str]], sig: int) -> list[int]:
                 os.kill(pid, sig)
                 killed.append(pid)
     return killed
+
+
+# --- starting and stopping data-plane processes (the actor's rpc-server and relay, the scheduler's hub) ---------
+
+
+class _Process:
+    """A data-plane process: a child this supervisor started, or one it adopted from the supervisor before it (a
+    worker that exited: the process is no child of ours, so its exit status is unknown)."""
+
+    def __init__(self, pid: int, child: asyncio.subprocess.Process | None = None):
+        self.pid, self.child = pid, child
+        self.returncode: int | None = None  # set once it exited (None for an adopted one: unknown)
+        self.exited = False
+
+    async def wait(self) -> int | None:
+        """Wait until the process exits; its status (None when adopted)."""
+        if self.child is not None:
+            self.returncode = await self.child.wait()
+        else:
+            await _wait_pid(self.pid)
+        self.exited = True
+        return self.returncode
+
+    def send(self, sig: int) -> None:
+        if not self.exited:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, sig)
+
+
+async def _wait_pid(pid: int) -> None:
+    """Wait for a process that is not our child to exit (a pidfd where the kernel has them, else polling)."""
+    try:
+        fd = os.pidfd_open(pid)
+    except (OSError, AttributeError):
+        while _alive(pid):
+            await asyncio.sleep(0.2)
+        return
+    loop = asyncio.get_running_loop()
+    done = loop.create_future()
+    loop.add_reader(fd, lambda: done.done() or done.set_result(None))
+    try:
+        await done
+    finally:
+        loop.remove_reader(fd)
+        os.close(fd)
+
+
+def _alive(pid: int) -> bool:
+    return process_state(pid) not in (None, "Z")
+
+
+async def _terminate(proc: _Process, grace: float = 5.0) -> None:
+    """Stop a process: SIGTERM, then SIGKILL after ``grace`` seconds (at once with ``grace=0``); wait for it."""
+    proc.send(signal.SIGTERM if grace > 0 else signal.SIGKILL)
+    try:
+        await asyncio.wait_for(proc.wait(), grace or None)
+    except asyncio.TimeoutError:
+        proc.send(signal.SIGKILL)
+        await proc.wait()
+
+
+async def _spawn(cmd: list[str], log: Path, env: dict | None = None) -> _Process:
+    """Start a data-plane process in a session of its own (a signal to the worker's process group does not reach
+    it), its output appended to ``log``."""
+    with open(log, "ab") as f:
+        child = await asyncio.create_subprocess_exec(*cmd, stdout=f, stderr=f, stdin=asyncio.subprocess.DEVNULL,
+                                                     env=env, start_new_session=True)
+    return _Process(child.pid, child)
+
+
+def _listens(endpoint: str, timeout: float = 2.0) -> bool:
+    """Whether something accepts TCP connections on ``endpoint`` (the connection is closed at once, unused)."""
+    import socket
+
+    host, _, port = endpoint.rpartition(":")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+async def _ready_file(path: Path, proc: _Process, deadline: float) -> dict | None:
+    """The JSON a starting process writes to ``path`` once it serves; None if it exits or ``deadline`` passes."""
+    while time.monotonic() < deadline:
+        info = read_json(path)
+        if info and info.get("pid") == proc.pid:
+            return info
+        if proc.child is not None and proc.child.returncode is not None:
+            return None
+        await asyncio.sleep(0.05)
+    return None
