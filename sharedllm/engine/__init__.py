@@ -8,17 +8,20 @@ death into a typed exception that names the machine or the file. Tokens are forw
 
 - :mod:`.spec`: what an engine loads and where (``EngineSpec``, ``EngineStage``) and the probes of its servers;
 - :mod:`.framing`: the frames between parent and child;
-- :mod:`.process`: the parent's ``Engine`` (many calls at once);
-- :mod:`.child`: the child process (``build_llama``, the serial and the batched runners);
+- :mod:`.process`: the parent's ``Engine`` (many calls at once), each call's frames in an inbox (:mod:`.inbox`);
+- :mod:`.standby`: the child's start, and a ``Standby`` process started ahead of need;
+- :mod:`.child`: the child process (the serial and the batched runners);
+- :mod:`.load`: how the child builds its ``Llama`` (``build_llama``, remote devices, load phases);
 - :mod:`.batch`: continuous batching, the slots and the decode loop;
 - :mod:`.sampling`: one native sampler chain per sequence.
 
 No Dask here: the engine knows endpoints and a tensor split, nothing about the mesh.
 """
 
-from sharedllm.engine.child import OUTPUT_ON_CLIENT, build_llama
-from sharedllm.engine.process import Engine, LoadProgress, Standby, _to_the_end
+from sharedllm.engine.load import OUTPUT_ON_CLIENT, build_llama
+from sharedllm.engine.process import Engine, LoadProgress, _to_the_end
 from sharedllm.engine.spec import EngineSpec, EngineStage, first_failing_stage, probe_stage
+from sharedllm.engine.standby import Standby
 
 __all__ = ["OUTPUT_ON_CLIENT", "Engine", "EngineSpec", "EngineStage", "LoadProgress", "Standby", "_to_the_end",
            "build_llama", "first_failing_stage", "probe_stage"]

@@ -13,7 +13,6 @@ frees its sequence; the other calls go on.
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import copy
 import functools
@@ -29,79 +28,12 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 from sharedllm.engine.framing import _FrameReader, _write_frame
+from sharedllm.engine.inbox import _EOF, _Inbox
 from sharedllm.engine.spec import EngineSpec, _probe_stages
+from sharedllm.engine.standby import Standby, _child_env
 from sharedllm.errors import EngineError, InvalidModel, MeshError, ModelBusy, ModelClosed, WorkerLost
 
 logger = logging.getLogger(__name__)
-
-_EOF = ("eof",)  # put in every inbox when the child's pipe closes
-
-
-class _Inbox:
-    """The frames of one call (without their call id), put by the reader thread, taken by the caller's thread or
-    by its event loop."""
-
-    def __init__(self):
-        self._items: collections.deque[tuple] = collections.deque()
-        self._cond = threading.Condition()
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._event: asyncio.Event | None = None
-        self._poked = False
-
-    def put(self, msg: tuple) -> None:
-        with self._cond:
-            self._items.append(msg)
-            self._cond.notify()
-            loop, event = self._loop, self._event
-        if loop is not None:
-            with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits any more
-                loop.call_soon_threadsafe(event.set)
-
-    def _take(self) -> tuple | None:
-        if not self._items:
-            return None
-        msg = self._items.popleft()
-        if msg is _EOF:
-            self._items.appendleft(msg)  # every later read sees the end too
-            raise EOFError
-        return msg
-
-    def take(self) -> tuple | None:
-        """The next frame if one has come (``EOFError`` at the end of the pipe), else None."""
-        with self._cond:
-            return self._take()
-
-    def wait(self, timeout: float) -> None:
-        """Wait until a frame comes or the pipe is handed to this call (``poke``), at most ``timeout`` seconds."""
-        with self._cond:
-            if not self._items and not self._poked:
-                self._cond.wait(timeout)
-            self._poked = False
-
-    async def await_(self, timeout: float) -> None:
-        """``wait`` in the running event loop."""
-        if self._loop is None:
-            self._loop, self._event = asyncio.get_running_loop(), asyncio.Event()
-        with self._cond:
-            if self._items or self._poked:
-                self._poked = False
-                return
-            self._event.clear()
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._event.wait(), timeout)
-        with self._cond:
-            self._poked = False
-
-    def poke(self) -> None:
-        """Wake the call: the pipe has no reader now, it may take it."""
-        with self._cond:
-            self._poked = True
-            self._cond.notify()
-            loop, event = self._loop, self._event
-        if loop is not None:
-            with contextlib.suppress(RuntimeError):
-                loop.call_soon_threadsafe(event.set)
-
 
 class LoadProgress(float):
     """How far a model load has come: the fraction of the model's tensor data loaded (llama.cpp's own count: sent to
@@ -119,50 +51,6 @@ class LoadProgress(float):
 
     def __repr__(self) -> str:
         return f"LoadProgress({float(self):.3f}, done_bytes={self.done_bytes}, total_bytes={self.total_bytes})"
-
-
-def _child_env() -> dict[str, str]:
-    # GGML_NO_BACKTRACE: on abort, ggml would attach gdb to print a backtrace, which takes seconds.
-    env = dict(os.environ, PYTHONUNBUFFERED="1", GGML_NO_BACKTRACE="1")
-    # The engine's own CPU work is tiny (embedding rows, sampling) between network waits: its OpenMP threads
-    # should sleep soon after, not spin ~300k times and take the CPU from the rest of the user's process.
-    env.setdefault("GOMP_SPINCOUNT", "10000")
-    return env
-
-
-class Standby:
-    """An engine process started ahead of need: its interpreter up and llama-cpp-python imported, waiting for the
-    spec of the model it will load. A recovery that takes it skips those ~0.3-0.8 s (``MeshModel`` keeps one).
-
-    It costs an idle process (~50 MB) and nothing else; it exits with its parent, or on :meth:`close`."""
-
-    def __init__(self):
-        self.log = tempfile.NamedTemporaryFile(prefix="sharedllm-engine-", suffix=".log", delete=False)
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "sharedllm.engine", str(os.getpid())],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=self.log,
-            env=_child_env(),
-            start_new_session=True,  # Ctrl-C in the user's terminal reaches the user's code, not the engine
-        )
-        self.spawned = time.monotonic()  # CLOCK_MONOTONIC is system-wide: the child's timestamps compare with it
-
-    @property
-    def alive(self) -> bool:
-        return self.proc.poll() is None
-
-    def close(self) -> None:
-        """Stop the process (it holds nothing) and remove its log."""
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-        for f in (self.proc.stdin, self.proc.stdout):
-            with contextlib.suppress(Exception):
-                f.close()
-        self.log.close()
-        with contextlib.suppress(OSError):
-            os.unlink(self.log.name)
 
 
 class Engine:
