@@ -230,11 +230,13 @@ def test_a_retry_after_beyond_the_limit_is_a_clear_error(server, tmp_path):
 def test_retry_after_values():
     import email.utils
 
-    assert dl._retry_after("120") == 120.0
-    assert dl._retry_after(None) is None and dl._retry_after("soon") is None
+    from sharedllm.sources import _retry_after
+
+    assert _retry_after("120") == 120.0
+    assert _retry_after(None) is None and _retry_after("soon") is None
     date = email.utils.formatdate(1_000_030, usegmt=True)
-    assert dl._retry_after(date, now=1_000_000) == 30.0
-    assert dl._retry_after(date, now=1_000_100) == 0.0
+    assert _retry_after(date, now=1_000_000) == 30.0
+    assert _retry_after(date, now=1_000_100) == 0.0
 
 
 def test_kill_9_then_resume(server, tmp_path):
