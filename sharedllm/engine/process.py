@@ -20,7 +20,6 @@ import itertools
 import logging
 import os
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -30,7 +29,7 @@ from typing import Any
 from sharedllm.engine.framing import _FrameReader, _write_frame
 from sharedllm.engine.inbox import _EOF, _Inbox
 from sharedllm.engine.spec import EngineSpec, _probe_stages
-from sharedllm.engine.standby import Standby, _child_env
+from sharedllm.engine.standby import Standby, spawn_child
 from sharedllm.errors import EngineError, InvalidModel, MeshError, ModelBusy, ModelClosed, WorkerLost
 
 logger = logging.getLogger(__name__)
@@ -126,14 +125,7 @@ class Engine:
         if self._standby is not None:
             self._proc, self._standby = self._standby.proc, None
         else:
-            self._proc = subprocess.Popen(
-                [sys.executable, "-m", "sharedllm.engine", str(os.getpid())],
-                stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
-                stderr=self._log,
-                env=_child_env(),
-                start_new_session=True,  # Ctrl-C in the user's terminal reaches the user's code, not the engine
-            )
+            self._proc = spawn_child(self._log)
         self._reader = _FrameReader(self._proc.stdout.fileno())
         self._send({"op": "init", "spec": self.spec, "sent_at": time.monotonic()})
         deadline = time.monotonic() + self.load_timeout

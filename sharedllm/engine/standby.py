@@ -8,7 +8,6 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
 
 
 def _child_env() -> dict[str, str]:
@@ -20,6 +19,18 @@ def _child_env() -> dict[str, str]:
     return env
 
 
+def spawn_child(log) -> subprocess.Popen:
+    """Start ``python -m sharedllm.engine``: frames on its stdin and stdout, everything else it prints in ``log``."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "sharedllm.engine", str(os.getpid())],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=log,
+        env=_child_env(),
+        start_new_session=True,  # Ctrl-C in the user's terminal reaches the user's code, not the engine
+    )
+
+
 class Standby:
     """An engine process started ahead of need: its interpreter up and llama-cpp-python imported, waiting for the
     spec of the model it will load. A recovery that takes it skips those ~0.3-0.8 s (``MeshModel`` keeps one).
@@ -28,15 +39,7 @@ class Standby:
 
     def __init__(self):
         self.log = tempfile.NamedTemporaryFile(prefix="sharedllm-engine-", suffix=".log", delete=False)
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "sharedllm.engine", str(os.getpid())],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=self.log,
-            env=_child_env(),
-            start_new_session=True,  # Ctrl-C in the user's terminal reaches the user's code, not the engine
-        )
-        self.spawned = time.monotonic()  # CLOCK_MONOTONIC is system-wide: the child's timestamps compare with it
+        self.proc = spawn_child(self.log)
 
     @property
     def alive(self) -> bool:
