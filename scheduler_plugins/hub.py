@@ -196,8 +196,8 @@ class MeshHub:
         if self.address:
             logger.info("machines without inbound connections register at the relay hub %s", self.address)
             return
-        self.process = HubProcess(self.key, port=self.port, workdir=self.workdir,
-                                  max_mbit_per_machine=self.config.get("max_mbit_per_machine"))
+        self.process = HubProcess(self.key, host=self.config.get("listen") or "0.0.0.0", port=self.port,
+                                  workdir=self.workdir, max_mbit_per_machine=self.config.get("max_mbit_per_machine"))
         self.port = await self.process.start()
 
     async def close(self) -> None:

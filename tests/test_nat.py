@@ -37,20 +37,27 @@ def nat_mesh():
     lm.close()
 
 
-def _listening_tcp_ports(pid: int) -> set[int]:
-    """TCP ports process ``pid`` listens on (its socket inodes against /proc/net/tcp{,6} in LISTEN state)."""
+def _listening(pid: int) -> set[tuple[str, int]]:
+    """(address, port) of every TCP socket process ``pid`` listens on (its socket inodes against /proc/net/tcp{,6}
+    in LISTEN state; an IPv4 address dotted, an IPv6 one as the kernel's hex)."""
     inodes = set()
     for fd in Path(f"/proc/{pid}/fd").iterdir():
         target = os.readlink(fd)
         if target.startswith("socket:["):
             inodes.add(target[8:-1])
-    ports = set()
+    out = set()
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
         for line in Path(table).read_text().splitlines()[1:]:
             fields = line.split()
             if fields[3] == "0A" and fields[9] in inodes:  # 0A: LISTEN
-                ports.add(int(fields[1].rpartition(":")[2], 16))
-    return ports
+                addr, _, port = fields[1].rpartition(":")
+                host = ".".join(str(b) for b in bytes.fromhex(addr)[::-1]) if len(addr) == 8 else addr
+                out.add((host, int(port, 16)))
+    return out
+
+
+def _listening_tcp_ports(pid: int) -> set[int]:
+    return {port for _, port in _listening(pid)}
 
 
 def test_a_machine_behind_nat_serves_through_the_hub(nat_mesh, local_greedy):
@@ -61,6 +68,9 @@ def test_a_machine_behind_nat_serves_through_the_hub(nat_mesh, local_greedy):
     assert nat["rpc"]["relay"]["endpoint"] == "hub/nat-1" and nat["rpc"]["relay"]["inbound"] is False
     assert _listening_tcp_ports(nat["rpc"]["relay"]["pid"]) == set()  # the NAT machine's relay listens nowhere
     assert _listening_tcp_ports(direct["rpc"]["relay"]["pid"])  # the other one does
+    # The embedded mesh's scheduler listens on loopback: its hub too, not on every interface.
+    hub = mesh.state()["hub"]
+    assert _listening(hub["pid"]) == {("127.0.0.1", hub["port"])}
     forwarded = mesh.state()["hub"]["forwarded"]
     with mesh.load("gemma-3-270m", n_ctx=N_CTX, machines=BOTH) as llm:
         assert sorted(llm.topology.machines) == BOTH

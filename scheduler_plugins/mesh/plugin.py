@@ -31,6 +31,17 @@ from sharedllm.scheduler_plugins.trust import Admission, Limits, RateLimiter, Tr
 logger = logging.getLogger("sharedllm.scheduler")
 
 
+def _listen_host(scheduler) -> str:
+    """The interface the scheduler listens on (``0.0.0.0`` when it cannot tell)."""
+    from distributed.comm import get_address_host
+
+    try:
+        host = get_address_host(scheduler.listeners[0].listen_address)
+    except (AttributeError, IndexError, ValueError):
+        return "0.0.0.0"
+    return host or "0.0.0.0"
+
+
 class MeshPlugin(Registry, Leases, Planning, Guard, Persistence, SchedulerPlugin):
     """Tracks machines and pins exactly one ``RPCServerActor`` per machine."""
 
@@ -135,6 +146,9 @@ class MeshPlugin(Registry, Leases, Planning, Guard, Persistence, SchedulerPlugin
         from sharedllm.scheduler_plugins.hub import MeshHub
 
         config = dict(self.hub_config)
+        # The hub listens where the scheduler does: a scheduler on loopback (an embedded mesh) opens no other port to
+        # the network; on every interface (0.0.0.0), the hub too.
+        config.setdefault("listen", _listen_host(self.scheduler))
         if not config.get("port") and self._saved_hub_port:
             config["port"] = self._saved_hub_port  # where the machines behind NAT look for it after a restart
         workdir = f"{self.state_path}.hub" if self.state_path else None
@@ -144,7 +158,7 @@ class MeshPlugin(Registry, Leases, Planning, Guard, Persistence, SchedulerPlugin
         except (OSError, RuntimeError) as exc:
             if config.get("port") == self._saved_hub_port and not self.hub_config.get("port"):
                 logger.warning("%s; the relay hub takes another port", exc)
-                hub = MeshHub(self.hub_config, self.relay_master, workdir)
+                hub = MeshHub({**config, "port": 0}, self.relay_master, workdir)
                 await hub.start()
             else:
                 raise
