@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -154,6 +155,8 @@ class HubProcess:
             t.cancel()
         if self._proc is not None and (stop if stop is not None else not self.persistent):
             await _terminate(self._proc)
+        if not self.persistent:  # a folder of our own in /tmp: its key, log and socket go with the hub
+            shutil.rmtree(self.workdir, ignore_errors=True)
 
 
 class MeshHub:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import socket
 
 import pytest
@@ -201,3 +202,27 @@ def test_an_ended_lease_is_cut_and_refused_at_the_hub(rpc_server, certs, hub, re
     other = client_through(hub, certs, htoken=hub_token("lease-B"), token=mint_token(K1, "lease-B", M1, 60))
     with pytest.raises(TokenError, match="lease mismatch"):  # another lease passes the hub; the machine decides
         other.check()
+
+
+def test_the_schedulers_hub_process_listens_where_told_and_leaves_no_folder():
+    """The hub the scheduler preload runs (``HubProcess``) without a state file: in a folder of its own under /tmp,
+    which goes with it (embedded meshes left one behind per run)."""
+    import asyncio
+
+    from sharedllm.scheduler_plugins.hub import HubProcess
+
+    async def run():
+        process = HubProcess(HUB_KEY, host="127.0.0.1")
+        port = await process.start()
+        try:
+            assert (process.workdir / "hub.key").exists()
+            with socket.create_connection(("127.0.0.1", port), timeout=5):
+                pass
+        finally:
+            await process.close()
+        return process
+
+    process = asyncio.run(run())
+    assert not process.workdir.exists()
+    with pytest.raises(ProcessLookupError):
+        os.kill(process.pid, 0)
