@@ -126,12 +126,18 @@ def up(machines: int, host: str, state_path: str | None, tls: bool, insecure_dir
 
         write_private(secret_file, lm.secret or "")
         click.echo(f"cluster secret: {secret_file} (workers joining from elsewhere need it: --secret-file)")
+        tls_options, security = "", ""
         if lm.tls:
-            click.echo(f"tls: --tls-ca-file {lm.tls.ca} --tls-cert {lm.tls.cert} --tls-key {lm.tls.key}")
+            tls_options = f"--tls-ca-file {lm.tls.ca} --tls-cert {lm.tls.cert} --tls-key {lm.tls.key}"
+            security = (f", security=distributed.security.Security(tls_ca_file=\"{lm.tls.ca}\", "
+                        f"tls_client_cert=\"{lm.tls.cert}\", tls_client_key=\"{lm.tls.key}\", "
+                        "require_encryption=True)")
+            click.echo(f"tls: {tls_options}")
         click.echo(str(lm.mesh().machines()))
-        click.echo(f"\nconnect:  python -c 'import sharedllm, distributed; "
-                   f"m = sharedllm.Mesh(distributed.Client(\"{lm.address}\")); print(m.machines())'")
-        click.echo(f"generate: sharedllm generate gemma-3-270m 'Once upon a time' --scheduler {lm.address}")
+        click.echo(f"\nconnect:  python -c 'import sharedllm, distributed, distributed.security; "
+                   f"m = sharedllm.Mesh(distributed.Client(\"{lm.address}\"{security})); print(m.machines())'")
+        sharedllm = f"sharedllm {tls_options} " if tls_options else "sharedllm "
+        click.echo(f"generate: {sharedllm}generate gemma-3-270m 'Once upon a time' --scheduler {lm.address}")
         click.echo("Ctrl-C to stop", err=True)
         stop = []
         signal.signal(signal.SIGTERM, lambda *_: stop.append(1))

@@ -253,3 +253,8 @@ def test_tls_mesh_generates_the_same_greedy_text(local_greedy):
                              "--json"], capture_output=True, text=True, timeout=120)
         assert ok.returncode == 0, ok.stderr
         assert "machine-1" in ok.stdout
+        # Without them: one line that says what is missing (it was a 60-line TypeError).
+        bare = subprocess.run([str(Path(sys.executable).parent / "sharedllm"), "status", "--scheduler", lm.address],
+                              capture_output=True, text=True, timeout=120)
+        assert bare.returncode == 1 and "Traceback" not in bare.stderr, bare.stderr
+        assert "speaks TLS" in bare.stderr and "--tls-ca-file" in bare.stderr

@@ -92,6 +92,15 @@ class Mesh:
 
         try:
             client = Client(address, timeout=timeout, **client_kwargs)
+        except TypeError as exc:
+            if "ssl_context" not in str(exc):
+                raise
+            raise SchedulerUnreachable(
+                f"the scheduler at {address} speaks TLS and this client has no TLS configuration: give it the mesh's "
+                "CA, certificate and key (`sharedllm --tls-ca-file CA --tls-cert CERT --tls-key KEY COMMAND ...`, or "
+                "Mesh.connect(address, security=distributed.security.Security(tls_ca_file=..., tls_client_cert=..., "
+                "tls_client_key=..., require_encryption=True)))"
+            ) from None
         except (OSError, TimeoutError) as exc:
             raise SchedulerUnreachable(
                 f"cannot reach the Dask scheduler at {address} within {timeout:.0f}s ({type(exc).__name__}); check "
