@@ -59,7 +59,7 @@ def friendly_errors(fn):
     return wrapper
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(name="sharedllm", context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("-v", "--verbose", count=True, help="more log output (-vv for debug)")
 @click.option("--tls-ca-file", envvar="SHAREDLLM_TLS_CA_FILE", default=None, help="CA of a TLS mesh (tls://)")
 @click.option("--tls-cert", envvar="SHAREDLLM_TLS_CERT", default=None, help="client certificate for a TLS mesh")

@@ -145,3 +145,10 @@ def test_module_entry_point_lists_every_command():
     assert out.returncode == 0, out.stderr
     for command in ("up", "generate", "status", "demo", "drain", "serve", "models", "trust", "clients"):
         assert f"  {command} " in out.stdout
+
+
+def test_the_same_commands_under_dask():
+    # The README: "The same command group is available as `dask sharedllm ...`" (it was `dask cli`).
+    out = subprocess.run([str(BIN / "dask"), "sharedllm", "--help"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert "Usage: dask sharedllm" in out.stdout and "  generate " in out.stdout
