@@ -134,7 +134,9 @@ def serve(scheduler, model_ref, model_name, host, port, api_keys, api_keys_file,
             llm = mesh.load(str(path), **load_kwargs)
         stack.callback(llm.close)
         click.echo(str(llm.topology), err=True)
-        app = create_app(llm, model_id=model_id, api_keys=keys, max_queue=max_queue, queue_timeout=queue_timeout)
+        # The name it was served by is an id clients may use too (`--model gemma-3-270m` serves gemma-3-270m-q4_k_m)
+        app = create_app(llm, model_id=model_id, api_keys=keys, max_queue=max_queue, queue_timeout=queue_timeout,
+                         aliases=[model_ref] if models.needs_catalog(model_ref) else [])
         if not keys and is_loopback(host):
             # Unauthenticated on loopback: answer only requests addressed to this machine, so that a web page cannot
             # reach the API through DNS rebinding.

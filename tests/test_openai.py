@@ -499,6 +499,19 @@ def test_chat_role_chunk_joins_the_first_text(deltas, events, finish):
     assert chunks[-1]["finish_reason"] == finish
 
 
+def test_a_model_served_by_its_catalog_name_answers_to_it():
+    # `sharedllm serve --model gemma-3-270m` serves the file gemma-3-270m-q4_k_m.gguf: clients may name either.
+    app = create_app(_Scripted([{"role": "assistant"}, {"content": "Hi"}, {}]), model_id=MODEL_ID,
+                     aliases=["gemma-3-270m"], max_queue=1, queue_timeout=5)
+    with ServerThread(app) as s:
+        assert httpx.get(f"{s.url}/v1/models/gemma-3-270m", timeout=30).json()["id"] == MODEL_ID
+        assert [m["id"] for m in httpx.get(f"{s.url}/v1/models", timeout=30).json()["data"]] == [MODEL_ID]
+        resp = httpx.post(f"{s.url}/v1/chat/completions", timeout=30,
+                          json={"model": "gemma-3-270m", "messages": CHAT, "stream": True})
+        assert resp.status_code == 200 and "Hi" in resp.text
+        assert httpx.get(f"{s.url}/v1/models/gemma-3", timeout=30).status_code == 404
+
+
 class _Accepting:
     """A stand-in model that says when it accepted a request (as MeshModel does), then waits for ``go``."""
 

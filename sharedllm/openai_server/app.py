@@ -69,9 +69,10 @@ def create_app(
     api_keys: Collection[str] = (),
     max_queue: int = 16,
     queue_timeout: float = 60.0,
+    aliases: Collection[str] = (),
 ) -> FastAPI:
     """The FastAPI app serving ``model`` (a loaded ``MeshModel``, or a ``Replicas`` of them) under the id
-    ``model_id``.
+    ``model_id``; requests may also name it by one of ``aliases`` (such as the catalog name it was served by).
 
     ``api_keys``: keys accepted as ``Authorization: Bearer KEY`` on ``/v1``; empty serves without authentication.
     The model serves its ``parallel`` requests at once (1 for a model without that attribute); ``max_queue``:
@@ -139,8 +140,10 @@ def create_app(
         logger.error("unexpected error answering %s %s", request.method, request.url.path, exc_info=exc)
         return _error_response(500, f"internal error: {type(exc).__name__}", type="server_error")
 
+    names = {model_id, *aliases}
+
     def check_model(name: str) -> None:
-        if name != model_id:
+        if name not in names:
             raise APIError(404, f"The model `{name}` does not exist; this server serves `{model_id}`.",
                            param="model", code="model_not_found")
 
