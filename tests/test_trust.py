@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from sharedllm import security
-from sharedllm.errors import ClientBanned, NoMachines, RateLimited
+from sharedllm.errors import ClientBanned, MeshError, NoMachines, RateLimited
 from sharedllm.scheduler_plugins.trust import Admission, RateLimiter, TrustRecord, TrustRegistry
 from tests.conftest import N_CTX, PROMPT, machine, wait_for
 
@@ -164,6 +164,8 @@ def test_banned_machine_is_never_placed_and_labels_route(guarded_mesh):
 
     mesh = Mesh(guarded_mesh.client())
     est_kwargs = {"n_ctx": N_CTX, "wait_timeout": 5}
+    with pytest.raises(MeshError, match="no machine 'machine-l' in the mesh"):  # a typo bans nobody
+        mesh._call("sharedllm_trust", action="ban", machine="machine-l")
     mesh._call("sharedllm_trust", action="ban", machine="machine-1")
     try:
         with mesh.load("gemma-3-270m", **est_kwargs) as llm:

@@ -51,6 +51,11 @@ class Guard:
         if action in ("ban", "unban"):
             if not machine:
                 raise MeshError(f"trust {action} needs a machine id")
+            known = set(self.trust.records) | set(self.known) | set(self._workers_of)
+            if machine not in known:  # a typo would ban nobody, or lift no ban, and say it did
+                some = ", ".join(sorted(known)[:20]) + (", ..." if len(known) > 20 else "")
+                raise MeshError(f"no machine {machine!r} in the mesh or its history (it knows {some or 'none'}); "
+                                "check the id with `sharedllm trust list`")
             self.trust.set_banned(machine, action == "ban")
             logger.warning("machine %s %sned", machine, action)
             self.persist()
