@@ -36,6 +36,17 @@ def test_missing_path(mesh, tmp_path):
 
 
 @pytest.mark.mesh
+def test_a_bad_context_or_an_unknown_machine_says_so(mesh):
+    with pytest.raises(ValueError, match="n_ctx must be a positive number of tokens"):
+        mesh.load("gemma-3-270m", n_ctx=0)
+    with pytest.raises(ValueError, match="n_ctx must be a positive number of tokens"):
+        mesh.plan("gemma-3-270m", n_ctx=-5)
+    # A typo in a machine id: the machines the mesh has, not advice to start workers.
+    with pytest.raises(NoMachines, match=r"no machine 'machine-9' in the mesh now \(it has machine-1, machine-2"):
+        mesh.load("gemma-3-270m", n_ctx=256, machines=["machine-9"])
+
+
+@pytest.mark.mesh
 def test_non_gguf_file(mesh, tmp_path):
     bogus = tmp_path / "notes.gguf"
     bogus.write_text("these are not the weights you are looking for\n" * 10)

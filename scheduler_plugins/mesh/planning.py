@@ -90,7 +90,12 @@ class Planning:
         skipped = []
         if machines:
             # A requested machine may be away for a moment (its worker restarting): leave it out, say so.
-            skipped += [f"{mid} (not connected)" for mid in machines if mid not in {m["machine_id"] for m in state}]
+            live = sorted(m["machine_id"] for m in state)
+            missing = [mid for mid in machines if mid not in live]
+            if missing and len(missing) == len(set(machines)):  # none of them: a typo, or all away
+                raise NoMachines(f"no machine {', '.join(map(repr, missing))} in the mesh now (it has "
+                                 f"{', '.join(live) or 'none'}); check the id, or wait for the machine to connect")
+            skipped += [f"{mid} (not connected)" for mid in missing]
             state = [m for m in state if m["machine_id"] in machines]
         skipped += [f"{m['machine_id']} (excluded)" for m in state if m["machine_id"] in (exclude or ())]
         state = [m for m in state if m["machine_id"] not in (exclude or ())]

@@ -234,7 +234,7 @@ class Mesh:
         weights moves."""
         catalog = self._call("sharedllm_catalog", action="list") if models.needs_catalog(model) else None
         parsed = models.header(model, catalog)  # for a remote model: its header only
-        estimate = self._estimate(parsed, n_ctx * _check_parallel(parallel), output_layer, machines)
+        estimate = self._estimate(parsed, _context(n_ctx, parallel), output_layer, machines)
         from sharedllm.ggml import build_info
 
         d = self._call(
@@ -327,13 +327,14 @@ class Mesh:
 
         if max_recoveries < 0:
             raise ValueError(f"max_recoveries must be >= 0, got {max_recoveries}")
+        _context(n_ctx, parallel)  # a bad n_ctx or parallel: a clear error before anything moves
         build_info()  # measured once per library build and cached; not part of planning time
         catalog = self._call("sharedllm_catalog", action="list") if models.needs_catalog(model) else None
         if models.needs_download(model, catalog):  # a model too large for the mesh is refused before the download
             self.plan(model, n_ctx, strategy=strategy, headroom=headroom, machines=machines, max_devices=max_devices,
                       output_layer=output_layer, parallel=parallel)
         path = self.resolve(model)
-        estimate = self._estimate(path, n_ctx * _check_parallel(parallel), output_layer, machines)
+        estimate = self._estimate(path, _context(n_ctx, parallel), output_layer, machines)
         handle = MeshModel(
             self, path, estimate,
             plan_kwargs={"strategy": strategy, "headroom": headroom, "machines": machines, "max_devices": max_devices,
@@ -402,3 +403,10 @@ def _check_parallel(parallel: int) -> int:
     if not isinstance(parallel, int) or parallel < 1:
         raise ValueError(f"parallel must be an integer >= 1, got {parallel!r}")
     return parallel
+
+
+def _context(n_ctx: int, parallel: int) -> int:
+    """The tokens of context of all ``parallel`` sequences together, for the memory estimate."""
+    if not isinstance(n_ctx, int) or isinstance(n_ctx, bool) or n_ctx < 1:
+        raise ValueError(f"n_ctx must be a positive number of tokens (each sequence's context), got {n_ctx!r}")
+    return n_ctx * _check_parallel(parallel)
