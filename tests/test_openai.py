@@ -273,6 +273,8 @@ def test_malformed_requests(client, http, local_greedy):
     with pytest.raises(openai.BadRequestError) as err:
         client.completions.create(model=MODEL_ID, prompt=long_prompt, max_tokens=4)
     assert err.value.code == "context_length_exceeded"
+    # What is too long and what helps (lowering max_tokens cannot: it is capped to what fits)
+    assert re.search(rf"the prompt has \d+ tokens, the context {N_CTX}\. Shorten the prompt\.$", err.value.message)
     with pytest.raises(openai.BadRequestError) as err:  # streamed: refused before the stream starts
         client.chat.completions.create(model=MODEL_ID, messages=[{"role": "user", "content": long_prompt}],
                                        max_tokens=4, stream=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 
 from fastapi.responses import JSONResponse
 
@@ -53,8 +54,11 @@ def map_exception(exc: BaseException, *, param: str) -> APIError:
     """Turn what the model raised into the OpenAI error a client should see (``param``: the prompt's field)."""
     if isinstance(exc, ValueError):  # llama-cpp-python's own argument checks, forwarded by the engine
         if CONTEXT_LENGTH_EXCEEDED in str(exc):
-            return APIError(400, f"This model's maximum context length is exceeded: {exc}. Shorten the {param} or "
-                            "lower max_tokens.", param=param, code="context_length_exceeded")
+            # Raised for the prompt alone (a max_tokens beyond what fits is capped, as llama-cpp-python does).
+            sizes = re.search(r"\((\d+)\) exceed context window of (\d+)", str(exc))
+            what = (f"the {param} has {sizes[1]} tokens, the context {sizes[2]}" if sizes else str(exc))
+            return APIError(400, f"This model's maximum context length is exceeded: {what}. Shorten the {param}.",
+                            param=param, code="context_length_exceeded")
         return APIError(400, str(exc) or "invalid request")
     if isinstance(exc, RateLimited):  # the mesh's per-client limits
         retry = str(max(1, min(MAX_RETRY_AFTER, math.ceil(exc.retry_after))))
