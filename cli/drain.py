@@ -13,7 +13,7 @@ from sharedllm.cli.main import friendly_errors
 
 @click.command()
 @click.argument("machine")
-@click.option("--scheduler", required=True, envvar="SHAREDLLM_SCHEDULER", help="scheduler address")
+@click.option("--scheduler", required=True, envvar="SHAREDLLM_SCHEDULER", show_envvar=True, help="scheduler address")
 @click.option("--timeout", default=600.0, show_default=True, help="seconds to wait for the machine's sessions")
 @click.option("--undo", is_flag=True, help="allow new sessions on the machine again")
 @friendly_errors

@@ -61,9 +61,10 @@ def friendly_errors(fn):
 
 @click.group(name="sharedllm", context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("-v", "--verbose", count=True, help="more log output (-vv for debug)")
-@click.option("--tls-ca-file", envvar="SHAREDLLM_TLS_CA_FILE", default=None, help="CA of a TLS mesh (tls://)")
-@click.option("--tls-cert", envvar="SHAREDLLM_TLS_CERT", default=None, help="client certificate for a TLS mesh")
-@click.option("--tls-key", envvar="SHAREDLLM_TLS_KEY", default=None, help="client key for a TLS mesh")
+@click.option("--tls-ca-file", envvar="SHAREDLLM_TLS_CA_FILE", show_envvar=True, default=None, help="CA of a TLS mesh (tls://)")
+@click.option("--tls-cert", envvar="SHAREDLLM_TLS_CERT", show_envvar=True, default=None,
+              help="client certificate for a TLS mesh")
+@click.option("--tls-key", envvar="SHAREDLLM_TLS_KEY", show_envvar=True, default=None, help="client key for a TLS mesh")
 @click.version_option(package_name="sharedllm")
 def cli(verbose: int, tls_ca_file: str | None, tls_cert: str | None, tls_key: str | None) -> None:
     """SharedLLM: run one GGUF model split across the machines of a mesh."""
@@ -94,7 +95,7 @@ def _connect(scheduler: str | None, machines: int):
 @cli.command()
 @click.option("--machines", default=2, show_default=True, help="emulated machines (one worker and rpc-server each)")
 @click.option("--host", default="127.0.0.1", show_default=True, help="address to listen on")
-@click.option("--state-path", envvar="SHAREDLLM_STATE_PATH", default=None,
+@click.option("--state-path", envvar="SHAREDLLM_STATE_PATH", show_envvar=True, default=None,
               help="SQLite file keeping the scheduler's registry across restarts")
 @click.option("--tls", is_flag=True, help="Dask comms over TLS, with a temporary CA made for this mesh")
 @click.option("--insecure-direct-rpc", is_flag=True,
@@ -211,6 +212,8 @@ def demo(machines: int, max_tokens: int) -> None:
             for chunk in llm.create_completion(prompt, max_tokens=max_tokens, temperature=0, stream=True):
                 click.echo(chunk["choices"][0]["text"], nl=False)
                 n += 1
+                if "usage" in chunk:  # the last chunk says how many tokens (the chunks are one more: the finish)
+                    n = chunk["usage"]["completion_tokens"]
             dt = time.perf_counter() - t0
             click.echo(f"\n\n[{n} tokens in {dt:.1f} s, {n / dt:.1f} tok/s across {len(llm.topology.machines)} "
                        "machines]")

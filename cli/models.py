@@ -26,7 +26,7 @@ from rich.table import Table
 from sharedllm.cli.main import friendly_errors
 from sharedllm.errors import gib
 
-_SCHEDULER = click.option("--scheduler", envvar="SHAREDLLM_SCHEDULER", default=None,
+_SCHEDULER = click.option("--scheduler", envvar="SHAREDLLM_SCHEDULER", show_envvar=True, default=None,
                           help="scheduler address (env SHAREDLLM_SCHEDULER)")
 
 

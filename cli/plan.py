@@ -18,7 +18,7 @@ from sharedllm.cli.main import friendly_errors
 
 @click.command()
 @click.argument("model")
-@click.option("--scheduler", required=True, envvar="SHAREDLLM_SCHEDULER", help="scheduler address")
+@click.option("--scheduler", required=True, envvar="SHAREDLLM_SCHEDULER", show_envvar=True, help="scheduler address")
 @click.option("--n-ctx", default=2048, show_default=True, help="context per sequence")
 @click.option("--parallel", default=1, show_default=True, help="sequences served at once (KV cache for each)")
 @click.option("--machine", "machines", multiple=True, help="plan on these machines only, repeatable")

@@ -141,7 +141,7 @@ def _console() -> Console:
 
 
 @click.command()
-@click.option("--scheduler", required=True, envvar="SHAREDLLM_SCHEDULER", help="scheduler address")
+@click.option("--scheduler", required=True, envvar="SHAREDLLM_SCHEDULER", show_envvar=True, help="scheduler address")
 @click.option("--json", "as_json", is_flag=True, help="the scheduler's state as JSON, as Mesh.state() returns it")
 @friendly_errors
 def status(scheduler: str, as_json: bool) -> None:

@@ -10,7 +10,8 @@ import click
 
 from sharedllm.cli.main import friendly_errors
 
-_scheduler = click.option("--scheduler", required=True, envvar="SHAREDLLM_SCHEDULER", help="scheduler address")
+_scheduler = click.option("--scheduler", required=True, envvar="SHAREDLLM_SCHEDULER", show_envvar=True,
+                          help="scheduler address")
 
 
 def _call(scheduler: str, handler: str, **kwargs) -> dict:

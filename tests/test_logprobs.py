@@ -82,7 +82,7 @@ def test_an_engine_gives_llama_cpp_pythons_logprobs_without_logits_all(model_pat
                                                       "max_tokens": 5, "temperature": 0, "logprobs": True})
         content = chat["choices"][0]["logprobs"]["content"]
         assert "".join(e["token"] for e in content) == chat["choices"][0]["message"]["content"]
-        assert all(e["logprob"] <= 0 and [t["token"] for t in e["top_logprobs"]] == [e["token"]] for e in content)
+        assert all(e["logprob"] <= 0 and e["top_logprobs"] == [] for e in content)  # OpenAI: top_logprobs 0
         _assert_bytes(content, chat["choices"][0]["message"]["content"])
         # Streamed chat: each chunk's entries, their bytes too.
         chunks = [c for c, _ in engine.stream("create_chat_completion", {
@@ -91,6 +91,13 @@ def test_an_engine_gives_llama_cpp_pythons_logprobs_without_logits_all(model_pat
         streamed = [e for c in chunks for e in ((c["choices"][0].get("logprobs") or {}).get("content") or [])]
         _assert_bytes(streamed, "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks))
         assert [e["token"] for e in streamed] == [e["token"] for e in content]
+        assert all(len(e["top_logprobs"]) == 2 for e in streamed)
+        # Sampled: still the 2 most likely, whether or not the sampled token is one of them.
+        sampled = engine.call("create_chat_completion", {
+            "messages": [{"role": "user", "content": "Say hi"}], "max_tokens": 12, "temperature": 2.0, "seed": 3,
+            "logprobs": True, "top_logprobs": 2})["choices"][0]["logprobs"]["content"]
+        assert all(len(e["top_logprobs"]) == 2 and e["top_logprobs"][0]["logprob"] >= e["top_logprobs"][1]["logprob"]
+                   for e in sampled)
         # No logprobs asked: none given.
         assert engine.call("create_completion", {"prompt": PROMPTS[0], "max_tokens": 2})["choices"][0]["logprobs"] \
             is None
@@ -119,6 +126,6 @@ def test_logprobs_of_batched_requests_through_the_mesh_and_its_api(mesh, native)
             assert r.status_code == 200, r.text
             content = r.json()["choices"][0]["logprobs"]["content"]
             assert "".join(e["token"] for e in content) == r.json()["choices"][0]["message"]["content"]
-            assert all(len(e["top_logprobs"]) in (2, 3) and e["top_logprobs"][0]["logprob"] >= e["logprob"]
-                       for e in content)
+            assert all(len(e["top_logprobs"]) == 2 and e["top_logprobs"][0]["logprob"] >= e["logprob"]
+                       for e in content)  # OpenAI: the k most likely, no more (the chosen one is not added)
             _assert_bytes(content, r.json()["choices"][0]["message"]["content"])

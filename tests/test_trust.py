@@ -219,6 +219,8 @@ def test_refusals_are_typed_and_logged_without_a_traceback(guarded_mesh):
 
     with Client(guarded_mesh.address, timeout=30) as c:
         mesh = Mesh(c)
+        listed = {x["client"] for x in mesh._call("sharedllm_clients")["clients"]}
+        assert c.id in listed and "fire-and-forget" not in listed  # Dask's own client uses no model: not listed
         mesh._call("sharedllm_clients", action="ban", client=c.id)
         try:
             with pytest.raises(ClientBanned, match=f"client {c.id} is banned.*sharedllm clients unban") as err:

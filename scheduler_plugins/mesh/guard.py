@@ -76,6 +76,8 @@ class Guard:
             self.persist()
         elif action != "list":
             raise MeshError(f"unknown clients action {action!r}; use list, ban or unban")
-        clients = sorted({*self.scheduler.clients, *self.rate.banned})
+        # Not Dask's own (fire-and-forget) nor the plugin's (it pins the actors): they use no model.
+        internal = {"fire-and-forget", getattr(self._client, "id", None)}
+        clients = sorted({*(c for c in self.scheduler.clients if c not in internal), *self.rate.banned})
         return {"clients": [{"client": c, "banned": c in self.rate.banned, "strikes": self.rate.strikes(c),
                              "sessions": [s for s, x in self.sessions.items() if x.client == c]} for c in clients]}

@@ -182,7 +182,8 @@ class MeshModel(Recovery):
         # Which rpc-server process each machine ran when we leased it: a later restart betrays a lost machine.
         self._servers_seen = {m["machine_id"]: (m.get("rpc") or {}).get("pid") for m in self._mesh.machines()
                               if m["machine_id"] in topo.machines}
-        logger.info("topology for %s (planned in %.0f ms):\n%s", name, self.plan_ms, topo)
+        logger.info("leased %s for %s (planned in %.0f ms)", ", ".join(topo.machines), name, self.plan_ms)
+        logger.debug("topology for %s:\n%s", name, topo)  # the CLI prints it; llm.topology has it
         try:
             # llama.cpp reaches each machine through its relay (TLS + this lease's token), tunnelled from the engine;
             # machines that serve RPC directly (--insecure-direct-rpc) are connected as they are.

@@ -115,14 +115,14 @@ class _Call:
             if not self.streamed:
                 result = fn(**self.kwargs)
                 if self.trail is not None and self.method == "create_chat_completion":
-                    self.trail.chat_bytes(result)
+                    self.trail.chat(result)
                 if isinstance(result, dict) and isinstance(result.get("usage"), dict) and self.cached_tokens:
                     result["usage"]["prompt_tokens_details"] = {"cached_tokens": self.cached_tokens}  # OpenAI's
                 end = ("result", self.rid, result)
             else:
                 for chunk in fn(**self.kwargs, stream=True):
                     if self.trail is not None and self.method == "create_chat_completion":
-                        self.trail.chat_bytes(chunk)
+                        self.trail.chat(chunk)
                     if _finished(chunk):  # the last chunk carries the usage (the OpenAI server may send it on)
                         chunk["usage"] = self.usage()
                     self.out.send(("chunk", self.rid, chunk, self.tokens))

@@ -104,10 +104,12 @@ class Trail:
             yield chunk
 
 
-    def chat_bytes(self, chat: dict) -> None:
-        """OpenAI's ``bytes`` on the ``logprobs.content`` entries of a chat completion or chunk made of this trail's
-        tokens, in order (llama-cpp-python's conversion leaves None): each token's bytes as llama.cpp gives them, whole
-        even for a token that holds part of a character (its ``token`` text cannot say it)."""
+    def chat(self, chat: dict) -> None:
+        """The ``logprobs.content`` entries of a chat completion or chunk made of this trail's tokens, in order, as
+        OpenAI gives them: ``bytes`` (llama-cpp-python's conversion leaves None), each token's bytes as llama.cpp
+        gives them, whole even for a token that holds part of a character (its ``token`` text cannot say it); and in
+        ``top_logprobs`` the ``k`` most likely tokens, no more (llama-cpp-python adds the chosen one when it is not
+        among them, as the legacy completions API does: there it stays)."""
         for choice in chat.get("choices") or []:
             for entry in (choice.get("logprobs") or {}).get("content") or []:
                 if self._chat_at >= len(self._given_bytes):
@@ -115,7 +117,8 @@ class Trail:
                 piece, alternatives = self._given_bytes[self._chat_at]
                 self._chat_at += 1
                 entry["bytes"] = list(piece)
-                for alt in entry.get("top_logprobs") or []:
+                entry["top_logprobs"] = (entry.get("top_logprobs") or [])[:self.k]  # the best k come first
+                for alt in entry["top_logprobs"]:
                     raw = piece if alt["token"] == entry["token"] else alternatives.get(alt["token"])
                     alt["bytes"] = list(raw if raw is not None else alt["token"].encode())
 
