@@ -304,8 +304,9 @@ PHASES = {
     "client_prepare": "resolve the model, read and validate its GGUF, estimate (client, before the lease)",
     "lease": "sharedllm_acquire: the scheduler plans and leases the topology (Dask round trip)",
     "probe_and_spawn": "list machines, HELLO every rpc-server, start the engine child process",
-    "engine_python_start": "engine child: interpreter start and `import sharedllm.engine`",
-    "engine_import": "engine child: `import llama_cpp` (numpy, jinja2, chat formats)",
+    "engine_python_start": "engine child: interpreter start, `import sharedllm.engine` and `import llama_cpp` "
+                           "(0 for a standby process, started ahead)",
+    "engine_import": "engine child: what is left of the imports once the spec came (llama_cpp is imported before)",
     "engine_connect": "engine child: register the rpc-servers (ggml_backend_rpc_add_server)",
     "engine_model_metadata": "llama.cpp: read GGUF metadata, vocab and tokenizer, plan the tensors (before the "
                              "first weight)",

@@ -345,7 +345,11 @@ class Mesh:
             engine_options={"exact_batches": exact_batches, "max_stall_ms": max_stall_ms,
                             "prompt_cache": prompt_cache, "link": link},
         )
-        handle._open()
+        try:
+            handle._open()
+        except BaseException:
+            handle._drop_standby()  # started beside the load that failed: nobody will recover into it
+            raise
         return handle
 
     def _estimate(self, model: Path | gguf.GGUFFile, n_ctx: int, output_layer: str, machines: list[str] | None

@@ -89,6 +89,7 @@ def _log_progress(name: str) -> Callable[[LoadProgress], None]:
 
     return report
 
+
 class MeshModel(Recovery):
     """A model loaded across the mesh. Mirrors ``llama_cpp.Llama``'s completion API; use as a context manager.
 

@@ -91,7 +91,7 @@ def _build_llama(spec: EngineSpec, out_fd: int, phases: dict[str, float]):
     ``connected`` (every rpc-server added), ``weights_start``/``weights_end`` (first and last progress callback: the
     weights being uploaded, or mapped for a local model) and ``built`` (context created)."""
 
-    import llama_cpp  # noqa: F401  (numpy, jinja2, the chat formats: a fixed cost worth seeing on its own)
+    import llama_cpp  # noqa: F401  (imported already by the child's start, see _child_main)
 
     from sharedllm import ggml
 
