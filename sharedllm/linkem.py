@@ -359,9 +359,9 @@ class LinkControl:
 
 def _client_relay(endpoint: str):
     """The engine's client relay listening on ``endpoint`` (``wire=True``)."""
-    from sharedllm.engine import child
+    from sharedllm.engine import load
 
-    for cr in child._TUNNELS:
+    for cr in load._TUNNELS:
         if cr.endpoint == endpoint:
             return cr
     raise ValueError(f"link emulator: wire=True, but no client relay of this process listens on {endpoint}")

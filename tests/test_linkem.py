@@ -144,7 +144,7 @@ def test_the_link_in_its_own_process_counts_and_takes_commands(tmp_path):
 
 def test_wire_mode_puts_the_link_between_the_client_relay_and_its_server_relay(tmp_path):
     from sharedllm import relay
-    from sharedllm.engine import child
+    from sharedllm.engine import load
 
     server, target = _frame_server()
     cert, key, _ca = relay.make_self_signed(tmp_path / "certs")
@@ -154,7 +154,7 @@ def test_wire_mode_puts_the_link_between_the_client_relay_and_its_server_relay(t
     sr.set_lease("lease")
     token = relay.mint_token(secret, "lease", "m1", ttl=600)
     cr = relay.ClientRelay(sr.endpoint, token, fingerprint=relay.cert_fingerprint(cert)).start()
-    child._TUNNELS.append(cr)
+    load._TUNNELS.append(cr)
     try:
         with server, LinkEmulator(cr.endpoint, process=True, wire=True) as link:
             assert link.endpoint == cr.endpoint  # llama.cpp still connects to the relay
@@ -165,6 +165,6 @@ def test_wire_mode_puts_the_link_between_the_client_relay_and_its_server_relay(t
             assert stats["bytes"][0] > total
             assert stats["round_trips"] >= len(MESSAGES)
     finally:
-        child._TUNNELS.remove(cr)
+        load._TUNNELS.remove(cr)
         cr.stop()
         sr.stop()
