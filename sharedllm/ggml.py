@@ -203,7 +203,7 @@ def rpc_hello_on(sock: socket.socket, endpoint: str, timeout: float = 5.0) -> tu
 
 
 _PROBE = r"""
-import json, socket, sys, threading, time
+import json, os, socket, sys, threading, time
 from sharedllm import ggml
 s = socket.socket(); s.bind(("127.0.0.1", 0)); port = s.getsockname()[1]; s.close()
 ep = f"127.0.0.1:{port}"
@@ -211,13 +211,18 @@ threading.Thread(target=ggml.start_server, args=(ep, ggml.default_server_devices
 deadline, err = time.monotonic() + 50, None  # a loaded host starts the server slowly: wait, up to the caller's limit
 while time.monotonic() < deadline:
     try:
-        print(json.dumps(ggml.rpc_hello(ep, timeout=2))); sys.stdout.flush(); break
+        version = ggml.rpc_hello(ep, timeout=2)
     except OSError as exc:
         err = exc
         time.sleep(0.05)
+        continue
+    # A file of its own, not stdout: the rpc-server's C code prints there too (its banner, each client).
+    with open(sys.argv[1], "w") as f:
+        f.write(json.dumps(version))
+    break
 else:
     print(f"no HELLO from the probe's rpc-server at {ep} in 50s: {err}", file=sys.stderr); sys.stderr.flush()
-import os; os._exit(0)
+os._exit(0)
 """
 
 
@@ -246,20 +251,26 @@ def header_protocol_version() -> tuple[int, int, int] | None:
 
 def probe_protocol_version(tries: int = 3) -> tuple[int, int, int]:
     """Ask a throwaway loopback rpc-server (in a process of its own) for its protocol version."""
+    import tempfile
+
     why = ""
     for attempt in range(1, tries + 1):
-        try:
-            out = subprocess.run(
-                [sys.executable, "-X", "faulthandler", "-c", _PROBE],
-                capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL,
-            )
-        except subprocess.TimeoutExpired:
-            why = "no answer in 60 s"
-            continue
-        lines = [ln for ln in out.stdout.splitlines() if ln.startswith("[")]
-        if lines:
-            return tuple(json.loads(lines[-1]))
-        why = f"exit status {out.returncode}; {out.stderr.strip()[-300:] or 'nothing on stderr'}"
+        with tempfile.TemporaryDirectory(prefix="sharedllm-probe-") as tmp:
+            answer = Path(tmp) / "version.json"
+            try:
+                out = subprocess.run(
+                    [sys.executable, "-X", "faulthandler", "-c", _PROBE, str(answer)],
+                    capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL,
+                )
+            except subprocess.TimeoutExpired:
+                why = "no answer in 60 s"
+                continue
+            try:
+                return tuple(json.loads(answer.read_text()))
+            except (OSError, ValueError):
+                pass
+        why = (f"exit status {out.returncode}; stderr: {out.stderr.strip()[-300:] or 'nothing'}; "
+               f"stdout: {out.stdout.strip()[-300:] or 'nothing'}")
         logger.warning("RPC protocol probe %d of %d failed: %s", attempt, tries, why)
     raise RuntimeError(f"could not read the RPC protocol version ({why}); reinstall with scripts/setup.sh")
 
