@@ -235,19 +235,22 @@ def test_killed_client_lease_expires(mesh_cluster, mesh):
         from distributed import Client
         from sharedllm.client import Mesh
         llm = Mesh(Client({mesh_cluster.address!r})).load("gemma-3-270m", n_ctx={N_CTX}, machines={TWO!r})
-        print("LOADED", llm.session_id, flush=True)
+        print("LOADED", llm.session_id, llm._engine.log_path, llm._standby.log.name, flush=True)
         time.sleep(600)
     """)
     proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
     try:
         line = proc.stdout.readline()
         assert line.startswith("LOADED"), line
-        sid = line.split()[1]
+        sid, logs = line.split()[1], line.split()[2:]
         assert any(s["session_id"] == sid for s in mesh.state()["sessions"])
+        assert len(logs) == 2 and all(os.path.exists(p) for p in logs)  # its engine's and its standby's
         proc.kill()
         proc.wait()
         wait_for(lambda: all(s["session_id"] != sid for s in mesh.state()["sessions"]), timeout=60,
                  what="the killed client's lease to expire")
+        # Its engine processes exited with it, and took their logs (in /tmp) with them.
+        wait_for(lambda: not any(os.path.exists(p) for p in logs), timeout=30, what="the orphans' logs to go")
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -14,6 +14,7 @@ from the batch scheduler.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import logging
@@ -38,8 +39,18 @@ logger = logging.getLogger(__name__)
 def _watch_parent(parent_pid: int) -> None:
     while True:
         if os.getppid() != parent_pid:
+            _drop_own_log()
             os._exit(0)
         time.sleep(0.5)
+
+
+def _drop_own_log() -> None:
+    """The parent is gone (or closed our pipe without a word), and with it whoever would read this process's log (the
+    temporary file it made for our stderr, see ``Engine``): remove it, as the parent does when it closes an engine."""
+    with contextlib.suppress(OSError):
+        path = os.readlink("/proc/self/fd/2")
+        if os.path.basename(path).startswith("sharedllm-engine-") and path.endswith(".log"):
+            os.unlink(path)
 
 
 class _Out:
@@ -387,7 +398,8 @@ def _child_main(parent_pid: int) -> int:
     reader = _FrameReader(0)
     try:
         init = reader.read()
-    except EOFError:
+    except EOFError:  # a standby whose parent is gone (or closed it)
+        _drop_own_log()
         return 0
     spec: EngineSpec = init["spec"]
     t0 = time.perf_counter()
@@ -418,7 +430,8 @@ def _child_main(parent_pid: int) -> int:
     while True:
         try:
             msg = reader.read()
-        except EOFError:
+        except EOFError:  # the parent is gone without a word: nobody reads our log
+            _drop_own_log()
             msg = {"op": "close"}
         op = msg.get("op")
         if op == "call":
