@@ -25,15 +25,15 @@ from sharedllm.dataplane import (
     DEFAULT_ORPHAN_TIMEOUT,
     HUB_FILE,
     TOUCH_EVERY,
-    _Process,
-    _ready_file,
-    _spawn,
-    _terminate,
+    DataPlaneProcess,
     control_call,
     control_socket_path,
     process_runs,
     read_json,
+    spawn_process,
+    terminate,
     touch,
+    wait_ready_file,
 )
 from sharedllm.security import write_private
 
@@ -59,7 +59,7 @@ class HubProcess:
         self.max_mbit_per_machine = max_mbit_per_machine
         self.orphan_timeout = orphan_timeout
         self.start_timeout = start_timeout
-        self._proc: _Process | None = None
+        self._proc: DataPlaneProcess | None = None
         self._tasks: list[asyncio.Task] = []
         self._closing = False
         self.restarts = 0
@@ -81,12 +81,12 @@ class HubProcess:
         except OSError:
             same_key = False
         if info and process_runs(info.get("pid"), "sharedllm.relay") and same_key and await self.stats() is not None:
-            self._proc = _Process(info["pid"])
+            self._proc = DataPlaneProcess(info["pid"])
             self.port = int(info["endpoint"].rpartition(":")[2])
             logger.info("adopted the running relay hub on port %d (pid %d)", self.port, info["pid"])
         else:
             if info and process_runs(info.get("pid"), "sharedllm.relay"):  # another key: it must give up its port
-                await _terminate(_Process(info["pid"]))
+                await terminate(DataPlaneProcess(info["pid"]))
             await self._launch()
         self._tasks = [asyncio.ensure_future(self._supervise())]
         if self.persistent:
@@ -106,10 +106,10 @@ class HubProcess:
             cmd += ["--alive-file", str(self.workdir / ALIVE_FILE), "--orphan-timeout", str(self.orphan_timeout)]
         else:
             cmd += ["--parent-pid", str(os.getpid())]
-        proc = await _spawn(cmd, self.workdir / "hub.log")
-        info = await _ready_file(self.workdir / READY_FILE, proc, time.monotonic() + self.start_timeout)
+        proc = await spawn_process(cmd, self.workdir / "hub.log")
+        info = await wait_ready_file(self.workdir / READY_FILE, proc, time.monotonic() + self.start_timeout)
         if info is None:
-            await _terminate(proc, grace=0)
+            await terminate(proc, grace=0)
             tail = (self.workdir / "hub.log").read_text(errors="replace")[-500:]
             raise RuntimeError(f"the relay hub did not start on {self.host}:{self.port}: {tail}")
         self._proc = proc
@@ -154,7 +154,7 @@ class HubProcess:
         for t in self._tasks:
             t.cancel()
         if self._proc is not None and (stop if stop is not None else not self.persistent):
-            await _terminate(self._proc)
+            await terminate(self._proc)
         if not self.persistent:  # a folder of our own in /tmp: its key, log and socket go with the hub
             shutil.rmtree(self.workdir, ignore_errors=True)
 
@@ -178,11 +178,11 @@ class MeshHub:
         self.config = dict(config)
         self.address = self.config.get("address")
         if self.address:
-            from sharedllm.relay.cli import _read_key
+            from sharedllm.relay.cli import read_key
 
             if not self.config.get("key_file"):
                 raise ValueError("a separate relay hub (--hub-address) needs its key (--hub-key-file)")
-            self.key = _read_key(self.config["key_file"])
+            self.key = read_key(self.config["key_file"])
             self.host, _, port = self.address.rpartition(":")
             self.port = int(port)
         else:

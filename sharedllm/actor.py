@@ -29,17 +29,17 @@ from sharedllm.dataplane import (
     RELAY_FILE,
     SERVER_FILE,
     TOUCH_EVERY,
-    _listens,
-    _Process,
-    _ready_file,
-    _spawn,
-    _terminate,
+    DataPlaneProcess,
     control_call,
     control_socket_path,
+    listens,
     process_runs,
     process_state,
     read_json,
+    spawn_process,
+    terminate,
     touch,
+    wait_ready_file,
     write_json,
 )
 
@@ -141,7 +141,7 @@ class RPCServerSupervisor:
         with contextlib.suppress(OSError):
             self.workdir.chmod(0o700)  # the relay key and its control socket live here
         self.status = RPCServerState()
-        self._proc: _Process | None = None
+        self._proc: DataPlaneProcess | None = None
         self._log_offset = 0  # where the current server's lines start in its log
         self._watch: asyncio.Task | None = None
         self._toucher: asyncio.Task | None = None
@@ -150,7 +150,7 @@ class RPCServerSupervisor:
         self._on_change = on_change
         self._relay_key: bytes | None = None
         self._hub: tuple[str, bytes] | None = None  # the relay hub's endpoint and this machine's credential there
-        self._relay_proc: _Process | None = None
+        self._relay_proc: DataPlaneProcess | None = None
         self._relay_watch: asyncio.Task | None = None
         self._relay_lock = asyncio.Lock()
         self._lease: str | None = None
@@ -239,14 +239,14 @@ class RPCServerSupervisor:
         if info.get("python") != sys.executable:  # another installation's (another release, another mesh)
             logger.warning("machine %s: the running rpc-server (pid %d) belongs to %s, not to this installation; "
                            "replacing it", self.config.machine_id, info["pid"], info.get("python") or "an older one")
-            await _terminate(_Process(info["pid"]), grace=5.0)
+            await terminate(DataPlaneProcess(info["pid"]), grace=5.0)
             return False
         endpoint = info["endpoint"]
-        proc = _Process(info["pid"])
-        if not await asyncio.to_thread(_listens, endpoint):
+        proc = DataPlaneProcess(info["pid"])
+        if not await asyncio.to_thread(listens, endpoint):
             logger.warning("machine %s: the running rpc-server (pid %d) does not listen on %s; replacing it",
                            self.config.machine_id, proc.pid, endpoint)
-            await _terminate(proc, grace=0)
+            await terminate(proc, grace=0)
             return False
         self._proc, self._log_offset = proc, int(info.get("log_offset") or 0)
         self._started_at = time.time()
@@ -265,10 +265,10 @@ class RPCServerSupervisor:
         self._set(state="starting" if self.status.state != "restarting" else "restarting", reason=self.status.reason)
         self._server_file.unlink(missing_ok=True)
         self._log_offset = self.log_path.stat().st_size if self.log_path.exists() else 0
-        self._proc = await _spawn(self._server_cmd(), self.log_path, dict(os.environ, GGML_NO_BACKTRACE="1"))
+        self._proc = await spawn_process(self._server_cmd(), self.log_path, dict(os.environ, GGML_NO_BACKTRACE="1"))
         self._started_at = time.time()
         deadline = time.monotonic() + c.start_timeout
-        info = await _ready_file(self._server_file, self._proc, deadline)
+        info = await wait_ready_file(self._server_file, self._proc, deadline)
         if info is None:
             await self._reap()
             self._set(state="failed", reason=f"rpc-server did not start: {self._log_tail()}", pid=None)
@@ -377,7 +377,7 @@ class RPCServerSupervisor:
         if proc is not None and not proc.exited and (self.status.relay or {}).get("target") == endpoint:
             return
         if proc is None and (info := self._adoptable_relay(endpoint)) is not None:
-            self._relay_proc = _Process(info["pid"])
+            self._relay_proc = DataPlaneProcess(info["pid"])
             answer = await self._control("status")
             if answer is not None:
                 self._lease = answer.get("lease")
@@ -390,7 +390,7 @@ class RPCServerSupervisor:
         await self._stop_relay_locked()
         stale = read_json(self._relay_file)  # an old relay (another key, another server): it must give up its port
         if stale and process_runs(stale.get("pid"), "sharedllm.relay"):
-            await _terminate(_Process(stale["pid"]))
+            await terminate(DataPlaneProcess(stale["pid"]))
         cert, key = self._relay_cert()
         key_file = self.workdir / "relay.key"
         write_private(key_file, self._relay_key.hex())
@@ -408,10 +408,10 @@ class RPCServerSupervisor:
             cmd += ["--hub", self._hub[0], "--hub-key-file", str(hub_file)]
             if not c.inbound:
                 cmd.append("--no-inbound")
-        proc = await _spawn(cmd, self.workdir / "relay.log")
-        info = await _ready_file(self._relay_file, proc, time.monotonic() + c.start_timeout)
+        proc = await spawn_process(cmd, self.workdir / "relay.log")
+        info = await wait_ready_file(self._relay_file, proc, time.monotonic() + c.start_timeout)
         if info is None:
-            await _terminate(proc, grace=0)
+            await terminate(proc, grace=0)
             tail = self._log_tail(self.workdir / "relay.log")
             self._set(relay=None, reason=f"the relay did not start: {tail}")
             logger.warning("machine %s: the relay did not start: %s", c.machine_id, tail)
@@ -478,7 +478,7 @@ class RPCServerSupervisor:
     async def _stop_relay_locked(self) -> None:
         proc, self._relay_proc = self._relay_proc, None
         if proc is not None:
-            await _terminate(proc)
+            await terminate(proc)
         if self.status.relay is not None:
             self._set(relay=None)
 
@@ -534,14 +534,14 @@ class RPCServerSupervisor:
 
     async def _reap(self) -> None:
         if self._proc is not None:
-            await _terminate(self._proc, grace=0)
+            await terminate(self._proc, grace=0)
 
     async def stop(self) -> RPCServerState:
         """Stop the server and its relay for good."""
         self._stopping = True
         await self._stop_relay()
         if self._proc is not None:
-            await _terminate(self._proc)
+            await terminate(self._proc)
         for task in (self._watch, self._toucher):
             if task is not None:
                 task.cancel()

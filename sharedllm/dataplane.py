@@ -16,8 +16,9 @@ Files in a machine's state directory (``dask worker --preload sharedllm.worker -
   directories: beyond that the socket lives in a private short directory named after the state directory
   (:func:`control_socket_path`).
 
-It also starts and stops these processes (``_spawn``, ``_ready_file``, ``_terminate``; an adopted one is no child of
-ours: ``_Process`` waits on its pidfd), for the actor's rpc-server and relay and the scheduler's relay hub.
+It also starts and stops these processes (``spawn_process``, ``wait_ready_file``, ``terminate``; an adopted one is
+no child of ours: ``DataPlaneProcess`` waits on its pidfd), for the actor's rpc-server and relay and the scheduler's
+relay hub.
 
 No Dask here, and nothing that imports llama.cpp: the rpc-server and the relay import it.
 """
@@ -222,7 +223,7 @@ def kill_running(processes: list[tuple[int, str]], sig: int) -> list[int]:
 # --- starting and stopping data-plane processes (the actor's rpc-server and relay, the scheduler's hub) ---------
 
 
-class _Process:
+class DataPlaneProcess:
     """A data-plane process: a child this supervisor started, or one it adopted from the supervisor before it (a
     worker that exited: the process is no child of ours, so its exit status is unknown)."""
 
@@ -268,7 +269,7 @@ def _alive(pid: int) -> bool:
     return process_state(pid) not in (None, "Z")
 
 
-async def _terminate(proc: _Process, grace: float = 5.0) -> None:
+async def terminate(proc: DataPlaneProcess, grace: float = 5.0) -> None:
     """Stop a process: SIGTERM, then SIGKILL after ``grace`` seconds (at once with ``grace=0``); wait for it."""
     proc.send(signal.SIGTERM if grace > 0 else signal.SIGKILL)
     try:
@@ -278,16 +279,16 @@ async def _terminate(proc: _Process, grace: float = 5.0) -> None:
         await proc.wait()
 
 
-async def _spawn(cmd: list[str], log: Path, env: dict | None = None) -> _Process:
+async def spawn_process(cmd: list[str], log: Path, env: dict | None = None) -> DataPlaneProcess:
     """Start a data-plane process in a session of its own (a signal to the worker's process group does not reach
     it), its output appended to ``log``."""
     with open(log, "ab") as f:
         child = await asyncio.create_subprocess_exec(*cmd, stdout=f, stderr=f, stdin=asyncio.subprocess.DEVNULL,
                                                      env=env, start_new_session=True)
-    return _Process(child.pid, child)
+    return DataPlaneProcess(child.pid, child)
 
 
-def _listens(endpoint: str, timeout: float = 2.0) -> bool:
+def listens(endpoint: str, timeout: float = 2.0) -> bool:
     """Whether something accepts TCP connections on ``endpoint`` (the connection is closed at once, unused)."""
     import socket
 
@@ -299,7 +300,7 @@ def _listens(endpoint: str, timeout: float = 2.0) -> bool:
         return False
 
 
-async def _ready_file(path: Path, proc: _Process, deadline: float) -> dict | None:
+async def wait_ready_file(path: Path, proc: DataPlaneProcess, deadline: float) -> dict | None:
     """The JSON a starting process writes to ``path`` once it serves; None if it exits or ``deadline`` passes."""
     while time.monotonic() < deadline:
         info = read_json(path)

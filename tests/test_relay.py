@@ -50,7 +50,7 @@ def test_token_refusals_say_why():
         "bad MAC": [
             mint_token(K2, "lease-A", M1, ttl=60),  # another machine's key
             token[:-2] + ("AA" if token[-2:] != "AA" else "BB"),  # altered MAC
-            token.replace(token.split(".")[1], relay._b64e(b"lease-B")),  # altered lease
+            token.replace(token.split(".")[1], relay.b64url_encode(b"lease-B")),  # altered lease
             token.replace(token.split(".")[3], str(int(token.split(".")[3]) + 3600)),  # extended expiry
         ],
         "wrong machine": [mint_token(K1, "lease-A", M2, ttl=60)],  # right key, other machine's name
@@ -187,7 +187,7 @@ def test_raw_sockets_never_reach_the_rpc_server(rpc_server, server_relay, certs,
         with ctx.wrap_socket(socket.create_connection(("127.0.0.1", server_relay.port)), server_hostname="x") as t:
             assert everything_until_closed(t) == b""
         with ctx.wrap_socket(socket.create_connection(("127.0.0.1", server_relay.port)), server_hostname="x") as t:
-            relay._send_frame(t, 1, b"v1.not.a.token.really")
+            relay.send_frame(t, 1, b"v1.not.a.token.really")
             reply = everything_until_closed(t)
             assert reply.startswith(b"SLR1\x01") and b"malformed" in reply
     assert caplog.text.count("refused relay connection from 127.0.0.1:") == 5, caplog.text
@@ -242,8 +242,8 @@ def test_refused_tokens(rpc_server, server_relay, certs, case):
         "expired": (mint_token(K1, "lease-B", M1, ttl=1, now=time.time() - 10), "expired"),
         "other machine": (mint_token(K2, "lease-B", M2, ttl=60), "bad MAC"),  # machine-2's token, machine-1's relay
         "wrong machine": (mint_token(K1, "lease-B", M2, ttl=60), "wrong machine"),
-        "tampered": (mint_token(K1, "lease-A", M1, ttl=60).replace(relay._b64e(b"lease-A"), relay._b64e(b"lease-B")),
-                     "bad MAC"),
+        "tampered": (mint_token(K1, "lease-A", M1, ttl=60).replace(relay.b64url_encode(b"lease-A"),
+                                                                    relay.b64url_encode(b"lease-B")), "bad MAC"),
     }[case]
     before = rpc_server.accepted()
     with client(server_relay, certs, token) as cr:

@@ -1,16 +1,16 @@
 # SPDX-License-Identifier: AGPL-3.0-or-later
-"""A session's throughput reports (``sharedllm.client._Reports``): deltas that are never lost, totals that put a
+"""A session's throughput reports (``sharedllm.client.Reports``): deltas that are never lost, totals that put a
 restarted scheduler's counts right, and reports an earlier scheduler still takes."""
 
 from __future__ import annotations
 
 import types
 
-from sharedllm.client import Mesh, _Reports
+from sharedllm.client import Mesh, Reports
 
 
 def test_reports_carry_the_sessions_totals():
-    r = _Reports()
+    r = Reports()
     first = r.add(5, 0.5, 40.0, done=False)
     assert first["tokens"] == 5 and first["total_tokens"] == 5 and first["total_requests"] == 0
     r.sent(False, first)  # not delivered: its counts go with the next report, the totals stay what they are

@@ -11,7 +11,7 @@ import time
 from sharedllm.scheduler_plugins.mesh.records import (
     RECLAIM_GRACE,
     Session,
-    _seq_of,
+    seq_of,
 )
 
 logger = logging.getLogger("sharedllm.scheduler")
@@ -39,7 +39,7 @@ class Persistence:
         now = time.time()
         reclaiming = []
         for sess in saved["sessions"]:
-            self._session_seq = max(self._session_seq, _seq_of(sess["session_id"]))
+            self._session_seq = max(self._session_seq, seq_of(sess["session_id"]))
             if sess["closed"] is not None:
                 self.ended.append(sess)
             elif sess.get("topology"):

@@ -20,7 +20,7 @@ from sharedllm.scheduler_plugins.mesh.records import (
     EXTENSION,
     ActorRecord,
     Session,
-    _answering_refusals,
+    answering_refusals,
     default_catalog,
     validate_catalog_entry,
 )
@@ -113,7 +113,7 @@ class MeshPlugin(Registry, Leases, Planning, Guard, Persistence, SchedulerPlugin
             "challenge": self.handle_challenge, "trust": self.handle_trust, "clients": self.handle_clients,
             "request": self.handle_request,
         }.items():
-            scheduler.handlers[f"sharedllm_{name}"] = _answering_refusals(f"sharedllm_{name}", handler)
+            scheduler.handlers[f"sharedllm_{name}"] = answering_refusals(f"sharedllm_{name}", handler)
         scheduler.extensions[EXTENSION] = self
         if self.admission is not None:
             self._guard_registration(scheduler)

@@ -23,13 +23,13 @@ SWEEP_EVERY = 10  # reconciles, or heartbeat intervals if longer, between full s
 RECLAIM_GRACE = 120.0  # seconds a session open when the scheduler died waits for its client to report again
 
 
-def _seq_of(session_id: str) -> int:
+def seq_of(session_id: str) -> int:
     """The sequence number in a session id (``s12-34567`` -> 12), 0 if it has none."""
     head = session_id.split("-", 1)[0]
     return int(head[1:]) if head[:1] == "s" and head[1:].isdigit() else 0
 
 
-def _answering_refusals(name: str, handler):
+def answering_refusals(name: str, handler):
     """``handler`` for ``scheduler.handlers``, with the mesh's expected refusals (``MeshError``: a rate limit, a ban,
     a busy or too small mesh...) sent back as an answer the client raises again (``sharedllm.client``) instead of
     raised here, where Dask would log each one as an error with its traceback. Other exceptions are bugs and stay so.

@@ -15,6 +15,6 @@ One module per concern: :mod:`.mesh` (``Mesh``), :mod:`.model` (``MeshModel``: t
 
 from sharedllm.client.mesh import OUTPUT_LAYERS, MachineTable, Mesh
 from sharedllm.client.model import MeshModel
-from sharedllm.client.reports import REPORT_TIMEOUT, _Reports
+from sharedllm.client.reports import REPORT_TIMEOUT, Reports
 
-__all__ = ["OUTPUT_LAYERS", "REPORT_TIMEOUT", "MachineTable", "Mesh", "MeshModel", "_Reports"]
+__all__ = ["OUTPUT_LAYERS", "REPORT_TIMEOUT", "MachineTable", "Mesh", "MeshModel", "Reports"]

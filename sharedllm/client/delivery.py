@@ -9,7 +9,7 @@ import time
 from sharedllm.errors import EngineError
 
 
-class _Delivery:
+class Delivery:
     """The chunks of one streamed request across its attempts: a replay after a recovery must yield the text already
     delivered, which is checked and skipped; the stream keeps the first attempt's id; throughput is counted."""
 

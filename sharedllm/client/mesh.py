@@ -13,7 +13,7 @@ from typing import Any, NoReturn
 
 from sharedllm import gguf, models
 from sharedllm.client.model import MeshModel
-from sharedllm.client.reports import REPORT_TIMEOUT, _older_scheduler, _without_newer
+from sharedllm.client.reports import REPORT_TIMEOUT, older_scheduler, without_newer
 from sharedllm.engine import LoadProgress
 from sharedllm.errors import (
     REFUSAL,
@@ -379,8 +379,8 @@ class Mesh:
         try:
             self._call(handler, timeout=REPORT_TIMEOUT, **kwargs)
         except Exception as exc:
-            if _older_scheduler(exc, kwargs):
-                return self._report(handler, **_without_newer(kwargs))
+            if older_scheduler(exc, kwargs):
+                return self._report(handler, **without_newer(kwargs))
             logger.debug("could not report %s: %s", handler, exc)
             return False
         return True
@@ -392,8 +392,8 @@ class Mesh:
         try:
             await self._acall(handler, timeout=REPORT_TIMEOUT, **kwargs)
         except Exception as exc:
-            if _older_scheduler(exc, kwargs):
-                return await self._areport(handler, **_without_newer(kwargs))
+            if older_scheduler(exc, kwargs):
+                return await self._areport(handler, **without_newer(kwargs))
             logger.debug("could not report %s: %s", handler, exc)
             return False
         return True

@@ -14,10 +14,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from sharedllm import gguf, tool_calls
-from sharedllm.client.delivery import _Delivery
+from sharedllm.client.delivery import Delivery
 from sharedllm.client.recovery import Recovery
-from sharedllm.client.reports import _Reports
-from sharedllm.engine import Engine, EngineSpec, EngineStage, LoadProgress, Standby, _to_the_end
+from sharedllm.client.reports import Reports
+from sharedllm.effects import to_the_end as _to_the_end
+from sharedllm.engine import Engine, EngineSpec, EngineStage, LoadProgress, Standby
 from sharedllm.errors import (
     EngineError,
     InvalidModel,
@@ -144,7 +145,7 @@ class MeshModel(Recovery):
         self._failed: Exception | None = None
         self._closed = False
         self._lease_relays: dict[str, dict] = {}
-        self._reports = _Reports()
+        self._reports = Reports()
         self._move_retry_at = 0.0
         self._servers_seen: dict[str, int | None] = {}
         # What an engine of this handle measured of its machines' kernels (sharedllm.engine.invariance), and on which
@@ -399,7 +400,7 @@ class MeshModel(Recovery):
         raise AssertionError("unreachable")
 
     def _stream(self, method: str, kwargs: dict, on_accepted: Callable[[], None] | None = None) -> Iterator[dict]:
-        delivery = _Delivery(self.REPORT_EVERY)
+        delivery = Delivery(self.REPORT_EVERY)
         try:
             for attempt in range(self.max_recoveries + 1):
                 delivery.replay()
@@ -427,7 +428,7 @@ class MeshModel(Recovery):
                        ) -> AsyncIterator[dict]:
         # _stream for asyncio: the engine's chunks are read in the event loop; recovering (leasing and loading
         # again) runs in a thread.
-        delivery = _Delivery(self.REPORT_EVERY)
+        delivery = Delivery(self.REPORT_EVERY)
         try:
             for attempt in range(self.max_recoveries + 1):
                 delivery.replay()

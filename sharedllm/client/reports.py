@@ -10,17 +10,17 @@ REPORT_TIMEOUT = 5.0  # seconds a statistics report may take; a slower scheduler
 _NEWER_REPORT_KEYS = ("total_tokens", "total_requests")  # report arguments a scheduler before them refuses
 
 
-def _older_scheduler(exc: Exception, kwargs: dict) -> bool:
+def older_scheduler(exc: Exception, kwargs: dict) -> bool:
     """A report refused by a scheduler of an earlier SharedLLM for an argument it does not know yet."""
     return (isinstance(exc, TypeError) and "unexpected keyword argument" in str(exc)
             and any(k in kwargs for k in _NEWER_REPORT_KEYS))
 
 
-def _without_newer(kwargs: dict) -> dict:
+def without_newer(kwargs: dict) -> dict:
     return {k: v for k, v in kwargs.items() if k not in _NEWER_REPORT_KEYS}
 
 
-class _Reports:
+class Reports:
     """A session's throughput reports. What could not be sent (the scheduler away, restarting, slow) is added to the
     next report, so the scheduler's counts stay whole; after a report that failed or timed out none is tried for
     ``QUIET`` seconds, so a generation never waits on a scheduler that does not answer. Each report also carries the

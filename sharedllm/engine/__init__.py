@@ -19,9 +19,9 @@ No Dask here: the engine knows endpoints and a tensor split, nothing about the m
 """
 
 from sharedllm.engine.load import OUTPUT_ON_CLIENT, build_llama
-from sharedllm.engine.process import Engine, LoadProgress, _to_the_end
+from sharedllm.engine.process import Engine, LoadProgress
 from sharedllm.engine.spec import EngineSpec, EngineStage, first_failing_stage, probe_stage
 from sharedllm.engine.standby import Standby
 
-__all__ = ["OUTPUT_ON_CLIENT", "Engine", "EngineSpec", "EngineStage", "LoadProgress", "Standby", "_to_the_end",
+__all__ = ["OUTPUT_ON_CLIENT", "Engine", "EngineSpec", "EngineStage", "LoadProgress", "Standby",
            "build_llama", "first_failing_stage", "probe_stage"]

@@ -4,6 +4,6 @@
 import os
 import sys
 
-from sharedllm.engine.child import _child_main
+from sharedllm.engine.child import child_main
 
-sys.exit(_child_main(int(sys.argv[1]) if len(sys.argv) > 1 else os.getppid()))
+sys.exit(child_main(int(sys.argv[1]) if len(sys.argv) > 1 else os.getppid()))

@@ -27,9 +27,9 @@ from collections.abc import Generator, Iterator
 from typing import Any
 
 from sharedllm.engine.batch import QueueFull as _BUSY
-from sharedllm.engine.framing import _FrameReader, _write_frame
+from sharedllm.engine.framing import FrameReader, write_frame
 from sharedllm.engine.invariance import exact_chunk, invariant_batch, min_chunk, solo_last_pass
-from sharedllm.engine.load import _build_llama, _phase_seconds
+from sharedllm.engine.load import build_engine_llama, phase_seconds
 from sharedllm.engine.prompt_cache import PromptCache, common_prefix, keeps_prefix
 from sharedllm.engine.spec import EngineSpec
 
@@ -62,7 +62,7 @@ class _Out:
 
     def send(self, frame: tuple) -> None:
         with self._lock:
-            _write_frame(self.fd, frame)
+            write_frame(self.fd, frame)
 
 
 class _Call:
@@ -386,7 +386,7 @@ class _BatchRunner:
         self.scheduler.close()
 
 
-def _child_main(parent_pid: int) -> int:
+def child_main(parent_pid: int) -> int:
     # Frames go out on a private copy of stdout; anything else printed (llama.cpp, Python) lands in the log (stderr).
     out = _Out(os.dup(1))
     os.dup2(2, 1)
@@ -395,7 +395,7 @@ def _child_main(parent_pid: int) -> int:
     import llama_cpp  # noqa: F401  before the spec comes: a standby process (see Engine) waits with it imported
 
     started_at = time.monotonic()  # ready for a spec: the parent counts the time to here as the spawn
-    reader = _FrameReader(0)
+    reader = FrameReader(0)
     try:
         init = reader.read()
     except EOFError:  # a standby whose parent is gone (or closed it)
@@ -407,7 +407,7 @@ def _child_main(parent_pid: int) -> int:
     started_at = max(started_at, init.get("sent_at", started_at))  # a standby's wait for its spec is no phase
     marks: dict[str, float] = {}
     try:
-        llm, devices = _build_llama(spec, out.fd, marks)
+        llm, devices = build_engine_llama(spec, out.fd, marks)
     except ValueError as exc:  # llama-cpp-python: "Failed to load model from file"
         out.send(("error", "model", str(exc)))
         return 1
@@ -417,7 +417,7 @@ def _child_main(parent_pid: int) -> int:
     runner = _BatchRunner(llm, spec, out) if spec.parallel > 1 else _SerialRunner(llm, spec, out)
     out.send(("ready", {
         "load_seconds": time.perf_counter() - t0,
-        "phases": _phase_seconds(started_at, init_at, marks),
+        "phases": phase_seconds(started_at, init_at, marks),
         "devices": devices,
         "n_ctx": llm._n_ctx,
         "parallel": spec.parallel,

@@ -11,10 +11,13 @@ import struct
 import time
 from typing import Any
 
+from sharedllm import effects
+from sharedllm.effects import Core
+
 _HEADER = struct.Struct("<I")
 
 
-def _write_frame(fd: int, obj: Any) -> None:
+def write_frame(fd: int, obj: Any) -> None:
     data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
     buf = _HEADER.pack(len(data)) + data
     while buf:
@@ -22,10 +25,11 @@ def _write_frame(fd: int, obj: Any) -> None:
         buf = buf[n:]
 
 
-class _FrameReader:
+class FrameReader:
     """Reads frames from a pipe with an optional deadline; ``EOFError`` when the other side is gone.
 
-    ``read`` blocks its thread; ``aread`` waits in the running event loop (no thread between the pipe and the loop).
+    ``read`` blocks its thread; ``aread`` waits in the running event loop (no thread between the pipe and the loop);
+    both run one core, ``reading``.
     """
 
     def __init__(self, fd: int):
@@ -48,28 +52,39 @@ class _FrameReader:
             raise EOFError
         self.buf += data
 
-    def read(self, timeout: float | None = None) -> Any:
+    def reading(self, timeout: float | None = None) -> Core[Any]:
+        """The next frame (an :mod:`sharedllm.effects` core): ``TimeoutError`` after ``timeout`` seconds,
+        ``EOFError`` when the other side is gone."""
         deadline = None if timeout is None else time.monotonic() + timeout
         while (msg := self._take()) is _NO_FRAME:
-            if deadline is not None:
-                left = deadline - time.monotonic()
-                if left <= 0 or not select.select([self.fd], [], [], left)[0]:
-                    raise TimeoutError
-            self._append(os.read(self.fd, 65536))
+            left = None if deadline is None else deadline - time.monotonic()
+            if (left is not None and left <= 0) or not (yield self._readable(left)):
+                raise TimeoutError
+            self._append(os.read(self.fd, 65536))  # readable: returns at once
         return msg
 
+    def read(self, timeout: float | None = None) -> Any:
+        return effects.run(self.reading(timeout))
+
     async def aread(self, timeout: float | None = None) -> Any:
-        loop = asyncio.get_running_loop()
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while (msg := self._take()) is _NO_FRAME:
+        return await effects.arun(self.reading(timeout))
+
+    def _readable(self, timeout: float | None) -> effects.Wait:
+        """Wait until the pipe is readable (True), at most ``timeout`` seconds (False)."""
+
+        async def wait() -> bool:
+            loop = asyncio.get_running_loop()
             readable = loop.create_future()
             loop.add_reader(self.fd, _resolve, readable)
             try:
-                await asyncio.wait_for(readable, None if deadline is None else max(deadline - time.monotonic(), 0))
+                await asyncio.wait_for(readable, timeout)
+            except asyncio.TimeoutError:
+                return False
             finally:
                 loop.remove_reader(self.fd)
-            self._append(os.read(self.fd, 65536))  # readable: returns at once
-        return msg
+            return True
+
+        return effects.Wait(lambda: bool(select.select([self.fd], [], [], timeout)[0]), wait)
 
     def ready(self) -> bool:
         return len(self.buf) >= _HEADER.size or bool(select.select([self.fd], [], [], 0)[0])

@@ -9,10 +9,12 @@ import collections
 import contextlib
 import threading
 
-_EOF = ("eof",)  # put in every inbox when the child's pipe closes
+from sharedllm import effects
+
+END_OF_PIPE = ("eof",)  # put in every inbox when the child's pipe closes
 
 
-class _Inbox:
+class Inbox:
     """The frames of one call (without their call id), put by the reader thread, taken by the caller's thread or
     by its event loop."""
 
@@ -36,7 +38,7 @@ class _Inbox:
         if not self._items:
             return None
         msg = self._items.popleft()
-        if msg is _EOF:
+        if msg is END_OF_PIPE:
             self._items.appendleft(msg)  # every later read sees the end too
             raise EOFError
         return msg
@@ -66,6 +68,10 @@ class _Inbox:
             await asyncio.wait_for(self._event.wait(), timeout)
         with self._cond:
             self._poked = False
+
+    def waiting(self, timeout: float) -> effects.Wait:
+        """``wait`` (blocking) or ``await_`` (asyncio), for a core (:mod:`sharedllm.effects`)."""
+        return effects.Wait(lambda: self.wait(timeout), lambda: self.await_(timeout))
 
     def poke(self) -> None:
         """Wake the call: the pipe has no reader now, it may take it."""

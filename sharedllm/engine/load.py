@@ -10,7 +10,7 @@ import itertools
 import os
 import time
 
-from sharedllm.engine.framing import _write_frame
+from sharedllm.engine.framing import write_frame
 from sharedllm.engine.spec import EngineSpec
 
 # The output layer's tensors (its norm, and the projection: ``output.weight``, or ``token_embd.weight`` loaded a second
@@ -86,12 +86,12 @@ def build_llama(model_path: str, *, devices: list[int] = (), use_extra_bufts: bo
     return llm
 
 
-def _build_llama(spec: EngineSpec, out_fd: int, phases: dict[str, float]):
+def build_engine_llama(spec: EngineSpec, out_fd: int, phases: dict[str, float]):
     """Build the engine's ``Llama``. ``phases`` receives monotonic timestamps: ``imported`` (llama-cpp-python),
     ``connected`` (every rpc-server added), ``weights_start``/``weights_end`` (first and last progress callback: the
     weights being uploaded, or mapped for a local model) and ``built`` (context created)."""
 
-    import llama_cpp  # noqa: F401  (imported already by the child's start, see _child_main)
+    import llama_cpp  # noqa: F401  (imported already by the child's start, see child_main)
 
     from sharedllm import ggml
 
@@ -121,7 +121,7 @@ def _build_llama(spec: EngineSpec, out_fd: int, phases: dict[str, float]):
         # llama.cpp's fraction is bytes of tensor data done over the file's tensor data: the same bytes, counted.
         fraction = min(max(float(fraction), 0.0), 1.0)
         done = round(fraction * total) if total else None
-        _write_frame(out_fd, ("progress", fraction, done, total))
+        write_frame(out_fd, ("progress", fraction, done, total))
         return True
 
     kwargs = dict(spec.llama_kwargs)
@@ -152,8 +152,8 @@ def _tensor_bytes(model_path: str) -> int | None:
         return None
 
 
-def _phase_seconds(started_at: float, init_at: float, marks: dict[str, float]) -> dict[str, float]:
-    """Durations of the child's load phases from its timestamps (see ``_build_llama``); ``started_at`` stays a
+def phase_seconds(started_at: float, init_at: float, marks: dict[str, float]) -> dict[str, float]:
+    """Durations of the child's load phases from its timestamps (see ``build_engine_llama``); ``started_at`` stays a
     timestamp, for the parent to turn into the spawn time (interpreter start and the import of llama-cpp-python)."""
     order = [("init", init_at), *((k, marks[k]) for k in ("imported", "connected", "weights_start", "weights_end",
                                                              "built") if k in marks)]

@@ -12,7 +12,6 @@ frees its sequence; the other calls go on.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import copy
 import functools
@@ -26,9 +25,11 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
-from sharedllm.engine.framing import _FrameReader, _write_frame
-from sharedllm.engine.inbox import _EOF, _Inbox
-from sharedllm.engine.spec import EngineSpec, _probe_stages
+from sharedllm import effects
+from sharedllm.effects import Core
+from sharedllm.engine.framing import FrameReader, write_frame
+from sharedllm.engine.inbox import END_OF_PIPE, Inbox
+from sharedllm.engine.spec import EngineSpec, probe_stages
 from sharedllm.engine.standby import Standby, spawn_child
 from sharedllm.errors import EngineError, InvalidModel, MeshError, ModelBusy, ModelClosed, WorkerLost
 
@@ -87,16 +88,16 @@ class Engine:
         self.watchdog = watchdog
         self.watch_after = watch_after
         self.on_progress = on_progress
-        self._probe = probe or _probe_stages
+        self._probe = probe or probe_stages
         self._log = self._standby.log if self._standby else tempfile.NamedTemporaryFile(
             prefix="sharedllm-engine-", suffix=".log", delete=False)
         self.info: dict[str, Any] = {}
         self.stats: dict[str, Any] = {}  # the batch scheduler's last report: running, waiting, batch size...
         self._proc: subprocess.Popen | None = None
-        self._reader: _FrameReader | None = None
-        self._inboxes: dict[int, _Inbox] = {}
+        self._reader: FrameReader | None = None
+        self._inboxes: dict[int, Inbox] = {}
         self._pipe = threading.Lock()  # held by the call that reads the child's pipe now
-        self._followers: set[_Inbox] = set()  # calls waiting for a frame while another reads
+        self._followers: set[Inbox] = set()  # calls waiting for a frame while another reads
         self._rids = itertools.count(1)
         self._eof = False
         self._send_lock = threading.Lock()
@@ -126,11 +127,11 @@ class Engine:
             self._proc, self._standby = self._standby.proc, None
         else:
             self._proc = spawn_child(self._log)
-        self._reader = _FrameReader(self._proc.stdout.fileno())
+        self._reader = FrameReader(self._proc.stdout.fileno())
         self._send({"op": "init", "spec": self.spec, "sent_at": time.monotonic()})
         deadline = time.monotonic() + self.load_timeout
         while True:
-            msg = self._recv(self._reader.read, deadline - time.monotonic(), during="loading the model")
+            msg = effects.run(self._receiving(self._reader.reading, deadline - time.monotonic(), "loading the model"))
             if msg[0] == "progress":
                 if self.on_progress:
                     self.on_progress(LoadProgress(*msg[1:4]))
@@ -170,7 +171,7 @@ class Engine:
     def _pipe_ended(self) -> None:
         self._eof = True
         for inbox in list(self._inboxes.values()):
-            inbox.put(_EOF)
+            inbox.put(END_OF_PIPE)
 
     def _hand_over(self) -> None:
         """The reader leaves the pipe: wake one follower to take it."""
@@ -178,9 +179,9 @@ class Engine:
             inbox.poke()
             return
 
-    def _arrived(self, inbox: _Inbox, deadline: float) -> tuple | None:
+    def _arrived(self, inbox: Inbox, deadline: float) -> tuple | None:
         """The call's frame if it has come (handing on a pipe its reader left), else None; ``TimeoutError`` past
-        ``deadline``. The first step of ``_get`` and ``_aget``."""
+        ``deadline``. The first step of ``_getting``."""
         if (msg := inbox.take()) is not None:
             if self._followers and not self._pipe.locked():
                 self._hand_over()  # this call was woken by its frame: the pipe must not stay without a reader
@@ -189,9 +190,9 @@ class Engine:
             raise TimeoutError
         return None
 
-    def _get(self, inbox: _Inbox, timeout: float) -> tuple:
-        """The call's next frame, read from the pipe by this thread when no other call reads it; ``TimeoutError``
-        after ``timeout`` seconds, ``EOFError`` at the end of the pipe."""
+    def _getting(self, inbox: Inbox, timeout: float) -> Core[tuple]:
+        """The call's next frame, read from the pipe by this call (its thread, or its event loop) when no other call
+        reads it; ``TimeoutError`` after ``timeout`` seconds, ``EOFError`` at the end of the pipe."""
         deadline = time.monotonic() + timeout
         while True:
             if (msg := self._arrived(inbox, deadline)) is not None:
@@ -200,7 +201,7 @@ class Engine:
                 try:
                     while (msg := inbox.take()) is None and (left := deadline - time.monotonic()) > 0:
                         try:
-                            self._route(self._reader.read(timeout=left))
+                            self._route((yield from self._reader.reading(left)))
                         except TimeoutError:
                             break
                         except (EOFError, OSError, ValueError):  # ValueError: the pipe was closed under the read
@@ -215,44 +216,15 @@ class Engine:
             self._followers.add(inbox)
             try:
                 if self._pipe.locked():  # else its reader left meanwhile: take the pipe at once
-                    inbox.wait(deadline - time.monotonic())
+                    yield inbox.waiting(deadline - time.monotonic())
             finally:
                 self._followers.discard(inbox)
 
-    async def _aget(self, inbox: _Inbox, timeout: float) -> tuple:
-        """``_get`` for asyncio: the pipe is read in the running event loop."""
-        deadline = time.monotonic() + timeout
-        while True:
-            if (msg := self._arrived(inbox, deadline)) is not None:
-                return msg
-            if self._pipe.acquire(blocking=False):
-                try:
-                    while (msg := inbox.take()) is None and (left := deadline - time.monotonic()) > 0:
-                        try:
-                            self._route(await self._reader.aread(timeout=left))
-                        except TimeoutError:
-                            break
-                        except (EOFError, OSError, ValueError):
-                            self._pipe_ended()
-                            break
-                finally:
-                    self._pipe.release()
-                    self._hand_over()
-                if msg is not None:
-                    return msg
-                continue
-            self._followers.add(inbox)
-            try:
-                if self._pipe.locked():
-                    await inbox.await_(deadline - time.monotonic())
-            finally:
-                self._followers.discard(inbox)
-
-    def _open(self, method: str, kwargs: dict[str, Any], stream: bool) -> tuple[int, _Inbox]:
-        rid, inbox = next(self._rids), _Inbox()
+    def _open(self, method: str, kwargs: dict[str, Any], stream: bool) -> tuple[int, Inbox]:
+        rid, inbox = next(self._rids), Inbox()
         self._inboxes[rid] = inbox
         if self._eof:
-            inbox.put(_EOF)
+            inbox.put(END_OF_PIPE)
         try:
             self._send({"op": "call", "rid": rid, "method": method, "kwargs": kwargs, "stream": stream})
         except BaseException:
@@ -267,37 +239,33 @@ class Engine:
             with contextlib.suppress(MeshError):
                 self._send({"op": "cancel", "rid": rid})
 
-    def call(self, method: str, kwargs: dict[str, Any]) -> Any:
-        """Run ``Llama.<method>(**kwargs)`` without streaming and return its result."""
+    def calling(self, method: str, kwargs: dict[str, Any]) -> Core[Any]:
+        """Run ``Llama.<method>(**kwargs)`` without streaming: its result (an :mod:`sharedllm.effects` core).
+        Stopping the core early (a cancelled task) stops the generation in the engine, between two tokens."""
         rid, inbox = self._open(method, kwargs, stream=False)
         ended = False
         try:
             while True:
-                msg = self._recv(functools.partial(self._get, inbox), self.load_timeout, during=method)
+                msg = yield from self._receiving(functools.partial(self._getting, inbox), self.load_timeout, method)
                 ended = msg[0] in _CALL_ENDS
                 if (result := _result(msg, self.spec)) is not _NO_RESULT:
                     return result
         finally:
             self._finish(rid, ended)
+
+    def call(self, method: str, kwargs: dict[str, Any]) -> Any:
+        """Run ``Llama.<method>(**kwargs)`` without streaming and return its result."""
+        return effects.run(self.calling(method, kwargs))
 
     async def acall(self, method: str, kwargs: dict[str, Any]) -> Any:
         """``call`` for asyncio, read in the running event loop. Cancelling the awaiting task stops the generation
         in the engine (between two tokens)."""
-        rid, inbox = self._open(method, kwargs, stream=False)
-        ended = False
-        try:
-            while True:
-                msg = await self._arecv(functools.partial(self._aget, inbox), self.load_timeout, during=method)
-                ended = msg[0] in _CALL_ENDS
-                if (result := _result(msg, self.spec)) is not _NO_RESULT:
-                    return result
-        finally:
-            self._finish(rid, ended)
+        return await effects.arun(self.calling(method, kwargs))
 
-    def stream(self, method: str, kwargs: dict[str, Any], on_accepted: Callable[[], None] | None = None
-               ) -> Iterator[tuple[dict, int]]:
-        """Run ``Llama.<method>(**kwargs, stream=True)`` and yield its chunks as the child produces them, each with
-        the number of tokens generated so far (as the engine counts them).
+    def streaming(self, method: str, kwargs: dict[str, Any], on_accepted: Callable[[], None] | None = None
+                  ) -> Core[None]:
+        """Run ``Llama.<method>(**kwargs, stream=True)``: a streamed core (:mod:`sharedllm.effects`) of its chunks
+        as the child produces them, each with the number of tokens generated so far (as the engine counts them).
 
         ``on_accepted`` is called once llama-cpp-python has checked the request and starts evaluating the prompt.
         """
@@ -305,24 +273,21 @@ class Engine:
         call = _StreamedCall(self, on_accepted)
         try:
             while not call.finished:
-                if (chunk := call.take(self._recv(functools.partial(self._get, inbox), call.timeout,
-                                                  during=method))) is not None:
+                msg = yield from self._receiving(functools.partial(self._getting, inbox), call.timeout, method)
+                if (chunk := call.take(msg)) is not None:
                     yield chunk, call.generated
         finally:
             self._finish(rid, call.finished)
 
-    async def astream(self, method: str, kwargs: dict[str, Any], on_accepted: Callable[[], None] | None = None
-                      ) -> AsyncIterator[tuple[dict, int]]:
-        """``stream`` for asyncio: the chunks are taken in the running event loop."""
-        rid, inbox = self._open(method, kwargs, stream=True)
-        call = _StreamedCall(self, on_accepted)
-        try:
-            while not call.finished:
-                if (chunk := call.take(await self._arecv(functools.partial(self._aget, inbox), call.timeout,
-                                                         during=method))) is not None:
-                    yield chunk, call.generated
-        finally:
-            self._finish(rid, call.finished)
+    def stream(self, method: str, kwargs: dict[str, Any], on_accepted: Callable[[], None] | None = None
+               ) -> Iterator[tuple[dict, int]]:
+        """The chunks of ``streaming``, read in this thread."""
+        return effects.iterate(self.streaming(method, kwargs, on_accepted))
+
+    def astream(self, method: str, kwargs: dict[str, Any], on_accepted: Callable[[], None] | None = None
+                ) -> AsyncIterator[tuple[dict, int]]:
+        """The chunks of ``streaming``, taken in the running event loop."""
+        return effects.aiterate(self.streaming(method, kwargs, on_accepted))
 
     def _send(self, msg: dict) -> None:
         if self._closing:
@@ -331,33 +296,23 @@ class Engine:
             raise self._failure("the engine is not running")
         try:
             with self._send_lock:
-                _write_frame(self._proc.stdin.fileno(), msg)
+                write_frame(self._proc.stdin.fileno(), msg)
         except (OSError, ValueError):
             raise self._failure("the engine stopped accepting requests") from None
 
-    def _recv(self, get: Callable[[float], tuple], timeout: float, during: str) -> tuple:
+    def _receiving(self, getting: Callable[[float], Core[tuple]], timeout: float, during: str) -> Core[tuple]:
+        """The next frame ``getting`` gets, within ``timeout`` seconds, asking the watchdog between waits; the
+        engine's failure (typed, naming the machine when known) when it died, hung, or lost a machine."""
         deadline = time.monotonic() + max(timeout, 0.0)
         for wait in self._waits(deadline):
             try:
-                return get(wait)
+                return (yield from getting(wait))
             except TimeoutError:
-                if (lost := self._watch(deadline, timeout, during)) is not None:
+                # The watchdog and the culprit's probe use the network: an asyncio caller runs them in a thread.
+                if (lost := (yield effects.in_thread(self._watch, deadline, timeout, during))) is not None:
                     raise lost from None
             except EOFError as exc:
-                raise self._lost(exc, timeout, during) from None
-        raise AssertionError("unreachable")
-
-    async def _arecv(self, aget: Callable[[float], Any], timeout: float, during: str) -> tuple:
-        deadline = time.monotonic() + max(timeout, 0.0)
-        for wait in self._waits(deadline):
-            try:
-                return await aget(wait)
-            except TimeoutError:
-                # The watchdog and the culprit's probe use the network: not in the event loop.
-                if (lost := await asyncio.to_thread(self._watch, deadline, timeout, during)) is not None:
-                    raise lost from None
-            except EOFError as exc:
-                raise await asyncio.to_thread(self._lost, exc, timeout, during) from None
+                raise (yield effects.in_thread(self._lost, exc, timeout, during)) from None
         raise AssertionError("unreachable")
 
     def _waits(self, deadline: float) -> Iterator[float]:
@@ -460,7 +415,7 @@ class Engine:
             return
         if proc.poll() is None:
             with contextlib.suppress(Exception), self._send_lock:
-                _write_frame(proc.stdin.fileno(), {"op": "close"})
+                write_frame(proc.stdin.fileno(), {"op": "close"})
             try:
                 proc.wait(timeout=10)
             except subprocess.TimeoutExpired:
@@ -518,18 +473,6 @@ def _result(msg: tuple, spec: EngineSpec) -> Any:
     if msg[0] == "error":
         raise _rebuild(msg[1], msg[2], spec)
     return _NO_RESULT
-
-
-async def _to_the_end(work: Any) -> None:
-    """Await ``work`` to its end even if the awaiting task is cancelled meanwhile (then re-raise the cancellation)."""
-    task = asyncio.ensure_future(work)
-    try:
-        await asyncio.shield(task)
-    except asyncio.CancelledError:
-        while not task.done():
-            with contextlib.suppress(asyncio.CancelledError):
-                await asyncio.shield(task)
-        raise
 
 
 def _load_error(log: str) -> str | None:

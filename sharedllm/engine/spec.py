@@ -113,7 +113,7 @@ def first_failing_stage(stages: list[EngineStage], timeout: float) -> tuple[Engi
     return None
 
 
-def _probe_stages(spec: EngineSpec) -> tuple[str, str] | None:
+def probe_stages(spec: EngineSpec) -> tuple[str, str] | None:
     """After the engine is gone, find the rpc-server that refuses or hangs. None when every server answers."""
     failed = first_failing_stage(spec.stages, timeout=3.0)
     if failed is None:

@@ -7,10 +7,10 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from sharedllm.gguf.reader import (
-    _BLK,
+    BLOCK_NAME,
     GGUFFile,
-    _int_param,
-    _per_layer,
+    int_param,
+    per_layer,
     ties_embeddings,
 )
 
@@ -161,7 +161,7 @@ def estimate_memory(gguf: GGUFFile, n_ctx: int, *, n_ubatch: int = 512, kv_type_
     layer_weights = [0] * n_layer
     output = input_ = 0
     for t in gguf.tensors:
-        m = _BLK.match(t.name)
+        m = BLOCK_NAME.match(t.name)
         if m:
             layer_weights[int(m[1])] += t.nbytes
         elif t.name.startswith(("output.", "output_norm.")):
@@ -176,14 +176,14 @@ def estimate_memory(gguf: GGUFFile, n_ctx: int, *, n_ubatch: int = 512, kv_type_
         input_ += output
         output = 0
 
-    n_embd = _int_param(gguf, "embedding_length")
-    n_heads = _per_layer(gguf, "attention.head_count", 0)
+    n_embd = int_param(gguf, "embedding_length")
+    n_heads = per_layer(gguf, "attention.head_count", 0)
     has_kv = gguf.get("attention.head_count_kv") is not None  # llama.cpp defaults it to head_count
-    n_heads_kv = _per_layer(gguf, "attention.head_count_kv", 0) if has_kv else n_heads
+    n_heads_kv = per_layer(gguf, "attention.head_count_kv", 0) if has_kv else n_heads
     n_head = max(n_heads)
     default_head_dim = n_embd // n_head if n_head else 0
-    head_k = _int_param(gguf, "attention.key_length", default_head_dim)
-    head_v = _int_param(gguf, "attention.value_length", default_head_dim)
+    head_k = int_param(gguf, "attention.key_length", default_head_dim)
+    head_v = int_param(gguf, "attention.value_length", default_head_dim)
     # Every layer gets the full n_ctx, sliding-window layers (Gemma 3: 5 of 6) included: llama-cpp-python's
     # default swa_full=True makes llama.cpp give them a full-size cache too ("using full-size SWA cache"), and the
     # 256-cell padding. A layer without KV heads (recurrent layers of hybrid models) gets no KV cache. Measured on the
@@ -192,17 +192,17 @@ def estimate_memory(gguf: GGUFFile, n_ctx: int, *, n_ubatch: int = 512, kv_type_
     layer_kv = tuple(n_kv_cells * h * (head_k + head_v) * kv_type_bytes for h in n_heads_kv)
 
     n_vocab = token_embd.shape[1] if token_embd is not None and len(token_embd.shape) > 1 else 0
-    n_ff = max(_per_layer(gguf, "feed_forward_length", 0))
+    n_ff = max(per_layer(gguf, "feed_forward_length", 0))
     n_ff_exp = gguf.get("expert_feed_forward_length")
     moe = type(n_ff_exp) is int and n_ff_exp > 0
-    n_expert_used = _int_param(gguf, "expert_used_count", 0) if moe else 0
+    n_expert_used = int_param(gguf, "expert_used_count", 0) if moe else 0
     layer_attention = _attention_kinds(gguf)
     shape = _GraphShape(
         n_embd=n_embd, n_ff=n_ff, n_vocab=n_vocab, n_head=n_head, q_dim=n_head * head_k,
         v_dim=max(n_heads_kv) * head_v, n_kv=n_kv_cells, n_ubatch=min(n_ubatch, n_ctx),
         n_kinds=max(layer_attention) + 1,
         n_ff_exp=n_ff_exp if moe else 0, n_expert_used=n_expert_used,
-        n_expert=_int_param(gguf, "expert_count", 0) if moe else 0,
+        n_expert=int_param(gguf, "expert_count", 0) if moe else 0,
     )
     # Pipeline parallelism (several devices, no tensor overrides: the output layer is not moved to the client)
     # makes llama.cpp's scheduler keep 4 copies of every stage input.

@@ -94,7 +94,7 @@ _SCALAR = {t: struct.Struct("<" + f) for t, f in _SCALAR_FMT.items()}
 # reader allocate or loop beyond the size of the file.
 _MIN_SIZE = {**{t: s.size for t, s in _SCALAR.items()}, STRING: 8, ARRAY: 12}
 _U32, _U64 = _SCALAR[UINT32], _SCALAR[UINT64]
-_BLK = re.compile(r"blk\.(\d+)\.")
+BLOCK_NAME = re.compile(r"blk\.(\d+)\.")
 _ARCH = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 
 
@@ -165,7 +165,7 @@ def _short(value: Any) -> str:
     return r if len(r) <= 60 else r[:57] + "..."
 
 
-class _Cursor:
+class Cursor:
     """Bounds-checked little-endian reads over the mapped file. ``what`` names the part being read, for errors."""
 
     __slots__ = ("buf", "kept", "path", "pos", "size", "walk", "what")
@@ -290,12 +290,12 @@ def read_gguf(path: str | os.PathLike) -> GGUFFile:
     """Read and validate a GGUF model file. Raises ModelNotFound or InvalidModel with a one-line message."""
     p, size, mm = _open(path)
     try:
-        return _parse(_Cursor(mm, size, p))
+        return parse(Cursor(mm, size, p))
     finally:
         mm.close()
 
 
-def _parse(cur: _Cursor) -> GGUFFile:
+def parse(cur: Cursor) -> GGUFFile:
     p, size = cur.path, cur.size
     magic = cur.buf[:4]
     if magic != GGUF_MAGIC:
@@ -376,7 +376,7 @@ def _parse(cur: _Cursor) -> GGUFFile:
     return GGUFFile(cur.path, version, metadata, tuple(infos), data_offset, size)
 
 
-def _check_model(cur: _Cursor, metadata: dict[str, Any], tensors: list[TensorInfo]) -> None:
+def _check_model(cur: Cursor, metadata: dict[str, Any], tensors: list[TensorInfo]) -> None:
     """What llama.cpp needs to even pick a model class: an architecture and a sane block count."""
     arch = metadata.get("general.architecture")
     if arch is None:
@@ -401,7 +401,7 @@ def _check_model(cur: _Cursor, metadata: dict[str, Any], tensors: list[TensorInf
         )
     seen = set()
     for t in tensors:
-        m = _BLK.match(t.name)
+        m = BLOCK_NAME.match(t.name)
         if m:
             seen.add(int(m[1]))
             if int(m[1]) >= n_layer:
@@ -423,7 +423,7 @@ _ASSERTED: dict[str, tuple[Any, str]] = {
 }
 
 
-def _check_hyperparameters(cur: _Cursor, arch: str, metadata: dict[str, Any]) -> None:
+def _check_hyperparameters(cur: Cursor, arch: str, metadata: dict[str, Any]) -> None:
     """Refuse, before a byte moves, the hyperparameters that would make rpc-servers abort: an honest machine would
     crash on them and take the blame (a poisoned model)."""
     for suffix, (ok, need) in _ASSERTED.items():
@@ -443,7 +443,7 @@ def _check_hyperparameters(cur: _Cursor, arch: str, metadata: dict[str, Any]) ->
             f"{_REDOWNLOAD}", cur.path)
 
 
-def _int_param(gguf: GGUFFile, key: str, default: int | None = None) -> int:
+def int_param(gguf: GGUFFile, key: str, default: int | None = None) -> int:
     value = gguf.get(key, default)
     if type(value) is not int or value < 0:
         raise InvalidModel(
@@ -453,13 +453,13 @@ def _int_param(gguf: GGUFFile, key: str, default: int | None = None) -> int:
     return value
 
 
-def _per_layer(gguf: GGUFFile, key: str, default: int) -> tuple[int, ...]:
+def per_layer(gguf: GGUFFile, key: str, default: int) -> tuple[int, ...]:
     """A hyperparameter that is either one int or an array with one int per layer (OpenELM, hybrid models...)."""
     n_layer = gguf.n_layer
     value = gguf.get(key, default)
     if isinstance(value, list) and len(value) == n_layer and all(type(v) is int and v >= 0 for v in value):
         return tuple(value)
-    return (_int_param(gguf, key, default),) * n_layer
+    return (int_param(gguf, key, default),) * n_layer
 
 
 def ties_embeddings(gguf: GGUFFile) -> bool:

@@ -19,7 +19,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from sharedllm.errors import EngineError
 from sharedllm.openai_server.admission import QueueFull, QueueTimeout, RequestQueue, Slot
 from sharedllm.openai_server.auth import BearerAuth
-from sharedllm.openai_server.errors import APIError, _error_response, _status_type, map_exception
+from sharedllm.openai_server.errors import APIError, error_response, map_exception, status_type
 from sharedllm.openai_server.schemas import (
     ChatCompletion,
     ChatCompletionRequest,
@@ -29,18 +29,18 @@ from sharedllm.openai_server.schemas import (
     Health,
     ModelCard,
     ModelList,
-    _responses,
+    responses_doc,
 )
 from sharedllm.openai_server.streaming import (
-    _DISCONNECTED,
-    _EventStream,
-    _prune,
-    _TaskGeneration,
-    _ThreadGeneration,
-    _Threads,
-    _unless_disconnected,
+    DISCONNECTED,
+    EventStream,
+    TaskGeneration,
+    ThreadGeneration,
+    Threads,
+    prune,
+    unless_disconnected,
 )
-from sharedllm.openai_server.translate import _usage, chat_kwargs, completion_kwargs
+from sharedllm.openai_server.translate import chat_kwargs, completion_kwargs, wants_usage
 from sharedllm.tool_calls import Tools
 
 logger = logging.getLogger(__name__)
@@ -88,7 +88,7 @@ def create_app(
     created = int(time.time())
     n_vocab = _n_vocab(model)
     state: dict[str, Any] = {"failed": None}
-    threads = _Threads("sharedllm-openai-stream")
+    threads = Threads("sharedllm-openai-stream")
 
     app = FastAPI(
         title="SharedLLM OpenAI-compatible API",
@@ -113,14 +113,14 @@ def create_app(
         errors = exc.errors()
         first = errors[0] if errors else {}
         if first.get("type") == "json_invalid":
-            return _error_response(400, "We could not parse the JSON body of your request. The body must be a JSON "
+            return error_response(400, "We could not parse the JSON body of your request. The body must be a JSON "
                                    "object (Content-Type: application/json).")
         loc = [str(p) for p in first.get("loc", ()) if p != "body"]
         param = ".".join(loc) or None
         if param is None:  # the body as a whole: not a JSON object, or not sent as JSON
-            return _error_response(400, "The request body must be a JSON object, sent with Content-Type: "
+            return error_response(400, "The request body must be a JSON object, sent with Content-Type: "
                                    "application/json.")
-        return _error_response(400, f"{param}: {first.get('msg', 'invalid value')}", param=param)
+        return error_response(400, f"{param}: {first.get('msg', 'invalid value')}", param=param)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -132,13 +132,13 @@ def create_app(
             code = "method_not_allowed"
         else:
             message, code = str(exc.detail), None
-        return _error_response(exc.status_code, message, type=_status_type(exc.status_code), code=code,
+        return error_response(exc.status_code, message, type=status_type(exc.status_code), code=code,
                                headers=getattr(exc, "headers", None))
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         logger.error("unexpected error answering %s %s", request.method, request.url.path, exc_info=exc)
-        return _error_response(500, f"internal error: {type(exc).__name__}", type="server_error")
+        return error_response(500, f"internal error: {type(exc).__name__}", type="server_error")
 
     names = {model_id, *aliases}
 
@@ -180,7 +180,7 @@ def create_app(
             try:
                 if amethod is None:  # a blocking model: its thread runs to the end whatever the client does
                     out = await run_in_threadpool(lambda: method(**kwargs))
-                elif (out := await _unless_disconnected(request, amethod(**kwargs))) is _DISCONNECTED:
+                elif (out := await unless_disconnected(request, amethod(**kwargs))) is DISCONNECTED:
                     app.state.abandoned += 1
                     return Response(status_code=499)
             except Exception as exc:
@@ -198,9 +198,9 @@ def create_app(
                 chunks = await amethod(**kwargs, stream=True, **extra)
                 return tools.achunks(chunks) if tools else chunks
 
-            gen = _TaskGeneration(start, slot)
+            gen = TaskGeneration(start, slot)
         else:
-            gen = _ThreadGeneration(lambda: (tools.chunks if tools else iter)(method(**kwargs, stream=True, **extra)),
+            gen = ThreadGeneration(lambda: (tools.chunks if tools else iter)(method(**kwargs, stream=True, **extra)),
                                     slot, threads)
         app.state.generations.append(gen)
         gen.start()
@@ -210,12 +210,12 @@ def create_app(
                 raise failed(first, param)
             if kind == "done":  # no chunk at all: an empty stream is still a valid one
                 return StreamingResponse(iter([b"data: [DONE]\n\n"]), media_type="text/event-stream")
-            return _EventStream(gen, first if kind == "chunk" else None, param, include_usage)
+            return EventStream(gen, first if kind == "chunk" else None, param, include_usage)
         except BaseException:
             gen.cancel()
             raise
         finally:
-            _prune(app.state.generations)
+            prune(app.state.generations)
 
     @app.get("/health", response_model=Health, responses={503: {"model": Health}}, tags=["server"])
     async def health() -> JSONResponse:
@@ -225,35 +225,35 @@ def create_app(
                       error=str(state["failed"]) if state["failed"] else None)
         return JSONResponse(body.model_dump(), status_code=503 if state["failed"] else 200)
 
-    @app.get("/v1/models", response_model=ModelList, responses=_responses(None, errors=(401,)),
+    @app.get("/v1/models", response_model=ModelList, responses=responses_doc(None, errors=(401,)),
              tags=["openai"])
     async def list_models() -> ModelList:
         """The model this server serves."""
         return ModelList(data=[ModelCard(id=model_id, created=created)])
 
     @app.get("/v1/models/{model:path}", response_model=ModelCard,
-             responses=_responses(None, errors=(401, 404)), tags=["openai"])
+             responses=responses_doc(None, errors=(401, 404)), tags=["openai"])
     async def retrieve_model(model: str) -> ModelCard:
         """One model by id."""
         check_model(model)
         return ModelCard(id=model_id, created=created)
 
     @app.post("/v1/completions", tags=["openai"],
-              responses=_responses(Completion, stream=True, errors=(400, 401, 404, 429, 503)))
+              responses=responses_doc(Completion, stream=True, errors=(400, 401, 404, 429, 503)))
     async def completions(body: CompletionRequest, request: Request):
         """Complete a prompt; ``stream: true`` streams chunks as server-sent events."""
         check_model(body.model)
         kwargs = completion_kwargs(body, model_id, n_vocab)
-        return await run(request, model.create_completion, kwargs, bool(body.stream), "prompt", _usage(body))
+        return await run(request, model.create_completion, kwargs, bool(body.stream), "prompt", wants_usage(body))
 
     @app.post("/v1/chat/completions", tags=["openai"],
-              responses=_responses(ChatCompletion, stream=True, errors=(400, 401, 404, 429, 503)))
+              responses=responses_doc(ChatCompletion, stream=True, errors=(400, 401, 404, 429, 503)))
     async def chat_completions(body: ChatCompletionRequest, request: Request):
         """Answer a conversation with the model's chat template; ``stream: true`` streams server-sent events."""
         check_model(body.model)
         kwargs, tools = chat_kwargs(body, model_id, n_vocab)
         return await run(request, model.create_chat_completion, kwargs, bool(body.stream), "messages",
-                         _usage(body), tools)
+                         wants_usage(body), tools)
 
     def openapi() -> dict:
         # Validation errors are answered 400 with an OpenAI error object, not FastAPI's 422: say so in the schema.

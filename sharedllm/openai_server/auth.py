@@ -6,7 +6,7 @@ from __future__ import annotations
 import hmac
 from collections.abc import Collection
 
-from sharedllm.openai_server.errors import _error_response
+from sharedllm.openai_server.errors import error_response
 
 
 class BearerAuth:
@@ -37,5 +37,5 @@ class BearerAuth:
             return await self.app(scope, receive, send)
         message = ("You didn't provide an API key. Pass it in an Authorization header: Authorization: Bearer KEY."
                    if header is None else "Incorrect API key provided.")
-        resp = _error_response(401, message, code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+        resp = error_response(401, message, code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
         await resp(scope, receive, send)

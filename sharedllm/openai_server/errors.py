@@ -33,20 +33,20 @@ class APIError(Exception):
 
     def response(self) -> JSONResponse:
         """The OpenAI error object, with this error's status and headers."""
-        return _error_response(self.status, self.message, type=self.type, param=self.param, code=self.code,
+        return error_response(self.status, self.message, type=self.type, param=self.param, code=self.code,
                                headers=self.headers)
 
 
-def _error_body(message: str, type: str, param: str | None = None, code: str | None = None) -> dict:
+def error_body(message: str, type: str, param: str | None = None, code: str | None = None) -> dict:
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
 
 
-def _error_response(status: int, message: str, *, type: str = "invalid_request_error", param: str | None = None,
+def error_response(status: int, message: str, *, type: str = "invalid_request_error", param: str | None = None,
                     code: str | None = None, headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse(_error_body(message, type, param, code), status_code=status, headers=headers)
+    return JSONResponse(error_body(message, type, param, code), status_code=status, headers=headers)
 
 
-def _status_type(status: int) -> str:
+def status_type(status: int) -> str:
     return "invalid_request_error" if status < 500 else "server_error"
 
 

@@ -8,7 +8,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 
-class _Request(BaseModel):
+class RequestBase(BaseModel):
     # Fields of the OpenAI API this server does not use (user, metadata, store, service_tier...) are accepted and
     # ignored, as clients send them freely.
     model_config = ConfigDict(extra="allow")
@@ -35,7 +35,7 @@ class _Request(BaseModel):
     repeat_penalty: float | None = Field(None, ge=0.5, le=2.0)
 
 
-class CompletionRequest(_Request):
+class CompletionRequest(RequestBase):
     """POST /v1/completions."""
 
     prompt: str | list[str] | list[int] | list[list[int]] = Field(
@@ -72,7 +72,7 @@ class ResponseFormat(BaseModel):
     schema_: dict[str, Any] | None = Field(None, alias="schema", description="llama-cpp-python's json_object schema")
 
 
-class ChatCompletionRequest(_Request):
+class ChatCompletionRequest(RequestBase):
     """POST /v1/chat/completions."""
 
     messages: list[ChatMessage] = Field(min_length=1)
@@ -172,7 +172,7 @@ class ChatCompletion(BaseModel):
     usage: Usage | None = None
 
 
-def _responses(ok: type[BaseModel] | None, *, stream: bool = False, errors: tuple[int, ...] = ()) -> dict:
+def responses_doc(ok: type[BaseModel] | None, *, stream: bool = False, errors: tuple[int, ...] = ()) -> dict:
     out: dict[int | str, dict] = {}
     if ok is not None:
         out[200] = {"model": ok}

@@ -15,12 +15,12 @@ from fastapi import Request
 from fastapi.responses import Response
 
 from sharedllm.openai_server.admission import Slot
-from sharedllm.openai_server.errors import _error_body, map_exception
+from sharedllm.openai_server.errors import error_body, map_exception
 
 logger = logging.getLogger(__name__)
 
 
-class _Threads:
+class Threads:
     """Daemon threads for generations, kept for the next request.
 
     ``Thread.start()`` waits until the new thread runs: on every streamed request the event loop would pay for that
@@ -90,7 +90,7 @@ class _Generation:
         raise NotImplementedError
 
 
-class _ThreadGeneration(_Generation):
+class ThreadGeneration(_Generation):
     """Runs a model's blocking stream in a thread and hands each chunk to the event loop as it comes.
 
     The thread owns the model's iterator from start to end (a generator cannot be closed from another thread while
@@ -98,7 +98,7 @@ class _ThreadGeneration(_Generation):
     engine.
     """
 
-    def __init__(self, start: Callable[[], Iterator[dict]], slot: Slot, threads: _Threads):
+    def __init__(self, start: Callable[[], Iterator[dict]], slot: Slot, threads: Threads):
         super().__init__(slot)
         self._loop = asyncio.get_running_loop()
         self._stop = threading.Event()
@@ -140,7 +140,7 @@ class _ThreadGeneration(_Generation):
         self._stop.set()
 
 
-class _TaskGeneration(_Generation):
+class TaskGeneration(_Generation):
     """Runs a model's asyncio stream (``MeshModel.acreate_*``) as a task of the event loop.
 
     The chunks go from the engine's pipe to the response with no thread in between: on a machine whose cores are
@@ -202,10 +202,10 @@ def _last_event(kind: str, value: Any, param: str) -> bytes:
     if kind == "done":
         return b"data: [DONE]\n\n"
     err = map_exception(value, param=param)
-    return _sse(_error_body(err.message, err.type, err.param, err.code))
+    return _sse(error_body(err.message, err.type, err.param, err.code))
 
 
-class _EventStream(Response):
+class EventStream(Response):
     """Server-sent events; however the response ends (done, error, client gone), the generation is cancelled.
 
     A bare ASGI response rather than Starlette's ``StreamingResponse``, which runs an anyio task group per response
@@ -281,12 +281,12 @@ class _EventStream(Response):
 
 
 
-_DISCONNECTED = object()
+DISCONNECTED = object()
 
 
-async def _unless_disconnected(request: Request, work: Awaitable[Any]) -> Any:
+async def unless_disconnected(request: Request, work: Awaitable[Any]) -> Any:
     """Await ``work``, unless the client hangs up first: then cancel it (``MeshModel.acreate_*`` stops generating in
-    the engine and waits until the engine is idle) and return ``_DISCONNECTED``."""
+    the engine and waits until the engine is idle) and return ``DISCONNECTED``."""
     task = asyncio.ensure_future(work)
     watcher = asyncio.ensure_future(_disconnected(request.receive))
     try:
@@ -297,7 +297,7 @@ async def _unless_disconnected(request: Request, work: Awaitable[Any]) -> Any:
             task.cancel()
             await asyncio.wait({task})  # the engine is idle again before the slot goes to the next request
     if task.cancelled():
-        return _DISCONNECTED
+        return DISCONNECTED
     return task.result()
 
 
@@ -307,5 +307,5 @@ async def _disconnected(receive) -> None:
         pass
 
 
-def _prune(gens: list[_Generation]) -> None:
+def prune(gens: list[_Generation]) -> None:
     gens[:] = [g for g in gens if not g.finished.is_set()]

@@ -6,14 +6,14 @@ from __future__ import annotations
 from typing import Any
 
 from sharedllm.openai_server.errors import APIError
-from sharedllm.openai_server.schemas import ChatCompletionRequest, ChatMessage, CompletionRequest, _Request
+from sharedllm.openai_server.schemas import ChatCompletionRequest, ChatMessage, CompletionRequest, RequestBase
 from sharedllm.tool_calls import ToolError, Tools, grammar_error, prepare
 
 _SAMPLING = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "repeat_penalty", "presence_penalty",
              "frequency_penalty")
 
 
-def _common_kwargs(req: _Request, n_vocab: int | None) -> dict[str, Any]:
+def _common_kwargs(req: RequestBase, n_vocab: int | None) -> dict[str, Any]:
     kw: dict[str, Any] = {k: v for k in _SAMPLING if (v := getattr(req, k)) is not None}
     if req.stop is not None:
         stops = [req.stop] if isinstance(req.stop, str) else req.stop
@@ -123,6 +123,6 @@ def _check_json_schema(schema: dict) -> None:
 
 
 
-def _usage(req: _Request) -> bool:
+def wants_usage(req: RequestBase) -> bool:
     """Whether a streamed answer ends with a usage chunk (``stream_options: {"include_usage": true}``)."""
     return bool(req.stream and (req.stream_options or {}).get("include_usage"))

@@ -43,7 +43,7 @@ def cert_fingerprint(cert: str | os.PathLike | bytes) -> str:
     return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
-def _normalize_fingerprint(fp: str) -> bytes:
+def normalize_fingerprint(fp: str) -> bytes:
     text = fp.strip().lower()
     if text.startswith("sha256:"):
         text = text[7:]

@@ -24,7 +24,7 @@ logger = logging.getLogger("sharedllm.relay")  # one name for the package, and w
 READY_PREFIX = "SHAREDLLM_RELAY "
 
 
-def _read_key(path: str) -> bytes:
+def read_key(path: str) -> bytes:
     text = Path(path).read_text().strip()
     try:
         key = bytes.fromhex(text)
@@ -82,7 +82,7 @@ def _hub_main(args: argparse.Namespace, stop: threading.Event) -> int:
     from sharedllm.relay.hub import RelayHub
 
     host, port = parse_endpoint(args.listen)
-    hub = RelayHub(host, port, _read_key(args.key_file), max_connections_per_machine=args.max_connections_per_machine,
+    hub = RelayHub(host, port, read_key(args.key_file), max_connections_per_machine=args.max_connections_per_machine,
                    max_machines=args.max_machines,
                    max_bytes_per_s=args.max_mbit_per_machine * 1e6 / 8 if args.max_mbit_per_machine else None)
     hub.start()
@@ -166,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps({"cert": cert, "key": key, "ca": ca, "fingerprint": cert_fingerprint(cert)}))
         return 0
     if args.cmd == "mint":
-        print(mint_token(_read_key(args.key_file), args.lease, args.machine_id, args.ttl))
+        print(mint_token(read_key(args.key_file), args.lease, args.machine_id, args.ttl))
         return 0
     stop = threading.Event()
     if args.parent_pid:
@@ -176,9 +176,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.cmd == "server":
         host, port = parse_endpoint(args.listen)
         relay: ServerRelay | ClientRelay = ServerRelay(
-            host, port, args.target, certfile=args.cert, keyfile=args.key, secret=_read_key(args.key_file),
+            host, port, args.target, certfile=args.cert, keyfile=args.key, secret=read_key(args.key_file),
             machine_id=args.machine_id, hub=args.hub, inbound=not args.no_inbound,
-            hub_credential=_read_key(args.hub_key_file) if args.hub_key_file else None)
+            hub_credential=read_key(args.hub_key_file) if args.hub_key_file else None)
         relay.set_lease(args.lease)
         relay.start()
         ready = {"endpoint": relay.endpoint, "fingerprint": relay.fingerprint, "pid": os.getpid(),

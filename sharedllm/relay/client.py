@@ -15,20 +15,20 @@ import struct
 import threading
 import time
 
-from sharedllm.relay.certs import _normalize_fingerprint, client_context
-from sharedllm.relay.server import _Acceptor
+from sharedllm.relay.certs import client_context, normalize_fingerprint
+from sharedllm.relay.server import Acceptor
 from sharedllm.relay.tokens import RelayError, TokenError
 from sharedllm.relay.wire import (
-    _KIND_CONNECT,
-    _KIND_PROBE,
-    _STATUS_OK,
-    _close,
-    _recv_frame,
-    _send_frame,
-    _tune,
+    KIND_CONNECT,
+    KIND_PROBE,
+    STATUS_OK,
+    close_sockets,
     join_endpoint,
     parse_endpoint,
+    recv_frame,
+    send_frame,
     splice,
+    tune_socket,
 )
 
 logger = logging.getLogger("sharedllm.relay")  # one name for the package, and when run as python -m sharedllm.relay
@@ -46,7 +46,7 @@ def _refusal(reason: bytes, who: str) -> TokenError | RelayError:
 
 
 
-class ClientRelay(_Acceptor):
+class ClientRelay(Acceptor):
     """A loopback endpoint for llama.cpp that tunnels each connection to a remote :class:`ServerRelay`.
 
     Give exactly one way to check the server: ``fingerprint`` (``sha256:HEX`` of its certificate, recommended) or
@@ -88,7 +88,7 @@ class ClientRelay(_Acceptor):
         self.remote = None if self._via else parse_endpoint(remote)
         self.hub = dict(hub) if hub else None
         self.via_hub = bool(self._via or via_hub)
-        self._pin = _normalize_fingerprint(fingerprint) if fingerprint else None
+        self._pin = normalize_fingerprint(fingerprint) if fingerprint else None
         self._ctx = client_context(cafile)
         self._sni = server_hostname or (self.remote[0] if self.remote else "sharedllm-relay")
         self.token = token
@@ -131,37 +131,37 @@ class ClientRelay(_Acceptor):
         except OSError as exc:
             raise RelayError(f"relay hub {hub} is unreachable ({exc}); is the scheduler's hub running?") from exc
         try:
-            _tune(raw)
-            _send_frame(raw, KIND_CONNECT, json.dumps({"machine": machine, "token": self.hub["token"]}).encode())
+            tune_socket(raw)
+            send_frame(raw, KIND_CONNECT, json.dumps({"machine": machine, "token": self.hub["token"]}).encode())
             try:  # the hub answers once the machine has dialled back (its own open timeout is 10 s)
-                status, reason = _recv_frame(raw, time.monotonic() + self.connect_timeout + 5.0)
+                status, reason = recv_frame(raw, time.monotonic() + self.connect_timeout + 5.0)
             except (OSError, ValueError, struct.error) as exc:
                 raise RelayError(f"relay hub {hub} closed the handshake for machine {machine} ({exc})") from exc
-            if status != _STATUS_OK:
+            if status != STATUS_OK:
                 raise _refusal(reason, f"relay hub {hub}")
             raw.settimeout(self.connect_timeout)
             return raw, where
         except BaseException:
-            _close(raw)
+            close_sockets(raw)
             raise
 
     def set_token(self, token: str) -> None:
         """Use ``token`` for the connections opened from now on."""
         self.token = token
 
-    def open(self, kind: int = _KIND_CONNECT) -> ssl.SSLSocket:
+    def open(self, kind: int = KIND_CONNECT) -> ssl.SSLSocket:
         """Open one authenticated TLS connection to the server relay, ready to carry RPC bytes.
 
         Raises :class:`RelayError` (unreachable, TLS, certificate mismatch) or :class:`TokenError` (refused token).
         """
         raw, where = self._dial()
-        _tune(raw)
+        tune_socket(raw)
         with contextlib.suppress(OSError):
             raw.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
         try:
             tls = self._ctx.wrap_socket(raw, server_hostname=self._sni)
         except (ssl.SSLError, OSError) as exc:
-            _close(raw)
+            close_sockets(raw)
             raise RelayError(f"TLS handshake with relay {where} failed ({exc})") from exc
         try:
             if self._pin is not None:
@@ -169,16 +169,16 @@ class ClientRelay(_Acceptor):
                 if not hmac.compare_digest(got, self._pin):
                     raise RelayError(f"relay {where} presented certificate sha256:{got.hex()}, expected "
                                      f"sha256:{self._pin.hex()}; refusing to send the token (wrong machine?)")
-            _send_frame(tls, kind, self.token.encode("ascii"))
+            send_frame(tls, kind, self.token.encode("ascii"))
             try:
-                status, reason = _recv_frame(tls, time.monotonic() + self.connect_timeout)
+                status, reason = recv_frame(tls, time.monotonic() + self.connect_timeout)
             except (OSError, ValueError, struct.error) as exc:
                 raise RelayError(f"relay {where} closed the handshake ({exc})") from exc
-            if status != _STATUS_OK:
+            if status != STATUS_OK:
                 raise _refusal(reason, f"relay {where}")
             return tls
         except BaseException:
-            _close(tls)
+            close_sockets(tls)
             raise
 
     def check(self) -> dict[str, str]:
@@ -187,12 +187,12 @@ class ClientRelay(_Acceptor):
         Call it before handing :attr:`endpoint` to llama.cpp, which aborts the process when a connection fails.
         Returns the TLS version and cipher agreed; raises like :meth:`open`.
         """
-        tls = self.open(_KIND_PROBE)
+        tls = self.open(KIND_PROBE)
         try:
             cipher = tls.cipher()
             return {"tls": tls.version() or "", "cipher": cipher[0] if cipher else ""}
         finally:
-            _close(tls)
+            close_sockets(tls)
 
     def start(self) -> ClientRelay:
         """Listen on loopback and tunnel every accepted connection; returns when listening."""
@@ -207,7 +207,7 @@ class ClientRelay(_Acceptor):
         cid = self._conns.add(local)
         tls = None
         try:
-            _tune(local)
+            tune_socket(local)
             try:
                 tls = self.open()
             except (RelayError, TokenError) as exc:
@@ -221,5 +221,5 @@ class ClientRelay(_Acceptor):
         except Exception:
             logger.exception("relay tunnel to %s failed", self.remote_endpoint)
         finally:
-            _close(tls, local)
+            close_sockets(tls, local)
             self._conns.remove(cid)

@@ -41,15 +41,15 @@ from dataclasses import dataclass, field
 
 from sharedllm.relay.tokens import TokenError, verify_token
 from sharedllm.relay.wire import (
-    _STATUS_OK,
-    _STATUS_REFUSED,
-    _close,
-    _kick,
-    _recv_frame,
-    _send_frame,
-    _tune,
+    STATUS_OK,
+    STATUS_REFUSED,
+    close_sockets,
     join_endpoint,
+    kick,
     parse_endpoint,
+    recv_frame,
+    send_frame,
+    tune_socket,
 )
 
 logger = logging.getLogger("sharedllm.relay")
@@ -124,7 +124,7 @@ class _Machine:
 
     def send(self, kind: int, payload: bytes) -> None:
         with self.send_lock:
-            _send_frame(self.sock, kind, payload)
+            send_frame(self.sock, kind, payload)
 
 
 @dataclass
@@ -179,12 +179,12 @@ class RelayHub:
 
     def stop(self) -> None:
         self._stopping.set()
-        _kick(self._listener)
-        _close(self._listener)
+        kick(self._listener)
+        close_sockets(self._listener)
         with self._lock:
             socks = list(self._socks)
         for s in socks:
-            _kick(s)
+            kick(s)
 
     def __enter__(self) -> RelayHub:
         return self.start() if self._listener is None else self
@@ -205,7 +205,7 @@ class RelayHub:
             self._revoked[lease] = now + ttl
             socks = list(self._leases.pop(lease, ()))
         for s in socks:
-            _kick(s)
+            kick(s)
         if socks:
             logger.info("hub closed %d connection(s) of lease %s, which ended", len(socks), lease)
         return len(socks)
@@ -235,7 +235,7 @@ class RelayHub:
             peer = f"{addr[0]}:{addr[1]}"
             if not self._pending.acquire(blocking=False):
                 self._refuse(None, peer, "too many handshakes in progress")
-                _close(conn)
+                close_sockets(conn)
                 continue
             threading.Thread(target=self._first_frame, args=(conn, peer), name=f"hub-conn-{peer}",
                              daemon=True).start()
@@ -251,17 +251,17 @@ class RelayHub:
         logger.warning("hub refused %s: %s", peer, reason)
         if sock is not None:
             with contextlib.suppress(OSError):
-                _send_frame(sock, _STATUS_REFUSED, reason.encode()[:1024])
+                send_frame(sock, STATUS_REFUSED, reason.encode()[:1024])
 
     def _first_frame(self, sock: socket.socket, peer: str) -> None:
         released = False
         keep = False
         self._track(sock, True)
         try:
-            _tune(sock)
+            tune_socket(sock)
             deadline = time.monotonic() + self.handshake_timeout
             try:
-                kind, payload = _recv_frame(sock, deadline)
+                kind, payload = recv_frame(sock, deadline)
                 msg = json.loads(payload)
                 if not isinstance(msg, dict) or not isinstance(msg.get("machine"), str):
                     raise ValueError("no machine named")
@@ -289,16 +289,16 @@ class RelayHub:
                 self._pending.release()
             if not keep:
                 self._track(sock, False)
-                _close(sock)
+                close_sockets(sock)
 
     # --- machines --------------------------------------------------------------------------------------------------
 
     def _register(self, sock: socket.socket, peer: str, machine_id: str, deadline: float) -> None:
         credential = hub_machine_key(self._key, machine_id)
         challenge = secrets.token_hex(16)
-        _send_frame(sock, _STATUS_OK, challenge.encode())
+        send_frame(sock, STATUS_OK, challenge.encode())
         try:
-            kind, proof = _recv_frame(sock, deadline)
+            kind, proof = recv_frame(sock, deadline)
         except (TimeoutError, ValueError, ConnectionError, OSError, struct.error) as exc:
             return self._refuse(None, peer, f"machine {machine_id} gave no proof ({exc})")
         if kind != KIND_PROOF or not hmac.compare_digest(proof, _proof(credential, "register|" + challenge).encode()):
@@ -315,8 +315,8 @@ class RelayHub:
         if old is not None:
             logger.info("machine %s registered again from %s; dropping its registration from %s", machine_id, peer,
                         old.peer)
-            _kick(old.sock)
-        _send_frame(sock, _STATUS_OK, b"registered")
+            kick(old.sock)
+        send_frame(sock, STATUS_OK, b"registered")
         logger.info("machine %s registered at the hub from %s", machine_id, peer)
         try:
             self._control_loop(rec)
@@ -331,7 +331,7 @@ class RelayHub:
         silent_since = time.monotonic()
         while not self._stopping.is_set():
             try:
-                kind, _payload = _recv_frame(rec.sock, time.monotonic() + self.ping_interval)
+                kind, _payload = recv_frame(rec.sock, time.monotonic() + self.ping_interval)
             except TimeoutError:
                 if time.monotonic() - silent_since > 3 * self.ping_interval:
                     logger.warning("machine %s is silent on the hub for %.0fs; dropping it", rec.machine_id,
@@ -364,7 +364,7 @@ class RelayHub:
             if self._waiting.pop(conn_id, None) is None:  # the client gave up meanwhile
                 return False
         sock.settimeout(None)
-        _send_frame(sock, _STATUS_OK, b"ok")
+        send_frame(sock, STATUS_OK, b"ok")
         waiting.sock = sock
         waiting.arrived.set()
         return True
@@ -424,14 +424,14 @@ class RelayHub:
             machine_sock = waiting.sock
             try:
                 sock.settimeout(None)
-                _send_frame(sock, _STATUS_OK, b"ok")
+                send_frame(sock, STATUS_OK, b"ok")
                 with self._lock:
                     self.forwarded += 1
                 logger.info("hub joined %s (lease %s) to machine %s", peer, lease, machine_id)
                 self._splice(sock, machine_sock, rec)
             finally:
                 self._track(machine_sock, False)
-                _close(machine_sock)
+                close_sockets(machine_sock)
             return None
         finally:
             with self._lock:
@@ -453,8 +453,8 @@ class RelayHub:
             except OSError:
                 pass
             finally:
-                _kick(dst)
-                _kick(src)
+                kick(dst)
+                kick(src)
 
         back = threading.Thread(target=pump, args=(machine, client, False), name="hub-splice", daemon=True)
         back.start()
@@ -494,32 +494,32 @@ class HubLink:
 
     def stop(self, timeout: float = 5.0) -> None:
         self._stopping.set()
-        _kick(self._sock)
+        kick(self._sock)
         if self._thread is not None:
             self._thread.join(timeout)
 
     def _dial(self, kind: int, msg: dict) -> socket.socket:
         sock = socket.create_connection(self.hub, timeout=self.connect_timeout)
-        _tune(sock)
-        _send_frame(sock, kind, json.dumps(msg).encode())
+        tune_socket(sock)
+        send_frame(sock, kind, json.dumps(msg).encode())
         return sock
 
     def _register(self) -> socket.socket:
         sock = self._dial(KIND_REGISTER, {"machine": self.machine_id})
         try:
             deadline = time.monotonic() + self.connect_timeout
-            status, challenge = _recv_frame(sock, deadline)
-            if status != _STATUS_OK:
+            status, challenge = recv_frame(sock, deadline)
+            if status != STATUS_OK:
                 raise ConnectionRefusedError(challenge.decode(errors="replace"))
-            _send_frame(sock, KIND_PROOF, _proof(self._credential, "register|" + challenge.decode()).encode())
-            status, answer = _recv_frame(sock, deadline)
-            if status != _STATUS_OK:
+            send_frame(sock, KIND_PROOF, _proof(self._credential, "register|" + challenge.decode()).encode())
+            status, answer = recv_frame(sock, deadline)
+            if status != STATUS_OK:
                 raise ConnectionRefusedError(answer.decode(errors="replace"))
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
             return sock
         except BaseException:
-            _close(sock)
+            close_sockets(sock)
             raise
 
     def _run(self) -> None:
@@ -541,7 +541,7 @@ class HubLink:
                 self._serve(sock)
             finally:
                 self.connected.clear()
-                _close(sock)
+                close_sockets(sock)
             if not self._stopping.is_set():
                 logger.warning("machine %s lost its hub connection to %s; registering again", self.machine_id,
                                self.endpoint)
@@ -549,12 +549,12 @@ class HubLink:
     def _serve(self, sock: socket.socket) -> None:
         while not self._stopping.is_set():
             try:  # the hub pings within ping_interval of silence: three without a frame, and it is gone
-                kind, payload = _recv_frame(sock, time.monotonic() + 3 * self.ping_interval)
+                kind, payload = recv_frame(sock, time.monotonic() + 3 * self.ping_interval)
             except (TimeoutError, ValueError, ConnectionError, OSError, struct.error):
                 return
             if kind == KIND_PING:
                 with contextlib.suppress(OSError):
-                    _send_frame(sock, KIND_PING, b"")
+                    send_frame(sock, KIND_PING, b"")
             elif kind == KIND_OPEN:
                 threading.Thread(target=self._open, args=(payload.decode("ascii", "replace"),),
                                  name="hub-link-open", daemon=True).start()
@@ -563,14 +563,14 @@ class HubLink:
         try:
             sock = self._dial(KIND_DATA, {"machine": self.machine_id, "conn": conn_id,
                                           "proof": _proof(self._credential, "data|" + conn_id)})
-            status, reason = _recv_frame(sock, time.monotonic() + self.connect_timeout)
+            status, reason = recv_frame(sock, time.monotonic() + self.connect_timeout)
         except (OSError, ValueError, struct.error) as exc:
             logger.warning("machine %s could not dial the hub back for a client: %s", self.machine_id, exc)
             return
-        if status != _STATUS_OK:
+        if status != STATUS_OK:
             logger.warning("hub refused machine %s's data connection: %s", self.machine_id,
                            reason.decode(errors="replace"))
-            _close(sock)
+            close_sockets(sock)
             return
         sock.settimeout(None)
         self._on_connection(sock, ("hub", conn_id[:8]))

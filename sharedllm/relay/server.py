@@ -1,5 +1,5 @@
 # SPDX-License-Identifier: AGPL-3.0-or-later
-"""The relay next to an rpc-server (:class:`ServerRelay`) and what both relays share (:class:`_Acceptor`)."""
+"""The relay next to an rpc-server (:class:`ServerRelay`) and what both relays share (:class:`Acceptor`)."""
 
 from __future__ import annotations
 
@@ -18,18 +18,18 @@ from typing import Self
 from sharedllm.relay.certs import cert_fingerprint, server_context
 from sharedllm.relay.tokens import MAX_TOKEN_BYTES, TokenError, verify_token
 from sharedllm.relay.wire import (
-    _KIND_CONNECT,
-    _KIND_PROBE,
-    _STATUS_OK,
-    _STATUS_REFUSED,
-    _close,
-    _kick,
-    _recv_frame,
-    _send_frame,
-    _tune,
+    KIND_CONNECT,
+    KIND_PROBE,
+    STATUS_OK,
+    STATUS_REFUSED,
+    close_sockets,
     join_endpoint,
+    kick,
     parse_endpoint,
+    recv_frame,
+    send_frame,
     splice,
+    tune_socket,
 )
 
 logger = logging.getLogger("sharedllm.relay")  # one name for the package, and when run as python -m sharedllm.relay
@@ -73,7 +73,7 @@ class _Connections:
             doomed = [socks for lease, socks in self._live.values() if not keep(lease)]
         for socks in doomed:
             for s in socks:
-                _kick(s)
+                kick(s)
         return len(doomed)
 
     def join(self, timeout: float) -> None:
@@ -84,7 +84,7 @@ class _Connections:
             t.join(max(0.0, deadline - time.monotonic()))
 
 
-class _Acceptor:
+class Acceptor:
     """What both relays share: a listening socket, a thread that accepts on it, the live connections, and ``stop``.
 
     Subclasses call :meth:`_listen` from ``start`` and handle each accepted connection in :meth:`_accepted`."""
@@ -109,8 +109,8 @@ class _Acceptor:
         """Stop listening and close every connection."""
         self._stopping.set()
         if self._listener is not None:
-            _kick(self._listener)
-            _close(self._listener)
+            kick(self._listener)
+            close_sockets(self._listener)
         self._conns.kick()
         if self._thread is not None:
             self._thread.join(timeout)
@@ -143,7 +143,7 @@ class _Acceptor:
         raise NotImplementedError
 
 
-class ServerRelay(_Acceptor):
+class ServerRelay(Acceptor):
     """The relay next to an rpc-server: TLS and a lease token in, plain loopback RPC out.
 
     ``allowed(lease_id)`` says whether a lease may use this machine now; without it, the relay admits the lease given
@@ -258,7 +258,7 @@ class ServerRelay(_Acceptor):
         if not self._pending.acquire(blocking=False):
             self.refused += 1
             logger.warning("refused relay connection from %s: too many handshakes in progress", peer)
-            _close(conn)
+            close_sockets(conn)
             return
         threading.Thread(target=self._serve, args=(conn, peer), name=f"relay-conn-{peer}", daemon=True).start()
 
@@ -272,7 +272,7 @@ class ServerRelay(_Acceptor):
         target: socket.socket | None = None
         released = False
         try:
-            _tune(raw)
+            tune_socket(raw)
             deadline = time.monotonic() + self.handshake_timeout
             raw.settimeout(self.handshake_timeout)
             try:
@@ -286,13 +286,13 @@ class ServerRelay(_Acceptor):
                 return self._refuse(peer, f"TLS handshake failed ({getattr(exc, 'reason', None) or exc})")
             self._conns.attach(cid, tls)
             try:
-                kind, payload = _recv_frame(tls, deadline)
+                kind, payload = recv_frame(tls, deadline)
             except TimeoutError:
                 return self._refuse(peer, f"no token within {self.handshake_timeout:g}s")
             except (ValueError, ConnectionError, OSError, struct.error) as exc:
                 return self._refuse(peer, f"malformed handshake ({exc})")
             try:
-                if kind not in (_KIND_CONNECT, _KIND_PROBE):
+                if kind not in (KIND_CONNECT, KIND_PROBE):
                     raise TokenError("malformed", f"unknown handshake kind {kind}")
                 lease = verify_token(self._secret, payload.decode("ascii", "replace"), self.machine_id)
                 if not self._is_allowed(lease):
@@ -300,10 +300,10 @@ class ServerRelay(_Acceptor):
             except TokenError as exc:
                 self._refuse(peer, str(exc))
                 with contextlib.suppress(OSError):
-                    _send_frame(tls, _STATUS_REFUSED, str(exc).encode()[:MAX_TOKEN_BYTES])
+                    send_frame(tls, STATUS_REFUSED, str(exc).encode()[:MAX_TOKEN_BYTES])
                 return None
-            if kind == _KIND_PROBE:
-                _send_frame(tls, _STATUS_OK, b"ok")
+            if kind == KIND_PROBE:
+                send_frame(tls, STATUS_OK, b"ok")
                 logger.info("relay probe from %s for lease %s: token accepted", peer, lease)
                 return None
             try:
@@ -312,13 +312,13 @@ class ServerRelay(_Acceptor):
                 reason = f"rpc-server {self.target[0]}:{self.target[1]} is unreachable ({exc})"
                 logger.warning("relay connection from %s (lease %s): %s", peer, lease, reason)
                 with contextlib.suppress(OSError):
-                    _send_frame(tls, _STATUS_REFUSED, reason.encode())
+                    send_frame(tls, STATUS_REFUSED, reason.encode())
                 return None
-            _tune(target)
+            tune_socket(target)
             self._conns.attach(cid, target, lease)
             if self._stopping.is_set() or not self._is_allowed(lease):  # stopped or revoked meanwhile
                 return None
-            _send_frame(tls, _STATUS_OK, b"ok")
+            send_frame(tls, STATUS_OK, b"ok")
             self.accepted += 1
             logger.info("relay connection from %s for lease %s forwarded to the rpc-server", peer, lease)
             self._pending.release()
@@ -334,5 +334,5 @@ class ServerRelay(_Acceptor):
         finally:
             if not released:
                 self._pending.release()
-            _close(target, tls, raw)
+            close_sockets(target, tls, raw)
             self._conns.remove(cid)

@@ -32,11 +32,11 @@ class RelayError(ConnectionError):
     """The client relay could not open the tunnel (unreachable, TLS failure, wrong certificate, refused token)."""
 
 
-def _b64e(data: bytes) -> str:
+def b64url_encode(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
 
 
-def _b64d(text: str) -> bytes:
+def b64url_decode(text: str) -> bytes:
     if not text or any(c in text for c in "=+/"):
         raise ValueError("not unpadded URL-safe base64")
     return base64.b64decode(text + "=" * (-len(text) % 4), altchars=b"-_", validate=True)
@@ -70,8 +70,9 @@ def mint_token(secret: bytes, lease_id: str, machine_id: str, ttl: float, now: f
     if ttl <= 0:
         raise ValueError(f"ttl must be positive, got {ttl}")
     expiry = int((time.time() if now is None else now) + ttl + 0.999)
-    signed = ".".join([TOKEN_VERSION, _b64e(lease_id.encode()), _b64e(machine_id.encode()), str(expiry)])
-    token = f"{signed}.{_b64e(_mac(secret, signed))}"
+    signed = ".".join([TOKEN_VERSION, b64url_encode(lease_id.encode()), b64url_encode(machine_id.encode()),
+                       str(expiry)])
+    token = f"{signed}.{b64url_encode(_mac(secret, signed))}"
     if len(token) > MAX_TOKEN_BYTES:
         raise ValueError(f"relay token would be {len(token)} bytes (max {MAX_TOKEN_BYTES}); shorten the lease id")
     return token
@@ -89,9 +90,9 @@ def verify_token(secret: bytes, token: str, machine_id: str, now: float | None =
         raise TokenError("malformed", f"expected {TOKEN_VERSION}.lease.machine.expiry.mac")
     _version, lease_b64, machine_b64, expiry_s, mac_b64 = parts
     try:
-        mac = _b64d(mac_b64)
-        lease_id = _b64d(lease_b64).decode("utf-8")
-        token_machine = _b64d(machine_b64).decode("utf-8")
+        mac = b64url_decode(mac_b64)
+        lease_id = b64url_decode(lease_b64).decode("utf-8")
+        token_machine = b64url_decode(machine_b64).decode("utf-8")
         if not expiry_s.isdigit():
             raise ValueError("expiry is not a number")
         expiry = int(expiry_s)

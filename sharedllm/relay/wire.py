@@ -20,10 +20,10 @@ __all__ = ["RpcFrames", "join_endpoint", "parse_endpoint", "splice"]
 
 logger = logging.getLogger("sharedllm.relay")  # one name for the package, and when run as python -m sharedllm.relay
 
-_MAGIC = b"SLR1"
-_FRAME = struct.Struct("!4sBH")  # magic, kind/status, payload length
-_KIND_CONNECT, _KIND_PROBE = 1, 2
-_STATUS_OK, _STATUS_REFUSED = 0, 1
+MAGIC = b"SLR1"
+FRAME = struct.Struct("!4sBH")  # magic, kind/status, payload length
+KIND_CONNECT, KIND_PROBE = 1, 2
+STATUS_OK, STATUS_REFUSED = 0, 1
 _BUFSIZE = 1 << 18  # 256 KiB per direction: a 1 MiB logits tensor crosses in four writes
 _RECORD = 16384  # the largest TLS record payload: a shorter read means the peer's burst has ended
 _HUP = select.POLLHUP | select.POLLERR | select.POLLNVAL
@@ -49,13 +49,13 @@ def join_endpoint(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-def _tune(sock: socket.socket) -> None:
+def tune_socket(sock: socket.socket) -> None:
     # Nagle would hold back the many small RPC messages for tens of milliseconds.
     with contextlib.suppress(OSError):
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
-def _kick(sock: socket.socket | None) -> None:
+def kick(sock: socket.socket | None) -> None:
     """Wake a thread blocked on ``sock`` (poll, recv) from another thread: shut the socket down without closing it."""
     if sock is None:
         return
@@ -63,7 +63,7 @@ def _kick(sock: socket.socket | None) -> None:
         socket.socket.shutdown(sock, socket.SHUT_RDWR)  # the plain method, also for an SSLSocket
 
 
-def _close(*socks: socket.socket | None) -> None:
+def close_sockets(*socks: socket.socket | None) -> None:
     for s in socks:
         if s is not None:
             with contextlib.suppress(OSError):
@@ -84,13 +84,13 @@ def _recv_exact(sock: socket.socket, n: int, deadline: float) -> bytes:
     return bytes(buf)
 
 
-def _send_frame(sock: socket.socket, kind: int, payload: bytes) -> None:
-    sock.sendall(_FRAME.pack(_MAGIC, kind, len(payload)) + payload)
+def send_frame(sock: socket.socket, kind: int, payload: bytes) -> None:
+    sock.sendall(FRAME.pack(MAGIC, kind, len(payload)) + payload)
 
 
-def _recv_frame(sock: socket.socket, deadline: float) -> tuple[int, bytes]:
-    magic, kind, size = _FRAME.unpack(_recv_exact(sock, _FRAME.size, deadline))
-    if magic != _MAGIC:
+def recv_frame(sock: socket.socket, deadline: float) -> tuple[int, bytes]:
+    magic, kind, size = FRAME.unpack(_recv_exact(sock, FRAME.size, deadline))
+    if magic != MAGIC:
         raise ValueError("not a SharedLLM relay frame")
     if size > MAX_TOKEN_BYTES:
         raise ValueError(f"frame of {size} bytes is too long")
@@ -281,7 +281,7 @@ def splice(plain: socket.socket, tls: ssl.SSLSocket, coalesce: bool = False, pre
                     t_in = t_in or hup or bool(what & POLLIN)
                     t_out = t_out or hup or bool(what & POLLOUT)
     finally:
-        _close(plain, tls)
+        close_sockets(plain, tls)
         if early is not None and (early.saved or early.wasted or early.sized):
             logger.debug("relay: %d tensor fetches answered ahead, %d asked for in vain, %d allocation sizes answered",
                          early.saved, early.wasted, early.sized)

@@ -1,0 +1,180 @@
+# SPDX-License-Identifier: AGPL-3.0-or-later
+"""One implementation for the blocking and the asyncio API.
+
+A behaviour is written once, as a generator (a *core*) that yields a :class:`Wait` wherever it must wait for
+something (a frame from a pipe, an answer from the scheduler, a recovery) and gets the outcome back from ``yield``
+(the value, or the exception raised at the ``yield``). Two small drivers run a core: :func:`run` blocks the caller's
+thread on each wait, :func:`arun` awaits each one in the running event loop. A streamed core also yields the items
+it produces (anything that is not a :class:`Wait`); :func:`iterate` and :func:`aiterate` hand them to the caller.
+
+Neither driver adds a thread between the caller and what it waits for: a blocking stream reads the engine's pipe in
+the caller's own thread, an asyncio stream in the event loop, as before the two were one (a hand-over between threads
+costs a wake-up, and on a small host a free core). Closing a stream early (``close``/``aclose``, a ``break``, a
+cancelled task) runs the core's ``finally`` blocks, as it would run a plain generator's.
+
+    def _answer(self, question):                     # the core
+        reply = yield self.link.asking(question)      # a Wait: blocks, or awaits
+        return reply.upper()
+
+    def answer(self, question):  return effects.run(self._answer(question))
+    async def aanswer(self, question):  return await effects.arun(self._answer(question))
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Iterator
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+Core = Generator[Any, Any, T]  # yields Waits (and, for a stream, items); returns the result
+
+
+class Wait:
+    """Something a core waits for, done either way: ``block()`` in the calling thread, or ``await wait()``."""
+
+    __slots__ = ("block", "wait")
+
+    def __init__(self, block: Callable[[], Any], wait: Callable[[], Awaitable[Any]]):
+        self.block = block
+        self.wait = wait
+
+
+def in_thread(fn: Callable[..., T], *args: Any, shield: bool = False) -> Wait:
+    """Wait for ``fn(*args)``: called in the caller's thread by the blocking driver, in a worker thread by the asyncio
+    one (work that blocks: the network, a reload). ``shield``: a cancelled task still waits for ``fn`` to end (it
+    cannot be stopped half-way, a recovery say) before the cancellation goes on."""
+
+    def wait() -> Awaitable[Any]:
+        work = asyncio.to_thread(fn, *args)
+        return to_the_end(work) if shield else work
+
+    return Wait(lambda: fn(*args), wait)
+
+
+def done(value: Any = None) -> Wait:
+    """A wait that is already over (``value``): for a core whose wait turns out not to be needed."""
+
+    async def wait() -> Any:
+        return value
+
+    return Wait(lambda: value, wait)
+
+
+async def to_the_end(work: Awaitable[T]) -> T:
+    """Await ``work`` to its end even if the awaiting task is cancelled meanwhile (then re-raise the cancellation)."""
+    task = asyncio.ensure_future(work)
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+        while not task.done():
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.shield(task)
+        raise
+
+
+def _step(core: Core, value: Any, error: BaseException | None) -> Any:
+    return core.throw(error) if error is not None else core.send(value)
+
+
+def run(core: Core[T]) -> T:
+    """Run ``core`` to its result, blocking the calling thread on each of its waits."""
+    value, error = None, None
+    while True:
+        try:
+            wait = _step(core, value, error)
+        except StopIteration as stop:
+            return stop.value
+        value, error = None, None
+        try:
+            value = wait.block()
+        except BaseException as exc:  # into the core, whose handlers (or finally blocks) take it
+            error = exc
+
+
+async def arun(core: Core[T]) -> T:
+    """Run ``core`` to its result, awaiting each of its waits in the running event loop."""
+    value, error = None, None
+    while True:
+        try:
+            wait = _step(core, value, error)
+        except StopIteration as stop:
+            return stop.value
+        value, error = None, None
+        try:
+            value = await wait.wait()
+        except BaseException as exc:
+            error = exc
+
+
+def iterate(core: Core[Any]) -> Iterator[Any]:
+    """The items a streamed ``core`` yields, blocking the calling thread on each of its waits."""
+    value, error = None, None
+    try:
+        while True:
+            try:
+                item = _step(core, value, error)
+            except StopIteration:
+                return
+            value, error = None, None
+            if isinstance(item, Wait):
+                try:
+                    value = item.block()
+                except BaseException as exc:
+                    error = exc
+            else:
+                yield item
+    finally:
+        core.close()
+
+
+async def aiterate(core: Core[Any]) -> AsyncIterator[Any]:
+    """The items a streamed ``core`` yields, awaiting each of its waits in the running event loop."""
+    value, error = None, None
+    try:
+        while True:
+            try:
+                item = _step(core, value, error)
+            except StopIteration:
+                return
+            value, error = None, None
+            if isinstance(item, Wait):
+                try:
+                    value = await item.wait()
+                except BaseException as exc:
+                    error = exc
+            else:
+                yield item
+    finally:
+        core.close()
+
+
+END = object()  # what :meth:`Nested.next` returns when the nested stream has ended
+
+
+class Nested:
+    """A streamed core read item by item from inside another core: ``item = yield from nested.next()`` passes the
+    nested core's waits up to whichever driver runs the outer one and returns its next item (``END`` at its end).
+    Closing the outer core closes the nested one."""
+
+    def __init__(self, core: Core[Any]):
+        self.core = core
+
+    def next(self) -> Generator[Wait, Any, Any]:
+        value, error = None, None
+        while True:
+            try:
+                item = _step(self.core, value, error)
+            except StopIteration:
+                return END
+            if not isinstance(item, Wait):
+                return item
+            try:
+                value, error = (yield item), None
+            except BaseException as exc:  # the wait failed, or the outer core is being closed (GeneratorExit)
+                value, error = None, exc
+
+    def close(self) -> None:
+        self.core.close()
