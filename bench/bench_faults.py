@@ -206,7 +206,7 @@ def run_poisoned(lm: LocalMesh, workdir: Path) -> dict:
 
     mesh = lm.mesh()
     path = poisoned_copy(default_model_path(), workdir)
-    failures = {r["machine_id"]: r["failures"] for r in mesh._call("sharedllm_trust")["machines"]}
+    failures = {r["machine_id"]: r["failures"] for r in mesh.control.call("trust")["machines"]}
     restarts = {m: machine(mesh, m)["rpc"]["restarts"] for m in THREE}
     saved, gguf.reader._ASSERTED = gguf.reader._ASSERTED, {}
     row: dict[str, Any] = {"fault": "poisoned", "same_text": None}
@@ -223,7 +223,7 @@ def run_poisoned(lm: LocalMesh, workdir: Path) -> dict:
         gguf.reader._ASSERTED = saved
     whole_mesh_ready(lm)
     crashed = [m for m in THREE if machine(mesh, m)["rpc"]["restarts"] > restarts[m]]
-    after = {r["machine_id"]: r["failures"] for r in mesh._call("sharedllm_trust")["machines"]}
+    after = {r["machine_id"]: r["failures"] for r in mesh.control.call("trust")["machines"]}
     row["trust_charged"] = sorted(m for m in after if after[m] > failures.get(m, 0))
     row["servers_aborted"] = crashed
     row["survived"] = row.get("survived", False) and not row["trust_charged"] and len(crashed) <= 1

@@ -88,7 +88,7 @@ def one_run(lm, mesh, fault: str, tokens: int, kill_after: int, reference: str, 
     with mesh.load("gemma-3-270m", n_ctx=2048, machines=["machine-1", MID]) as llm:
         if not standby:  # as before the standby existed: a recovery starts its own engine process
             llm.standby = False
-            llm._drop_standby()
+            llm.drop_standby()
         text, n, t_kill, after_kill, prev = "", 0, None, None, None
         t0 = time.monotonic()
         for chunk in llm.create_completion(PROMPT, max_tokens=tokens, temperature=0, stream=True):

@@ -8,7 +8,7 @@ import time
 
 import click
 
-from sharedllm.cli.main import friendly_errors
+from sharedllm.cli.common import friendly_errors
 
 
 @click.command()
@@ -27,11 +27,11 @@ def drain(machine: str, scheduler: str, timeout: float, undo: bool) -> None:
             raise ValueError(f"no machine {machine!r} in the mesh (it has {', '.join(sorted(known)) or 'none'}); "
                              "`sharedllm status` lists them")
         if undo:
-            mesh._call("sharedllm_drain", machine=machine, undrain=True)
+            mesh.control.call("drain", machine=machine, undrain=True)
             click.echo(f"{machine} accepts new sessions again")
             return
         deadline = time.monotonic() + timeout
-        out = mesh._call("sharedllm_drain", machine=machine)
+        out = mesh.control.call("drain", machine=machine)
         if out["sessions"]:
             click.echo(f"{machine} is draining; waiting for {len(out['sessions'])} session(s) to move off it (at their "
                        f"next request) or end: {', '.join(out['sessions'])}", err=True)
@@ -40,6 +40,6 @@ def drain(machine: str, scheduler: str, timeout: float, undo: bool) -> None:
                 raise TimeoutError(f"{machine} still serves {len(out['sessions'])} session(s) after {timeout:.0f}s; "
                                    "it stays drained (no new sessions): wait longer or stop those clients")
             time.sleep(1.0)
-            out = mesh._call("sharedllm_drain", machine=machine)
+            out = mesh.control.call("drain", machine=machine)
         click.echo(f"{machine} is drained: no session uses it and none will be placed on it; it can go "
                    f"(`sharedllm drain {machine} --undo` to take it back)")

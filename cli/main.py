@@ -9,7 +9,6 @@
 
 from __future__ import annotations
 
-import functools
 import logging
 import signal
 import sys
@@ -17,7 +16,7 @@ import time
 
 import click
 
-from sharedllm.errors import MeshError
+from sharedllm.cli.common import connect, friendly_errors, output_layer_option
 
 logger = logging.getLogger("sharedllm.cli")
 
@@ -29,34 +28,6 @@ def _setup_logging(verbose: int) -> None:
     logging.getLogger("sharedllm").setLevel(level if verbose else logging.INFO)
     # Dask's own chatter (comm retries, closing clients) is noise for a command-line user.
     logging.getLogger("distributed").setLevel(logging.DEBUG if verbose > 1 else logging.ERROR)
-
-
-output_layer_option = click.option(
-    "--output-layer", type=click.Choice(["auto", "client", "mesh"]), default="auto", show_default=True,
-    help="where the vocabulary projection runs: client (no logits on the wire), mesh (the last machine), auto "
-         "(client when the model ties its embeddings)")
-
-
-def friendly_errors(fn):
-    """Turn expected failures into one line on stderr and exit status 1 (2 for usage errors)."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except click.exceptions.Exit:
-            raise
-        except click.ClickException:
-            raise
-        except (MeshError, ValueError, OSError, TimeoutError) as exc:
-            msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            click.echo(f"error: {msg}", err=True)
-            sys.exit(1)
-        except KeyboardInterrupt:
-            click.echo("interrupted", err=True)
-            sys.exit(130)
-
-    return wrapper
 
 
 @click.group(name="sharedllm", context_settings={"help_option_names": ["-h", "--help"]})
@@ -77,19 +48,6 @@ def cli(verbose: int, tls_ca_file: str | None, tls_cert: str | None, tls_key: st
         # Every Dask client made below (Mesh.connect) picks these up, as `dask` itself does.
         dask.config.set({"distributed.comm.tls.ca-file": tls_ca_file, "distributed.comm.tls.client.cert": tls_cert,
                          "distributed.comm.tls.client.key": tls_key, "distributed.comm.require-encryption": True})
-
-
-def _connect(scheduler: str | None, machines: int):
-    """A (mesh, closer) pair: the scheduler at ``scheduler``, or an embedded local mesh of ``machines`` machines."""
-    from sharedllm.client import Mesh
-    from sharedllm.local import LocalMesh
-
-    if scheduler:
-        mesh = Mesh.connect(scheduler)
-        return mesh, mesh.close
-    click.echo(f"starting an embedded mesh of {machines} machine(s) on this host...", err=True)
-    lm = LocalMesh(machines=machines).start()
-    return lm.mesh(), lm.close
 
 
 @cli.command()
@@ -170,8 +128,8 @@ def generate(model, prompt, scheduler, machines, max_tokens, temperature, seed, 
     from sharedllm import models
 
     if not models.needs_catalog(model):
-        models.resolve(model)  # a bad path or URL fails here, before any process starts
-    mesh, close = _connect(scheduler, machines)
+        models.locate(model)  # a bad path or URL fails here, before any process starts (nothing is downloaded)
+    mesh, close = connect(scheduler, machines)
     try:
         extra = {"seed": seed} if seed is not None else {}
         with mesh.load(model, n_ctx=n_ctx, output_layer=output_layer, **extra) as llm:

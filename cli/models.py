@@ -23,7 +23,7 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from sharedllm.cli.main import friendly_errors
+from sharedllm.cli.common import friendly_errors, scheduler_call
 from sharedllm.errors import gib
 
 _SCHEDULER = click.option("--scheduler", envvar="SHAREDLLM_SCHEDULER", show_envvar=True, default=None,
@@ -41,12 +41,9 @@ def _catalog(scheduler: str | None) -> dict[str, dict]:
 
 
 def _call(scheduler: str | None, action: str, **kwargs) -> dict:
-    from sharedllm.client import Mesh
-
     if not scheduler:
         raise click.UsageError("--scheduler (or SHAREDLLM_SCHEDULER) is needed to change the catalog")
-    with Mesh.connect(scheduler) as mesh:
-        return mesh._call("sharedllm_catalog", action=action, **kwargs)
+    return scheduler_call(scheduler, "catalog", action=action, **kwargs)
 
 
 @click.group()

@@ -13,7 +13,7 @@ import json
 
 import click
 
-from sharedllm.cli.main import friendly_errors
+from sharedllm.cli.common import friendly_errors
 
 
 @click.command()
@@ -31,10 +31,12 @@ def plan(model: str, scheduler: str, n_ctx: int, parallel: int, machines: tuple[
          max_devices: int | None, output_layer: str, as_json: bool) -> None:
     """Plan MODEL on the mesh: the machines, layers and memory each would hold (nothing is loaded)."""
     from sharedllm.client import Mesh
+    from sharedllm.options import LoadOptions
 
     with Mesh.connect(scheduler) as mesh:
-        topo = mesh.plan(model, n_ctx, strategy=strategy, machines=list(machines) or None, max_devices=max_devices,
-                         output_layer=output_layer, parallel=parallel)
+        topo = mesh.plan(model, options=LoadOptions(n_ctx=n_ctx, strategy=strategy, machines=machines or None,
+                                                    max_devices=max_devices, output_layer=output_layer,
+                                                    parallel=parallel))
     if as_json:
         click.echo(json.dumps({**dataclasses.asdict(topo), "machines": topo.machines,
                                "total_bytes": topo.total_bytes}, indent=1))

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import click
 
-from sharedllm.cli.main import friendly_errors, output_layer_option
+from sharedllm.cli.common import friendly_errors, output_layer_option
 
 logger = logging.getLogger("sharedllm.cli.serve")
 
@@ -104,6 +104,7 @@ def serve(scheduler, model_ref, model_name, host, port, api_keys, api_keys_file,
     from sharedllm import models
     from sharedllm.client import Mesh
     from sharedllm.openai_server import create_app
+    from sharedllm.options import LoadOptions
 
     keys = load_api_keys(api_keys, api_keys_file)
     if not keys:
@@ -113,25 +114,24 @@ def serve(scheduler, model_ref, model_name, host, port, api_keys, api_keys_file,
         click.echo(f"WARNING: serving WITHOUT authentication on {host}: anyone who can reach it can use the model. "
                    "Pass --api-key to require a key.", err=True)
     if not models.needs_catalog(model_ref):
-        models.resolve(model_ref)  # a bad path or URL fails here, before anything connects
+        models.locate(model_ref)  # a bad path or URL fails here, before anything connects (nothing is downloaded)
     sock = _bind(host, port)  # fail on a taken port before the model is loaded
     verbose = click.get_current_context().find_root().params.get("verbose", 0)
     with contextlib.ExitStack() as stack:
         stack.callback(sock.close)
         mesh = Mesh.connect(scheduler)
         stack.callback(mesh.close)
-        path = mesh.resolve(model_ref)  # a catalog name or a URL becomes a local file here
-        model_id = model_name or path.stem
-        click.echo(f"loading {path.name} across the mesh at {scheduler}...", err=True)
-        load_kwargs = {"n_ctx": n_ctx, "machines": list(machines) or None, "output_layer": output_layer,
-                       "parallel": parallel, "exact_batches": exact_batches, "max_stall_ms": max_stall_ms,
-                       "prompt_cache": prompt_cache}
+        model = mesh.model(model_ref)  # resolved once: a catalog name or a URL becomes a local file here
+        model_id = model_name or model.path.stem
+        click.echo(f"loading {model.name} across the mesh at {scheduler}...", err=True)
+        options = LoadOptions(n_ctx=n_ctx, machines=machines or None, output_layer=output_layer, parallel=parallel,
+                              exact_batches=exact_batches, max_stall_ms=max_stall_ms, prompt_cache=prompt_cache)
         if replicas > 1:
             from sharedllm.replicas import Replicas
 
-            llm = Replicas.load(mesh, str(path), replicas=replicas, wait_timeout=0, **load_kwargs)
+            llm = Replicas.load(mesh, model, replicas=replicas, options=options.replace(wait_timeout=0))
         else:
-            llm = mesh.load(str(path), **load_kwargs)
+            llm = mesh.load(model, options=options)
         stack.callback(llm.close)
         click.echo(str(llm.topology), err=True)
         # The name it was served by is an id clients may use too (`--model gemma-3-270m` serves gemma-3-270m-q4_k_m)

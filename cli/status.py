@@ -19,9 +19,9 @@ from rich.table import Table
 from rich.text import Text
 
 from sharedllm.actor import describe_endpoint
-from sharedllm.cli.main import friendly_errors
+from sharedllm.cli.common import friendly_errors
 from sharedllm.errors import gib
-from sharedllm.scheduler_plugins.metrics import device_memory, session_stages
+from sharedllm.views import device_memory, session_stages
 
 STATE_STYLES = {"ready": "green", "starting": "yellow", "restarting": "yellow", "stopped": "dim", "failed": "bold red"}
 

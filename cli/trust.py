@@ -8,17 +8,10 @@ import time
 
 import click
 
-from sharedllm.cli.main import friendly_errors
+from sharedllm.cli.common import friendly_errors, scheduler_call
 
 _scheduler = click.option("--scheduler", required=True, envvar="SHAREDLLM_SCHEDULER", show_envvar=True,
                           help="scheduler address")
-
-
-def _call(scheduler: str, handler: str, **kwargs) -> dict:
-    from sharedllm.client import Mesh
-
-    with Mesh.connect(scheduler) as mesh:
-        return mesh._call(handler, **kwargs)
 
 
 @click.group()
@@ -32,7 +25,7 @@ def trust() -> None:
 @friendly_errors
 def trust_list(scheduler: str, as_json: bool) -> None:
     """Every machine the mesh has vouched for, with its trust score."""
-    rows = _call(scheduler, "sharedllm_trust")["machines"]
+    rows = scheduler_call(scheduler, "trust")["machines"]
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         return
@@ -52,7 +45,7 @@ def trust_list(scheduler: str, as_json: bool) -> None:
 @friendly_errors
 def trust_ban(machine: str, scheduler: str) -> None:
     """Never place anything on MACHINE again (until unbanned)."""
-    _call(scheduler, "sharedllm_trust", action="ban", machine=machine)
+    scheduler_call(scheduler, "trust", action="ban", machine=machine)
     click.echo(f"{machine} is banned: it will not be placed")
 
 
@@ -62,7 +55,7 @@ def trust_ban(machine: str, scheduler: str) -> None:
 @friendly_errors
 def trust_unban(machine: str, scheduler: str) -> None:
     """Allow MACHINE in placement again."""
-    _call(scheduler, "sharedllm_trust", action="unban", machine=machine)
+    scheduler_call(scheduler, "trust", action="unban", machine=machine)
     click.echo(f"{machine} is no longer banned")
 
 
@@ -76,7 +69,7 @@ def clients() -> None:
 @friendly_errors
 def clients_list(scheduler: str) -> None:
     """Connected (and banned) clients with their sessions."""
-    for c in _call(scheduler, "sharedllm_clients")["clients"]:
+    for c in scheduler_call(scheduler, "clients")["clients"]:
         strikes = f"  invalid models (last hour): {c['strikes']}" if c.get("strikes") else ""
         click.echo(f"{c['client']}  {'banned' if c['banned'] else 'ok'}  sessions: {', '.join(c['sessions']) or '-'}"
                    f"{strikes}")
@@ -88,7 +81,7 @@ def clients_list(scheduler: str) -> None:
 @friendly_errors
 def clients_ban(client: str, scheduler: str) -> None:
     """Refuse CLIENT's requests and end its sessions."""
-    _call(scheduler, "sharedllm_clients", action="ban", client=client)
+    scheduler_call(scheduler, "clients", action="ban", client=client)
     click.echo(f"client {client} is banned")
 
 
@@ -98,5 +91,5 @@ def clients_ban(client: str, scheduler: str) -> None:
 @friendly_errors
 def clients_unban(client: str, scheduler: str) -> None:
     """Accept CLIENT's requests again."""
-    _call(scheduler, "sharedllm_clients", action="unban", client=client)
+    scheduler_call(scheduler, "clients", action="unban", client=client)
     click.echo(f"client {client} is no longer banned")

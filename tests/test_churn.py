@@ -266,14 +266,14 @@ def test_version_skew_is_refused_in_placement(mesh):
 
     est = estimate_memory(read_gguf(default_model_path()), N_CTX).to_dict()
     with pytest.raises(NoMachines) as err:
-        mesh._call("sharedllm_plan", estimate=est, machines=TWO, build={"rpc_protocol": "99.0.0"})
+        mesh.control.call("plan", estimate=est, machines=TWO, build={"rpc_protocol": "99.0.0"})
     assert "machine-1 (RPC protocol 7.0.0, client has 99.0.0)" in str(err.value)
 
 
 def test_drain_stops_new_leases(mesh):
     from sharedllm.errors import MeshBusy, NoMachines
 
-    out = mesh._call("sharedllm_drain", machine="machine-2")
+    out = mesh.control.call("drain", machine="machine-2")
     assert out["draining"] and list(out["sessions"]) == []
     try:
         with mesh.load("gemma-3-270m", n_ctx=N_CTX, machines=TWO, wait_timeout=30) as llm:
@@ -281,4 +281,4 @@ def test_drain_stops_new_leases(mesh):
         with pytest.raises((MeshBusy, NoMachines)):
             mesh.load("gemma-3-270m", n_ctx=N_CTX, machines=["machine-2"], wait_timeout=1)
     finally:
-        mesh._call("sharedllm_drain", machine="machine-2", undrain=True)
+        mesh.control.call("drain", machine="machine-2", undrain=True)

@@ -162,7 +162,7 @@ def test_page_shows_machines_topology_and_live_throughput(mesh_cluster, mesh, br
             assert {(layers["machine"][i], layers["first"][i], layers["end"][i]) for i in mine} == expected_stages
             assert {layers["label"][i] for i in mine} == expected_labels
             leases = data["sharedllm-leases"]  # every machine's trust score, as its trust record has it
-            records = {r["machine_id"]: r for r in mesh._call("sharedllm_trust")["machines"]}
+            records = {r["machine_id"]: r for r in mesh.control.call("trust")["machines"]}
             for m in TWO:
                 cell = leases["trust"][leases["machine"].index(m)]
                 assert cell.split(" ")[0] == f"{records[m]['score']:.2f}", (m, cell, records[m])
@@ -353,7 +353,7 @@ def _state() -> tuple[list[dict], list[dict]]:
 
 
 def test_device_memory_and_stages_from_the_state():
-    from sharedllm.scheduler_plugins.metrics import device_memory, session_stages
+    from sharedllm.views import device_memory, session_stages
 
     machines, sessions = _state()
     devs = {(d.machine_id, d.device): d for d in device_memory(machines, sessions)}

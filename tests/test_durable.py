@@ -26,9 +26,9 @@ def test_scheduler_kill_9_then_restart_restores_the_registry(tmp_path):
         with mesh.load("gemma-3-270m", n_ctx=N_CTX) as llm:
             llm.create_completion("Hello", max_tokens=4, temperature=0)
             sid = llm.session_id
-        mesh._call("sharedllm_drain", machine="machine-1")
+        mesh.control.call("drain", machine="machine-1")
         entry = {"name": "tiny", "url": "https://models.example/tiny.gguf", "sha256": "ab" * 32, "size": 1234}
-        mesh._call("sharedllm_catalog", action="add", entry=entry)
+        mesh.control.call("catalog", action="add", entry=entry)
 
         def persisted() -> bool:  # the drain and the catalog entry are in the state file
             store = StateStore(state)
@@ -49,7 +49,7 @@ def test_scheduler_kill_9_then_restart_restores_the_registry(tmp_path):
         assert "machine-1" in {m["machine_id"] for m in st["known_machines"]} | {
             m["machine_id"] for m in st["machines"]}
         assert list(st["draining"]) == ["machine-1"]  # policy survived
-        names = [m["name"] for m in lm.mesh()._call("sharedllm_catalog")["models"]]
+        names = [m["name"] for m in lm.mesh().control.call("catalog")["models"]]
         assert names == ["gemma-3-270m-q4_k_m", "tiny"]  # the catalog too
         assert any(s["session_id"] == sid and s["tokens"] >= 4 for s in st["recent_sessions"])
 
@@ -61,7 +61,7 @@ def test_scheduler_kill_9_then_restart_restores_the_registry(tmp_path):
 
         wait_for(rejoined, timeout=120, interval=1.0, what="machine-1 to rejoin the restarted scheduler")
         # The new scheduler has the relay master key of the old one (from the state file): a session works again.
-        lm.mesh()._call("sharedllm_drain", machine="machine-1", undrain=True)
+        lm.mesh().control.call("drain", machine="machine-1", undrain=True)
         with lm.mesh().load("gemma-3-270m", n_ctx=N_CTX) as llm:
             assert llm._lease_relays and llm.create_completion("Hello", max_tokens=4, temperature=0)["choices"]
 
@@ -112,10 +112,10 @@ def test_a_state_file_of_the_previous_release_opens_in_this_one(tmp_path):
         assert ended[saved["sessions"][0]["session_id"]]["tokens"] == saved["sessions"][0]["tokens"] > 0
         assert list(st["draining"]) == ["machine-2"]
         assert {m["machine_id"] for m in st["known_machines"]} == {"machine-1", "machine-2"}
-        assert "tiny" in [m["name"] for m in mesh._call("sharedllm_catalog")["models"]]
-        banned = [c for c in mesh._call("sharedllm_clients")["clients"] if c["banned"]]
+        assert "tiny" in [m["name"] for m in mesh.control.call("catalog")["models"]]
+        banned = [c for c in mesh.control.call("clients")["clients"] if c["banned"]]
         assert [c["client"] for c in banned] == ["Client-banned-0001"]
-        trust = {r["machine_id"]: r for r in mesh._call("sharedllm_trust")["machines"]}
+        trust = {r["machine_id"]: r for r in mesh.control.call("trust")["machines"]}
         assert trust["machine-1"]["sessions"] >= 1
 
 

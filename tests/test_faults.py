@@ -36,7 +36,7 @@ def poisoned(model_path, tmp_path_factory) -> Path:
 
 
 def _failures(mesh) -> dict[str, int]:
-    return {r["machine_id"]: r["failures"] for r in mesh._call("sharedllm_trust")["machines"]}
+    return {r["machine_id"]: r["failures"] for r in mesh.control.call("trust")["machines"]}
 
 
 def test_a_poisoned_model_is_refused_before_a_byte_moves(mesh, poisoned):
@@ -55,7 +55,7 @@ def test_a_model_that_makes_rpc_servers_abort_is_invalid_and_blames_no_machine(m
     # Stands for an assertion the pre-load check cannot foresee: the model reaches the rpc-servers.
     monkeypatch.setattr(gguf.reader, "_ASSERTED", {})
     failures = _failures(mesh)
-    client = mesh.client.id
+    client = mesh.control.identity
 
     def check(err: pytest.ExceptionInfo, pids: dict, strikes: int) -> None:
         msg = str(err.value)
@@ -69,7 +69,7 @@ def test_a_model_that_makes_rpc_servers_abort_is_invalid_and_blames_no_machine(m
 
         wait_for(back, timeout=90, what="the aborted rpc-servers to be ready again")
         assert _failures(mesh) == failures
-        [me] = [c for c in mesh._call("sharedllm_clients")["clients"] if c["client"] == client]
+        [me] = [c for c in mesh.control.call("clients")["clients"] if c["client"] == client]
         assert me["strikes"] == strikes
         ended = mesh.state()["recent_sessions"][-1]
         assert ended["model"] == poisoned.name and ended["reason"].startswith("failed: invalid model")
@@ -112,7 +112,7 @@ def test_generations_outlive_a_scheduler_kill(local_greedy, tmp_path):
         assert text == local_greedy["completion"] and llm.recoveries == []
         assert gap < 3
         with pytest.raises(SchedulerUnreachable):  # a call while it is gone: a typed error, not a hang
-            mesh._call("sharedllm_state", timeout=2)
+            mesh.control.call("state", timeout=2)
 
         # What systemd (or `sharedllm up`) does: start the scheduler again on its port, and the workers that exited.
         wait_for(lambda: all(w.popen.poll() is not None for w in lm.workers), timeout=60,
@@ -169,7 +169,7 @@ def test_a_rolling_upgrade_fails_no_request(tmp_path):
         worker.start()
         try:
             for mid in three:
-                mesh._call("sharedllm_drain", machine=mid)
+                mesh.control.call("drain", machine=mid)
                 wait_for(lambda mid=mid: not any(mid in s["machines"] for s in mesh.state()["sessions"]),
                          timeout=120, what=f"the session to move off {mid}")
                 server = machine(mesh, mid)["rpc"]["pid"]
@@ -182,7 +182,7 @@ def test_a_rolling_upgrade_fails_no_request(tmp_path):
                 back = wait_for(lambda mid=mid: (m := machine(mesh, mid)) and m["rpc"]["state"] == "ready"
                                 and m["rpc"].get("relay") and m, timeout=120, what=f"{mid} to serve again")
                 assert back["rpc"]["pid"] != server  # a new rpc-server (of the upgraded release), not the old one
-                mesh._call("sharedllm_drain", machine=mid, undrain=True)
+                mesh.control.call("drain", machine=mid, undrain=True)
             # The scheduler last: a graceful restart with its state file (the workers leave their data planes up).
             served = len(results)
             lm.scheduler.popen.send_signal(signal.SIGTERM)

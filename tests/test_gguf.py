@@ -470,19 +470,24 @@ def test_fuzz(tmp_path):
     log.info("fuzz outcomes: %s", outcomes)
 
 
-def test_auto_output_layer_stays_on_the_mesh_when_it_serves_a_gpu(gemma, monkeypatch):
-    from sharedllm.client import Mesh
+def test_auto_output_layer_stays_on_the_mesh_when_it_serves_a_gpu(gemma):
+    """``output_layer="auto"``: the client sends both estimates of a model that ties its embeddings, and placement
+    takes the one with the output layer on the client only when every device it may use is a CPU."""
+    from sharedllm.gguf import placement_estimates
+    from sharedllm.placement import DeviceSlot, output_on_client
 
-    mesh = Mesh.__new__(Mesh)  # no scheduler: only its machine table is read, and that is faked (no GPU here)
-    table = [{"machine_id": "a", "rpc": {"devices": [{"name": "CPU", "kind": "cpu"}]}},
-             {"machine_id": "b", "rpc": {"devices": [{"name": "CUDA0", "kind": "gpu"},
-                                                     {"name": "CPU", "kind": "cpu"}]}},
-             {"machine_id": "c", "rpc": None}]
-    monkeypatch.setattr(mesh, "machines", lambda: table)
-    path = pathlib.Path(gemma.path)
-    assert not mesh._estimate(path, 2048, "auto", None).output_on_client  # b's GPU projects faster than our CPU
-    assert mesh._estimate(path, 2048, "auto", ["a", "c"]).output_on_client  # CPUs only: the logits stay home
-    assert mesh._estimate(path, 2048, "client", None).output_on_client
-    assert not mesh._estimate(path, 2048, "mesh", ["a"]).output_on_client
+    g = read_gguf(pathlib.Path(gemma.path))
+    on_mesh, on_client = placement_estimates(g, 2048, "auto")
+    assert not on_mesh.output_on_client and on_client.output_on_client  # Gemma ties its embeddings: both go
+    assert on_client.device_bytes < on_mesh.device_bytes
+    only, none = placement_estimates(g, 2048, "client")
+    assert only.output_on_client and none is None
+    only, none = placement_estimates(g, 2048, "mesh")
+    assert not only.output_on_client and none is None
+    cpu = DeviceSlot("a", "a:1", 0, "CPU", 1 << 30, 1 << 30, "cpu")
+    gpu = DeviceSlot("b", "b:1", 0, "CUDA0", 1 << 30, 1 << 30, "gpu")
+    assert output_on_client([cpu]) and not output_on_client([cpu, gpu])  # b's GPU projects faster than our CPU
+    from sharedllm.options import LoadOptions
+
     with pytest.raises(ValueError, match="output_layer must be one of auto, client, mesh"):
-        mesh._estimate(path, 2048, "gpu", None)
+        LoadOptions(output_layer="gpu")

@@ -194,7 +194,7 @@ def test_close_while_another_thread_streams_ends_that_stream_and_frees_the_lease
     assert "closed" in str(errors[0]) and len(got) < 500
     assert llm.recoveries == []  # the close was not taken for a lost machine
     state = mesh.state()
-    assert not [x for x in state["sessions"] if x["client"] == mesh.client.id], "a lease outlived the close"
+    assert not [x for x in state["sessions"] if x["client"] == mesh.control.identity], "a lease outlived the close"
     assert next(x for x in state["recent_sessions"] if x["session_id"] == sid)["reason"] == "closed"
     with pytest.raises(EngineError, match="closed"):
         llm.create_completion(PROMPT, max_tokens=4)

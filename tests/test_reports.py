@@ -4,9 +4,7 @@ restarted scheduler's counts right, and reports an earlier scheduler still takes
 
 from __future__ import annotations
 
-import types
-
-from sharedllm.client import Mesh, Reports
+from sharedllm.client import Control, Reports
 
 
 def test_reports_carry_the_sessions_totals():
@@ -25,23 +23,55 @@ def test_reports_carry_the_sessions_totals():
     assert (fourth["tokens"], fourth["total_tokens"], fourth["total_requests"]) == (2, 2, 1)
 
 
+class _FakeControl(Control):
+    """A control whose calls go to ``send`` (no scheduler), on a loop of its own thread."""
+
+    def __init__(self, send):
+        import asyncio
+        import threading
+
+        self.send, self._loop = send, asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+        self._thread.start()
+
+    @property
+    def loop(self):
+        return self._loop
+
+    @property
+    def identity(self) -> str:
+        return "fake"
+
+    def reachable(self) -> bool:
+        return True
+
+    async def _send(self, op, timeout, kwargs):
+        return self.send(op, **kwargs)
+
+    def close(self) -> None:
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(5)
+
+
 def test_a_scheduler_without_totals_still_gets_the_report():
     calls: list[dict] = []
 
-    def call(handler, timeout, **kwargs):
+    def send(op, **kwargs):
         calls.append(kwargs)
         if "total_tokens" in kwargs:  # what Dask raises in the client for a handler that lacks the argument
             raise TypeError("handle_session_report() got an unexpected keyword argument 'total_tokens'")
+        return {"status": "OK"}
 
-    mesh = Mesh.__new__(Mesh)
-    mesh.client = types.SimpleNamespace(status="running", scheduler=object())
-    mesh._call = call
-    assert mesh._report("sharedllm_session_report", session_id="s", tokens=3, total_tokens=3, total_requests=0)
-    assert calls == [{"session_id": "s", "tokens": 3, "total_tokens": 3, "total_requests": 0},
-                     {"session_id": "s", "tokens": 3}]
+    control = _FakeControl(send)
+    try:
+        assert control.report("session_report", session_id="s", tokens=3, total_tokens=3, total_requests=0)
+        assert calls == [{"session_id": "s", "tokens": 3, "total_tokens": 3, "total_requests": 0},
+                         {"session_id": "s", "tokens": 3}]
 
-    def broken(handler, timeout, **kwargs):
-        raise TypeError("something else")
+        def broken(op, **kwargs):
+            raise TypeError("something else")
 
-    mesh._call = broken
-    assert mesh._report("sharedllm_session_report", session_id="s", tokens=3, total_tokens=3) is False
+        control.send = broken
+        assert control.report("session_report", session_id="s", tokens=3, total_tokens=3) is False
+    finally:
+        control.close()

@@ -57,7 +57,7 @@ async def _thousand(template: dict) -> None:
     from sharedllm.gguf import ModelEstimate
     from sharedllm.placement import Topology
     from sharedllm.scheduler_plugins import dashboard
-    from sharedllm.scheduler_plugins.metrics import device_memory
+    from sharedllm.views import device_memory
 
     fleet = await bench_scale.Fleet(GPUS, template).start()
     try:

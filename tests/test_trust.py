@@ -165,18 +165,18 @@ def test_banned_machine_is_never_placed_and_labels_route(guarded_mesh):
     mesh = Mesh(guarded_mesh.client())
     est_kwargs = {"n_ctx": N_CTX, "wait_timeout": 5}
     with pytest.raises(MeshError, match="no machine 'machine-l' in the mesh"):  # a typo bans nobody
-        mesh._call("sharedllm_trust", action="ban", machine="machine-l")
-    mesh._call("sharedllm_trust", action="ban", machine="machine-1")
+        mesh.control.call("trust", action="ban", machine="machine-l")
+    mesh.control.call("trust", action="ban", machine="machine-1")
     try:
         with mesh.load("gemma-3-270m", **est_kwargs) as llm:
             assert llm.topology.machines == ["machine-2"]
         with pytest.raises(NoMachines, match="banned"):
             mesh.load("gemma-3-270m", machines=["machine-1"], **est_kwargs)
     finally:
-        mesh._call("sharedllm_trust", action="unban", machine="machine-1")
+        mesh.control.call("trust", action="unban", machine="machine-1")
     with mesh.load("gemma-3-270m", labels={"owner": "alice"}, **est_kwargs) as llm:
         assert llm.topology.machines == ["machine-2"]
-    rows = {r["machine_id"]: r for r in mesh._call("sharedllm_trust")["machines"]}
+    rows = {r["machine_id"]: r for r in mesh.control.call("trust")["machines"]}
     assert rows["machine-2"]["sessions"] >= 2 and rows["machine-2"]["labels"] == {"owner": "alice"}
 
 
@@ -219,15 +219,15 @@ def test_refusals_are_typed_and_logged_without_a_traceback(guarded_mesh):
 
     with Client(guarded_mesh.address, timeout=30) as c:
         mesh = Mesh(c)
-        listed = {x["client"] for x in mesh._call("sharedllm_clients")["clients"]}
+        listed = {x["client"] for x in mesh.control.call("clients")["clients"]}
         assert c.id in listed and "fire-and-forget" not in listed  # Dask's own client uses no model: not listed
-        mesh._call("sharedllm_clients", action="ban", client=c.id)
+        mesh.control.call("clients", action="ban", client=c.id)
         try:
             with pytest.raises(ClientBanned, match=f"client {c.id} is banned.*sharedllm clients unban") as err:
                 mesh.load("gemma-3-270m", n_ctx=N_CTX, wait_timeout=5)
             assert not isinstance(err.value, RateLimited)  # no retry helps a ban
         finally:
-            mesh._call("sharedllm_clients", action="unban", client=c.id)
+            mesh.control.call("clients", action="unban", client=c.id)
         with pytest.raises(NoMachines, match="no machine qualifies"):
             mesh.load("gemma-3-270m", n_ctx=N_CTX, privacy="trusted", wait_timeout=5)
     log = (guarded_mesh.workdir / "scheduler.log").read_text()

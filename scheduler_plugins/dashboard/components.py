@@ -32,7 +32,7 @@ from distributed.utils import log_errors
 
 from sharedllm.actor import describe_endpoint
 from sharedllm.errors import gib
-from sharedllm.scheduler_plugins.metrics import DeviceMemory, device_memory, session_stages
+from sharedllm.views import DeviceMemory, device_memory, session_stages
 
 logger = logging.getLogger("sharedllm.dashboard")
 

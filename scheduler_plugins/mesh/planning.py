@@ -11,7 +11,7 @@ import time
 from sharedllm.actor import public_endpoint
 from sharedllm.errors import NoMachines
 from sharedllm.gguf import ModelEstimate
-from sharedllm.placement import DeviceSlot, plan
+from sharedllm.placement import DeviceSlot, output_on_client, plan
 
 logger = logging.getLogger("sharedllm.scheduler")
 
@@ -26,7 +26,7 @@ class Planning:
         want_proto = (build or {}).get("rpc_protocol")
         reserved: dict[tuple[str, str], int] = {}  # (machine, device) -> bytes the open sessions' stages hold there
         if any(m.get("max_memory") for m in machines):
-            from sharedllm.scheduler_plugins.metrics import session_stages
+            from sharedllm.views import session_stages
 
             sessions = ({"session_id": x.session_id, "model": x.model, "topology": x.topology}
                         for x in self.sessions.values())
@@ -69,6 +69,7 @@ class Planning:
     def _plan(
         self,
         estimate: dict,
+        estimate_client: dict | None = None,
         strategy: str = "spread",
         headroom: float = 0.10,
         max_devices: int | None = None,
@@ -83,6 +84,9 @@ class Planning:
     ) -> dict:
         """Plan over the ready machines (``free_only``: those no session leases and that are not draining).
 
+        ``estimate_client``: the model's estimate with its output layer on the client, for a client that leaves that
+        choice to placement (``output_layer="auto"``): taken when every usable device is a CPU
+        (:func:`sharedllm.placement.output_on_client`); the topology says which (``output_on_client``).
         ``privacy="trusted"``, ``min_trust`` and ``labels`` restrict the machines; a request is never placed on a
         machine that does not qualify, and banned machines are never placed."""
         t0 = time.perf_counter()
@@ -127,7 +131,7 @@ class Planning:
                 f"no machine in the mesh has a ready rpc-server ({len(state)} machine(s) usable{why}); start workers "
                 "with `dask worker ADDR --preload sharedllm.worker` or wait for their rpc-servers"
             )
-        est = ModelEstimate.from_dict(estimate)
+        est = ModelEstimate.from_dict(estimate_client if estimate_client and output_on_client(slots) else estimate)
         name = os.path.basename(est.path)
         warm = {m for m, models in self.warm.items() if name in models}
         topo = plan(slots, est, headroom=headroom, strategy=strategy, max_devices=max_devices, prefer=warm)

@@ -9,12 +9,17 @@ The driver reads the model's GGUF metadata, asks the scheduler for a topology, c
 starts the engine (a child process holding the llama.cpp context). ``MeshModel`` mirrors ``llama_cpp.Llama``'s
 ``create_completion`` and ``create_chat_completion``, with the same dict shapes.
 
-One module per concern: :mod:`.mesh` (``Mesh``), :mod:`.model` (``MeshModel``: the engine, recoveries, streams) and
-:mod:`.reports` (statistics to the scheduler).
+One module per concern: :mod:`.mesh` (``Mesh``), :mod:`.control` (the one seam to the scheduler: every call goes
+through a ``Control``), :mod:`.session` (the narrow part of it a loaded model uses), :mod:`.model` (``MeshModel``:
+the engine and its requests), :mod:`.recovery` (losses, recoveries, moves), :mod:`.delivery` (a stream across
+replays) and :mod:`.reports` (statistics to the scheduler).
 """
 
+from sharedllm.client.control import REPORT_TIMEOUT, Control, DaskControl
 from sharedllm.client.mesh import OUTPUT_LAYERS, MachineTable, Mesh
 from sharedllm.client.model import MeshModel
-from sharedllm.client.reports import REPORT_TIMEOUT, Reports
+from sharedllm.client.reports import Reports
+from sharedllm.client.session import SessionChannel
 
-__all__ = ["OUTPUT_LAYERS", "REPORT_TIMEOUT", "MachineTable", "Mesh", "MeshModel", "Reports"]
+__all__ = ["OUTPUT_LAYERS", "REPORT_TIMEOUT", "Control", "DaskControl", "MachineTable", "Mesh", "MeshModel", "Reports",
+           "SessionChannel"]

@@ -3,34 +3,26 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import os
 import random
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
-from pathlib import Path
 from typing import TYPE_CHECKING
 
-from sharedllm import gguf, tool_calls
+from sharedllm import effects, gguf, tool_calls
 from sharedllm.client.delivery import Delivery
 from sharedllm.client.recovery import Recovery
 from sharedllm.client.reports import Reports
-from sharedllm.effects import to_the_end as _to_the_end
+from sharedllm.effects import Core
 from sharedllm.engine import Engine, EngineSpec, EngineStage, LoadProgress, Standby
-from sharedllm.errors import (
-    EngineError,
-    InvalidModel,
-    ModelClosed,
-    SchedulerUnreachable,
-    WorkerLost,
-    gib,
-)
+from sharedllm.errors import EngineError, InvalidModel, ModelClosed, WorkerLost, gib
+from sharedllm.models import Model
+from sharedllm.options import LoadOptions
 from sharedllm.placement import Topology
 
 if TYPE_CHECKING:
-    from sharedllm.client.mesh import Mesh
+    from sharedllm.client.session import SessionChannel
 
 logger = logging.getLogger(__name__)
 
@@ -103,36 +95,20 @@ class MeshModel(Recovery):
     MOVE_RETRY = 30.0  # seconds before a session that could not move off draining machines tries again
     EXCLUDE_FOR = 60.0  # seconds a machine this handle lost is left out of its new leases
 
-    def __init__(
-        self,
-        mesh: Mesh,
-        path: Path,
-        estimate: gguf.ModelEstimate,
-        *,
-        plan_kwargs: dict,
-        llama_kwargs: dict,
-        wait_timeout: float,
-        load_timeout: float,
-        token_timeout: float,
-        max_recoveries: int,
-        on_progress: Callable[[LoadProgress], None] | None = None,
-        parallel: int = 1,
-        max_waiting: int = 64,
-        engine_options: dict | None = None,
-    ):
-        self._mesh = mesh
-        self._engine_options = engine_options or {}  # more EngineSpec fields
-        self.parallel = parallel
-        self.max_waiting = max_waiting
-        self.path = path
-        self.estimate = estimate
-        self._plan_kwargs = plan_kwargs
-        self._llama_kwargs = llama_kwargs
-        self._wait_timeout = wait_timeout
-        self._load_timeout = load_timeout
-        self._token_timeout = token_timeout
-        self.max_recoveries = max_recoveries
+    def __init__(self, channel: SessionChannel, model: Model, options: LoadOptions,
+                 on_progress: Callable[[LoadProgress], None] | None = None):
+        self._channel = channel
+        self.model = model
+        self.options = options
+        self.path = model.path
+        self.parallel = options.parallel
+        self.max_waiting = options.max_waiting
+        self.max_recoveries = options.max_recoveries
         self._on_progress = on_progress
+        # What the session needs on the mesh: with the output layer on the mesh, and (auto) on the client; the
+        # scheduler chooses as it places the model, and ``estimate`` is the one it chose.
+        self._estimates = gguf.placement_estimates(model.header, options.context, options.output_layer)
+        self.estimate: gguf.ModelEstimate = self._estimates[0]
         self._engine: Engine | None = None
         self._lost_at: dict[str, float] = {}  # machine -> when this handle lost it (see _excluded)
         self.topology: Topology | None = None
@@ -157,32 +133,33 @@ class MeshModel(Recovery):
         self._generation = 0
         # The engine process the next recovery (or move) loads into, started ahead (see Standby).
         self._standby: Standby | None = None
-        self.standby = max_recoveries > 0  # keep a standby engine process (set False to do without)
+        self.standby = options.max_recoveries > 0  # keep a standby engine process (set False to do without)
         self._standby_lock = threading.Lock()
 
     # --- lifecycle ---------------------------------------------------------------------------------------------
+
+    def open(self) -> None:
+        """Lease a topology and load the model there (``Mesh.load`` does it)."""
+        self._open()
 
     def _open(self, replaces: str | None = None, wait_timeout: float | None = None) -> None:
         """Lease a topology (excluding machines lost earlier), check every server answers, start the engine.
 
         ``replaces``: this handle's session, which the new one takes over (see ``_move_off``)."""
-        from sharedllm.ggml import build_info
-
         t0 = time.perf_counter()
-        name = os.path.basename(str(self.path))
-        wait_timeout = self._wait_timeout if wait_timeout is None else wait_timeout
-        d = self._mesh._call(
-            "sharedllm_acquire",
-            estimate=self.estimate.to_dict(), model=name, client=getattr(self._mesh.client, "id", ""),
-            wait_timeout=wait_timeout, exclude=self._excluded() or None, build=build_info(), replaces=replaces,
-            **self._plan_kwargs, timeout=wait_timeout + self._mesh.timeout,  # the scheduler may queue us
-        )
+        name = self.model.name
+        on_mesh, on_client = self._estimates
+        d = self._channel.acquire(
+            estimate=on_mesh.to_dict(), estimate_client=on_client.to_dict() if on_client else None, model=name,
+            wait_timeout=self.options.wait_timeout if wait_timeout is None else wait_timeout,
+            placement=self.options.placement(), exclude=self._excluded(), replaces=replaces)
         self.plan_ms = (time.perf_counter() - t0) * 1000
         self.session_id = d["session_id"]
         self._reports.new_session()
         topo = self.topology = Topology.from_dict(d["topology"])
+        self.estimate = on_client if on_client is not None and topo.output_on_client else on_mesh
         # Which rpc-server process each machine ran when we leased it: a later restart betrays a lost machine.
-        self._servers_seen = {m["machine_id"]: (m.get("rpc") or {}).get("pid") for m in self._mesh.machines()
+        self._servers_seen = {m["machine_id"]: (m.get("rpc") or {}).get("pid") for m in self._channel.machines()
                               if m["machine_id"] in topo.machines}
         logger.info("leased %s for %s (planned in %.0f ms)", ", ".join(topo.machines), name, self.plan_ms)
         logger.debug("topology for %s:\n%s", name, topo)  # the CLI prints it; llm.topology has it
@@ -190,23 +167,23 @@ class MeshModel(Recovery):
             # llama.cpp reaches each machine through its relay (TLS + this lease's token), tunnelled from the engine;
             # machines that serve RPC directly (--insecure-direct-rpc) are connected as they are.
             self._lease_relays = d.get("relays") or {}  # machine -> relay endpoint, fingerprint, this lease's token
-            stages = _engine_stages(topo, self._lease_relays, self._mesh.scheduler_host())
+            stages = _engine_stages(topo, self._lease_relays, self._channel.scheduler_host())
             _check_reachable(stages)
             spec = EngineSpec(
                 model_path=str(self.path),
                 stages=stages,
                 tensor_split=topo.tensor_split,
-                llama_kwargs=self._llama_kwargs,
+                llama_kwargs=self.options.llama_kwargs(),
                 output_on_client=self.estimate.output_on_client,
-                parallel=self.parallel,
-                max_waiting=self.max_waiting,
                 invariance=self._measured[1] if self._measured and set(topo.machines) <= self._measured[0] else None,
-                **self._engine_options,
+                tensor_bytes=self.model.tensor_bytes,
+                **self.options.engine_options(),
             )
             with self._standby_lock:
                 standby, self._standby = self._standby, None
             self._spare()  # the next one, for the next recovery: started beside this load
-            self._engine = Engine(spec, load_timeout=self._load_timeout, token_timeout=self._token_timeout,
+            self._engine = Engine(spec, load_timeout=self.options.load_timeout,
+                                  token_timeout=self.options.token_timeout,
                                   on_progress=self._on_progress or _log_progress(name), watchdog=self._suspect,
                                   standby=standby)
             info = self._engine.start()
@@ -240,7 +217,8 @@ class MeshModel(Recovery):
             except OSError as exc:  # a recovery then starts its own process, as without a standby
                 logger.warning("could not start a standby engine process: %s", exc)
 
-    def _drop_standby(self) -> None:
+    def drop_standby(self) -> None:
+        """Stop the standby engine process (a failed load's: nobody will recover into it)."""
         with self._standby_lock:
             standby, self._standby = self._standby, None
         if standby is not None:
@@ -253,10 +231,9 @@ class MeshModel(Recovery):
             self._engine = None
         if self.session_id:
             self._reports.quiet_until = 0.0  # the session's last counts go with its end
-            self._stats(0, 0.0, None, done=False)
+            effects.run(self._reporting(0, 0.0, None, done=False))
             # After a failure, do not wait for the lost machine's relay to drop the lease: a recovery is waiting.
-            self._mesh._report("sharedllm_session_close", session_id=self.session_id, reason=reason,
-                               wait=not reason.startswith("failed"))
+            self._channel.close(self.session_id, reason, wait=not reason.startswith("failed"))
             self.session_id = None
 
     def close(self) -> None:
@@ -264,7 +241,7 @@ class MeshModel(Recovery):
         if not self._closed:
             self._closed = True
             self._release(f"failed: {self._failed}" if self._failed else "closed")
-        self._drop_standby()
+        self.drop_standby()
 
     def __enter__(self) -> MeshModel:
         return self
@@ -346,122 +323,103 @@ class MeshModel(Recovery):
 
     def _prepare(self, kwargs: dict) -> tuple[bool, Callable[[], None] | None]:
         """Fix what a replay needs in ``kwargs``; take out ``stream`` and ``on_accepted``."""
-        if kwargs.get("temperature", 0.8) > 0 and kwargs.get("seed") is None and "seed" not in self._llama_kwargs:
+        if kwargs.get("temperature", 0.8) > 0 and kwargs.get("seed") is None and "seed" not in self.options.llama:
             # A replay after a lost machine must draw the same random numbers: fix the seed now.
             kwargs["seed"] = random.randrange(2**31)
         return bool(kwargs.pop("stream", False)), kwargs.pop("on_accepted", None)
 
-    def _admit(self) -> None:
-        """The scheduler's admission of a request (``RateLimited`` over the client's limits). While the scheduler is
-        away (the Dask client reconnecting) the request goes ahead on the lease this handle holds: the machines still
-        serve it, and a restarted scheduler counts what it generated once it is back."""
-        if not self._mesh._reachable():
-            logger.info("the scheduler is away: request admitted on this handle's lease %s", self.session_id)
-            return
-        try:
-            answer = self._mesh._call("sharedllm_request", session_id=self.session_id)
-        except SchedulerUnreachable as exc:
-            logger.warning("request admitted on lease %s without the scheduler: %s", self.session_id, exc)
-            return
-        if answer.get("draining"):
-            self._move_off(answer["draining"])
+    def _admitting(self) -> Core[None]:
+        """The scheduler's admission of a request (``RateLimited`` over the client's limits; see
+        ``SessionChannel.admitting``), and the move off machines that drain, between two requests."""
+        answer = yield from self._channel.admitting(self.session_id)
+        if answer and answer.get("draining"):
+            yield effects.in_thread(self._move_off, answer["draining"], shield=True)
 
-    async def _aadmit(self) -> None:
-        """``_admit`` for asyncio."""
-        if not self._mesh._reachable():
-            logger.info("the scheduler is away: request admitted on this handle's lease %s", self.session_id)
-            return
-        try:
-            answer = await self._mesh._acall("sharedllm_request", session_id=self.session_id)
-        except SchedulerUnreachable as exc:
-            logger.warning("request admitted on lease %s without the scheduler: %s", self.session_id, exc)
-            return
-        if answer.get("draining"):
-            await _to_the_end(asyncio.to_thread(self._move_off, answer["draining"]))
-
-    def _run(self, method: str, kwargs: dict) -> dict | Iterator[dict]:
+    def _request(self, method: str, kwargs: dict) -> Core[tuple[bool, Core]]:
+        """A request admitted: whether it streams, and its core (``_streaming`` or ``_calling``; a chat that offers
+        tools: read back as :mod:`sharedllm.tool_calls` says)."""
         self._check_usable()
-        self._admit()
+        tools = None
+        if method == "create_chat_completion":
+            kwargs, tools = tool_calls.prepare(kwargs)
+        yield from self._admitting()
         stream, on_accepted = self._prepare(kwargs)
         if stream:
-            return self._stream(method, kwargs, on_accepted)
+            core = self._streaming(method, kwargs, on_accepted)
+            return True, tools.streamed(core) if tools else core
+        core = self._calling(method, kwargs)
+        return False, tools.completed(core) if tools else core
+
+    def _run(self, method: str, kwargs: dict) -> dict | Iterator[dict]:
+        stream, core = effects.run(self._request(method, kwargs))
+        return effects.iterate(core) if stream else effects.run(core)
+
+    async def _arun(self, method: str, kwargs: dict) -> dict | AsyncIterator[dict]:
+        # Read in the event loop like a stream: cancelling the awaiting task stops the generation in the engine.
+        stream, core = await effects.arun(self._request(method, kwargs))
+        return effects.aiterate(core) if stream else await effects.arun(core)
+
+    def _calling(self, method: str, kwargs: dict) -> Core[dict]:
         for attempt in range(self.max_recoveries + 1):
             t0 = time.perf_counter()
-            engine, generation = self._current()
+            engine, generation = yield from self._currently()
             try:
-                out = engine.call(method, kwargs)
+                out = yield from engine.calling(method, kwargs)
             except (EngineError, InvalidModel) as exc:
                 self._give_up_unless_recoverable(exc, attempt)
-                self._recover_shared(exc, attempt, generation)
+                yield effects.in_thread(self._recover_shared, exc, attempt, generation, shield=True)
                 continue
             tokens = (out.get("usage") or {}).get("completion_tokens", 0)
-            self._stats(tokens, time.perf_counter() - t0, None, done=True)
+            yield from self._reporting(tokens, time.perf_counter() - t0, None, done=True)
             return out
         raise AssertionError("unreachable")
 
-    def _stream(self, method: str, kwargs: dict, on_accepted: Callable[[], None] | None = None) -> Iterator[dict]:
+    def _streaming(self, method: str, kwargs: dict, on_accepted: Callable[[], None] | None = None) -> Core[None]:
         delivery = Delivery(self.REPORT_EVERY)
+        closed = False
         try:
             for attempt in range(self.max_recoveries + 1):
                 delivery.replay()
                 try:
                     generated = 0
-                    engine, generation = self._current()
-                    for chunk, generated in engine.stream(method, kwargs, on_accepted if attempt == 0 else None):
-                        if (chunk := delivery.take(chunk, generated)) is not None:
-                            if delivery.report_due():
-                                self._stats(*delivery.report(), done=False)
-                            yield chunk
+                    engine, generation = yield from self._currently()
+                    chunks = effects.Nested(engine.streaming(method, kwargs, on_accepted if attempt == 0 else None))
+                    try:
+                        while (item := (yield from chunks.next())) is not effects.END:
+                            chunk, generated = item
+                            if (chunk := delivery.take(chunk, generated)) is not None:
+                                if delivery.report_due():
+                                    yield from self._reporting(*delivery.report(), done=False)
+                                yield chunk
+                    finally:
+                        chunks.close()
                     delivery.finish(generated)
                     return
                 except EngineError as exc:
                     if not self._recoverable(exc, attempt):
                         raise
-                    self._recover_shared(exc, attempt, generation)
+                    yield effects.in_thread(self._recover_shared, exc, attempt, generation, shield=True)
+        except GeneratorExit:
+            closed = True
+            raise
         except (EngineError, InvalidModel) as exc:  # InvalidModel: the model made llama.cpp abort
             self._failed = exc
             raise
         finally:
-            self._stats(*delivery.report(), done=True)
+            if closed:  # the caller stopped reading: a closing stream cannot wait, its counts go without it
+                self._report_soon(*delivery.report(), done=True)
+            else:
+                yield from self._reporting(*delivery.report(), done=True)
 
-    async def _astream(self, method: str, kwargs: dict, on_accepted: Callable[[], None] | None = None
-                       ) -> AsyncIterator[dict]:
-        # _stream for asyncio: the engine's chunks are read in the event loop; recovering (leasing and loading
-        # again) runs in a thread.
-        delivery = Delivery(self.REPORT_EVERY)
-        try:
-            for attempt in range(self.max_recoveries + 1):
-                delivery.replay()
-                try:
-                    generated = 0
-                    engine, generation = await self._acurrent()
-                    async for chunk, generated in engine.astream(method, kwargs, on_accepted if attempt == 0 else None):
-                        if (chunk := delivery.take(chunk, generated)) is not None:
-                            if delivery.report_due():
-                                await self._astats(*delivery.report(), done=False)
-                            yield chunk
-                    delivery.finish(generated)
-                    return
-                except EngineError as exc:
-                    if not self._recoverable(exc, attempt):
-                        raise
-                    await _to_the_end(asyncio.to_thread(self._recover_shared, exc, attempt, generation))
-        except (EngineError, InvalidModel) as exc:
-            self._failed = exc
-            raise
-        finally:
-            await self._astats(*delivery.report(), done=True)
-
-    def _stats(self, tokens: int, seconds: float, ttft_ms: float | None, done: bool) -> None:
+    def _reporting(self, tokens: int, seconds: float, ttft_ms: float | None, done: bool) -> Core[None]:
         if self.session_id and (report := self._reports.add(tokens, seconds, ttft_ms, done)) is not None:
-            self._reports.sent(self._mesh._report("sharedllm_session_report", session_id=self.session_id,
-                                                  client=self._mesh.client.id, load=self.load_stats, **report), report)
-
-    async def _astats(self, tokens: int, seconds: float, ttft_ms: float | None, done: bool) -> None:
-        if self.session_id and (report := self._reports.add(tokens, seconds, ttft_ms, done)) is not None:
-            self._reports.sent(await self._mesh._areport("sharedllm_session_report", session_id=self.session_id,
-                                                         client=self._mesh.client.id, load=self.load_stats, **report),
+            self._reports.sent((yield from self._channel.reporting(self.session_id, load=self.load_stats, **report)),
                                report)
+
+    def _report_soon(self, tokens: int, seconds: float, ttft_ms: float | None, done: bool) -> None:
+        if self.session_id and (report := self._reports.add(tokens, seconds, ttft_ms, done)) is not None:
+            self._channel.report_soon(self.session_id, lambda ok: self._reports.sent(ok, report),
+                                      load=self.load_stats, **report)
 
     # create_completion and create_chat_completion take ``on_accepted`` with ``stream=True``: called (in the caller's
     # thread, once) when the engine has checked the request and starts on the prompt. sharedllm.openai_server sends
@@ -477,9 +435,7 @@ class MeshModel(Recovery):
     def create_chat_completion(self, messages: list[dict], **kwargs) -> dict | Iterator[dict]:
         """Same arguments and result as ``llama_cpp.Llama.create_chat_completion`` (chat template from the GGUF);
         OpenAI's ``tools``, ``tool_choice`` and ``parallel_tool_calls`` as :mod:`sharedllm.tool_calls` says."""
-        kwargs, tools = tool_calls.prepare({"messages": messages, **kwargs})
-        out = self._run("create_chat_completion", kwargs)
-        return tools.wrap(out) if tools else out
+        return self._run("create_chat_completion", {"messages": messages, **kwargs})
 
     # The same for asyncio, in the manner of openai.AsyncOpenAI: ``await llm.acreate_completion(...)`` returns the
     # result, or with ``stream=True`` an async iterator of chunks (``async for chunk in await ...``). A stream's
@@ -491,27 +447,4 @@ class MeshModel(Recovery):
 
     async def acreate_chat_completion(self, messages: list[dict], **kwargs) -> dict | AsyncIterator[dict]:
         """``create_chat_completion`` for asyncio."""
-        kwargs, tools = tool_calls.prepare({"messages": messages, **kwargs})
-        out = await self._arun("create_chat_completion", kwargs)
-        return tools.wrap(out) if tools else out
-
-    async def _arun(self, method: str, kwargs: dict) -> dict | AsyncIterator[dict]:
-        self._check_usable()
-        await self._aadmit()
-        stream, on_accepted = self._prepare(kwargs)
-        if stream:
-            return self._astream(method, kwargs, on_accepted)
-        # Read in the event loop like a stream: cancelling the awaiting task stops the generation in the engine.
-        for attempt in range(self.max_recoveries + 1):
-            t0 = time.perf_counter()
-            engine, generation = await self._acurrent()
-            try:
-                out = await engine.acall(method, kwargs)
-            except (EngineError, InvalidModel) as exc:
-                self._give_up_unless_recoverable(exc, attempt)
-                await _to_the_end(asyncio.to_thread(self._recover_shared, exc, attempt, generation))
-                continue
-            tokens = (out.get("usage") or {}).get("completion_tokens", 0)
-            await self._astats(tokens, time.perf_counter() - t0, None, done=True)
-            return out
-        raise AssertionError("unreachable")
+        return await self._arun("create_chat_completion", {"messages": messages, **kwargs})

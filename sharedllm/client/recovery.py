@@ -5,10 +5,11 @@ machines that drain."""
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 
+from sharedllm import effects
+from sharedllm.effects import Core
 from sharedllm.engine import Engine
 from sharedllm.errors import (
     EngineError,
@@ -52,8 +53,7 @@ class Recovery:
             raise
         self.recoveries.append({"lost": lost, "reason": str(exc), "seconds": time.perf_counter() - t0,
                                 "started": started, "machines": self.topology.machines})
-        self._mesh._report("sharedllm_session_report", session_id=self.session_id, tokens=0, seconds=0.0,
-                           recovered=True, lost=lost)
+        self._channel.report(self.session_id, tokens=0, seconds=0.0, recovered=True, lost=lost)
 
     def _invalid_model(self, exc: BaseException) -> InvalidModel | None:
         """``InvalidModel`` when the engine was lost (``exc``) because the model made an rpc-server of this session
@@ -94,13 +94,14 @@ class Recovery:
             raise ModelClosed("the model was closed; load it again")
         return engine, generation
 
-    async def _acurrent(self) -> tuple[Engine, int]:
-        """``_current`` for asyncio: a recovery in progress is waited for in a thread."""
+    def _currently(self) -> Core[tuple[Engine, int]]:
+        """``_current`` as a core: without a recovery in progress, at once; during one, an asyncio caller waits for
+        it in a thread."""
         if self._recovery_lock.acquire(blocking=False):
             self._recovery_lock.release()
             if self._engine is not None:
                 return self._engine, self._generation
-        return await asyncio.to_thread(self._current)
+        return (yield effects.in_thread(self._current))
 
     def _model_fault(self, suspect: str | None = None, settle: float = 1.5) -> tuple[str, str] | None:
         """(machine, assertion) when an rpc-server of this session aborted on a ggml assertion, else None.
@@ -111,9 +112,9 @@ class Recovery:
         from sharedllm.actor import model_fault
 
         deadline = time.monotonic() + settle
-        while self._mesh._reachable():  # the scheduler away: nothing to learn (and no recovery without it either)
+        while self._channel.reachable():  # the scheduler away: nothing to learn (and no recovery without it either)
             try:
-                now = {m["machine_id"]: m.get("rpc") or {} for m in self._mesh.machines()}
+                now = {m["machine_id"]: m.get("rpc") or {} for m in self._channel.machines()}
             except MeshError:
                 return None
             unsettled = False
@@ -134,10 +135,10 @@ class Recovery:
         """The engine's watchdog, asked while a request waits on the mesh for seconds: (machine, why) when a machine
         of this session is known to be gone or stuck, from the machines' heartbeats; None when nothing is known (a
         slow machine is not suspect, nor is one while the scheduler is away)."""
-        if not self._mesh._reachable():
+        if not self._channel.reachable():
             return None
         try:
-            now = {m["machine_id"]: m for m in self._mesh._call("sharedllm_state", timeout=2.0)["machines"]}
+            now = {m["machine_id"]: m for m in self._channel.machines(timeout=2.0)}
         except Exception as exc:
             logger.debug("watchdog: no machine table (%s)", exc)
             return None
@@ -167,7 +168,7 @@ class Recovery:
         """The machine of our topology that is gone, not ready, or whose rpc-server restarted since we leased it
         (its supervisor can bring it back before the engine's failure is probed)."""
         try:
-            now = {m["machine_id"]: m.get("rpc") or {} for m in self._mesh.machines()}
+            now = {m["machine_id"]: m.get("rpc") or {} for m in self._channel.machines()}
         except MeshError:
             return None
         for mid, pid in self._servers_seen.items():

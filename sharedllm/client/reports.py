@@ -6,19 +6,6 @@ from __future__ import annotations
 import threading
 import time
 
-REPORT_TIMEOUT = 5.0  # seconds a statistics report may take; a slower scheduler is left alone for a while
-_NEWER_REPORT_KEYS = ("total_tokens", "total_requests")  # report arguments a scheduler before them refuses
-
-
-def older_scheduler(exc: Exception, kwargs: dict) -> bool:
-    """A report refused by a scheduler of an earlier SharedLLM for an argument it does not know yet."""
-    return (isinstance(exc, TypeError) and "unexpected keyword argument" in str(exc)
-            and any(k in kwargs for k in _NEWER_REPORT_KEYS))
-
-
-def without_newer(kwargs: dict) -> dict:
-    return {k: v for k, v in kwargs.items() if k not in _NEWER_REPORT_KEYS}
-
 
 class Reports:
     """A session's throughput reports. What could not be sent (the scheduler away, restarting, slow) is added to the

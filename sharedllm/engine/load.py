@@ -9,6 +9,7 @@ import ctypes
 import itertools
 import os
 import time
+from typing import Any
 
 from sharedllm.engine.framing import write_frame
 from sharedllm.engine.spec import EngineSpec
@@ -111,7 +112,7 @@ def build_engine_llama(spec: EngineSpec, out_fd: int, phases: dict[str, float]):
         devices.append({"endpoint": st.endpoint, "machine_id": st.machine_id, **dev.to_dict()})
     phases["connected"] = time.monotonic()
 
-    total = _tensor_bytes(spec.model_path)
+    total = spec.tensor_bytes if spec.tensor_bytes is not None else _tensor_bytes(spec.model_path)
 
     @ctypes.CFUNCTYPE(ctypes.c_bool, ctypes.c_float, ctypes.c_void_p)
     def progress(fraction, _user):
@@ -143,7 +144,8 @@ def build_engine_llama(spec: EngineSpec, out_fd: int, phases: dict[str, float]):
 
 def _tensor_bytes(model_path: str) -> int | None:
     """The bytes of tensor data in the GGUF file (what llama.cpp's load progress counts), None if unreadable: then
-    llama.cpp reports the file's problem itself."""
+    llama.cpp reports the file's problem itself. For a spec that does not say (a client that read the header
+    already passes ``EngineSpec.tensor_bytes``)."""
     from sharedllm.gguf import read_gguf
 
     try:
@@ -165,32 +167,39 @@ def phase_seconds(started_at: float, init_at: float, marks: dict[str, float]) ->
     return out
 
 
-_TUNNELS: list = []  # the engine's client relays: they live as long as the engine process
+TUNNELS: dict[str, Any] = {}  # machine endpoint -> the engine's client relay to it (they live as long as the engine)
 
 
 def _open_tunnels(spec: EngineSpec) -> dict[str, str]:
     """Start a client relay for every stage behind a relay; ``{machine endpoint: local endpoint}`` for llama.cpp.
 
     The tokens were checked by the parent (:func:`probe_stage`) just before; a relay that refuses now would make
-    llama.cpp abort, which the parent turns into ``WorkerLost`` like any other lost machine."""
+    llama.cpp abort, which the parent turns into ``WorkerLost`` like any other lost machine. A spec's
+    ``tunnel_hook`` may then put something between llama.cpp and each machine (benchmarks: an emulated link)."""
     local: dict[str, str] = {}
     for st in spec.stages:
         if st.relay and st.endpoint not in local:
             cpus = {s.device_index for s in spec.stages if s.endpoint == st.endpoint and s.cpu}
-            cr = st.client_relay(cpu_devices=cpus).start()
-            _TUNNELS.append(cr)
+            cr = TUNNELS[st.endpoint] = st.client_relay(cpu_devices=cpus).start()
             local[st.endpoint] = cr.endpoint
-    if spec.link:  # an emulated link between this engine and every machine (benchmarks: sharedllm.linkem)
-        from sharedllm.linkem import LinkEmulator
-
-        for st in spec.stages:
-            if st.endpoint not in _LINKS:
-                _LINKS[st.endpoint] = LinkEmulator(local.get(st.endpoint, st.endpoint), **spec.link).start()
-            local[st.endpoint] = _LINKS[st.endpoint].endpoint
+    local.update({st.endpoint: st.endpoint for st in spec.stages if st.endpoint not in local})
+    if spec.tunnel_hook is not None:
+        local = run_tunnel_hook(spec.tunnel_hook, local)
     return local
 
 
-_LINKS: dict = {}  # machine endpoint -> its LinkEmulator, when the spec emulates a link
+def run_tunnel_hook(hook: tuple[str, str | None, dict], endpoints: dict[str, str]) -> dict[str, str]:
+    """Call ``hook`` (``("module:function", sys.path entry or None, kwargs)``) in this engine process with the local
+    endpoint of every machine and the engine's client relays; it returns the endpoints llama.cpp connects to."""
+    import importlib
+    import sys
+
+    target, path, kwargs = hook
+    module, _, name = target.partition(":")
+    if path and path not in sys.path:
+        sys.path.append(path)
+    fn = getattr(importlib.import_module(module), name)
+    return fn(dict(endpoints), dict(TUNNELS), **kwargs)
 
 
 def _fallback_chat_format(metadata: dict[str, str]) -> str | None:

@@ -85,9 +85,13 @@ class EngineSpec:
     # engine's "ready" info gives it): a recovery onto machines that took part in that session takes it instead of
     # measuring again before its replay (0.6-2.3 s). None: measured at load.
     invariance: dict | None = None
-    # Benchmarks: {"rtt_ms": ..., "mbit": ...} puts an emulated link (sharedllm.linkem) between the engine and every
-    # machine. None: the real network.
-    link: dict | None = None
+    # Benchmarks and tools: ``("module:function", sys.path entry or None, kwargs)``, called in the engine process with
+    # the local endpoint of every machine and the engine's client relays before llama.cpp connects; it returns the
+    # endpoints to connect to instead (bench/linkem.py puts an emulated link there). None: nothing between.
+    tunnel_hook: tuple[str, str | None, dict] | None = None
+    # The bytes of tensor data in the GGUF (what llama.cpp's load progress counts), from the header the client read
+    # already; None: the child reads the header for it.
+    tensor_bytes: int | None = None
 
     @property
     def unified_kv(self) -> bool:

@@ -8,7 +8,7 @@ mesh device. The reader's limits (``MAX_*``) and known assertions (``_ASSERTED``
 change them there.
 """
 
-from sharedllm.gguf.estimate import ComputeBuffers, ModelEstimate, estimate_memory
+from sharedllm.gguf.estimate import ComputeBuffers, ModelEstimate, estimate_memory, placement_estimates
 from sharedllm.gguf.reader import (
     ARRAY,
     BOOL,
@@ -78,6 +78,7 @@ __all__ = [
     "TensorInfo",
     "estimate_memory",
     "parse",
+    "placement_estimates",
     "read_gguf",
     "ties_embeddings",
 ]

@@ -313,3 +313,17 @@ def _compute_buffers(g: _GraphShape, layer_attention: tuple[int, ...], n_copies:
         feed_forward_peak=feed_forward,
         output_peak=t * f32 * (g.n_vocab + g.n_embd) if output_on_mesh else 0,
     )
+
+
+def placement_estimates(gguf: GGUFFile, n_ctx: int, output_layer: str = "auto"
+                        ) -> tuple[ModelEstimate, ModelEstimate | None]:
+    """What a placement needs to know of a model: its estimate with the output layer on the mesh (``output_layer``
+    ``"mesh"`` or ``"auto"``) or on the client (``"client"``); and, with ``"auto"`` for a model that ties its
+    embeddings, the estimate with it on the client too, for the scheduler to choose as it places the model (the
+    client when the machines it may use serve CPUs only: see ``sharedllm.placement.output_on_client``)."""
+    if output_layer == "client":
+        return estimate_memory(gguf, n_ctx, output_on_client=True), None
+    on_mesh = estimate_memory(gguf, n_ctx, output_on_client=False)
+    if output_layer == "auto" and ties_embeddings(gguf):
+        return on_mesh, estimate_memory(gguf, n_ctx, output_on_client=True)
+    return on_mesh, None

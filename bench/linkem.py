@@ -7,8 +7,9 @@
 
 Each direction of each connection is a one-way link: a chunk read at time t leaves at
 ``max(t, link free) + size / rate + rtt / 2``, in order. It is how the benchmarks put a real link (a home's uplink, a
-LAN across a building) between the engine and a loopback machine: the engine starts one per machine when its spec
-asks for it (``EngineSpec.link``), in front of that machine's tunnel. Not for production paths.
+LAN across a building) between the engine and a loopback machine: the engine starts one per machine through its
+tunnel hook (``mesh.load(..., tunnel_hook=linkem.hook(rtt_ms=20))``: :func:`emulate` runs in the engine process, in
+front of each machine's tunnel). A benchmark tool, not part of the library.
 
 **Counting.** The emulator counts what crosses it, per direction (0: to the target, 1: back): ``bytes`` and
 ``chunks`` (reads), ``turns`` (changes of direction within a connection) and ``round_trips`` (a burst to the target
@@ -18,11 +19,11 @@ followed by a burst back: with llama.cpp's request/response RPC, the synchronous
 threads do not compete for the GIL with the process whose traffic it carries; :meth:`LinkEmulator.stats` and
 :meth:`LinkEmulator.set` then go through the child's stdin. ``control_dir=DIR`` also makes each emulator listen for the
 same commands on a Unix socket ``DIR/linkem-PID.sock`` (:class:`LinkControl`), for a benchmark to reach the emulators an
-engine started. ``wire=True``: ``target`` is a :class:`sharedllm.relay.ClientRelay` of this process (the engine's
-tunnel to a machine); the emulated link goes between that relay and its server relay, where a real network is (the
-TLS bytes), and :attr:`endpoint` stays the relay's. Command line::
+engine started. ``relay=``: a :class:`sharedllm.relay.ClientRelay` of this process (the engine's tunnel to a machine,
+whose endpoint is ``target``); the emulated link goes between that relay and its server relay, where a real network
+is (the TLS bytes), and :attr:`endpoint` stays the relay's. Command line::
 
-    python -m sharedllm.linkem --target HOST:PORT [--rtt-ms 20] [--mbit 100] [--control-dir DIR]
+    python -m bench.linkem --target HOST:PORT [--rtt-ms 20] [--mbit 100] [--control-dir DIR]
 
 prints ``SHAREDLLM_LINKEM {"endpoint": ..., "pid": ..., "control": ...}``, then answers JSON lines on stdin
 (``{"op": "stats"}``, ``{"op": "set", "rtt_ms": 5, "mbit": 1000}``, ``{"op": "trace", "on": true}``,
@@ -55,14 +56,14 @@ class LinkEmulator:
     """Forward connections on ``endpoint`` to ``target`` over an emulated link (see the module's docstring)."""
 
     def __init__(self, target: str, rtt_ms: float = 0.0, mbit: float | None = None, *, process: bool = False,
-                 control_dir: str | os.PathLike | None = None, wire: bool = False):
+                 control_dir: str | os.PathLike | None = None, relay: Any = None):
         host, _, port = target.rpartition(":")
         if not host or not port.isdigit():
             raise ValueError(f"link emulator target must be HOST:PORT, got {target!r}")
         if rtt_ms < 0 or (mbit is not None and mbit < 0):
             raise ValueError(f"link emulator: rtt_ms and mbit must be >= 0, got {rtt_ms!r} and {mbit!r}")
         self.target = (host.strip("[]"), int(port))
-        self.process, self.control_dir, self.wire = process, control_dir, wire
+        self.process, self.control_dir, self.wire = process, control_dir, relay
         self._set(rtt_ms, mbit)
         self._stop = threading.Event()
         self._socks: list[socket.socket] = []
@@ -95,10 +96,10 @@ class LinkEmulator:
 
     def start(self) -> LinkEmulator:
         """Listen (here or in the child); returns when :attr:`endpoint` accepts connections."""
-        if self.wire:
-            self._relay = _client_relay(self.target_endpoint)
+        if self.wire is not None:
+            self._relay = self.wire
             if not self._relay.remote:
-                raise ValueError("link emulator: wire=True needs a client relay that connects to its server relay "
+                raise ValueError("link emulator: relay= needs a client relay that connects to its server relay "
                                  "itself (not through a hub)")
             self.target = tuple(self._relay.remote)  # emulate between the relay and its server relay
         if self.process:
@@ -357,14 +358,25 @@ class LinkControl:
         return self.ask({"op": "info"})
 
 
-def _client_relay(endpoint: str):
-    """The engine's client relay listening on ``endpoint`` (``wire=True``)."""
-    from sharedllm.engine import load
+def hook(**link: Any) -> tuple[str, str, dict]:
+    """``mesh.load(..., tunnel_hook=hook(rtt_ms=20, mbit=100))``: an emulated link between the engine and every
+    machine (:func:`emulate`, in the engine process; ``process=True`` puts each emulator in a process of its own,
+    ``wire=True`` on the wire between the engine's relay and the machine's)."""
+    return "bench.linkem:emulate", str(Path(__file__).resolve().parents[1]), link
 
-    for cr in load._TUNNELS:
-        if cr.endpoint == endpoint:
-            return cr
-    raise ValueError(f"link emulator: wire=True, but no client relay of this process listens on {endpoint}")
+
+_LINKS: dict[str, LinkEmulator] = {}  # machine endpoint -> its emulator, for the life of the engine process
+
+
+def emulate(endpoints: dict[str, str], relays: dict[str, Any], *, wire: bool = False, **link: Any) -> dict[str, str]:
+    """The engine's tunnel hook (``EngineSpec.tunnel_hook``): put a :class:`LinkEmulator` in front of every
+    machine's local endpoint (``wire``: between the engine's client relay and the machine's server relay)."""
+    out = dict(endpoints)
+    for machine, local in endpoints.items():
+        if machine not in _LINKS:
+            _LINKS[machine] = LinkEmulator(local, relay=relays.get(machine) if wire else None, **link).start()
+        out[machine] = _LINKS[machine].endpoint
+    return out
 
 
 def _serve_control(link: LinkEmulator, control_dir: Path, stop: threading.Event) -> str:
@@ -388,7 +400,7 @@ def _answer(link: LinkEmulator, raw: bytes | str) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m sharedllm.linkem", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m bench.linkem", description=__doc__.splitlines()[0])
     p.add_argument("--target", required=True, help="HOST:PORT to forward to")
     p.add_argument("--rtt-ms", type=float, default=0.0, help="round-trip time to add, in ms (default 0)")
     p.add_argument("--mbit", type=float, default=None, help="bandwidth cap per direction, Mbit/s (default none)")

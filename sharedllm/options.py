@@ -1,0 +1,107 @@
+# SPDX-License-Identifier: AGPL-3.0-or-later
+"""How a model is loaded on the mesh, as one value: :class:`LoadOptions`, shared by ``Mesh.load`` and ``Mesh.plan``,
+``Replicas``, the command line and ``sharedllm serve``. No Dask.
+
+    opts = LoadOptions(n_ctx=4096, parallel=8, machines=("a", "b"))
+    mesh.load("gemma-3-270m", options=opts)                # or mesh.load("gemma-3-270m", n_ctx=4096, parallel=8)
+
+Keyword arguments that are not options go to ``llama_cpp.Llama`` in the engine (``n_threads``, ``seed``, ...):
+:meth:`LoadOptions.build` keeps them in ``llama``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+OUTPUT_LAYERS = ("auto", "client", "mesh")
+STRATEGIES = ("spread", "pack")
+PRIVACY = ("any", "trusted")
+
+
+@dataclass(frozen=True)
+class LoadOptions:
+    """Everything ``Mesh.load`` takes besides the model (see its docstring for what each option does)."""
+
+    n_ctx: int = 2048  # tokens of context of each sequence
+    # --- placement: where the layers go ---
+    strategy: str = "spread"
+    headroom: float = 0.10
+    machines: tuple[str, ...] | None = None
+    max_devices: int | None = None
+    privacy: str = "any"
+    min_trust: float | None = None
+    labels: dict[str, str] | None = None
+    output_layer: str = "auto"
+    # --- serving: how the engine runs requests ---
+    parallel: int = 1
+    max_waiting: int = 64
+    exact_batches: bool = True
+    max_stall_ms: float = 500.0
+    prompt_cache: bool = True
+    # Benchmarks: a function the engine calls with its tunnel to every machine (see EngineSpec.tunnel_hook;
+    # bench/linkem.py's hook(rtt_ms=20) emulates a link there)
+    tunnel_hook: tuple[str, str | None, dict] | None = None
+    # --- resilience: waits, timeouts and recoveries ---
+    wait_timeout: float = 60.0
+    load_timeout: float = 600.0
+    token_timeout: float = 60.0
+    max_recoveries: int = 3
+    # --- llama_cpp.Llama's own arguments (n_threads, n_batch, seed, chat_format, ...) ---
+    llama: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.n_ctx, int) or isinstance(self.n_ctx, bool) or self.n_ctx < 1:
+            raise ValueError(f"n_ctx must be a positive number of tokens (each sequence's context), got {self.n_ctx!r}")
+        if not isinstance(self.parallel, int) or isinstance(self.parallel, bool) or self.parallel < 1:
+            raise ValueError(f"parallel must be an integer >= 1, got {self.parallel!r}")
+        if self.output_layer not in OUTPUT_LAYERS:
+            raise ValueError(f"output_layer must be one of {', '.join(OUTPUT_LAYERS)}, got {self.output_layer!r}")
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"strategy must be one of {', '.join(STRATEGIES)}, got {self.strategy!r}")
+        if self.privacy not in PRIVACY:
+            raise ValueError(f"privacy must be one of {', '.join(PRIVACY)}, got {self.privacy!r}")
+        if self.max_recoveries < 0:
+            raise ValueError(f"max_recoveries must be >= 0, got {self.max_recoveries}")
+        if self.machines is not None:
+            if isinstance(self.machines, str):
+                raise ValueError(f"machines must be a list of machine ids, got the string {self.machines!r}")
+            object.__setattr__(self, "machines", tuple(self.machines) or None)
+        if self.labels is not None:
+            object.__setattr__(self, "labels", dict(self.labels))
+        object.__setattr__(self, "llama", dict(self.llama))
+
+    @classmethod
+    def build(cls, options: LoadOptions | None = None, **kwargs: Any) -> LoadOptions:
+        """``options`` (or the defaults) with ``kwargs`` on top: those naming an option set it, the others go to
+        ``llama_cpp.Llama`` (``llama``)."""
+        base = options or cls()
+        names = {f.name for f in dataclasses.fields(cls)} - {"llama"}
+        ours = {k: v for k, v in kwargs.items() if k in names}
+        llama = {**base.llama, **kwargs.get("llama", {}), **{k: v for k, v in kwargs.items()
+                                                             if k not in names and k != "llama"}}
+        return dataclasses.replace(base, **ours, llama=llama)
+
+    def replace(self, **changes: Any) -> LoadOptions:
+        return dataclasses.replace(self, **changes)
+
+    @property
+    def context(self) -> int:
+        """The tokens of context of all ``parallel`` sequences together, for the memory estimate."""
+        return self.n_ctx * self.parallel
+
+    def placement(self) -> dict[str, Any]:
+        """What the scheduler's planning takes (``sharedllm_plan``/``sharedllm_acquire`` arguments)."""
+        return {"strategy": self.strategy, "headroom": self.headroom,
+                "machines": list(self.machines) if self.machines else None, "max_devices": self.max_devices,
+                "privacy": self.privacy, "min_trust": self.min_trust, "labels": self.labels}
+
+    def llama_kwargs(self) -> dict[str, Any]:
+        """``llama_cpp.Llama``'s arguments in the engine."""
+        return {"n_ctx": self.n_ctx, **self.llama}
+
+    def engine_options(self) -> dict[str, Any]:
+        """The ``EngineSpec`` fields these options set beside the model, its stages and ``llama_kwargs``."""
+        return {"parallel": self.parallel, "max_waiting": self.max_waiting, "exact_batches": self.exact_batches,
+                "max_stall_ms": self.max_stall_ms, "prompt_cache": self.prompt_cache, "tunnel_hook": self.tunnel_hook}
