@@ -335,8 +335,8 @@ def cache_stats(root: Path) -> dict[str, dict[str, int]]:
 
 def one_repeat(model_path: str, mbps: float, machines: int, direct: bool = False, output_layer: str = "auto",
                n_ctx: int = N_CTX) -> dict[str, Any]:
-    from sharedllm.actor import public_endpoint
     from sharedllm.local import LocalMesh
+    from sharedllm.machine.state import public_endpoint
 
     root = Path(tempfile.mkdtemp(prefix="sharedllm-bench-load-"))
     try:

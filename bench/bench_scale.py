@@ -137,7 +137,7 @@ class SimMachine:
         return dict(self._rpc[1])
 
     def _rpc_state(self) -> dict:
-        from sharedllm.actor import RPCServerState
+        from sharedllm.machine.state import RPCServerState
 
         devices = [{"index": i, "name": f"CUDA{i}", "description": "NVIDIA H100 80GB HBM3", "kind": "gpu",
                     "memory_free": GPU_TOTAL - self.base_used[i], "memory_total": GPU_TOTAL}

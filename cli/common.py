@@ -8,7 +8,11 @@ import sys
 
 import click
 
+from sharedllm import settings
 from sharedllm.errors import MeshError
+
+scheduler_option = click.option("--scheduler", required=True, envvar=settings.env("scheduler"), show_envvar=True,
+                                help="scheduler address")
 
 output_layer_option = click.option(
     "--output-layer", type=click.Choice(["auto", "client", "mesh"]), default="auto", show_default=True,

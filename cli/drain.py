@@ -8,12 +8,12 @@ import time
 
 import click
 
-from sharedllm.cli.common import friendly_errors
+from sharedllm.cli.common import friendly_errors, scheduler_option
 
 
 @click.command()
 @click.argument("machine")
-@click.option("--scheduler", required=True, envvar="SHAREDLLM_SCHEDULER", show_envvar=True, help="scheduler address")
+@scheduler_option
 @click.option("--timeout", default=600.0, show_default=True, help="seconds to wait for the machine's sessions")
 @click.option("--undo", is_flag=True, help="allow new sessions on the machine again")
 @friendly_errors

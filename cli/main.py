@@ -16,6 +16,7 @@ import time
 
 import click
 
+from sharedllm import settings
 from sharedllm.cli.common import connect, friendly_errors, output_layer_option
 
 logger = logging.getLogger("sharedllm.cli")
@@ -32,10 +33,12 @@ def _setup_logging(verbose: int) -> None:
 
 @click.group(name="sharedllm", context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("-v", "--verbose", count=True, help="more log output (-vv for debug)")
-@click.option("--tls-ca-file", envvar="SHAREDLLM_TLS_CA_FILE", show_envvar=True, default=None, help="CA of a TLS mesh (tls://)")
-@click.option("--tls-cert", envvar="SHAREDLLM_TLS_CERT", show_envvar=True, default=None,
+@click.option("--tls-ca-file", envvar=settings.env("tls.ca-file"), show_envvar=True, default=None,
+              help="CA of a TLS mesh (tls://)")
+@click.option("--tls-cert", envvar=settings.env("tls.cert"), show_envvar=True, default=None,
               help="client certificate for a TLS mesh")
-@click.option("--tls-key", envvar="SHAREDLLM_TLS_KEY", show_envvar=True, default=None, help="client key for a TLS mesh")
+@click.option("--tls-key", envvar=settings.env("tls.key"), show_envvar=True, default=None,
+              help="client key for a TLS mesh")
 @click.version_option(package_name="sharedllm")
 def cli(verbose: int, tls_ca_file: str | None, tls_cert: str | None, tls_key: str | None) -> None:
     """SharedLLM: run one GGUF model split across the machines of a mesh."""
@@ -53,7 +56,7 @@ def cli(verbose: int, tls_ca_file: str | None, tls_cert: str | None, tls_key: st
 @cli.command()
 @click.option("--machines", default=2, show_default=True, help="emulated machines (one worker and rpc-server each)")
 @click.option("--host", default="127.0.0.1", show_default=True, help="address to listen on")
-@click.option("--state-path", envvar="SHAREDLLM_STATE_PATH", show_envvar=True, default=None,
+@click.option("--state-path", envvar=settings.env("state-path"), show_envvar=True, default=None,
               help="SQLite file keeping the scheduler's registry across restarts")
 @click.option("--tls", is_flag=True, help="Dask comms over TLS, with a temporary CA made for this mesh")
 @click.option("--insecure-direct-rpc", is_flag=True,

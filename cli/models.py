@@ -23,10 +23,11 @@ import click
 from rich.console import Console
 from rich.table import Table
 
+from sharedllm import settings
 from sharedllm.cli.common import friendly_errors, scheduler_call
 from sharedllm.errors import gib
 
-_SCHEDULER = click.option("--scheduler", envvar="SHAREDLLM_SCHEDULER", show_envvar=True, default=None,
+_SCHEDULER = click.option("--scheduler", envvar=settings.env("scheduler"), show_envvar=True, default=None,
                           help="scheduler address (env SHAREDLLM_SCHEDULER)")
 
 

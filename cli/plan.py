@@ -13,12 +13,12 @@ import json
 
 import click
 
-from sharedllm.cli.common import friendly_errors
+from sharedllm.cli.common import friendly_errors, scheduler_option
 
 
 @click.command()
 @click.argument("model")
-@click.option("--scheduler", required=True, envvar="SHAREDLLM_SCHEDULER", show_envvar=True, help="scheduler address")
+@scheduler_option
 @click.option("--n-ctx", default=2048, show_default=True, help="context per sequence")
 @click.option("--parallel", default=1, show_default=True, help="sequences served at once (KV cache for each)")
 @click.option("--machine", "machines", multiple=True, help="plan on these machines only, repeatable")

@@ -18,7 +18,8 @@ from pathlib import Path
 
 import click
 
-from sharedllm.cli.common import friendly_errors, output_layer_option
+from sharedllm import settings
+from sharedllm.cli.common import friendly_errors, output_layer_option, scheduler_option
 
 logger = logging.getLogger("sharedllm.cli.serve")
 
@@ -61,13 +62,13 @@ def _bind(host: str, port: int) -> socket.socket:
 
 
 @click.command()
-@click.option("--scheduler", required=True, envvar="SHAREDLLM_SCHEDULER", show_envvar=True, help="scheduler address")
+@scheduler_option
 @click.option("--model", "model_ref", required=True,
               help="a .gguf path, a URL, a catalog name or 'gemma-3-270m'")
 @click.option("--model-name", default=None, help="the model id clients ask for  [default: the GGUF file name stem]")
 @click.option("--host", default="127.0.0.1", show_default=True, help="address to listen on")
 @click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535), help="0: any free port")
-@click.option("--api-key", "api_keys", multiple=True, envvar="SHAREDLLM_API_KEY", show_envvar=True,
+@click.option("--api-key", "api_keys", multiple=True, envvar=settings.env("api-key"), show_envvar=True,
               help="a key clients must send as 'Authorization: Bearer KEY' (repeatable; env SHAREDLLM_API_KEY)")
 @click.option("--api-keys-file", type=click.Path(exists=True, dir_okay=False), default=None,
               help="a file of accepted keys, one per line")

@@ -18,9 +18,9 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from sharedllm.actor import describe_endpoint
-from sharedllm.cli.common import friendly_errors
+from sharedllm.cli.common import friendly_errors, scheduler_option
 from sharedllm.errors import gib
+from sharedllm.machine.state import describe_endpoint
 from sharedllm.views import device_memory, session_stages
 
 STATE_STYLES = {"ready": "green", "starting": "yellow", "restarting": "yellow", "stopped": "dim", "failed": "bold red"}
@@ -141,7 +141,7 @@ def _console() -> Console:
 
 
 @click.command()
-@click.option("--scheduler", required=True, envvar="SHAREDLLM_SCHEDULER", show_envvar=True, help="scheduler address")
+@scheduler_option
 @click.option("--json", "as_json", is_flag=True, help="the scheduler's state as JSON, as Mesh.state() returns it")
 @friendly_errors
 def status(scheduler: str, as_json: bool) -> None:

@@ -8,10 +8,9 @@ import time
 
 import click
 
-from sharedllm.cli.common import friendly_errors, scheduler_call
+from sharedllm.cli.common import friendly_errors, scheduler_call, scheduler_option
 
-_scheduler = click.option("--scheduler", required=True, envvar="SHAREDLLM_SCHEDULER", show_envvar=True,
-                          help="scheduler address")
+_scheduler = scheduler_option
 
 
 @click.group()

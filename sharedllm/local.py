@@ -88,7 +88,7 @@ def _cleanup(procs: list[_Proc], workdir: Path, data_planes: list[tuple[int, str
 
 
 def _state_dirs(workdir: Path, machine_id: str = "*") -> list[Path]:
-    """The state directories of the machines' data planes (``sharedllm.worker.default_state_dir``)."""
+    """The state directories of the machines' data planes (``sharedllm.machine.agent.default_state_dir``)."""
     return [p.parent for p in workdir.glob(f"{machine_id}/*/sharedllm-{machine_id}/rpc-server.log")]
 
 

@@ -49,7 +49,9 @@ FILE_TYPES = {
 
 def cache_dir() -> Path:
     """Where models live: ``$SHAREDLLM_MODEL_DIR``, else ``~/.cache/sharedllm/models``."""
-    env = os.environ.get("SHAREDLLM_MODEL_DIR")
+    from sharedllm import settings
+
+    env = settings.get("model-dir")
     base = Path(env) if env else Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "sharedllm" / "models"
     return base
 

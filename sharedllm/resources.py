@@ -22,7 +22,7 @@ from sharedllm.errors import gib
 
 log = logging.getLogger(__name__)
 
-MACHINE_ID_ENV = "SHAREDLLM_MACHINE_ID"
+MACHINE_ID_ENV = "SHAREDLLM_MACHINE_ID"  # sharedllm.settings: "machine-id"
 _MACHINE_ID_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
 _MACHINE_ID_RULE = "1 to 64 characters of A-Z, a-z, 0-9, '.', '_' or '-'"
 _MACHINE_ID_FILES = ("/etc/machine-id", "/var/lib/dbus/machine-id")
@@ -206,7 +206,9 @@ def machine_id(override: str | None = None) -> str:
     """
     if override is not None:
         return _validate_machine_id(override, "override")
-    env = os.environ.get(MACHINE_ID_ENV)
+    from sharedllm import settings
+
+    env = settings.get("machine-id")
     if env:
         return _validate_machine_id(env, MACHINE_ID_ENV)
     return _default_machine_id()

@@ -13,17 +13,18 @@ import os
 
 import click
 
+from sharedllm import settings
 from sharedllm.scheduler_plugins import MeshPlugin
 
 
 @click.command(context_settings={"auto_envvar_prefix": "SHAREDLLM", "show_default": True})
 @click.option("--reconcile-interval", type=float, default=0.5, show_default=True,
               help="seconds between checks that every machine has its rpc-server actor")
-@click.option("--state-path", envvar="SHAREDLLM_STATE_PATH", default=None,
+@click.option("--state-path", envvar=settings.env("state-path"), default=None,
               help="SQLite file that keeps the registry across restarts (default: none, state is lost on exit)")
 @click.option("--persist-interval", type=float, default=5.0, show_default=True,
               help="seconds between writes of the state file")
-@click.option("--secret-file", envvar="SHAREDLLM_CLUSTER_SECRET_FILE", default=None,
+@click.option("--secret-file", envvar=settings.env("cluster-secret-file"), default=None,
               help="file holding the cluster secret (else $SHAREDLLM_CLUSTER_SECRET)")
 @click.option("--requests-per-minute", type=float, default=120.0, show_default=True, help="per-client rate limit")
 @click.option("--tokens-per-minute", type=float, default=60_000.0, show_default=True, help="per-client rate limit")

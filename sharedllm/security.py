@@ -18,10 +18,12 @@ import secrets
 import stat
 from pathlib import Path
 
+from sharedllm import settings
+
 logger = logging.getLogger(__name__)
 
-ENV_SECRET = "SHAREDLLM_CLUSTER_SECRET"
-ENV_SECRET_FILE = "SHAREDLLM_CLUSTER_SECRET_FILE"
+ENV_SECRET = settings.env("cluster-secret")
+ENV_SECRET_FILE = settings.env("cluster-secret-file")
 MIN_SECRET_BYTES = 16
 _PROOF_CONTEXT = b"sharedllm-worker-v1"
 
@@ -38,7 +40,7 @@ def generate_secret() -> str:
 def load_secret(secret_file: str | os.PathLike | None = None) -> bytes | None:
     """The cluster secret from ``secret_file``, else ``$SHAREDLLM_CLUSTER_SECRET_FILE``, else
     ``$SHAREDLLM_CLUSTER_SECRET``; ``None`` when none is configured."""
-    path = secret_file or os.environ.get(ENV_SECRET_FILE)
+    path = secret_file or settings.get("cluster-secret-file")
     if path:
         p = Path(path).expanduser()
         try:
@@ -49,7 +51,7 @@ def load_secret(secret_file: str | os.PathLike | None = None) -> bytes | None:
         if mode & (stat.S_IRWXG | stat.S_IRWXO):
             logger.warning("cluster secret file %s is readable by other users; chmod 600 it", p)
     else:
-        value = os.environ.get(ENV_SECRET, "").strip()
+        value = (settings.get("cluster-secret") or "").strip()
         if not value:
             return None
     if len(value.encode()) < MIN_SECRET_BYTES:

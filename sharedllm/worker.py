@@ -27,81 +27,14 @@ import click
 from distributed import WorkerPlugin
 from distributed.comm.addressing import get_address_host
 
-from sharedllm import resources
-from sharedllm.actor import RPCServerConfig, RPCServerSupervisor
+from sharedllm import resources, settings
 from sharedllm.dataplane import DEFAULT_ORPHAN_TIMEOUT
+from sharedllm.machine.agent import MachineAgent
+from sharedllm.machine.state import RPCServerConfig
 
 logger = logging.getLogger(__name__)
 
 EXTENSION = "sharedllm"
-
-
-class MachineAgent:
-    """Per-worker state: which machine this worker belongs to, and the rpc-server supervisor if it holds the actor."""
-
-    def __init__(self, worker, machine_id: str, config: RPCServerConfig, labels: dict[str, str] | None = None,
-                 state_dir: str | os.PathLike | None = None, max_memory: dict[str, int] | None = None):
-        self.worker = worker
-        self.machine_id = machine_id
-        self.labels = dict(labels or {})
-        self.max_memory = dict(max_memory or {})  # device name ("*": each device) -> bytes its owner gives
-        self.config = config
-        # Where the machine's data plane records itself: the same for every worker of the machine, across restarts.
-        self.state_dir = Path(state_dir) if state_dir else default_state_dir(worker, machine_id)
-        self.supervisor: RPCServerSupervisor | None = None
-        self._build: dict | None = None
-        self.close_reason: str | None = None  # why the worker closes (see MachineReporter.setup)
-
-    def new_supervisor(self, machine_id: str) -> RPCServerSupervisor:
-        if machine_id != self.machine_id:
-            raise ValueError(f"actor for machine {machine_id} landed on a worker of machine {self.machine_id}")
-        if self.supervisor is not None and self.supervisor.status.state not in ("stopped", "failed"):
-            return self.supervisor  # the actor was re-created on the same worker: keep the running server
-        self.supervisor = RPCServerSupervisor(self.config, self.state_dir)
-        return self.supervisor
-
-    def build(self) -> dict:
-        if self._build is None:
-            import llama_cpp
-
-            self._build = {"llama_cpp_python": llama_cpp.__version__, "rpc": bool(llama_cpp.llama_supports_rpc())}
-        return self._build
-
-    def report(self, worker=None) -> dict:
-        """The heartbeat payload: machine identity, resources, rpc-server state, build."""
-        res = resources.probe(self.machine_id)
-        sup = self.supervisor
-        return {
-            "machine_id": self.machine_id,
-            "resources": res.to_dict(),
-            "rpc": sup.report() if sup else None,
-            "build": self.build(),
-            "labels": self.labels,
-            "max_memory": self.max_memory,
-            "pid": os.getpid(),
-        }
-
-    async def close(self) -> None:
-        if self.supervisor is None:
-            return
-        if self.close_reason in SCHEDULER_LOST:
-            # Not told to stop: the worker lost its scheduler. The sessions on this machine go on; the next worker
-            # adopts the rpc-server and the relay (sharedllm.dataplane).
-            self.supervisor.detach()
-        else:
-            await self.supervisor.stop()
-
-
-# Why a Dask worker closes when its scheduler is gone, killed or stopped (distributed/worker.py, and the close a
-# scheduler sends its workers when it shuts down): the machine's data plane stays up for the next worker.
-SCHEDULER_LOST = frozenset({"worker-handle-scheduler-connection-broken", "worker-heartbeat-missing",
-                            "worker-heartbeat-error", "scheduler-close"})
-
-
-def default_state_dir(worker, machine_id: str) -> Path:
-    """``sharedllm-MACHINE`` beside the worker's own directory: Dask gives each worker process a fresh
-    ``worker-XXXX`` directory under its ``--local-directory``, which this one outlives."""
-    return Path(worker.local_directory).parent / f"sharedllm-{machine_id}"
 
 
 class MachineReporter(WorkerPlugin):
@@ -209,7 +142,7 @@ def _note_close_reason(worker, agent: MachineAgent) -> None:
 
 
 @click.command(context_settings={"auto_envvar_prefix": "SHAREDLLM", "show_default": True})
-@click.option("--machine-id", envvar="SHAREDLLM_MACHINE_ID", default=None,
+@click.option("--machine-id", envvar=settings.env("machine-id"), default=None,
               help="machine identity (default: the host's)")
 @click.option("--rpc-host", default=None,
               help="address clients reach this machine's relay on (default: the worker's address)")
@@ -233,7 +166,7 @@ def _note_close_reason(worker, agent: MachineAgent) -> None:
               help="memory this machine gives the mesh: SIZE for each device it serves, or DEVICE=SIZE for one "
                    "(CPU=12GiB, CUDA0=20GiB), repeatable; placement never plans more there (default: all free memory)")
 @click.option("--label", "labels", multiple=True, help="KEY=VALUE label for route-sensitive placement, repeatable")
-@click.option("--secret-file", envvar="SHAREDLLM_CLUSTER_SECRET_FILE", default=None,
+@click.option("--secret-file", envvar=settings.env("cluster-secret-file"), default=None,
               help="file holding the cluster secret (else $SHAREDLLM_CLUSTER_SECRET)")
 @click.option("--state-dir", default=None,
               help="where the machine's rpc-server and relay record themselves, for the next worker to adopt them "

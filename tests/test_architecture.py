@@ -20,7 +20,7 @@ CLIENT = ("sharedllm.client", "sharedllm.replicas", "sharedllm.local")
 SCHEDULER = ("sharedllm.scheduler_plugins", "sharedllm.scheduler")
 SERVER = ("sharedllm.openai_server",)
 CLI = ("sharedllm.cli",)
-MACHINE = ("sharedllm.actor", "sharedllm.worker")
+MACHINE = ("sharedllm.machine", "sharedllm.worker")
 OUTSIDE = ("bench", "tests")
 
 # room (module prefixes) -> what it must never import (module prefixes); the table of docs/architecture.md.
@@ -28,7 +28,10 @@ NEVER: list[tuple[tuple[str, ...], tuple[str, ...]]] = [
     (("sharedllm.errors", "sharedllm.effects", "sharedllm.options"),
      DASK + ENGINE + CLIENT + SCHEDULER + SERVER + CLI + MACHINE + ("sharedllm.relay", "sharedllm.gguf")),
     (("sharedllm.ggml", "sharedllm.rpc_server", "sharedllm.resources", "sharedllm.dataplane",
-      "sharedllm.tensor_cache"), DASK + CLIENT + SCHEDULER + SERVER + CLI + ENGINE),
+      "sharedllm.tensor_cache", "sharedllm.views"), DASK + CLIENT + SCHEDULER + SERVER + CLI + ENGINE),
+    (("sharedllm.machine.state",), DASK + CLIENT + SCHEDULER + SERVER + CLI + ENGINE
+     + ("sharedllm.machine.server", "sharedllm.machine.agent", "sharedllm.machine.actor")),
+    (("sharedllm.machine.server", "sharedllm.machine.relay", "sharedllm.machine.cache"), DASK),
     (("sharedllm.gguf", "sharedllm.models", "sharedllm.download", "sharedllm.sources", "sharedllm.gguf_remote",
       "sharedllm.placement"), DASK + ENGINE + CLIENT + SCHEDULER + SERVER + CLI + MACHINE),
     (("sharedllm.relay",), DASK + ENGINE + CLIENT + SCHEDULER + SERVER + CLI),

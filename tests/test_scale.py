@@ -27,8 +27,8 @@ def template() -> dict:
 
 
 def test_simulated_report_has_the_shape_of_a_real_one(tmp_path):
-    from sharedllm.actor import RPCServerConfig
-    from sharedllm.worker import MachineAgent
+    from sharedllm.machine.agent import MachineAgent
+    from sharedllm.machine.state import RPCServerConfig
 
     real = MachineAgent(None, "real-1", RPCServerConfig(), state_dir=tmp_path).report()
     sim = bench_scale.SimMachine("sim-1", GPUS, 1, "tcp://10.0.0.1:40001")

@@ -9,7 +9,8 @@ import signal
 import time
 
 from sharedllm import ggml
-from sharedllm.actor import RPCServerConfig, RPCServerSupervisor
+from sharedllm.machine.server import RPCServerSupervisor
+from sharedllm.machine.state import RPCServerConfig
 
 
 async def _wait_state(sup: RPCServerSupervisor, want: str, timeout: float = 60.0, reason: str = "", **match) -> dict:

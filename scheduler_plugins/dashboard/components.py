@@ -30,8 +30,8 @@ from distributed.dashboard.components import DashboardComponent
 from distributed.dashboard.utils import update
 from distributed.utils import log_errors
 
-from sharedllm.actor import describe_endpoint
 from sharedllm.errors import gib
+from sharedllm.machine.state import describe_endpoint
 from sharedllm.views import DeviceMemory, device_memory, session_stages
 
 logger = logging.getLogger("sharedllm.dashboard")

@@ -8,9 +8,9 @@ import logging
 import os
 import time
 
-from sharedllm.actor import public_endpoint
 from sharedllm.errors import NoMachines
 from sharedllm.gguf import ModelEstimate
+from sharedllm.machine.state import public_endpoint
 from sharedllm.placement import DeviceSlot, output_on_client, plan
 
 logger = logging.getLogger("sharedllm.scheduler")

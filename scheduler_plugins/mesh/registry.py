@@ -10,7 +10,7 @@ import contextlib
 import logging
 import time
 
-from sharedllm.actor import model_fault
+from sharedllm.machine.state import model_fault
 from sharedllm.scheduler_plugins.mesh.records import (
     EXTENSION,
     HEARTBEAT_LATE,
@@ -152,8 +152,8 @@ class Registry:
         return ((rep or {}).get("rpc") or {}).get("last_exit")
 
     def _note_model_faults(self) -> None:
-        """A machine's rpc-server aborted on a ggml assertion (:func:`sharedllm.actor.model_fault`): the model its
-        session ran did that, so the client of that session gets a strike (see ``RateLimiter.strike``); the machine
+        """A machine's rpc-server aborted on a ggml assertion (:func:`sharedllm.machine.state.model_fault`): the model
+        its session ran did that, so the client of that session gets a strike (see ``RateLimiter.strike``); the machine
         is not blamed. Runs with every reconcile and before a session closes, once per abort."""
         for machine in self.actors:
             last = self._last_exit(machine)
@@ -236,7 +236,7 @@ class Registry:
                         tls_client_key=sec.tls_scheduler_key, require_encryption=True)
 
     async def _pin(self, machine: str, worker: str) -> None:
-        from sharedllm.actor import RPCServerActor
+        from sharedllm.machine.actor import RPCServerActor
 
         try:
             client = await self._get_client()

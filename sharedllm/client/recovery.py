@@ -30,7 +30,7 @@ class Recovery:
     def _recover(self, exc: EngineError, attempt: int) -> None:
         """Replace a failed engine: lease a topology without the lost machine and load the model there.
 
-        Not when the model itself made an rpc-server abort (see :func:`sharedllm.actor.model_fault`): it would
+        Not when the model itself made an rpc-server abort (see :func:`sharedllm.machine.state.model_fault`): it would
         abort the next machines too. That is ``InvalidModel``, and no machine is blamed for it."""
         t0, started = time.perf_counter(), time.monotonic()
         if (err := self._invalid_model(exc)) is not None:
@@ -109,7 +109,7 @@ class Recovery:
         Machines report their server's exit with their heartbeats: while the machine the engine blamed (``suspect``;
         None: any) still reports our server as running, wait up to ``settle`` seconds for news. A machine gone from
         the table is no model's fault."""
-        from sharedllm.actor import model_fault
+        from sharedllm.machine.state import model_fault
 
         deadline = time.monotonic() + settle
         while self._channel.reachable():  # the scheduler away: nothing to learn (and no recovery without it either)

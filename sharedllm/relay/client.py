@@ -15,6 +15,7 @@ import struct
 import threading
 import time
 
+from sharedllm import settings
 from sharedllm.relay.certs import client_context, normalize_fingerprint
 from sharedllm.relay.server import Acceptor
 from sharedllm.relay.tokens import RelayError, TokenError
@@ -77,10 +78,10 @@ class ClientRelay(Acceptor):
         # The local side speaks llama.cpp's RPC: one TLS burst per round trip (rpc.RpcFrames), and the tensor fetches
         # that recur at every step asked for early (rpc.Prefetch). Off with SHAREDLLM_RELAY_COALESCE=0 and
         # SHAREDLLM_RELAY_PREFETCH=0: to compare, or should a llama.cpp release break the relay's reading of it.
-        self.coalesce = coalesce if coalesce is not None else os.environ.get("SHAREDLLM_RELAY_COALESCE", "1") != "0"
-        self.prefetch = prefetch if prefetch is not None else os.environ.get("SHAREDLLM_RELAY_PREFETCH", "1") != "0"
+        self.coalesce = coalesce if coalesce is not None else settings.flag("relay.coalesce")
+        self.prefetch = prefetch if prefetch is not None else settings.flag("relay.prefetch")
         # Allocation sizes answered here for the CPU devices (rpc.cpu_alloc_size); SHAREDLLM_RELAY_ALLOC_SIZES=0: asked.
-        answer = os.environ.get("SHAREDLLM_RELAY_ALLOC_SIZES", "1") != "0"
+        answer = settings.flag("relay.alloc-sizes")
         self.cpu_devices = frozenset(cpu_devices) if answer else frozenset()
         self._via = remote if remote.startswith(VIA_HUB_PREFIX) else None
         if (self._via or via_hub) and not hub:

@@ -13,6 +13,7 @@ import ssl
 import struct
 import time
 
+from sharedllm import settings
 from sharedllm.relay.rpc import Prefetch, ProtocolError, RpcFrames
 from sharedllm.relay.tokens import MAX_TOKEN_BYTES
 
@@ -30,7 +31,7 @@ _HUP = select.POLLHUP | select.POLLERR | select.POLLNVAL
 # SHAREDLLM_RELAY_TRACE=DIR: every splice writes DIR/splice-PID-N.jsonl at its end, one [time, event, bytes] per
 # read/write ("pi"/"po": plain in/out, "ti"/"to": TLS in/out, "w": woken by poll), time.monotonic() (one clock for
 # every process of a machine): where a round trip spends its time on this hop, for benchmarks and debugging.
-_TRACE_DIR = os.environ.get("SHAREDLLM_RELAY_TRACE") or None
+_TRACE_DIR = settings.get("relay.trace") or None
 _trace_seq = iter(range(1 << 62))
 _TRACE_FLUSH = 1024  # events a splice keeps before it appends them to its file
 
