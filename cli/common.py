@@ -12,7 +12,7 @@ from sharedllm import settings
 from sharedllm.errors import MeshError
 
 scheduler_option = click.option("--scheduler", required=True, envvar=settings.env("scheduler"), show_envvar=True,
-                                help="scheduler address")
+                                help="the mesh: its user port HOST:PORT (or a Dask address, the operator's way)")
 
 output_layer_option = click.option(
     "--output-layer", type=click.Choice(["auto", "client", "mesh"]), default="auto", show_default=True,
@@ -42,21 +42,28 @@ def friendly_errors(fn):
     return wrapper
 
 
-def scheduler_call(scheduler: str, op: str, **kwargs) -> dict:
-    """One SharedLLM operation on the scheduler at ``scheduler`` (the admin commands: trust, clients, catalog)."""
+def open_mesh(scheduler: str):
+    """The mesh at ``scheduler``, with the key and CA the command line was given (``sharedllm --key-file ...``)."""
     from sharedllm.client import Mesh
 
-    with Mesh.connect(scheduler) as mesh:
+    ctx = click.get_current_context(silent=True)
+    obj = (ctx.find_root().obj if ctx is not None else None) or {}
+    return Mesh.connect(scheduler, key=obj.get("key"), key_file=obj.get("key_file"),
+                        tls_ca_file=obj.get("tls_ca_file"))
+
+
+def scheduler_call(scheduler: str, op: str, **kwargs) -> dict:
+    """One SharedLLM operation on the scheduler at ``scheduler`` (the admin commands: trust, clients, catalog)."""
+    with open_mesh(scheduler) as mesh:
         return mesh.control.call(op, **kwargs)
 
 
 def connect(scheduler: str | None, machines: int):
     """A (mesh, closer) pair: the scheduler at ``scheduler``, or an embedded local mesh of ``machines`` machines."""
-    from sharedllm.client import Mesh
     from sharedllm.local import LocalMesh
 
     if scheduler:
-        mesh = Mesh.connect(scheduler)
+        mesh = open_mesh(scheduler)
         return mesh, mesh.close
     click.echo(f"starting an embedded mesh of {machines} machine(s) on this host...", err=True)
     lm = LocalMesh(machines=machines).start()

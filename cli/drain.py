@@ -8,7 +8,7 @@ import time
 
 import click
 
-from sharedllm.cli.common import friendly_errors, scheduler_option
+from sharedllm.cli.common import friendly_errors, open_mesh, scheduler_option
 
 
 @click.command()
@@ -19,9 +19,8 @@ from sharedllm.cli.common import friendly_errors, scheduler_option
 @friendly_errors
 def drain(machine: str, scheduler: str, timeout: float, undo: bool) -> None:
     """Stop new leases on MACHINE, wait until no session uses it, then report that it can go."""
-    from sharedllm.client import Mesh
 
-    with Mesh.connect(scheduler) as mesh:
+    with open_mesh(scheduler) as mesh:
         known = {m["machine_id"] for m in mesh.machines()}
         if machine not in known:
             raise ValueError(f"no machine {machine!r} in the mesh (it has {', '.join(sorted(known)) or 'none'}); "

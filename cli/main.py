@@ -38,12 +38,23 @@ def _setup_logging(verbose: int) -> None:
 @click.option("--tls-cert", envvar=settings.env("tls.cert"), show_envvar=True, default=None,
               help="client certificate for a TLS mesh")
 @click.option("--tls-key", envvar=settings.env("tls.key"), show_envvar=True, default=None,
-              help="client key for a TLS mesh")
+              help="client key for a TLS mesh (Dask's port)")
+@click.option("--key", envvar=settings.env("key"), show_envvar=True, default=None,
+              help="your user key for the mesh's user port (prefer --key-file: a command line is visible to others)")
+@click.option("--key-file", envvar=settings.env("key-file"), show_envvar=True, default=None,
+              help="a file holding your user key")
 @click.version_option(package_name="sharedllm")
-def cli(verbose: int, tls_ca_file: str | None, tls_cert: str | None, tls_key: str | None) -> None:
-    """SharedLLM: run one GGUF model split across the machines of a mesh."""
+@click.pass_context
+def cli(ctx: click.Context, verbose: int, tls_ca_file: str | None, tls_cert: str | None, tls_key: str | None,
+        key: str | None, key_file: str | None) -> None:
+    """SharedLLM: run one GGUF model split across the machines of a mesh.
+
+    Commands reach a mesh at --scheduler HOST:PORT, its user port, with your key (--key-file, or SHAREDLLM_KEY_FILE);
+    a Dask address (tcp://, tls://) goes through Dask's port, which on a mesh with a cluster secret takes only the
+    admin's key."""
     _setup_logging(verbose)
-    if tls_ca_file or tls_cert or tls_key:
+    ctx.obj = {"key": key, "key_file": key_file, "tls_ca_file": tls_ca_file}
+    if tls_cert or tls_key:
         if not (tls_ca_file and tls_cert and tls_key):
             raise click.UsageError("a TLS mesh needs --tls-ca-file, --tls-cert and --tls-key together")
         import dask
@@ -81,25 +92,26 @@ def up(machines: int, host: str, state_path: str | None, tls: bool, insecure_dir
     click.echo(f"starting {machines} machine(s)...", err=True)
     lm.start()
     try:
-        click.echo(f"scheduler: {lm.address}")
+        click.echo(f"user port: {lm.user_address}  (users connect here with their keys)")
+        click.echo(f"admin key: {lm.admin_key_file}  (the mesh's admin: `sharedllm --key-file THIS users add NAME` "
+                   "issues users their keys)")
+        click.echo(f"dask port: {lm.address}  (machines and the operator only)")
         click.echo(f"dashboard: {lm.dashboard_link}")
         secret_file = lm.workdir / "cluster-secret"
         from sharedllm.security import write_private
 
         write_private(secret_file, lm.secret or "")
         click.echo(f"cluster secret: {secret_file} (workers joining from elsewhere need it: --secret-file)")
-        tls_options, security = "", ""
+        tls_option, tls_arg = "", ""
         if lm.tls:
-            tls_options = f"--tls-ca-file {lm.tls.ca} --tls-cert {lm.tls.cert} --tls-key {lm.tls.key}"
-            security = (f", security=distributed.security.Security(tls_ca_file=\"{lm.tls.ca}\", "
-                        f"tls_client_cert=\"{lm.tls.cert}\", tls_client_key=\"{lm.tls.key}\", "
-                        "require_encryption=True)")
-            click.echo(f"tls: {tls_options}")
+            tls_option = f"--tls-ca-file {lm.tls.ca} "
+            tls_arg = f", tls_ca_file=\"{lm.tls.ca}\""
+            click.echo(f"tls: the mesh's CA is {lm.tls.ca}")
         click.echo(str(lm.mesh().machines()))
-        click.echo(f"\nconnect:  python -c 'import sharedllm, distributed, distributed.security; "
-                   f"m = sharedllm.Mesh(distributed.Client(\"{lm.address}\"{security})); print(m.machines())'")
-        sharedllm = f"sharedllm {tls_options} " if tls_options else "sharedllm "
-        click.echo(f"generate: {sharedllm}generate gemma-3-270m 'Once upon a time' --scheduler {lm.address}")
+        click.echo(f"\nconnect:  python -c 'import sharedllm; m = sharedllm.Mesh(\"{lm.user_address}\", "
+                   f"key=open(\"{lm.admin_key_file}\").read().strip(){tls_arg}); print(m.machines())'")
+        click.echo(f"generate: sharedllm {tls_option}--key-file {lm.admin_key_file} generate gemma-3-270m "
+                   f"'Once upon a time' --scheduler {lm.user_address}")
         click.echo("Ctrl-C to stop", err=True)
         stop = []
         signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
@@ -188,8 +200,9 @@ def _register() -> None:
     from sharedllm.cli.serve import serve
     from sharedllm.cli.status import status
     from sharedllm.cli.trust import clients, trust
+    from sharedllm.cli.users import audit, users
 
-    for command in (status, drain, serve, models, trust, clients, plan):
+    for command in (status, drain, serve, models, trust, clients, plan, users, audit):
         cli.add_command(command)
 
 

@@ -13,7 +13,7 @@ import json
 
 import click
 
-from sharedllm.cli.common import friendly_errors, scheduler_option
+from sharedllm.cli.common import friendly_errors, open_mesh, scheduler_option
 
 
 @click.command()
@@ -30,10 +30,9 @@ from sharedllm.cli.common import friendly_errors, scheduler_option
 def plan(model: str, scheduler: str, n_ctx: int, parallel: int, machines: tuple[str, ...], strategy: str,
          max_devices: int | None, output_layer: str, as_json: bool) -> None:
     """Plan MODEL on the mesh: the machines, layers and memory each would hold (nothing is loaded)."""
-    from sharedllm.client import Mesh
     from sharedllm.options import LoadOptions
 
-    with Mesh.connect(scheduler) as mesh:
+    with open_mesh(scheduler) as mesh:
         topo = mesh.plan(model, options=LoadOptions(n_ctx=n_ctx, strategy=strategy, machines=machines or None,
                                                     max_devices=max_devices, output_layer=output_layer,
                                                     parallel=parallel))

@@ -19,7 +19,7 @@ from pathlib import Path
 import click
 
 from sharedllm import settings
-from sharedllm.cli.common import friendly_errors, output_layer_option, scheduler_option
+from sharedllm.cli.common import friendly_errors, open_mesh, output_layer_option, scheduler_option
 
 logger = logging.getLogger("sharedllm.cli.serve")
 
@@ -49,6 +49,12 @@ def load_api_keys(keys: Iterable[str], keys_file: str | os.PathLike | None) -> l
     if bad:
         raise click.UsageError("an API key cannot contain whitespace")
     return list(dict.fromkeys(out))
+
+
+def _root_option(name: str):
+    """An option of the ``sharedllm`` group itself (``--tls-ca-file``, ``--key-file``...)."""
+    ctx = click.get_current_context(silent=True)
+    return ((ctx.find_root().obj if ctx is not None else None) or {}).get(name)
 
 
 def _bind(host: str, port: int) -> socket.socket:
@@ -103,12 +109,14 @@ def serve(scheduler, model_ref, model_name, host, port, api_keys, api_keys_file,
     import uvicorn
 
     from sharedllm import models
-    from sharedllm.client import Mesh
+    from sharedllm.client.userport import UserControl
     from sharedllm.openai_server import create_app
+    from sharedllm.openai_server.auth import MeshUsers
     from sharedllm.options import LoadOptions
 
     keys = load_api_keys(api_keys, api_keys_file)
-    if not keys:
+    through_user_port = "://" not in scheduler or scheduler.startswith("sharedllm://")  # mesh users' keys work too
+    if not keys and not through_user_port:
         if not is_loopback(host) and not insecure_no_auth:
             raise click.UsageError(f"refusing to serve without an API key on {host}, which other machines can reach; "
                                    "pass --api-key or --api-keys-file (or --insecure-no-auth if you mean it)")
@@ -120,13 +128,15 @@ def serve(scheduler, model_ref, model_name, host, port, api_keys, api_keys_file,
     verbose = click.get_current_context().find_root().params.get("verbose", 0)
     with contextlib.ExitStack() as stack:
         stack.callback(sock.close)
-        mesh = Mesh.connect(scheduler)
+        mesh = open_mesh(scheduler)
         stack.callback(mesh.close)
         model = mesh.model(model_ref)  # resolved once: a catalog name or a URL becomes a local file here
         model_id = model_name or model.path.stem
         click.echo(f"loading {model.name} across the mesh at {scheduler}...", err=True)
+        # Shared: the mesh's users send their own keys as API keys, and their requests run under their own limits.
         options = LoadOptions(n_ctx=n_ctx, machines=machines or None, output_layer=output_layer, parallel=parallel,
-                              exact_batches=exact_batches, max_stall_ms=max_stall_ms, prompt_cache=prompt_cache)
+                              exact_batches=exact_batches, max_stall_ms=max_stall_ms, prompt_cache=prompt_cache,
+                              shared=True)
         if replicas > 1:
             from sharedllm.replicas import Replicas
 
@@ -136,9 +146,13 @@ def serve(scheduler, model_ref, model_name, host, port, api_keys, api_keys_file,
         stack.callback(llm.close)
         click.echo(str(llm.topology), err=True)
         # The name it was served by is an id clients may use too (`--model gemma-3-270m` serves gemma-3-270m-q4_k_m)
+        users = None
+        if isinstance(mesh.control, UserControl):  # the mesh's users' own keys are API keys too
+            users = MeshUsers(mesh.control.address, tls_ca_file=_root_option("tls_ca_file"))
+            stack.callback(users.close)
         app = create_app(llm, model_id=model_id, api_keys=keys, max_queue=max_queue, queue_timeout=queue_timeout,
-                         aliases=[model_ref] if models.needs_catalog(model_ref) else [])
-        if not keys and is_loopback(host):
+                         aliases=[model_ref] if models.needs_catalog(model_ref) else [], users=users)
+        if not keys and users is None and is_loopback(host):
             # Unauthenticated on loopback: answer only requests addressed to this machine, so that a web page cannot
             # reach the API through DNS rebinding.
             from starlette.middleware.trustedhost import TrustedHostMiddleware

@@ -18,7 +18,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from sharedllm.cli.common import friendly_errors, scheduler_option
+from sharedllm.cli.common import friendly_errors, open_mesh, scheduler_option
 from sharedllm.errors import gib
 from sharedllm.machine.state import describe_endpoint
 from sharedllm.views import device_memory, session_stages
@@ -146,10 +146,9 @@ def _console() -> Console:
 @friendly_errors
 def status(scheduler: str, as_json: bool) -> None:
     """Show a mesh: machines (resources, rpc-servers, leases) and active sessions."""
-    from sharedllm.client import Mesh
     from sharedllm.ggml import build_info
 
-    with Mesh.connect(scheduler) as mesh:
+    with open_mesh(scheduler) as mesh:
         state = mesh.state()
     if as_json:
         click.echo(json.dumps(state, indent=2, default=str))

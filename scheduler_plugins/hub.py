@@ -178,7 +178,7 @@ class MeshHub:
         self.config = dict(config)
         self.address = self.config.get("address")
         if self.address:
-            from sharedllm.relay.cli import read_key
+            from sharedllm.relay.tokens import read_key
 
             if not self.config.get("key_file"):
                 raise ValueError("a separate relay hub (--hub-address) needs its key (--hub-key-file)")

@@ -151,29 +151,29 @@ def _le(b: float) -> str:
 _OBSERVATIONS: weakref.WeakKeyDictionary[Any, MeshObservations] = weakref.WeakKeyDictionary()
 
 
-def observations(plugin: Any) -> MeshObservations:
-    """The observations of one ``MeshPlugin`` (created on first use)."""
-    obs = _OBSERVATIONS.get(plugin)
+def observations(data: Any) -> MeshObservations:
+    """The observations of one mesh (``MeshPlugin.data``; created on first use)."""
+    obs = _OBSERVATIONS.get(data)
     if obs is None:
-        obs = _OBSERVATIONS[plugin] = MeshObservations()
+        obs = _OBSERVATIONS[data] = MeshObservations()
     return obs
 
 
 def record_session_report(
-    plugin: Any, session_id: str, ttft_ms: float | None, request_done: int, recovered: bool = False
+    data: Any, session_id: str, ttft_ms: float | None, request_done: int, recovered: bool = False
 ) -> None:
     """Hook for ``MeshPlugin.handle_session_report``: first-token time, completed requests, recoveries. Never
     raises. (Tokens are counted by the plugin itself, in ``tokens_total``.)"""
     try:
-        observations(plugin).report(session_id, ttft_ms, request_done, recovered)
+        observations(data).report(session_id, ttft_ms, request_done, recovered)
     except Exception:
         logger.exception("sharedllm metrics: could not record a session report")
 
 
-def record_session_close(plugin: Any, session_id: str, reason: str) -> None:
+def record_session_close(data: Any, session_id: str, reason: str) -> None:
     """Hook for ``MeshPlugin``'s session close: closed sessions and engine failures. Never raises."""
     try:
-        observations(plugin).session_closed(session_id, reason)
+        observations(data).session_closed(session_id, reason)
     except Exception:
         logger.exception("sharedllm metrics: could not record a closed session")
 
@@ -222,7 +222,7 @@ def _families(plugin: Any) -> Iterator[Any]:
 
     machines = plugin.machines()
     sessions = [s.to_dict() for s in plugin.sessions.values()]
-    obs = observations(plugin)
+    obs = observations(plugin.data)
 
     states = GaugeMetricFamily(f"{PREFIX}_machines", "Machines of the mesh by rpc-server state", labels=["state"])
     counts = dict.fromkeys(RPC_STATES, 0)
@@ -306,13 +306,31 @@ def _families(plugin: Any) -> Iterator[Any]:
     yield CounterMetricFamily(f"{PREFIX}_engine_recoveries",
                               "Engines rebuilt on the remaining machines after a machine was lost",
                               value=float(obs.engine_recoveries))
-    leased = getattr(plugin, "leased_machines", None)
     yield GaugeMetricFamily(f"{PREFIX}_machines_leased", "Machines leased by a session",
-                            value=len(leased()) if callable(leased) else 0)
+                            value=len(plugin.data.leased_machines()))
     yield GaugeMetricFamily(f"{PREFIX}_machines_draining", "Machines that take no new lease",
-                            value=len(getattr(plugin, "draining", ()) or ()))
+                            value=len(plugin.data.draining))
     yield GaugeMetricFamily(f"{PREFIX}_lease_waiters", "Sessions waiting in the queue for leased machines",
-                            value=len(getattr(plugin, "_waiters", ()) or ()))
+                            value=plugin.leases.waiting)
+    from sharedllm.scheduler_plugins import lockdown
+
+    refused = CounterMetricFamily(f"{PREFIX}_refusals", "Operations refused for want of a role (the user port and the "
+                                  "Dask port)", labels=["action", "role"])
+    counts: dict[tuple[str, str], int] = dict(lockdown.refusals)
+    for k, n in (plugin.ops.refusals if plugin.ops is not None else {}).items():
+        counts[k] = counts.get(k, 0) + n
+    for (action, role), n in sorted(counts.items()):
+        refused.add_metric([action, role], float(n))
+    yield refused
+    door = plugin.user_port
+    if door is not None:
+        yield GaugeMetricFamily(f"{PREFIX}_user_port_connections", "Connections open on the user port",
+                                value=door.state()["connections"])
+        door_refused = CounterMetricFamily(f"{PREFIX}_user_port_refused", "Connections the user port refused",
+                                           labels=["reason"])
+        for reason, n in sorted(door.refused.items()):
+            door_refused.add_metric([reason], float(n))
+        yield door_refused
 
 
 _COLLECTOR: MeshCollector | None = None
@@ -323,7 +341,7 @@ def install_metrics(plugin: Any) -> bool:
     """Add the ``sharedllm_*`` series to the scheduler's ``/metrics`` page. False when ``prometheus_client`` is
     missing (distributed then serves a page saying metrics are unavailable). Idempotent, once per process."""
     global _COLLECTOR
-    observations(plugin)
+    observations(plugin.data)
     try:
         import prometheus_client
     except ImportError:

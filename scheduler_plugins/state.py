@@ -25,7 +25,7 @@ from typing import Any
 
 logger = logging.getLogger("sharedllm.scheduler")
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 # The schema of a new file: version 1's, then every migration.
 _SCHEMA_V1 = """
@@ -43,9 +43,12 @@ MIGRATIONS: dict[int, list[str]] = {
     # 2: a session's topology, so that an open session can go on after a restart (sessions of version 1 files have
     # none: they stay interrupted).
     1: ["ALTER TABLE sessions ADD COLUMN topology TEXT"],
+    # 3: whether a session serves other users too (a server's): it stays so after a restart. The policy table gained
+    # the users (their keys' verifiers) and the audit trail in this release too, as keys of their own: no statement.
+    2: ["ALTER TABLE sessions ADD COLUMN shared INTEGER NOT NULL DEFAULT 0"],
 }
 _COLUMNS = ["session_id", "client", "model", "machines", "opened", "closed", "tokens", "requests", "recoveries",
-            "reason", "topology"]
+            "reason", "topology", "shared"]
 
 
 class StateStore:
@@ -105,6 +108,7 @@ class StateStore:
                 d = dict(zip(_COLUMNS, row, strict=True))
                 d["machines"] = json.loads(d["machines"] or "[]")
                 d["topology"] = json.loads(d["topology"]) if d["topology"] else None
+                d["shared"] = bool(d["shared"])
                 sessions.append(d)
             policy = {k: json.loads(v) for k, v in self._db.execute("SELECT key, value FROM policy")}
         return {"machines": machines, "sessions": sessions, "policy": policy}
@@ -126,11 +130,11 @@ class StateStore:
                     )
                 for s in sessions:
                     cur.execute(
-                        f"INSERT OR REPLACE INTO sessions ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * 11)})",
+                        f"INSERT OR REPLACE INTO sessions ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * 12)})",
                         (s["session_id"], s.get("client"), s.get("model"), json.dumps(list(s.get("machines", []))),
                          s.get("opened"), s.get("closed"), s.get("tokens", 0), s.get("requests", 0),
                          s.get("recoveries", 0), s.get("reason"),
-                         json.dumps(s["topology"]) if s.get("topology") else None),
+                         json.dumps(s["topology"]) if s.get("topology") else None, int(bool(s.get("shared")))),
                     )
                 cur.execute("DELETE FROM sessions WHERE session_id NOT IN (SELECT session_id FROM sessions "
                             "ORDER BY opened DESC LIMIT ?)", (keep_sessions,))

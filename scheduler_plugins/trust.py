@@ -193,8 +193,13 @@ class Limits:
 class RateLimiter:
     """Token buckets per client. ``check_request`` returns ``None`` or (reason, retry_after seconds)."""
 
-    def __init__(self, limits: Limits | None = None):
+    def __init__(self, limits: Limits | None = None, anonymous: Limits | None = None):
         self.limits = limits or Limits()
+        # Anonymous callers (``anonymous@ADDRESS``) get the tightest limits; a user may have limits of their own.
+        self.anonymous = anonymous or Limits(requests_per_minute=min(self.limits.requests_per_minute, 10.0),
+                                             tokens_per_minute=min(self.limits.tokens_per_minute, 2_000.0),
+                                             concurrent_leases=1, invalid_models_per_hour=1)
+        self.overrides: dict[str, Limits] = {}
         self._requests: dict[str, Bucket] = {}
         self._tokens: dict[str, Bucket] = {}
         self.banned: set[str] = set()
@@ -215,8 +220,23 @@ class RateLimiter:
         """``client``'s strikes within the window (see ``strike``)."""
         return len(self._recent_strikes(client))
 
+    def limits_for(self, client: str) -> Limits:
+        """``client``'s limits: its own, the anonymous ones, or the mesh's."""
+        if client in self.overrides:
+            return self.overrides[client]
+        return self.anonymous if client.startswith("anonymous@") else self.limits
+
+    def set_limits(self, client: str, limits: Limits | None) -> None:
+        """Give ``client`` limits of its own (None: the mesh's again); its buckets start anew."""
+        if limits is None:
+            self.overrides.pop(client, None)
+        else:
+            self.overrides[client] = limits
+        self._requests.pop(client, None)
+        self._tokens.pop(client, None)
+
     def _buckets(self, client: str) -> tuple[Bucket, Bucket]:
-        lim = self.limits
+        lim = self.limits_for(client)
         if client not in self._requests:
             self._requests[client] = Bucket(lim.requests_per_minute, lim.requests_per_minute / 60)
             self._tokens[client] = Bucket(lim.tokens_per_minute, lim.tokens_per_minute / 60)
@@ -224,20 +244,21 @@ class RateLimiter:
 
     def check_request(self, client: str, leases: int = 0, new_lease: bool = False) -> tuple[str, float] | None:
         """None when the request may go on, else (why not, seconds until it may). Bans are the caller's check."""
+        lim = self.limits_for(client)
         strikes = self._recent_strikes(client)
-        if new_lease and len(strikes) >= self.limits.invalid_models_per_hour:
-            wait = strikes[len(strikes) - self.limits.invalid_models_per_hour] + self.STRIKE_WINDOW - time.monotonic()
+        if new_lease and len(strikes) >= lim.invalid_models_per_hour:
+            wait = strikes[len(strikes) - lim.invalid_models_per_hour] + self.STRIKE_WINDOW - time.monotonic()
             return (f"client {client} loaded {len(strikes)} models in the last hour that made rpc-servers abort "
                     "(invalid models); check the model files", max(wait, 1.0))
-        if new_lease and leases >= self.limits.concurrent_leases:
-            return f"client {client} already holds {leases} leases (limit {self.limits.concurrent_leases})", 5.0
+        if new_lease and leases >= lim.concurrent_leases:
+            return f"client {client} already holds {leases} leases (limit {lim.concurrent_leases})", 5.0
         requests, tokens = self._buckets(client)
         if tokens.level < 0:
             wait = -tokens.level / tokens.refill_per_s
-            return f"client {client} generated more than {self.limits.tokens_per_minute:.0f} tokens/minute", wait
+            return f"client {client} generated more than {lim.tokens_per_minute:.0f} tokens/minute", wait
         wait = requests.take()
         if wait:
-            return f"client {client} sent more than {self.limits.requests_per_minute:.0f} requests/minute", wait
+            return f"client {client} sent more than {lim.requests_per_minute:.0f} requests/minute", wait
         return None
 
     def charge_tokens(self, client: str, n: int) -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 from importlib import import_module
 
 from sharedllm.errors import (
+    AuthenticationFailed,
     ClientBanned,
     EngineError,
     InvalidModel,
@@ -24,6 +25,7 @@ from sharedllm.errors import (
     ModelNotFound,
     ModelTooLarge,
     NoMachines,
+    NotAuthorized,
     RateLimited,
     RPCServerError,
     SchedulerUnreachable,
@@ -34,7 +36,8 @@ __version__ = "0.1.0"
 
 # Imported lazily: the rpc-server and engine processes import this package and must start without Dask.
 _LAZY = {"Mesh": "sharedllm.client", "MeshModel": "sharedllm.client", "LocalMesh": "sharedllm.local",
-         "Topology": "sharedllm.placement", "LoadProgress": "sharedllm.engine"}
+         "Topology": "sharedllm.placement", "LoadProgress": "sharedllm.engine", "LoadOptions": "sharedllm.options",
+         "Model": "sharedllm.models"}
 
 
 def __getattr__(name: str):
@@ -44,7 +47,8 @@ def __getattr__(name: str):
 
 
 __all__ = [
-    "ClientBanned", "EngineError", "InvalidModel", "LoadProgress", "LocalMesh", "Mesh", "MeshBusy", "MeshError",
-    "MeshModel", "ModelClosed", "ModelError", "ModelNotFound", "ModelTooLarge", "NoMachines", "RPCServerError",
-    "RateLimited", "SchedulerUnreachable", "Topology", "WorkerLost",
+    "AuthenticationFailed", "ClientBanned", "EngineError", "InvalidModel", "LoadOptions", "LoadProgress", "LocalMesh",
+    "Mesh", "MeshBusy", "MeshError", "MeshModel", "Model", "ModelClosed", "ModelError", "ModelNotFound",
+    "ModelTooLarge", "NoMachines", "NotAuthorized", "RPCServerError", "RateLimited", "SchedulerUnreachable",
+    "Topology", "WorkerLost",
 ]

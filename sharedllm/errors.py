@@ -63,6 +63,16 @@ class ClientBanned(MeshError):
     """The mesh's operator banned this client: no retry helps (the operator lifts it: ``sharedllm clients unban``)."""
 
 
+class NotAuthorized(MeshError):
+    """The operation needs a role this connection does not hold (``sharedllm users grant`` gives a user the admin
+    role), or the session is another user's."""
+
+
+class AuthenticationFailed(MeshError):
+    """The scheduler refused this connection's credential (a wrong, removed or rotated key; anonymous users not
+    allowed), or the scheduler could not prove it holds the key's verifiers (not the mesh you meant)."""
+
+
 class NoMachines(MeshError):
     """The mesh has no machine with a ready rpc-server."""
 

@@ -75,6 +75,15 @@ def _read_json(path: Path) -> dict | None:
     return info if isinstance(info, dict) and info.get("address") else None
 
 
+def _read_json_file(path: Path) -> dict | None:
+    """The JSON object in ``path``, or None while it is missing or half-written."""
+    try:
+        info = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return info if isinstance(info, dict) else None
+
+
 def _cleanup(procs: list[_Proc], workdir: Path, data_planes: list[tuple[int, str]] = ()) -> None:
     # Every process was started in its own session: killing the group also stops its engines. The machines' data
     # planes (rpc-servers, relays) run in sessions of their own, so that they outlive their workers: stop them too.
@@ -82,12 +91,12 @@ def _cleanup(procs: list[_Proc], workdir: Path, data_planes: list[tuple[int, str
         _kill_group(p.popen.pid, signal.SIGKILL)
         with contextlib.suppress(Exception):
             p.popen.wait(timeout=5)
-    for d in _state_dirs(workdir):
+    for d in state_dirs(workdir):
         kill_recorded(d, signal.SIGKILL)
     kill_running(list(data_planes), signal.SIGKILL)
 
 
-def _state_dirs(workdir: Path, machine_id: str = "*") -> list[Path]:
+def state_dirs(workdir: Path, machine_id: str = "*") -> list[Path]:
     """The state directories of the machines' data planes (``sharedllm.machine.agent.default_state_dir``)."""
     return [p.parent for p in workdir.glob(f"{machine_id}/*/sharedllm-{machine_id}/rpc-server.log")]
 
@@ -150,7 +159,14 @@ class LocalMesh:
             self.tls = make_mesh_ca(self.workdir / "tls", hosts=[host])
         self.scheduler: _Proc | None = None
         self.workers: list[_Proc] = []
-        self.address: str | None = None
+        self.address: str | None = None  # Dask's port (the operator's way in)
+        self.user_address: str | None = None  # the user port (HOST:PORT): users reach the mesh there
+        self.user_port_file = self.workdir / "userport.json"
+        # The mesh's first admin, created at its first start: beside the state file when there is one (the mesh keeps
+        # its users across restarts, and its admin with them), else in the work directory.
+        self.admin_key_file = Path(f"{state_path}.admin.key") if state_path else self.workdir / "admin.key"
+        self._user_port = 0
+        self._mesh = None
         self.dashboard_link: str | None = None
         self._client = None
         self._procs: list[_Proc] = []  # every process started; the finalizer kills them if close() is never called
@@ -179,13 +195,15 @@ class LocalMesh:
     def _start_scheduler(self, port: int = 0, dashboard_port: int = 0) -> None:
         sched_file = self.workdir / "scheduler.json"
         sched_file.unlink(missing_ok=True)
+        self.user_port_file.unlink(missing_ok=True)
         cmd = [sys.executable, "-m", "dask", "scheduler", "--host", self.host, "--port", str(port),
                "--scheduler-file", str(sched_file)]
         if self.tls:
             cmd += ["--protocol", "tls", *self.tls.dask_args()]
         # The HTTP server (health, metrics) listens even without the dashboard: always on a free port.
         cmd += ["--dashboard-address", f"{self.host}:{dashboard_port}"] + ([] if self.dashboard else ["--no-dashboard"])
-        cmd += ["--preload", "sharedllm.scheduler"]
+        cmd += ["--preload", "sharedllm.scheduler", "--user-port", str(self._user_port),
+                "--user-port-file", str(self.user_port_file), "--admin-key-file", str(self.admin_key_file)]
         if self.state_path:
             cmd += ["--state-path", str(self.state_path), "--persist-interval", str(self.persist_interval)]
         cmd += self.scheduler_args
@@ -201,6 +219,14 @@ class LocalMesh:
         self.address = info["address"]
         port = info.get("services", {}).get("dashboard")
         self.dashboard_link = f"http://{self.host}:{port}/status" if port else None
+        while (door := _read_json_file(self.user_port_file)) is None:  # the user port listens after the scheduler
+            if self.scheduler.popen.poll() is not None or time.monotonic() > deadline:
+                why = self._tail(self.scheduler)
+                self.close()
+                raise MeshError(f"the local scheduler's user port did not open: {why}")
+            time.sleep(0.05)
+        self._user_port = int(door["port"])  # a restart opens it on the same port
+        self.user_address = f"{self.host}:{door['port']}"
         # A client of the previous scheduler reconnects to this one by itself (sharedllm.client.Mesh keeps it trying).
 
     def start(self) -> LocalMesh:
@@ -275,7 +301,7 @@ class LocalMesh:
             if p.machine_id == machine_id and p.popen.poll() is None:
                 _stop(p, sig)
         if sig == signal.SIGKILL:
-            for d in _state_dirs(self.workdir, machine_id):
+            for d in state_dirs(self.workdir, machine_id):
                 kill_recorded(d, sig)
 
     def _tail(self, p: _Proc, n: int = 5) -> str:
@@ -286,27 +312,59 @@ class LocalMesh:
 
     # --- clients -----------------------------------------------------------------------------------------------
 
+    @property
+    def admin_key(self) -> str:
+        """The mesh's admin key (as the scheduler wrote it at its first start)."""
+        return self.admin_key_file.read_text().strip()
+
     def client(self):
-        """A synchronous ``distributed.Client`` for this mesh (shared, closed with the mesh)."""
+        """A synchronous ``distributed.Client`` for this mesh, the operator's (its connections prove the admin key;
+        shared, closed with the mesh)."""
         if self._client is None:
             from distributed import Client
 
-            self._client = Client(self.address, timeout=30, security=self.tls.security() if self.tls else None)
+            from sharedllm.client.control import admin_security
+
+            security = admin_security(self.admin_key, self.tls.security() if self.tls else None)
+            self._client = Client(self.address, timeout=30, security=security)
         return self._client
 
     def mesh(self):
+        """The mesh through its user port, as its admin (one connection for every call; closed with the mesh)."""
         from sharedllm.client import Mesh
 
-        return Mesh(self.client())
+        if self._mesh is None:
+            self._mesh = self.user_mesh(self.admin_key)
+        return Mesh(self._mesh.control)
+
+    def user_mesh(self, key: str | None):
+        """A new ``Mesh`` through the user port with ``key`` (None: anonymous); the caller closes it."""
+        from sharedllm.client import Mesh
+
+        return Mesh(self.user_address, key=key, tls_ca_file=str(self.tls.ca) if self.tls else None)
+
+    def add_user(self, name: str, role: str = "user", limits: dict | None = None) -> str:
+        """Issue a user of this mesh a key (``sharedllm users add``); returns the key."""
+        return self.mesh().control.call("users", action="add", name=name, role=role, limits=limits)["key"]
+
+    def reconnect(self) -> None:
+        """Drop the shared user-port connection (the next ``mesh()`` opens a new one)."""
+        if self._mesh is not None:
+            self._mesh.close()
+            self._mesh = None
 
     def close(self) -> None:
         """Stop every process (workers first, so their rpc-servers stop cleanly), then the scheduler."""
+        if self._mesh is not None:
+            with contextlib.suppress(Exception):
+                self._mesh.close()
+            self._mesh = None
         if self._client is not None:
             with contextlib.suppress(Exception):
                 self._client.close(timeout=10)
             self._client = None
         # What the machines run now: a worker that does not get to stop its data plane leaves it to the finalizer.
-        self._data_planes.extend(p for d in _state_dirs(self.workdir) for p in recorded(d))
+        self._data_planes.extend(p for d in state_dirs(self.workdir) for p in recorded(d))
         if self.state_path:  # the relay hub outlives a scheduler with a state file (scheduler_plugins.hub)
             self._data_planes.extend(recorded(f"{self.state_path}.hub"))
         for p in self.workers:  # as `systemctl stop`: each worker stops its machine's rpc-server and relay

@@ -43,6 +43,9 @@ class LoadOptions:
     # Benchmarks: a function the engine calls with its tunnel to every machine (see EngineSpec.tunnel_hook;
     # bench/linkem.py's hook(rtt_ms=20) emulates a link there)
     tunnel_hook: tuple[str, str | None, dict] | None = None
+    # Other users of the mesh may have this model generate for them (a server's: ``sharedllm serve``), each admitted
+    # under their own limits and bans and charged their own tokens (``admit_as=`` on a request).
+    shared: bool = False
     # --- resilience: waits, timeouts and recoveries ---
     wait_timeout: float = 60.0
     load_timeout: float = 600.0

@@ -14,7 +14,11 @@ import os
 import click
 
 from sharedllm import settings
-from sharedllm.scheduler_plugins import MeshPlugin
+from sharedllm.scheduler_plugins import MeshPlugin, lockdown
+
+# The Dask port's guard must be in place before the scheduler listens (a preload is imported before that); it stays
+# inert unless dask_setup gives it a policy (a mesh with a cluster secret).
+lockdown.install()
 
 
 @click.command(context_settings={"auto_envvar_prefix": "SHAREDLLM", "show_default": True})
@@ -40,9 +44,21 @@ from sharedllm.scheduler_plugins import MeshPlugin
 @click.option("--hub-key-file", default=None, help="the key of the hub given by --hub-address (same file as the hub's)")
 @click.option("--hub-max-mbit-per-machine", type=float, default=None,
               help="bandwidth cap through the hub per machine, both ways together (default: none)")
+@click.option("--user-port", type=click.IntRange(0, 65535), default=8789, show_default=True,
+              help="port of the user port, through which users reach the mesh with their keys (0: any free one)")
+@click.option("--no-user-port", is_flag=True, help="open no user port: only the operator's Dask clients use the mesh")
+@click.option("--user-port-file", default=None, help="write the user port's address there (JSON) once it listens")
+@click.option("--admin-key-file", default=None,
+              help="where the mesh's first admin key is written at its first start (default: STATE_PATH.admin.key, "
+                   "or ~/.config/sharedllm/admin.key without a state file)")
+@click.option("--allow-anonymous", is_flag=True,
+              help="let connections without a key use the mesh, with the tightest limits (off by default)")
+@click.option("--show-user-names", is_flag=True,
+              help="show users the names of other users' sessions, and the dashboard and /metrics every user's name")
 def dask_setup(scheduler, reconcile_interval, state_path, persist_interval, secret_file, requests_per_minute,
                tokens_per_minute, max_leases, hub_port, hub_host, no_hub, hub_address, hub_key_file,
-               hub_max_mbit_per_machine):
+               hub_max_mbit_per_machine, user_port, no_user_port, user_port_file, admin_key_file, allow_anonymous,
+               show_user_names):
     from sharedllm.logs import follow_dask_logging
     from sharedllm.scheduler_plugins.trust import Limits
     from sharedllm.security import load_secret
@@ -57,6 +73,12 @@ def dask_setup(scheduler, reconcile_interval, state_path, persist_interval, secr
     limits = Limits(requests_per_minute, tokens_per_minute, max_leases)
     hub = None if no_hub else {"port": hub_port, "host": hub_host, "address": hub_address, "key_file": hub_key_file,
                                "max_mbit_per_machine": hub_max_mbit_per_machine}
+    plugin = MeshPlugin(reconcile_interval=reconcile_interval, state_path=state_path,
+                        persist_interval=persist_interval, secret=secret, limits=limits, hub=hub,
+                        user_port=None if no_user_port else user_port, user_port_file=user_port_file,
+                        admin_key_file=admin_key_file, allow_anonymous=allow_anonymous,
+                        show_user_names=show_user_names)
+    if secret is not None:  # a mesh with a cluster secret: the Dask port is locked down (scheduler_plugins.lockdown)
+        lockdown.enforce(lockdown.Policy(secret, plugin.data.users, scheduler))
     # The scheduler calls start() on every plugin added before it finishes starting (see NOTES).
-    scheduler.add_plugin(MeshPlugin(reconcile_interval=reconcile_interval, state_path=state_path,
-                                    persist_interval=persist_interval, secret=secret, limits=limits, hub=hub))
+    scheduler.add_plugin(plugin)

@@ -29,6 +29,7 @@ from distributed.comm.addressing import get_address_host
 
 from sharedllm import resources, settings
 from sharedllm.dataplane import DEFAULT_ORPHAN_TIMEOUT
+from sharedllm.machine.actor import CALL as ACTOR_CALL
 from sharedllm.machine.agent import MachineAgent
 from sharedllm.machine.state import RPCServerConfig
 
@@ -118,6 +119,7 @@ class MachineReporter(WorkerPlugin):
         worker.extensions[EXTENSION] = agent
         worker.startup_information[EXTENSION] = agent.report
         worker.metrics[EXTENSION] = agent.report
+        worker.stream_handlers[ACTOR_CALL] = agent.on_actor_call  # the scheduler's calls, on the worker's own stream
         logger.info("sharedllm: worker %s belongs to machine %s", worker.address, self.machine_id)
 
     async def teardown(self, worker) -> None:
@@ -225,6 +227,12 @@ async def vouch(worker, machine_id: str, secret_file: str | None) -> None:
         logger.warning("no cluster secret (SHAREDLLM_CLUSTER_SECRET or --secret-file): a scheduler that requires "
                        "one will refuse this worker")
         return
+    # Every connection this worker opens to the scheduler proves the secret in its handshake (a locked-down Dask port
+    # takes nothing else from a machine); the same dict object is the worker's connection pool's.
+    overrides = worker.connection_args.get("handshake_overrides")
+    worker.connection_args["handshake_overrides"] = security.HandshakeCredential(secret=secret, machine_id=machine_id)
+    if overrides:
+        logger.warning("the worker's own handshake overrides %s are replaced by SharedLLM's credential", overrides)
     answer = await worker.scheduler.sharedllm_challenge()
     nonce = (answer or {}).get("nonce")
     if not nonce:

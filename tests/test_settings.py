@@ -35,7 +35,7 @@ def test_a_boolean_from_the_environment(monkeypatch, raw, value):
 
 
 def test_an_unknown_key_names_the_known_ones():
-    with pytest.raises(KeyError, match="relay.prefetch"):
+    with pytest.raises(KeyError, match=r"relay\.prefetch"):
         settings.get("relay.prefech")
 
 

@@ -43,6 +43,7 @@ from distributed.utils import log_errors
 from sharedllm.scheduler_plugins.dashboard.components import (
     INTERVAL_MS,
     PAGE,
+    AuditTrail,
     DeviceMemoryBars,
     LayerMap,
     Leases,
@@ -62,7 +63,7 @@ logger = logging.getLogger("sharedllm.dashboard")
 # --- documents -----------------------------------------------------------------------------------------------------
 
 COMPONENTS: tuple[type[DashboardComponent], ...] = (
-    MeshSummary, MachineTable, DeviceMemoryBars, LayerMap, Throughput, SessionTable, Leases,
+    MeshSummary, MachineTable, DeviceMemoryBars, LayerMap, Throughput, SessionTable, Leases, AuditTrail,
 )
 
 
@@ -74,7 +75,8 @@ def _finish(doc, title: str, extra: dict, template: bool = True) -> None:
         doc.template_variables.update(extra)
 
 
-HEADINGS = {MachineTable: "Machines", SessionTable: "Active sessions", Leases: "Leases and trust"}
+HEADINGS = {MachineTable: "Machines", SessionTable: "Active sessions", Leases: "Leases and trust",
+            AuditTrail: "Admin actions (audit trail)"}
 
 
 @log_errors
@@ -114,6 +116,7 @@ APPLICATIONS: dict[str, Callable] = {
     "/individual-sharedllm-throughput": individual_doc(Throughput),
     "/individual-sharedllm-sessions": individual_doc(SessionTable),
     "/individual-sharedllm-leases": individual_doc(Leases),
+    "/individual-sharedllm-audit": individual_doc(AuditTrail),
 }
 MENU_NAMES = {
     "individual-sharedllm-machines": "SharedLLM Machines",
@@ -122,6 +125,7 @@ MENU_NAMES = {
     "individual-sharedllm-throughput": "SharedLLM Throughput",
     "individual-sharedllm-sessions": "SharedLLM Sessions",
     "individual-sharedllm-leases": "SharedLLM Leases",
+    "individual-sharedllm-audit": "SharedLLM Audit",
 }
 
 
@@ -166,6 +170,7 @@ def install_dashboard(scheduler, plugin: Any = None) -> bool:
 
 __all__ = [
     "APPLICATIONS",
+    "AuditTrail",
     "DeviceMemoryBars",
     "LayerMap",
     "Leases",

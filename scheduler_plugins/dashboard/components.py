@@ -490,7 +490,7 @@ class SessionTable(DashboardComponent):
             prompt = load.get("prompt_tokens", 0)
             data["cached"].append(f"{100 * load.get('cached_tokens', 0) / prompt:.0f}%" if prompt else "-")
             data["opened"].append(_clock(s.get("opened")))
-            data["client"].append(s.get("client") or "?")
+            data["client"].append(plugin.public_name(s.get("client") or ""))
         self.root.height = 30 + 28 * max(len(sessions), 1)
         update_table(self.root, data)
 
@@ -538,10 +538,10 @@ class Leases(DashboardComponent):
             data["machine"].append(mid)
             data["lease"].append(f"{lease}, draining" if mid in draining else lease)
             data["sessions"].append(", ".join(s.session_id for s in holders) or "-")
-            data["clients"].append(", ".join(s.client or "?" for s in holders) or "-")
+            data["clients"].append(", ".join(plugin.public_name(s.client) for s in holders) or "-")
             data["since"].append(_clock(min((s.opened for s in holders), default=None)))
             data["trust"].append(_trust_cell(m.get("trust")))
-        waiting = len(getattr(plugin, "_waiters", ()) or ())
+        waiting = plugin.leases.waiting
         note = f"<p style='margin:2px 0'><b>{waiting}</b> session(s) waiting for leased machines</p>"
         if note != self.note.text:
             self.note.text = note
@@ -556,3 +556,37 @@ def _trust_cell(record: dict | None) -> str:
     if record.get("banned"):
         return "banned"
     return f"{record['score']:.2f}" + (" (probation)" if record.get("probation") else "")
+
+
+class AuditTrail(DashboardComponent):
+    """The last admin actions on the mesh (and refused attempts at them): who, what, when, and how it ended. A user
+    who is no admin is shown by a pseudonym unless the operator shows names (``--show-user-names``)."""
+
+    columns = {"time": "time", "who": "who", "action": "action", "target": "on", "outcome": "outcome", "via": "via"}
+
+    def __init__(self, scheduler, **kwargs):
+        self.scheduler = scheduler
+        self.source = ColumnDataSource({k: [] for k in self.columns}, name="sharedllm-audit")
+        widths = {"time": 90, "who": 160, "action": 140, "target": 160, "outcome": 260, "via": 80}
+        cols = [TableColumn(field=k, title=v, width=widths[k]) for k, v in self.columns.items()]
+        kwargs.setdefault("height", 80)
+        self.root = DataTable(source=self.source, columns=cols, index_position=None, reorderable=False,
+                              name="sharedllm-audit-table", **kwargs)
+
+    @without_property_validation
+    @log_errors
+    def update(self) -> None:
+        plugin = _plugin(self.scheduler)
+        if plugin is None:
+            return
+        entries = list(reversed(plugin.data.audit.recent(50)))
+        data: dict[str, list] = {k: [] for k in self.columns}
+        for e in entries:
+            data["time"].append(_clock(e["time"]))
+            data["who"].append(e["who"] if e["role"] == "admin" else plugin.public_name(e["who"]))
+            data["action"].append(e["action"])
+            data["target"].append(e.get("target") or "-")
+            data["outcome"].append(e["outcome"])
+            data["via"].append(e["via"])
+        self.root.height = 30 + 28 * max(len(entries), 1)
+        update_table(self.root, data)

@@ -12,12 +12,18 @@ from sharedllm.errors import NoMachines
 from sharedllm.gguf import ModelEstimate
 from sharedllm.machine.state import public_endpoint
 from sharedllm.placement import DeviceSlot, output_on_client, plan
+from sharedllm.scheduler_plugins.mesh.data import MeshData
+from sharedllm.scheduler_plugins.mesh.registry import Registry
 
 logger = logging.getLogger("sharedllm.scheduler")
 
 
-class Planning:
-    """Part of ``MeshPlugin``: device slots and plans."""
+class Planner:
+    """Device slots and plans over the registry's machines."""
+
+    def __init__(self, data: MeshData, registry: Registry):
+        self.data = data
+        self.registry = registry
 
     def device_slots(self, machines: list[dict], build: dict | None = None) -> tuple[list[DeviceSlot], list[str]]:
         """Ready devices with fresh free memory, plus the reasons machines were left out."""
@@ -29,7 +35,7 @@ class Planning:
             from sharedllm.views import session_stages
 
             sessions = ({"session_id": x.session_id, "model": x.model, "topology": x.topology}
-                        for x in self.sessions.values())
+                        for x in self.data.sessions.values())
             for st in session_stages(sessions):
                 reserved[st.machine_id, st.device] = reserved.get((st.machine_id, st.device), 0) + st.bytes
         for m in machines:
@@ -66,7 +72,7 @@ class Planning:
                                         "cpu" if dev["kind"] == "cpu" else "gpu", via_hub=reach == "hub"))
         return slots, skipped
 
-    def _plan(
+    def plan(
         self,
         estimate: dict,
         estimate_client: dict | None = None,
@@ -90,7 +96,7 @@ class Planning:
         ``privacy="trusted"``, ``min_trust`` and ``labels`` restrict the machines; a request is never placed on a
         machine that does not qualify, and banned machines are never placed."""
         t0 = time.perf_counter()
-        state = self.machines()
+        state = self.registry.machines()
         skipped = []
         if machines:
             # A requested machine may be away for a moment (its worker restarting): leave it out, say so.
@@ -105,7 +111,7 @@ class Planning:
         state = [m for m in state if m["machine_id"] not in (exclude or ())]
         qualified = []
         for m in state:
-            why = self.trust.qualifies(m["machine_id"], privacy, min_trust, labels)
+            why = self.data.trust.qualifies(m["machine_id"], privacy, min_trust, labels)
             if not why and privacy == "trusted" and (m.get("rpc") or {}).get("direct"):
                 why = "serves RPC without the tunnel (--insecure-direct-rpc)"
             if why:
@@ -119,10 +125,10 @@ class Planning:
                              f"{', '.join(skipped)}; it is not placed elsewhere")
         state = qualified
         if free_only:
-            leased = self.leased_machines(but=replaces)
+            leased = self.data.leased_machines(but=replaces)
             skipped += [f"{m['machine_id']} (leased)" for m in state if m["machine_id"] in leased]
-            skipped += [f"{m['machine_id']} (draining)" for m in state if m["machine_id"] in self.draining]
-            state = [m for m in state if m["machine_id"] not in leased and m["machine_id"] not in self.draining]
+            skipped += [f"{m['machine_id']} (draining)" for m in state if m["machine_id"] in self.data.draining]
+            state = [m for m in state if m["machine_id"] not in leased and m["machine_id"] not in self.data.draining]
         slots, skipped_dev = self.device_slots(state, build)
         skipped += skipped_dev
         if not slots:
@@ -133,7 +139,7 @@ class Planning:
             )
         est = ModelEstimate.from_dict(estimate_client if estimate_client and output_on_client(slots) else estimate)
         name = os.path.basename(est.path)
-        warm = {m for m, models in self.warm.items() if name in models}
+        warm = {m for m, models in self.data.warm.items() if name in models}
         topo = plan(slots, est, headroom=headroom, strategy=strategy, max_devices=max_devices, prefer=warm)
         d = topo.to_dict()
         d["planning_ms"] = (time.perf_counter() - t0) * 1000
@@ -142,4 +148,4 @@ class Planning:
 
     async def handle_plan(self, estimate: dict, **kwargs) -> dict:
         """A topology over every ready machine, leased or not (a dry run: nothing is reserved)."""
-        return self._plan(estimate, **kwargs)
+        return self.plan(estimate, **kwargs)

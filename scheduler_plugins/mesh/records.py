@@ -105,6 +105,9 @@ class Session:
     reclaim_by: float | None = None  # restored after a scheduler restart: closed unless its client reports by then
     # The client's engine, as last reported: sequences running and waiting, mean decode batch, parallel.
     load: dict = field(default_factory=dict)
+    # A session that serves other users too (``sharedllm serve``): they may ask it to generate, each under their
+    # own limits and bans, and their tokens are charged to them (``usage``), not to the session's owner.
+    shared: bool = False
 
     @property
     def machines(self) -> list[str]:
@@ -116,5 +119,5 @@ class Session:
             "machines": self.machines, "opened": self.opened, "requests": self.requests, "tokens": self.tokens,
             "seconds": self.seconds, "last_tok_s": self.last_tok_s, "last_ttft_ms": self.last_ttft_ms,
             "last_report": self.last_report, "history": list(self.history), "recoveries": self.recoveries,
-            "reclaiming": self.reclaim_by is not None, "load": dict(self.load),
+            "reclaiming": self.reclaim_by is not None, "load": dict(self.load), "shared": self.shared,
         }

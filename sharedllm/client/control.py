@@ -249,3 +249,29 @@ class DaskControl(Control):
     def close(self) -> None:
         if self.owns_client:
             self.client.close()
+
+
+def admin_security(key: str, security=None):
+    """A ``distributed.security.Security`` for an operator's Dask client on a locked-down mesh: ``security``'s TLS
+    settings (if any), and every connection proving the admin ``key`` in its handshake."""
+    from distributed.security import Security
+
+    from sharedllm.security import HandshakeCredential, parse_user_key
+
+    parse_user_key(key)  # a malformed key: said now, not at the scheduler's refusal
+    base = security or Security()
+
+    class AdminSecurity(type(base)):
+        def __init__(self) -> None:  # a copy of ``base`` (Security keeps its settings in slots)
+            for cls in type(base).__mro__:
+                for name in getattr(cls, "__slots__", ()):
+                    if hasattr(base, name):
+                        object.__setattr__(self, name, getattr(base, name))
+
+        def get_connection_args(self, role):
+            args = super().get_connection_args(role)
+            args["handshake_overrides"] = HandshakeCredential(key=key)
+            return args
+
+    assert issubclass(AdminSecurity, Security)
+    return AdminSecurity()

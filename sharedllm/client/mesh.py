@@ -6,11 +6,12 @@ from __future__ import annotations
 import logging
 import os
 import time
+import warnings
 from collections.abc import Callable
 from typing import Any
 
 from sharedllm import gguf, models
-from sharedllm.client.control import Control, DaskControl
+from sharedllm.client.control import Control, DaskControl, admin_security
 from sharedllm.client.model import MeshModel
 from sharedllm.client.session import SessionChannel
 from sharedllm.engine import LoadProgress
@@ -57,11 +58,26 @@ class MachineTable(list):
 class Mesh:
     """A SharedLLM mesh (synchronous API; loaded models also have asyncio methods).
 
-    ``Mesh(distributed.Client(...))`` reaches the scheduler through a Dask client, or ``Mesh(control)`` through any
-    :class:`~sharedllm.client.control.Control`."""
+    ``Mesh("HOST:PORT", key=...)`` reaches the scheduler's user port with a user's key (else ``SHAREDLLM_KEY`` or
+    ``SHAREDLLM_KEY_FILE``; ``tls_ca_file``: the mesh's CA, for a mesh with certificates). ``Mesh(control)`` goes
+    through any :class:`~sharedllm.client.control.Control`. ``Mesh(distributed.Client(...))`` is the operator's way,
+    through Dask's own port (deprecated for users: on a mesh with a cluster secret it takes only the admin
+    credential, :func:`~sharedllm.client.control.admin_security`)."""
 
-    def __init__(self, client: Any, *, timeout: float = 30.0):
-        self.control = client if isinstance(client, Control) else DaskControl(client, timeout=timeout)
+    def __init__(self, target: Any, *, key: str | None = None, key_file: str | None = None,
+                 tls_ca_file: str | None = None, timeout: float = 30.0):
+        self._owns_control = not isinstance(target, Control)  # a control given is its giver's to close
+        if isinstance(target, Control):
+            self.control = target
+        elif isinstance(target, str):
+            from sharedllm.client.userport import UserControl
+
+            self.control = UserControl(target, key, key_file=key_file, tls_ca_file=tls_ca_file, timeout=timeout)
+        else:
+            warnings.warn("Mesh(distributed.Client) reaches the mesh through Dask's port, which is the operator's: "
+                          "users connect with Mesh('HOST:PORT', key=...) to the scheduler's user port",
+                          DeprecationWarning, stacklevel=2)
+            self.control = DaskControl(target, timeout=timeout)
         self.timeout = timeout
 
     @property
@@ -70,10 +86,27 @@ class Mesh:
         return getattr(self.control, "client", None)
 
     @classmethod
-    def connect(cls, address: str, *, timeout: float = 10.0, **client_kwargs) -> Mesh:
-        """Connect to a scheduler by address; ``SchedulerUnreachable`` if nothing answers within ``timeout``."""
+    def connect(cls, address: str, *, key: str | None = None, key_file: str | None = None,
+                tls_ca_file: str | None = None, timeout: float = 10.0, **client_kwargs) -> Mesh:
+        """Connect to a scheduler by address; ``SchedulerUnreachable`` if nothing answers within ``timeout``.
+
+        ``HOST:PORT`` is its user port (``key``, else ``SHAREDLLM_KEY``/``SHAREDLLM_KEY_FILE``: a user's key).
+        A Dask address (``tcp://``, ``tls://``) goes through Dask's port, the operator's way: with an admin key there,
+        its connections prove it (a mesh with a cluster secret takes nothing else)."""
+        if "://" not in address or address.startswith("sharedllm://"):
+            from sharedllm.client.userport import UserControl
+
+            mesh = cls(UserControl(address, key, key_file=key_file, tls_ca_file=tls_ca_file,
+                                   timeout=max(timeout, 30), connect_timeout=timeout))
+            mesh._owns_control = True
+            return mesh
         from distributed import Client
 
+        from sharedllm import security
+
+        admin_key = security.load_user_key(key, key_file)
+        if admin_key is not None:
+            client_kwargs["security"] = admin_security(admin_key, client_kwargs.get("security"))
         try:
             client = Client(address, timeout=timeout, **client_kwargs)
         except TypeError as exc:
@@ -91,11 +124,17 @@ class Mesh:
                 "the address and that `dask scheduler --preload sharedllm.scheduler` runs there"
             ) from exc
         mesh = cls(DaskControl(client, owns_client=True))
+        mesh._owns_control = True
         mesh.state()  # fails early when the scheduler lacks the preload
         return mesh
 
     def close(self) -> None:
-        self.control.close()
+        if self._owns_control:
+            self.control.close()
+
+    def whoami(self) -> dict:
+        """Who this connection is, as the scheduler knows it: ``name``, ``role``, ``via``."""
+        return self.control.call("whoami")
 
     def __enter__(self) -> Mesh:
         return self

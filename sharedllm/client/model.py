@@ -8,21 +8,18 @@ import random
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
-from typing import TYPE_CHECKING
 
 from sharedllm import effects, gguf, tool_calls
 from sharedllm.client.delivery import Delivery
 from sharedllm.client.recovery import Recovery
 from sharedllm.client.reports import Reports
+from sharedllm.client.session import SessionChannel
 from sharedllm.effects import Core
 from sharedllm.engine import Engine, EngineSpec, EngineStage, LoadProgress, Standby
 from sharedllm.errors import EngineError, InvalidModel, ModelClosed, WorkerLost, gib
 from sharedllm.models import Model
 from sharedllm.options import LoadOptions
 from sharedllm.placement import Topology
-
-if TYPE_CHECKING:
-    from sharedllm.client.session import SessionChannel
 
 logger = logging.getLogger(__name__)
 
@@ -152,7 +149,8 @@ class MeshModel(Recovery):
         d = self._channel.acquire(
             estimate=on_mesh.to_dict(), estimate_client=on_client.to_dict() if on_client else None, model=name,
             wait_timeout=self.options.wait_timeout if wait_timeout is None else wait_timeout,
-            placement=self.options.placement(), exclude=self._excluded(), replaces=replaces)
+            placement=self.options.placement(), exclude=self._excluded(), replaces=replaces,
+            shared=self.options.shared)
         self.plan_ms = (time.perf_counter() - t0) * 1000
         self.session_id = d["session_id"]
         self._reports.new_session()
@@ -328,26 +326,33 @@ class MeshModel(Recovery):
             kwargs["seed"] = random.randrange(2**31)
         return bool(kwargs.pop("stream", False)), kwargs.pop("on_accepted", None)
 
-    def _admitting(self) -> Core[None]:
+    def _admitting(self, user: SessionChannel | None = None) -> Core[None]:
         """The scheduler's admission of a request (``RateLimited`` over the client's limits; see
-        ``SessionChannel.admitting``), and the move off machines that drain, between two requests."""
-        answer = yield from self._channel.admitting(self.session_id)
+        ``SessionChannel.admitting``; ``user``: another user's channel, for a shared session), and the move off
+        machines that drain, between two requests."""
+        answer = yield from (user or self._channel).admitting(self.session_id)
         if answer and answer.get("draining"):
             yield effects.in_thread(self._move_off, answer["draining"], shield=True)
 
     def _request(self, method: str, kwargs: dict) -> Core[tuple[bool, Core]]:
         """A request admitted: whether it streams, and its core (``_streaming`` or ``_calling``; a chat that offers
-        tools: read back as :mod:`sharedllm.tool_calls` says)."""
+        tools: read back as :mod:`sharedllm.tool_calls` says).
+
+        ``admit_as`` (a keyword of the request): the :class:`~sharedllm.client.control.Control` of another user of
+        the mesh, for whom a shared model (``shared=True``: a server's) generates: the request is admitted under
+        that user's limits and bans, and its tokens are charged to them."""
         self._check_usable()
+        admit_as = kwargs.pop("admit_as", None)
+        user = SessionChannel(admit_as) if admit_as is not None else None
         tools = None
         if method == "create_chat_completion":
             kwargs, tools = tool_calls.prepare(kwargs)
-        yield from self._admitting()
+        yield from self._admitting(user)
         stream, on_accepted = self._prepare(kwargs)
         if stream:
-            core = self._streaming(method, kwargs, on_accepted)
+            core = self._streaming(method, kwargs, on_accepted, user)
             return True, tools.streamed(core) if tools else core
-        core = self._calling(method, kwargs)
+        core = self._calling(method, kwargs, user)
         return False, tools.completed(core) if tools else core
 
     def _run(self, method: str, kwargs: dict) -> dict | Iterator[dict]:
@@ -359,7 +364,7 @@ class MeshModel(Recovery):
         stream, core = await effects.arun(self._request(method, kwargs))
         return effects.aiterate(core) if stream else await effects.arun(core)
 
-    def _calling(self, method: str, kwargs: dict) -> Core[dict]:
+    def _calling(self, method: str, kwargs: dict, user: SessionChannel | None = None) -> Core[dict]:
         for attempt in range(self.max_recoveries + 1):
             t0 = time.perf_counter()
             engine, generation = yield from self._currently()
@@ -370,11 +375,14 @@ class MeshModel(Recovery):
                 yield effects.in_thread(self._recover_shared, exc, attempt, generation, shield=True)
                 continue
             tokens = (out.get("usage") or {}).get("completion_tokens", 0)
+            if user is not None:
+                user.usage_soon(self.session_id, tokens)
             yield from self._reporting(tokens, time.perf_counter() - t0, None, done=True)
             return out
         raise AssertionError("unreachable")
 
-    def _streaming(self, method: str, kwargs: dict, on_accepted: Callable[[], None] | None = None) -> Core[None]:
+    def _streaming(self, method: str, kwargs: dict, on_accepted: Callable[[], None] | None = None,
+                   user: SessionChannel | None = None) -> Core[None]:
         delivery = Delivery(self.REPORT_EVERY)
         closed = False
         try:
@@ -406,6 +414,8 @@ class MeshModel(Recovery):
             self._failed = exc
             raise
         finally:
+            if user is not None:
+                user.usage_soon(self.session_id, delivery.tokens)
             if closed:  # the caller stopped reading: a closing stream cannot wait, its counts go without it
                 self._report_soon(*delivery.report(), done=True)
             else:

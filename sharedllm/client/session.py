@@ -36,7 +36,7 @@ class SessionChannel:
 
     def acquire(self, *, estimate: dict, model: str, wait_timeout: float, placement: dict[str, Any],
                 exclude: list[str] | None = None, replaces: str | None = None,
-                estimate_client: dict | None = None) -> dict:
+                estimate_client: dict | None = None, shared: bool = False) -> dict:
         """Lease a topology for a new session (``sharedllm_acquire``): its id, topology and relay tokens. Waits up
         to ``wait_timeout`` seconds in the scheduler's queue when the machines are busy."""
         from sharedllm.ggml import build_info
@@ -44,7 +44,7 @@ class SessionChannel:
         return self.control.call(
             "acquire", estimate=estimate, estimate_client=estimate_client, model=model, client=self.identity,
             wait_timeout=wait_timeout, exclude=exclude or None, build=build_info(), replaces=replaces, **placement,
-            timeout=wait_timeout + self.control.timeout,  # the scheduler may queue us
+            **({"shared": True} if shared else {}), timeout=wait_timeout + self.control.timeout,  # it may queue us
         )
 
     def admitting(self, session_id: str) -> Core[dict | None]:
@@ -70,6 +70,10 @@ class SessionChannel:
     def report_soon(self, session_id: str, done: Callable[[bool | None], None], **counts: Any) -> None:
         """``reporting`` without waiting for it: ``done`` gets its outcome."""
         self.control.report_soon("session_report", done, session_id=session_id, client=self.identity, **counts)
+
+    def usage_soon(self, session_id: str, tokens: int) -> None:
+        """Charge this channel's user the tokens a request of theirs took on a shared session (not waited for)."""
+        self.control.report_soon("usage", None, session_id=session_id, tokens=tokens)
 
     def close(self, session_id: str, reason: str, wait: bool = True) -> bool | None:
         """End a session; with ``wait``, once its machines' relays refuse its tokens."""

@@ -9,23 +9,21 @@ import asyncio
 
 from sharedllm.machine.server import RPCServerSupervisor
 
+# The stream messages of actor calls: the scheduler's call (``call`` id, ``machine``, ``method``, ``kwargs``) and the
+# worker's reply (``call``, ``ok``, ``result`` or ``error``); see sharedllm.scheduler_plugins.mesh.actors.
+CALL, REPLY = "sharedllm-actor", "sharedllm-actor-reply"
+
 
 class RPCServerActor:
-    """Dask actor pinned by the scheduler plugin, one per machine. Thin: the supervisor does the work."""
+    """The actor of one machine, pinned by the scheduler plugin on one of its workers (see
+    :meth:`sharedllm.machine.agent.MachineAgent.on_actor_call`). Thin: the supervisor does the work."""
 
-    machine_id: str
-    supervisor: RPCServerSupervisor | None
+    METHODS = frozenset({"start", "set_lease", "stop", "status", "maintain_cache"})  # what the scheduler may call
 
-    def __init__(self, machine_id: str):
-        from distributed import get_worker
-
+    def __init__(self, machine_id: str, supervisor: RPCServerSupervisor, scheduler_host: str):
         self.machine_id = machine_id
-        worker = get_worker()
-        agent = worker.extensions.get("sharedllm")
-        if agent is None:
-            raise RuntimeError(f"worker {worker.address} does not run the sharedllm.worker preload")
-        self.supervisor = agent.new_supervisor(machine_id)
-        self._scheduler_address = worker.scheduler.address
+        self.supervisor = supervisor
+        self.scheduler_host = scheduler_host  # as this worker reaches it: the hub's host when it advertises none
 
     async def start(self, relay_key: str | None = None, hub: dict | None = None) -> dict:
         """Start (or keep) the rpc-server; ``relay_key`` (hex) is this machine's relay key from the scheduler, ``hub``
@@ -34,11 +32,9 @@ class RPCServerActor:
         key = bytes.fromhex(relay_key) if relay_key else None
         link = None
         if hub:
-            from distributed.comm.addressing import get_address_host
-
             from sharedllm.relay import join_endpoint
 
-            host = hub.get("host") or get_address_host(self._scheduler_address)
+            host = hub.get("host") or self.scheduler_host
             link = (join_endpoint(host, int(hub["port"])), bytes.fromhex(hub["credential"]))
         return (await self.supervisor.start(key, link)).to_dict()
 

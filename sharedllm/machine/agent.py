@@ -4,11 +4,14 @@ state, the build), and the rpc-server supervisor when it holds the machine's act
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 from pathlib import Path
+from typing import Any
 
 from sharedllm import resources
+from sharedllm.machine.actor import REPLY, RPCServerActor
 from sharedllm.machine.server import RPCServerSupervisor
 from sharedllm.machine.state import RPCServerConfig
 
@@ -30,6 +33,8 @@ class MachineAgent:
         self.supervisor: RPCServerSupervisor | None = None
         self._build: dict | None = None
         self.close_reason: str | None = None  # why the worker closes (see MachineReporter.setup)
+        self.actor: RPCServerActor | None = None  # the machine's actor, when the scheduler pinned it here
+        self._calls: set[asyncio.Task] = set()
 
     def new_supervisor(self, machine_id: str) -> RPCServerSupervisor:
         if machine_id != self.machine_id:
@@ -38,6 +43,36 @@ class MachineAgent:
             return self.supervisor  # the actor was re-created on the same worker: keep the running server
         self.supervisor = RPCServerSupervisor(self.config, self.state_dir)
         return self.supervisor
+
+    def on_actor_call(self, call: int | None = None, machine: str = "", method: str = "", kwargs: dict | None = None,
+                      **_: Any) -> None:
+        """The scheduler calls this machine's actor (``sharedllm-actor`` on the worker's own stream: the scheduler
+        never connects to a worker): ``pin`` creates it here, the others run its methods. Runs inline in the
+        worker's stream, which must go on: the call runs in the background and never raises here; its answer goes
+        back on the same stream (``sharedllm-actor-reply``)."""
+        task = asyncio.get_running_loop().create_task(self._run_call(call, machine, method, dict(kwargs or {})))
+        self._calls.add(task)
+        task.add_done_callback(self._calls.discard)
+
+    async def _run_call(self, call: int | None, machine: str, method: str, kwargs: dict) -> None:
+        from distributed.comm.addressing import get_address_host
+
+        try:
+            if machine != self.machine_id:
+                raise ValueError(f"a call for machine {machine} reached a worker of machine {self.machine_id}")
+            if method == "pin":
+                self.actor = RPCServerActor(machine, self.new_supervisor(machine),
+                                            get_address_host(self.worker.scheduler.address))
+                result: Any = {"machine": machine, "worker": self.worker.address}
+            elif method in RPCServerActor.METHODS and self.actor is not None:
+                result = await getattr(self.actor, method)(**kwargs)
+            else:
+                raise ValueError(f"no actor method {method!r} here (pinned: {self.actor is not None})")
+            reply = {"op": REPLY, "call": call, "ok": True, "result": result}
+        except Exception as exc:
+            logger.warning("machine %s: actor call %s failed: %s", self.machine_id, method, exc)
+            reply = {"op": REPLY, "call": call, "ok": False, "error": f"{type(exc).__name__}: {exc}"}
+        self.worker.batched_send(reply)
 
     def build(self) -> dict:
         if self._build is None:

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Collection
@@ -18,7 +17,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from sharedllm.errors import EngineError
 from sharedllm.openai_server.admission import QueueFull, QueueTimeout, RequestQueue, Slot
-from sharedllm.openai_server.auth import BearerAuth
+from sharedllm.openai_server.auth import BearerAuth, MeshUsers
 from sharedllm.openai_server.errors import APIError, error_response, map_exception, status_type
 from sharedllm.openai_server.schemas import (
     ChatCompletion,
@@ -55,10 +54,10 @@ def _n_vocab(model: Any) -> int | None:
 
 
 def _client_key(request: Request) -> str:
-    """Who sends a request, for taking turns in the queue: a digest of its API key, else its address."""
-    auth = request.headers.get("authorization")
-    if auth:
-        return "key:" + hashlib.sha256(auth.encode()).hexdigest()[:16]
+    """Who sends a request, for taking turns in the queue: the user it is for, else its address."""
+    principal = getattr(request.state, "principal", None)
+    if principal is not None:
+        return principal.name
     return "addr:" + (request.client.host if request.client else "")
 
 
@@ -70,11 +69,14 @@ def create_app(
     max_queue: int = 16,
     queue_timeout: float = 60.0,
     aliases: Collection[str] = (),
+    users: MeshUsers | None = None,
 ) -> FastAPI:
     """The FastAPI app serving ``model`` (a loaded ``MeshModel``, or a ``Replicas`` of them) under the id
     ``model_id``; requests may also name it by one of ``aliases`` (such as the catalog name it was served by).
 
-    ``api_keys``: keys accepted as ``Authorization: Bearer KEY`` on ``/v1``; empty serves without authentication.
+    ``api_keys``: keys accepted as ``Authorization: Bearer KEY`` on ``/v1``; ``users``: the mesh users' own keys
+    accepted too, each user's requests admitted under their limits and bans (a model loaded ``shared=True``); with
+    neither, the server serves without authentication.
     The model serves its ``parallel`` requests at once (1 for a model without that attribute); ``max_queue``:
     requests that may wait beyond them; more get 429. ``queue_timeout``: seconds a request may wait; longer gets
     503. Waiting requests are served clients in turn (a client: its API key, else its address). The model is not
@@ -101,8 +103,9 @@ def create_app(
     app.state.model_id = model_id
     app.state.generations = []  # the streamed generations in flight (tests and diagnostics)
     app.state.abandoned = 0  # requests whose client left while they waited in the queue
-    if api_keys:
-        app.add_middleware(BearerAuth, keys=list(api_keys))
+    if api_keys or users is not None:
+        app.add_middleware(BearerAuth, keys=list(api_keys), users=users)
+    admits_as = bool(getattr(model, "streams_acceptance", False))  # MeshModel, Replicas: requests for other users
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError) -> JSONResponse:
@@ -170,6 +173,9 @@ def create_app(
 
     async def run(request: Request, method: Callable, kwargs: dict, stream: bool, param: str,
                   include_usage: bool = False, tools: Tools | None = None):
+        principal = getattr(request.state, "principal", None)
+        if admits_as and principal is not None and principal.control is not None:
+            kwargs["admit_as"] = principal.control  # the mesh admits it, and charges it, as that user's
         slot = await admit(request)
         if slot.waited and await request.is_disconnected():  # the client gave up while it waited in the queue
             slot.release()
@@ -262,7 +268,7 @@ def create_app(
                                  routes=app.routes)
             for path, ops in schema.get("paths", {}).items():
                 for op in ops.values():
-                    if api_keys and path.startswith("/v1"):
+                    if (api_keys or users is not None) and path.startswith("/v1"):
                         # BearerAuth checks the key before FastAPI runs: the schema says so here, not with a
                         # Security dependency that would run on every request for nothing.
                         op["security"] = [{"HTTPBearer": []}]
@@ -271,9 +277,10 @@ def create_app(
                         responses["400"] = {"description": "Invalid request",
                                             "content": {"application/json": {
                                                 "schema": {"$ref": "#/components/schemas/ErrorResponse"}}}}
-            if api_keys:
+            if api_keys or users is not None:
                 schema.setdefault("components", {})["securitySchemes"] = {"HTTPBearer": {
-                    "type": "http", "scheme": "bearer", "description": "An API key given to `sharedllm serve`"}}
+                    "type": "http", "scheme": "bearer",
+                    "description": "An API key given to `sharedllm serve`, or your own key of the mesh"}}
             comps = schema.get("components", {}).get("schemas", {})
             for name in ("HTTPValidationError", "ValidationError"):
                 comps.pop(name, None)

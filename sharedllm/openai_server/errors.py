@@ -9,7 +9,7 @@ import re
 
 from fastapi.responses import JSONResponse
 
-from sharedllm.errors import ClientBanned, EngineError, MeshBusy, MeshError, ModelBusy, RateLimited
+from sharedllm.errors import ClientBanned, EngineError, MeshBusy, MeshError, ModelBusy, NotAuthorized, RateLimited
 
 logger = logging.getLogger(__name__)
 
@@ -64,9 +64,10 @@ def map_exception(exc: BaseException, *, param: str) -> APIError:
         retry = str(max(1, min(MAX_RETRY_AFTER, math.ceil(exc.retry_after))))
         return APIError(429, f"Rate limit reached: {exc}", type="requests", code="rate_limit_exceeded",
                         headers={"Retry-After": retry})
-    if isinstance(exc, ClientBanned):  # the mesh's operator banned the server's client: no retry helps
-        return APIError(403, f"This server cannot use the mesh: {exc}", type="permission_error",
-                        code="client_banned")
+    if isinstance(exc, ClientBanned):  # the mesh's operator banned this user (or the server's): no retry helps
+        return APIError(403, f"The mesh refuses this user: {exc}", type="permission_error", code="client_banned")
+    if isinstance(exc, NotAuthorized):
+        return APIError(403, f"Not allowed: {exc}", type="permission_error", code="not_authorized")
     if isinstance(exc, ModelBusy):  # every sequence of the model runs and its own queue is full
         return APIError(429, f"The model is busy: {exc}", type="requests", code="rate_limit_exceeded",
                         headers={"Retry-After": "2"})

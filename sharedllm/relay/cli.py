@@ -16,23 +16,12 @@ from sharedllm.dataplane import serve_control
 from sharedllm.relay.certs import cert_fingerprint, make_self_signed
 from sharedllm.relay.client import ClientRelay
 from sharedllm.relay.server import ServerRelay
-from sharedllm.relay.tokens import RelayError, TokenError, mint_token
+from sharedllm.relay.tokens import RelayError, TokenError, mint_token, read_key
 from sharedllm.relay.wire import parse_endpoint
 
 logger = logging.getLogger("sharedllm.relay")  # one name for the package, and when run as python -m sharedllm.relay
 
 READY_PREFIX = "SHAREDLLM_RELAY "
-
-
-def read_key(path: str) -> bytes:
-    text = Path(path).read_text().strip()
-    try:
-        key = bytes.fromhex(text)
-    except ValueError:
-        key = text.encode()
-    if len(key) < 16:
-        raise SystemExit(f"error: relay key in {path} is shorter than 16 bytes")
-    return key
 
 
 def _watch_parent(parent_pid: int, stop: threading.Event) -> None:

@@ -8,6 +8,7 @@ import hashlib
 import hmac
 import logging
 import time
+from pathlib import Path
 
 logger = logging.getLogger("sharedllm.relay")  # one name for the package, and when run as python -m sharedllm.relay
 
@@ -106,3 +107,15 @@ def verify_token(secret: bytes, token: str, machine_id: str, now: float | None =
     if now >= expiry:
         raise TokenError("expired", f"expired {now - expiry:.0f}s ago; ask the scheduler for a fresh lease")
     return lease_id
+
+
+def read_key(path: str) -> bytes:
+    """A relay or hub key from a file: hex, or the text itself (at least 16 bytes); ``SystemExit`` otherwise."""
+    text = Path(path).read_text().strip()
+    try:
+        key = bytes.fromhex(text)
+    except ValueError:
+        key = text.encode()
+    if len(key) < 16:
+        raise SystemExit(f"error: relay key in {path} is shorter than 16 bytes")
+    return key
