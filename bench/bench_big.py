@@ -42,12 +42,11 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+if not __package__:  # run as a file, not with python -m: import the bench package from the repository root
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    __package__ = "bench"
 
-import bench_load
-import bench_matrix
-import bench_mesh
-import synth_gguf
+from bench import common, synth_gguf
 
 log = logging.getLogger("bench.big")
 ARCH, QUANT = "llama3.2-3b", "Q4_K_M"
@@ -63,7 +62,7 @@ def ensure_model(models: Path, arch: str = ARCH, scale: str = "full", blocks: bo
     quantization of random rows; seconds instead of minutes, no F32 source)."""
     models.mkdir(parents=True, exist_ok=True)
     if blocks:
-        import synth_blocks
+        from bench import synth_blocks
 
         dst = models / f"{arch}-full-{QUANT}-blocks.gguf"
         if dst.exists():
@@ -118,8 +117,8 @@ def run_local(path: Path, n_ctx: int, tokens: int) -> dict:
     llm = build_llama(str(path), n_ctx=n_ctx, n_threads=os.cpu_count() or 1, use_extra_bufts=False, verbose=False)
     load_s = time.perf_counter() - t0
     try:
-        res = bench_mesh.timed_stream(lambda: llm.create_completion(
-            bench_matrix.PROMPT, stream=True, **bench_mesh.completion_kwargs(tokens)))
+        res = common.timed_stream(lambda: llm.create_completion(
+            common.SYNTH_PROMPT, stream=True, **common.completion_kwargs(tokens)))
     finally:
         llm.close()
     return {"load_s": load_s, **res}
@@ -154,10 +153,10 @@ def run_mesh(mesh, path: Path, n_ctx: int, tokens: int, pids: dict[str, int], lo
             out["phases"] = {k: round(v, 3) for k, v in (h._engine.info.get("phases") or {}).items()}
             out["topology"] = str(h.topology)
             print(f"loaded in {out['load_s']:.1f}s\n{h.topology}", file=sys.stderr, flush=True)
-            out.update(bench_mesh.timed_stream(lambda: h.create_completion(
-                bench_matrix.PROMPT, stream=True, **bench_mesh.completion_kwargs(tokens))))
+            out.update(common.timed_stream(lambda: h.create_completion(
+                common.SYNTH_PROMPT, stream=True, **common.completion_kwargs(tokens))))
             rss1 = rss(pids)
-            devices, client = bench_matrix.engine_buffers(Path(h._engine.log_path).read_text(errors="replace"))
+            devices, client = common.engine_buffers(Path(h._engine.log_path).read_text(errors="replace"))
             stages = list(h.topology.stages)
             estimate = h.estimate
     except Exception as exc:  # reported, not raised: the JSON records what happened
@@ -165,7 +164,7 @@ def run_mesh(mesh, path: Path, n_ctx: int, tokens: int, pids: dict[str, int], lo
                    after_s=time.perf_counter() - t0)
         return out
     out["load_ok"] = True
-    out["progress_bytes"] = {**bench_load.progress_summary(reports),
+    out["progress_bytes"] = {**common.progress_summary(reports),
                              "last_bytes": reports[-1][1].done_bytes if reports else None}
     out["n_stages"] = len(stages)
     out["stage_machines"] = [s.machine_id for s in stages]
@@ -177,7 +176,7 @@ def run_mesh(mesh, path: Path, n_ctx: int, tokens: int, pids: dict[str, int], lo
         out["stages"] = []
         out["why"] = f"the engine log names {len(devices)} RPC devices for {len(stages)} stages"
         return out
-    out["stages"] = [bench_matrix.stage_report(s, b) for s, b in zip(stages, devices, strict=True)]
+    out["stages"] = [common.stage_report(s, b) for s, b in zip(stages, devices, strict=True)]
     for st in out["stages"]:
         st["rss_growth"] = rss1[st["machine"]] - rss0[st["machine"]]
     client_weights = sum(v for k, v in client.items() if k.startswith("model:"))

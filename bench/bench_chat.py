@@ -23,8 +23,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_mesh import machine_info, render
+if not __package__:  # run as a file, not with python -m: import the bench package from the repository root
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    __package__ = "bench"
+
+from bench import common
 
 logger = logging.getLogger("bench_chat")
 
@@ -106,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
         on["texts_match_without_cache"] = [t["answer"] for t in on["turns"]] == [t["answer"] for t in off["turns"]]
         on["later_ttft_speedup"] = off["later_ttft_ms"] / on["later_ttft_ms"]
         on["must_match"] = exact
-    out = {"machine": machine_info(), "turns": args.turns, "answer_tokens": args.answer_tokens,
+    out = {"machine": common.machine_info(), "turns": args.turns, "answer_tokens": args.answer_tokens,
            "results": results, "total_seconds": time.perf_counter() - t0}
     rows = [["setup", "TTFT turn 1 ms", "TTFT later turns ms", f"TTFT turn {args.turns} ms", "prompt tokens",
              "of which cached", "later turns' speed-up", "texts = without cache"]]
@@ -119,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     path = Path(args.out)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(out, indent=2) + "\n")
-    print(render(rows, args.markdown))
+    print(common.render(rows, args.markdown))
     logger.info("wrote %s (%.0f s in all)", path, out["total_seconds"])
     return 0 if all(r.get("texts_match_without_cache", True) or not r.get("must_match") for r in results.values()) \
         else 1

@@ -19,7 +19,7 @@ different greedy prompts are streamed at once (``max_tokens=--tokens``), through
 each through the Python API (threads calling ``create_completion(stream=True)``; not for ``llama_cpp.server``) and
 over HTTP (``sharedllm.openai_server`` / the llama-cpp-python server, streamed with httpx, one thread per stream).
 Then the batched handles again (Python API; 1, 8 and the most streams) with an emulated link of ``--rtt`` ms to
-every machine (``sharedllm.linkem``, each in its own process, on the wire between the client relay and the machine's
+every machine (``bench/linkem.py``, each in its own process, on the wire between the client relay and the machine's
 relay, as in ``bench_link.py``): the mesh's machines are not on one computer.
 
 Per run: aggregate tokens/s (every stream's tokens over the wall time from the common start to the last token), p50
@@ -34,62 +34,27 @@ to every machine) over the run. The texts of the exact batched runs are checked 
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import logging
 import os
 import socket
-import statistics
 import subprocess
 import sys
-import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_mesh import finish, machine_info, render
+if not __package__:  # run as a file, not with python -m: import the bench package from the repository root
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    __package__ = "bench"
+
+from bench import common, linkem
 
 logger = logging.getLogger("bench_concurrency")
 
-PROMPTS = [
-    "Once upon a time, in a small village at the edge of a great forest,",
-    "The history of the printing press begins",
-    "Here is a recipe for a simple tomato soup:",
-    "The three laws of motion, explained for a child:",
-    "Dear neighbour, I am writing to you about",
-    "A short guide to planting tomatoes in spring:",
-    "The lighthouse keeper looked out at the storm and",
-    "Why is the sky blue? The answer lies in",
-    "In the year 2200, cities will",
-    "The best advice my grandmother ever gave me was",
-    "A travel diary, day one: we arrived in Lisbon",
-    "Photosynthesis is the process by which",
-    "The old clockmaker opened his shop at dawn and",
-    "Ten things to do on a rainy afternoon:",
-    "The mountain trail was steep, and",
-    "Chess openings for beginners start with",
-]
-N_CTX = 512  # per sequence: prompt + 128 tokens fit
 MODEL_ID = "gemma"
 BAR_THROUGHPUT, BAR_TTFT = 3.0, 3.0
-
-
-def consume(start: Callable[[], Iterator[str]], t0: float) -> dict[str, Any]:
-    """Time one stream of text pieces from the common start ``t0``."""
-    stamps: list[float] = []
-    text = ""
-    for piece in start():
-        if piece:
-            stamps.append(time.perf_counter())
-            text += piece
-    return {"start": t0, "stamps": stamps, "text": text, "end": time.perf_counter()}
-
-
-def python_stream(llm, prompt: str, tokens: int) -> Iterator[str]:
-    for chunk in llm.create_completion(prompt, max_tokens=tokens, temperature=0, stream=True):
-        yield chunk["choices"][0]["text"]
 
 
 def http_stream(url: str, prompt: str, tokens: int) -> Iterator[str]:
@@ -103,45 +68,11 @@ def http_stream(url: str, prompt: str, tokens: int) -> Iterator[str]:
                 yield json.loads(line[6:])["choices"][0]["text"]
 
 
-def run_level(n: int, stream: Callable[[str], Iterator[str]]) -> dict[str, Any]:
-    """N streams at once, one thread each, released together."""
-    results: list[dict[str, Any] | BaseException] = [None] * n  # type: ignore[list-item]
-    gate = threading.Barrier(n + 1)
-
-    def one(i: int) -> None:
-        gate.wait()
-        try:
-            results[i] = consume(lambda: stream(PROMPTS[i % len(PROMPTS)]), time.perf_counter())
-        except BaseException as exc:
-            results[i] = exc
-
-    threads = [threading.Thread(target=one, args=(i,)) for i in range(n)]
-    for t in threads:
-        t.start()
-    t0 = time.perf_counter()
-    gate.wait()
-    for t in threads:
-        t.join()
-    failed = [r for r in results if isinstance(r, BaseException)]
-    if failed:
-        raise RuntimeError(f"{len(failed)} of {n} streams failed: {failed[0]!r}")
-    end = max(r["end"] for r in results)
-    ttfts = sorted((r["stamps"][0] - r["start"]) * 1000 for r in results if r["stamps"])
-    gaps = [(b - a) * 1000 for r in results for a, b in itertools.pairwise(r["stamps"])]
-    tokens = sum(len(r["stamps"]) for r in results)
-    return {
-        "streams": n, "tokens": tokens, "wall_s": end - t0, "tok_s": tokens / (end - t0),
-        "ttft_p50_ms": statistics.median(ttfts), "ttft_p95_ms": ttfts[min(len(ttfts) - 1, int(0.95 * len(ttfts)))],
-        "itl_p50_ms": statistics.median(gaps) if gaps else None,
-        "texts": [r["text"] for r in results],
-    }
-
-
-def _link(rtt: float) -> dict | None:
+def _link(rtt: float) -> tuple | None:
     """The emulated link of ``rtt`` ms to each machine: a process of its own (threads in the engine would share its
     GIL with the engine's loop) on the wire (what crosses a real link: TLS, after the client relay's coalescing and
     prefetching)."""
-    return {"rtt_ms": rtt, "process": True, "wire": True} if rtt else None
+    return linkem.hook(rtt_ms=rtt, process=True, wire=True) if rtt else None
 
 
 def _idle_stats(llm, before: dict[str, Any], timeout: float = 30.0) -> dict[str, Any]:
@@ -170,19 +101,19 @@ def mesh_setups(args: argparse.Namespace, mesh) -> dict[str, dict[str, Any]]:
     out: dict[str, dict[str, Any]] = {}
     for name, parallel, exact, rtt, apis in setups:
         # The levels send the same prompts again: without the prompt cache, each reads its prompt as at first.
-        with mesh.load("gemma-3-270m", n_ctx=N_CTX, machines=["machine-1", "machine-2"], parallel=parallel,
-                       exact_batches=exact, link=_link(rtt), prompt_cache=False) as llm:
-            llm.create_completion(PROMPTS[0], max_tokens=8, temperature=0)  # warm up
+        with mesh.load("gemma-3-270m", n_ctx=common.STREAM_N_CTX, machines=["machine-1", "machine-2"],
+                       parallel=parallel, exact_batches=exact, tunnel_hook=_link(rtt), prompt_cache=False) as llm:
+            llm.create_completion(common.PROMPTS[0], max_tokens=8, temperature=0)  # warm up
             app = create_app(llm, model_id=MODEL_ID, max_queue=256, queue_timeout=3600)
             with ServerThread(app) as server:
-                for api, stream in (("python", lambda p, llm=llm: python_stream(llm, p, args.tokens)),
+                for api, stream in (("python", lambda p, llm=llm: common.python_stream(llm, p, args.tokens)),
                                     ("http", lambda p, url=server.url: http_stream(url, p, args.tokens))):
                     if api not in apis:
                         continue
                     for n in args.levels if not rtt else [n for n in args.levels if n in (1, 8, top)]:
                         logger.info("%s, %s: %d stream(s)", name, api, n)
                         before = llm.engine_stats or llm.load_stats
-                        run = run_level(n, stream)
+                        run = common.run_level(n, stream)
                         after = _idle_stats(llm, before)
                         steps = after.get("steps", 0) - before.get("steps", 0)
                         out[f"{name}|{api}|{n}"] = {
@@ -217,11 +148,11 @@ def llama_server_setup(args: argparse.Namespace, model_path: Path) -> dict[str, 
                 raise RuntimeError("python -m llama_cpp.server did not start (is llama-cpp-python's [server] extra "
                                    "installed? pip install sse-starlette starlette-context pydantic-settings)")
             time.sleep(0.5)
-        list(http_stream(url, PROMPTS[0], 8))  # warm up
+        list(http_stream(url, common.PROMPTS[0], 8))  # warm up
         for n in args.levels:
             logger.info("llama_cpp.server: %d stream(s)", n)
             out[f"llama_cpp.server|http|{n}"] = {"setup": "llama_cpp.server", "api": "http",
-                                                 **run_level(n, lambda p: http_stream(url, p, args.tokens))}
+                                                 **common.run_level(n, lambda p: http_stream(url, p, args.tokens))}
     finally:
         proc.terminate()
         try:
@@ -265,7 +196,7 @@ def report(result: dict[str, Any], markdown: bool) -> str:
                      f"{r['tok_s'] / base['tok_s']:.2f}" if base else "-", f"{r['ttft_p50_ms']:.0f}",
                      f"{r['ttft_p95_ms']:.0f}", "-" if r["itl_p50_ms"] is None else f"{r['itl_p50_ms']:.1f}",
                      "-" if r.get("passes_per_step") is None else f"{r['passes_per_step']:.2f}"])
-    lines = [render(rows, markdown), ""]
+    lines = [common.render(rows, markdown), ""]
     for api, bar in result["summary"]["bars"].items():
         lines.append(f"bar ({api}): 8 streams give {bar['throughput_8_over_1']:.2f}x the tokens/s of 1 "
                      f"(>= {BAR_THROUGHPUT:g}x), p50 TTFT {bar['ttft_p50_8_over_1']:.2f}x (<= {BAR_TTFT:g}x): "
@@ -293,8 +224,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     args.levels = sorted({int(x) for x in args.levels.split(",")})
     args.rtt = [float(x) for x in args.rtt.split(",") if x.strip()]
-    if max(args.levels) > len(PROMPTS):
-        p.error(f"at most {len(PROMPTS)} streams (one prompt each)")
+    if max(args.levels) > len(common.PROMPTS):
+        p.error(f"at most {len(common.PROMPTS)} streams (one prompt each)")
 
     from sharedllm.local import LocalMesh
     from sharedllm.models import default_model_path
@@ -304,12 +235,12 @@ def main(argv: list[str] | None = None) -> int:
         runs = mesh_setups(args, lm.mesh())
     if not args.no_llama_server:
         runs.update(llama_server_setup(args, default_model_path()))
-    result = {"machine": machine_info(), "tokens": args.tokens, "levels": args.levels, "n_ctx_per_sequence": N_CTX,
-              "runs": runs}
+    result = {"machine": common.machine_info(), "tokens": args.tokens, "levels": args.levels,
+              "n_ctx_per_sequence": common.STREAM_N_CTX, "runs": runs}
     result["summary"] = summarize(runs)
     result["texts_match"] = result["summary"]["texts_match"]
     result["total_seconds"] = time.perf_counter() - t0
-    return finish(result, args.out, report(result, args.markdown))
+    return common.finish(result, args.out, report(result, args.markdown))
 
 
 if __name__ == "__main__":

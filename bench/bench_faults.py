@@ -38,9 +38,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_mesh import finish, machine_info, render
+if not __package__:  # run as a file, not with python -m: import the bench package from the repository root
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    __package__ = "bench"
 
+from bench import common
 from sharedllm.local import LocalMesh
 
 logger = logging.getLogger("bench_faults")
@@ -275,11 +277,12 @@ def main(argv: list[str] | None = None) -> int:
                       "ok" if ok(r) else "MISSED"])
     result = {"rows": rows, "bar_stall_s": BAR_STALL_S, "all_ok": all(ok(r) for r in rows),
               "texts_match": all(r["same_text"] is not False for r in rows), "config": vars(args),
-              "machine": machine_info(), "total_seconds": time.perf_counter() - t_all,
+              "machine": common.machine_info(), "total_seconds": time.perf_counter() - t_all,
               "date": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     notes = [f"{r['fault']}: {r['note']}" for r in rows if r.get("note")]
     notes += [f"{r['fault']}: {r['error']}" for r in rows if r.get("error") and not r.get("note")]
-    code = finish(result, args.out, render(table, args.markdown) + ("\n\n" + "\n".join(notes) if notes else ""))
+    code = common.finish(result, args.out,
+                         common.render(table, args.markdown) + ("\n\n" + "\n".join(notes) if notes else ""))
     return code if result["all_ok"] else 1
 
 

@@ -6,7 +6,7 @@ llama.cpp's allocation-size questions and without.
                                                 [--out bench/results/first-token.json]
 
 Gemma 3 270M on an embedded 2-machine loopback mesh (``LocalMesh``), each machine behind an emulated link of
-``--rtt`` ms (``sharedllm.linkem``, its own process, on the wire as in ``bench_link.py``). Before a graph of a new
+``--rtt`` ms (``bench/linkem.py``, its own process, on the wire as in ``bench_link.py``). Before a graph of a new
 shape runs, llama.cpp's RPC client asks each machine for the allocation size of every matrix product of a shape it
 has not seen (``GET_ALLOC_SIZE``, a round trip each; cached per shape in the engine process). For a CPU machine the
 client relay answers them itself (``sharedllm.relay.rpc.cpu_alloc_size``); ``SHAREDLLM_RELAY_ALLOC_SIZES=0`` makes it
@@ -29,8 +29,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_mesh import finish, machine_info, render
+if not __package__:  # run as a file, not with python -m: import the bench package from the repository root
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    __package__ = "bench"
+
+from bench import common
 
 logger = logging.getLogger("bench_first_token")
 
@@ -39,13 +42,13 @@ WORDS = ("the quick brown fox jumps over a lazy dog while seven small birds sing
 
 
 def run(mesh, rtt: float, answer: bool, exact: bool, lengths: int, repeat: int) -> dict[str, Any]:
-    from sharedllm.linkem import LinkControl
+    from bench.linkem import LinkControl, hook
 
     os.environ["SHAREDLLM_RELAY_ALLOC_SIZES"] = "1" if answer else "0"  # read by the engine's client relays
     control = tempfile.mkdtemp(prefix="sharedllm-first-token-")
     link = {"rtt_ms": rtt, "process": True, "wire": True, "control_dir": control}
     with mesh.load("gemma-3-270m", n_ctx=512, machines=["machine-1", "machine-2"], parallel=4, exact_batches=exact,
-                   link=link) as llm:
+                   tunnel_hook=hook(**link)) as llm:
         llm.create_completion("Hello there", max_tokens=2, temperature=0)
         links = LinkControl.find(control)
         times, first_round_trips = [], None
@@ -65,7 +68,7 @@ def report(result: dict[str, Any], markdown: bool) -> str:
     for r in result["rows"]:
         rows.append(["yes" if r["answer"] else "no (asked)", "exact" if r["exact"] else "fast",
                      f"{r['p50_ms']:.0f}", f"{r['mean_ms']:.0f}", ", ".join(map(str, r["first_round_trips"]))])
-    lines = [render(rows, markdown), ""]
+    lines = [common.render(rows, markdown), ""]
     for exact, ratio in result["speedup"].items():
         lines.append(f"{exact} batches: first token {ratio:.2f}x sooner with the sizes answered in the relay")
     return "\n".join(lines)
@@ -102,11 +105,11 @@ def main(argv: list[str] | None = None) -> int:
                      "mean_ms": statistics.mean(times), "first_round_trips": rs[0]["first_round_trips"],
                      "times_ms": times})
     p50 = {(r["answer"], r["exact"]): r["p50_ms"] for r in rows}
-    result = {"machine": machine_info(), "rtt_ms": args.rtt, "lengths": args.lengths, "repeats": args.repeats,
+    result = {"machine": common.machine_info(), "rtt_ms": args.rtt, "lengths": args.lengths, "repeats": args.repeats,
               "rows": rows, "speedup": {("exact" if e else "fast"): p50[(False, e)] / p50[(True, e)]
                                         for e in (True, False)},
               "texts_match": True, "total_seconds": time.perf_counter() - t0}
-    return finish(result, args.out, report(result, args.markdown))
+    return common.finish(result, args.out, report(result, args.markdown))
 
 
 if __name__ == "__main__":

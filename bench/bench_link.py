@@ -1,16 +1,16 @@
 # SPDX-License-Identifier: AGPL-3.0-or-later
 """Benchmark: raw llama.cpp RPC against the mesh over an emulated link (latency and a bandwidth cap per machine).
 
-    PYTHONPATH=. .venv/bin/python bench/bench_link.py [--tokens 32] [--repeats 3] [--rtt 0 1 5 20] [--mbit 1000 100]
+    .venv/bin/python bench/bench_link.py [--tokens 32] [--repeats 3] [--rtt 0 1 5 20] [--mbit 1000 100]
         [--quick] [--markdown] [--out bench/results/link.json] [--pin CORES] [--device CPU] [--model PATH]
 
 Gemma 3 270M Q4_K_M, the same prompt, greedy, on 2 loopback machines, each behind its own link emulator
-(:mod:`sharedllm.linkem`, every emulator in a process of its own so that no measured process pays for its threads).
+(``bench/linkem.py``, every emulator in a process of its own so that no measured process pays for its threads).
 Every link is set to each RTT x bandwidth in turn, live, between runs: each path loads the model once.
 
-- ``mesh``: ``LocalMesh(machines=2)`` (relays, TLS, lease tokens) and ``mesh.load(..., link={...})``. The emulators
-  sit on the wire, between the engine's client relays and the machines' server relays (``wire=True``): they carry
-  and count the TLS bytes a real network would.
+- ``mesh``: ``LocalMesh(machines=2)`` (relays, TLS, lease tokens) and
+  ``mesh.load(..., tunnel_hook=linkem.hook(...))``. The emulators sit on the wire, between the engine's client relays
+  and the machines' server relays (``wire=True``): they carry and count the TLS bytes a real network would.
 - ``raw-rpc``: plain llama-cpp-python in a process that never imports sharedllm, whose RPC devices are two
   rpc-servers reached straight through the emulated links (``ggml_backend_rpc_add_server`` on the emulators'
   endpoints), the mesh's layer split (``tensor_split``), ``use_extra_bufts=False``, and the mesh's placement of the
@@ -52,25 +52,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+if not __package__:  # run as a file, not with python -m: import the bench package from the repository root
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    __package__ = "bench"
 
 # Nothing from sharedllm at module level: the raw-rpc child runs this file and must not import it.
-from bench_mesh import (
-    MODEL_NAME,
-    N_CTX,
-    PROMPT,
-    CpuMeter,
-    _fmt,
-    completion_kwargs,
-    cpu_buffer_type,
-    finish,
-    machine_info,
-    patched_model_params,
-    render,
-    rpc_libs,
-    timed_stream,
-    wait_for_quiet,
-)
+from bench import common
 
 logger = logging.getLogger("bench_link")
 
@@ -88,22 +75,22 @@ TIMES = ("machine_s", "link_s")
 
 def raw_child(spec: dict[str, Any]) -> None:
     """Load the model through the given endpoints, then run one completion per line of stdin (``{"tokens": n}``)."""
-    ggml, rpc = rpc_libs()
+    ggml, rpc = common.rpc_libs()
     devices = []
     for endpoint in spec["endpoints"]:
         reg = rpc.ggml_backend_rpc_add_server(endpoint.encode())
         if not reg:
             raise RuntimeError(f"ggml_backend_rpc_add_server({endpoint}) failed")
         devices.append(ggml.ggml_backend_reg_dev_get(reg, 0))
-    kwargs = {"n_ctx": N_CTX, "n_gpu_layers": -1, "tensor_split": spec["tensor_split"], "verbose": False}
+    kwargs = {"n_ctx": common.N_CTX, "n_gpu_layers": -1, "tensor_split": spec["tensor_split"], "verbose": False}
     cpu_buft = None
     if spec["output_on_client"]:  # as the engine: the output layer on this CPU, every core for its projection
-        cpu_buft = cpu_buffer_type(ggml)
+        cpu_buft = common.cpu_buffer_type(ggml)
         kwargs["n_threads"] = spec.get("threads") or os.cpu_count() or 1
     import llama_cpp
 
     t0 = time.perf_counter()
-    with patched_model_params(devices, False, cpu_buft) as keep:
+    with common.patched_model_params(devices, False, cpu_buft) as keep:
         llm = llama_cpp.Llama(model_path=spec["model_path"], **kwargs)
     llm._bench_keepalive = keep
     imported = any(m == "sharedllm" or m.startswith("sharedllm.") for m in sys.modules)
@@ -111,7 +98,8 @@ def raw_child(spec: dict[str, Any]) -> None:
     for line in sys.stdin:
         req = json.loads(line)
         llm.reset()  # a fresh context every request, as the engine (no reuse of the last prompt's cache)
-        res = timed_stream(lambda n=req["tokens"]: llm.create_completion(PROMPT, stream=True, **completion_kwargs(n)))
+        res = common.timed_stream(lambda n=req["tokens"]: llm.create_completion(
+            common.PROMPT, stream=True, **common.completion_kwargs(n)))
         print(RESULT_PREFIX + json.dumps(res), flush=True)
     llm.close()
 
@@ -161,7 +149,8 @@ class MeshPath:
         self.name, self.llm, self.links = MESH, llm, links
 
     def run(self, tokens: int) -> dict[str, Any]:
-        return timed_stream(lambda: self.llm.create_completion(PROMPT, stream=True, **completion_kwargs(tokens)))
+        return common.timed_stream(lambda: self.llm.create_completion(
+            common.PROMPT, stream=True, **common.completion_kwargs(tokens)))
 
 
 def link_stats(links: list) -> dict[str, Any]:
@@ -254,7 +243,7 @@ class Rig:
                 time.sleep(0.1)
 
     def link(self, target: str):
-        from sharedllm.linkem import LinkEmulator
+        from bench.linkem import LinkEmulator
 
         return self.stack.enter_context(LinkEmulator(target, process=True))
 
@@ -394,8 +383,8 @@ def run_once(path, tokens: int, args: argparse.Namespace) -> dict[str, Any]:
     """One timed run on a quiet machine if possible (a run that shared the CPU with others is rerun)."""
     discarded = []
     while True:
-        waited = wait_for_quiet(args.quiet_wait) if args.quiet_wait > 0 else 0.0
-        meter = CpuMeter()
+        waited = common.wait_for_quiet(args.quiet_wait) if args.quiet_wait > 0 else 0.0
+        meter = common.CpuMeter()
         res = counted_run(path, tokens)
         res["cpu"] = meter.stop()
         res["waited_for_quiet_s"] = waited
@@ -407,8 +396,8 @@ def run_once(path, tokens: int, args: argparse.Namespace) -> dict[str, Any]:
 
 
 def benchmark(args: argparse.Namespace) -> dict[str, Any]:
+    from bench.linkem import LinkControl, hook
     from sharedllm import models
-    from sharedllm.linkem import LinkControl
     from sharedllm.local import LocalMesh
 
     model_path = args.model or str(models.default_model_path())
@@ -428,11 +417,11 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
                                                                   insecure_direct_rpc=args.no_relays)))
         lm.start()
         control_dir = work / "mesh-links"
-        logger.info("mesh: loading %s behind link emulators on the wire", args.model or MODEL_NAME)
+        logger.info("mesh: loading %s behind link emulators on the wire", args.model or common.MODEL_NAME)
         t0 = time.perf_counter()
         threads = {"n_threads": args.threads} if args.threads else {}
         link = {"rtt_ms": 0.0, "process": True, "wire": not args.no_relays, "control_dir": str(control_dir)}
-        llm = lm.mesh().load(args.model or MODEL_NAME, n_ctx=N_CTX, link=link, **threads)
+        llm = lm.mesh().load(args.model or common.MODEL_NAME, n_ctx=common.N_CTX, tunnel_hook=hook(**link), **threads)
         rig.stack.callback(llm.close)
         mesh_load_s = time.perf_counter() - t0
         topo = llm.topology
@@ -560,13 +549,13 @@ def summarize(args, runs, first, link_rtt, loads, topo, model_path, total_s) -> 
         settings[key] = out
     ratios = [s.get("mesh/raw decode") for s in settings.values()]
     return {
-        "machine": machine_info(),
+        "machine": common.machine_info(),
         "config": {"tokens": args.tokens, "repeats": args.repeats, "rtt_ms": args.rtt, "mbit": args.mbit,
-                   "model": model_path, "prompt": PROMPT, "n_ctx": N_CTX,
-                   "completion_kwargs": completion_kwargs(args.tokens), "quiet_wait_s": args.quiet_wait,
+                   "model": model_path, "prompt": common.PROMPT, "n_ctx": common.N_CTX,
+                   "completion_kwargs": common.completion_kwargs(args.tokens), "quiet_wait_s": args.quiet_wait,
                    "max_foreign_pct": args.max_foreign, "retries": args.retries, "pings": args.pings,
                    "threads": args.threads or None, "mesh_relays": not args.no_relays,
-                   "link": "sharedllm.linkem, one process per link; mesh: on the wire (TLS), raw: in front of the "
+                   "link": "bench/linkem.py, one process per link; mesh: on the wire (TLS), raw: in front of the "
                            "rpc-server"},
         "topology": {"endpoints": topo.endpoints, "tensor_split": topo.tensor_split,
                      "output_on_client": topo.output_on_client},
@@ -595,7 +584,7 @@ def report(result: dict[str, Any], markdown: bool) -> str:
              "first token: round trips, down", "others' CPU"]]
     for key, s in result["settings"].items():
         measured = s.get("link_rtt_measured") or {}
-        label = f"{key}; {_fmt(measured.get('p50_ms'), 2)} ms"
+        label = f"{key}; {common.fmt(measured.get('p50_ms'), 2)} ms"
         for name, p in s["paths"].items():
             pt, ft = p["per_token"], p["first_token"]
             ratio = ""
@@ -603,11 +592,11 @@ def report(result: dict[str, Any], markdown: bool) -> str:
                 ratio = f"{s['mesh/raw decode']:.3f}"
                 if s.get("mesh/raw decode, 90% interval"):
                     ratio += " [{:.2f}, {:.2f}]".format(*s["mesh/raw decode, 90% interval"])
-            rows.append([label, name, _fmt(p["decode_tps"], 1), _fmt(p["ttft_ms"], 0), ratio,
-                         _fmt(pt["round_trips"], 2), _kib(pt["bytes_up"]), _kib(pt["bytes_down"]),
-                         f"{_fmt(pt.get('machine_ms'), 1)}, {_fmt(pt.get('link_ms'), 1)}, "
-                         f"{_fmt(pt.get('client_ms'), 1)}",
-                         f"{ft['round_trips']}, {_kib(ft['bytes_down'])}", _fmt(p["foreign_cpu_pct"], 0) + "%"])
+            rows.append([label, name, common.fmt(p["decode_tps"], 1), common.fmt(p["ttft_ms"], 0), ratio,
+                         common.fmt(pt["round_trips"], 2), _kib(pt["bytes_up"]), _kib(pt["bytes_down"]),
+                         f"{common.fmt(pt.get('machine_ms'), 1)}, {common.fmt(pt.get('link_ms'), 1)}, "
+                         f"{common.fmt(pt.get('client_ms'), 1)}",
+                         f"{ft['round_trips']}, {_kib(ft['bytes_down'])}", common.fmt(p["foreign_cpu_pct"], 0) + "%"])
             label = ""
     worst = result["worst_ratio"]
     lines = [
@@ -618,9 +607,9 @@ def report(result: dict[str, Any], markdown: bool) -> str:
         + ("" if cfg.get("mesh_relays", True) else "; the mesh WITHOUT its relays (--no-relays)")
         + (f"; {cfg['threads']} thread(s) per machine and client" if cfg.get("threads") else ""),
         "",
-        render(rows, markdown),
+        common.render(rows, markdown),
         "",
-        f"mesh/raw-rpc decode (median of paired repeats), worst setting: {_fmt(worst, 3)} ("
+        f"mesh/raw-rpc decode (median of paired repeats), worst setting: {common.fmt(worst, 3)} ("
         + ("meets" if result["meets_target"] else "BELOW") + f" the {TARGET_RATIO} bar at every setting)",
         "settings whose 90% interval holds the bar (this host's noise cannot tell): "
         + (", ".join(k for k, s in result["settings"].items() if (iv := s.get("mesh/raw decode, 90% interval"))
@@ -684,7 +673,7 @@ def main(argv: list[str] | None = None) -> int:
     for noisy in ("distributed", "sharedllm"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     result = benchmark(args)
-    return finish(result, args.out, report(result, args.markdown))
+    return common.finish(result, args.out, report(result, args.markdown))
 
 
 if __name__ == "__main__":

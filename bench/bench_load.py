@@ -45,7 +45,6 @@ import argparse
 import contextlib
 import dataclasses
 import datetime
-import itertools
 import json
 import logging
 import os
@@ -61,6 +60,12 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+if not __package__:  # run as a file, not with python -m: import the bench package from the repository root
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    __package__ = "bench"
+
+from bench import common
 
 logger = logging.getLogger("bench_load")
 
@@ -252,30 +257,6 @@ def vm_hwm(pid: int) -> int | None:
     return None
 
 
-def progress_summary(reports: list[tuple[float, Any]]) -> dict[str, Any]:
-    """The load's ``LoadProgress`` reports: how many, whether in bytes, never decreasing, ending at the total."""
-    done = [p.done_bytes for _, p in reports]
-    totals = sorted({p.total_bytes for _, p in reports}, key=str)
-    in_bytes = bool(reports) and all(isinstance(d, int) for d in done)
-    gaps = [b - a for (a, _), (b, _) in itertools.pairwise(reports)]
-    return {"reports": len(reports), "in_bytes": in_bytes, "total_bytes": totals,
-            "monotone": in_bytes and all(a <= b for a, b in itertools.pairwise(done)),
-            "ends_at_total": in_bytes and len(totals) == 1 and done[-1] == totals[0],
-            "first_s": reports[0][0] if reports else None, "last_s": reports[-1][0] if reports else None,
-            "max_gap_s": max(gaps, default=None),
-            # every 10%: (seconds since mesh.load, bytes done)
-            "deciles": _deciles(reports)}
-
-
-def _deciles(reports: list[tuple[float, Any]]) -> list[list[float]]:
-    out, last = [], -1
-    for t, p in reports:
-        if int(p * 10) > last:
-            last = int(p * 10)
-            out.append([round(t, 2), p.done_bytes])
-    return out
-
-
 def timed_load(mesh, model_path: str, output_layer: str = "auto", n_ctx: int = N_CTX) -> dict[str, Any]:
     """One ``mesh.load``: wall seconds to a usable handle, and where they went, its progress reports and the
     client's memory; then 4 greedy tokens."""
@@ -297,7 +278,7 @@ def timed_load(mesh, model_path: str, output_layer: str = "auto", n_ctx: int = N
                 "engine_llama_load_s": engine_s,
                 "other_s": wall - engine_s - llm.plan_ms / 1000 if engine_s is not None else None,
                 "breakdown_s": breakdown(wall, llm.load_seconds, llm.plan_ms / 1000, info.get("phases") or {}),
-                "progress": progress_summary(reports), "client_memory": mem.report(file_bytes, hwm),
+                "progress": common.progress_summary(reports), "client_memory": mem.report(file_bytes, hwm),
                 "text": text, "machines": llm.topology.machines, "endpoints": llm.topology.endpoints}
 
 

@@ -26,8 +26,11 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_mesh import finish, machine_info, render
+if not __package__:  # run as a file, not with python -m: import the bench package from the repository root
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    __package__ = "bench"
+
+from bench import common
 
 logger = logging.getLogger("bench_logprobs")
 PROMPTS = ["Once upon a time", "The history of the printing press begins", "Here is a recipe for tomato soup:",
@@ -117,13 +120,13 @@ def main(argv: list[str] | None = None) -> int:
     rows = [["setup", "logprobs", "tokens", "ms/token", "vs without"]]
     rows += [[r["setup"], "-" if r["logprobs"] is None else str(r["logprobs"]), str(r["tokens"]),
               f"{r['ms_per_token']:.1f}", f"{r['vs_without']:.2f}x"] for r in runs]
-    table = render(rows, args.markdown)
+    table = common.render(rows, args.markdown)
     table += (f"\n\nllama-cpp-python's score array (logits_all, n_ctx={N_CTX}): {scores_mib:.0f} MiB; the engine keeps "
               "no such array. Texts and logprobs equal llama-cpp-python's: " + ("yes" if not mismatches else
                                                                                 "NO: " + "; ".join(mismatches)))
-    result = {"machine": machine_info(), "config": vars(args), "runs": runs, "scores_mib": scores_mib,
+    result = {"machine": common.machine_info(), "config": vars(args), "runs": runs, "scores_mib": scores_mib,
               "texts_match": not mismatches, "mismatches": mismatches, "total_seconds": time.monotonic() - t_start}
-    return finish(result, args.out, table)
+    return common.finish(result, args.out, table)
 
 
 if __name__ == "__main__":

@@ -34,37 +34,17 @@ import json
 import logging
 import os
 import platform
-import re
 import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+if not __package__:  # run as a file, not with python -m: import the bench package from the repository root
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    __package__ = "bench"
 
-import synth_gguf
+from bench import common, synth_gguf
 
 log = logging.getLogger("bench.matrix")
-PROMPT = "Once upon a time"
-BAR = 0.15  # the estimate may exceed the allocation by this fraction, never fall below it
-MiB = 1 << 20
-
-_BUFFER = re.compile(r"(RPC\d+\[(?P<ep>[^\]]+)\]|(?P<cpu>CPU(?:_Mapped|_REPACK)?))\s+(?P<kind>model|KV|compute|output) "
-                     r"buffer size =\s+(?P<mib>[\d.]+) MiB")
-_DEVICE = re.compile(r"using device RPC\d+ \((?P<ep>[^)]+)\)")
-
-
-def engine_buffers(text: str) -> tuple[list[dict[str, int]], dict[str, int]]:
-    """The buffers llama.cpp reported in an engine's log: one dict per RPC device in the order the devices were
-    given (the topology's stage order), and the client's CPU buffers; values in bytes (the log rounds to 0.01 MiB).
-    """
-    order = _DEVICE.findall(text)
-    by_ep: dict[str, dict[str, int]] = {ep: {} for ep in order}
-    client: dict[str, int] = {}
-    for m in _BUFFER.finditer(text):
-        target = client if m["cpu"] else by_ep.setdefault(m["ep"], {})
-        kind = m["kind"] if not m["cpu"] or m["kind"] != "model" else f"model:{m['cpu']}"
-        target[kind] = target.get(kind, 0) + round(float(m["mib"]) * MiB)
-    return [by_ep[ep] for ep in order], client
 
 
 KINDS = ("first", "middle", "last")
@@ -76,29 +56,16 @@ def stage_kind(i: int, n: int) -> str:
     return "last" if i == n - 1 else "first" if i == 0 else "middle"
 
 
-def stage_report(stage, buffers: dict[str, int]) -> dict:
-    """One stage's buffers against its estimate; ``error`` = estimate / allocated - 1 (the log's 0.01 MiB rounding
-    is granted to the estimate)."""
-    measured = {"weights": buffers.get("model", 0), "kv": buffers.get("KV", 0), "compute": buffers.get("compute", 0)}
-    estimated = {"weights": stage.weight_bytes, "kv": stage.kv_bytes, "compute": stage.compute_bytes}
-    total_m, total_e = sum(measured.values()), sum(estimated.values())
-    slack = 0.005 * MiB * len(buffers)  # rounding of each printed buffer
-    error = total_e / total_m - 1 if total_m else float("inf")
-    ok = total_e + slack >= total_m and total_e <= (1 + BAR) * total_m + slack
-    return {"machine": stage.machine_id, "layers": stage.describe_layers(), "measured": measured,
-            "estimated": estimated, "error": error, "ok": ok}
-
-
 def run_cell(mesh, machines: list[str], path: Path, n_ctx: int, tokens: int, pids: dict[str, int],
              output_layer: str = "auto") -> dict:
     import psutil
 
     from sharedllm.engine import build_llama
 
-    cell: dict = {"model": path.name, "file_mib": path.stat().st_size / MiB}
+    cell: dict = {"model": path.name, "file_mib": path.stat().st_size / common.MiB}
     llm = build_llama(str(path), n_ctx=n_ctx, n_threads=2, use_extra_bufts=False)
     try:
-        local = llm.create_completion(PROMPT, max_tokens=tokens, temperature=0)
+        local = llm.create_completion(common.SYNTH_PROMPT, max_tokens=tokens, temperature=0)
     finally:
         llm.close()
     cell["local_text"] = local["choices"][0]["text"]
@@ -107,9 +74,9 @@ def run_cell(mesh, machines: list[str], path: Path, n_ctx: int, tokens: int, pid
     try:
         with mesh.load(str(path), n_ctx=n_ctx, machines=machines, verbose=True, output_layer=output_layer) as h:
             cell["load_s"] = time.perf_counter() - t0
-            out = h.create_completion(PROMPT, max_tokens=tokens, temperature=0)
+            out = h.create_completion(common.SYNTH_PROMPT, max_tokens=tokens, temperature=0)
             rss1 = {m: psutil.Process(pid).memory_info().rss for m, pid in pids.items()}
-            devices, client = engine_buffers(Path(h._engine.log_path).read_text(errors="replace"))
+            devices, client = common.engine_buffers(Path(h._engine.log_path).read_text(errors="replace"))
             stages = list(h.topology.stages)
             estimate = h.estimate
     except Exception as exc:  # a cell that fails is reported, the matrix goes on
@@ -121,7 +88,7 @@ def run_cell(mesh, machines: list[str], path: Path, n_ctx: int, tokens: int, pid
         cell.update(ok=False, load_ok=False, why=f"the engine log names {len(devices)} RPC devices for "
                                                  f"{len(stages)} stages")
         return cell
-    cell["stages"] = [stage_report(s, b) for s, b in zip(stages, devices, strict=True)]
+    cell["stages"] = [common.stage_report(s, b) for s, b in zip(stages, devices, strict=True)]
     for i, st in enumerate(cell["stages"]):
         st["kind"] = stage_kind(i, len(stages))
         st["rss_growth"] = rss1[st["machine"]] - rss0[st["machine"]]

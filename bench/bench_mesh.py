@@ -32,31 +32,27 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
-import datetime
-import itertools
 import json
 import logging
 import os
-import platform
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+if not __package__:  # run as a file, not with python -m: import the bench package from the repository root
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    __package__ = "bench"
+
 # Nothing from sharedllm at module level: the raw-rpc child runs this file and must not import it.
+from bench import common
 
 logger = logging.getLogger("bench_mesh")
 
-PROMPT = (
-    "Once upon a time, in a small village at the edge of a great forest, there lived an old clockmaker who"
-)
-N_CTX = 2048
-MODEL_NAME = "gemma-3-270m"
 RAW_RESULT_PREFIX = "BENCH_RAW_RPC_RESULT "
 LOCAL, LOCAL_DEFAULT, RAW, MESH, DIRECT = "local", "local (default kernels)", "raw-rpc", "mesh", "mesh (direct)"
 SETUPS = (LOCAL, RAW, DIRECT, MESH, LOCAL_DEFAULT)
@@ -65,103 +61,7 @@ TARGET_RATIO = 0.95  # mesh (direct) / raw-rpc
 TUNNEL_TARGET = 0.90  # mesh (tunnel) / mesh (direct)
 
 
-def completion_kwargs(tokens: int) -> dict[str, Any]:
-    """The one set of sampling parameters every setup uses: greedy, ``tokens`` tokens."""
-    return {"max_tokens": tokens, "temperature": 0.0, "top_k": 1, "top_p": 1.0, "repeat_penalty": 1.0, "seed": 0}
-
-
-# --- measuring one streamed completion (shared by this process and the raw-rpc child) ------------------------------
-
-
-def timed_stream(start: Callable[[], Iterator[dict]]) -> dict[str, Any]:
-    """Consume a streamed completion and time it.
-
-    ``ttft_ms``: from the request to the first token chunk (prompt processing included). ``decode_tps``: tokens after
-    the first over the time from the first token chunk to the last. The closing chunk llama-cpp-python sends after the
-    last token (empty text, a finish_reason) is not a token.
-    """
-    t0 = time.perf_counter()
-    stamps: list[float] = []
-    parts: list[str] = []
-    finish = None
-    for chunk in start():
-        now = time.perf_counter()
-        choice = chunk["choices"][0]
-        if choice.get("finish_reason") is not None and not choice.get("text"):
-            finish = choice["finish_reason"]
-            continue
-        stamps.append(now)
-        parts.append(choice.get("text") or "")
-        finish = choice.get("finish_reason") or finish
-    return {**stream_stats(t0, stamps, time.perf_counter(), parts), "finish_reason": finish}
-
-
-def stream_stats(t0: float, stamps: list[float], t_end: float, parts: list[str]) -> dict[str, Any]:
-    """Timings of a stream that started at ``t0``, produced a token at each of ``stamps`` and ended at ``t_end``."""
-    n = len(stamps)
-    decode_s = stamps[-1] - stamps[0] if n > 1 else 0.0
-    gaps = sorted(b - a for a, b in itertools.pairwise(stamps))
-    gap_p50 = gaps[len(gaps) // 2] if gaps else None
-    return {
-        "tokens": n,
-        "ttft_ms": (stamps[0] - t0) * 1000 if n else None,
-        "decode_tps": (n - 1) / decode_s if decode_s > 0 else None,
-        # The median gap between tokens shrugs off a few slow tokens (another process took the CPU for a moment).
-        "gap_p50_ms": gap_p50 * 1000 if gap_p50 else None,
-        "gap_p90_ms": gaps[len(gaps) * 9 // 10] * 1000 if gaps else None,
-        "gap_max_ms": gaps[-1] * 1000 if gaps else None,
-        "decode_tps_p50gap": 1 / gap_p50 if gap_p50 else None,
-        "decode_s": decode_s,
-        "total_s": t_end - t0,
-        "text": "".join(parts),
-    }
-
-
-def _llama_cpp_lib_dir() -> Path:
-    import llama_cpp
-
-    return Path(llama_cpp.__file__).parent / "lib"
-
-
-# sharedllm.engine.OUTPUT_ON_CLIENT, repeated because the raw-rpc child must not import sharedllm (checked in main).
-OUTPUT_ON_CLIENT = r"^(output|output_norm|token_embd)\.weight$"
-
-
-class _Override(ctypes.Structure):  # struct llama_model_tensor_buft_override
-    _fields_ = [("pattern", ctypes.c_char_p), ("buft", ctypes.c_void_p)]
-
-
-@contextlib.contextmanager
-def patched_model_params(devices: list[int] | None, use_extra_bufts: bool, cpu_buft: int | None = None
-                         ) -> Iterator[Any]:
-    """While ``Llama()`` is constructed, make ``llama_model_default_params`` carry our devices and buffer choice.
-
-    The Python ``Llama`` class exposes neither ``devices`` nor ``use_extra_bufts``; sharedllm.engine injects them the
-    same way. ``devices`` are raw ggml device handles (a NULL-terminated array is built here); None leaves the default.
-    ``cpu_buft``: the CPU buffer type, to keep the output layer on this process's CPU as the engine does.
-    """
-    import llama_cpp.llama_cpp as lib
-
-    dev_array = (ctypes.c_void_p * (len(devices) + 1))(*devices, None) if devices else None
-    overrides = None
-    if cpu_buft is not None:
-        overrides = (_Override * 2)(_Override(OUTPUT_ON_CLIENT.encode(), cpu_buft), _Override(None, None))
-    original = lib.llama_model_default_params
-
-    def patched():
-        params = original()
-        if dev_array is not None:
-            params.devices = ctypes.cast(dev_array, ctypes.c_void_p)
-        if overrides is not None:
-            params.tensor_buft_overrides = ctypes.cast(overrides, ctypes.c_void_p)
-        params.use_extra_bufts = use_extra_bufts
-        return params
-
-    lib.llama_model_default_params = patched
-    try:
-        yield (dev_array, overrides)  # the caller keeps them alive as long as the model (the engine does the same)
-    finally:
-        lib.llama_model_default_params = original
+# --- one model, built and timed (in this process and in the raw-rpc child) ------------------------------------------
 
 
 def run_llama(model_path: str, llama_kwargs: dict[str, Any], tokens: int, *, devices: list[int] | None,
@@ -170,12 +70,13 @@ def run_llama(model_path: str, llama_kwargs: dict[str, Any], tokens: int, *, dev
     import llama_cpp
 
     t0 = time.perf_counter()
-    with patched_model_params(devices, use_extra_bufts, cpu_buft) as dev_array:
+    with common.patched_model_params(devices, use_extra_bufts, cpu_buft) as dev_array:
         llm = llama_cpp.Llama(model_path=model_path, **llama_kwargs)
     llm._bench_keepalive = dev_array
     load_s = time.perf_counter() - t0
     try:
-        res = timed_stream(lambda: llm.create_completion(PROMPT, stream=True, **completion_kwargs(tokens)))
+        res = common.timed_stream(lambda: llm.create_completion(
+            common.PROMPT, stream=True, **common.completion_kwargs(tokens)))
     finally:
         llm.close()
     res["load_s"] = load_s
@@ -186,32 +87,9 @@ def run_llama(model_path: str, llama_kwargs: dict[str, Any], tokens: int, *, dev
 # --- raw-rpc: runs in a fresh process that never imports sharedllm ----------------------------------------------
 
 
-def rpc_libs() -> tuple[ctypes.CDLL, ctypes.CDLL]:
-    """llama-cpp-python's ggml and ggml-rpc libraries, with the functions raw RPC clients call typed."""
-    lib_dir = _llama_cpp_lib_dir()
-    ggml = ctypes.CDLL(str(lib_dir / "libggml.so"), mode=ctypes.RTLD_GLOBAL)
-    rpc = ctypes.CDLL(str(lib_dir / "libggml-rpc.so"), mode=ctypes.RTLD_GLOBAL)
-    rpc.ggml_backend_rpc_add_server.restype = ctypes.c_void_p
-    rpc.ggml_backend_rpc_add_server.argtypes = [ctypes.c_char_p]
-    ggml.ggml_backend_reg_dev_count.restype = ctypes.c_size_t
-    ggml.ggml_backend_reg_dev_count.argtypes = [ctypes.c_void_p]
-    ggml.ggml_backend_reg_dev_get.restype = ctypes.c_void_p
-    ggml.ggml_backend_reg_dev_get.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
-    return ggml, rpc
-
-
-def cpu_buffer_type(ggml: ctypes.CDLL) -> int:
-    """This process's CPU buffer type: where the engine keeps the output layer when it runs on the client."""
-    ggml.ggml_backend_dev_by_type.restype = ctypes.c_void_p
-    ggml.ggml_backend_dev_by_type.argtypes = [ctypes.c_int]
-    ggml.ggml_backend_dev_buffer_type.restype = ctypes.c_void_p
-    ggml.ggml_backend_dev_buffer_type.argtypes = [ctypes.c_void_p]
-    return ggml.ggml_backend_dev_buffer_type(ggml.ggml_backend_dev_by_type(0))  # 0: GGML_BACKEND_DEVICE_TYPE_CPU
-
-
 def raw_rpc_child(spec: dict[str, Any]) -> dict[str, Any]:
     """Hand-driven llama.cpp RPC: register the servers, pick their devices, load with the given split, generate."""
-    ggml, rpc = rpc_libs()
+    ggml, rpc = common.rpc_libs()
 
     t0 = time.perf_counter()
     regs: dict[str, int] = {}
@@ -230,7 +108,7 @@ def raw_rpc_child(spec: dict[str, Any]) -> dict[str, Any]:
     kwargs = {"n_ctx": spec["n_ctx"], "n_gpu_layers": -1, "tensor_split": spec["tensor_split"], "verbose": False}
     cpu_buft = None
     if spec["output_on_client"]:  # the mesh's placement of the output layer, and its threads, as the engine does
-        cpu_buft = cpu_buffer_type(ggml)
+        cpu_buft = common.cpu_buffer_type(ggml)
         kwargs["n_threads"] = os.cpu_count() or 1
     res = run_llama(spec["model_path"], kwargs, spec["tokens"], devices=devices, use_extra_bufts=False,
                     cpu_buft=cpu_buft)
@@ -242,8 +120,8 @@ def raw_rpc_child(spec: dict[str, Any]) -> dict[str, Any]:
 def run_raw_rpc(model_path: str, stages: list[tuple[str, int]], tensor_split: list[float], tokens: int,
                 output_on_client: bool, timeout: float = 300.0) -> dict[str, Any]:
     """Run :func:`raw_rpc_child` in a fresh interpreter (llama.cpp aborts the process if an rpc-server misbehaves)."""
-    spec = {"model_path": model_path, "stages": stages, "tensor_split": tensor_split, "n_ctx": N_CTX, "tokens": tokens,
-            "output_on_client": output_on_client}
+    spec = {"model_path": model_path, "stages": stages, "tensor_split": tensor_split, "n_ctx": common.N_CTX,
+            "tokens": tokens, "output_on_client": output_on_client}
     with tempfile.TemporaryFile() as err:
         t0 = time.perf_counter()
         # The environment the engine gives its child (sharedllm.engine.Engine.start): OpenMP threads that sleep soon
@@ -271,17 +149,18 @@ def run_raw_rpc(model_path: str, stages: list[tuple[str, int]], tensor_split: li
 
 
 def run_local(model_path: str, tokens: int, use_extra_bufts: bool) -> dict[str, Any]:
-    kwargs = {"n_ctx": N_CTX, "n_threads": os.cpu_count() or 1, "verbose": False}
+    kwargs = {"n_ctx": common.N_CTX, "n_threads": os.cpu_count() or 1, "verbose": False}
     return run_llama(model_path, kwargs, tokens, devices=None, use_extra_bufts=use_extra_bufts)
 
 
 def run_mesh(mesh, tokens: int, output_layer: str) -> tuple[dict[str, Any], Any]:
     """Load the model on the mesh (timed: planning, engine start, upload), stream one completion, close it."""
     t0 = time.perf_counter()
-    llm = mesh.load(MODEL_NAME, n_ctx=N_CTX, output_layer=output_layer)
+    llm = mesh.load(common.MODEL_NAME, n_ctx=common.N_CTX, output_layer=output_layer)
     load_s = time.perf_counter() - t0
     with llm:
-        res = timed_stream(lambda: llm.create_completion(PROMPT, stream=True, **completion_kwargs(tokens)))
+        res = common.timed_stream(lambda: llm.create_completion(
+            common.PROMPT, stream=True, **common.completion_kwargs(tokens)))
         res["load_s"] = load_s
         res["plan_ms"] = llm.plan_ms
         engine = getattr(llm, "_engine", None)  # the engine's own Llama() time, for comparison with raw-rpc's load
@@ -305,10 +184,6 @@ def medians(runs: list[dict[str, Any]]) -> dict[str, float | None]:
     return out
 
 
-def _fmt(v: float | None, digits: int) -> str:
-    return "-" if v is None else f"{v:.{digits}f}"
-
-
 def table_rows(summary: dict[str, Any]) -> list[list[str]]:
     raw_tps = summary[RAW]["median"]["decode_tps"]
     rows = [["setup", "decode tok/s", "(min-max)", "TTFT ms", "load s", "plan ms", "tokens", "vs raw-rpc",
@@ -319,98 +194,11 @@ def table_rows(summary: dict[str, Any]) -> list[list[str]]:
         spread = f"{min(tps):.1f}-{max(tps):.1f}" if tps else "-"
         ratio = med["decode_tps"] / raw_tps if med["decode_tps"] and raw_tps else None
         rows.append([
-            name, _fmt(med["decode_tps"], 1), spread, _fmt(med["ttft_ms"], 0), _fmt(med["load_s"], 2),
-            _fmt(med["plan_ms"], 0), _fmt(med["tokens"], 0), "-" if ratio is None else f"{ratio:.2f}x",
-            _fmt(med["foreign_cpu_pct"], 0) + "%",
+            name, common.fmt(med["decode_tps"], 1), spread, common.fmt(med["ttft_ms"], 0), common.fmt(med["load_s"], 2),
+            common.fmt(med["plan_ms"], 0), common.fmt(med["tokens"], 0), "-" if ratio is None else f"{ratio:.2f}x",
+            common.fmt(med["foreign_cpu_pct"], 0) + "%",
         ])
     return rows
-
-
-def render(rows: list[list[str]], markdown: bool) -> str:
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    numeric = [i > 0 for i in range(len(rows[0]))]
-    if markdown:
-        out = ["| " + " | ".join(rows[0]) + " |",
-               "|" + "|".join("---:" if n else ":---" for n in numeric) + "|"]
-        out += ["| " + " | ".join(r) + " |" for r in rows[1:]]
-        return "\n".join(out)
-
-    def line(r: list[str]) -> str:
-        cells = [c.rjust(w) if n else c.ljust(w) for c, w, n in zip(r, widths, numeric, strict=True)]
-        return "  ".join(cells).rstrip()
-
-    return "\n".join([line(rows[0]), "  ".join("-" * w for w in widths), *(line(r) for r in rows[1:])])
-
-
-class CpuMeter:
-    """Over one run: CPU seconds the whole machine used, and how much of that was not this benchmark's processes.
-
-    ``foreign`` is the noise: another session's tests, a compiler... This benchmark's processes are this one and its
-    descendants (the mesh's scheduler, workers, rpc-servers, engines, the raw-rpc child), reaped ones included.
-    """
-
-    def __init__(self) -> None:
-        self.wall0, self.busy0, self.ours0 = time.perf_counter(), self._busy(), self._ours()
-
-    @staticmethod
-    def _busy() -> float:
-        vals = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:9]]
-        return (sum(vals) - vals[3] - vals[4]) / os.sysconf("SC_CLK_TCK")  # all but idle and iowait; steal counts
-
-    @staticmethod
-    def _ours() -> float:
-        import psutil
-
-        me = psutil.Process()
-        t = me.cpu_times()
-        total = t.user + t.system + t.children_user + t.children_system
-        for child in me.children(recursive=True):
-            with contextlib.suppress(psutil.Error):
-                ct = child.cpu_times()
-                total += ct.user + ct.system
-        return total
-
-    def stop(self) -> dict[str, float]:
-        wall, busy, ours = time.perf_counter() - self.wall0, self._busy() - self.busy0, self._ours() - self.ours0
-        foreign = max(0.0, busy - ours)
-        return {"wall_s": wall, "cpu_busy_s": busy, "cpu_ours_s": ours, "cpu_foreign_s": foreign,
-                "foreign_pct": 100 * foreign / (wall * (os.cpu_count() or 1)) if wall > 0 else 0.0}
-
-
-def wait_for_quiet(max_wait: float, threshold_pct: float = 10.0, window: float = 0.5) -> float:
-    """Wait (at most ``max_wait`` seconds) until other processes use under ``threshold_pct`` of the machine.
-
-    Other sessions' work comes in bursts; starting a run between them saves a repeat. Returns the seconds waited.
-    """
-    t0 = time.perf_counter()
-    while True:
-        meter = CpuMeter()
-        time.sleep(window)
-        if meter.stop()["foreign_pct"] < threshold_pct or time.perf_counter() - t0 >= max_wait:
-            return time.perf_counter() - t0
-
-
-def machine_info() -> dict[str, Any]:
-    import distributed
-    import llama_cpp
-
-    cpu_model = ""
-    with contextlib.suppress(OSError):
-        for ln in Path("/proc/cpuinfo").read_text().splitlines():
-            if ln.startswith("model name"):
-                cpu_model = ln.split(":", 1)[1].strip()
-                break
-    return {
-        "cpu_count": os.cpu_count(),
-        "cpu_affinity": len(os.sched_getaffinity(0)),
-        "cpu_model": cpu_model,
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "llama_cpp_python": llama_cpp.__version__,
-        "distributed": distributed.__version__,
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "loadavg": os.getloadavg(),
-    }
 
 
 # --- main -----------------------------------------------------------------------------------------------------
@@ -483,10 +271,10 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
         logger.info("topology: endpoints %s, tensor_split %s\n%s", topo.endpoints, split, topo)
         for r in range(args.repeats):
             for name in SETUPS:
-                waited = wait_for_quiet(args.quiet_wait) if args.quiet_wait > 0 else 0.0
+                waited = common.wait_for_quiet(args.quiet_wait) if args.quiet_wait > 0 else 0.0
                 logger.info("repeat %d/%d: %s%s", r + 1, args.repeats, name,
                             f" (waited {waited:.1f} s for other processes to calm down)" if waited > 1 else "")
-                meter = CpuMeter()
+                meter = common.CpuMeter()
                 if name == LOCAL:
                     res = run_local(model_path, args.tokens, use_extra_bufts=False)
                 elif name == LOCAL_DEFAULT:
@@ -521,9 +309,10 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
                 for x, y in zip(runs[a], runs[b], strict=True)]
 
     return {
-        "machine": machine_info(),
-        "config": {"tokens": args.tokens, "repeats": args.repeats, "machines": args.machines, "n_ctx": N_CTX,
-                   "model": model_path, "prompt": PROMPT, "completion_kwargs": completion_kwargs(args.tokens),
+        "machine": common.machine_info(),
+        "config": {"tokens": args.tokens, "repeats": args.repeats, "machines": args.machines, "n_ctx": common.N_CTX,
+                   "model": model_path, "prompt": common.PROMPT,
+                   "completion_kwargs": common.completion_kwargs(args.tokens),
                    "local_threads": os.cpu_count(), "rpc_threads": "every core (LocalMesh default)",
                    "client_threads": "every core with the output layer on the client, else llama-cpp-python's "
                                      "default; in the engine and the raw-rpc child alike",
@@ -561,7 +350,7 @@ def _tunnel_line(ratios: dict[str, Any]) -> str:
     verdict = "meets" if t >= TUNNEL_TARGET else "BELOW"
     return (f"mesh (tunnel)/mesh (direct) decode tok/s: {t:.3f} ({verdict} the {TUNNEL_TARGET} target; per repeat "
             + ", ".join("-" if x is None else f"{x:.2f}" for x in ratios["tunnel/direct decode per repeat"])
-            + f"; by median gap {_fmt(ratios['tunnel/direct decode by median gap'], 3)})")
+            + f"; by median gap {common.fmt(ratios['tunnel/direct decode by median gap'], 3)})")
 
 
 def report(result: dict[str, Any], markdown: bool) -> str:
@@ -577,13 +366,13 @@ def report(result: dict[str, Any], markdown: bool) -> str:
         + ("client" if cfg.get("output_on_client") else "last machine")
         + (f", rpc-server env {' '.join(cfg['rpc_env'])}" if cfg["rpc_env"] else ""),
         "",
-        render(rows, markdown),
+        common.render(rows, markdown),
         "",
         f"mesh (direct)/raw-rpc decode tok/s: {r:.3f} ({verdict} the {TARGET_RATIO} target; per repeat "
         + ", ".join("-" if x is None else f"{x:.2f}" for x in ratios["mesh/raw-rpc decode per repeat"]) + ")"
         if r is not None else "mesh (direct)/raw-rpc decode tok/s: n/a",
         f"mesh (direct)/raw-rpc by median inter-token gap (robust to short stalls): "
-        f"{_fmt(ratios['mesh/raw-rpc decode by median gap'], 3)}",
+        f"{common.fmt(ratios['mesh/raw-rpc decode by median gap'], 3)}",
         _tunnel_line(ratios),
         "greedy texts of local (use_extra_bufts=False), raw-rpc and both meshes: "
         + ("identical" if result["texts_match"] else f"DIFFER ({len(result['distinct_oracle_texts'])} variants)"),
@@ -597,16 +386,6 @@ def report(result: dict[str, Any], markdown: bool) -> str:
     if not result["same_token_count"]:
         lines.append("WARNING: the setups generated different numbers of tokens")
     return "\n".join(lines)
-
-
-def finish(result: dict[str, Any], out: str, table: str) -> int:
-    """Write ``result`` to ``out`` as JSON, print the table; the exit status says whether the texts matched."""
-    path = Path(out)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=2) + "\n")
-    print(table)
-    logger.info("wrote %s (%.0f s in all)", path, result["total_seconds"])
-    return 0 if result["texts_match"] else 1
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -645,10 +424,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("distributed").setLevel(logging.WARNING)
     from sharedllm.engine import OUTPUT_ON_CLIENT as engine_pattern
 
-    if OUTPUT_ON_CLIENT != engine_pattern:
-        raise SystemExit("bench_mesh.OUTPUT_ON_CLIENT must match sharedllm.engine.OUTPUT_ON_CLIENT")
+    if common.OUTPUT_ON_CLIENT != engine_pattern:
+        raise SystemExit("bench.common.OUTPUT_ON_CLIENT must match sharedllm.engine.OUTPUT_ON_CLIENT")
     result = benchmark(args)
-    return finish(result, args.out, report(result, args.markdown))
+    return common.finish(result, args.out, report(result, args.markdown))
 
 
 if __name__ == "__main__":

@@ -47,8 +47,11 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_mesh import CpuMeter, finish, machine_info, render, stream_stats
+if not __package__:  # run as a file, not with python -m: import the bench package from the repository root
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    __package__ = "bench"
+
+from bench import common
 
 logger = logging.getLogger("bench_openai")
 
@@ -84,7 +87,7 @@ def timed(start: Callable[[], Iterable[Any]], text_of: Callable[[Any], str]) -> 
             stamps.append(time.perf_counter())
             parts.append(text)
     # perf_counter is CLOCK_MONOTONIC, one clock for every process: the server's stamps compare with these.
-    return {**stream_stats(t0, stamps, time.perf_counter(), parts), "t0": t0, "stamps": stamps}
+    return {**common.stream_stats(t0, stamps, time.perf_counter(), parts), "t0": t0, "stamps": stamps}
 
 
 def _api_text(chunk: dict) -> str:
@@ -318,7 +321,7 @@ def measure_rounds(run_short: Callable[[str, str], dict[str, Any]], stamped: Sta
         while kept < repeats and tries < 2 * repeats:
             tries += 1
             k = tries % len(paths)  # each path goes first in turn
-            meter = CpuMeter()
+            meter = common.CpuMeter()
             got = {}
             for path in paths[k:] + paths[:k]:
                 stamped.calls.clear()
@@ -362,7 +365,7 @@ def _wait_for_quiet(max_wait: float, threshold_pct: float = 10.0, window: float 
     # Other sessions' work comes in bursts of minutes: starting a pair between them saves measuring it again.
     t0 = time.perf_counter()
     while time.perf_counter() - t0 < max_wait:
-        meter = CpuMeter()
+        meter = common.CpuMeter()
         time.sleep(window)
         if meter.stop()["foreign_pct"] < threshold_pct:
             break
@@ -437,7 +440,7 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
                         llm.create_completion(PROMPT, max_tokens=4, temperature=0.0)
                         pair = {}
                         for path in order:
-                            meter = CpuMeter()
+                            meter = common.CpuMeter()
                             res = run[(mode, path)]()
                             del res["t0"], res["stamps"]
                             res.update(repeat=r, attempt=attempt, first=order[0], cpu=meter.stop(), waited_s=waited)
@@ -534,7 +537,7 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
                 y["ttft in request"] = 1 + y["added"]["ttft_ms"]["median"] / by_rounds[mode]["python-api median ms"]
                 y["verdict"] = {"ttft": _ttft_met(y), "decode": y["decode"]["ratio"] >= DECODE_BAR}
     return {
-        "machine": machine_info(),
+        "machine": common.machine_info(),
         "config": {"tokens": args.tokens, "repeats": args.repeats, "machines": args.machines, "n_ctx": N_CTX,
                    "threads": args.threads,
                    "scheduler": args.scheduler, "modes": modes, "prompt": PROMPT, "chat": CHAT,
@@ -596,7 +599,7 @@ def report(result: dict[str, Any], markdown: bool) -> str:
         f"interleaved repeats, {cfg['machines']} loopback machines, {m['cpu_count']} CPUs"
         + (f", {cfg['threads']} thread(s) per rpc-server and engine" if cfg.get('threads') else ""),
         "",
-        render(rows, markdown),
+        common.render(rows, markdown),
         "",
     ]
     n_tok = cfg["round_tokens"]
@@ -702,7 +705,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("httpx", "httpx2", "openai"):
         logging.getLogger(name).setLevel(logging.WARNING)
     result = benchmark(args)
-    return finish(result, args.out, report(result, args.markdown))
+    return common.finish(result, args.out, report(result, args.markdown))
 
 
 if __name__ == "__main__":

@@ -37,8 +37,11 @@ from pathlib import Path
 
 from sharedllm.local import LocalMesh
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_mesh import machine_info, render
+if not __package__:  # run as a file, not with python -m: import the bench package from the repository root
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    __package__ = "bench"
+
+from bench import common
 
 log = logging.getLogger("bench.recovery")
 PROMPT = "Once upon a time"
@@ -189,9 +192,9 @@ def main() -> None:
               cell(r["itl_before_kill_median_ms"], "{:.0f}"), f"{r['recoveries']} of {r['runs']}",
               cell(r["notice_median_s"]), cell(r["reload_median_s"]), cell(r["replay_median_s"]),
               "yes" if r["data_plane_kept"] else "no", "yes" if r["all_same_text"] else "NO"] for r in rows]
-    print(render([head, *lines], args.markdown))
+    print(common.render([head, *lines], args.markdown))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"machine": machine_info(), "config": vars(args), "summary": rows,
+    Path(args.out).write_text(json.dumps({"machine": common.machine_info(), "config": vars(args), "summary": rows,
                                           "runs": runs, "total_seconds": time.monotonic() - t_start}, indent=1))
     if not all(r["all_same_text"] for r in rows):
         raise SystemExit("a recovered text differs from the run without a fault")

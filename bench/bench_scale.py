@@ -14,14 +14,14 @@ handler a real worker's ``heartbeat_worker`` RPC reaches, with the payload a rea
 ``metrics`` is taken from a real ``distributed.Worker``'s ``get_metrics()`` at start, the ``sharedllm`` part is built by
 the classes ``MachineAgent.report`` uses (``MachineResources``/``GPUInfo.to_dict``, ``RPCServerState.to_dict`` plus
 ``stopped``, the build, labels, pid) for a machine of ``--gpus`` 80 GiB GPUs whose free memory, utilisation and
-temperature move at every heartbeat. Every read is the real one: ``machines()``, ``sharedllm_state``, ``_plan`` (trust
-filter, leases, ``device_slots``, ``placement.plan``), every component of the dashboard page (their ``update()``, as the
-page's periodic callback calls it, and the page's first render), and the ``sharedllm_*`` series of ``/metrics``
-(``prometheus_client.generate_latest`` over ``MeshCollector``).
+temperature move at every heartbeat. Every read is the real one: ``machines()``, ``sharedllm_state``,
+``Planner.plan`` (trust filter, leases, ``device_slots``, ``placement.plan``), every component of the dashboard
+page (their ``update()``, as the page's periodic callback calls it, and the page's first render), and the
+``sharedllm_*`` series of ``/metrics`` (``prometheus_client.generate_latest`` over ``MeshCollector``).
 
 What is simulated, and why that does not change what is measured:
 
-- the rpc-server actor: ``MeshPlugin._pin`` is replaced by one that records an ``ActorRecord`` at once (the real one
+- the rpc-server actor: ``Registry._pin`` is replaced by one that records an ``ActorRecord`` at once (the real one
   submits an actor task and starts llama.cpp processes: Dask's task path and subprocesses, not the plugin's per-machine
   bookkeeping); from then on the machine's heartbeats carry the ``ready`` state the real supervisor reports;
 - time: every figure is CPU time of the event loop's thread (``time.thread_time``), which the other work on a shared
@@ -34,15 +34,16 @@ What is simulated, and why that does not change what is measured:
 - churn: every minute ``--churn`` % of the machines leave (their comm closes) and as many join (half of them the
   machines that left, back with a new worker, half new machines), and ``--churn`` % of the ready rpc-servers restart
   (``restarting`` for a few heartbeats, then ``ready`` with one restart more);
-- sessions: one per 20 machines, on 4 to 8 free GPUs each (planned by ``_plan(free_only=True)``, as ``acquire`` does;
-  the relay pushes are left out), with a minute of throughput reports, so the page's layer map, sessions and leases
-  have rows.
+- sessions: one per 20 machines, on 4 to 8 free GPUs each (planned by ``Planner.plan(free_only=True)``, as
+  ``acquire`` does; the relay pushes are left out), with a minute of throughput reports, so the page's layer map,
+  sessions and leases have rows.
 
 Left out: the wire (msgpack of a heartbeat is Dask's cost; its size is in the table), the Bokeh server's diff of the
 document to the browser, the state file (``--state-path``: off by default), TLS.
 
 The placement rows time ``placement.plan`` alone over ``--placement-devices`` devices (machines of ``--gpus`` GPUs,
-free memory spread over 40 to 80 GiB) for a 70B-class model, and ``_plan`` through the plugin at the largest size.
+free memory spread over 40 to 80 GiB) for a 70B-class model, and ``Planner.plan`` through the plugin at the largest
+size.
 """
 
 from __future__ import annotations
@@ -61,7 +62,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+if not __package__:  # run as a file, not with python -m: import the bench package from the repository root
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    __package__ = "bench"
 
 logger = logging.getLogger("bench_scale")
 
@@ -236,7 +239,7 @@ class Fleet:
         self.plugin._task.cancel()  # reconcile runs on the virtual clock (self.tick)
         with contextlib.suppress(asyncio.CancelledError):
             await self.plugin._task
-        self.plugin._pin = self._pin
+        self.plugin.registry._pin = self._pin
         self._clock_hooks()
         return self
 
@@ -258,10 +261,10 @@ class Fleet:
             sim = self.machines[machine]
             if worker in self.scheduler.workers:
                 sim.pinned = True
-                self.plugin.actors[machine] = ActorRecord(worker=worker, key=f"sharedllm-rpc-{machine}",
+                self.plugin.data.actors[machine] = ActorRecord(worker=worker, key=f"sharedllm-rpc-{machine}",
                                                           state=sim.rpc())
         finally:
-            self.plugin._pending.pop(machine, None)
+            self.plugin.registry.pending.pop(machine, None)
 
     def _address(self) -> str:
         self._seq += 1
@@ -304,9 +307,9 @@ class Fleet:
 
     async def reconcile(self) -> None:
         t0 = time.thread_time()
-        await self.plugin.reconcile()
+        await self.plugin.registry.reconcile()
         self.clock.add("reconcile", time.thread_time() - t0)
-        await asyncio.gather(*self.plugin._pending.values())  # the pins it started
+        await asyncio.gather(*self.plugin.registry.pending.values())  # the pins it started
 
     def beat(self, machine_id: str) -> None:
         kwargs = self.machines[machine_id].heartbeat(self.template)
@@ -380,7 +383,7 @@ class Fleet:
         n = max(1, len(self.live) // every)
         now = time.time()
         for i in range(n):
-            topo = self.plugin._plan(estimate, free_only=True, max_devices=4 + i % 5)
+            topo = self.plugin.planner.plan(estimate, free_only=True, max_devices=4 + i % 5)
             sid = f"s{i + 1}-{i:05d}"
             sess = Session(sid, f"Client-{i:04d}", "llama-70b-q4_k_m.gguf", topo)
             for t in range(30):
@@ -514,7 +517,7 @@ async def measure(n: int, args: argparse.Namespace, template: dict) -> dict:
         row["state_ms"] = timed(lambda: _sync(p.handle_state()), args.repeat)
         row["dashboard"] = dashboard_timings(fleet, args.repeat)
         row["metrics"] = metrics_timing(fleet, args.repeat)
-        row["plan_ms"] = timed(lambda: p._plan(est), args.repeat)
+        row["plan_ms"] = timed(lambda: p.planner.plan(est), args.repeat)
         row["plan_devices"] = sum(len((m["rpc"] or {}).get("devices") or []) for m in machines
                                   if m["rpc"]["state"] == "ready")
         return row
@@ -541,7 +544,7 @@ def _msgpack_size(heartbeat: dict) -> int:
 
 
 def table(result: dict, markdown: bool) -> str:
-    from bench_mesh import render
+    from bench import common
 
     rows = [["machines", "heartbeat every", "Dask handler µs/hb", "plugin µs/hb", "plugin CPU ms/s", "reconcile ms",
              "machines() ms", "sharedllm_state ms", "page tick ms", "page first render ms", "/metrics ms",
@@ -556,7 +559,7 @@ def table(result: dict, markdown: bool) -> str:
     prow = [["placement.plan", "devices", "stages", "median ms", "best ms"]]
     for r in result["placement"]:
         prow.append([r["case"], str(r["devices"]), str(r["stages"]), f"{r['median_ms']:.1f}", f"{r['min_ms']:.1f}"])
-    return render(rows, markdown) + "\n\n" + render(prow, markdown)
+    return common.render(rows, markdown) + "\n\n" + common.render(prow, markdown)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -579,13 +582,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.from_json:
         print(table(json.loads(Path(args.from_json).read_text()), args.markdown))
         return 0
-    from bench_mesh import machine_info
+    from bench import common
 
     t_start = time.perf_counter()
     template = dask_metrics_template()
     result: dict[str, Any] = {"command": " ".join(["bench/bench_scale.py", *(argv or sys.argv[1:])]),
-                              "machine": machine_info(), "gpus_per_machine": args.gpus, "churn_percent": args.churn,
-                              "sizes": [], "placement": []}
+                              "machine": common.machine_info(), "gpus_per_machine": args.gpus,
+                              "churn_percent": args.churn, "sizes": [], "placement": []}
     for n in (int(x) for x in args.sizes.split(",")):
         logger.info("%d machines", n)
         row = asyncio.run(measure(n, args, template))

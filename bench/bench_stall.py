@@ -29,13 +29,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_concurrency import PROMPTS
-from bench_mesh import machine_info, render
+if not __package__:  # run as a file, not with python -m: import the bench package from the repository root
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    __package__ = "bench"
+
+from bench import common
 
 logger = logging.getLogger("bench_stall")
 
-RUNNERS = PROMPTS[:8]  # bench_concurrency's: different greedy prompts
+RUNNERS = common.PROMPTS[:8]  # bench_concurrency's: different greedy prompts
 SENTENCE = "The committee met on Tuesday to review the budget, the schedule and the list of open questions. "
 
 
@@ -114,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
                 results[name] = {"exact": exact, "max_stall_ms": stall, "prompt_tokens": n_prompt, "runs": runs,
                                  **{k: statistics.median(x[k] for x in runs if x[k] is not None)
                                     for k in runs[0]}}
-    out = {"machine": machine_info(), "streams": args.streams, "results": results,
+    out = {"machine": common.machine_info(), "streams": args.streams, "results": results,
            "total_seconds": time.perf_counter() - t0}
     rows = [["setup", "prompt tokens", "long prompt TTFT ms", "running streams' tokens meanwhile",
              "their max gap ms", "their p50 gap ms", "p50 gap before ms"]]
@@ -124,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     path = Path(args.out)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(out, indent=2) + "\n")
-    print(render(rows, args.markdown))
+    print(common.render(rows, args.markdown))
     logger.info("wrote %s (%.0f s in all)", path, out["total_seconds"])
     return 0
 

@@ -39,22 +39,12 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+if not __package__:  # run as a file, not with python -m: import the bench package from the repository root
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    __package__ = "bench"
 
 # Shared helpers: one way to time a stream and to watch the CPU.
-from bench_mesh import (
-    N_CTX,
-    PROMPT,
-    CpuMeter,
-    _fmt,
-    completion_kwargs,
-    finish,
-    machine_info,
-    render,
-    timed_stream,
-    wait_for_quiet,
-)
-
+from bench import common
 from sharedllm import relay
 
 logger = logging.getLogger("bench_tunnel")
@@ -96,13 +86,13 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
         def stream() -> Iterator[dict]:
             # A run that crawls (another session took the CPU) is cut short and retried: no use waiting a minute.
             deadline = time.perf_counter() + spec.get("max_s", 1e9)
-            for chunk in llm.create_completion(PROMPT, stream=True, **completion_kwargs(spec["tokens"])):
+            for chunk in llm.create_completion(common.PROMPT, stream=True, **common.completion_kwargs(spec["tokens"])):
                 yield chunk
                 if time.perf_counter() > deadline:
                     return
 
         try:
-            res = timed_stream(stream)
+            res = common.timed_stream(stream)
         finally:
             llm.close()
         res["load_s"] = load_s
@@ -361,7 +351,7 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
     t_start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="bench-tunnel-") as workdir, mesh(args, workdir) as m:
         servers = m["servers"]
-        base = {"model_path": model_path, "tensor_split": args.split, "n_ctx": N_CTX, "tokens": args.tokens,
+        base = {"model_path": model_path, "tensor_split": args.split, "n_ctx": common.N_CTX, "tokens": args.tokens,
                 "max_s": args.run_limit}
         specs = {
             DIRECT: {**base, "endpoints": [s["endpoint"] for s in servers]},
@@ -380,8 +370,8 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
             for name in order:
                 discarded: list[dict[str, Any]] = []
                 while True:
-                    waited = wait_for_quiet(args.quiet_wait) if args.quiet_wait > 0 else 0.0
-                    meter = CpuMeter()
+                    waited = common.wait_for_quiet(args.quiet_wait) if args.quiet_wait > 0 else 0.0
+                    meter = common.CpuMeter()
                     res = run_child(specs[name])
                     res["cpu"] = meter.stop()
                     res["noisy"] = res["cpu"]["foreign_pct"] > args.max_foreign or res["tokens"] < args.tokens
@@ -423,10 +413,10 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
     rtt_added = mm[TUNNEL]["rtt_p50_us"] - mm[DIRECT]["rtt_p50_us"]
     get_added = mm[TUNNEL]["get_1mib_p50_ms"] - mm[DIRECT]["get_1mib_p50_ms"]
     return {
-        "machine": machine_info(),
+        "machine": common.machine_info(),
         "config": {"tokens": args.tokens, "repeats": args.repeats, "servers": args.servers, "split": args.split,
-                   "rpc_threads": args.rpc_threads, "n_ctx": N_CTX, "model": model_path, "prompt": PROMPT,
-                   "completion_kwargs": completion_kwargs(args.tokens), "quiet_wait_s": args.quiet_wait,
+                   "rpc_threads": args.rpc_threads, "n_ctx": common.N_CTX, "model": model_path, "prompt": common.PROMPT,
+                   "completion_kwargs": common.completion_kwargs(args.tokens), "quiet_wait_s": args.quiet_wait,
                    "max_foreign_pct": args.max_foreign, "retries": args.retries, "rpc_env": args.rpc_env,
                    "run_limit_s": args.run_limit},
         "setups": summary,
@@ -475,15 +465,16 @@ def report(result: dict[str, Any], markdown: bool) -> str:
     for name in SETUPS:
         runs, med = summary[name]["runs"], summary[name]["median"]
         tps = [r["decode_tps"] for r in runs if r.get("decode_tps")]
-        rows.append([name, _fmt(med["decode_tps"], 1), f"{min(tps):.1f}-{max(tps):.1f}" if tps else "-",
-                     _fmt(med["decode_tps_p50gap"], 1), _fmt(med["ttft_ms"], 0), _fmt(med["load_s"], 2),
+        rows.append([name, common.fmt(med["decode_tps"], 1), f"{min(tps):.1f}-{max(tps):.1f}" if tps else "-",
+                     common.fmt(med["decode_tps_p50gap"], 1), common.fmt(med["ttft_ms"], 0),
+                     common.fmt(med["load_s"], 2),
                      f"{med['decode_tps'] / d_tps:.3f}x" if med["decode_tps"] and d_tps else "-",
-                     _fmt(med["foreign_cpu_pct"], 0) + "%"])
+                     common.fmt(med["foreign_cpu_pct"], 0) + "%"])
     mic = result["micro"]["median"]
     mrows = [["path (first server)", "round trip p50 us", "p90 us", "1 MiB GET_TENSOR ms"]]
     for name in SETUPS:
-        mrows.append([name, _fmt(mic[name]["rtt_p50_us"], 0), _fmt(mic[name]["rtt_p90_us"], 0),
-                      _fmt(mic[name]["get_1mib_p50_ms"], 2)])
+        mrows.append([name, common.fmt(mic[name]["rtt_p50_us"], 0), common.fmt(mic[name]["rtt_p90_us"], 0),
+                      common.fmt(mic[name]["get_1mib_p50_ms"], 2)])
     r = ratios["tunnel/direct decode"]
     verdict = "meets" if r is not None and r >= TARGET_RATIO else "BELOW"
     w = result["where_the_time_goes"]
@@ -493,28 +484,28 @@ def report(result: dict[str, Any], markdown: bool) -> str:
         f"interleaved repeats, {cfg['servers']} loopback rpc-servers x {cfg['rpc_threads']} threads "
         f"(tensor_split {cfg['split']}), {m['cpu_count']} CPUs, {tls['tls']} {tls['cipher']}",
         "",
-        render(rows, markdown),
+        common.render(rows, markdown),
         "",
-        render(mrows, markdown),
+        common.render(mrows, markdown),
         "",
-        f"tunnel/direct decode tok/s: {_fmt(r, 3)} ({verdict} the {TARGET_RATIO} bar; per repeat "
-        + ", ".join(_fmt(x, 2) for x in ratios["tunnel/direct decode per repeat"]) + ", median "
-        + _fmt(ratios["tunnel/direct decode, median of per-repeat ratios"], 3) + "); by median gap "
-        + _fmt(ratios["tunnel/direct decode by median gap"], 3),
+        f"tunnel/direct decode tok/s: {common.fmt(r, 3)} ({verdict} the {TARGET_RATIO} bar; per repeat "
+        + ", ".join(common.fmt(x, 2) for x in ratios["tunnel/direct decode per repeat"]) + ", median "
+        + common.fmt(ratios["tunnel/direct decode, median of per-repeat ratios"], 3) + "); by median gap "
+        + common.fmt(ratios["tunnel/direct decode by median gap"], 3),
         "through the hub (machines behind NAT) / tunnel decode tok/s: median of per-repeat ratios "
-        + _fmt(ratios["hub/tunnel decode, median of per-repeat ratios"], 3) + " (per repeat "
-        + ", ".join(_fmt(x, 2) for x in ratios["hub/tunnel decode per repeat"]) + "); hub/direct "
-        + _fmt(ratios["hub/direct decode"], 3) + "; a round trip through the hub costs "
-        + _fmt(mic[TUNNEL_HUB]["rtt_p50_us"] - mic[TUNNEL]["rtt_p50_us"], 0) + " us more than the tunnel's",
-        f"relay procs/direct decode tok/s: {_fmt(ratios['relay procs/direct decode'], 3)} (per repeat "
-        + ", ".join(_fmt(x, 2) for x in ratios["relay procs/direct decode per repeat"]) + ", median "
-        + _fmt(ratios["relay procs/direct decode, median of per-repeat ratios"], 3) + ")",
+        + common.fmt(ratios["hub/tunnel decode, median of per-repeat ratios"], 3) + " (per repeat "
+        + ", ".join(common.fmt(x, 2) for x in ratios["hub/tunnel decode per repeat"]) + "); hub/direct "
+        + common.fmt(ratios["hub/direct decode"], 3) + "; a round trip through the hub costs "
+        + common.fmt(mic[TUNNEL_HUB]["rtt_p50_us"] - mic[TUNNEL]["rtt_p50_us"], 0) + " us more than the tunnel's",
+        f"relay procs/direct decode tok/s: {common.fmt(ratios['relay procs/direct decode'], 3)} (per repeat "
+        + ", ".join(common.fmt(x, 2) for x in ratios["relay procs/direct decode per repeat"]) + ", median "
+        + common.fmt(ratios["relay procs/direct decode, median of per-repeat ratios"], 3) + ")",
         f"repeats where neither run shared the CPU (others <= {cfg['max_foreign_pct']:g}%): tunnel/direct "
         + _ratio_list(ratios["tunnel/direct decode, quiet repeats"]) + "; relay procs/direct "
         + _ratio_list(ratios["relay procs/direct decode, quiet repeats"]),
-        f"the tunnel adds {_fmt(w['ms_added_per_token'], 2)} ms per token; a round trip costs "
-        f"{_fmt(w['us_added_per_round_trip'], 0)} us more and a 1 MiB tensor {_fmt(w['ms_added_per_1mib_tensor'], 2)} "
-        "ms more",
+        f"the tunnel adds {common.fmt(w['ms_added_per_token'], 2)} ms per token; a round trip costs "
+        f"{common.fmt(w['us_added_per_round_trip'], 0)} us more and a 1 MiB tensor "
+        f"{common.fmt(w['ms_added_per_1mib_tensor'], 2)} ms more",
         "greedy texts of every run: " + ("identical" if result["texts_match"] else "DIFFER"),
     ]
     foreign = max((x["cpu"]["foreign_pct"] for s in summary.values() for x in s["runs"]), default=0.0)
@@ -559,7 +550,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s %(message)s")
     logging.getLogger("sharedllm.relay").setLevel(logging.WARNING)
     result = benchmark(args)
-    return finish(result, args.out, report(result, args.markdown))
+    return common.finish(result, args.out, report(result, args.markdown))
 
 
 if __name__ == "__main__":

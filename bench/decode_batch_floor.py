@@ -18,8 +18,11 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_mesh import machine_info, render
+if not __package__:  # run as a file, not with python -m: import the bench package from the repository root
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    __package__ = "bench"
+
+from bench import common
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -66,10 +69,10 @@ def main(argv: list[str] | None = None) -> int:
         out.append({"sequences": k, "step_ms": best * 1000, "tok_s": k / best})
         rows.append([str(k), f"{best * 1000:.1f}", f"{best * 1000 / k:.1f}", f"{k / best:.1f}",
                      f"{(k / best) / out[0]['tok_s']:.2f}"])
-    table = render(rows, args.markdown)
+    table = common.render(rows, args.markdown)
     path = Path(args.out)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"machine": machine_info(), "runs": out}, indent=2) + "\n")
+    path.write_text(json.dumps({"machine": common.machine_info(), "runs": out}, indent=2) + "\n")
     print(table)
     return 0
 

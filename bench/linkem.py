@@ -15,7 +15,7 @@ front of each machine's tunnel). A benchmark tool, not part of the library.
 ``chunks`` (reads), ``turns`` (changes of direction within a connection) and ``round_trips`` (a burst to the target
 followed by a burst back: with llama.cpp's request/response RPC, the synchronous round trips a client waits for).
 
-**Its own process.** ``process=True`` runs the emulation in a child (``python -m sharedllm.linkem``), so that its
+**Its own process.** ``process=True`` runs the emulation in a child (``python -m bench.linkem``), so that its
 threads do not compete for the GIL with the process whose traffic it carries; :meth:`LinkEmulator.stats` and
 :meth:`LinkEmulator.set` then go through the child's stdin. ``control_dir=DIR`` also makes each emulator listen for the
 same commands on a Unix socket ``DIR/linkem-PID.sock`` (:class:`LinkControl`), for a benchmark to reach the emulators an
@@ -189,13 +189,17 @@ class LinkEmulator:
         return {"error": f"unknown op {op!r}; use stats, set, trace or info"}
 
     def _spawn(self) -> None:
-        cmd = [sys.executable, "-m", "sharedllm.linkem", "--target", self.target_endpoint,
+        cmd = [sys.executable, "-m", "bench.linkem", "--target", self.target_endpoint,
                "--rtt-ms", repr(self.rtt_ms)]
         if self.mbit:
             cmd += ["--mbit", repr(self.mbit)]
         if self.control_dir is not None:
             cmd += ["--control-dir", str(self.control_dir)]
-        self._proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1)
+        # The child imports this module as bench.linkem from the repository, whatever the working directory.
+        root = str(Path(__file__).resolve().parents[1])
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)}
+        self._proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1,
+                                      env=env)
         line = self._proc.stdout.readline()
         if not line.startswith(READY_PREFIX):
             self._proc.kill()

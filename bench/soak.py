@@ -30,10 +30,12 @@ from pathlib import Path
 import httpx
 import psutil
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_mesh import finish, machine_info, render
+if not __package__:  # run as a file, not with python -m: import the bench package from the repository root
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    __package__ = "bench"
 
-from sharedllm.local import LocalMesh, _state_dirs
+from bench import common
+from sharedllm.local import LocalMesh, state_dirs
 from sharedllm.openai_server import ServerThread, create_app
 
 logger = logging.getLogger("soak")
@@ -112,7 +114,7 @@ class Soak:
             return "every process killed"
         from sharedllm.dataplane import RELAY_FILE, SERVER_FILE, read_json
 
-        [state_dir] = _state_dirs(lm.workdir, victim)
+        [state_dir] = state_dirs(lm.workdir, victim)
         rpc = (read_json(state_dir / SERVER_FILE) or {}).get("pid")
         relay = (read_json(state_dir / RELAY_FILE) or {}).get("pid")
         groups = [p.popen.pid for p in lm.workers if p.machine_id == victim and p.popen.poll() is None]
@@ -154,7 +156,7 @@ def memory(lm: LocalMesh, llm) -> dict[str, float]:
             workers += [proc.pid, *(c.pid for c in proc.children(recursive=True))]
         except psutil.NoSuchProcess:
             pass
-    dirs = _state_dirs(lm.workdir)
+    dirs = state_dirs(lm.workdir)
     rpcs = [(read_json(d / SERVER_FILE) or {}).get("pid") for d in dirs]
     relays = [(read_json(d / RELAY_FILE) or {}).get("pid") for d in dirs]
     workers = [w for w in workers if w not in rpcs and w not in relays]
@@ -256,15 +258,15 @@ def main(argv: list[str] | None = None) -> int:
     table.append(["all", str(total["done"]), str(total["failed"]), str(total["differ"])])
     mem = [["process (RSS MiB)", "start", "end"]] + [[k, f"{mem_start[k]:.0f}", f"{mem_end[k]:.0f}"] for k in mem_start]
     faults = ", ".join(f"{k} x{sum(1 for f in soak.faults if f['fault'] == k)}" for k in FAULTS)
-    text = (render(table, args.markdown) + "\n\n" + render(mem, args.markdown)
+    text = (common.render(table, args.markdown) + "\n\n" + common.render(mem, args.markdown)
             + f"\n\n{len(soak.faults)} faults in {args.minutes:g} min ({faults}); {recoveries} engine recoveries")
     if errors:
         text += "\n" + "\n".join(errors[:20])
     result = {"minutes": args.minutes, "requests": counts, "total": total, "memory_start_mib": mem_start,
               "memory_end_mib": mem_end, "faults": soak.faults, "recoveries": recoveries, "errors": errors,
-              "texts_match": total["differ"] == 0, "machine": machine_info(), "config": vars(args),
+              "texts_match": total["differ"] == 0, "machine": common.machine_info(), "config": vars(args),
               "total_seconds": time.perf_counter() - t_all, "date": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-    code = finish(result, args.out, text)
+    code = common.finish(result, args.out, text)
     return code if total["failed"] == 0 else 1
 
 

