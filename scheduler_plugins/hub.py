@@ -194,6 +194,7 @@ class MeshHub:
         self._polled = 0.0
         self._probes: dict[str, tuple[str, bool | None, float]] = {}  # machine -> (endpoint, reachable, when)
         self._probing: set[asyncio.Task] = set()
+        self._in_flight: set[str] = set()  # machines whose relay is being tried now
 
     async def start(self) -> None:
         if self.address:
@@ -230,7 +231,8 @@ class MeshHub:
 
     def reach(self, machine: str, rpc: dict) -> str:
         """``direct``, ``hub`` (it takes no inbound connection, or the scheduler could not reach its relay while the
-        hub has it), or ``none`` (no inbound connection and not at the hub: nobody can reach it now)."""
+        hub has it), ``probing`` (its relay is being tried from the scheduler: which way is not known yet), or
+        ``none`` (no inbound connection and not at the hub: nobody can reach it now)."""
         relay = rpc.get("relay") or {}
         if rpc.get("direct") or not relay:
             return "direct"
@@ -238,8 +240,12 @@ class MeshHub:
         if not relay.get("inbound", True):
             return "hub" if at_hub is not False else "none"
         probe = self._probes.get(machine)
-        if probe and probe[0] == relay.get("endpoint") and probe[1] is False and at_hub is not False:
-            return "hub"
+        if probe is None or probe[0] != relay.get("endpoint"):
+            return "probing" if self.process is not None else "direct"  # a separate hub: no probe of ours
+        if probe[1] is None:
+            return "probing"
+        if probe[1] is False:  # the scheduler cannot reach it directly: only through the hub, while it is there
+            return "hub" if at_hub is not False else "none"
         return "direct"
 
     def registered(self, machine: str) -> bool | None:
@@ -263,9 +269,12 @@ class MeshHub:
             if not endpoint or not relay.get("inbound", True) or (m.get("rpc") or {}).get("direct"):
                 continue
             probe = self._probes.get(m["machine_id"])
-            if probe and probe[0] == endpoint and (probe[1] is None or now - probe[2] < self.PROBE_EVERY):
+            if m["machine_id"] in self._in_flight or (probe and probe[0] == endpoint
+                                                      and now - probe[2] < self.PROBE_EVERY):
                 continue
-            self._probes[m["machine_id"]] = (endpoint, None, now)
+            # A machine tried before keeps its way while it is tried again; a new endpoint is "probing" until then.
+            self._probes[m["machine_id"]] = (endpoint, probe[1] if probe and probe[0] == endpoint else None, now)
+            self._in_flight.add(m["machine_id"])
             task = asyncio.ensure_future(self._probe(m["machine_id"], endpoint))
             self._probing.add(task)
             task.add_done_callback(self._probing.discard)
@@ -284,6 +293,7 @@ class MeshHub:
             logger.warning("machine %s: its relay %s does not accept connections from the scheduler; clients go "
                            "through the relay hub", machine, endpoint)
         self._probes[machine] = (endpoint, ok, time.monotonic())
+        self._in_flight.discard(machine)
 
     def state(self) -> dict:
         stats = self.stats or {}

@@ -126,6 +126,8 @@ class LocalMesh:
         tls: bool = False,
         insecure_direct_rpc: bool = False,
         no_inbound: tuple[str, ...] | list[str] = (),
+        netlab: bool = False,
+        behind_nat: tuple[str, ...] | list[str] = (),
     ):
         if machines < 0:
             raise ValueError(f"machines must be >= 0, got {machines}")
@@ -142,6 +144,15 @@ class LocalMesh:
         self._want_tls = tls
         self.insecure_direct_rpc = insecure_direct_rpc  # workers serve RPC without the relay (trusted LANs only)
         self.no_inbound = set(no_inbound)  # machines whose relays listen nowhere: reached through the relay hub
+        # Each machine on a network stack of its own (sharedllm.netlab), those of ``behind_nat`` behind a firewall that
+        # drops every new inbound connection; the scheduler listens on this host's address on the lab's bridge.
+        self.lab = None
+        self.behind_nat = set(behind_nat)
+        if netlab:
+            from sharedllm.netlab import NetworkLab
+
+            self.lab = NetworkLab().start()
+            self.host = host = self.lab.host_address
         # The cluster secret every process of this mesh gets through its environment ("auto": a fresh one).
         from sharedllm import security
 
@@ -270,7 +281,14 @@ class LocalMesh:
         """Start ``dask worker --nworkers N`` for one emulated machine (``rpc_devices``: what its server serves;
         ``inbound=False``: a machine behind NAT, its relay listens on no port and serves through the relay hub)."""
         self._stopped.discard(machine_id)
-        cmd = [sys.executable, "-m", "dask", "worker", self.address, "--host", self.host, "--nthreads", "1",
+        no_inbound = inbound is False or (inbound is None and machine_id in self.no_inbound)
+        prefix, worker_host = [], self.host
+        if self.lab is not None:
+            stack = self.lab.hosts.get(machine_id) or self.lab.add(machine_id, firewall=machine_id in self.behind_nat)
+            prefix, worker_host = stack.prefix, stack.address
+        if no_inbound:
+            worker_host = "127.0.0.1"  # its worker and nanny open no port to the network
+        cmd = [*prefix, sys.executable, "-m", "dask", "worker", self.address, "--host", worker_host, "--nthreads", "1",
                "--nworkers", str(nworkers), "--memory-limit", "0", "--no-dashboard",
                "--local-directory", str(self.workdir / machine_id), "--name", machine_id,
                "--nanny" if self.nanny else "--no-nanny", *(self.tls.dask_args() if self.tls else []),
@@ -279,7 +297,7 @@ class LocalMesh:
             cmd += ["--rpc-threads", str(self.rpc_threads)]
         if self.insecure_direct_rpc:
             cmd += ["--insecure-direct-rpc"]
-        if inbound is False or (inbound is None and machine_id in self.no_inbound):
+        if no_inbound:
             cmd += ["--no-inbound"]
         for dev in rpc_devices:
             cmd += ["--rpc-device", dev]
@@ -382,6 +400,8 @@ class LocalMesh:
             except subprocess.TimeoutExpired:
                 _kill_group(self.scheduler.popen.pid, signal.SIGKILL)
         self._finalizer()  # anything left in the groups (rpc-servers of killed workers)
+        if self.lab is not None:
+            self.lab.close()
         if self._tmp is not None:
             with contextlib.suppress(Exception):
                 self._tmp.cleanup()

@@ -114,6 +114,8 @@ class MachineReporter(WorkerPlugin):
             relay_port=self.relay_port, machine_id=self.machine_id, orphan_timeout=self.orphan_timeout,
             inbound=self.inbound,
         )
+        if not self.inbound:
+            self._no_inbound(worker)
         agent = MachineAgent(worker, self.machine_id, config, self.labels, self.state_dir, self.max_memory)
         _note_close_reason(worker, agent)
         worker.extensions[EXTENSION] = agent
@@ -122,10 +124,43 @@ class MachineReporter(WorkerPlugin):
         worker.stream_handlers[ACTOR_CALL] = agent.on_actor_call  # the scheduler's calls, on the worker's own stream
         logger.info("sharedllm: worker %s belongs to machine %s", worker.address, self.machine_id)
 
+    def _no_inbound(self, worker) -> None:
+        """A machine that takes no inbound connection opens no port to the network: its worker listens on loopback
+        (``dask worker --host 127.0.0.1``, which binds its nanny there too), and nobody dials it (the scheduler calls
+        its actor over the worker's own connection). It registers under an address of its own that nothing can
+        reach, ``[100::/64]`` (RFC 6666's discard prefix): two machines listening on the same loopback port stay two
+        workers at the scheduler."""
+        host = get_address_host(worker.address)
+        if not _loopback(host):
+            logger.warning("--no-inbound, but this worker listens on %s, open to its network: start it with "
+                           "`dask worker ... --host 127.0.0.1` (its nanny too)", worker.address)
+        elif not _loopback(get_address_host(worker.scheduler.address)) and worker.contact_address is None:
+            worker.contact_address = unreachable_address(self.machine_id, worker.address)
+            logger.info("sharedllm: no inbound connections: worker %s registers as %s", worker.address,
+                        worker.contact_address)
+
     async def teardown(self, worker) -> None:
         agent = worker.extensions.pop(EXTENSION, None)
         if agent is not None:
             await agent.close()
+
+
+def _loopback(host: str) -> bool:
+    import ipaddress
+
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+def unreachable_address(machine_id: str, listen: str) -> str:
+    """A worker address unique to this machine and worker that routes nowhere (``100::/64``, RFC 6666)."""
+    import hashlib
+
+    port = listen.rpartition(":")[2]
+    h = hashlib.sha256(f"{machine_id}|{os.getpid()}|{listen}".encode()).hexdigest()
+    return f"tcp://[100::{h[0:4]}:{h[4:8]}:{h[8:12]}:{h[12:16]}]:{port}"
 
 
 def _note_close_reason(worker, agent: MachineAgent) -> None:

@@ -53,6 +53,9 @@ class Planner:
                 skipped.append(f"{m['machine_id']} (relay not running{why})")
                 continue
             reach = m.get("reach", "direct")
+            if reach == "probing":
+                skipped.append(f"{m['machine_id']} (its relay is being tried from the scheduler: back in seconds)")
+                continue
             if reach == "none":
                 skipped.append(f"{m['machine_id']} (takes no inbound connections and is not connected to the relay "
                                "hub now)")

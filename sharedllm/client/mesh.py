@@ -49,10 +49,12 @@ class MachineTable(list):
 
     def ready(self) -> list[dict]:
         """The machines a session can be placed on now: rpc-server ready and reachable (its relay running, or
-        serving directly). The same test as placement's, so a machine counted here is one ``load`` can use."""
+        serving directly; reached directly or through the relay hub, as the scheduler has found). The same test as
+        placement's, so a machine counted here is one ``load`` can use."""
         from sharedllm.machine.state import public_endpoint
 
-        return [m for m in self if (rpc := m.get("rpc") or {}).get("state") == "ready" and public_endpoint(rpc)]
+        return [m for m in self if (rpc := m.get("rpc") or {}).get("state") == "ready" and public_endpoint(rpc)
+                and m.get("reach", "direct") in ("direct", "hub")]
 
 
 class Mesh:
