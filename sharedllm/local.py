@@ -45,6 +45,7 @@ class _Proc:
     popen: subprocess.Popen
     log: Path
     machine_id: str | None = None
+    cwd: str | None = None
 
 
 def _kill_group(pid: int, sig: int) -> None:
@@ -186,7 +187,7 @@ class LocalMesh:
 
     # --- processes ---------------------------------------------------------------------------------------------
 
-    def _spawn(self, name: str, cmd: list[str], machine_id: str | None = None) -> _Proc:
+    def _spawn(self, name: str, cmd: list[str], machine_id: str | None = None, cwd: str | None = None) -> _Proc:
         log = self.workdir / f"{name}.log"
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         for key, value in _QUIET_ENV.items():
@@ -198,8 +199,8 @@ class LocalMesh:
             env.pop(security.ENV_SECRET_FILE, None)
         with open(log, "ab") as f:
             popen = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
-                                     start_new_session=True)
-        proc = _Proc(name, popen, log, machine_id)
+                                     start_new_session=True, cwd=cwd)
+        proc = _Proc(name, popen, log, machine_id, cwd)
         self._procs.append(proc)
         return proc
 
@@ -264,7 +265,7 @@ class LocalMesh:
         for k, p in enumerate(self.workers):
             if p.popen.poll() is not None and p.machine_id not in self._stopped:
                 logger.warning("worker of %s exited with status %s; restarting it", p.machine_id, p.popen.returncode)
-                self.workers[k] = self._spawn(p.name, p.popen.args, p.machine_id)
+                self.workers[k] = self._spawn(p.name, p.popen.args, p.machine_id, cwd=p.cwd)
                 restarted.append(p.name)
         return restarted
 
@@ -277,9 +278,11 @@ class LocalMesh:
         labels: dict[str, str] | None = None,
         inbound: bool | None = None,
         worker_args: list[str] | tuple[str, ...] = (),
+        python: str | None = None,
     ) -> list[_Proc]:
         """Start ``dask worker --nworkers N`` for one emulated machine (``rpc_devices``: what its server serves;
-        ``inbound=False``: a machine behind NAT, its relay listens on no port and serves through the relay hub)."""
+        ``inbound=False``: a machine behind NAT, its relay listens on no port and serves through the relay hub;
+        ``python``: the interpreter of another installation, a donor's, run from outside this checkout)."""
         self._stopped.discard(machine_id)
         no_inbound = inbound is False or (inbound is None and machine_id in self.no_inbound)
         prefix, worker_host = [], self.host
@@ -288,7 +291,8 @@ class LocalMesh:
             prefix, worker_host = stack.prefix, stack.address
         if no_inbound:
             worker_host = "127.0.0.1"  # its worker and nanny open no port to the network
-        cmd = [*prefix, sys.executable, "-m", "dask", "worker", self.address, "--host", worker_host, "--nthreads", "1",
+        cmd = [*prefix, python or sys.executable, "-m", "dask", "worker", self.address, "--host", worker_host,
+               "--nthreads", "1",
                "--nworkers", str(nworkers), "--memory-limit", "0", "--no-dashboard",
                "--local-directory", str(self.workdir / machine_id), "--name", machine_id,
                "--nanny" if self.nanny else "--no-nanny", *(self.tls.dask_args() if self.tls else []),
@@ -304,7 +308,9 @@ class LocalMesh:
         for key, value in (labels or {}).items():
             cmd += ["--label", f"{key}={value}"]
         cmd += list(worker_args)  # more options of the sharedllm.worker preload (--max-memory 12GiB, ...)
-        proc = self._spawn(f"worker-{machine_id}-{len(self.workers)}", cmd, machine_id)
+        # Another installation runs from its own folder: this checkout's sharedllm/ must not shadow it.
+        proc = self._spawn(f"worker-{machine_id}-{len(self.workers)}", cmd, machine_id,
+                           cwd=str(self.workdir) if python else None)
         self.workers.append(proc)
         if wait:
             self.mesh().wait_for_machines(len({w.machine_id for w in self.workers}), timeout=self.start_timeout)
