@@ -72,17 +72,17 @@ def ensure_model(models: Path, arch: str = ARCH, scale: str = "full", blocks: bo
         return dst, {"reused": False, "writer": "synth_blocks", "write_s": time.perf_counter() - t0}
     dst = models / f"{arch}-{scale}-{QUANT}.gguf"  # the names synth_gguf.synthesize uses
     src = models / f"{arch}-{scale}-F32.gguf"
-    if synth_gguf._current(dst):
+    if synth_gguf.current(dst):
         return dst, {"reused": True}
     f32_bytes = synth_gguf.n_params(arch, scale) * 4
     free = shutil.disk_usage(models).free
     need = f32_bytes + f32_bytes // 6 + 2 * GiB  # the F32 source, the Q4_K_M file (about 4.8 bits a weight), margin
-    if not synth_gguf._current(src) and free < need:
+    if not synth_gguf.current(src) and free < need:
         raise SystemExit(f"{models} has {free / GiB:.1f} GiB free; writing {arch} in F32 then {QUANT} needs about "
                          f"{need / GiB:.1f} GiB: free some space or pass --models on a larger disk")
     info: dict = {"reused": False, "disk_free_gib": free / GiB}
     t0 = time.perf_counter()
-    if not synth_gguf._current(src):
+    if not synth_gguf.current(src):
         print(f"writing {src} ({f32_bytes / GiB:.1f} GiB) ...", file=sys.stderr, flush=True)
         synth_gguf.write_f32(arch, src, scale=scale)
     info["f32_s"] = time.perf_counter() - t0

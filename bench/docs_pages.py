@@ -102,6 +102,7 @@ SETTINGS: dict[str, str] = {
     "1 MiB `GET_TENSOR`": "the micro-benchmark's setting",
     "the log's 0.01 MiB": "the rounding of llama.cpp's log",
     "sampled every 50 ms": "the load benchmark's sampling interval",
+    "loses its network for 20 s": "the link cut tests/test_netlab.py makes (a setting of the test)",
 }
 
 UNITS = (r"tok/s|tokens/s|tokens a second|tokens per second|req/s|Mbit/s|Gbit/s|Mbps|Gbps|KiB|MiB|GiB|TiB|kB|KB|MB|GB"
@@ -751,9 +752,12 @@ def reflow(text: str, width: int = 120) -> str:
 
 
 def templates(root: Path = ROOT) -> dict[Path, Path]:
-    """Each template under docs/src and the page it writes."""
+    """Each template under docs/src and the page it writes (``docs/src/README.md``: the repository's README)."""
     src = root / "docs" / "src"
-    return {t: root / "docs" / t.relative_to(src) for t in sorted(src.rglob("*.md"))} if src.is_dir() else {}
+    if not src.is_dir():
+        return {}
+    return {t: root / "README.md" if t == src / "README.md" else root / "docs" / t.relative_to(src)
+            for t in sorted(src.rglob("*.md"))}
 
 
 def render_all(root: Path = ROOT) -> dict[Path, str]:
@@ -800,7 +804,7 @@ def hand_written_pages(root: Path = ROOT) -> list[Path]:
     """README.md and every page of docs/ that no template writes."""
     outs = set(templates(root).values())
     src = root / "docs" / "src"
-    pages = [root / "README.md"] if (root / "README.md").is_file() else []
+    pages = [root / "README.md"] if (root / "README.md").is_file() and root / "README.md" not in outs else []
     if (root / "docs").is_dir():
         pages += [p for p in sorted((root / "docs").rglob("*.md")) if src not in p.parents and p not in outs]
     return pages

@@ -456,7 +456,8 @@ def quantize(src: str | os.PathLike, dst: str | os.PathLike, quant: str, nthread
     return dst
 
 
-def _current(path: Path) -> bool:
+def current(path: Path) -> bool:
+    """Whether ``path`` exists, written by this synthesizer version."""
     if not path.exists():
         return False
     from sharedllm.gguf import read_gguf
@@ -478,12 +479,12 @@ def synthesize(arch: str, quant: str, out_dir: str | os.PathLike, *, scale: str 
     out.mkdir(parents=True, exist_ok=True)
     base = f"{arch}-{scale}" + (f"-s{seed}" if seed else "")
     src = out / f"{base}-F32.gguf"
-    if not _current(src):
+    if not current(src):
         write_f32(arch, src, scale=scale, seed=seed)
     if quant == "F32":
         return src
     dst = out / f"{base}-{quant}.gguf"
-    if not _current(dst):
+    if not current(dst):
         quantize(src, dst, quant)
     return dst
 

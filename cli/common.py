@@ -20,6 +20,20 @@ output_layer_option = click.option(
          "(client when the model ties its embeddings)")
 
 
+
+def draft_options(fn):
+    """``--draft`` and ``--draft-max``: speculative decoding (``Mesh.load``'s ``draft`` and ``draft_max``)."""
+    fn = click.option("--draft-min", default=0, show_default=True, type=click.IntRange(min=0),
+                      help="with --draft: the fewest drafts a request takes per step when there are any, paying or "
+                           "not (llama-server's --draft-min)")(fn)
+    fn = click.option("--draft-max", default=8, show_default=True, type=click.IntRange(min=1),
+                      help="with --draft: the most drafts a request takes per step (fewer as they pay)")(fn)
+    return click.option("--draft", default=None, metavar="lookup|MODEL",
+                        help="speculative decoding: 'lookup' (the context's own earlier tokens propose the next ones; "
+                             "for edits, code, summaries) or a small GGUF with the model's vocabulary (a path, URL "
+                             "or catalog name), run on this machine; the text is the text without drafts")(fn)
+
+
 def friendly_errors(fn):
     """Turn expected failures into one line on stderr and exit status 1 (2 for usage errors)."""
 

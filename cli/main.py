@@ -17,7 +17,7 @@ import time
 import click
 
 from sharedllm import settings
-from sharedllm.cli.common import connect, friendly_errors, output_layer_option
+from sharedllm.cli.common import connect, draft_options, friendly_errors, output_layer_option
 
 logger = logging.getLogger("sharedllm.cli")
 
@@ -137,8 +137,10 @@ def up(machines: int, host: str, state_path: str | None, tls: bool, insecure_dir
 @click.option("--n-ctx", default=2048, show_default=True)
 @click.option("--chat", is_flag=True, help="treat PROMPT as a user chat message (chat template from the GGUF)")
 @output_layer_option
+@draft_options
 @friendly_errors
-def generate(model, prompt, scheduler, machines, max_tokens, temperature, seed, n_ctx, chat, output_layer) -> None:
+def generate(model, prompt, scheduler, machines, max_tokens, temperature, seed, n_ctx, chat, output_layer, draft,
+             draft_max, draft_min) -> None:
     """Stream a completion of PROMPT by MODEL (a .gguf path or 'gemma-3-270m') to stdout."""
     from sharedllm import models
 
@@ -147,7 +149,8 @@ def generate(model, prompt, scheduler, machines, max_tokens, temperature, seed, 
     mesh, close = connect(scheduler, machines)
     try:
         extra = {"seed": seed} if seed is not None else {}
-        with mesh.load(model, n_ctx=n_ctx, output_layer=output_layer, **extra) as llm:
+        with mesh.load(model, n_ctx=n_ctx, output_layer=output_layer, draft=draft, draft_max=draft_max,
+                       draft_min=draft_min, **extra) as llm:
             click.echo(str(llm.topology), err=True)
             kwargs = {"max_tokens": max_tokens, "temperature": temperature, "stream": True}
             if chat:

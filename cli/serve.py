@@ -19,7 +19,7 @@ from pathlib import Path
 import click
 
 from sharedllm import settings
-from sharedllm.cli.common import friendly_errors, open_mesh, output_layer_option, scheduler_option
+from sharedllm.cli.common import draft_options, friendly_errors, open_mesh, output_layer_option, scheduler_option
 
 logger = logging.getLogger("sharedllm.cli.serve")
 
@@ -101,10 +101,11 @@ def _bind(host: str, port: int) -> socket.socket:
               help="copies of the model on disjoint machines; each request goes to the least loaded")
 @click.option("--machine", "machines", multiple=True, help="place the model only on these machines (repeatable)")
 @output_layer_option
+@draft_options
 @friendly_errors
 def serve(scheduler, model_ref, model_name, host, port, api_keys, api_keys_file, insecure_no_auth, max_queue,
           queue_timeout, n_ctx, parallel, exact_batches, max_stall_ms, prompt_cache, replicas, machines,
-          output_layer) -> None:
+          output_layer, draft, draft_max, draft_min) -> None:
     """Serve a model of the mesh with an OpenAI-compatible API (/v1/completions, /v1/chat/completions, ...)."""
     import uvicorn
 
@@ -136,7 +137,9 @@ def serve(scheduler, model_ref, model_name, host, port, api_keys, api_keys_file,
         # Shared: the mesh's users send their own keys as API keys, and their requests run under their own limits.
         options = LoadOptions(n_ctx=n_ctx, machines=machines or None, output_layer=output_layer, parallel=parallel,
                               exact_batches=exact_batches, max_stall_ms=max_stall_ms, prompt_cache=prompt_cache,
-                              shared=True)
+                              shared=True, draft=draft, draft_max=draft_max, draft_min=draft_min)
+        if draft is not None and draft != "lookup":
+            options = options.replace(draft=mesh.model(draft))  # resolved once, for every replica
         if replicas > 1:
             from sharedllm.replicas import Replicas
 

@@ -21,7 +21,7 @@ from rich.text import Text
 from sharedllm.cli.common import friendly_errors, open_mesh, scheduler_option
 from sharedllm.errors import gib
 from sharedllm.machine.state import describe_endpoint
-from sharedllm.views import device_memory, session_stages
+from sharedllm.views import device_memory, draft_summary, session_stages
 
 STATE_STYLES = {"ready": "green", "starting": "yellow", "restarting": "yellow", "stopped": "dim", "failed": "bold red"}
 
@@ -89,7 +89,7 @@ def sessions_table(state: dict) -> Table:
     for name, kw in (
         ("session", {"no_wrap": True}), ("model", {}), ("layers (machine: range)", {}),
         ("tokens", {"justify": "right"}), ("requests", {"justify": "right"}), ("tok/s", {"justify": "right"}),
-        ("last TTFT", {"justify": "right"}), ("recoveries", {"justify": "right"}), ("opened", {}),
+        ("last TTFT", {"justify": "right"}), ("drafts", {}), ("recoveries", {"justify": "right"}), ("opened", {}),
     ):
         table.add_column(name, **kw)
     for s in sessions:
@@ -99,7 +99,7 @@ def sessions_table(state: dict) -> Table:
         table.add_row(
             sid, s.get("model") or "?", layers, str(s.get("tokens", 0)), str(s.get("requests", 0)),
             f"{s.get('last_tok_s') or 0:.1f}", "-" if ttft is None else f"{ttft:.0f} ms",
-            str(s.get("recoveries", 0)), _ago(s.get("opened"), now),
+            draft_summary(s.get("load")) or "-", str(s.get("recoveries", 0)), _ago(s.get("opened"), now),
         )
     return table
 

@@ -57,7 +57,7 @@ def users_add(name: str, scheduler: str, role: str, requests_per_minute, tokens_
 @scheduler_option
 @friendly_errors
 def users_rotate(name: str, scheduler: str) -> None:
-    """Give user NAME a new key (printed once); the old one stops working, and their connections close."""
+    """Give user NAME a new key (printed once); the old one stops working, and their open connections close."""
     out = scheduler_call(scheduler, "users", action="rotate", name=name)
     click.echo(f"user {name}'s new key, shown this once:", err=True)
     click.echo(out["key"])

@@ -279,6 +279,16 @@ class MeshHub:
             self._probing.add(task)
             task.add_done_callback(self._probing.discard)
 
+    async def settle(self, machines: list[dict], timeout: float = 4.0) -> None:
+        """Try at once the relays whose way in is not known yet (not at the next poll) and wait, at most ``timeout``
+        seconds, for the tries in flight: a load does not leave out a machine that joined a moment ago."""
+        if self.process is None:
+            return
+        if any(self.reach(m["machine_id"], m.get("rpc") or {}) == "probing" for m in machines):
+            await self.poll(machines)
+        if self._probing:
+            await asyncio.wait(list(self._probing), timeout=timeout)
+
     async def _probe(self, machine: str, endpoint: str) -> None:
         from sharedllm.relay import parse_endpoint
 

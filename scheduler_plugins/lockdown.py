@@ -35,6 +35,7 @@ logger = logging.getLogger("sharedllm.scheduler")
 
 AUTH_KEY = "sharedllm-auth"  # the handshake field
 SKEW = 300.0  # seconds a proof's timestamp may be off the scheduler's clock
+WRONG_SECRET = "wrong-secret:"  # the name of a connection whose machine proof failed (its role: anonymous)
 NONCES = 100_000  # nonces remembered (each within SKEW)
 
 # What a worker (and its nanny) sends to the scheduler (distributed 2026.8), and nothing else.
@@ -78,9 +79,14 @@ class Policy:
             user = self.users.verify(auth["key_id"], message, proof)
             if user is not None and user.role == "admin":
                 return "admin", user.name
+            logger.warning("refused an admin credential that does not verify from %s",
+                           getattr(comm, "peer_address", "?"))
         elif role == "machine" and isinstance(auth.get("machine"), str):
             if security.check_machine_proof(self.secret, auth["machine"], ts, nonce, proof):
                 return "machine", auth["machine"]
+            logger.warning("wrong cluster secret for machine %s (from %s): its connection is anonymous",
+                           auth["machine"][:64], getattr(comm, "peer_address", "?"))
+            return "anonymous", WRONG_SECRET + auth["machine"][:64]
         return "anonymous", "anonymous"
 
     def _fresh(self, nonce: str, ts: float) -> bool:
@@ -193,7 +199,7 @@ def _refused_rpc(policy: Policy, role: str, name: str, op: Any, msg: dict, comm)
         return None  # not an operation (a reply inside an exchange, as a nanny's registration status)
     allowed = MACHINE_RPC if role == "machine" else NANNY_RPC
     if op not in allowed:
-        return "admin"
+        return "machine" if role != "machine" and op in MACHINE_RPC else "admin"
     if op in ("unregister", "heartbeat_worker"):
         address = msg.get("address")
         if role == "machine":
@@ -230,13 +236,19 @@ async def _answer_refusal(comm, msg: dict, need: str, op: Any, role: str, name: 
 
     from sharedllm.errors import NotAuthorized
 
-    who = f"machine {name!r}" if role == "machine" else "an anonymous connection"
+    if role == "machine":
+        who = f"machine {name!r}"
+    elif name.startswith(WRONG_SECRET):
+        who = f"machine {name[len(WRONG_SECRET):]!r} with a wrong cluster secret"
+    else:
+        who = "an anonymous connection"
     why = f"{op!r} on the Dask port needs the {need} role; you are {who}"
     refusals[str(op), need] += 1
     logger.warning("refused: %s (from %s)", why, getattr(comm, "peer_address", "?"))
     if op == "register-worker":  # a worker reads its registration's answer (sent with reply=False): it exits on this
-        await comm.write({"status": "error", "message": f"SharedLLM refused this worker: {why} (give it the cluster "
-                                                        "secret: SHAREDLLM_CLUSTER_SECRET or --secret-file)",
+        fix = "give it the mesh's cluster secret" if name.startswith(WRONG_SECRET) else "give it the cluster secret"
+        await comm.write({"status": "error", "message": f"SharedLLM refused this worker: {why} ({fix}: "
+                                                        "SHAREDLLM_CLUSTER_SECRET or --secret-file)",
                           "time": time.time()})
     elif msg.get("reply", True):
         await comm.write({"status": "uncaught-error", "exception": pickle.dumps(NotAuthorized(why)),

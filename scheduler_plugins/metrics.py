@@ -24,6 +24,12 @@ name                                                        type       what
                                                                        round trip to every machine)
 ``sharedllm_session_prompt_tokens{session,model,source}``   gauge      prompt tokens since its engine was loaded:
                                                                        ``read``, or ``cached`` (the prompt cache)
+``sharedllm_session_draft_acceptance{session,model}``       gauge      share of the drafts its engine verified that
+                                                                       were accepted (speculative decoding)
+``sharedllm_session_tokens_per_step{session,model}``        gauge      tokens a sequence got per decode step (1
+                                                                       without drafts)
+``sharedllm_draft_tokens_total{result}``                    counter    draft tokens verified: ``accepted`` or
+                                                                       ``rejected``
 ``sharedllm_tokens_generated_total``                        counter    tokens generated since the scheduler started
 ``sharedllm_requests_total``                                counter    completed requests
 ``sharedllm_time_to_first_token_seconds``                   histogram  per streamed request
@@ -290,6 +296,25 @@ def _families(plugin: Any) -> Iterator[Any]:
         prompt.add_metric([s["session_id"], s.get("model", ""), "read"], float(load.get("prompt_tokens", 0.0)) - cached)
         prompt.add_metric([s["session_id"], s.get("model", ""), "cached"], cached)
     yield from (seqs, batch, passes, prompt)
+    acceptance = GaugeMetricFamily(f"{PREFIX}_session_draft_acceptance", "Share of the drafts each session's engine "
+                                   "verified that were accepted (speculative decoding), as last reported",
+                                   labels=["session", "model"])
+    per_step = GaugeMetricFamily(f"{PREFIX}_session_tokens_per_step", "Tokens a sequence of each session got per "
+                                 "decode step (drafts accepted and the token after them), as last reported",
+                                 labels=["session", "model"])
+    for s in sessions:
+        draft = (s.get("load") or {}).get("draft")
+        if isinstance(draft, dict):
+            key = [s["session_id"], s.get("model", "")]
+            if draft.get("drafted"):
+                acceptance.add_metric(key, draft.get("accepted", 0.0) / draft["drafted"])
+            if draft.get("steps"):
+                per_step.add_metric(key, draft.get("tokens", 0.0) / draft["steps"])
+    drafts = CounterMetricFamily(f"{PREFIX}_draft_tokens", "Draft tokens verified by the mesh (speculative decoding), "
+                                 "by result", labels=["result"])
+    for result, n in plugin.data.drafts_total.items():
+        drafts.add_metric([result], float(n))
+    yield from (acceptance, per_step, drafts)
 
     yield CounterMetricFamily(f"{PREFIX}_tokens_generated", "Tokens generated on the mesh since the scheduler started",
                               value=float(plugin.tokens_total))

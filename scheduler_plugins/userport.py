@@ -30,12 +30,14 @@ logger = logging.getLogger("sharedllm.scheduler")
 
 
 class UserPort:
-    """The listener (see the module's docstring). ``on_closed(caller, sessions)``: a connection ended, with the
-    sessions it opened."""
+    """The listener (see the module's docstring). ``on_opened(caller)``: a user's connection is authenticated (its
+    sessions that wait for their client are its own again). ``on_closed(caller, sessions)``: a connection ended,
+    with the sessions it opened."""
 
     def __init__(self, operations: Operations, users: UserRegistry, *, host: str = "0.0.0.0", port: int = 0,
                  ssl_context: ssl.SSLContext | None = None, allow_anonymous: bool = False,
                  on_closed: Callable[[Caller, set[str]], None] | None = None, max_per_address: int = 64,
+                 on_opened: Callable[[Caller], None] | None = None,
                  max_handshakes_per_address: int = 8, handshake_timeout: float = 10.0):
         self.operations = operations
         self.users = users
@@ -43,6 +45,8 @@ class UserPort:
         self.ssl_context = ssl_context
         self.allow_anonymous = allow_anonymous
         self.on_closed = on_closed
+        self.on_opened = on_opened
+        self._writers: dict[str, set[asyncio.StreamWriter]] = {}  # user -> their open connections
         self.max_per_address = max_per_address
         self.max_handshakes_per_address = max_handshakes_per_address
         self.handshake_timeout = handshake_timeout
@@ -103,16 +107,31 @@ class UserPort:
             if caller is None:
                 return
             self.connected[caller.name] += 1
+            self._writers.setdefault(caller.name, set()).add(writer)
+            if self.on_opened is not None:
+                self.on_opened(caller)
             await self._requests(reader, writer, caller, opened)
         finally:
             if caller is not None:
                 self.connected[caller.name] -= 1
+                self._writers.get(caller.name, set()).discard(writer)
                 if self.on_closed is not None:
                     self.on_closed(caller, opened)
             if counted:
                 self._connections[peer] -= 1
             writer.close()
             self._tasks.discard(task)
+
+    def disconnect(self, name: str, why: str) -> None:
+        """End every open connection of user ``name``, saying ``why`` (their key was rotated or removed)."""
+        for writer in list(self._writers.get(name, ())):
+            async def end(w: asyncio.StreamWriter = writer) -> None:
+                await self._refuse(w, why)
+                w.close()
+
+            task = asyncio.ensure_future(end())
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
 
     async def _refuse(self, writer: asyncio.StreamWriter, why: str, kind: str = "AuthenticationFailed") -> None:
         with contextlib.suppress(Exception):
@@ -189,6 +208,7 @@ class UserPort:
                     if op in ("acquire", "session_open") and isinstance(result, dict) and result.get("session_id"):
                         opened.add(result["session_id"])
             except MeshError as exc:
+                logger.info("%s refused: %s: %s (%s)", op, type(exc).__name__, exc, caller.describe())
                 reply["refusal"] = to_refusal(exc)
             except TypeError as exc:  # arguments the operation does not take
                 reply["refusal"] = to_refusal(MeshError(f"bad arguments for {op}: {exc}"))

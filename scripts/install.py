@@ -140,9 +140,9 @@ def main(argv: list[str] | None = None) -> int:
         p.error("give SharedLLM's wheel (sharedllm-*.whl), or --llama-only")
     log(f"installing {args.wheel} and its dependencies into {venv}")
     pip(python, "install", "-q", args.wheel)
-    log(f"done. To give this machine to a mesh:\n\n  {venv}/bin/dask worker tcp://SCHEDULER:8786 --preload "
-        "sharedllm.worker\n\n  (behind NAT, taking no inbound connection: add --host 127.0.0.1 --no-inbound; "
-        "the cluster secret from SHAREDLLM_CLUSTER_SECRET_FILE)")
+    log(f"done. To give this machine to a mesh:\n\n  {venv}/bin/dask worker tcp://SCHEDULER:8786 --preload-nanny "
+        "sharedllm.nanny --preload sharedllm.worker\n\n  (behind NAT, taking no inbound connection: add "
+        "--host 127.0.0.1 --no-inbound; the cluster secret from SHAREDLLM_CLUSTER_SECRET_FILE)")
     return 0
 
 

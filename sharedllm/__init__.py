@@ -1,10 +1,9 @@
 # SPDX-License-Identifier: AGPL-3.0-or-later
 """SharedLLM: one GGUF model split across the machines of a mesh (llama.cpp RPC + a Dask actor system).
 
-    from distributed import Client
     import sharedllm
 
-    mesh = sharedllm.Mesh(Client("tcp://machine1:8786"))
+    mesh = sharedllm.Mesh("machine1:8789", key_file="alice.key")   # the scheduler's user port, a user's key
     with mesh.load("/models/gemma-3-270m-q4_k_m.gguf", n_ctx=2048) as llm:
         print(llm.create_completion("Once upon a time", max_tokens=64, temperature=0))
 """

@@ -295,7 +295,8 @@ class LocalMesh:
                "--nthreads", "1",
                "--nworkers", str(nworkers), "--memory-limit", "0", "--no-dashboard",
                "--local-directory", str(self.workdir / machine_id), "--name", machine_id,
-               "--nanny" if self.nanny else "--no-nanny", *(self.tls.dask_args() if self.tls else []),
+               *(["--nanny", "--preload-nanny", "sharedllm.nanny"] if self.nanny else ["--no-nanny"]),
+               *(self.tls.dask_args() if self.tls else []),
                "--preload", "sharedllm.worker", "--machine-id", machine_id]
         if self.rpc_threads:
             cmd += ["--rpc-threads", str(self.rpc_threads)]

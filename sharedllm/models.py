@@ -325,14 +325,60 @@ def header(ref: str | os.PathLike, catalog: Any = None) -> GGUFFile:
     return locate(ref, catalog).header()
 
 
+def quantized(source: str | os.PathLike, quant: str, out_dir: str | os.PathLike | None = None) -> Path:
+    """A cheaper quantization of the GGUF ``source`` (``"Q2_K"``, ``"Q3_K_S"``, ``"Q4_0"``...: llama.cpp's names),
+    made by llama.cpp's own quantizer (requantizing a quantized file is allowed) in a child process, so that a
+    quantizer abort costs no caller. Kept in ``out_dir`` (default: the model cache) as ``<stem>-<quant>.gguf`` and
+    reused: a draft model with the source's vocabulary for speculative decoding (``draft=``)."""
+    import subprocess
+    import sys
+
+    ftypes = {name: code for code, name in FILE_TYPES.items()}
+    if quant not in ftypes:
+        raise ValueError(f"unknown quantization {quant!r}; one of {', '.join(sorted(ftypes))}")
+    source = Path(source)
+    out = Path(out_dir) if out_dir is not None else cache_dir()
+    out.mkdir(parents=True, exist_ok=True)
+    stem = re.sub(r"-(q|iq|f|bf)\d\w*$", "", source.stem, flags=re.IGNORECASE)
+    dst = out / f"{stem}-{quant.lower()}.gguf"
+    if dst.exists() and dst.stat().st_mtime >= source.stat().st_mtime:
+        return dst
+    tmp = dst.with_name(dst.name + ".part")
+    logger.info("quantizing %s to %s (llama.cpp's quantizer)", source.name, quant)
+    proc = subprocess.run([sys.executable, "-m", "sharedllm.models", "--quantize", str(source), str(tmp),
+                           str(ftypes[quant])], capture_output=True, text=True)
+    if proc.returncode != 0 or not tmp.exists():
+        tmp.unlink(missing_ok=True)
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+        raise RuntimeError(f"quantizing {source} to {quant} failed (status {proc.returncode}): {' | '.join(tail)}")
+    _validate(tmp)
+    tmp.replace(dst)
+    return dst
+
+
+def _quantize(src: str, dst: str, ftype: int) -> int:
+    import ctypes
+
+    import llama_cpp
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = ftype
+    params.allow_requantize = True
+    params.nthread = os.cpu_count() or 1
+    return llama_cpp.llama_model_quantize(src.encode(), dst.encode(), ctypes.byref(params))
+
+
 if __name__ == "__main__":
     import argparse
 
     ap = argparse.ArgumentParser(prog="python -m sharedllm.models")
     ap.add_argument("--ensure-default", action="store_true", help="assemble the default model and print its path")
+    ap.add_argument("--quantize", nargs=3, metavar=("SRC", "DST", "FTYPE"), help="(internal: see quantized())")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.ensure_default:
         print(default_model_path())
+    if args.quantize:
+        raise SystemExit(_quantize(args.quantize[0], args.quantize[1], int(args.quantize[2])))
 
 

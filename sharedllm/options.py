@@ -40,6 +40,11 @@ class LoadOptions:
     exact_batches: bool = True
     max_stall_ms: float = 500.0
     prompt_cache: bool = True
+    # Speculative decoding: "lookup" (n-gram prompt lookup), a draft model (a path, URL or catalog name; Mesh.load
+    # makes it a sharedllm.models.Model, run on this machine's CPU), or None; and the most drafts per step.
+    draft: Any = None
+    draft_max: int = 8
+    draft_min: int = 0  # the fewest drafts a sequence takes when its drafter offers them, paying or not
     # Benchmarks: a function the engine calls with its tunnel to every machine (see EngineSpec.tunnel_hook;
     # bench/linkem.py's hook(rtt_ms=20) emulates a link there)
     tunnel_hook: tuple[str, str | None, dict] | None = None
@@ -65,6 +70,14 @@ class LoadOptions:
             raise ValueError(f"strategy must be one of {', '.join(STRATEGIES)}, got {self.strategy!r}")
         if self.privacy not in PRIVACY:
             raise ValueError(f"privacy must be one of {', '.join(PRIVACY)}, got {self.privacy!r}")
+        if not isinstance(self.draft_max, int) or isinstance(self.draft_max, bool) or self.draft_max < 1:
+            raise ValueError(f"draft_max must be an integer >= 1 (the most drafts per step), got {self.draft_max!r}")
+        if not isinstance(self.draft_min, int) or not 0 <= self.draft_min <= self.draft_max:
+            raise ValueError(f"draft_min must be an integer from 0 to draft_max ({self.draft_max}), "
+                             f"got {self.draft_min!r}")
+        if self.draft is not None and self.llama.get("flash_attn") is False:
+            raise ValueError("a draft needs flash attention (its verification passes keep the arithmetic of one token "
+                             "at a time only with it): drop flash_attn=False, or the draft")
         if self.max_recoveries < 0:
             raise ValueError(f"max_recoveries must be >= 0, got {self.max_recoveries}")
         if self.machines is not None:
@@ -101,10 +114,18 @@ class LoadOptions:
                 "privacy": self.privacy, "min_trust": self.min_trust, "labels": self.labels}
 
     def llama_kwargs(self) -> dict[str, Any]:
-        """``llama_cpp.Llama``'s arguments in the engine."""
-        return {"n_ctx": self.n_ctx, **self.llama}
+        """``llama_cpp.Llama``'s arguments in the engine (with a draft, flash attention: see ``engine.speculative``)."""
+        return {"n_ctx": self.n_ctx, **({"flash_attn": True} if self.draft is not None else {}), **self.llama}
+
+    @property
+    def draft_ref(self) -> str | None:
+        """What the engine drafts with: ``"lookup"``, a draft model's local path, or None."""
+        if self.draft is None or isinstance(self.draft, (str, tuple)):
+            return self.draft
+        return str(getattr(self.draft, "path", self.draft))
 
     def engine_options(self) -> dict[str, Any]:
         """The ``EngineSpec`` fields these options set beside the model, its stages and ``llama_kwargs``."""
         return {"parallel": self.parallel, "max_waiting": self.max_waiting, "exact_batches": self.exact_batches,
-                "max_stall_ms": self.max_stall_ms, "prompt_cache": self.prompt_cache, "tunnel_hook": self.tunnel_hook}
+                "max_stall_ms": self.max_stall_ms, "prompt_cache": self.prompt_cache, "tunnel_hook": self.tunnel_hook,
+                "draft": self.draft_ref, "draft_max": self.draft_max, "draft_min": self.draft_min}

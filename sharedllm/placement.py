@@ -29,7 +29,8 @@ STRATEGIES = ("spread", "pack")
 DEVICE_KINDS = ("cpu", "gpu")
 
 _NO_MACHINES = (
-    "no machine in the mesh has a ready rpc-server; start workers with `dask worker ADDR --preload sharedllm.worker`"
+    "no machine in the mesh has a ready rpc-server; start workers with "
+    "`dask worker ADDR --preload-nanny sharedllm.nanny --preload sharedllm.worker`"
 )
 _WAY_OUT = "add machines with more free memory, lower n_ctx, or use a smaller quantization"
 

@@ -20,6 +20,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import os
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
@@ -163,6 +164,8 @@ class Replicas:
             pool = [m for m in mesh.machines().ready() if not opts.machines or m["machine_id"] in opts.machines]
             opts = opts.replace(max_devices=max(1, len(pool) // replicas))
         model = mesh.model(model)
+        if isinstance(opts.draft, (str, os.PathLike)) and opts.draft != "lookup":
+            opts = opts.replace(draft=mesh.model(opts.draft))
         handles: list[Any] = []
         try:
             for i in range(replicas):

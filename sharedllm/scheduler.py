@@ -54,7 +54,8 @@ lockdown.install()
 @click.option("--allow-anonymous", is_flag=True,
               help="let connections without a key use the mesh, with the tightest limits (off by default)")
 @click.option("--show-user-names", is_flag=True,
-              help="show users the names of other users' sessions, and the dashboard and /metrics every user's name")
+              help="show users the names of other users' sessions, and the dashboard every user's name (else "
+                   "pseudonyms)")
 def dask_setup(scheduler, reconcile_interval, state_path, persist_interval, secret_file, requests_per_minute,
                tokens_per_minute, max_leases, hub_port, hub_host, no_hub, hub_address, hub_key_file,
                hub_max_mbit_per_machine, user_port, no_user_port, user_port_file, admin_key_file, allow_anonymous,

@@ -50,6 +50,19 @@ class StageView:
     layers: str  # the range for humans, as the topology table writes it (``Stage.describe_layers``)
 
 
+def draft_summary(load: dict | None) -> str | None:
+    """A session's speculative decoding, from its engine's report (``load["draft"]``): its drafter, the share of
+    drafts accepted and the tokens each sequence got per decode step, e.g. ``lookup: 82% accepted, 2.6 tok/step``.
+    None without a drafter."""
+    draft = (load or {}).get("draft")
+    if not isinstance(draft, dict):
+        return None
+    drafted, steps = draft.get("drafted", 0), draft.get("steps", 0)
+    rate = f"{100 * draft.get('accepted', 0) / drafted:.0f}% accepted" if drafted else "no drafts yet"
+    per_step = f", {draft.get('tokens', 0) / steps:.1f} tok/step" if steps else ""
+    return f"{draft.get('drafter') or 'draft'}: {rate}{per_step}"
+
+
 def session_stages(sessions: Iterable[dict]) -> list[StageView]:
     """Every stage of every session (dicts as ``Session.to_dict`` gives them), in session then slot order."""
     out = []

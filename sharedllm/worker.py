@@ -1,5 +1,5 @@
 # SPDX-License-Identifier: AGPL-3.0-or-later
-"""Worker preload: ``dask worker ADDR --preload sharedllm.worker [--machine-id ID] [--rpc-host H] ...``.
+"""Worker preload: ``dask worker ADDR --preload-nanny sharedllm.nanny --preload sharedllm.worker [--machine-id ID]``.
 
 Thin adapter: it installs ``MachineReporter``, which reports this machine's resources and its rpc-server's state to the
 scheduler with every heartbeat, and gives the per-machine actor a place to live.
@@ -15,6 +15,10 @@ workers without a new command line::
 
     export DASK_DISTRIBUTED__WORKER__PRELOAD='["sharedllm.worker"]'
     export DASK_DISTRIBUTED__WORKER__PRELOAD_ARGV='["--rpc-threads", "4"]'   # or SHAREDLLM_RPC_THREADS=4
+    export DASK_DISTRIBUTED__NANNY__PRELOAD='["sharedllm.nanny"]'
+
+The worker's and nanny's own ports serve this host only (:mod:`sharedllm.machine.door`): a worker under a nanny
+without ``sharedllm.nanny`` refuses to start.
 """
 
 from __future__ import annotations
@@ -130,11 +134,11 @@ class MachineReporter(WorkerPlugin):
         its actor over the worker's own connection). It registers under an address of its own that nothing can
         reach, ``[100::/64]`` (RFC 6666's discard prefix): two machines listening on the same loopback port stay two
         workers at the scheduler."""
-        host = get_address_host(worker.address)
-        if not _loopback(host):
-            logger.warning("--no-inbound, but this worker listens on %s, open to its network: start it with "
-                           "`dask worker ... --host 127.0.0.1` (its nanny too)", worker.address)
-        elif not _loopback(get_address_host(worker.scheduler.address)) and worker.contact_address is None:
+        listening = getattr(getattr(worker, "listener", None), "listen_address", None) or worker.address
+        if not _loopback(get_address_host(listening)):  # a donor who asked for no open port gets none, or no worker
+            raise click.UsageError(f"--no-inbound, but this worker listens on {listening}, open to its network: "
+                                   "start it with `dask worker ... --host 127.0.0.1 --no-inbound` (its nanny too)")
+        if not _loopback(get_address_host(worker.scheduler.address)) and worker.contact_address is None:
             worker.contact_address = unreachable_address(self.machine_id, worker.address)
             logger.info("sharedllm: no inbound connections: worker %s registers as %s", worker.address,
                         worker.contact_address)
@@ -210,13 +214,27 @@ def _note_close_reason(worker, agent: MachineAgent) -> None:
                    "(default: sharedllm-MACHINE beside the worker's directory)")
 @click.option("--orphan-timeout", type=float, default=DEFAULT_ORPHAN_TIMEOUT, show_default=True,
               help="seconds the rpc-server and relay serve on without a worker (the scheduler restarting)")
-async def dask_setup(worker, machine_id, rpc_host, rpc_port, relay_port, no_inbound, insecure_direct_rpc, rpc_threads,
-                     rpc_devices, cache_dir, cache_cap, max_memory, labels, secret_file, state_dir, orphan_timeout):
-    from dask.utils import parse_bytes
-
+async def dask_setup(worker, **options) -> None:
+    """The preload: a worker whose SharedLLM options are wrong does not run without SharedLLM (Dask would log the
+    preload's failure and go on): it says why in one line and stops, its nanny too."""
     from sharedllm.logs import follow_dask_logging
 
     follow_dask_logging()
+    try:
+        await _setup(worker, **options)
+    except click.ClickException as exc:
+        logger.error("sharedllm: %s", exc.format_message())
+        if worker.nanny is not None:  # the nanny would start the worker again, and again: it stops too
+            import signal
+
+            os.kill(os.getppid(), signal.SIGTERM)
+        worker.loop.add_callback(worker.close, reason=f"sharedllm: {exc.format_message()}", nanny=True)
+
+
+async def _setup(worker, machine_id, rpc_host, rpc_port, relay_port, no_inbound, insecure_direct_rpc, rpc_threads,
+                 rpc_devices, cache_dir, cache_cap, max_memory, labels, secret_file, state_dir, orphan_timeout):
+    from dask.utils import parse_bytes
+
     pairs = {}
     for item in labels:
         key, sep, value = item.partition("=")
@@ -226,6 +244,13 @@ async def dask_setup(worker, machine_id, rpc_host, rpc_port, relay_port, no_inbo
     if no_inbound and insecure_direct_rpc:
         raise click.BadParameter("--no-inbound and --insecure-direct-rpc exclude each other: a machine without "
                                  "inbound connections is reached through the relay hub, over TLS")
+    from sharedllm.machine.door import NANNY_DOOR, local_only
+
+    if worker.nanny is not None and os.environ.get(NANNY_DOOR) != "1":
+        raise click.UsageError("this worker's nanny takes connections from anyone and runs what they send: start "
+                               "the worker with `--preload-nanny sharedllm.nanny` beside `--preload sharedllm.worker` "
+                               "(or with --no-nanny)")
+    local_only(worker)  # the worker's own port serves this host only (sharedllm.machine.door)
     plugin = MachineReporter(machine_id, rpc_host, rpc_port, rpc_threads, tuple(rpc_devices), cache_dir,
                              parse_bytes(cache_cap), pairs, relay_port=relay_port,
                              insecure_direct_rpc=insecure_direct_rpc, state_dir=state_dir,

@@ -1,31 +1,17 @@
 # SPDX-License-Identifier: AGPL-3.0-or-later
-"""Shared fixtures. The slow end-to-end tests share one real loopback mesh (``mesh_cluster``)."""
+"""Shared fixtures (plain helpers and constants: ``tests/helpers.py``). The slow end-to-end tests share one real
+loopback mesh (``mesh_cluster``); they and every other test that starts a cluster, a scheduler, a worker, an
+rpc-server, a relay or engine process, or loads the real model, are marked ``mesh``."""
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import socket
-import struct
-import time
+import threading
 from pathlib import Path
 
 import pytest
 
-PROMPT = "Once upon a time"
-N_CTX = 2048
-HELLO = struct.pack("<BQ", 14, 24) + bytes(24)  # llama.cpp RPC: HELLO with 24 bytes of capabilities
-ACCEPTED = "Accepted client connection"  # what an rpc-server logs for every client it serves
-
-
-def everything_until_closed(sock: socket.socket, timeout: float = 10.0) -> bytes:
-    """Everything the peer sends until it closes (a reset counts as closed)."""
-    sock.settimeout(timeout)
-    got = b""
-    with contextlib.suppress(ConnectionResetError):
-        while chunk := sock.recv(4096):
-            got += chunk
-    return got
+from tests.helpers import N_CTX, PROMPT, FileServer
 
 
 @pytest.fixture(scope="session")
@@ -71,17 +57,13 @@ def mesh(mesh_cluster):
     return mesh_cluster.mesh()
 
 
-def wait_for(predicate, timeout: float = 60.0, interval: float = 0.2, what: str = "condition"):
-    """Poll ``predicate`` until it returns something truthy; fail the test after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout:.0f}s waiting for {what}")
-        time.sleep(interval)
-
-
-def machine(mesh, machine_id: str) -> dict | None:
-    return next((m for m in mesh.machines() if m["machine_id"] == machine_id), None)
+@pytest.fixture
+def server():
+    """A loopback HTTP file server in a thread (``tests.helpers.FileServer``)."""
+    srv = FileServer()
+    t = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    t.start()
+    yield srv
+    srv.shutdown()
+    srv.server_close()
+    t.join(5)

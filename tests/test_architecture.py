@@ -25,7 +25,7 @@ OUTSIDE = ("bench", "tests")
 
 # room (module prefixes) -> what it must never import (module prefixes); the table of docs/architecture.md.
 NEVER: list[tuple[tuple[str, ...], tuple[str, ...]]] = [
-    (("sharedllm.errors", "sharedllm.effects", "sharedllm.options"),
+    (("sharedllm.errors", "sharedllm.effects", "sharedllm.options", "sharedllm.userwire", "sharedllm.netlab"),
      DASK + ENGINE + CLIENT + SCHEDULER + SERVER + CLI + MACHINE + ("sharedllm.relay", "sharedllm.gguf")),
     (("sharedllm.ggml", "sharedllm.rpc_server", "sharedllm.resources", "sharedllm.dataplane",
       "sharedllm.tensor_cache", "sharedllm.views"), DASK + CLIENT + SCHEDULER + SERVER + CLI + ENGINE),
@@ -38,7 +38,13 @@ NEVER: list[tuple[tuple[str, ...], tuple[str, ...]]] = [
     (ENGINE, DASK + CLIENT + SCHEDULER + SERVER + CLI + MACHINE),
     (MACHINE, CLIENT + SCHEDULER + SERVER + CLI),
     (("sharedllm.scheduler_plugins",), CLIENT + ENGINE + SERVER + CLI),
+    # The plugin's rooms that take no Dask (plugin.py and registry.py do), the users and the user port.
+    ((*(f"sharedllm.scheduler_plugins.mesh.{m}" for m in ("actors", "admin", "data", "guard", "operations",
+                                                           "persistence", "planning", "records", "sessions")),
+      "sharedllm.scheduler_plugins.users", "sharedllm.scheduler_plugins.userport"),
+     DASK + CLIENT + ENGINE + SERVER + CLI),
     (("sharedllm.client", "sharedllm.replicas", "sharedllm.tool_calls"), SCHEDULER + SERVER + CLI),
+    (("sharedllm.client.userport",), DASK + SCHEDULER + SERVER + CLI),
     (SERVER, SCHEDULER + CLI),
     (CLI, SCHEDULER),
     (("sharedllm",), OUTSIDE),

@@ -12,7 +12,7 @@ import pytest
 
 from sharedllm.engine import Engine, EngineSpec
 from sharedllm.errors import InvalidModel, ModelNotFound, NoMachines, SchedulerUnreachable
-from tests.conftest import N_CTX
+from tests.helpers import N_CTX
 
 
 def _free_port() -> int:
@@ -64,6 +64,7 @@ def test_truncated_gguf(mesh, model_path, tmp_path):
     assert "cut.gguf" in str(err.value)
 
 
+@pytest.mark.mesh
 def test_architecture_llama_cpp_rejects_is_a_typed_error_not_a_crash(model_path, tmp_path):
     """A file our reader accepts but llama.cpp refuses: the engine fails, the caller gets InvalidModel."""
     data = bytearray(model_path.read_bytes())
@@ -78,6 +79,7 @@ def test_architecture_llama_cpp_rejects_is_a_typed_error_not_a_crash(model_path,
     engine.close()
 
 
+@pytest.mark.mesh
 def test_engine_abort_does_not_kill_the_caller(tmp_path):
     """GGML_ABORT in the engine (an rpc-server that does not exist) surfaces as an exception here."""
     from sharedllm.engine import EngineStage
@@ -102,6 +104,7 @@ def test_unreachable_scheduler():
     assert addr in str(err.value)
 
 
+@pytest.mark.mesh
 def test_scheduler_without_the_preload():
     from distributed import Client, LocalCluster
 
@@ -112,6 +115,7 @@ def test_scheduler_without_the_preload():
             Mesh(client).machines()
 
 
+@pytest.mark.mesh
 def test_mesh_with_zero_workers(model_path):
     from sharedllm.local import LocalMesh
 
@@ -123,6 +127,7 @@ def test_mesh_with_zero_workers(model_path):
             mesh.load(model_path)
 
 
+@pytest.mark.mesh
 def test_rpc_server_port_taken():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -136,6 +141,7 @@ def test_rpc_server_port_taken():
     assert f"port {port} on 127.0.0.1 is already in use" in out.stderr
 
 
+@pytest.mark.mesh
 def test_rpc_server_unknown_device():
     out = subprocess.run(
         [sys.executable, "-m", "sharedllm.rpc_server", "--port", "0", "--device", "CUDA7"],
@@ -145,6 +151,7 @@ def test_rpc_server_unknown_device():
     assert "unknown device CUDA7" in out.stderr
 
 
+@pytest.mark.mesh
 def test_rpc_server_lists_devices_and_answers_hello(tmp_path):
     import json
     import time

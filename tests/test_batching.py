@@ -24,12 +24,10 @@ from sharedllm.engine import Engine, EngineSpec
 from sharedllm.engine.batch import MIN_PREFILL
 from sharedllm.errors import ModelBusy, ModelClosed
 from sharedllm.openai_server import ServerThread, create_app
-from tests.conftest import machine, wait_for
+from tests.helpers import BATCH_N_CTX, TWO, at_once, idle_stats, machine, text_of, wait_for
 
 pytestmark = pytest.mark.mesh
 
-TWO = ["machine-1", "machine-2"]
-N_CTX = 512  # per sequence
 # Different prompts of different lengths, with different max_tokens: the sequences join and leave at different steps.
 PROMPTS = [
     ("Once upon a time", 40),
@@ -43,18 +41,14 @@ PROMPTS = [
 ]
 
 
-def _text(out: dict) -> str:
-    return out["choices"][0]["text"]
-
-
 def _solo(llm) -> dict[str, str]:
     """Each request alone on the handle, one after the other."""
-    return {p: _text(llm.create_completion(p, max_tokens=n, temperature=0)) for p, n in PROMPTS}
+    return {p: text_of(llm.create_completion(p, max_tokens=n, temperature=0)) for p, n in PROMPTS}
 
 
 @pytest.fixture(scope="module")
 def batched(mesh):
-    with mesh.load("gemma-3-270m", n_ctx=N_CTX, machines=TWO, parallel=8) as llm:
+    with mesh.load("gemma-3-270m", n_ctx=BATCH_N_CTX, machines=TWO, parallel=8) as llm:
         yield llm
 
 
@@ -67,11 +61,11 @@ def test_eight_concurrent_greedy_requests_each_equal_their_solo_text(batched, so
     # The solo texts through the batch engine are plain llama-cpp-python's.
     from sharedllm.engine import build_llama
 
-    local = build_llama(str(model_path), n_ctx=N_CTX, n_threads=2, use_extra_bufts=False)
+    local = build_llama(str(model_path), n_ctx=BATCH_N_CTX, n_threads=2, use_extra_bufts=False)
     try:
         for p, n in PROMPTS[:3]:
             local.reset()
-            assert solo[p] == _text(local.create_completion(p, max_tokens=n, temperature=0))
+            assert solo[p] == text_of(local.create_completion(p, max_tokens=n, temperature=0))
     finally:
         local.close()
 
@@ -107,7 +101,7 @@ def test_eight_concurrent_greedy_requests_each_equal_their_solo_text(batched, so
     async def run_all() -> dict[str, str]:
         async def one(i: int, p: str, n: int) -> tuple[str, str]:
             if i % 2:
-                return p, _text(await batched.acreate_completion(p, max_tokens=n, temperature=0))
+                return p, text_of(await batched.acreate_completion(p, max_tokens=n, temperature=0))
             stream = await batched.acreate_completion(p, max_tokens=n, temperature=0, stream=True)
             return p, "".join([c["choices"][0]["text"] async for c in stream])
 
@@ -157,36 +151,14 @@ def test_sequences_that_left_in_any_order_leave_the_next_batch_one_pass_a_step(b
     # unlike the one they came in; round 2: 8 at once, as long as each other, must take no more passes a step than
     # the kernels' limit asks (max_batch), whatever round 1 left behind (and one per prompt: exact batches read
     # each prompt alone).
-    assert _at_once(batched, PROMPTS) == solo
-    before = _idle(batched)
-    texts = _at_once(batched, [(p, 16) for p, _ in PROMPTS])
-    after = _idle(batched, before["steps"])
+    assert at_once(batched, PROMPTS) == solo
+    before = idle_stats(batched)
+    texts = at_once(batched, [(p, 16) for p, _ in PROMPTS])
+    after = idle_stats(batched, before["steps"])
     assert all(solo[p].startswith(texts[p]) and texts[p] for p, _ in PROMPTS), texts
     steps, passes = after["steps"] - before["steps"], after["passes"] - before["passes"]
     assert 15 <= steps <= 24, (steps, passes)  # the 8 sequences were decoded together, not one after another
     assert passes <= len(PROMPTS) + steps * -(-len(PROMPTS) // batched.max_batch), (steps, passes, batched.max_batch)
-
-
-def _at_once(llm, items: list[tuple[str, int]]) -> dict[str, str]:
-    """Stream each (prompt, max_tokens) of ``items`` at once, a thread each; their texts."""
-    texts: dict[str, str] = {}
-
-    def one(prompt: str, n: int) -> None:
-        texts[prompt] = "".join(c["choices"][0]["text"]
-                                for c in llm.create_completion(prompt, max_tokens=n, temperature=0, stream=True))
-
-    threads = [threading.Thread(target=one, args=item) for item in items]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=300)
-    return texts
-
-
-def _idle(llm, after: int = -1) -> dict:
-    """The engine's statistics once it reported its last step (nothing running, more steps than ``after``)."""
-    return wait_for(lambda: (s := llm.engine_stats).get("running") == 0 and s.get("steps", -1) > after and s,
-                    timeout=60, what="the engine's report of its last step")
 
 
 def test_the_server_batches_and_answers_queue_full_and_context_overflow(batched, solo):
@@ -207,7 +179,8 @@ def test_the_server_batches_and_answers_queue_full_and_context_overflow(batched,
             for st in streams:
                 st.__exit__(None, None, None)
         wait_for(lambda: app.state.queue.running == 0, timeout=60, what="the streams' sequences to be freed")
-        long = h.post("/v1/completions", json={"model": "gemma", "prompt": "word " * (N_CTX + 10), "max_tokens": 4})
+        long = h.post("/v1/completions", json={"model": "gemma", "prompt": "word " * (BATCH_N_CTX + 10),
+                                               "max_tokens": 4})
         assert long.status_code == 400
         assert long.json()["error"]["code"] == "context_length_exceeded"
         p, n = PROMPTS[1]
@@ -221,7 +194,7 @@ def test_the_engine_samples_each_sequence_with_its_own_chain(model_path):
     engine.start()
     try:
         def sample(seed: int) -> str:
-            return _text(engine.call("create_completion", {"prompt": "Once upon a time", "max_tokens": 12,
+            return text_of(engine.call("create_completion", {"prompt": "Once upon a time", "max_tokens": 12,
                                                            "temperature": 0.9, "seed": seed}))
 
         assert sample(7) == sample(7) != sample(8)  # a seed of its own, not the shared Llama's
@@ -229,7 +202,7 @@ def test_the_engine_samples_each_sequence_with_its_own_chain(model_path):
         [the] = engine.call("tokenize", {"text": b" the", "add_bos": False})
         out = engine.call("create_completion", {"prompt": "Once upon a time", "max_tokens": 4, "temperature": 0,
                                                 "logit_bias": {str(the): 100.0}})
-        assert _text(out) == " the" * 4
+        assert text_of(out) == " the" * 4
         # A grammar (here from response_format) is a link of the sequence's chain too.
         schema = {"type": "object", "properties": {"colour": {"enum": ["red", "green", "blue"]},
                                                    "size": {"enum": ["small", "large"]}},
@@ -279,7 +252,7 @@ def test_a_sequence_is_not_decoded_past_its_max_tokens(model_path):
 
         args = {"prompt": "Once upon a time", "temperature": 0}
         for n in (1, 6, 17):
-            called, steps = steps_of(lambda n=n: _text(engine.call("create_completion", {**args, "max_tokens": n})))
+            called, steps = steps_of(lambda n=n: text_of(engine.call("create_completion", {**args, "max_tokens": n})))
             assert steps == n, (n, steps)
             streamed, steps = steps_of(lambda n=n: "".join(
                 c["choices"][0]["text"] for c, _ in engine.stream("create_completion", {**args, "max_tokens": n})))
@@ -308,7 +281,7 @@ def test_a_long_prompt_does_not_freeze_the_running_streams(model_path, exact):
         engine.start()
         stamps: list[float] = []
         try:
-            alone = _text(engine.call("create_completion", args))  # nothing else running: n_batch a step
+            alone = text_of(engine.call("create_completion", args))  # nothing else running: n_batch a step
             n_prompt = len(engine.call("tokenize", {"text": long_prompt.encode()}))
             stream = engine.stream("create_completion", {"prompt": runner, "max_tokens": 1000, "temperature": 0})
 
@@ -435,7 +408,7 @@ def test_a_decode_step_is_one_pass_per_run_of_consecutive_slots():
     """No model: how a step's sequences (in slot order) are cut into llama_decode passes."""
     from types import SimpleNamespace
 
-    from sharedllm.engine.batch import passes
+    from sharedllm.engine.sequence import passes
 
     def cut(slots: list[int], size: int) -> list[list[int]]:
         return [[s.slot for s in group] for group in passes([SimpleNamespace(slot=s) for s in slots], size)]
@@ -449,7 +422,7 @@ def test_a_decode_step_is_one_pass_per_run_of_consecutive_slots():
 
 def test_prompts_are_read_fewest_tokens_left_first_and_none_waits_for_ever():
     """No model: the order in which waiting prompts are read (shortest remaining first, a patient one first)."""
-    from sharedllm.engine.batch import PATIENCE_S, Sequence, prefill_order
+    from sharedllm.engine.sequence import PATIENCE_S, Sequence, prefill_order
 
     def seq(length: int, read: int = 0, waited: float = 0.0) -> Sequence:
         s = Sequence(list(range(length)), sampler=None, stopped=lambda: False)
@@ -471,7 +444,8 @@ def test_the_prefill_budget_keeps_a_step_within_max_stall_ms():
     """No model: what a step is measured to cost, and the prompt tokens it may read while sequences decode."""
     from types import SimpleNamespace
 
-    from sharedllm.engine.batch import MIN_PREFILL, STALL_STEPS, BatchScheduler, StepCost
+    from sharedllm.engine.batch import MIN_PREFILL, STALL_STEPS, BatchScheduler
+    from sharedllm.engine.cost import StepCost
 
     cost = StepCost()
     cost.observe(100.0, 50, 0)  # a burst's prompts, nothing decoding: 2 ms a prompt token

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.test_batching import N_CTX, TWO, _at_once, _idle, _text
+from tests.helpers import BATCH_N_CTX, TWO, at_once, idle_stats, text_of
 
 pytestmark = pytest.mark.mesh
 
@@ -20,18 +20,18 @@ COUNTING = [(f"{lead}{', '.join(str(a + i) for i in range(k))},", 20) for lead, 
 
 @pytest.fixture(scope="module")
 def fast(mesh):
-    with mesh.load("gemma-3-270m", n_ctx=N_CTX, machines=TWO, parallel=8, exact_batches=False) as llm:
+    with mesh.load("gemma-3-270m", n_ctx=BATCH_N_CTX, machines=TWO, parallel=8, exact_batches=False) as llm:
         yield llm
 
 
 def test_fast_batches_read_new_prompts_in_the_running_streams_pass(fast):
     # exact_batches=False: one KV cache shared by the sequences (llama-server's way), so a step is one pass whatever
     # it holds: the running sequences' next tokens and the new prompts (exact batches: one pass per prompt more).
-    alone = {p: _text(fast.create_completion(p, max_tokens=n, temperature=0)) for p, n in COUNTING}
+    alone = {p: text_of(fast.create_completion(p, max_tokens=n, temperature=0)) for p, n in COUNTING}
     assert all(alone.values()), alone
-    before = _idle(fast)
-    texts = _at_once(fast, COUNTING)
-    after = _idle(fast, before["steps"])
+    before = idle_stats(fast)
+    texts = at_once(fast, COUNTING)
+    after = idle_stats(fast, before["steps"])
     assert texts == alone
     steps, passes = after["steps"] - before["steps"], after["passes"] - before["passes"]
     assert steps <= 2 * max(n for _, n in COUNTING), (steps, passes)  # decoded together

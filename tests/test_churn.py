@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import os
 import signal
 import subprocess
@@ -11,52 +10,37 @@ import sys
 import textwrap
 import threading
 import time
+import urllib.request
 
 import pytest
 
 from sharedllm.errors import MeshBusy
-from tests.conftest import N_CTX, PROMPT, machine, wait_for
+from tests.helpers import N_CTX, PROMPT, TWO, machine, stream_with_fault, wait_for
 
 pytestmark = pytest.mark.mesh
 
-TWO = ["machine-1", "machine-2"]
+
+def lease_waiters(mesh_cluster) -> float:
+    """Sessions queued for leased machines, as the scheduler's ``/metrics`` says."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    base = mesh_cluster.dashboard_link.rsplit("/", 1)[0]
+    with urllib.request.urlopen(f"{base}/metrics", timeout=30) as resp:
+        text = resp.read().decode()
+    return next(s.value for f in text_string_to_metric_families(text) for s in f.samples
+                if s.name == "sharedllm_lease_waiters")
 
 
 def ready_again(mesh, machine_id: str, old_pid: int | None = None, timeout: float = 90.0) -> dict:
     """Wait until a machine's rpc-server is ready (and, if given, is a new process) with its relay in front of it:
     placement leaves out a machine whose relay is not up yet."""
+    def ready() -> dict | None:  # MachineTable.ready(): placement's own test (the scheduler has reached its relay)
+        return next((m for m in mesh.machines().ready() if m["machine_id"] == machine_id), None)
+
     return wait_for(
-        lambda: (m := machine(mesh, machine_id)) and m["rpc"]["state"] == "ready" and m["rpc"]["pid"] != old_pid
-        and m["rpc"].get("relay") and m["rpc"], timeout=timeout, what=f"{machine_id}'s rpc-server to be ready",
+        lambda: (m := ready()) and m["rpc"]["pid"] != old_pid and m["rpc"].get("relay") and m["rpc"],
+        timeout=timeout, what=f"{machine_id}'s rpc-server to be ready",
     )
-
-
-def stream_with_fault(llm, fault, after: int = 8, api: str = "blocking", **kwargs) -> tuple[str, float]:
-    """Stream a greedy completion, call ``fault()`` after ``after`` chunks; return the text and the seconds from the
-    fault to the next chunk. ``api="asyncio"``: through ``acreate_completion`` in an event loop."""
-    text, n, t_fault, gap = "", 0, None, 0.0
-
-    def take(chunk: dict) -> None:
-        nonlocal text, n, t_fault, gap
-        if t_fault is not None and not gap:
-            gap = time.perf_counter() - t_fault
-        text += chunk["choices"][0]["text"]
-        n += 1
-        if n == after:
-            fault()
-            t_fault = time.perf_counter()
-
-    kwargs = {"max_tokens": 64, "temperature": 0, "stream": True, **kwargs}
-    if api == "asyncio":
-        async def consume() -> None:
-            async for chunk in await llm.acreate_completion(PROMPT, **kwargs):
-                take(chunk)
-
-        asyncio.run(consume())
-    else:
-        for chunk in llm.create_completion(PROMPT, **kwargs):
-            take(chunk)
-    return text, gap
 
 
 @pytest.mark.parametrize("api", ["blocking", "asyncio"])
@@ -179,16 +163,14 @@ def test_hung_rpc_server_is_detected_and_left_behind(mesh, local_greedy):
 
 
 def test_two_clients_at_once_get_disjoint_machines_and_both_finish(mesh_cluster, local_greedy):
-    from distributed import Client
-
-    from sharedllm.client import Mesh
-
+    """Two users, each through the user port with a key of their own, load at once."""
+    keys = {name: mesh_cluster.add_user(f"churn-{name}") for name in ("a", "b")}
     results, errors = {}, []
 
     def run(name):
         try:
-            with Client(mesh_cluster.address, timeout=30) as c:
-                with Mesh(c).load("gemma-3-270m", n_ctx=N_CTX, machines=TWO, strategy="pack") as llm:
+            with mesh_cluster.user_mesh(keys[name]) as m:
+                with m.load("gemma-3-270m", n_ctx=N_CTX, machines=TWO, strategy="pack") as llm:
                     results[name] = ("".join(ch["choices"][0]["text"] for ch in llm.create_completion(
                         PROMPT, max_tokens=64, temperature=0, stream=True)), llm.topology.machines)
         except Exception as exc:  # surfaced by the assertions below
@@ -205,50 +187,62 @@ def test_two_clients_at_once_get_disjoint_machines_and_both_finish(mesh_cluster,
 
 
 def test_a_leased_mesh_queues_then_refuses_with_mesh_busy(mesh_cluster, mesh):
-    from distributed import Client
+    other = mesh_cluster.add_user("churn-queued")
+    with mesh.load("gemma-3-270m", n_ctx=N_CTX, machines=TWO) as llm, mesh_cluster.user_mesh(other) as m:
+        t0 = time.perf_counter()
+        with pytest.raises(MeshBusy, match="busy") as err:
+            m.load("gemma-3-270m", n_ctx=N_CTX, machines=TWO, wait_timeout=2)
+        assert 2 <= time.perf_counter() - t0 < 30
+        assert "machine-1" in str(err.value)
+        # A waiter is served in turn once the lease is released.
+        assert lease_waiters(mesh_cluster) == 0
+        got, failed = [], []
 
-    from sharedllm.client import Mesh
+        def wait_in_turn() -> None:
+            try:
+                got.append(m.load("gemma-3-270m", n_ctx=N_CTX, machines=TWO, wait_timeout=120))
+            except Exception as exc:  # surfaced by the assertions below
+                failed.append(exc)
 
-    with mesh.load("gemma-3-270m", n_ctx=N_CTX, machines=TWO) as llm:
-        with Client(mesh_cluster.address, timeout=30) as c:
-            t0 = time.perf_counter()
-            with pytest.raises(MeshBusy, match="busy") as err:
-                Mesh(c).load("gemma-3-270m", n_ctx=N_CTX, machines=TWO, wait_timeout=2)
-            assert 2 <= time.perf_counter() - t0 < 30
-            assert "machine-1" in str(err.value)
-            # A waiter is served in turn once the lease is released.
-            got = []
-            waiter = threading.Thread(target=lambda: got.append(
-                Mesh(c).load("gemma-3-270m", n_ctx=N_CTX, machines=TWO, wait_timeout=120)))
-            waiter.start()
-            time.sleep(1.0)
-            assert not got  # still waiting: the first session holds the machines
-            llm.close()  # release the lease: the waiter gets the machines
-            waiter.join(timeout=120)
-            assert got and got[0].topology.machines == TWO
-            got[0].close()
+        waiter = threading.Thread(target=wait_in_turn)
+        waiter.start()
+        wait_for(lambda: lease_waiters(mesh_cluster) == 1 or failed, timeout=60,
+                 what="the second user's session to queue for the leased machines")
+        assert not got and not failed, failed  # still waiting: the first session holds the machines
+        llm.close()  # release the lease: the waiter gets the machines
+        waiter.join(timeout=120)
+        assert not failed, failed
+        assert got and got[0].topology.machines == TWO
+        assert next(s for s in mesh.state()["sessions"] if s["session_id"] == got[0].session_id)["client"] == \
+            "churn-queued"
+        got[0].close()
 
 
 def test_killed_client_lease_expires(mesh_cluster, mesh):
+    """A user whose process dies keeps its lease for the connection's grace (it could come back), then loses it."""
+    key = mesh_cluster.add_user("churn-killed")
     script = textwrap.dedent(f"""
         import time
-        from distributed import Client
         from sharedllm.client import Mesh
-        llm = Mesh(Client({mesh_cluster.address!r})).load("gemma-3-270m", n_ctx={N_CTX}, machines={TWO!r})
+        llm = Mesh({mesh_cluster.user_address!r}).load("gemma-3-270m", n_ctx={N_CTX}, machines={TWO!r})
         print("LOADED", llm.session_id, llm._engine.log_path, llm._standby.log.name, flush=True)
         time.sleep(600)
     """)
-    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    env = {k: v for k, v in os.environ.items() if k != "SHAREDLLM_KEY_FILE"}
+    env["SHAREDLLM_KEY"] = key  # the user's key reaches the child as a user's does: from the environment
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True, env=env)
     try:
         line = proc.stdout.readline()
         assert line.startswith("LOADED"), line
         sid, logs = line.split()[1], line.split()[2:]
-        assert any(s["session_id"] == sid for s in mesh.state()["sessions"])
+        assert next(s for s in mesh.state()["sessions"] if s["session_id"] == sid)["client"] == "churn-killed"
         assert len(logs) == 2 and all(os.path.exists(p) for p in logs)  # its engine's and its standby's
         proc.kill()
         proc.wait()
         wait_for(lambda: all(s["session_id"] != sid for s in mesh.state()["sessions"]), timeout=60,
                  what="the killed client's lease to expire")
+        ended = [s for s in mesh.state()["recent_sessions"] if s["session_id"] == sid]
+        assert ended and ended[-1]["reason"].startswith("lease expired"), ended
         # Its engine processes exited with it, and took their logs (in /tmp) with them.
         wait_for(lambda: not any(os.path.exists(p) for p in logs), timeout=30, what="the orphans' logs to go")
     finally:

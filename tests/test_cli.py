@@ -16,16 +16,9 @@ from pathlib import Path
 import pytest
 
 from sharedllm.dataplane import kill_recorded
-from tests.conftest import PROMPT
+from tests.helpers import BIN, PROMPT, admin_env, key_env, run_cli
 
 pytestmark = pytest.mark.mesh
-
-BIN = Path(sys.executable).parent
-
-
-def run_cli(*args: str, timeout: float = 180) -> subprocess.CompletedProcess:
-    return subprocess.run([str(BIN / "sharedllm"), *args], capture_output=True, text=True, timeout=timeout,
-                          stdin=subprocess.DEVNULL)
 
 
 def _free_port() -> int:
@@ -35,10 +28,11 @@ def _free_port() -> int:
 
 
 def test_status_table_and_json(mesh_cluster, mesh):
-    out = run_cli("status", "--scheduler", mesh_cluster.address)
+    admin = admin_env(mesh_cluster)
+    out = run_cli("status", "--scheduler", mesh_cluster.user_address, env=admin)
     assert out.returncode == 0, out.stderr
     assert "machine-1" in out.stdout and "machine-2" in out.stdout and "ready" in out.stdout
-    js = run_cli("status", "--scheduler", mesh_cluster.address, "--json")
+    js = run_cli("status", "--scheduler", mesh_cluster.user_address, "--json", env=admin)
     assert js.returncode == 0, js.stderr
     data = json.loads(js.stdout)
     assert {m["machine_id"] for m in data["machines"]} == {m["machine_id"] for m in mesh.machines()}
@@ -46,7 +40,8 @@ def test_status_table_and_json(mesh_cluster, mesh):
 
 
 def test_generate_streams_the_greedy_text(mesh_cluster, local_greedy):
-    out = run_cli("generate", "gemma-3-270m", PROMPT, "--scheduler", mesh_cluster.address, "--max-tokens", "16")
+    out = run_cli("generate", "gemma-3-270m", PROMPT, "--scheduler", mesh_cluster.user_address, "--max-tokens", "16",
+                  env=admin_env(mesh_cluster))
     assert out.returncode == 0, out.stderr
     text = out.stdout.rstrip("\n")
     assert len(text) > len(PROMPT) + 10
@@ -79,7 +74,8 @@ def test_documented_dask_commands_with_preloads(tmp_path):
     try:
         time.sleep(1.0)
         procs.append(subprocess.Popen([str(BIN / "dask"), "worker", addr, "--host", "127.0.0.1", "--nworkers", "2",
-                                       "--local-directory", str(tmp_path / "worker"), "--preload", "sharedllm.worker"],
+                                       "--local-directory", str(tmp_path / "worker"),
+                                       "--preload-nanny", "sharedllm.nanny", "--preload", "sharedllm.worker"],
                                       stdout=subprocess.DEVNULL, stderr=open(tmp_path / "w.log", "wb"), env=env,
                                       start_new_session=True))
         deadline = time.monotonic() + 90
@@ -118,16 +114,24 @@ def test_up_starts_and_stops_an_embedded_mesh(tmp_path):
             assert time.monotonic() < deadline and proc.poll() is None, (tmp_path / "up.stderr").read_text()
             lines.append(proc.stdout.readline())
         children = psutil.Process(proc.pid).children(recursive=True)
-        address = next(ln.split()[1] for ln in lines if ln.startswith("scheduler:"))
-        status = run_cli("status", "--scheduler", address)
-        assert status.returncode == 0 and "machine-1" in status.stdout and "ready" in status.stdout
+        said = {ln.split(":", 1)[0]: ln.split(":", 1)[1].split() for ln in lines if ":" in ln}
+        address, key_file = said["user port"][0], said["admin key"][0]
+        assert said["dask port"][0].startswith("tcp://") and said["cluster secret"]
+        assert said["generate"][:3] == ["sharedllm", "--key-file", key_file]  # a command to copy, as it is
+        assert said["generate"][said["generate"].index("--scheduler") + 1] == address
+        key = tmp_path / "admin.key"  # a copy: the mesh's own goes with its work directory
+        key.write_text(Path(key_file).read_text())
+        status = run_cli("status", "--scheduler", address, env=key_env(key))
+        assert status.returncode == 0, status.stderr
+        assert "machine-1" in status.stdout and "ready" in status.stdout
         proc.send_signal(signal.SIGINT)
         try:
             assert proc.wait(timeout=60) == 0
         except subprocess.TimeoutExpired:
             pytest.fail("sharedllm up did not stop within 60 s of Ctrl-C: " + (tmp_path / "up.stderr").read_text())
-        down = run_cli("status", "--scheduler", address)
+        down = run_cli("status", "--scheduler", address, env=key_env(key))
         assert down.returncode == 1  # everything it started is gone
+        assert "cannot reach" in down.stderr and address in down.stderr, down.stderr
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)

@@ -25,13 +25,12 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import N_CTX, PROMPT, wait_for
+from tests.helpers import N_CTX, PROMPT, TWO, admin_env, run_cli, wait_for
 
 pytestmark = pytest.mark.mesh
 
 logger = logging.getLogger(__name__)
 
-TWO = ["machine-1", "machine-2"]
 BIN = Path(sys.executable).parent
 SCREENSHOT_ENV = "SHAREDLLM_DASHBOARD_SCREENSHOT"
 CHROMIUM_FLAGS = (
@@ -275,18 +274,17 @@ def test_metrics_endpoint_has_sharedllm_series_after_a_generation(mesh_cluster, 
                                                                                     "sharedllm_requests_total")
 
 
-def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([str(BIN / "sharedllm"), *args], capture_output=True, text=True, timeout=120,
-                          stdin=subprocess.DEVNULL)
+def _cli(*args: str, env: dict[str, str | None] | None = None) -> subprocess.CompletedProcess:
+    return run_cli(*args, timeout=120, env=env)
 
 
 def test_status_json_matches_the_scheduler_and_the_table_shows_it(mesh_cluster, mesh):
     with mesh.load("gemma-3-270m", n_ctx=N_CTX, machines=TWO) as llm:
         sum(1 for _ in llm.create_completion(PROMPT, max_tokens=8, temperature=0, stream=True))
         sid, stages = llm.session_id, llm.topology.stages
-        out = _cli("status", "--scheduler", mesh_cluster.address, "--json")
+        out = _cli("status", "--scheduler", mesh_cluster.user_address, "--json", env=admin_env(mesh_cluster))
         state = json.loads(json.dumps(mesh.state(), default=str))  # as JSON has it: lists, not tuples
-        table = _cli("status", "--scheduler", mesh_cluster.address)
+        table = _cli("status", "--scheduler", mesh_cluster.user_address, env=admin_env(mesh_cluster))
     assert out.returncode == 0, out.stderr
     shown = json.loads(out.stdout)
     assert set(shown) == set(state)
@@ -397,27 +395,35 @@ def test_collector_series_and_one_first_token_per_request():
         def to_dict(self) -> dict:
             return {**self.d, "last_tok_s": 12.5,
                     "load": {"running": 3.0, "waiting": 1.0, "batch": 2.5, "passes_per_step": 1.5, "parallel": 4.0,
-                             "prompt_tokens": 1000.0, "cached_tokens": 750.0}}
+                             "prompt_tokens": 1000.0, "cached_tokens": 750.0,
+                             "draft": {"drafter": "lookup", "drafted": 80.0, "accepted": 60.0, "steps": 40.0,
+                                       "tokens": 100.0}}}
 
-    class Plugin:  # what the collector reads of MeshPlugin
-        scheduler = type("S", (), {"status": "Status.running"})()
-        tokens_total = 42
+    class Data:  # what the collector reads of MeshPlugin.data (the observations are kept per data object)
         draining = {"b"}
-        _waiters = ()
-
-        def machines(self):
-            return machines
+        drafts_total = {"accepted": 60.0, "rejected": 20.0}
 
         def leased_machines(self):
             return {"a", "b"}
 
+    class Plugin:  # what the collector reads of MeshPlugin
+        scheduler = type("S", (), {"status": "Status.running"})()
+        tokens_total = 42
+        data = Data()
+        leases = type("L", (), {"waiting": 1})()
+        ops = None  # no role-checked operations: only the Dask port's refusals are counted
+        user_port = None  # a scheduler without a user port has no user-port series
+
+        def machines(self):
+            return machines
+
     plugin = Plugin()
     plugin.sessions = {s["session_id"]: Sess(s) for s in sessions}
-    metrics.record_session_report(plugin, "s1", 300.0, request_done=False)
-    metrics.record_session_report(plugin, "s1", 2300.0, request_done=True)  # a later report of the same request
-    metrics.record_session_report(plugin, "s1", 700.0, request_done=True, recovered=True)
-    metrics.record_session_close(plugin, "s1", "failed: lost machine b")
-    metrics.record_session_close(plugin, "s0", "lease expired: client disconnected")
+    metrics.record_session_report(plugin.data, "s1", 300.0, request_done=False)
+    metrics.record_session_report(plugin.data, "s1", 2300.0, request_done=True)  # a later report of the same request
+    metrics.record_session_report(plugin.data, "s1", 700.0, request_done=True, recovered=True)
+    metrics.record_session_close(plugin.data, "s1", "failed: lost machine b")
+    metrics.record_session_close(plugin.data, "s0", "lease expired: client disconnected")
 
     collector = metrics.MeshCollector()
     collector.track(plugin)
@@ -439,6 +445,9 @@ def test_collector_series_and_one_first_token_per_request():
     assert _value(fams, "sharedllm_session_prompt_tokens", session="s1", source="cached") == 750
     assert _value(fams, "sharedllm_session_prompt_tokens", session="s1", source="read") == 250
     assert _value(fams, "sharedllm_tokens_generated", "sharedllm_tokens_generated_total") == 42
+    assert _value(fams, "sharedllm_session_draft_acceptance", session="s1") == 0.75
+    assert _value(fams, "sharedllm_session_tokens_per_step", session="s1") == 2.5
+    assert _value(fams, "sharedllm_draft_tokens", "sharedllm_draft_tokens_total", result="rejected") == 20
     ttft = "sharedllm_time_to_first_token_seconds"
     assert _value(fams, ttft, f"{ttft}_count") == 2  # 0.3 s and 0.7 s; the 2.3 s of the same request is not one
     assert _value(fams, ttft, f"{ttft}_sum") == pytest.approx(1.0)
@@ -448,6 +457,8 @@ def test_collector_series_and_one_first_token_per_request():
     assert _value(fams, "sharedllm_engine_recoveries", "sharedllm_engine_recoveries_total") == 1
     assert _value(fams, "sharedllm_sessions_closed", "sharedllm_sessions_closed_total", reason="expired") == 1
     assert _value(fams, "sharedllm_machines_leased") == 2 and _value(fams, "sharedllm_machines_draining") == 1
+    assert _value(fams, "sharedllm_lease_waiters") == 1
+    assert "sharedllm_user_port_connections" not in fams
 
     plugin.scheduler.status = "Status.closed"  # a stopped scheduler's plugin is not reported
     assert list(collector.collect()) == []

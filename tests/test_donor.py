@@ -9,10 +9,9 @@ import dataclasses
 import click
 import pytest
 
-from sharedllm.scheduler_plugins.mesh import MeshPlugin, Session
+from sharedllm.scheduler_plugins.mesh import Session
 from sharedllm.worker import parse_max_memory
-from tests.conftest import wait_for
-from tests.test_cli import run_cli
+from tests.helpers import admin_env, estimate, run_cli, wait_for
 
 MiB, GiB = 1 << 20, 1 << 30
 
@@ -34,11 +33,12 @@ def _machine(mid: str, max_memory: dict | None = None) -> dict:
 
 def test_placement_honours_the_cap_less_what_open_sessions_hold():
     from sharedllm.placement import DeviceSlot, plan
-    from tests.test_placement import estimate
+    from sharedllm.scheduler_plugins.mesh.data import MeshData
+    from sharedllm.scheduler_plugins.mesh.planning import Planner
 
-    plugin = MeshPlugin()
+    planner = Planner(MeshData(), registry=None)  # device slots read the machines given and the open sessions
     machines = [_machine("free"), _machine("capped", {"*": 600 * MiB}), _machine("gpu-only", {"CUDA0": MiB})]
-    slots = {s.machine_id: s for s in plugin.device_slots(machines)[0]}
+    slots = {s.machine_id: s for s in planner.device_slots(machines)[0]}
     assert slots["free"].free_bytes == 8 * GiB
     assert (slots["capped"].free_bytes, slots["capped"].total_bytes) == (600 * MiB, 600 * MiB)
     assert slots["gpu-only"].free_bytes == 8 * GiB  # a cap on another device leaves the CPU alone
@@ -46,8 +46,8 @@ def test_placement_honours_the_cap_less_what_open_sessions_hold():
     est = estimate()
     topo = plan([DeviceSlot("capped", "capped:1", 0, "CPU", 4 * GiB, 4 * GiB)], est)
     held = dataclasses.asdict(topo)
-    plugin.sessions["s1"] = Session("s1", "client", "model", held)
-    slots = {s.machine_id: s for s in plugin.device_slots(machines)[0]}
+    planner.data.sessions["s1"] = Session("s1", "client", "model", held)
+    slots = {s.machine_id: s for s in planner.device_slots(machines)[0]}
     assert slots["capped"].free_bytes == 600 * MiB - topo.total_bytes > 0
     # Placement gives the capped machine no more than it has left.
     two = plan([slots["free"], slots["capped"]], est)
@@ -55,21 +55,22 @@ def test_placement_honours_the_cap_less_what_open_sessions_hold():
     assert all(s.total_bytes <= slots["capped"].free_bytes for s in capped)
 
 
+@pytest.mark.mesh
 def test_a_capped_machine_is_planned_within_its_cap_and_status_shows_it(mesh_cluster, mesh):
     from sharedllm.errors import ModelTooLarge
 
     mesh_cluster.add_machine("machine-cap", worker_args=["--max-memory", "100MiB"])
     try:
-        wait_for(lambda: [m for m in mesh.machines() if m["machine_id"] == "machine-cap"
-                          and m["rpc"].get("state") == "ready" and m["rpc"].get("relay")], 120,
-                 what="the capped machine ready")
+        # ready(): placement's own test (a ready rpc-server behind a relay the scheduler has reached)
+        wait_for(lambda: [m for m in mesh.machines().ready() if m["machine_id"] == "machine-cap"
+                          and m["rpc"].get("relay")], 120, what="the capped machine ready")
         cap = next(m for m in mesh.machines() if m["machine_id"] == "machine-cap")
         assert cap["max_memory"] == {"*": 100 * MiB} and cap["resources"]["ram_available"] > 2 * GiB
         # Gemma 3 270M at n_ctx 2048 needs ~140 MiB on one device: the machine has GiBs free, its owner gave 100 MiB.
         with pytest.raises(ModelTooLarge) as err:
             mesh.plan("gemma-3-270m", 2048, machines=["machine-cap"])
         assert err.value.available <= 100 * MiB
-        out = run_cli("status", "--scheduler", mesh_cluster.address)
+        out = run_cli("status", "--scheduler", mesh_cluster.user_address, env=admin_env(mesh_cluster))
         assert out.returncode == 0 and "gives each device 100" in out.stdout, out.stdout
     finally:
         mesh_cluster.stop_machine("machine-cap")

@@ -37,7 +37,8 @@ def donor_python(tmp_path_factory) -> str:
     base = subprocess.run([sys.executable, "-c", "import sys; print(sys._base_executable)"], capture_output=True,
                           text=True, check=True).stdout.strip()
     said = _run([base, str(ROOT / "scripts" / "install.py"), str(wheel), "--venv", str(work / "venv")], cwd=work)
-    assert "dask worker tcp://SCHEDULER:8786 --preload sharedllm.worker" in said  # the next step, spelled out
+    # the next step, spelled out
+    assert "dask worker tcp://SCHEDULER:8786 --preload-nanny sharedllm.nanny --preload sharedllm.worker" in said
     python = work / "venv" / "bin" / "python"
     where = _run([str(python), "-c", "import sharedllm, llama_cpp; print(sharedllm.__file__, "
                   "llama_cpp.llama_supports_rpc())"], cwd=work)

@@ -10,18 +10,15 @@ from __future__ import annotations
 
 import errno
 import hashlib
-import http.server
 import json
 import logging
 import os
 import random
 import re
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
-import threading
 import time
 from pathlib import Path
 
@@ -30,128 +27,9 @@ import pytest
 from sharedllm import download as dl
 from sharedllm import models
 from sharedllm.errors import InvalidModel, ModelError, ModelNotFound
-from tests.test_gguf import MODEL_KVS, MODEL_TENSORS, gguf_bytes
+from tests.helpers import MODEL_KVS, MODEL_TENSORS, gguf_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-class FileServer(http.server.ThreadingHTTPServer):
-    """Serves ``files`` (path -> bytes) with ETag, Range and If-Range; counts the body bytes it sends.
-
-    ``drops``: how many of the next responses are cut at a random offset of the file (a clean close, as a proxy or a
-    flaky link does); the offsets are drawn at once, so that they spread over the whole file. ``rate``: bytes per
-    second per response (0: unthrottled). ``honor_if_range=False`` serves ranges of the current file whatever
-    If-Range says (a server that ignores it).
-    """
-
-    daemon_threads = True
-
-    def __init__(self) -> None:
-        super().__init__(("127.0.0.1", 0), _Handler)
-        self.files: dict[str, bytes] = {}
-        self.etags: dict[str, str] = {}
-        self.drops = 0
-        self.cuts: list[int] = []
-        self.rate = 0
-        self.honor_if_range = True
-        self.closed_ranges = True  # False: "bytes=A-B" is served as "bytes=A-" (the whole rest)
-        self.busy: list[tuple[int, str | None]] = []  # the next responses: (status, Retry-After), then the file
-        self.sent = 0
-        self.requests: list[dict] = []
-        self.rng = random.Random(1234)
-        self.lock = threading.Lock()
-
-    def put(self, path: str, data: bytes, etag: str | None = None) -> str:
-        self.files[path] = data
-        self.etags[path] = etag or f'"{hashlib.md5(data).hexdigest()}"'
-        return f"http://127.0.0.1:{self.server_address[1]}{path}"
-
-
-class _Handler(http.server.BaseHTTPRequestHandler):
-    server: FileServer
-    protocol_version = "HTTP/1.1"
-
-    def log_message(self, *args) -> None:  # keep test output quiet
-        pass
-
-    def do_GET(self) -> None:
-        srv = self.server
-        data, etag = srv.files.get(self.path), srv.etags.get(self.path)
-        rec = {"path": self.path, "range": self.headers.get("Range"), "if_range": self.headers.get("If-Range"),
-               "sent": 0, "at": time.monotonic()}
-        with srv.lock:
-            srv.requests.append(rec)
-            busy = srv.busy.pop(0) if srv.busy else None
-        if busy is not None:
-            self.send_response(busy[0])
-            if busy[1] is not None:
-                self.send_header("Retry-After", busy[1])
-            self.send_header("Content-Length", "0")
-            self.end_headers()
-            return
-        if data is None:
-            self.send_error(404)
-            return
-        start, status, stop = 0, 200, None
-        m = re.fullmatch(r"bytes=(\d+)-(\d*)", self.headers.get("Range") or "")
-        if_range = self.headers.get("If-Range")
-        if m and (if_range is None or if_range == etag or not srv.honor_if_range):
-            start = int(m[1])
-            if start >= len(data):
-                self.send_response(416)
-                self.send_header("Content-Range", f"bytes */{len(data)}")
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-                return
-            status = 206
-            stop = min(int(m[2]) + 1, len(data)) if m[2] and srv.closed_ranges else None
-        end = stop or len(data)
-        self.send_response(status)
-        self.send_header("ETag", etag)
-        self.send_header("Content-Length", str(end - start))
-        if status == 206:
-            self.send_header("Content-Range", f"bytes {start}-{end - 1}/{len(data)}")
-        self.end_headers()
-        with srv.lock:
-            if srv.drops and not srv.cuts:
-                srv.cuts = sorted(srv.rng.sample(range(1, len(data)), srv.drops))
-            while srv.cuts and srv.cuts[0] <= start:
-                srv.cuts.pop(0)
-                srv.drops -= 1
-            if srv.cuts:
-                srv.drops -= 1
-                end = min(end, srv.cuts.pop(0))
-        pos, step = start, 64 << 10
-        t0 = time.monotonic()
-        try:
-            while pos < end:
-                n = min(step, end - pos)
-                self.wfile.write(data[pos:pos + n])
-                with srv.lock:
-                    srv.sent += n
-                    rec["sent"] += n
-                pos += n
-                if srv.rate:
-                    ahead = (pos - start) / srv.rate - (time.monotonic() - t0)
-                    if ahead > 0:
-                        time.sleep(ahead)
-        except OSError:  # the client went away
-            self.close_connection = True
-            return
-        if end < (stop or len(data)):
-            self.close_connection = True
-            self.connection.shutdown(socket.SHUT_RDWR)
-
-
-@pytest.fixture
-def server():
-    srv = FileServer()
-    t = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    t.start()
-    yield srv
-    srv.shutdown()
-    srv.server_close()
-    t.join(5)
 
 
 def blob(n: int, seed: int = 0) -> bytes:
@@ -477,6 +355,7 @@ def test_resolve_default_name_and_paths(tmp_path):
 # --- the command line, against a real scheduler (no workers) ----------------------------------------------------
 
 
+@pytest.mark.mesh
 def test_models_cli(server, model_dir):
     from click.testing import CliRunner
 
@@ -488,7 +367,8 @@ def test_models_cli(server, model_dir):
     runner = CliRunner()
     with LocalMesh(machines=0, dashboard=False) as lm:
         def run(*args: str):
-            return runner.invoke(cli, ["models", *args, "--scheduler", lm.address], catch_exceptions=False)
+            return runner.invoke(cli, ["--key-file", str(lm.admin_key_file), "models", *args,
+                                       "--scheduler", lm.user_address], catch_exceptions=False)
 
         out = run("add", "tiny", url, "--pull")
         assert out.exit_code == 0, out.output

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from sharedllm.local import LocalMesh
-from sharedllm.scheduler_plugins.state import StateStore
-from tests.conftest import N_CTX, machine, wait_for
+from sharedllm.scheduler_plugins.state import SCHEMA_VERSION, StateStore
+from tests.helpers import N_CTX, wait_for
 
 pytestmark = pytest.mark.mesh
 
@@ -54,10 +54,9 @@ def test_scheduler_kill_9_then_restart_restores_the_registry(tmp_path):
         assert any(s["session_id"] == sid and s["tokens"] >= 4 for s in st["recent_sessions"])
 
         # Live state is rebuilt from the workers as they rejoin (restarted by the supervisor if they exited).
-        def rejoined():
+        def rejoined():  # ready(): placement's own test (a ready rpc-server behind a relay the scheduler reached)
             lm.supervise()
-            m = machine(lm.mesh(), "machine-1")
-            return m and m["rpc"]["state"] == "ready"
+            return "machine-1" in {m["machine_id"] for m in lm.mesh().machines().ready()}
 
         wait_for(rejoined, timeout=120, interval=1.0, what="machine-1 to rejoin the restarted scheduler")
         # The new scheduler has the relay master key of the old one (from the state file): a session works again.
@@ -99,7 +98,8 @@ def test_a_state_file_of_the_previous_release_opens_in_this_one(tmp_path):
     store.close()
     assert [s["closed"] is None for s in saved["sessions"]] == [False, True]
     assert all(s["topology"] is None for s in saved["sessions"])  # schema 1 kept none
-    assert sqlite3.connect(path).execute("SELECT value FROM meta WHERE key='schema_version'").fetchone() == ("2",)
+    version = sqlite3.connect(path).execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
+    assert version == (str(SCHEMA_VERSION),) and SCHEMA_VERSION > 1  # migrated to this release's schema
     assert StateStore(path).migrated_from is None  # migrated once
 
     with LocalMesh(machines=0, dashboard=False, state_path=path) as lm:

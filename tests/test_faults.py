@@ -12,11 +12,10 @@ from pathlib import Path
 import pytest
 
 from sharedllm.errors import EngineError, InvalidModel
-from tests.conftest import N_CTX, PROMPT, machine, wait_for
+from tests.helpers import N_CTX, PROMPT, TWO, machine, stream_with_fault, wait_for
 
 pytestmark = pytest.mark.mesh
 
-TWO = ["machine-1", "machine-2"]
 EPS_KEY = b"gemma3.attention.layer_norm_rms_epsilon"
 FLOAT32 = 6
 
@@ -96,7 +95,6 @@ def test_generations_outlive_a_scheduler_kill(local_greedy, tmp_path):
     rejoin and adopt their data planes, the session is reclaimed with its counts, and new sessions work."""
     from sharedllm.errors import SchedulerUnreachable
     from sharedllm.local import LocalMesh
-    from tests.test_churn import stream_with_fault
 
     with LocalMesh(machines=2, dashboard=False, state_path=tmp_path / "state.sqlite", persist_interval=0.5) as lm:
         mesh = lm.mesh()

@@ -9,7 +9,6 @@ import pickle
 import random
 import struct
 import time
-from math import prod
 
 import pytest
 
@@ -20,7 +19,6 @@ from sharedllm.gguf import (
     BOOL,
     FLOAT32,
     FLOAT64,
-    GGML_TYPES,
     INT8,
     INT16,
     INT32,
@@ -38,6 +36,7 @@ from sharedllm.gguf import (
     read_gguf,
     ties_embeddings,
 )
+from tests.helpers import F32, MODEL_KVS, MODEL_TENSORS, Q4_K, gguf_bytes, gguf_str
 
 MODEL_NAME = "gemma-3-270m-q4_k_m.gguf"
 
@@ -58,70 +57,6 @@ def gemma_path() -> pathlib.Path:
 @pytest.fixture(scope="module")
 def gemma(gemma_path) -> GGUFFile:
     return read_gguf(gemma_path)
-
-
-# --- a small GGUF writer ----------------------------------------------------------------------------------------
-
-_FMT = {UINT8: "B", INT8: "b", UINT16: "H", INT16: "h", UINT32: "I", INT32: "i", FLOAT32: "f", BOOL: "?",
-        UINT64: "Q", INT64: "q", FLOAT64: "d"}  # fmt: skip
-F32, F16, Q8_0, Q4_K = 0, 1, 8, 12
-
-
-def _str(s: str) -> bytes:
-    raw = s.encode()
-    return struct.pack("<Q", len(raw)) + raw
-
-
-def _val(vtype: int, value) -> bytes:
-    if vtype == STRING:
-        return _str(value)
-    if vtype == ARRAY:
-        item_type, items = value
-        return struct.pack("<IQ", item_type, len(items)) + b"".join(_val(item_type, v) for v in items)
-    return struct.pack("<" + _FMT[vtype], value)
-
-
-def nbytes_of(shape, ggml_type) -> int:
-    _, block, size = GGML_TYPES.get(ggml_type, ("unknown", 1, 1))
-    return prod(shape) // block * size
-
-
-def gguf_bytes(kvs, tensors, *, version=3, alignment=32, offsets=None, counts=None) -> bytes:
-    """``kvs``: (key, type, value), arrays as (item_type, items); ``tensors``: (name, shape, ggml_type)."""
-    n_tensors, n_kv = counts or (len(tensors), len(kvs))
-    out = bytearray(b"GGUF" + struct.pack("<IQQ", version, n_tensors, n_kv))
-    for key, vtype, value in kvs:
-        out += _str(key) + struct.pack("<I", vtype) + _val(vtype, value)
-    pad = lambda n: -(-n // alignment) * alignment  # noqa: E731
-    rel = 0
-    for i, (name, shape, ggml_type) in enumerate(tensors):
-        off = offsets[i] if offsets else rel
-        out += _str(name) + struct.pack(f"<I{len(shape)}QIQ", len(shape), *shape, ggml_type, off)
-        rel += pad(nbytes_of(shape, ggml_type))
-    out += bytes(pad(len(out)) - len(out))
-    for i, (_, shape, ggml_type) in enumerate(tensors):
-        n = nbytes_of(shape, ggml_type)
-        out += bytes([i + 1]) * n + bytes(pad(n) - n)
-    return bytes(out)
-
-
-MODEL_KVS = [
-    ("general.architecture", STRING, "llama"),
-    ("llama.block_count", UINT32, 2),
-    ("llama.embedding_length", UINT32, 64),
-    ("llama.feed_forward_length", UINT32, 256),
-    ("llama.attention.head_count", UINT32, 4),
-    ("llama.attention.head_count_kv", ARRAY, (INT32, [2, 1])),
-]
-MODEL_TENSORS = [
-    ("token_embd.weight", (64, 100), F16),
-    ("blk.0.attn_q.weight", (64, 64), Q8_0),
-    ("blk.0.ffn_up.weight", (256, 64), Q4_K),
-    ("blk.1.attn_q.weight", (64, 64), Q8_0),
-    ("blk.1.ffn_up.weight", (256, 64), Q4_K),
-    ("output_norm.weight", (64,), F32),
-    ("output.weight", (64, 100), Q8_0),
-]
 
 
 def write(tmp_path: pathlib.Path, data: bytes, name: str = "model.gguf") -> pathlib.Path:
@@ -347,7 +282,7 @@ def test_truncated_real_header(tmp_path, gemma, gemma_path):
     with open(gemma_path, "rb") as f:
         head = f.read(gemma.data_offset + 4096)
     rng = random.Random(1)
-    infos = head.index(_str("output_norm.weight"))  # the first tensor info: the vocab lies before it
+    infos = head.index(gguf_str("output_norm.weight"))  # the first tensor info: the vocab lies before it
     cuts = [*range(0, 48), *rng.sample(range(48, infos), 16), *rng.sample(range(infos, gemma.data_offset), 16)]
     for n in [*cuts, gemma.data_offset, len(head)]:
         raises(InvalidModel, write(tmp_path, head[:n], "cut.gguf"))
@@ -369,7 +304,7 @@ def _patch(data: bytes, find: bytes, new: bytes) -> bytes:
 
 def test_corrupt_content(tmp_path):
     good = gguf_bytes(MODEL_KVS, MODEL_TENSORS)
-    key = _str("general.architecture")
+    key = gguf_str("general.architecture")
     cases = {
         "tensors": gguf_bytes(MODEL_KVS, MODEL_TENSORS, counts=(1 << 62, len(MODEL_KVS))),
         "keys": gguf_bytes(MODEL_KVS, MODEL_TENSORS, counts=(len(MODEL_TENSORS), 1 << 40)),
@@ -442,7 +377,7 @@ def test_fuzz(tmp_path):
     """Random byte mutations and truncations: each file parses or raises InvalidModel, quickly."""
     kvs = [*MODEL_KVS, ("t.strs", ARRAY, (STRING, ["a", "bc"] * 20)), ("t.nested", ARRAY, (ARRAY, [(INT8, [1])]))]
     good = gguf_bytes(kvs, MODEL_TENSORS)
-    header = good.index(_str("token_embd.weight")) + 200  # mutations past the tensor infos change only data
+    header = good.index(gguf_str("token_embd.weight")) + 200  # mutations past the tensor infos change only data
     rng = random.Random(20240601)
     path = tmp_path / "fuzz.gguf"
     outcomes = {"ok": 0, "invalid": 0}

@@ -18,8 +18,9 @@ from sharedllm import relay
 from sharedllm.ggml import rpc_hello
 from sharedllm.relay import ClientRelay, RelayError, ServerRelay, TokenError, machine_key, mint_token
 from sharedllm.relay.hub import KIND_CONNECT, KIND_DATA, RelayHub, hub_client_key, hub_machine_key
-from tests.conftest import everything_until_closed, wait_for
-from tests.test_relay import RPCServer
+from tests.helpers import RPCServer, everything_until_closed, wait_for
+
+pytestmark = pytest.mark.mesh  # a real rpc-server, and the hub as a process
 
 MASTER = b"0123456789abcdef0123456789abcdef"
 HUB_KEY = b"hub-key-0123456789abcdef-0123456"

@@ -12,7 +12,8 @@ import time
 
 import pytest
 
-from sharedllm.linkem import LinkControl, LinkEmulator
+from bench import linkem
+from bench.linkem import LinkControl, LinkEmulator
 
 
 def _echo_server() -> tuple[socket.socket, str]:
@@ -144,7 +145,6 @@ def test_the_link_in_its_own_process_counts_and_takes_commands(tmp_path):
 
 def test_wire_mode_puts_the_link_between_the_client_relay_and_its_server_relay(tmp_path):
     from sharedllm import relay
-    from sharedllm.engine import load
 
     server, target = _frame_server()
     cert, key, _ca = relay.make_self_signed(tmp_path / "certs")
@@ -154,9 +154,8 @@ def test_wire_mode_puts_the_link_between_the_client_relay_and_its_server_relay(t
     sr.set_lease("lease")
     token = relay.mint_token(secret, "lease", "m1", ttl=600)
     cr = relay.ClientRelay(sr.endpoint, token, fingerprint=relay.cert_fingerprint(cert)).start()
-    load._TUNNELS.append(cr)
     try:
-        with server, LinkEmulator(cr.endpoint, process=True, wire=True) as link:
+        with server, LinkEmulator(cr.endpoint, process=True, relay=cr) as link:
             assert link.endpoint == cr.endpoint  # llama.cpp still connects to the relay
             assert cr.remote_endpoint != sr.endpoint  # which reaches its server relay through the link
             total = _exchange(link.endpoint, MESSAGES)
@@ -165,6 +164,25 @@ def test_wire_mode_puts_the_link_between_the_client_relay_and_its_server_relay(t
             assert stats["bytes"][0] > total
             assert stats["round_trips"] >= len(MESSAGES)
     finally:
-        load._TUNNELS.remove(cr)
         cr.stop()
         sr.stop()
+
+
+def test_the_engines_tunnel_hook_puts_a_link_in_front_of_each_machine():
+    """``mesh.load(..., tunnel_hook=linkem.hook(...))``: the engine resolves the hook by name and calls it with its
+    endpoint of each machine; llama.cpp then connects to the emulators' endpoints."""
+    from sharedllm.engine.load import run_tunnel_hook
+
+    target, path, kwargs = linkem.hook(rtt_ms=2)
+    assert (target, kwargs) == ("bench.linkem:emulate", {"rtt_ms": 2})
+    server, endpoint = _frame_server()
+    try:
+        with server:
+            local = run_tunnel_hook((target, path, kwargs), {"machine-t": endpoint})
+            assert local["machine-t"] != endpoint
+            total = _exchange(local["machine-t"], MESSAGES)
+            link = linkem._LINKS["machine-t"]
+            assert _wait_for(lambda: link.stats()["bytes"] == [total, total])
+            assert link.stats()["rtt_ms"] == 2.0
+    finally:
+        linkem._LINKS.pop("machine-t").close()

@@ -6,20 +6,14 @@ local llama-cpp-python's, and what each rpc-server allocated must stay within th
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
-
-import bench_matrix
-import synth_gguf
-
+from bench import common, synth_gguf
 from sharedllm.gguf import GGML_TYPES, read_gguf
-from tests.conftest import machine, wait_for
+from tests.helpers import TWO, machine, wait_for
 
-TWO = ["machine-1", "machine-2"]
 THREE = [*TWO, "machine-3"]
 N_CTX = 1024
 TOKENS = 16
@@ -77,20 +71,20 @@ def test_mesh_greedy_and_memory_match(mesh, synth_dir, arch, quant):
 
     llm = build_llama(str(path), n_ctx=N_CTX, n_threads=2, use_extra_bufts=False)
     try:
-        local = llm.create_completion(bench_matrix.PROMPT, max_tokens=TOKENS, temperature=0)
+        local = llm.create_completion(common.SYNTH_PROMPT, max_tokens=TOKENS, temperature=0)
     finally:
         llm.close()
     with mesh.load(str(path), n_ctx=N_CTX, machines=TWO, verbose=True) as h:
         assert h.topology.machines == TWO
-        out = h.create_completion(bench_matrix.PROMPT, max_tokens=TOKENS, temperature=0)
-        devices, client = bench_matrix.engine_buffers(Path(h._engine.log_path).read_text(errors="replace"))
+        out = h.create_completion(common.SYNTH_PROMPT, max_tokens=TOKENS, temperature=0)
+        devices, client = common.engine_buffers(Path(h._engine.log_path).read_text(errors="replace"))
         stages, estimate = h.topology.stages, h.estimate
     text = out["choices"][0]["text"]
     assert text.strip(), "the random model produced no visible text: the comparison would prove nothing"
     assert text == local["choices"][0]["text"]
     assert len(devices) == len(stages) == 2
     for stage, buffers in zip(stages, devices, strict=True):
-        report = bench_matrix.stage_report(stage, buffers)
+        report = common.stage_report(stage, buffers)
         assert report["measured"]["weights"] > 0 and report["measured"]["compute"] > 0, buffers
         assert report["ok"], report
     assert sum(v for k, v in client.items() if k.startswith("model:")) == pytest.approx(estimate.input_bytes,
@@ -109,13 +103,13 @@ def test_three_way_split_each_stage_kind_within_its_estimate(mesh_cluster, mesh,
         path = synth_gguf.synthesize("llama3-70b", "Q4_K_M", synth_dir)
         with mesh.load(str(path), n_ctx=N_CTX, machines=THREE, verbose=True, output_layer="mesh") as h:
             assert h.topology.machines == THREE and not h.topology.output_on_client
-            devices, _ = bench_matrix.engine_buffers(Path(h._engine.log_path).read_text(errors="replace"))
+            devices, _ = common.engine_buffers(Path(h._engine.log_path).read_text(errors="replace"))
             stages = h.topology.stages
     finally:
         mesh_cluster.stop_machine("machine-3")
         wait_for(lambda: machine(mesh, "machine-3") is None, what="machine-3 to leave")
     assert len(devices) == len(stages) == 3
-    first, middle, last = (bench_matrix.stage_report(s, b) for s, b in zip(stages, devices, strict=True))
+    first, middle, last = (common.stage_report(s, b) for s, b in zip(stages, devices, strict=True))
     for report in (first, middle, last):
         assert report["ok"], report
     assert stages[1].compute_bytes > stages[0].compute_bytes

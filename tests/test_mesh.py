@@ -11,11 +11,9 @@ import threading
 import pytest
 
 from sharedllm.errors import EngineError, ModelClosed, ModelTooLarge, WorkerLost
-from tests.conftest import N_CTX, PROMPT, machine, wait_for
+from tests.helpers import N_CTX, PROMPT, TWO, machine, wait_for
 
 pytestmark = pytest.mark.mesh
-
-TWO = ["machine-1", "machine-2"]
 
 
 async def _leave(dask_worker):
@@ -240,13 +238,17 @@ def test_one_actor_per_machine_and_repinning(mesh_cluster, mesh):
                  and m, what="machine 'multi' with 2 workers and a ready rpc-server")
 
     def actors_on(workers):
-        counts = client.run(lambda dask_worker: len(dask_worker.state.actors), workers=workers)
+        counts = client.run(lambda dask_worker: int(dask_worker.extensions["sharedllm"].actor is not None),
+                            workers=workers)
         return sum(counts.values())
 
     assert actors_on(m["workers"]) == 1
-    keys = client.run_on_scheduler(
-        lambda dask_scheduler: [k for k in dask_scheduler.tasks if str(k).startswith("sharedllm-rpc-multi")])
-    assert len(keys) == 1
+    pinned = client.run_on_scheduler(
+        lambda dask_scheduler: {k: r.worker for k, r in dask_scheduler.extensions["sharedllm"].data.actors.items()})
+    assert pinned["multi"] == m["actor_worker"]
+    # The scheduler addresses the actor over the worker's own connection: no Dask task or actor behind it.
+    assert not client.run_on_scheduler(
+        lambda dask_scheduler: [k for k in dask_scheduler.tasks if str(k).startswith("sharedllm-rpc")])
     holder, other = m["actor_worker"], next(w for w in m["workers"] if w != m["actor_worker"])
 
     # retire_workers refuses workers that hold actors, so the holder leaves the way a stopped worker does.

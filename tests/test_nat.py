@@ -15,9 +15,9 @@ import pytest
 
 from sharedllm import relay
 from sharedllm.relay.hub import KIND_CONNECT
-from tests.conftest import N_CTX, PROMPT, everything_until_closed, wait_for
+from tests.helpers import N_CTX, PROMPT, everything_until_closed, wait_for
 
-pytestmark = pytest.mark.timeout(600)
+pytestmark = [pytest.mark.mesh, pytest.mark.timeout(600)]
 BOTH = ["direct-1", "nat-1"]
 
 
@@ -30,8 +30,8 @@ def nat_mesh():
     lm.add_machine("direct-1")
     lm.add_machine("nat-1")
     mesh = lm.mesh()
-    wait_for(lambda: len([m for m in mesh.machines() if m["rpc"].get("state") == "ready" and m["rpc"].get("relay")])
-             == 2 and "nat-1" in (mesh.state()["hub"] or {}).get("machines", {}), timeout=120,
+    wait_for(lambda: len(mesh.machines().ready()) == 2 and "nat-1" in (mesh.state()["hub"] or {}).get("machines", {}),
+             timeout=120,
              what="both machines ready, the NAT machine registered at the hub")
     yield lm
     lm.close()

@@ -61,6 +61,27 @@ def test_every_machine_is_ready_and_reached_its_way(lab_mesh):
     assert lab_mesh.lab.drops("nat-undeclared") > 0  # the scheduler tried its relay once, and found it behind NAT
 
 
+def test_a_machines_dask_ports_serve_its_own_host_only(lab_mesh):
+    # A worker and its nanny run what they are sent (run, tasks, plugins): from another host, nothing gets through,
+    # not even Dask's handshake (sharedllm.machine.door). The scheduler runs on this host, outside the machine's.
+    import asyncio
+
+    from distributed.core import rpc
+
+    info = lab_mesh.client().scheduler_info()["workers"]
+    worker = next(a for a, w in info.items() if w.get("name") == "outside" or "outside" in str(w.get("id", "")))
+    nanny = info[worker].get("nanny")
+    assert nanny, "the machine runs under a nanny"
+
+    async def identity(address: str):
+        async with rpc(address, timeout=5) as r:
+            return await r.identity()
+
+    for address in (worker, nanny):
+        with pytest.raises((OSError, asyncio.TimeoutError)):
+            asyncio.run(identity(address))
+
+
 def test_a_session_over_all_three_gives_the_oracles_text(lab_mesh, local_greedy):
     with lab_mesh.mesh().load("gemma-3-270m", n_ctx=N_CTX, machines=ALL) as llm:
         assert set(llm.topology.machines) == set(ALL)

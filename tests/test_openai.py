@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import queue
 import re
 import signal
@@ -25,11 +26,11 @@ import pytest
 
 from sharedllm.errors import ClientBanned, EngineError, MeshBusy, RateLimited, WorkerLost
 from sharedllm.openai_server import ServerThread, create_app, listen_socket
-from tests.conftest import N_CTX, PROMPT, wait_for
+from sharedllm.security import write_private
+from tests.helpers import N_CTX, PROMPT, TWO, wait_for
 
 pytestmark = pytest.mark.mesh
 
-TWO = ["machine-1", "machine-2"]
 MODEL_ID = "gemma-3-270m-q4_k_m"
 KEY = "sk-test-key-1"
 CHAT = [{"role": "user", "content": "Name a colour."}]
@@ -68,11 +69,16 @@ def test_serve_refuses_an_open_address_without_keys(tmp_path):
 def test_sharedllm_serve_command(mesh_cluster, tmp_path):
     keys = tmp_path / "keys"
     keys.write_text("# one key per line\nsk-file-key\n")
+    # The server is a user of the mesh like any other: its own key, in the file SHAREDLLM_KEY_FILE names.
+    mesh_key = tmp_path / "mesh.key"
+    write_private(mesh_key, mesh_cluster.add_user("openai-serve") + "\n")
+    env = {k: v for k, v in os.environ.items() if k != "SHAREDLLM_KEY"}
+    env["SHAREDLLM_KEY_FILE"] = str(mesh_key)
     proc = subprocess.Popen(
-        [str(BIN / "sharedllm"), "serve", "--scheduler", mesh_cluster.address, "--model", "gemma-3-270m",
+        [str(BIN / "sharedllm"), "serve", "--scheduler", mesh_cluster.user_address, "--model", "gemma-3-270m",
          "--port", "0", "--api-keys-file", str(keys), "--model-name", "gemma", "--max-queue", "2",
          "--parallel", "2", "--fast-batches", *[a for m in TWO for a in ("--machine", m)]],
-        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     lines: queue.Queue[str] = queue.Queue()
     threading.Thread(target=lambda: [lines.put(ln) for ln in proc.stdout], daemon=True).start()
     try:
@@ -95,6 +101,8 @@ def test_sharedllm_serve_command(mesh_cluster, tmp_path):
         assert chat.choices[0].message.content
         with pytest.raises(openai.AuthenticationError):
             _client(url, "sk-wrong").models.list()
+        # Its session is its user's.
+        assert "openai-serve" in {s["client"] for s in mesh_cluster.mesh().state()["sessions"]}
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=60) == 0
     finally:

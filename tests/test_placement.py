@@ -17,37 +17,11 @@ from sharedllm import gguf
 from sharedllm.errors import MeshError, ModelTooLarge, NoMachines
 from sharedllm.gguf import ModelEstimate
 from sharedllm.placement import DeviceSlot, Stage, Topology, plan
+from tests.helpers import estimate
 
 MB = 1 << 20
 GiB = 1 << 30
 GEMMA = Path("/root/.cache/sharedllm/models/gemma-3-270m-q4_k_m.gguf")
-
-
-def estimate(
-    n_layer: int = 18,
-    layer_weight: int = 8 * MB,
-    layer_kv: int = 2 * MB,
-    output: int = 170 * MB,
-    compute: int = 0,
-    path: str = "/models/gemma-3-270m-q4_k_m.gguf",
-    weights: list[int] | None = None,
-    kvs: list[int] | None = None,
-) -> ModelEstimate:
-    """A synthetic estimate: by default 18 layers of 10 MiB and an output slot of 170 MiB, like Gemma 3 270M."""
-    weights = weights if weights is not None else [layer_weight] * n_layer
-    kvs = kvs if kvs is not None else [layer_kv] * n_layer
-    return ModelEstimate(
-        path=path,
-        architecture="gemma3",
-        n_layer=n_layer,
-        n_ctx=2048,
-        layer_weight_bytes=tuple(weights),
-        layer_kv_bytes=tuple(kvs),
-        output_bytes=output,
-        input_bytes=output,
-        compute_bytes=compute,
-        file_bytes=sum(weights) + 2 * output,
-    )
 
 
 def device(machine: str, free: int, index: int = 0, port: int | None = None, kind: str = "cpu") -> DeviceSlot:
@@ -246,7 +220,8 @@ def test_contiguity_failure_is_refused():
 
 
 def test_no_devices_raises_no_machines():
-    with pytest.raises(NoMachines, match=re.escape("dask worker ADDR --preload sharedllm.worker")):
+    preloads = "dask worker ADDR --preload-nanny sharedllm.nanny --preload sharedllm.worker"
+    with pytest.raises(NoMachines, match=re.escape(preloads)):
         plan([], estimate())
 
 

@@ -11,11 +11,8 @@ from sharedllm import models
 from sharedllm.errors import ModelTooLarge
 from sharedllm.gguf import read_gguf
 from sharedllm.gguf_remote import read_gguf_url
-from tests.conftest import N_CTX
-from tests.test_cli import run_cli
-from tests.test_download import server  # noqa: F401  (the HTTP file server fixture)
+from tests.helpers import N_CTX, TWO, admin_env, run_cli
 
-TWO = ["machine-1", "machine-2"]
 HEADER_BUDGET = 16 << 20  # Gemma 3 270M's header (a 262k-token vocabulary) is ~6 MB of its 253 MB
 
 
@@ -30,7 +27,7 @@ def empty_cache(tmp_path, monkeypatch):
     return tmp_path / "models"
 
 
-def test_header_over_http_ranges_equals_the_local_header(server, gemma_bytes, model_path):  # noqa: F811
+def test_header_over_http_ranges_equals_the_local_header(server, gemma_bytes, model_path):
     url = server.put("/gemma.gguf", gemma_bytes)
     remote, local = read_gguf_url(url, start=1 << 20), read_gguf(model_path)
     assert remote.tensors == local.tensors and remote.metadata.keys() == local.metadata.keys()
@@ -43,7 +40,8 @@ def test_header_over_http_ranges_equals_the_local_header(server, gemma_bytes, mo
     assert server.sent < len(gemma_bytes) // 4
 
 
-def test_plan_of_a_url_downloads_nothing(mesh, server, gemma_bytes, empty_cache):  # noqa: F811
+@pytest.mark.mesh
+def test_plan_of_a_url_downloads_nothing(mesh, server, gemma_bytes, empty_cache):
     url = server.put("/models/gemma-remote.gguf", gemma_bytes)
     topo = mesh.plan(url, N_CTX, machines=TWO)
     assert sorted(topo.machines) == TWO and topo.n_layer == 18
@@ -58,12 +56,14 @@ def test_plan_of_a_url_downloads_nothing(mesh, server, gemma_bytes, empty_cache)
     assert models.needs_download(url)
 
 
-def test_cli_plan_prints_the_topology_or_the_shortfall(mesh_cluster, server, gemma_bytes, empty_cache):  # noqa: F811
+@pytest.mark.mesh
+def test_cli_plan_prints_the_topology_or_the_shortfall(mesh_cluster, server, gemma_bytes, empty_cache):
     url = server.put("/cli/gemma-cli.gguf", gemma_bytes)
-    ok = run_cli("plan", url, "--scheduler", mesh_cluster.address, "--n-ctx", str(N_CTX))
+    admin = admin_env(mesh_cluster)
+    ok = run_cli("plan", url, "--scheduler", mesh_cluster.user_address, "--n-ctx", str(N_CTX), env=admin)
     assert ok.returncode == 0, ok.stderr
     assert "machine-1" in ok.stdout and "18 layers" in ok.stdout
-    big = run_cli("plan", url, "--scheduler", mesh_cluster.address, "--n-ctx", "4000000")
+    big = run_cli("plan", url, "--scheduler", mesh_cluster.user_address, "--n-ctx", "4000000", env=admin)
     assert big.returncode == 1
     (line,) = [ln for ln in big.stderr.strip().splitlines() if "error" in ln.lower()]  # one line, beside the log's
     assert line.startswith("error:") and "gemma-cli.gguf" in line and "n_ctx=4000000" in line

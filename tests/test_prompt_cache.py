@@ -9,7 +9,7 @@ import pytest
 
 from sharedllm.engine import Engine, EngineSpec
 from sharedllm.engine.prompt_cache import PromptCache
-from tests.conftest import wait_for
+from tests.helpers import wait_for
 
 pytestmark = pytest.mark.mesh  # the real model (one test, the cluster too): not among `pytest -m "not mesh"`'s
 

@@ -16,14 +16,13 @@ import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 
 import pytest
 
 from sharedllm import relay
 from sharedllm.ggml import rpc_hello
 from sharedllm.relay import ClientRelay, RelayError, ServerRelay, TokenError, machine_key, mint_token, verify_token
-from tests.conftest import ACCEPTED, HELLO, everything_until_closed
+from tests.helpers import HELLO, RPCServer, everything_until_closed
 
 MASTER = b"0123456789abcdef0123456789abcdef"
 M1, M2 = "machine-1", "machine-2"
@@ -94,47 +93,6 @@ def certs(tmp_path_factory):
     return {"cert": cert, "key": key, "ca": ca, "fingerprint": relay.cert_fingerprint(cert)}
 
 
-class RPCServer:
-    """A real ``python -m sharedllm.rpc_server`` on loopback; its stdout and stderr go to ``log``."""
-
-    def __init__(self, log: Path):
-        from sharedllm.rpc_server import free_port
-
-        self.log = log
-        self.port = free_port("127.0.0.1")
-        self.endpoint = f"127.0.0.1:{self.port}"
-        self._out = open(log, "wb")  # closed in stop()
-        # llama.cpp fflush()es after "Accepted client connection"; stdbuf keeps any other printf line-buffered too.
-        self.proc = subprocess.Popen(
-            ["stdbuf", "-oL", sys.executable, "-m", "sharedllm.rpc_server", "--host", "127.0.0.1", "--port",
-             str(self.port), "--threads", "1"], stdout=self._out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                self.version = rpc_hello(self.endpoint, timeout=2)
-                break
-            except OSError:
-                if self.proc.poll() is not None or time.monotonic() > deadline:
-                    self.stop()
-                    raise RuntimeError(f"rpc-server did not start: {log.read_text()[-2000:]}") from None
-                time.sleep(0.1)
-
-    def accepted(self) -> int:
-        return self.log.read_text(errors="replace").count(ACCEPTED)
-
-    def wait_accepted(self, n: int, timeout: float = 10.0) -> int:
-        deadline = time.monotonic() + timeout
-        while self.accepted() < n and time.monotonic() < deadline:
-            time.sleep(0.05)
-        return self.accepted()
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait()
-        self._out.close()
-
-
 @pytest.fixture(scope="module")
 def rpc_server(tmp_path_factory):
     server = RPCServer(tmp_path_factory.mktemp("rpc-server") / "rpc-server.log")
@@ -173,6 +131,7 @@ def _read_hello_answer(sock: socket.socket) -> bytes:
 # --- the handshake guards the rpc-server ----------------------------------------------------------------------------
 
 
+@pytest.mark.mesh
 def test_raw_sockets_never_reach_the_rpc_server(rpc_server, server_relay, certs, caplog):
     before = rpc_server.wait_accepted(rpc_server.accepted())
     with caplog.at_level(logging.WARNING, logger="sharedllm.relay"):
@@ -203,6 +162,7 @@ def test_raw_sockets_never_reach_the_rpc_server(rpc_server, server_relay, certs,
     assert rpc_server.wait_accepted(before + 1) == before + 1
 
 
+@pytest.mark.mesh
 def test_tunnel_carries_rpc(rpc_server, server_relay, certs):
     token = mint_token(K1, "lease-A", M1, ttl=60)
     with client(server_relay, certs, token) as cr:
@@ -217,6 +177,7 @@ def test_tunnel_carries_rpc(rpc_server, server_relay, certs):
     assert server_relay.accepted == 3
 
 
+@pytest.mark.mesh
 def test_wrong_server_certificate_gets_no_token(rpc_server, server_relay, certs, tmp_path):
     other_cert, _, other_ca = relay.make_self_signed(tmp_path)
     before = rpc_server.accepted()
@@ -233,6 +194,7 @@ def test_wrong_server_certificate_gets_no_token(rpc_server, server_relay, certs,
     assert rpc_server.accepted() == before
 
 
+@pytest.mark.mesh
 @pytest.mark.parametrize("case", ["other lease", "expired", "other machine", "wrong machine", "tampered"])
 def test_refused_tokens(rpc_server, server_relay, certs, case):
     """Lease A's token fails on lease B's machine; so do expired, foreign and altered tokens."""
@@ -261,6 +223,7 @@ def test_refused_tokens(rpc_server, server_relay, certs, case):
         assert rpc_hello(cr.endpoint) == rpc_server.version
 
 
+@pytest.mark.mesh
 def test_lease_change_closes_live_connections(rpc_server, server_relay, certs):
     with client(server_relay, certs, mint_token(K1, "lease-A", M1, ttl=60)) as cr:
         host, port = relay.parse_endpoint(cr.endpoint)
@@ -275,6 +238,7 @@ def test_lease_change_closes_live_connections(rpc_server, server_relay, certs):
             assert everything_until_closed(s) == b""
 
 
+@pytest.mark.mesh
 def test_allowed_callback(rpc_server, certs):
     leases = {"current": "lease-A"}
     sr = ServerRelay("127.0.0.1", 0, rpc_server.endpoint, certfile=certs["cert"], keyfile=certs["key"], secret=K1,
@@ -345,6 +309,7 @@ def test_splice_moves_bulk_both_ways(certs):
         assert bytes(got) == payload
 
 
+@pytest.mark.mesh
 def test_stop_closes_everything(rpc_server, certs):
     sr = ServerRelay("127.0.0.1", 0, rpc_server.endpoint, certfile=certs["cert"], keyfile=certs["key"], secret=K1,
                      machine_id=M1).start()
@@ -369,6 +334,7 @@ def test_stop_closes_everything(rpc_server, certs):
         socket.create_connection(("127.0.0.1", sr.port), timeout=2).close()
 
 
+@pytest.mark.mesh
 def test_command_line(rpc_server, certs, tmp_path):
     """``python -m sharedllm.relay server --control-stdin`` admits the lease it is told; ``client --check`` probes."""
     key_file, token_file = tmp_path / "key", tmp_path / "token"
@@ -433,6 +399,7 @@ def test_model_through_the_tunnel_matches_direct(rpc_server, server_relay, certs
     assert server_relay.accepted >= 1
 
 
+@pytest.mark.mesh
 def test_splice_trace(rpc_server, server_relay, certs, tmp_path, monkeypatch):
     """SHAREDLLM_RELAY_TRACE: each hop of a tunnelled connection writes its reads and writes when the connection
     ends; what came in on one side went out on the other."""
@@ -720,6 +687,7 @@ _SIZED = [(0, (640, 9, 1, 1), None), (0, (256, 9, 4, 1), None), (1, (64, 512, 4,
           (0, (4096, 32, 8, 1), (4, 16384, 524288, 4194304))]
 
 
+@pytest.mark.mesh
 def test_cpu_allocation_sizes_are_what_a_cpu_rpc_server_answers(rpc_server):
     """The oracle: for each tensor, the size the relay would answer is the real CPU rpc-server's answer."""
     from sharedllm.relay.rpc import cpu_alloc_size

@@ -13,7 +13,7 @@ import pytest
 
 from sharedllm.openai_server import ServerThread, create_app
 from sharedllm.replicas import Replicas
-from tests.conftest import N_CTX, PROMPT, machine, wait_for
+from tests.helpers import N_CTX, PROMPT, machine, wait_for
 
 pytestmark = pytest.mark.mesh
 

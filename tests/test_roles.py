@@ -20,7 +20,7 @@ import pytest
 
 from sharedllm.errors import AuthenticationFailed, ClientBanned, NotAuthorized, RateLimited
 from sharedllm.security import HandshakeCredential
-from tests.helpers import PROMPT, TWO
+from tests.helpers import PROMPT, TWO, wait_for
 
 pytestmark = pytest.mark.mesh
 
@@ -189,7 +189,14 @@ def test_the_admin_acts_and_the_audit_trail_keeps_it(mesh_cluster, mesh):
     admin.call("drain", machine="machine-2")
     admin.call("drain", machine="machine-2", undrain=True)
     key = admin.call("users", action="add", name="erin")["key"]
+    erin = mesh_cluster.user_mesh(key)
+    assert erin.whoami()["name"] == "erin"
     admin.call("users", action="rotate", name="erin")
+    # Her open connection ends at once (not at its next request), and the old key connects no more.
+    wait_for(lambda: not erin.control.reachable(), timeout=10, what="erin's connection to close on rotation")
+    with pytest.raises(AuthenticationFailed):
+        erin.whoami()
+    erin.close()
     admin.call("clients", action="ban", client="erin")
     admin.call("clients", action="unban", client="erin")
     admin.call("users", action="remove", name="erin")

@@ -7,15 +7,11 @@ No timing here: speed is the benchmark's business."""
 from __future__ import annotations
 
 import asyncio
-import sys
 from dataclasses import asdict
-from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
-
-import bench_scale
+from bench import bench_scale
 
 N = 1000
 GPUS = 8
@@ -49,6 +45,7 @@ def test_trust_record_dict_is_asdict():
     assert rec.to_dict()["labels"]["nested"] is not rec.labels["nested"]  # a copy, as asdict makes
 
 
+@pytest.mark.mesh
 def test_a_thousand_machines_listed_placed_shown_and_churning(template):
     asyncio.run(_thousand(template))
 
@@ -74,13 +71,13 @@ async def _thousand(template: dict) -> None:
             assert m["heartbeat_age"] < m["heartbeat_limit"]
 
         est = bench_scale.model_estimate()
-        topo = Topology.from_dict(p._plan(est))  # validates: contiguous, every slot once, no device twice
+        topo = Topology.from_dict(p.planner.plan(est))  # validates: contiguous, every slot once, no device twice
         assert topo.n_layer == ModelEstimate.from_dict(est).n_layer
-        assert p._plan(est, max_devices=8)["stages"].__len__() == 8
+        assert p.planner.plan(est, max_devices=8)["stages"].__len__() == 8
         sessions = await fleet.open_sessions(est, every=100)
         assert sessions == N // 100
-        leased = p.leased_machines()
-        free = Topology.from_dict(p._plan(est, free_only=True))
+        leased = p.data.leased_machines()
+        free = Topology.from_dict(p.planner.plan(est, free_only=True))
         assert not set(free.machines) & leased
 
         # Churn: 30 machines leave, 30 join (15 of them back), 10 rpc-servers restart.
@@ -97,26 +94,26 @@ async def _thousand(template: dict) -> None:
         assert len(states) == N and not set(gone[15:]) & states.keys()
         assert all(states[s.machine_id] == "stopped" for s in back + new)  # no actor yet
         assert all(states[m] == "restarting" for m in restarting)
-        plan = p._plan(est)
+        plan = p.planner.plan(est)
         assert sum("rpc-server restarting" in s for s in plan["skipped"]) == 10
         assert sum("rpc-server stopped" in s for s in plan["skipped"]) == 30
         await fleet.reconcile()
         fleet.beat_all()
         states = {m["machine_id"]: m["rpc"]["state"] for m in p.machines()}
         assert all(states[s.machine_id] == "ready" for s in back + new)
-        assert all(p.actors[s.machine_id].worker == s.address for s in back + new)
+        assert all(p.data.actors[s.machine_id].worker == s.address for s in back + new)
 
         # What the page and /metrics show: a row per machine, the sessions' reservations.
         table = dashboard.MachineTable(fleet.scheduler)
         table.update()
         assert table.source.data["machine"] == sorted(fleet.live)
         counts = dict(zip(table.source.data["machine"], table.source.data["sessions"], strict=True))
-        assert {m for m, c in counts.items() if c} == p.leased_machines() & set(fleet.live)
+        assert {m for m, c in counts.items() if c} == p.data.leased_machines() & set(fleet.live)
         leases = dashboard.Leases(fleet.scheduler)
         leases.update()
         held = {m for m, lease in zip(leases.source.data["machine"], leases.source.data["lease"], strict=True)
                 if lease.startswith("leased")}
-        assert held == p.leased_machines() & set(fleet.live)
+        assert held == p.data.leased_machines() & set(fleet.live)
         devices = device_memory(p.machines(), [s.to_dict() for s in p.sessions.values()])
         assert len(devices) == N * (GPUS + 1)
         stage_bytes = sum(st["weight_bytes"] + st["kv_bytes"] + st["compute_bytes"] for s in p.sessions.values()

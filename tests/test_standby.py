@@ -8,6 +8,8 @@ import pytest
 
 from sharedllm.engine import Engine, EngineSpec, Standby
 
+pytestmark = pytest.mark.mesh  # engine processes with the real model
+
 ARGS = {"prompt": "The capital of France is", "max_tokens": 8, "temperature": 0}
 
 

@@ -8,9 +8,13 @@ import os
 import signal
 import time
 
+import pytest
+
 from sharedllm import ggml
 from sharedllm.machine.server import RPCServerSupervisor
 from sharedllm.machine.state import RPCServerConfig
+
+pytestmark = pytest.mark.mesh  # real rpc-server and relay processes
 
 
 async def _wait_state(sup: RPCServerSupervisor, want: str, timeout: float = 60.0, reason: str = "", **match) -> dict:

@@ -7,14 +7,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import sys
-from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-synth_gguf = pytest.importorskip("synth_gguf")  # needs numpy and gguf (the [test] extra)
-synth_blocks = pytest.importorskip("synth_blocks")
+synth_gguf = pytest.importorskip("bench.synth_gguf")  # needs numpy and gguf (the [test] extra)
+synth_blocks = pytest.importorskip("bench.synth_blocks")
 
 
 @pytest.mark.parametrize("arch", ["llama3-70b", "phi3-mini"])

@@ -8,14 +8,13 @@ import os
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
 from sharedllm import security
 from sharedllm.errors import ClientBanned, MeshError, NoMachines, RateLimited
 from sharedllm.scheduler_plugins.trust import Admission, RateLimiter, TrustRecord, TrustRegistry
-from tests.conftest import N_CTX, PROMPT, machine, wait_for
+from tests.helpers import N_CTX, PROMPT, admin_env, machine, run_cli, wait_for
 
 # --- unit ------------------------------------------------------------------------------------------------------
 
@@ -128,13 +127,17 @@ def _intruder(lm, env_secret: str | None, tmp_path) -> subprocess.CompletedProce
 
 @pytest.mark.mesh
 def test_wrong_or_missing_secret_is_refused(guarded_mesh, tmp_path):
-    for secret, why in [("w" * 40, "wrong cluster secret"), (None, "no cluster-secret proof")]:
+    # Each intruder is refused (its worker exits, saying why) and never becomes a machine of the mesh. Without a
+    # secret its connection is anonymous: it is told to give the cluster secret. With a wrong one, it is told so.
+    for secret, why in [(None, "give it the cluster secret"), ("w" * 40, "wrong cluster secret")]:
         out = _intruder(guarded_mesh, secret, tmp_path)
         assert out.returncode != 0
-        assert f"SharedLLM refused this worker: {why}" in out.stderr
+        refusal = [ln for ln in out.stderr.splitlines() if "SharedLLM refused this worker: " in ln]
+        assert refusal and why in refusal[0], out.stderr[-3000:]
         assert machine(guarded_mesh.mesh(), "intruder") is None
     log = guarded_mesh.scheduler.log.read_text()
-    assert "refused worker" in log and "wrong cluster secret for machine intruder" in log
+    assert "refused: 'register-worker' on the Dask port" in log  # the anonymous one: one line, its role named
+    assert "wrong cluster secret for machine intruder" in log  # the operator sees which machine has a wrong secret
 
 
 @pytest.mark.mesh
@@ -146,23 +149,29 @@ def test_a_replayed_registration_is_refused(guarded_mesh):
     # The proof machine-1's worker sent when it joined (its nonce is spent).
     proof = client.run_on_scheduler(lambda dask_scheduler: dask_scheduler.workers[addr].extra["sharedllm_auth"])
 
-    async def replay():
-        comm = await connect(guarded_mesh.address)
+    async def replay(**connection_args):
+        comm = await connect(guarded_mesh.address, **connection_args)
         await comm.write({"op": "register-worker", "address": "tcp://127.0.0.1:9", "extra": {"sharedllm_auth": proof},
                           "reply": True})
         answer = await comm.read()
         await comm.close()
         return answer
 
+    # Over a connection that proves nothing, the registration is refused before its proof is read: an anonymous
+    # connection may not register a worker at all.
     answer = client.sync(replay)
-    assert answer["status"] == "error" and "already used nonce" in answer["message"]
+    assert answer["status"] == "error" and "needs the" in answer["message"], answer
+    # Over a connection that proves the cluster secret afresh (a machine's), the registration's own proof is checked:
+    # its nonce was spent when machine-1 joined.
+    credential = security.HandshakeCredential(secret=guarded_mesh.secret.encode(), machine_id="machine-1")
+    answer = client.sync(replay, handshake_overrides=credential)
+    assert answer["status"] == "error" and "already used nonce" in answer["message"], answer
+    assert machine(guarded_mesh.mesh(), "machine-1")["workers"] == [addr]  # the replay registered nothing
 
 
 @pytest.mark.mesh
 def test_banned_machine_is_never_placed_and_labels_route(guarded_mesh):
-    from sharedllm.client import Mesh
-
-    mesh = Mesh(guarded_mesh.client())
+    mesh = guarded_mesh.mesh()  # the admin (bans are the admin's), through the user port
     est_kwargs = {"n_ctx": N_CTX, "wait_timeout": 5}
     with pytest.raises(MeshError, match="no machine 'machine-l' in the mesh"):  # a typo bans nobody
         mesh.control.call("trust", action="ban", machine="machine-l")
@@ -182,9 +191,7 @@ def test_banned_machine_is_never_placed_and_labels_route(guarded_mesh):
 
 @pytest.mark.mesh
 def test_sensitive_request_refused_on_untrusted_machines(guarded_mesh):
-    from sharedllm.client import Mesh
-
-    mesh = Mesh(guarded_mesh.client())
+    mesh = guarded_mesh.mesh()
     # Both machines have room, but both are new (on probation): nothing qualifies, nothing is placed elsewhere.
     with pytest.raises(NoMachines, match="no machine qualifies for this request") as err:
         mesh.load("gemma-3-270m", n_ctx=N_CTX, privacy="trusted", wait_timeout=5)
@@ -193,12 +200,8 @@ def test_sensitive_request_refused_on_untrusted_machines(guarded_mesh):
 
 @pytest.mark.mesh
 def test_rate_limit_trips_then_recovers(guarded_mesh):
-    from distributed import Client
-
-    from sharedllm.client import Mesh
-
-    with Client(guarded_mesh.address, timeout=30) as c:  # a fresh client: a fresh bucket of 6 requests/minute
-        mesh = Mesh(c)
+    key = guarded_mesh.add_user("rate-limited")  # a fresh user: a fresh bucket of 6 requests/minute
+    with guarded_mesh.user_mesh(key) as mesh:
         with mesh.load("gemma-3-270m", n_ctx=N_CTX, wait_timeout=5) as llm:  # 1 request (the lease)
             with pytest.raises(RateLimited) as err:
                 for _ in range(10):
@@ -213,26 +216,23 @@ def test_rate_limit_trips_then_recovers(guarded_mesh):
 
 @pytest.mark.mesh
 def test_refusals_are_typed_and_logged_without_a_traceback(guarded_mesh):
-    from distributed import Client
-
-    from sharedllm.client import Mesh
-
-    with Client(guarded_mesh.address, timeout=30) as c:
-        mesh = Mesh(c)
-        listed = {x["client"] for x in mesh.control.call("clients")["clients"]}
-        assert c.id in listed and "fire-and-forget" not in listed  # Dask's own client uses no model: not listed
-        mesh.control.call("clients", action="ban", client=c.id)
+    admin = guarded_mesh.mesh().control
+    with guarded_mesh.user_mesh(guarded_mesh.add_user("refused-user")) as mesh:
+        listed = {x["client"] for x in admin.call("clients")["clients"]}
+        assert "refused-user" in listed and "fire-and-forget" not in listed  # Dask's own client uses no model
+        admin.call("clients", action="ban", client="refused-user")
         try:
-            with pytest.raises(ClientBanned, match=f"client {c.id} is banned.*sharedllm clients unban") as err:
+            with pytest.raises(ClientBanned, match=r"client refused-user is banned.*sharedllm clients unban") as err:
                 mesh.load("gemma-3-270m", n_ctx=N_CTX, wait_timeout=5)
             assert not isinstance(err.value, RateLimited)  # no retry helps a ban
         finally:
-            mesh.control.call("clients", action="unban", client=c.id)
+            admin.call("clients", action="unban", client="refused-user")
         with pytest.raises(NoMachines, match="no machine qualifies"):
             mesh.load("gemma-3-270m", n_ctx=N_CTX, privacy="trusted", wait_timeout=5)
     log = (guarded_mesh.workdir / "scheduler.log").read_text()
     assert "Traceback" not in log and "Exception while handling op" not in log
-    assert "sharedllm_acquire refused: ClientBanned" in log and "sharedllm_acquire refused: NoMachines" in log
+    # one line each (over the user port as over the Dask port, where they are "sharedllm_acquire refused: ...")
+    assert "acquire refused: ClientBanned" in log and "acquire refused: NoMachines" in log
 
 
 @pytest.mark.mesh
@@ -251,14 +251,20 @@ def test_tls_mesh_generates_the_same_greedy_text(local_greedy):
         with lm.mesh().load("gemma-3-270m", n_ctx=N_CTX) as llm:
             out = llm.create_completion(PROMPT, max_tokens=64, temperature=0)
         assert out["choices"][0]["text"] == local_greedy["completion"]
-        # The CLI reaches a TLS mesh with the --tls-* options (and only with them).
-        ok = subprocess.run([str(Path(sys.executable).parent / "sharedllm"), "--tls-ca-file", lm.tls.ca,
-                             "--tls-cert", lm.tls.cert, "--tls-key", lm.tls.key, "status", "--scheduler", lm.address,
-                             "--json"], capture_output=True, text=True, timeout=120)
+        # The CLI reaches a TLS mesh with the --tls-* options (and only with them): a user at the user port with the
+        # mesh's CA, the operator at the Dask port with the CA, a certificate and a key (and the admin's key).
+        admin = admin_env(lm)
+        ok = run_cli("--tls-ca-file", str(lm.tls.ca), "status", "--scheduler", lm.user_address, "--json", env=admin)
         assert ok.returncode == 0, ok.stderr
         assert "machine-1" in ok.stdout
-        # Without them: one line that says what is missing (it was a 60-line TypeError).
-        bare = subprocess.run([str(Path(sys.executable).parent / "sharedllm"), "status", "--scheduler", lm.address],
-                              capture_output=True, text=True, timeout=120)
+        ok = run_cli("--tls-ca-file", str(lm.tls.ca), "--tls-cert", str(lm.tls.cert), "--tls-key", str(lm.tls.key),
+                     "status", "--scheduler", lm.address, "--json", env=admin)
+        assert ok.returncode == 0, ok.stderr
+        assert "machine-1" in ok.stdout
+        # Without them: one line (it was a 60-line TypeError), which says what is missing.
+        bare = run_cli("status", "--scheduler", lm.user_address, env=admin)
+        assert bare.returncode == 1 and "Traceback" not in bare.stderr, bare.stderr
+        assert bare.stderr.strip().count("\n") == 0, bare.stderr
+        bare = run_cli("status", "--scheduler", lm.address, env=admin)
         assert bare.returncode == 1 and "Traceback" not in bare.stderr, bare.stderr
         assert "speaks TLS" in bare.stderr and "--tls-ca-file" in bare.stderr

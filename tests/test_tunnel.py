@@ -15,7 +15,7 @@ import psutil
 import pytest
 
 from sharedllm.relay import ClientRelay, TokenError, parse_endpoint
-from tests.conftest import ACCEPTED, HELLO, N_CTX, PROMPT, everything_until_closed, machine, wait_for
+from tests.helpers import ACCEPTED, HELLO, N_CTX, PROMPT, everything_until_closed, machine, wait_for
 
 pytestmark = pytest.mark.mesh
 

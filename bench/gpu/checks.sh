@@ -5,8 +5,9 @@
 #   ARGS_big_check="--steps 70b" bash bench/gpu/checks.sh big_check.py
 #   ARGS_bench_link="--pin 2 --device CPU --tokens 64 --repeats 4 --no-llama-placement --out $OUT/link-pinned.json" \
 #     bash bench/gpu/checks.sh bench/bench_link.py    # #14's link bar with each emulated machine on cores of its own
+#   bash bench/gpu/checks.sh spec_check.py            # speculative decoding: the target on CUDA, drafts on the client
 # Device time: the build (in the background since build.sh), batch_check ~2 min, big_check: matrix ~2 min, 8B ~1 min,
-# 70B ~3 min (42.5 GB written under /tmp/big, then loaded).
+# 70B ~3 min (42.5 GB written under /tmp/big, then loaded), spec_check ~2 min.
 cd "$(dirname "$0")/../.." || exit 1
 for i in $(seq 1 200); do grep -q BUILD_RC /tmp/build.log 2>/dev/null && break; sleep 3; done
 tail -3 /tmp/build.log

@@ -32,7 +32,7 @@ from distributed.utils import log_errors
 
 from sharedllm.errors import gib
 from sharedllm.machine.state import describe_endpoint
-from sharedllm.views import DeviceMemory, device_memory, session_stages
+from sharedllm.views import DeviceMemory, device_memory, draft_summary, session_stages
 
 logger = logging.getLogger("sharedllm.dashboard")
 
@@ -449,6 +449,7 @@ class SessionTable(DashboardComponent):
         "ttft": "last TTFT",
         "batch": "running / waiting / batch",
         "cached": "prompt cached",
+        "drafts": "drafts",
         "opened": "opened",
         "client": "client",
     }
@@ -457,7 +458,7 @@ class SessionTable(DashboardComponent):
         self.scheduler = scheduler
         self.source = ColumnDataSource({k: [] for k in self.columns}, name="sharedllm-sessions")
         widths = {"session": 90, "model": 200, "layers": 260, "tokens": 70, "requests": 70, "tok_s": 90,
-                  "ttft": 80, "batch": 200, "cached": 100, "opened": 90, "client": 200}
+                  "ttft": 80, "batch": 200, "cached": 100, "drafts": 220, "opened": 90, "client": 200}
         cols = [TableColumn(field=k, title=v, width=widths[k]) for k, v in self.columns.items()]
         kwargs.setdefault("height", 80)
         self.root = DataTable(source=self.source, columns=cols, index_position=None, reorderable=False,
@@ -489,6 +490,7 @@ class SessionTable(DashboardComponent):
                                  if load else "-")
             prompt = load.get("prompt_tokens", 0)
             data["cached"].append(f"{100 * load.get('cached_tokens', 0) / prompt:.0f}%" if prompt else "-")
+            data["drafts"].append(draft_summary(load) or "-")
             data["opened"].append(_clock(s.get("opened")))
             data["client"].append(plugin.public_name(s.get("client") or ""))
         self.root.height = 30 + 28 * max(len(sessions), 1)
@@ -585,7 +587,10 @@ class AuditTrail(DashboardComponent):
             data["time"].append(_clock(e["time"]))
             data["who"].append(e["who"] if e["role"] == "admin" else plugin.public_name(e["who"]))
             data["action"].append(e["action"])
-            data["target"].append(e.get("target") or "-")
+            target = e.get("target") or "-"
+            if e["action"].startswith(("users", "clients")) and target != "-":  # a user's name, as any other's
+                target = plugin.public_name(target)
+            data["target"].append(target)
             data["outcome"].append(e["outcome"])
             data["via"].append(e["via"])
         self.root.height = 30 + 28 * max(len(entries), 1)

@@ -1,13 +1,17 @@
 # SPDX-License-Identifier: AGPL-3.0-or-later
 """The SharedLLM scheduler plugin: the registry of machines, one rpc-server actor per machine, and planning.
 
-Installed by ``dask scheduler --preload sharedllm.scheduler``. Handlers, callable from any client as
-``await client.scheduler.<name>(...)``:
+Installed by ``dask scheduler --preload sharedllm.scheduler``. Its operations (``operations``: each with the role it
+needs, anonymous, user or admin) are served on the user port (``sharedllm.scheduler_plugins.userport``: users' keys)
+and as ``scheduler.handlers["sharedllm_<name>"]`` on Dask's own port, the operator's (locked down by
+``sharedllm.scheduler_plugins.lockdown``):
 
-- ``sharedllm_state()``: every machine with its workers, resources, rpc-server state and build;
-- ``sharedllm_plan(estimate=..., ...)``: a topology for a model estimate, or ``ModelTooLarge`` / ``NoMachines``.
+- ``state``: every machine with its workers, resources, rpc-server state and build;
+- ``plan(estimate=..., ...)``: a topology for a model estimate, or ``ModelTooLarge`` / ``NoMachines``;
+- ``acquire``, ``report``, ``close``...: sessions and their leases; ``users``, ``drain``, ``trust``...: the admin's.
 
-Actors are created through a client the plugin owns, so they belong to the scheduler side and outlive user clients.
+Each machine's actor lives in its worker (``sharedllm.machine.actor``); the scheduler calls it over the connection the
+worker opened (``actors``), never dialing a worker.
 
 The tunnel: the plugin holds a relay master key (random per scheduler run) and hands each machine's actor only that
 machine's relay key. A lease (``sharedllm_acquire``) tells each leased machine's relay the new lease id before it

@@ -20,8 +20,9 @@ class Admin:
     """Catalog changes, trust records and bans, client bans, drains; each change is persisted."""
 
     def __init__(self, data: MeshData, registry: Registry, leases: Leases, persist: Callable[[], None],
-                 clients: Callable[[], list[str]]):
+                 clients: Callable[[], list[str]], revoked: Callable[[str], None] = lambda name: None):
         self.data = data
+        self.revoked = revoked  # a user's key was rotated or removed: their open connections end now
         self.registry = registry
         self.leases = leases
         self.persist = persist
@@ -82,12 +83,14 @@ class Admin:
             out["key"] = users.add(name, role, limits)
         elif action == "rotate":
             out["key"] = users.rotate(name)
+            self.revoked(name)
         elif action == "grant":
             users.grant(name, role)
         elif action == "limit":
             users.set_limits(name, limits)
         elif action == "remove":
             users.remove(name)
+            self.revoked(name)
             if name in self.data.rate.banned:
                 self.data.rate.banned.discard(name)
         elif action != "list":

@@ -32,6 +32,8 @@ class MeshData:
     sessions: dict[str, Session] = field(default_factory=dict)
     ended: deque = field(default_factory=lambda: deque(maxlen=100))  # recently closed sessions, newest last
     tokens_total: int = 0
+    # Draft tokens verified since the scheduler started, by outcome (speculative decoding: "accepted", "rejected")
+    drafts_total: dict[str, float] = field(default_factory=lambda: {"accepted": 0.0, "rejected": 0.0})
     session_seq: int = 0
     draining: set[str] = field(default_factory=set)
     catalog: dict[str, dict] = field(default_factory=default_catalog)  # model name -> entry (url, sha256, size, ...)
@@ -46,3 +48,14 @@ class MeshData:
     def leased_machines(self, but: str | None = None) -> set[str]:
         """The machines some session holds (``but``: leaving that session out)."""
         return {m for sid, sess in self.sessions.items() if sid != but for m in sess.machines}
+
+    def count_drafts(self, now: dict, before: dict | None) -> None:
+        """Add a session's new draft tokens to ``drafts_total``: its engine's counts ``now`` less those of its last
+        report (``before``); counts that went down come from a new engine (a recovery, a move), counted whole."""
+        before = before or {}
+        drafted, accepted = now.get("drafted", 0.0), now.get("accepted", 0.0)
+        if drafted < before.get("drafted", 0.0) or accepted < before.get("accepted", 0.0):
+            before = {}
+        new_accepted = accepted - before.get("accepted", 0.0)
+        self.drafts_total["accepted"] += new_accepted
+        self.drafts_total["rejected"] += max(0.0, drafted - before.get("drafted", 0.0) - new_accepted)

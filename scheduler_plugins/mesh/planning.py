@@ -151,4 +151,10 @@ class Planner:
 
     async def handle_plan(self, estimate: dict, **kwargs) -> dict:
         """A topology over every ready machine, leased or not (a dry run: nothing is reserved)."""
+        await self.settle()
         return self.plan(estimate, **kwargs)
+
+    async def settle(self) -> None:
+        """Before a plan: the machines whose relay the scheduler is trying (a machine that just joined) tried."""
+        if self.data.hub is not None:
+            await self.data.hub.settle(self.registry.relays())

@@ -24,7 +24,7 @@ from sharedllm.scheduler_plugins.mesh.records import EXTENSION, Session, answeri
 from sharedllm.scheduler_plugins.mesh.registry import Registry
 from sharedllm.scheduler_plugins.mesh.sessions import Leases
 from sharedllm.scheduler_plugins.trust import Admission, Limits, RateLimiter
-from sharedllm.scheduler_plugins.users import Caller
+from sharedllm.scheduler_plugins.users import ANONYMOUS, Caller
 
 logger = logging.getLogger("sharedllm.scheduler")
 
@@ -134,7 +134,7 @@ class MeshPlugin(SchedulerPlugin):
         self.planner = Planner(data, self.registry)
         self.guard = Guard(data, self.registry)
         self.leases = Leases(data, self.registry, self.planner, self.guard, self._background, self.persist)
-        self.admin = Admin(data, self.registry, self.leases, self.persist, self._clients)
+        self.admin = Admin(data, self.registry, self.leases, self.persist, self._clients, self._revoked)
         self.registry.on_tick += [self.leases.expire_unreclaimed, self.guard.note_model_faults]
         self.ops = Operations(self.operations(), data.audit, self.persist)
         for name in self.ops.operations:
@@ -234,7 +234,8 @@ class MeshPlugin(SchedulerPlugin):
 
         self.user_port = UserPort(self.ops, self.data.users, host=_listen_host(self.scheduler),
                                   port=self.user_port_config, ssl_context=server_ssl_context(self.scheduler),
-                                  allow_anonymous=self.allow_anonymous, on_closed=self._connection_closed)
+                                  allow_anonymous=self.allow_anonymous, on_closed=self._connection_closed,
+                                  on_opened=self._connection_opened)
         await self.user_port.start()
 
     def _announce(self) -> None:
@@ -247,6 +248,14 @@ class MeshPlugin(SchedulerPlugin):
             write_private(self.user_port_file, json.dumps({"host": _listen_host(self.scheduler),
                                                            "port": self.user_port.port,
                                                            "tls": self.user_port.ssl_context is not None}))
+
+    def _revoked(self, name: str) -> None:
+        if self.user_port is not None:
+            self.user_port.disconnect(name, f"user {name}'s key was removed or rotated; connect again with the new key")
+
+    def _connection_opened(self, caller: Caller) -> None:
+        if caller.role != ANONYMOUS:  # anonymous users share a name: none of them reclaims another's session
+            self.leases.add_client(caller.name)
 
     def _connection_closed(self, caller: Caller, sessions: set[str]) -> None:
         if sessions:

@@ -103,7 +103,9 @@ class Session:
     recoveries: int = 0  # engines this session's client rebuilt after losing a machine (reported by the client)
     history: deque = field(default_factory=lambda: deque(maxlen=600))  # (time, tokens/s)
     reclaim_by: float | None = None  # restored after a scheduler restart: closed unless its client reports by then
-    # The client's engine, as last reported: sequences running and waiting, mean decode batch, parallel.
+    reclaim_why: str = "the scheduler restarted"  # ... or why else it waits for its client
+    # The client's engine, as last reported: sequences running and waiting, mean decode batch, parallel; and with a
+    # drafter "draft": {drafter, drafted, accepted, steps, tokens} (speculative decoding since the engine started).
     load: dict = field(default_factory=dict)
     # A session that serves other users too (``sharedllm serve``): they may ask it to generate, each under their
     # own limits and bans, and their tokens are charged to them (``usage``), not to the session's owner.

@@ -102,10 +102,14 @@ class Leases:
         if ttft_ms is not None:
             sess.last_ttft_ms = ttft_ms
         if isinstance(load, dict):
+            previous = sess.load.get("draft")
             sess.load = {k: float(v) for k, v in load.items()
                          if k in ("running", "waiting", "batch", "passes_per_step", "parallel", "prompt_tokens",
                                   "cached_tokens")
                          and isinstance(v, (int, float))}
+            if isinstance(draft := load.get("draft"), dict):
+                sess.load["draft"] = _draft_counts(draft)
+                self.data.count_drafts(sess.load["draft"], previous)
         sess.last_report = now
         self.data.tokens_total += tokens
         from sharedllm.scheduler_plugins.metrics import record_session_report
@@ -179,6 +183,7 @@ class Leases:
         if replaces is not None and (self.data.sessions.get(replaces) or Session("", "", "", {})).client != client:
             raise MeshError(f"session {replaces} is not open for client {client}; load the model again")
         self.guard.check_rate(client, new_lease=replaces is None)
+        await self.planner.settle()
         deadline = time.monotonic() + wait_timeout
         first = True
         err: Exception | None = None
@@ -310,12 +315,13 @@ class Leases:
                 w.set_result(None)
 
     def reclaim(self, sess: Session, client: str | None = None, how: str = "reported") -> None:
-        """A restored session's client is back (``client``: its id now, if it had to connect anew)."""
+        """A session waiting for its client (restored after a restart, or its connection closed) has it back
+        (``client``: its id now, if it had to connect anew)."""
         if sess.reclaim_by is not None:
             sess.reclaim_by = None
             sess.client = client or sess.client
-            logger.info("session %s reclaimed by its client %s (%s) after the scheduler restarted", sess.session_id,
-                        sess.client, how)
+            logger.info("session %s reclaimed by its client %s (%s) after %s", sess.session_id, sess.client, how,
+                        sess.reclaim_why)
 
     def add_client(self, client: str | None) -> None:
         """A client connected again with its identity: its restored sessions are its own again."""
@@ -328,7 +334,7 @@ class Leases:
         now = time.time()
         for sid, sess in list(self.data.sessions.items()):
             if sess.reclaim_by is not None and now > sess.reclaim_by:
-                self.close_session(sid, "lease expired: its client did not come back after the scheduler restarted")
+                self.close_session(sid, f"lease expired: its client did not come back after {sess.reclaim_why}")
 
     def connection_closed(self, caller: Caller, sessions: set[str], grace: float) -> None:
         """A user's connection ended with sessions it opened still open: they keep their lease for ``grace``
@@ -338,6 +344,7 @@ class Leases:
             sess = self.data.sessions.get(sid)
             if sess is not None and sess.client == caller.name and sess.reclaim_by is None:
                 sess.reclaim_by = deadline
+                sess.reclaim_why = "its connection closed"
                 logger.info("session %s: the connection of %s that opened it closed; its lease ends in %.0fs unless "
                             "its client comes back", sid, caller.describe(), grace)
 
@@ -353,3 +360,11 @@ def _identity(caller: Caller | None, client: str | None) -> str:
     if caller is None or (caller.via == "dask" and client):
         return client or ""
     return caller.name
+
+
+def _draft_counts(draft: dict) -> dict:
+    """A report's speculative decoding counts, checked: numbers, and the drafter's name (short text)."""
+    out: dict = {k: float(v) for k, v in draft.items()
+                 if k in ("drafted", "accepted", "steps", "tokens") and isinstance(v, (int, float)) and v >= 0}
+    out["drafter"] = str(draft.get("drafter") or "")[:64]
+    return out

@@ -61,20 +61,22 @@ class Mesh:
     """A SharedLLM mesh (synchronous API; loaded models also have asyncio methods).
 
     ``Mesh("HOST:PORT", key=...)`` reaches the scheduler's user port with a user's key (else ``SHAREDLLM_KEY`` or
-    ``SHAREDLLM_KEY_FILE``; ``tls_ca_file``: the mesh's CA, for a mesh with certificates). ``Mesh(control)`` goes
+    ``SHAREDLLM_KEY_FILE``; ``tls_ca_file``: the mesh's CA, for a mesh with certificates; ``tls=True``: TLS with
+    the system's CAs, for a scheduler whose certificate a public CA signed). ``Mesh(control)`` goes
     through any :class:`~sharedllm.client.control.Control`. ``Mesh(distributed.Client(...))`` is the operator's way,
     through Dask's own port (deprecated for users: on a mesh with a cluster secret it takes only the admin
     credential, :func:`~sharedllm.client.control.admin_security`)."""
 
     def __init__(self, target: Any, *, key: str | None = None, key_file: str | None = None,
-                 tls_ca_file: str | None = None, timeout: float = 30.0):
+                 tls_ca_file: str | None = None, tls: bool = False, timeout: float = 30.0):
         self._owns_control = not isinstance(target, Control)  # a control given is its giver's to close
         if isinstance(target, Control):
             self.control = target
         elif isinstance(target, str):
             from sharedllm.client.userport import UserControl
 
-            self.control = UserControl(target, key, key_file=key_file, tls_ca_file=tls_ca_file, timeout=timeout)
+            self.control = UserControl(target, key, key_file=key_file, tls_ca_file=tls_ca_file, tls=tls,
+                                       timeout=timeout)
         else:
             warnings.warn("Mesh(distributed.Client) reaches the mesh through Dask's port, which is the operator's: "
                           "users connect with Mesh('HOST:PORT', key=...) to the scheduler's user port",
@@ -89,7 +91,7 @@ class Mesh:
 
     @classmethod
     def connect(cls, address: str, *, key: str | None = None, key_file: str | None = None,
-                tls_ca_file: str | None = None, timeout: float = 10.0, **client_kwargs) -> Mesh:
+                tls_ca_file: str | None = None, tls: bool = False, timeout: float = 10.0, **client_kwargs) -> Mesh:
         """Connect to a scheduler by address; ``SchedulerUnreachable`` if nothing answers within ``timeout``.
 
         ``HOST:PORT`` is its user port (``key``, else ``SHAREDLLM_KEY``/``SHAREDLLM_KEY_FILE``: a user's key).
@@ -98,7 +100,7 @@ class Mesh:
         if "://" not in address or address.startswith("sharedllm://"):
             from sharedllm.client.userport import UserControl
 
-            mesh = cls(UserControl(address, key, key_file=key_file, tls_ca_file=tls_ca_file,
+            mesh = cls(UserControl(address, key, key_file=key_file, tls_ca_file=tls_ca_file, tls=tls,
                                    timeout=max(timeout, 30), connect_timeout=timeout))
             mesh._owns_control = True
             return mesh
@@ -272,6 +274,13 @@ class Mesh:
         leaves its text what it is alone: with ``parallel=1`` or exact batches only cells written by the passes a
         fresh context makes (whole passes of ``n_batch`` tokens; exact batches: chunks of at least the measured
         size), with fast batches any common prefix. ``engine_stats``: ``prompt_tokens`` and ``cached_tokens``.
+        ``draft``: speculative decoding (``sharedllm.engine.speculative``): ``"lookup"`` (n-gram prompt lookup: the
+        context's earlier tokens propose the continuation; no model) or a draft model (a path, URL or catalog name
+        of a small GGUF with the target's vocabulary, run on this machine's CPU, never on the mesh). Each step the
+        mesh verifies a sequence's next token and its drafts in one pass, as many drafts (up to ``draft_max``) as
+        its running acceptance and the measured cost of a step make worth it (none when drafting does not pay). The
+        text is the text without drafts: greedy and seeded alike (flash attention is on with a draft: the oracle is
+        the model loaded with ``flash_attn=True``). ``engine_stats["draft"]``: drafts verified and accepted.
         ``tunnel_hook``: for benchmarks, something between the engine and every machine (``bench/linkem.py``'s
         ``hook(rtt_ms=20, mbit=100)``: an emulated link).
         """
@@ -284,6 +293,8 @@ class Mesh:
             if source.downloads:  # a model too large for the mesh is refused before the download
                 self._plan(source.header(), opts)
             model = source.fetch()
+        if isinstance(opts.draft, (str, os.PathLike)) and opts.draft != "lookup":
+            opts = opts.replace(draft=self.model(opts.draft))  # downloaded and checked here, run by the engine
         handle = MeshModel(SessionChannel(self.control), model, opts, on_progress=on_progress)
         try:
             handle.open()

@@ -11,12 +11,15 @@ from the caller's thread, asyncio calls await it from theirs.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import contextlib
 import itertools
 import logging
 import secrets
 import ssl
 import threading
+import time
+import weakref
 from typing import Any
 
 from sharedllm import effects, security
@@ -78,6 +81,7 @@ class UserControl(Control):
         self._ids = itertools.count(1)
         self._connected = threading.Event()
         self._closed = False
+        self._refused: AuthenticationFailed | None = None  # the key the scheduler refused at the last reconnect
         self._keeper: asyncio.Future | None = None
         self._lost: asyncio.Event | None = None
         try:
@@ -86,6 +90,7 @@ class UserControl(Control):
             self.close()
             raise
         self._keeper = asyncio.run_coroutine_threadsafe(self._keep_connected(), self._loop)
+        _OPEN.add(self)
 
     # --- Control -------------------------------------------------------------------------------------------------
 
@@ -105,9 +110,17 @@ class UserControl(Control):
 
     def _reconnecting(self) -> Core[None]:
         """While the connection is down (the scheduler restarting), a call waits for it to come back, up to the
-        call timeout, as a Dask client's calls do."""
+        call timeout, as a Dask client's calls do; a key the scheduler refused since fails the call at once."""
         if not self._connected.is_set() and not self._closed:
-            yield effects.in_thread(self._connected.wait, self.timeout)
+            yield effects.in_thread(self._await_connection, self.timeout)
+            if self._refused is not None and not self._connected.is_set():
+                raise self._refused
+
+    def _await_connection(self, timeout: float) -> None:
+        """Until the connection is back, the key is refused, or ``timeout``."""
+        deadline = time.monotonic() + timeout
+        while not self._connected.wait(0.1) and self._refused is None and time.monotonic() < deadline:
+            pass
 
     async def _send(self, op: str, timeout: float, kwargs: dict) -> Any:
         if not self._connected.is_set() or self._writer is None:
@@ -128,10 +141,13 @@ class UserControl(Control):
         self._connected.clear()
 
         async def shut() -> None:
-            if self._keeper is not None:
-                self._keeper.cancel()
+            # Every task of this connection's own loop (the keeper, the reply reader): none left pending
+            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for task in tasks:
+                task.cancel()
             if self._writer is not None:
                 self._writer.close()
+            await asyncio.gather(*tasks, return_exceptions=True)
 
         with contextlib.suppress(Exception):
             asyncio.run_coroutine_threadsafe(shut(), self._loop).result(5)
@@ -141,6 +157,14 @@ class UserControl(Control):
     def __del__(self) -> None:
         with contextlib.suppress(Exception):
             self.close()
+
+    @staticmethod
+    def close_all() -> None:
+        """Close every connection still open (at exit: a script that never closed its ``Mesh`` leaves no task of
+        its connection pending)."""
+        for control in list(_OPEN):
+            with contextlib.suppress(Exception):
+                control.close()
 
     # --- the connection ------------------------------------------------------------------------------------------
 
@@ -164,8 +188,10 @@ class UserControl(Control):
             await asyncio.wait_for(self._handshake(reader, writer), self.connect_timeout)
         except (WireError, OSError, asyncio.TimeoutError) as exc:
             writer.close()
-            raise SchedulerUnreachable(f"the scheduler at {self.address} broke off the handshake ({exc}); is it a "
-                                       "SharedLLM user port of this release?") from exc
+            tls = "" if self._ssl else " (if the mesh uses TLS, give its CA: tls_ca_file=, --tls-ca-file)"
+            raise SchedulerUnreachable(f"the scheduler at {self.address} broke off the handshake "
+                                       f"({exc or type(exc).__name__}); is it a SharedLLM user port of this "
+                                       f"release?{tls}") from exc
         except BaseException:
             writer.close()
             raise
@@ -241,9 +267,11 @@ class UserControl(Control):
                 continue
             try:
                 await self._connect()
+                self._refused = None
                 logger.info("connected to the scheduler at %s again (as %s)", self.address, self.user)
             except AuthenticationFailed as exc:
                 logger.error("the scheduler at %s refuses this key now: %s", self.address, exc)
+                self._refused = exc
                 await asyncio.sleep(self.RECONNECT_MAX)
             except Exception as exc:
                 logger.debug("reconnecting to %s: %s", self.address, exc)
@@ -253,3 +281,7 @@ class UserControl(Control):
     def wait_connected(self, timeout: float) -> bool:
         """Wait until the connection is up (after a loss); whether it is."""
         return self._connected.wait(timeout)
+
+
+_OPEN: weakref.WeakSet[UserControl] = weakref.WeakSet()
+atexit.register(UserControl.close_all)

@@ -27,6 +27,11 @@ attention sums exactly the terms it would sum alone). One thread, the scheduler,
 4. it samples each new token with the sequence's own native sampler chain (:mod:`.sampling`) and hands it to the
    sequence's consumer.
 
+With a drafter (:mod:`.speculative`), a decoded sequence's pass also holds the drafts its drafter proposed for it, as
+many as :func:`~sharedllm.engine.speculative.allocate` finds worth their cost and the pass's rows allow
+(``max_rows``: in the exact mode no more than keep each row's arithmetic that of single-token decoding); its rows are
+sampled in order up to the first draft the target's token differs from, and the cells after it are removed.
+
 That is the exact mode (``exact_batches``, the default). The fast mode (``unified=True``) is llama-server's: one KV
 cache shared by all sequences (``kv_unified = true``), so any mix of sequences and prompt tokens is one pass, and each
 step is one ``llama_decode`` of every running sequence's next token and, within ``prefill_chunk`` tokens (and the
@@ -50,16 +55,18 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
+from sharedllm.engine.cost import RowCost, StepCost
 from sharedllm.engine.invariance import exact_chunk, solo_last_pass
 from sharedllm.engine.logprobs import token_logprobs
 from sharedllm.engine.prompt_cache import PromptCache
 from sharedllm.engine.sampling import sampler_chain
+from sharedllm.engine.sequence import Sequence, decode_rows, passes, prefill_order
+from sharedllm.engine.speculative import DraftLength, allocate, group_rows
 
 logger = logging.getLogger(__name__)
 
 LOOKAHEAD = 4  # tokens a sequence may run ahead of its consumer
 LOOKAHEAD_MAX = 16  # ... when holding it back would split a decode step into one more pass
-PATIENCE_S = 2.0  # a prompt lets shorter ones go first for at most this long, then goes first itself
 MIN_PREFILL = 32  # prompt tokens a step reads at least, whatever max_stall_ms asks (a prompt always progresses)
 STALL_STEPS = 2.0  # ... and a step may take this many decode-only steps' time, when that is longer than max_stall_ms
 
@@ -68,50 +75,13 @@ class QueueFull(Exception):
     """Every slot is taken and ``max_waiting`` sequences already wait."""
 
 
-class Sequence:
-    """One request's sequence: its prompt, sampler, slot and the tokens not yet taken by its consumer."""
-
-    def __init__(self, prompt: list[int], sampler: Any, stopped: Callable[[], bool], limit: int | None = None):
-        self.prompt = prompt
-        self.limit = limit  # the tokens its consumer will take at most (max_tokens); None: until the context ends
-        self.sampled = 0
-        self.sampler = sampler
-        self.stopped = stopped  # the parent cancelled the request (or the engine closes)
-        self.slot = -1
-        self.n_past = 0  # tokens in the sequence's KV cells
-        self.next_input: int | None = None  # the last sampled token, to evaluate at the next step
-        self.pending: collections.deque[int] = collections.deque()
-        self.ended = False  # no more tokens will come (end of generation, context full, cancelled, error)
-        self.left = False  # the consumer stopped taking tokens
-        self.wanting = False  # the consumer waits for a token none of which is pending
-        self.error: str | None = None
-        self.submitted = time.monotonic()
-        self.first_token_at: float | None = None
-        self.outputs: list[int] = []  # every token sampled: the cells past the prompt hold them, in order
-        self.cached = 0  # prompt tokens whose cells it found in its slot (the prompt cache)
-        self.reusable = 0  # its leading cells a later prompt may reuse (exact mode: written as a solo request would)
-        self.on_admit: Callable[[int], None] | None = None
-        # (k, records): append each sampled token's log-probability and the top k's (sharedllm.engine.logprobs)
-        self.logprobs: tuple[int, list] | None = None
-
-    @property
-    def prefilled(self) -> bool:
-        return self.n_past >= len(self.prompt)
-
-    def wants_more(self) -> bool:
-        """Whether its next token may be decoded: before its limit, or when the consumer asks for more (a consumer may
-        take more than ``max_tokens``: llama-cpp-python does not count a token that ends in an incomplete UTF-8
-        character). Decoding past the limit ahead of the consumer would be work thrown away, in a step a newcomer
-        waits for."""
-        return self.limit is None or self.sampled < self.limit or (self.wanting and not self.pending)
-
-
 class BatchScheduler:
     """The slots, the waiting line and the loop that decodes them (see the module's docstring)."""
 
     def __init__(self, llm: Any, parallel: int, n_ctx_seq: int, *, prefill_chunk: int = 0, max_waiting: int = 64,
                  max_batch: int = 0, unified: bool = False, max_stall_ms: float = 0.0, min_chunk: int = 0,
-                 prompt_cache: bool = True, on_stats: Callable[[dict], None] | None = None):
+                 prompt_cache: bool = True, on_stats: Callable[[dict], None] | None = None, drafter: Any = None,
+                 draft_max: int = 0, draft_min: int = 0, max_rows: int = 0):
         import llama_cpp
 
         self.llm = llm
@@ -132,7 +102,18 @@ class BatchScheduler:
         self._memory = llama_cpp.llama_get_memory(self._ctx)
         self._vocab = llm._model.vocab
         self._n_vocab = llm.n_vocab()
-        self._batch = llama_cpp.llama_batch_init(parallel + self.prefill_chunk, 0, 1)
+        # Speculative decoding: the drafter (None: none), the most drafts a sequence takes in a step, and the rows a
+        # pass may hold in the exact mode (sharedllm.engine.invariance.invariant_verify).
+        self.drafter = drafter
+        self.draft_max = draft_max if drafter is not None else 0
+        self.draft_min = min(draft_min, self.draft_max)
+        self.max_rows = max_rows or parallel * (1 + self.draft_max)
+        self.row_cost = RowCost()
+        # The acceptance of the drafts of every sequence, slowly decayed: where a new sequence's starts
+        self.draft_prior = DraftLength(decay=0.98)
+        self.drafted = self.accepted = 0  # drafts verified, and accepted
+        self.seq_steps = self.step_tokens = 0  # sequences decoded by decode steps, and the tokens that gave
+        self._batch = llama_cpp.llama_batch_init(parallel * (1 + self.draft_max) + self.prefill_chunk, 0, 1)
         # Sequences per llama_decode of a decode step; 0: all of them (see invariant_batch).
         self.max_batch = max_batch or parallel
         self._cond = threading.Condition()
@@ -233,9 +214,22 @@ class BatchScheduler:
                         self._report_stats()
                         self._cond.wait(0.5)
                         continue
+                groups = [decode] if self.unified else passes(decode, self.max_batch)
+                if self.drafter is not None and decode:
+                    self._propose(groups, sum(len(c) for _, c in prefills))
                 started = time.monotonic()
-                n = self._mixed_step(decode, prefills) if self.unified else self._separate_steps(decode, prefills)
-                self.cost.observe((time.monotonic() - started) * 1000, sum(len(c) for _, c in prefills), len(decode))
+                rows = sum(1 + len(s.draft) for s in decode)
+                if self.drafter is not None:
+                    self.drafter.ahead(decode)  # the client waits on the mesh: the drafter guesses on meanwhile
+                try:
+                    n = self._mixed_step(decode, prefills) if self.unified else self._separate_steps(groups, prefills)
+                finally:
+                    if self.drafter is not None:
+                        self.drafter.wait()
+                ms = (time.monotonic() - started) * 1000
+                self.cost.observe(ms, sum(len(c) for _, c in prefills), len(decode))
+                if decode and not prefills:
+                    self.row_cost.observe(rows, len(decode), ms)
                 with self._cond:
                     self.steps += 1
                     self.passes += n
@@ -255,6 +249,8 @@ class BatchScheduler:
             self._running.remove(seq)
             seq.ended = True
             self.cache.release(seq)
+            if self.drafter is not None:
+                self.drafter.release(seq)
             heapq.heappush(self._free, seq.slot)
             seq.sampler.close()
         for seq in [s for s in self._waiting if s.left or s.stopped()]:
@@ -262,32 +258,68 @@ class BatchScheduler:
             seq.ended = True
             seq.sampler.close()
 
-    def _separate_steps(self, decode: list[Sequence], prefills: list[tuple[Sequence, list[int]]]) -> int:
+    def _separate_steps(self, groups: list[list[Sequence]], prefills: list[tuple[Sequence, list[int]]]) -> int:
         """The exact mode's step: each prompt chunk in a pass of its own (new prompts first: their time to first
-        token), then the decoded sequences in their passes (:func:`passes`). Returns the passes."""
+        token), then the decoded sequences in their passes (``groups``, :func:`passes`). Returns the passes."""
         for seq, chunk in prefills:
             if seq.reusable == seq.n_past and self.cache.solo_pass(len(chunk)):
                 seq.reusable += len(chunk)
             last = seq.n_past + len(chunk) >= len(seq.prompt)
-            self._step([seq] if last else [], [(tok, seq.n_past + i, seq) for i, tok in enumerate(chunk)],
-                       logits=[len(chunk) - 1] if last else [])
-        groups = passes(decode, self.max_batch)
+            self._step([(tok, seq.n_past + i, seq) for i, tok in enumerate(chunk)],
+                       [(seq, [len(chunk) - 1])] if last else [])
         for group in groups:
-            self._step(group, [(s.next_input, s.n_past, s) for s in group], logits=list(range(len(group))))
+            tokens: list[tuple[int, int, Sequence]] = []
+            sampled = [(s, decode_rows(s, tokens)) for s in group]
+            self._step(tokens, sampled)
         return len(prefills) + len(groups)
 
     def _mixed_step(self, decode: list[Sequence], prefills: list[tuple[Sequence, list[int]]]) -> int:
-        """The fast mode's step: one pass of the decoded sequences' next tokens and the prompt chunks; a sequence
-        whose prompt ends in it gets its first token. Returns the passes (1)."""
-        tokens = [(s.next_input, s.n_past, s) for s in decode]
-        sampled, logits = list(decode), list(range(len(decode)))
+        """The fast mode's step: one pass of the decoded sequences' next tokens (and drafts) and the prompt chunks;
+        a sequence whose prompt ends in it gets its first token. Returns the passes (1)."""
+        tokens: list[tuple[int, int, Sequence]] = []
+        sampled = [(s, decode_rows(s, tokens)) for s in decode]
         for seq, chunk in prefills:
             tokens += [(tok, seq.n_past + i, seq) for i, tok in enumerate(chunk)]
             if seq.n_past + len(chunk) >= len(seq.prompt):
-                sampled.append(seq)
-                logits.append(len(tokens) - 1)
-        self._step(sampled, tokens, logits)
+                sampled.append((seq, [len(tokens) - 1]))
+        self._step(tokens, sampled)
         return 1
+
+    def _propose(self, groups: list[list[Sequence]], prompt_rows: int) -> None:
+        """Each decoded sequence's drafts for this step (``Sequence.draft``): what its drafter offers, within its
+        limits, as many as :func:`allocate` finds worth their cost and each pass's rows hold."""
+        wants, order, free = [], [], {}
+        for g, group in enumerate(groups):
+            for seq in group:
+                seq.draft = []
+                most = self._draft_room(seq)
+                seq.draft_offer = self.drafter.available(seq, most) if most > 0 else []
+                wants.append((seq.draft_length, len(seq.draft_offer), g))
+                order.append(seq)
+            rows = self.llm.n_batch - prompt_rows if self.unified else max(self.max_rows, len(group))
+            free[g] = rows - len(group)
+        step_ms = self.row_cost.single_ms or self.cost.decode_ms or 0.0
+        ks = allocate(wants, step_ms, self.row_cost.row_ms, self.drafter.on_client_ms)
+        ks = [max(k, min(self.draft_min, most)) for k, (_, most, _) in zip(ks, wants, strict=True)]
+        ks = group_rows(ks, [w[2] for w in wants], free)
+        logger.debug("drafts %s (offered %s, acceptance %s; step %.1f ms, row %.2f ms, draft %.2f ms)", ks,
+                     [w[1] for w in wants], [round(w[0].acceptance, 2) for w in wants], step_ms,
+                     self.row_cost.row_ms, self.drafter.on_client_ms)
+        drafts = self.drafter.draft([(seq, k) for seq, k in zip(order, ks, strict=True) if k]) if any(ks) else {}
+        for seq, k in zip(order, ks, strict=True):
+            draft = drafts.get(id(seq), [])[:k]
+            # a token the target does not have (a draft model's vocabulary may be longer) ends the draft
+            seq.draft = draft[:next((i for i, t in enumerate(draft) if not 0 <= t < self._n_vocab), len(draft))]
+            if not seq.draft:
+                seq.draft_length.observe(0, 0)
+
+    def _draft_room(self, seq: Sequence) -> int:
+        """The most drafts ``seq`` may take now: ``draft_max``, within its context and its ``max_tokens`` (drafts
+        past the tokens its consumer takes would be work thrown away)."""
+        room = min(self.draft_max, self.n_ctx_seq - seq.n_past - 1)
+        if seq.limit is not None:
+            room = min(room, seq.limit - seq.sampled - 1)
+        return room
 
     def _decoded(self) -> list[Sequence]:
         """The sequences whose next token this step decodes, in slot order: every running one that has read its
@@ -353,15 +385,19 @@ class BatchScheduler:
             heapq.heapify(self._free)
             seq.slot = slot
             seq.n_past = seq.reusable = seq.cached = self.cache.take(slot, len(seq.prompt), reuse, source)
+            seq.draft_length = DraftLength(prior=self.draft_prior.acceptance)
             self._running.append(seq)
             if seq.on_admit is not None:
                 seq.on_admit(seq.cached)
 
-    def _step(self, sampled: list[Sequence], tokens: list[tuple[int, int, Sequence]], logits: list[int]) -> None:
-        """One ``llama_decode`` of ``tokens`` (token, position, sequence); sample the next token of each sequence of
-        ``sampled`` from the logits of batch row ``logits[i]``."""
+    def _step(self, tokens: list[tuple[int, int, Sequence]], sampled: list[tuple[Sequence, list[int]]]) -> None:
+        """One ``llama_decode`` of ``tokens`` (token, position, sequence); then, for each ``(sequence, rows)`` of
+        ``sampled``, its next token sampled from the logits of batch row ``rows[0]`` and, while that token is the
+        draft ``rows[1]`` was evaluated with, the next from the next row (speculative decoding: the rows are the
+        sequence's drafts, the tokens accepted are those the target samples). The cells of the drafts that were not
+        accepted are removed."""
         batch = self._batch
-        want = set(logits)
+        want = {row for _, rows in sampled for row in rows}
         for i, (tok, pos, seq) in enumerate(tokens):
             batch.token[i] = tok
             batch.pos[i] = pos
@@ -376,25 +412,49 @@ class BatchScheduler:
                     seq.error, seq.ended = f"llama_decode failed with status {rc}", True
                 self._cond.notify_all()
             return
-        new = [(seq, self._lib.llama_sampler_sample(seq.sampler.sampler, self._ctx, row))
-               for seq, row in zip(sampled, logits, strict=True)]
-        for (seq, tok), row in zip(new, logits, strict=True):
-            if seq.logprobs is not None:  # from the logits row it was sampled from, before the next decode
-                k, records = seq.logprobs
-                records.append(token_logprobs(self._lib, self._ctx, row, self._n_vocab, tok, k))
+        new = []
+        for seq, rows in sampled:
+            got = []
+            for j, row in enumerate(rows):
+                tok = self._lib.llama_sampler_sample(seq.sampler.sampler, self._ctx, row)
+                if seq.logprobs is not None:  # from the logits row it was sampled from, before the next decode
+                    k, records = seq.logprobs
+                    records.append(token_logprobs(self._lib, self._ctx, row, self._n_vocab, tok, k))
+                got.append(tok)
+                if j >= len(seq.draft) or tok != seq.draft[j] or self._lib.llama_vocab_is_eog(self._vocab, tok):
+                    break
+            base = tokens[rows[0]][1]
+            if len(got) < len(rows):  # the cells of the drafts not accepted
+                self._lib.llama_memory_seq_rm(self._memory, seq.slot, base + len(got), -1)
+            new.append((seq, got, base + len(got)))
         now = time.monotonic()
         with self._cond:
             for _, pos, seq in tokens:
                 seq.n_past = max(seq.n_past, pos + 1)
-            for seq, tok in new:
-                seq.sampled += 1
-                seq.outputs.append(tok)
-                seq.pending.append(tok)
-                seq.next_input = tok
-                if seq.first_token_at is None:
-                    seq.first_token_at = now
-                if self._lib.llama_vocab_is_eog(self._vocab, tok) or seq.n_past >= self.n_ctx_seq:
-                    seq.ended = True
+            for seq, got, n_past in new:
+                seq.n_past = n_past
+                if seq.draft:
+                    accepted = next((i for i, (a, b) in enumerate(zip(got, seq.draft, strict=False)) if a != b),
+                                    min(len(got), len(seq.draft)))
+                    seq.draft_length.observe(len(seq.draft), accepted)
+                    self.draft_prior.observe(len(seq.draft), accepted)
+                    seq.drafted += len(seq.draft)
+                    seq.accepted += accepted
+                    self.drafted += len(seq.draft)
+                    self.accepted += accepted
+                if seq.prefilled and seq.next_input is not None:  # a decode step's, not a prompt's first token
+                    self.seq_steps += 1
+                    self.step_tokens += len(got)
+                seq.draft = []
+                for tok in got:
+                    seq.sampled += 1
+                    seq.outputs.append(tok)
+                    seq.pending.append(tok)
+                    seq.next_input = tok
+                    if seq.first_token_at is None:
+                        seq.first_token_at = now
+                    if self._lib.llama_vocab_is_eog(self._vocab, tok) or seq.n_past >= self.n_ctx_seq:
+                        seq.ended = True
             self._cond.notify_all()
 
     def _report_stats(self) -> None:
@@ -411,60 +471,12 @@ class BatchScheduler:
         self.on_stats({"running": counts[0], "waiting": counts[1], "parallel": self.parallel, "steps": self.steps,
                        "passes": self.passes, "batch": sum(r[0] for r in recent) / n,
                        "passes_per_step": sum(r[1] for r in recent) / n, "prompt_tokens": self.cache.prompt_tokens,
-                       "cached_tokens": self.cache.cached_tokens})
+                       "cached_tokens": self.cache.cached_tokens, **self.draft_stats()})
 
-
-class StepCost:
-    """What a step costs, measured as the scheduler goes (exponential averages): ``decode_ms``, a step that only
-    decodes (what the running sequences' next token costs: passes, round trips, the weights read) and ``token_ms``,
-    each prompt token a step reads on top of that (None until a step has read ``SAMPLE`` prompt tokens or more)."""
-
-    SAMPLE = 16
-    ALPHA = 0.3
-
-    def __init__(self) -> None:
-        self.decode_ms: float | None = None
-        self.token_ms: float | None = None
-
-    def observe(self, ms: float, prompt_tokens: int, decoded: int) -> None:
-        if not prompt_tokens:
-            if decoded:
-                self.decode_ms = self._avg(self.decode_ms, ms)
-        elif prompt_tokens >= self.SAMPLE:
-            # A step that reads prompts only still pays what a pass costs whatever it holds (round trips to every
-            # machine, a read of the weights): behind a link, most of a short prompt's step. Not a cost per token.
-            extra = ms - (self.decode_ms or 0.0)
-            self.token_ms = self._avg(self.token_ms, max(extra, 0.0) / prompt_tokens)
-
-    def _avg(self, old: float | None, new: float) -> float:
-        return new if old is None else old + self.ALPHA * (new - old)
-
-
-def prefill_order(seqs: list[Sequence], now: float) -> list[Sequence]:
-    """The order in which sequences read their prompts: the fewest prompt tokens left first (shortest remaining
-    processing time: in a burst of requests the short prompts get their first token after their own prompt, not
-    after every prompt of the burst, which minimises the mean time to first token), except that a sequence waiting
-    ``PATIENCE_S`` or more goes before, oldest first (no prompt waits for ever behind a stream of shorter ones).
-    Ties: first admitted first."""
-    def key(seq: Sequence) -> tuple[int, float]:
-        if now - seq.submitted >= PATIENCE_S:
-            return 0, seq.submitted
-        return 1, len(seq.prompt) - seq.n_past
-
-    return sorted(seqs, key=key)
-
-
-def passes(seqs: list[Sequence], size: int) -> list[list[Sequence]]:
-    """The ``llama_decode`` passes of a decode step of ``seqs`` (in slot order): each run of consecutive slots
-    (llama.cpp evaluates the KV streams of one pass only when they are consecutive), in as few groups of at most
-    ``size`` as possible, of sizes as equal as possible."""
-    out: list[list[Sequence]] = []
-    start = 0
-    for i in range(1, len(seqs) + 1):
-        if i == len(seqs) or seqs[i].slot != seqs[i - 1].slot + 1:
-            run = seqs[start:i]
-            n = -(-len(run) // size)
-            step = -(-len(run) // n)
-            out += [run[j:j + step] for j in range(0, len(run), step)]
-            start = i
-    return out
+    def draft_stats(self) -> dict:
+        """Speculative decoding so far: ``{"draft": {drafter, drafted, accepted, steps, tokens}}`` (the drafts
+        verified and accepted; the sequences' decode steps and the tokens they gave), or nothing without a drafter."""
+        if self.drafter is None:
+            return {}
+        return {"draft": {"drafter": self.drafter.name, "drafted": self.drafted, "accepted": self.accepted,
+                          "steps": self.seq_steps, "tokens": self.step_tokens}}

@@ -28,10 +28,11 @@ from typing import Any
 
 from sharedllm.engine.batch import QueueFull as _BUSY
 from sharedllm.engine.framing import FrameReader, write_frame
-from sharedllm.engine.invariance import exact_chunk, invariant_batch, min_chunk, solo_last_pass
+from sharedllm.engine.invariance import exact_chunk, invariant_batch, invariant_verify, min_chunk, solo_last_pass
 from sharedllm.engine.load import build_engine_llama, phase_seconds
 from sharedllm.engine.prompt_cache import PromptCache, common_prefix, keeps_prefix
 from sharedllm.engine.spec import EngineSpec
+from sharedllm.engine.speculative import start_drafter
 
 logger = logging.getLogger(__name__)
 
@@ -170,7 +171,8 @@ def _wrap_create_completion(llm: Any, current: Any, batched: bool) -> None:
             return create(*args, **kwargs)
         if bound.arguments.get("echo"):
             raise ValueError("logprobs with echo=True (the prompt's own log-probabilities) are not available from a "
-                             "model loaded with parallel > 1; load it with parallel=1 and logits_all=True")
+                             "model loaded with parallel > 1 or a draft; load it with parallel=1, no draft and "
+                             "logits_all=True")
         call.trail = trail = Trail(int(k), llm, bound.arguments["prompt"])
         bound.arguments["logprobs"] = None
         out = create(*bound.args, **bound.kwargs)
@@ -315,10 +317,10 @@ class _SerialRunner:
 
 
 class _BatchRunner:
-    """``parallel > 1``: every call runs in its own thread; their generations are sequences of one batch
+    """``parallel > 1`` or a drafter: every call runs in its own thread; their generations are sequences of one batch
     (:class:`sharedllm.engine.batch.BatchScheduler`)."""
 
-    def __init__(self, llm: Any, spec: EngineSpec, out: _Out):
+    def __init__(self, llm: Any, spec: EngineSpec, out: _Out, drafter: Any = None):
         from sharedllm.engine.batch import MIN_PREFILL, BatchScheduler
 
         self.llm, self.out = llm, out
@@ -346,11 +348,24 @@ class _BatchRunner:
                             "devices (max_stall_ms bounds a step between prompts only)")
         self.invariance = {"max_batch": self.max_batch, "batch_min_chunk": self.min_chunk} if spec.exact_batches \
             else {}
+        max_rows = 0
+        if drafter is not None and spec.exact_batches:
+            # Drafts are verified in passes of no more rows than keep each row's logits those of one token alone
+            # (and of no more sequences than invariant_batch allows, where that is fewer).
+            max_rows = known.get("verify_rows") or invariant_verify(llm, spec.draft_max + 1)
+            if self.max_batch < spec.parallel:
+                max_rows = min(max_rows, self.max_batch)
+            self.invariance["verify_rows"] = max_rows
+            if max_rows < 2:
+                logger.warning("no drafts: a pass of two rows of one sequence changes llama.cpp's kernels on these "
+                               "devices (load with flash_attn=True)")
+        self.max_rows = max_rows
         self.scheduler = BatchScheduler(llm, spec.parallel, n_ctx_seq, prefill_chunk=spec.prefill_chunk,
                                         max_waiting=spec.max_waiting, max_batch=self.max_batch,
                                         unified=spec.unified_kv, max_stall_ms=spec.max_stall_ms,
                                         min_chunk=self.min_chunk, prompt_cache=spec.prompt_cache,
-                                        on_stats=lambda s: out.send(("stats", s)))
+                                        on_stats=lambda s: out.send(("stats", s)), drafter=drafter,
+                                        draft_max=spec.draft_max, draft_min=spec.draft_min, max_rows=max_rows)
         llm.generate = self._generate
         llm.set_seed = self._set_seed  # the request's seed is its own, not the shared Llama._seed
         _wrap_create_completion(llm, lambda: self._local.call, batched=True)
@@ -407,6 +422,11 @@ def child_main(parent_pid: int) -> int:
     started_at = max(started_at, init.get("sent_at", started_at))  # a standby's wait for its spec is no phase
     marks: dict[str, float] = {}
     try:
+        drafter = start_drafter(spec)  # before the target: a draft model that cannot draft for it fails at once
+    except ValueError as exc:
+        out.send(("error", "value", str(exc)))
+        return 1
+    try:
         llm, devices = build_engine_llama(spec, out.fd, marks)
     except ValueError as exc:  # llama-cpp-python: "Failed to load model from file"
         out.send(("error", "model", str(exc)))
@@ -414,7 +434,10 @@ def child_main(parent_pid: int) -> int:
     except Exception as exc:
         out.send(("error", "engine", f"{type(exc).__name__}: {exc}"))
         return 1
-    runner = _BatchRunner(llm, spec, out) if spec.parallel > 1 else _SerialRunner(llm, spec, out)
+    if spec.parallel > 1 or drafter is not None:
+        runner = _BatchRunner(llm, spec, out, drafter)
+    else:
+        runner = _SerialRunner(llm, spec, out)
     out.send(("ready", {
         "load_seconds": time.perf_counter() - t0,
         "phases": phase_seconds(started_at, init_at, marks),

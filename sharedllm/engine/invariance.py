@@ -150,3 +150,61 @@ def exact_chunk(left: int, final: int, budget: int, cap: int, min_chunk: int) ->
     if 0 < body - take < min_chunk:
         take = body if body <= cap else body - min_chunk
     return take
+
+
+def invariant_verify(llm: Any, max_rows: int) -> int:
+    """The most rows (a sequence's next token and the drafts after it) one pass may verify while every row's logits
+    stay bit-identical to decoding those tokens one at a time: how long a draft may be, with its greedy (and seeded)
+    text unchanged (speculative decoding, :mod:`.speculative`).
+
+    Measured on the loaded model with its devices, for two prompts: the greedy continuation is decoded one token at
+    a time (the logits of each position kept), then verified in one pass of 2, 3, ... rows from the same cells; the
+    answer is the largest row count whose every row matched, for both prompts (``max_rows`` when all do). Costs at
+    most ``2 * 2 * max_rows`` decodes; the cells are freed afterwards."""
+    import ctypes
+
+    import llama_cpp
+    import numpy as np
+
+    ctx, n_vocab = llm.ctx, llm.n_vocab()
+    memory = llama_cpp.llama_get_memory(ctx)
+    batch = llama_cpp.llama_batch_init(max(max_rows, 16), 0, 1)
+
+    def decode(tokens: list[int], start: int, rows: list[int]) -> list[np.ndarray]:
+        for i, tok in enumerate(tokens):
+            batch.token[i], batch.pos[i], batch.n_seq_id[i] = tok, start + i, 1
+            batch.seq_id[i][0] = 0
+            batch.logits[i] = i in rows
+        batch.n_tokens = len(tokens)
+        if llama_cpp.llama_decode(ctx, batch) != 0:
+            raise RuntimeError("llama_decode failed while measuring verification passes")
+        out = []
+        for r in rows:
+            ptr = llama_cpp.llama_get_logits_ith(ctx, r)
+            out.append(np.ctypeslib.as_array(ctypes.cast(ptr, ctypes.POINTER(ctypes.c_float)),
+                                             shape=(n_vocab,)).copy())
+        return out
+
+    limit = max_rows
+    try:
+        for text in (b"Once upon a time, in a small village by the sea, there lived",
+                     b"def fibonacci(n):\n    if n < 2:\n        return n\n    return"):
+            prompt = llm.tokenize(text, add_bos=True)[:14]
+            llama_cpp.llama_memory_seq_rm(memory, 0, -1, -1)
+            [last] = decode(prompt, 0, [len(prompt) - 1])
+            base = len(prompt)
+            tokens, singles = [], []
+            for i in range(limit):  # one at a time: the reference
+                tokens.append(int(last.argmax()))
+                [last] = decode([tokens[-1]], base + i, [0])
+                singles.append(last)
+            for rows in range(2, limit + 1):
+                llama_cpp.llama_memory_seq_rm(memory, 0, base, -1)
+                verified = decode(tokens[:rows], base, list(range(rows)))
+                if not all(np.array_equal(a, b) for a, b in zip(verified, singles, strict=False)):
+                    limit = rows - 1
+                    break
+        return limit
+    finally:
+        llama_cpp.llama_memory_seq_rm(memory, 0, -1, -1)
+        llama_cpp.llama_batch_free(batch)

@@ -188,9 +188,9 @@ def _open_tunnels(spec: EngineSpec) -> dict[str, str]:
     return local
 
 
-def run_tunnel_hook(hook: tuple[str, str | None, dict], endpoints: dict[str, str]) -> dict[str, str]:
-    """Call ``hook`` (``("module:function", sys.path entry or None, kwargs)``) in this engine process with the local
-    endpoint of every machine and the engine's client relays; it returns the endpoints llama.cpp connects to."""
+def call_hook(hook: tuple[str, str | None, dict], *args: Any) -> Any:
+    """Call ``hook`` (``("module:function", sys.path entry or None, kwargs)``) in this engine process with ``args``
+    and its kwargs."""
     import importlib
     import sys
 
@@ -198,8 +198,13 @@ def run_tunnel_hook(hook: tuple[str, str | None, dict], endpoints: dict[str, str
     module, _, name = target.partition(":")
     if path and path not in sys.path:
         sys.path.append(path)
-    fn = getattr(importlib.import_module(module), name)
-    return fn(dict(endpoints), dict(TUNNELS), **kwargs)
+    return getattr(importlib.import_module(module), name)(*args, **kwargs)
+
+
+def run_tunnel_hook(hook: tuple[str, str | None, dict], endpoints: dict[str, str]) -> dict[str, str]:
+    """Call ``hook`` with the local endpoint of every machine and the engine's client relays; it returns the
+    endpoints llama.cpp connects to."""
+    return call_hook(hook, dict(endpoints), dict(TUNNELS))
 
 
 def _fallback_chat_format(metadata: dict[str, str]) -> str | None:

@@ -89,6 +89,14 @@ class EngineSpec:
     # the local endpoint of every machine and the engine's client relays before llama.cpp connects; it returns the
     # endpoints to connect to instead (bench/linkem.py puts an emulated link there). None: nothing between.
     tunnel_hook: tuple[str, str | None, dict] | None = None
+    # Speculative decoding (sharedllm.engine.speculative): "lookup" (n-gram prompt lookup), the path of a draft model
+    # (a GGUF with the target's vocabulary, run on this machine's CPU), a drafter of one's own as a hook
+    # ("module:function", sys.path entry, kwargs) called with this spec in the engine and returning a
+    # speculative.Drafter, or None; the most drafts a sequence takes in one step (the engine takes fewer where a pass
+    # would change its kernels, and as drafting pays).
+    draft: str | tuple[str, str | None, dict] | None = None
+    draft_max: int = 8
+    draft_min: int = 0  # the fewest drafts a sequence takes when its drafter offers them (paying or not)
     # The bytes of tensor data in the GGUF (what llama.cpp's load progress counts), from the header the client read
     # already; None: the child reads the header for it.
     tensor_bytes: int | None = None

@@ -1,0 +1,292 @@
+# SPDX-License-Identifier: AGPL-3.0-or-later
+"""Benchmark: speculative decoding on the mesh (drafts on the client, verified many per pass) over emulated links.
+
+    .venv/bin/python bench/bench_speculative.py [--rtt 0 5 20 50] [--tokens 96] [--repeats 2] [--quick]
+        [--drafters none lookup model] [--workloads rewrite code chat] [--draft-quant Q2_K] [--synthetic]
+        [--out bench/results/speculative.json] [--markdown]
+
+The target, Gemma 3 270M Q4_K_M, on 2 loopback machines of a ``LocalMesh``, each behind its own link emulator
+(``bench/linkem.py``, on the wire between the engine's relays and the machines', every emulator a process of its own),
+set live to each RTT in turn. Drafters: ``none`` (the default load: what a user gets without drafting), ``lookup``
+(n-gram prompt lookup), ``model`` (a cheaper quantization of the target made by llama.cpp's quantizer,
+``sharedllm.models.quantized``, on the client's CPU) and ``wrong`` (a drafter whose every draft is wrong: what
+trying costs where drafting does not pay). Workloads, chat completions of ``--tokens`` greedy tokens:
+``rewrite`` (repeat a given passage), ``code`` (an edit of a given function, returned whole) and ``chat`` (an open
+question). Each repeat loads each drafter once (the models lease the same machines, one at a time) and runs every
+RTT and workload on it; the drafter order rotates between repeats.
+
+Per cell: decode tokens/s (tokens after the first over the time from the first to the last), its ratio to ``none``
+in the same RTT, workload and repeat (the median of the paired ratios), the acceptance (drafts accepted / drafts
+verified), tokens per verification step (per sequence), round trips per token (counted on the emulated links) and
+whether the text equals the oracle's: local llama-cpp-python greedy with the same kernels (with flash attention for
+the drafted rows, as a draft loads the model; without for ``none``).
+
+``--synthetic`` adds a 3B-shape target (``bench/synth_gguf.py``'s ``llama3.2-3b`` at full scale, random weights,
+Q4_K_M) and a drafter of the same vocabulary and tokenizer with 2 of its 28 layers, at the RTTs given: compute and
+link together. The table goes to stdout and the numbers to ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import logging
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+if not __package__:  # run as a file, not with python -m: import the bench package from the repository root
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    __package__ = "bench"
+
+from bench import common
+
+logger = logging.getLogger("bench.speculative")
+
+PASSAGE = (
+    "The committee met on Tuesday to discuss the new budget. After a long debate, the members agreed to increase "
+    "funding for public libraries by ten percent, to reduce spending on road maintenance, and to create a new fund "
+    "for small businesses affected by the flood. The chair thanked the volunteers who had collected signatures for "
+    "the library petition, and asked the treasurer to publish the revised figures before the next meeting."
+)
+CODE = '''def total_price(items, tax):
+    total = 0
+    for item in items:
+        total = total + item["price"] * item["quantity"]
+    total = total + total * tax
+    return round(total, 2)
+'''
+WORKLOADS = {
+    "rewrite": f"Repeat the following passage word for word.\n\n{PASSAGE}",
+    "code": f"Rename the function total_price to order_total in this code and return the whole code.\n\n```python\n"
+            f"{CODE}```",
+    "chat": "What should I pack for a week-long hiking trip in the mountains?",
+}
+DRAFTERS = ("none", "lookup", "model", "wrong")
+SYNTH_ARCH = "llama3.2-3b"
+
+
+def wrong_drafter(spec: Any) -> Any:
+    """A drafter whose every draft is wrong (a hook for ``draft=``, built in the engine): what trying costs when
+    drafting does not pay, the adaptive length's worst case."""
+    from sharedllm.engine.speculative import Drafter
+
+    class Wrong(Drafter):
+        name = "wrong"
+
+        def available(self, seq: Any, most: int) -> list[int]:
+            last = seq.outputs[-1] if seq.outputs else seq.prompt[-1]
+            return [(last + 7919 * (i + 1)) % 120_000 for i in range(max(most, 0))]
+
+        def draft(self, wanted: list[tuple[Any, int]]) -> dict[int, list[int]]:
+            return {id(seq): seq.draft_offer[:k] for seq, k in wanted}
+
+    return Wrong()
+
+
+@dataclasses.dataclass
+class Target:
+    """A target model and its draft model: what a row of the table runs."""
+
+    name: str
+    path: str
+    draft_path: str
+    n_ctx: int = common.N_CTX
+
+
+def _messages(workload: str) -> list[dict]:
+    return [{"role": "user", "content": WORKLOADS[workload]}]
+
+
+def oracle(target: Target, workloads: list[str], tokens: int) -> dict[str, dict[str, str]]:
+    """Local llama-cpp-python's greedy text of each workload, with flash attention (``flash``) and without."""
+    from sharedllm.engine import build_llama
+
+    out: dict[str, dict[str, str]] = {}
+    for flash in (False, True):
+        llm = build_llama(target.path, n_ctx=target.n_ctx, use_extra_bufts=False, flash_attn=flash)
+        out["flash" if flash else "plain"] = {
+            w: llm.create_chat_completion(_messages(w), **common.completion_kwargs(tokens))["choices"][0]["message"]
+            ["content"] for w in workloads}
+        llm.close()
+    return out
+
+
+def _idle_draft_counts(llm: Any, after_steps: float) -> dict[str, float]:
+    """The engine's draft counts once it reported the run's last step (nothing running); {} without a drafter."""
+    deadline = time.monotonic() + 10.0
+    while True:
+        stats = llm.engine_stats or {}
+        draft = stats.get("draft")
+        if draft is None and "draft" not in stats and stats.get("running", 0) == 0:
+            return {}
+        if draft is not None and stats.get("running", 0) == 0 and draft.get("steps", 0) > after_steps:
+            return draft
+        if time.monotonic() > deadline:
+            return draft or {}
+        time.sleep(0.05)
+
+
+def run_one(llm: Any, links: list[Any], workload: str, tokens: int) -> dict[str, Any]:
+    """One streamed chat completion: its timings, text, the engine's draft counts and the links' round trips."""
+    before_links = [lk.stats()["round_trips"] for lk in links]
+    before = dict((llm.engine_stats or {}).get("draft") or {})
+    t0 = time.perf_counter()
+    stamps, parts = [], []
+    for chunk in llm.create_chat_completion(_messages(workload), stream=True, **common.completion_kwargs(tokens)):
+        text = chunk["choices"][0]["delta"].get("content")
+        if text:
+            stamps.append(time.perf_counter())
+            parts.append(text)
+    res = common.stream_stats(t0, stamps, time.perf_counter(), parts)
+    trips = sum(lk.stats()["round_trips"] - b for lk, b in zip(links, before_links, strict=True))
+    after = _idle_draft_counts(llm, before.get("steps", 0))
+    draft = {k: after.get(k, 0) - before.get(k, 0) for k in ("drafted", "accepted", "steps", "tokens")}
+    res.update({"round_trips": trips, "round_trips_per_token": trips / max(res["tokens"], 1), **draft})
+    return res
+
+
+def measure(target: Target, args: argparse.Namespace, lm: Any, work: Path) -> dict[str, Any]:
+    from bench.linkem import LinkControl, hook
+
+    truth = oracle(target, args.workloads, args.tokens)
+    runs: dict[tuple, list[dict]] = {}
+    loads: dict[str, list[float]] = {}
+    drafters = list(args.drafters)
+    for r in range(args.repeats):
+        order = drafters[r % len(drafters):] + drafters[:r % len(drafters)]
+        for drafter in order:
+            control = work / f"{target.name}-{drafter}-{r}"
+            link = {"rtt_ms": 0.0, "process": True, "wire": True, "control_dir": str(control)}
+            draft = {"none": {}, "lookup": {"draft": "lookup"}, "model": {"draft": target.draft_path},
+                     "wrong": {"draft": ("bench.bench_speculative:wrong_drafter",
+                                         str(Path(__file__).resolve().parents[1]), {})}}[drafter]
+            t0 = time.perf_counter()
+            with lm.mesh().load(target.path, n_ctx=target.n_ctx, tunnel_hook=hook(**link), **draft) as llm:
+                loads.setdefault(drafter, []).append(time.perf_counter() - t0)
+                links = LinkControl.find(control)
+                run_one(llm, links, args.workloads[0], 8)  # warm-up: the engine's measures, the drafter's caches
+                for rtt in args.rtt:
+                    for lk in links:
+                        lk.set(rtt)
+                    for workload in args.workloads:
+                        common.wait_for_quiet(5.0)
+                        res = run_one(llm, links, workload, args.tokens)
+                        res["text_ok"] = res["text"] == truth["plain" if drafter == "none" else "flash"][workload]
+                        runs.setdefault((drafter, rtt, workload), []).append(res)
+                        logger.info("%s %s rtt %s %s: %.1f tok/s, %s drafts, %s accepted, text %s", target.name,
+                                    drafter, rtt, workload, res["decode_tps"] or 0, res["drafted"], res["accepted"],
+                                    "ok" if res["text_ok"] else "DIFFERS")
+    return {"runs": runs, "loads": loads, "oracle": truth}
+
+
+def summarize(target: Target, measured: dict[str, Any], args: argparse.Namespace) -> list[dict[str, Any]]:
+    runs = measured["runs"]
+    rows = []
+    for rtt in args.rtt:
+        for workload in args.workloads:
+            base = runs.get(("none", rtt, workload), [])
+            for drafter in args.drafters:
+                cell = runs.get((drafter, rtt, workload), [])
+                if not cell:
+                    continue
+                tps = [c["decode_tps"] or 0.0 for c in cell]
+                ratios = [c["decode_tps"] / b["decode_tps"] for c, b in zip(cell, base, strict=False)
+                          if c["decode_tps"] and b["decode_tps"]]
+                drafted, accepted = sum(c["drafted"] for c in cell), sum(c["accepted"] for c in cell)
+                steps, toks = sum(c["steps"] for c in cell), sum(c["tokens"] for c in cell)
+                rows.append({
+                    "target": target.name, "rtt_ms": rtt, "workload": workload, "drafter": drafter,
+                    "tok_s": statistics.median(tps), "tok_s_runs": tps,
+                    "ratio": statistics.median(ratios) if ratios and drafter != "none" else (1.0 if ratios else None),
+                    "acceptance": accepted / drafted if drafted else None,
+                    "tokens_per_step": toks / steps if steps else 1.0,
+                    "round_trips_per_token": statistics.median(c["round_trips_per_token"] for c in cell),
+                    "texts_equal": all(c["text_ok"] for c in cell),
+                })
+    return rows
+
+
+def table(rows: list[dict[str, Any]], markdown: bool) -> str:
+    out = [["target", "RTT ms", "workload", "drafter", "tok/s", "x none", "accepted", "tok/step", "RT/tok", "text"]]
+    for r in rows:
+        out.append([r["target"], f"{r['rtt_ms']:g}", r["workload"], r["drafter"], common.fmt(r["tok_s"], 1),
+                    common.fmt(r["ratio"], 2), "-" if r["acceptance"] is None else f"{100 * r['acceptance']:.0f}%",
+                    common.fmt(r["tokens_per_step"], 2), common.fmt(r["round_trips_per_token"], 2),
+                    "=" if r["texts_equal"] else "DIFFERS"])
+    return common.render(out, markdown)
+
+
+def synthetic_target(work: Path) -> Target:
+    """The 3B-shape target and its 2-layer drafter (same tokenizer and vocabulary), written once and cached."""
+    from bench import synth_gguf as sg
+    from sharedllm.models import cache_dir
+
+    out = cache_dir() / "synthetic"
+    target = sg.synthesize(SYNTH_ARCH, "Q4_K_M", out, scale="full")
+    a = sg.ARCHS[SYNTH_ARCH]
+    dims = dataclasses.replace(a.full, n_layer=2)
+    src = out / f"{SYNTH_ARCH}-draft2-F32.gguf"
+    dst = out / f"{SYNTH_ARCH}-draft2-Q4_K_M.gguf"
+    if not sg.current(dst):
+        sg.write_f32(SYNTH_ARCH, src, scale="full", dims=dims, seed=1)
+        sg.quantize(src, dst, "Q4_K_M")
+        src.unlink(missing_ok=True)
+    return Target(f"synthetic {SYNTH_ARCH}", str(target), str(dst), n_ctx=1024)
+
+
+def benchmark(args: argparse.Namespace) -> dict[str, Any]:
+    from sharedllm import models
+    from sharedllm.local import LocalMesh
+
+    t_start = time.perf_counter()
+    gemma = models.default_model_path()
+    targets = [Target("gemma-3-270m", str(gemma), str(models.quantized(gemma, args.draft_quant)))]
+    rows: list[dict[str, Any]] = []
+    detail: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory(prefix="bench-spec-") as workdir, \
+            contextlib.closing(LocalMesh(machines=2, dashboard=False)) as lm:
+        lm.start()
+        work = Path(workdir)
+        if args.synthetic:
+            targets.append(synthetic_target(work))
+        for target in targets:
+            sub = args
+            if target is not targets[0]:  # the big one: fewer tokens, the rewrite workload
+                sub = argparse.Namespace(**{**vars(args), "tokens": min(args.tokens, 32), "workloads": ["rewrite"]})
+            measured = measure(target, sub, lm, work)
+            rows += summarize(target, measured, sub)
+            detail[target.name] = {"loads_s": measured["loads"], "oracle": measured["oracle"],
+                                   "runs": {"|".join(map(str, k)): v for k, v in measured["runs"].items()}}
+    return {"benchmark": "speculative", "machine": common.machine_info(), "args": vars(args), "rows": rows,
+            "detail": detail, "texts_match": all(r["texts_equal"] for r in rows),
+            "total_seconds": time.perf_counter() - t_start}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--rtt", type=float, nargs="+", default=[0, 5, 20, 50])
+    p.add_argument("--tokens", type=int, default=96)
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--drafters", nargs="+", choices=DRAFTERS, default=list(DRAFTERS),
+                   help="none, lookup, model (the draft model) and wrong (every draft wrong: what trying costs)")
+    p.add_argument("--workloads", nargs="+", choices=list(WORKLOADS), default=list(WORKLOADS))
+    p.add_argument("--draft-quant", default="Q2_K", help="the draft model's quantization of Gemma (default Q2_K)")
+    p.add_argument("--synthetic", action="store_true", help="add the 3B-shape synthetic target (writes ~15 GB once)")
+    p.add_argument("--quick", action="store_true", help="RTT 0 and 20, 48 tokens, one repeat")
+    p.add_argument("--markdown", action="store_true")
+    p.add_argument("--out", default="bench/results/speculative.json")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.rtt, args.tokens, args.repeats = [0, 20], 48, 1
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    result = benchmark(args)
+    return common.finish(result, args.out, table(result["rows"], args.markdown))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

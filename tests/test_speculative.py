@@ -1,0 +1,296 @@
+# SPDX-License-Identifier: AGPL-3.0-or-later
+"""Speculative decoding (sharedllm.engine.speculative): drafts proposed on the client, verified by the mesh many per
+pass, with the text unchanged. The oracle of a model loaded with a draft is plain local llama-cpp-python with flash
+attention on (a draft turns it on), greedy; seeded sampling is compared with the same mesh model without drafts."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import signal
+import threading
+
+import pytest
+
+from sharedllm.engine.cost import RowCost
+from sharedllm.engine.speculative import PROBE_FIRST, DraftLength, NgramIndex, allocate, group_rows
+from sharedllm.options import LoadOptions
+from sharedllm.views import draft_summary
+from tests.helpers import N_CTX, PROMPT, TWO, machine, text_of, wait_for
+
+PASSAGE = ("The committee met on Tuesday to discuss the new budget. After a long debate, the members agreed to "
+           "increase funding for public libraries by ten percent, to reduce spending on road maintenance, and to "
+           "create a new fund for small businesses affected by the flood.")
+REWRITE = f"Repeat the following text exactly.\n\nText: {PASSAGE}\n\nRepeated text:"
+CODE = ("def area(width, height):\n    return width * height\n\n\n"
+        "# The same function, with type hints:\ndef area(width: float, height: float) -> float:\n")
+PROMPTS = [REWRITE, CODE, PROMPT]
+
+
+# --- the parts, alone -----------------------------------------------------------------------------------------------
+
+
+def test_the_ngram_index_proposes_what_followed_the_latest_longest_match():
+    index = NgramIndex(2, 4)
+    tokens = [1, 2, 3, 4, 5, 6, 9, 9, 3, 4, 7, 8, 1, 2, 3, 4]
+    # The suffix 1 2 3 4 occurred at the start: what followed it there (5 6 9 ...), not after the later 3 4.
+    assert index.propose(tokens, 3) == [5, 6, 9]
+    tokens += [7]  # ... 3 4 7: the latest 3 4 7 (position 8) is followed by 8 1
+    assert index.propose(tokens, 2) == [8, 1]
+    assert index.propose([*tokens, 42], 4) == []  # a suffix seen nowhere proposes nothing
+    assert NgramIndex(2, 4).propose([5, 5], 3) == []  # nothing before the suffix itself
+
+
+def test_allocate_drafts_where_they_pay_and_not_where_they_do_not():
+    sure, unsure = DraftLength(prior=0.95), DraftLength(prior=0.05)
+    # Behind a link a step costs 50 ms and a row 2 ms: a sure sequence takes every draft offered, an unsure none.
+    assert allocate([(sure, 6, 0), (unsure, 6, 1)], step_ms=50.0, row_ms=2.0, draft_ms=0.0) == [6, 0]
+    # Locally a step costs 12 ms and a draft 10 ms more (a draft model as costly as the target): none pays.
+    assert allocate([(sure, 6, 0)], step_ms=12.0, row_ms=3.0, draft_ms=10.0) == [0]
+    # Nothing offered, nothing drafted.
+    assert allocate([(sure, 0, 0)], step_ms=50.0, row_ms=2.0, draft_ms=0.0) == [0]
+    # The drafts of one pass share its free rows: cut from the longest first.
+    assert group_rows([6, 2, 4], [0, 0, 1], {0: 5, 1: 6}) == [3, 2, 4]
+
+
+def test_a_sequence_whose_drafts_fail_backs_off_and_probes_again():
+    length = DraftLength(prior=0.5)
+    costs = {"step_ms": 20.0, "row_ms": 4.0, "draft_ms": 0.0}
+    assert allocate([(length, 6, 0)], **costs) >= [1]
+    for _ in range(6):
+        length.observe(4, 0)  # every first draft rejected: its acceptance falls
+    assert length.acceptance < 0.2
+    assert allocate([(length, 6, 0)], **costs) == [0]
+    for _ in range(PROBE_FIRST):
+        length.observe(0, 0)  # steps without drafts
+    assert allocate([(length, 6, 0)], **costs) == [1]  # a probe
+    length.observe(1, 0)  # the probe failed: the next one waits twice as long
+    assert length.probe_every == 2 * PROBE_FIRST
+    for _ in range(PROBE_FIRST):
+        length.observe(0, 0)
+    assert allocate([(length, 6, 0)], **costs) == [0]
+    for _ in range(PROBE_FIRST):
+        length.observe(0, 0)
+    assert allocate([(length, 6, 0)], **costs) == [1]
+    # Where a draft would not pay even if always accepted (a draft model as costly as a local step), no probe.
+    assert allocate([(length, 6, 0)], step_ms=5.0, row_ms=4.0, draft_ms=10.0) == [0]
+
+
+def test_row_cost_is_measured_from_the_steps():
+    cost = RowCost()
+    assert cost.row_ms == 0.0  # nothing seen
+    cost.observe(1, 1, 20.0)
+    assert cost.row_ms == pytest.approx(RowCost.PRIOR * 20.0)  # the prior, until the rows vary
+    for i in range(60):
+        extra = i % 5
+        cost.observe(1 + extra, 1, 20.0 + 3.0 * extra)
+    assert cost.row_ms == pytest.approx(3.0, rel=0.05)
+
+
+def test_load_options_of_a_draft():
+    opts = LoadOptions(draft="lookup")
+    assert opts.llama_kwargs()["flash_attn"] is True
+    assert opts.engine_options()["draft"] == "lookup"
+    assert "flash_attn" not in LoadOptions().llama_kwargs()
+    with pytest.raises(ValueError, match="flash attention"):
+        LoadOptions.build(draft="lookup", flash_attn=False)
+    with pytest.raises(ValueError, match="draft_max"):
+        LoadOptions(draft="lookup", draft_max=0)
+    with pytest.raises(ValueError, match="draft_min"):
+        LoadOptions(draft="lookup", draft_max=4, draft_min=5)
+
+
+def test_draft_counts_reach_the_views_and_the_totals():
+    from sharedllm.scheduler_plugins.mesh.data import MeshData
+
+    load = {"draft": {"drafter": "lookup", "drafted": 40.0, "accepted": 30.0, "steps": 20.0, "tokens": 50.0}}
+    assert draft_summary(load) == "lookup: 75% accepted, 2.5 tok/step"
+    assert draft_summary({"running": 1.0}) is None
+    data = MeshData()
+    data.count_drafts(load["draft"], None)
+    data.count_drafts({"drafted": 50.0, "accepted": 36.0}, load["draft"])
+    assert data.drafts_total == {"accepted": 36.0, "rejected": 14.0}
+    data.count_drafts({"drafted": 4.0, "accepted": 3.0}, {"drafted": 50.0, "accepted": 36.0})  # a new engine
+    assert data.drafts_total == {"accepted": 39.0, "rejected": 15.0}
+
+
+# --- on the mesh ------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def flash_greedy(model_path):
+    """The oracle: plain local llama-cpp-python, flash attention on (as with a draft), greedy."""
+    from sharedllm.engine import build_llama
+
+    llm = build_llama(str(model_path), n_ctx=N_CTX, n_threads=2, use_extra_bufts=False, flash_attn=True)
+    out = {p: text_of(llm.create_completion(p, max_tokens=72, temperature=0)) for p in PROMPTS}
+    llm.close()
+    return out
+
+
+def _drafts(llm) -> dict:
+    return wait_for(lambda: llm.engine_stats.get("draft"), timeout=30, what="the engine's draft counts")
+
+
+# Each load below leases both machines: the tests that load their own model come before the module's shared one.
+
+
+@pytest.mark.mesh
+def test_eight_sequences_each_with_its_drafts(mesh, flash_greedy):
+    with mesh.load("gemma-3-270m", n_ctx=512, machines=TWO, parallel=8, draft="lookup", draft_min=4) as llm:
+        texts: dict[int, str] = {}
+        prompts = [PROMPTS[i % len(PROMPTS)] for i in range(8)]
+
+        def one(i: int) -> None:
+            texts[i] = "".join(c["choices"][0]["text"] for c in llm.create_completion(
+                prompts[i], max_tokens=72, temperature=0, stream=True))
+
+        threads = [threading.Thread(target=one, args=(i,)) for i in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=300)
+        assert {i: texts.get(i) for i in range(8)} == {i: flash_greedy[p] for i, p in enumerate(prompts)}
+        assert _drafts(llm)["accepted"] > 0
+
+
+@pytest.mark.mesh
+def test_a_draft_model_with_the_targets_vocabulary(mesh, model_path, flash_greedy, tmp_path_factory):
+    from sharedllm.models import quantized
+
+    draft = quantized(model_path, "Q2_K", tmp_path_factory.mktemp("drafts"))  # llama.cpp's quantizer, cheaper
+    with mesh.load("gemma-3-270m", n_ctx=N_CTX, machines=TWO, draft=str(draft), draft_min=4) as llm:
+        assert text_of(llm.create_completion(REWRITE, max_tokens=72, temperature=0)) == flash_greedy[REWRITE]
+        draft_counts = _drafts(llm)
+        assert draft_counts["drafter"] == draft.name and draft_counts["accepted"] > 0
+
+
+@pytest.mark.mesh
+def test_a_draft_model_of_another_vocabulary_is_one_clear_error(mesh, model_path, tmp_path):
+    # The same model with one token's text changed: its drafts would not be the target's tokens.
+    import llama_cpp
+
+    vocab_only = llama_cpp.Llama(model_path=str(model_path), vocab_only=True, verbose=False)
+    token = 10_000
+    text = llama_cpp.llama_vocab_get_text(vocab_only._model.vocab, token)
+    vocab_only.close()
+    other = tmp_path / "other-vocab.gguf"
+    shutil.copyfile(model_path, other)
+    data = other.read_bytes()
+    needle = len(text).to_bytes(8, "little") + text
+    at = data.index(needle)
+    changed = bytes(reversed(text)) if bytes(reversed(text)) != text else text.upper()
+    with open(other, "r+b") as f:
+        f.seek(at + 8)
+        f.write(changed)
+    with pytest.raises(ValueError) as err:
+        mesh.load("gemma-3-270m", n_ctx=N_CTX, machines=TWO, draft=str(other))
+    message = str(err.value)
+    assert "other-vocab.gguf" in message and model_path.name in message and "vocabulary differs" in message
+    assert f"token {token}" in message and "\n" not in message
+    wait_for(lambda: not mesh.state()["sessions"], timeout=30, what="the failed load's lease to be given back")
+
+
+@pytest.mark.mesh
+def test_kill_an_rpc_server_mid_stream_with_drafts(mesh, flash_greedy):
+    victim = machine(mesh, "machine-2")["rpc"]
+    with mesh.load("gemma-3-270m", n_ctx=N_CTX, machines=TWO, draft="lookup", draft_min=6) as llm:
+        text = ""
+        for chunk_text in _stream_killing(llm, lambda: os.kill(victim["pid"], signal.SIGKILL)):
+            text += chunk_text
+        assert text == flash_greedy[REWRITE]
+        assert [r["lost"] for r in llm.recoveries] == ["machine-2"]
+    wait_for(lambda: (m := machine(mesh, "machine-2")) and m["rpc"]["pid"] != victim["pid"]
+             and mesh.machines().ready(), timeout=120, what="machine-2's rpc-server back")
+
+
+@pytest.fixture(scope="module")
+def drafting(mesh):
+    """Gemma on both machines with the lookup drafter, taking every draft offered (up to 6 a step): the test
+    mesh's loopback links are so fast that drafting would not pay, and the drafts must be verified to be tested."""
+    with mesh.load("gemma-3-270m", n_ctx=N_CTX, machines=TWO, draft="lookup", draft_max=6, draft_min=6) as llm:
+        yield llm
+
+
+@pytest.mark.mesh
+def test_greedy_text_with_lookup_drafts_is_the_text_without(drafting, flash_greedy):
+    before = _drafts(drafting)["accepted"] if drafting.engine_stats.get("draft") else 0
+    for prompt in PROMPTS:
+        assert text_of(drafting.create_completion(prompt, max_tokens=72, temperature=0)) == flash_greedy[prompt]
+        streamed = "".join(c["choices"][0]["text"]
+                           for c in drafting.create_completion(prompt, max_tokens=72, temperature=0, stream=True))
+        assert streamed == flash_greedy[prompt]
+    draft = _drafts(drafting)
+    assert draft["drafter"] == "lookup"
+    assert draft["accepted"] - before > 50  # the rewrite quotes its passage: most drafts verified were accepted
+    assert draft["tokens"] > draft["steps"]  # more than one token per step
+    assert drafting._engine.info["invariance"]["verify_rows"] >= 2
+
+
+@pytest.mark.mesh
+def test_asyncio_stop_strings_and_max_tokens_as_without_drafts(drafting, flash_greedy):
+    async def run() -> str:
+        return "".join([c["choices"][0]["text"] async for c in await drafting.acreate_completion(
+            REWRITE, max_tokens=72, temperature=0, stream=True)])
+
+    assert asyncio.run(run()) == flash_greedy[REWRITE]
+    # Drafts run past a stop string and max_tokens: the text ends where it would without them.
+    stop = flash_greedy[REWRITE].split()[6]
+    out = drafting.create_completion(REWRITE, max_tokens=72, temperature=0, stop=[stop])
+    assert text_of(out) == flash_greedy[REWRITE].split(stop)[0]
+    assert out["choices"][0]["finish_reason"] == "stop"
+    out = drafting.create_completion(REWRITE, max_tokens=9, temperature=0)
+    assert out["usage"]["completion_tokens"] == 9 and flash_greedy[REWRITE].startswith(text_of(out))
+
+
+@pytest.mark.mesh
+def test_seeded_sampling_logprobs_and_grammars_with_drafts_are_those_without(drafting, model_path):
+    from sharedllm.engine import Engine, EngineSpec
+
+    # Without drafts: a local engine of the same model and kernels (flash attention on), one token at a time.
+    plain = Engine(EngineSpec(model_path=str(model_path), llama_kwargs={"n_ctx": N_CTX, "n_threads": 2,
+                                                                        "flash_attn": True}))
+    plain.start()
+    try:
+        for seed in (7, 11):
+            kwargs = {"prompt": REWRITE, "max_tokens": 48, "temperature": 0.7, "seed": seed}
+            assert text_of(drafting.create_completion(**kwargs)) == text_of(plain.call("create_completion", kwargs))
+        kwargs = {"prompt": REWRITE, "max_tokens": 24, "temperature": 0, "logprobs": 3}
+        got = drafting.create_completion(**kwargs)["choices"][0]["logprobs"]
+        want = plain.call("create_completion", kwargs)["choices"][0]["logprobs"]
+        assert got["tokens"] == want["tokens"]
+        assert got["token_logprobs"] == pytest.approx(want["token_logprobs"], abs=1e-5)
+        # A grammar (response_format): the drafts it does not allow are not accepted; the same JSON.
+        kwargs = {"messages": [{"role": "user", "content": "Give a JSON object with a field name set to Ada."}],
+                  "max_tokens": 32, "temperature": 0, "response_format": {"type": "json_object"}}
+        assert drafting.create_chat_completion(**kwargs)["choices"][0]["message"]["content"] == \
+            plain.call("create_chat_completion", kwargs)["choices"][0]["message"]["content"]
+    finally:
+        plain.close()
+
+
+@pytest.mark.mesh
+def test_the_mesh_reports_drafts(mesh_cluster, drafting):
+    import urllib.request
+
+    drafting.create_completion(REWRITE, max_tokens=48, temperature=0)
+
+    def reported():
+        sessions = {s["session_id"]: s for s in mesh_cluster.mesh().state()["sessions"]}
+        draft = (sessions.get(drafting.session_id, {}).get("load") or {}).get("draft")
+        return draft if draft and draft.get("accepted", 0) > 0 else None
+
+    draft = wait_for(reported, timeout=30, what="the session's draft counts at the scheduler")
+    assert draft["drafter"] == "lookup" and draft["tokens"] > draft["steps"]
+    page = urllib.request.urlopen(f"{mesh_cluster.dashboard_link.rsplit('/', 1)[0]}/metrics", timeout=10).read()
+    series = 'sharedllm_draft_tokens_total{result="accepted"}'
+    lines = [ln for ln in page.decode().splitlines() if ln.startswith(series)]
+    assert lines and float(lines[0].split()[-1]) > 0
+
+
+def _stream_killing(llm, fault, after: int = 6):
+    for n, chunk in enumerate(llm.create_completion(REWRITE, max_tokens=72, temperature=0, stream=True), 1):
+        yield chunk["choices"][0]["text"]
+        if n == after:
+            fault()
