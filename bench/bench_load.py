@@ -295,12 +295,15 @@ PHASES = {
                              "first weight)",
     "engine_weights": "llama.cpp: upload every weight (hash + cache lookup for the big ones)",
     "engine_context": "llama.cpp context and KV cache on the servers, Llama() set-up",
+    "engine_invariance": "the engine measures which batches and prompt chunks keep each sequence's arithmetic "
+                         "(sharedllm.engine.invariance)",
 }
 
 
 def breakdown(wall: float, handle_s: float, lease_s: float, phases: dict[str, float]) -> dict[str, float]:
     """``wall`` (``mesh.load``) split into ``PHASES``; the engine's phases add up to its Popen-to-ready time."""
-    engine = {f"engine_{k}": phases.get(k, 0.0) for k in ("import", "connect", "model_metadata", "weights", "context")}
+    engine = {f"engine_{k}": phases.get(k, 0.0) for k in ("import", "connect", "model_metadata", "weights", "context",
+                                                          "invariance")}
     engine["engine_python_start"] = phases.get("spawn", 0.0) + phases.get("wait_init", 0.0)
     out = {"client_prepare": wall - handle_s, "lease": lease_s,
            "probe_and_spawn": handle_s - lease_s - sum(engine.values()), **engine}

@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import json
 import logging
 import statistics
 import sys
@@ -66,6 +67,9 @@ WORKLOADS = {
             f"{CODE}```",
     "chat": "What should I pack for a week-long hiking trip in the mountains?",
 }
+# A user turn of Gemma 3's chat template: each workload is a completion of the same text on every server (llama-server
+# and ours render chat templates each their own way)
+GEMMA_TURN = "<start_of_turn>user\n{}<end_of_turn>\n<start_of_turn>model\n"
 DRAFTERS = ("none", "lookup", "model", "wrong")
 SYNTH_ARCH = "llama3.2-3b"
 
@@ -96,10 +100,11 @@ class Target:
     path: str
     draft_path: str
     n_ctx: int = common.N_CTX
+    chat: bool = True  # the prompts in Gemma's chat template
 
 
-def _messages(workload: str) -> list[dict]:
-    return [{"role": "user", "content": WORKLOADS[workload]}]
+def prompt_of(workload: str, target: Target) -> str:
+    return GEMMA_TURN.format(WORKLOADS[workload]) if target.chat else WORKLOADS[workload]
 
 
 def oracle(target: Target, workloads: list[str], tokens: int) -> dict[str, dict[str, str]]:
@@ -110,8 +115,8 @@ def oracle(target: Target, workloads: list[str], tokens: int) -> dict[str, dict[
     for flash in (False, True):
         llm = build_llama(target.path, n_ctx=target.n_ctx, use_extra_bufts=False, flash_attn=flash)
         out["flash" if flash else "plain"] = {
-            w: llm.create_chat_completion(_messages(w), **common.completion_kwargs(tokens))["choices"][0]["message"]
-            ["content"] for w in workloads}
+            w: llm.create_completion(prompt_of(w, target), **common.completion_kwargs(tokens))["choices"][0]["text"]
+            for w in workloads}
         llm.close()
     return out
 
@@ -131,14 +136,14 @@ def _idle_draft_counts(llm: Any, after_steps: float) -> dict[str, float]:
         time.sleep(0.05)
 
 
-def run_one(llm: Any, links: list[Any], workload: str, tokens: int) -> dict[str, Any]:
-    """One streamed chat completion: its timings, text, the engine's draft counts and the links' round trips."""
+def run_one(llm: Any, links: list[Any], prompt: str, tokens: int) -> dict[str, Any]:
+    """One streamed completion: its timings, text, the engine's draft counts and the links' round trips."""
     before_links = [lk.stats()["round_trips"] for lk in links]
     before = dict((llm.engine_stats or {}).get("draft") or {})
     t0 = time.perf_counter()
     stamps, parts = [], []
-    for chunk in llm.create_chat_completion(_messages(workload), stream=True, **common.completion_kwargs(tokens)):
-        text = chunk["choices"][0]["delta"].get("content")
+    for chunk in llm.create_completion(prompt, stream=True, **common.completion_kwargs(tokens)):
+        text = chunk["choices"][0].get("text")
         if text:
             stamps.append(time.perf_counter())
             parts.append(text)
@@ -169,13 +174,13 @@ def measure(target: Target, args: argparse.Namespace, lm: Any, work: Path) -> di
             with lm.mesh().load(target.path, n_ctx=target.n_ctx, tunnel_hook=hook(**link), **draft) as llm:
                 loads.setdefault(drafter, []).append(time.perf_counter() - t0)
                 links = LinkControl.find(control)
-                run_one(llm, links, args.workloads[0], 8)  # warm-up: the engine's measures, the drafter's caches
+                run_one(llm, links, prompt_of(args.workloads[0], target), 8)  # warm-up
                 for rtt in args.rtt:
                     for lk in links:
                         lk.set(rtt)
                     for workload in args.workloads:
                         common.wait_for_quiet(5.0)
-                        res = run_one(llm, links, workload, args.tokens)
+                        res = run_one(llm, links, prompt_of(workload, target), args.tokens)
                         res["text_ok"] = res["text"] == truth["plain" if drafter == "none" else "flash"][workload]
                         runs.setdefault((drafter, rtt, workload), []).append(res)
                         logger.info("%s %s rtt %s %s: %.1f tok/s, %s drafts, %s accepted, text %s", target.name,
@@ -184,16 +189,101 @@ def measure(target: Target, args: argparse.Namespace, lm: Any, work: Path) -> di
     return {"runs": runs, "loads": loads, "oracle": truth}
 
 
+# llama-server's modes on the same rpc-servers (scripts/build_anchor.sh's build: the same llama.cpp and patches):
+# without drafts, its n-gram drafters (defaults, and ngram-simple with short n-grams) and the draft model on the client
+def anchor_modes(draft_path: str, draft_max: int) -> dict[str, list[str]]:
+    n = str(draft_max)
+    return {
+        "llama-server none": [],
+        "llama-server ngram-simple": ["--spec-type", "ngram-simple"],
+        "llama-server ngram-simple n3": ["--spec-type", "ngram-simple", "--spec-ngram-simple-size-n", "3",
+                                         "--spec-ngram-simple-size-m", n],
+        "llama-server ngram-map-k": ["--spec-type", "ngram-map-k"],
+        "llama-server ngram-mod": ["--spec-type", "ngram-mod"],
+        "llama-server draft model": ["--spec-type", "draft-simple", "--spec-draft-model", draft_path,
+                                     "--spec-draft-device", "none", "--spec-draft-n-max", n],
+    }
+
+
+def llama_server_run(url: str, prompt: str, tokens: int, links: list[Any]) -> dict[str, Any]:
+    """One streamed ``/v1/completions`` of llama-server: timings, text, its draft counts (``timings``), round trips."""
+    import httpx
+
+    from bench import anchor
+
+    before = [lk.stats()["round_trips"] for lk in links]
+    body = {**anchor.request_body(prompt, tokens), "timings_per_token": False}
+    t0 = time.perf_counter()
+    stamps, parts, timings = [], [], {}
+    with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {anchor.API_KEY}"}, timeout=600) as client, \
+            client.stream("POST", "/v1/completions", json=body) as resp:
+        if resp.status_code != 200:
+            resp.read()
+            raise RuntimeError(f"llama-server: HTTP {resp.status_code}: {resp.text[:300]}")
+        for line in resp.iter_lines():
+            if not line.startswith("data: {"):
+                continue
+            chunk = json.loads(line[6:])
+            timings = chunk.get("timings") or timings
+            text = (chunk.get("choices") or [{}])[0].get("text")
+            if text:
+                stamps.append(time.perf_counter())
+                parts.append(text)
+    res = common.stream_stats(t0, stamps, time.perf_counter(), parts)
+    trips = sum(lk.stats()["round_trips"] - b for lk, b in zip(links, before, strict=True))
+    drafted, accepted = timings.get("draft_n", 0), timings.get("draft_n_accepted", 0)
+    res.update({"round_trips": trips, "round_trips_per_token": trips / max(res["tokens"], 1), "drafted": drafted,
+                "accepted": accepted, "steps": 0, "tokens": res["tokens"], "text_ok": None})
+    return res
+
+
+def measure_anchor(target: Target, args: argparse.Namespace, lm: Any, work: Path) -> dict[tuple, list[dict]]:
+    """llama-server's rows: each mode behind each RTT (links of their own in front of the same rpc-servers)."""
+    from bench import anchor
+
+    bin_dir = anchor.anchor_bin()
+    mesh = lm.mesh()
+    topo = mesh.plan(target.path, n_ctx=target.n_ctx)
+    table = {m["machine_id"]: m for m in mesh.machines()}
+    rpc = [table[st.machine_id]["rpc"]["endpoint"] for st in topo.stages]
+    runs: dict[tuple, list[dict]] = {}
+    modes = anchor_modes(target.draft_path, 8)
+    for r in range(args.repeats):
+        for rtt in args.anchor_rtt:
+            links = anchor.Links(rpc, rtt)
+            try:
+                for mode, extra in modes.items():
+                    server = anchor.LlamaServer(bin_dir, target.path, links.endpoints, work / f"llama-{r}-{rtt}.log",
+                                                n_ctx=target.n_ctx, parallel=1, threads=2, n_batch=512, n_ubatch=512,
+                                                tensor_split=list(topo.tensor_split), extra=extra)
+                    server.start()
+                    try:
+                        llama_server_run(server.url, prompt_of(args.workloads[0], target), 8, links.links)
+                        for workload in args.workloads:
+                            common.wait_for_quiet(5.0)
+                            res = llama_server_run(server.url, prompt_of(workload, target), args.tokens,
+                                                   links.links)
+                            runs.setdefault((mode, rtt, workload), []).append(res)
+                            logger.info("%s rtt %s %s: %.1f tok/s, %s drafts, %s accepted", mode, rtt, workload,
+                                        res["decode_tps"] or 0, res["drafted"], res["accepted"])
+                    finally:
+                        server.stop()
+            finally:
+                links.close()
+    return runs
+
+
 def summarize(target: Target, measured: dict[str, Any], args: argparse.Namespace) -> list[dict[str, Any]]:
     runs = measured["runs"]
     rows = []
     for rtt in args.rtt:
         for workload in args.workloads:
-            base = runs.get(("none", rtt, workload), [])
-            for drafter in args.drafters:
+            for drafter in [*args.drafters, *measured.get("anchor_modes", [])]:
                 cell = runs.get((drafter, rtt, workload), [])
                 if not cell:
                     continue
+                server = drafter.startswith("llama-server")
+                base = runs.get(("llama-server none" if server else "none", rtt, workload), [])
                 tps = [c["decode_tps"] or 0.0 for c in cell]
                 ratios = [c["decode_tps"] / b["decode_tps"] for c, b in zip(cell, base, strict=False)
                           if c["decode_tps"] and b["decode_tps"]]
@@ -202,13 +292,38 @@ def summarize(target: Target, measured: dict[str, Any], args: argparse.Namespace
                 rows.append({
                     "target": target.name, "rtt_ms": rtt, "workload": workload, "drafter": drafter,
                     "tok_s": statistics.median(tps), "tok_s_runs": tps,
-                    "ratio": statistics.median(ratios) if ratios and drafter != "none" else (1.0 if ratios else None),
+                    "ratio": statistics.median(ratios) if ratios and drafter not in ("none", "llama-server none")
+                    else (1.0 if ratios else None),
                     "acceptance": accepted / drafted if drafted else None,
-                    "tokens_per_step": toks / steps if steps else 1.0,
+                    "tokens_per_step": toks / steps if steps else (None if server else 1.0),
                     "round_trips_per_token": statistics.median(c["round_trips_per_token"] for c in cell),
                     "texts_equal": all(c["text_ok"] for c in cell),
                 })
+                if server:  # its own text without drafts is its oracle; the ratio to ours: ours / its
+                    rows[-1]["texts_equal"] = all(c["text"] == base[0]["text"] for c in cell) if base else None
+                    ours = [c["decode_tps"] for c in runs.get(("none", rtt, workload), []) if c["decode_tps"]]
+                    rows[-1]["ours_none_over_it"] = statistics.median(ours) / rows[-1]["tok_s"] if ours and \
+                        rows[-1]["tok_s"] else None
     return rows
+
+
+def best_against_anchor(rows: list[dict[str, Any]], target: str) -> list[dict[str, Any]]:
+    """Per RTT and workload where llama-server ran: our best drafter against its best mode (tok/s, ours / its)."""
+    out = []
+    keys = {(r["rtt_ms"], r["workload"]) for r in rows if r["target"] == target and r["drafter"].startswith("llama")}
+    for rtt, workload in sorted(keys):
+        cell = [r for r in rows if r["target"] == target and (r["rtt_ms"], r["workload"]) == (rtt, workload)]
+        ours = max((r for r in cell if not r["drafter"].startswith("llama") and r["drafter"] not in ("none", "wrong")),
+                   key=lambda r: r["tok_s"] or 0, default=None)
+        its = max((r for r in cell if r["drafter"].startswith("llama-server") and r["drafter"] != "llama-server none"),
+                  key=lambda r: r["tok_s"] or 0, default=None)
+        if ours and its and its["tok_s"]:
+            out.append({"target": target, "rtt_ms": rtt, "workload": workload, "drafter": "best / llama-server's best",
+                        "ours": ours["drafter"], "its": its["drafter"], "tok_s": ours["tok_s"],
+                        "tok_s_runs": [], "ratio": ours["tok_s"] / its["tok_s"], "acceptance": None,
+                        "tokens_per_step": None, "round_trips_per_token": None, "texts_equal": ours["texts_equal"],
+                        "vs_anchor": True})
+    return out
 
 
 def table(rows: list[dict[str, Any]], markdown: bool) -> str:
@@ -217,7 +332,7 @@ def table(rows: list[dict[str, Any]], markdown: bool) -> str:
         out.append([r["target"], f"{r['rtt_ms']:g}", r["workload"], r["drafter"], common.fmt(r["tok_s"], 1),
                     common.fmt(r["ratio"], 2), "-" if r["acceptance"] is None else f"{100 * r['acceptance']:.0f}%",
                     common.fmt(r["tokens_per_step"], 2), common.fmt(r["round_trips_per_token"], 2),
-                    "=" if r["texts_equal"] else "DIFFERS"])
+                    {True: "=", False: "DIFFERS", None: "-"}[r["texts_equal"]]])
     return common.render(out, markdown)
 
 
@@ -236,7 +351,7 @@ def synthetic_target(work: Path) -> Target:
         sg.write_f32(SYNTH_ARCH, src, scale="full", dims=dims, seed=1)
         sg.quantize(src, dst, "Q4_K_M")
         src.unlink(missing_ok=True)
-    return Target(f"synthetic {SYNTH_ARCH}", str(target), str(dst), n_ctx=1024)
+    return Target(f"synthetic {SYNTH_ARCH}", str(target), str(dst), n_ctx=1024, chat=False)
 
 
 def benchmark(args: argparse.Namespace) -> dict[str, Any]:
@@ -259,7 +374,12 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
             if target is not targets[0]:  # the big one: fewer tokens, the rewrite workload
                 sub = argparse.Namespace(**{**vars(args), "tokens": min(args.tokens, 32), "workloads": ["rewrite"]})
             measured = measure(target, sub, lm, work)
+            if args.anchor_rtt and target is targets[0]:
+                anchor_runs = measure_anchor(target, sub, lm, work)
+                measured["runs"].update(anchor_runs)
+                measured["anchor_modes"] = list(dict.fromkeys(k[0] for k in anchor_runs))
             rows += summarize(target, measured, sub)
+            rows += best_against_anchor(rows, target.name)
             detail[target.name] = {"loads_s": measured["loads"], "oracle": measured["oracle"],
                                    "runs": {"|".join(map(str, k)): v for k, v in measured["runs"].items()}}
     return {"benchmark": "speculative", "machine": common.machine_info(), "args": vars(args), "rows": rows,
@@ -277,6 +397,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workloads", nargs="+", choices=list(WORKLOADS), default=list(WORKLOADS))
     p.add_argument("--draft-quant", default="Q2_K", help="the draft model's quantization of Gemma (default Q2_K)")
     p.add_argument("--synthetic", action="store_true", help="add the 3B-shape synthetic target (writes ~15 GB once)")
+    p.add_argument("--anchor-rtt", type=float, nargs="*", default=[0, 20],
+                   help="RTTs at which llama-server --rpc runs on the same rpc-servers (scripts/build_anchor.sh); "
+                        "none given: no llama-server rows")
     p.add_argument("--quick", action="store_true", help="RTT 0 and 20, 48 tokens, one repeat")
     p.add_argument("--markdown", action="store_true")
     p.add_argument("--out", default="bench/results/speculative.json")

@@ -56,6 +56,7 @@ MiB = 1 << 20
 # one fails the check), so the list stays as short as the docs need. Matched across line breaks, code spans kept.
 SETTINGS: dict[str, str] = {
     "Python 3.10+": "a requirement",
+    "less than 50% sure": "the draft model's confidence floor (ModelDrafter.P_MIN)",
     "1 MiB instead of 10": "the RPC client's hash threshold, a compile-time constant our build sets",
     "over 1 MiB in our build, 10 MiB upstream": "the same constant, upstream's value",
     "every weight over 1 MiB": "the same constant",
@@ -295,6 +296,71 @@ def link_table(doc: Node) -> str:
                          f"{ft['round_trips']}, {_kib(ft['bytes_down'])}", _fmt(p["foreign_cpu_pct"], 0) + "%"])
             label = ""
     return _md(rows)
+
+
+def speculative_table(doc: Node, target: str | None = None) -> str:
+    """bench_speculative.py's table (of one target, or all)."""
+    rows = [["target", "RTT", "workload", "drafter", "tok/s", "x none", "accepted", "tokens/step", "round trips/token",
+             "text"]]
+    for r in doc["rows"]:
+        if target is not None and r["target"] != target:
+            continue
+        rows.append([r["target"], f"{r['rtt_ms']:g} ms", r["workload"], r["drafter"], _fmt(r["tok_s"], 1),
+                     "-" if r["ratio"] is None else f"{r['ratio']:.2f}x",
+                     "-" if r["acceptance"] is None else f"{100 * r['acceptance']:.0f}%",
+                     _fmt(r["tokens_per_step"], 2), _fmt(r["round_trips_per_token"], 2),
+                     "same" if r["texts_equal"] else "DIFFERS"])
+    return _md(rows)
+
+
+def spec_row(doc: Node, drafter: str, workload: str, rtt: float, target: str = "gemma-3-270m") -> Node:
+    """One row of bench_speculative.py's results."""
+    for r in doc["rows"]:
+        if (r["target"], r["drafter"], r["workload"], r["rtt_ms"]) == (target, drafter, workload, rtt):
+            return r
+    raise KeyError(f"no row {target} {drafter} {workload} {rtt}")
+
+
+def pair_table(doc: Node, first: str, ratio_label: str) -> str:
+    """bench_userport.py's and bench_nat.py's table: the medians of each path, then ``first``'s over the other's."""
+    med = doc["median"]
+    cols = [("load_s", "load s", 2), ("ttft_ms", "TTFT ms", 0), ("decode_tps", "decode tok/s", 1)]
+    rows = [["path"] + [c[1] for c in cols]]
+    for name in med:
+        rows.append([name] + [_fmt(med[name][k], d) for k, _, d in cols])
+    rows.append([ratio_label] + [f"{doc['ratio'][k]:.3f}" for k, _, _ in cols])
+    return _md(rows)
+
+
+def anchor_table(doc: Node, setting: str | None = None) -> str:
+    """bench_anchor.py's table: every row of every setting, llama-server's figure, ours and the ratio."""
+    rows = [["setting", "row", "llama-server", "sharedllm serve", "x", "90% of x", "python api", "x", "texts equal"]]
+    for e in doc["settings"]:
+        if setting is not None and e["setting"] != setting:
+            continue
+        for r in e["summary"]["rows"]:
+            med = r["median"]
+            digits = 2 if r["key"].endswith("_s") else 1
+            serve, api = r["sharedllm serve"], r["python api"]
+            ci = serve.get("ci90")
+            eq = serve.get("texts_equal")
+            rows.append([e["setting"], r["row"], _fmt(med["llama-server"], digits),
+                         _fmt(med["sharedllm serve"], digits),
+                         "-" if serve["ratio"] is None else f"{serve['ratio']:.2f}x",
+                         f"{ci[0]:.2f}-{ci[1]:.2f}" if ci else "-", _fmt(med["python api"], digits),
+                         "-" if api["ratio"] is None else f"{api['ratio']:.2f}x",
+                         "-" if eq is None else ("yes" if eq else "no")])
+    return _md(rows)
+
+
+def anchor_row(doc: Node, setting: str, key: str) -> Node:
+    """One row of bench_anchor.py's results (``key``: decode_tps, agg_tps, load_cold_s, ..., floor)."""
+    for e in doc["settings"]:
+        if e["setting"] == setting:
+            for r in e["summary"]["rows"]:
+                if r["key"] == key:
+                    return r
+    raise KeyError(f"no row {key} in setting {setting}")
 
 
 def first_token_table(doc: Node) -> str:
@@ -602,7 +668,8 @@ HELPERS: dict[str, Any] = {
     **{f.__name__: f for f in (mesh_table, tunnel_table, link_table, first_token_table, load_table,
                                load_phases_table, load_memory_table, big_table, matrix_table, recovery_table,
                                faults_table, soak_table, concurrency_table, decode_floor_table, stall_table,
-                               chat_table, logprobs_table, openai_table, scale_table, gpu_table)},
+                               chat_table, logprobs_table, openai_table, scale_table, gpu_table,
+                               speculative_table, spec_row, pair_table, anchor_table, anchor_row)},
 }
 
 

@@ -26,12 +26,46 @@ import tempfile
 from pathlib import Path
 
 LLAMA_CPP_VERSION = os.environ.get("LLAMA_CPP_VERSION", "0.3.36")
-# One change to the vendored llama.cpp: its RPC client offers a weight tensor to the rpc-server's cache by hash only
-# above HASH_THRESHOLD (10 MiB upstream), so warm loads re-send every smaller weight. The threshold is the client's
-# alone (the server stores on the client's flag and finds by hash whatever the size); 1 MiB takes 8 ms to send at
-# 1 Gbit/s, longer than a hash's round trip on a LAN.
+# Three changes to the vendored llama.cpp (PATCHES: file, line, replacement; each line must occur once):
+# - its RPC client offers a weight tensor to the rpc-server's cache by hash only above HASH_THRESHOLD (10 MiB
+#   upstream), so warm loads re-send every smaller weight. The threshold is the client's alone (the server stores on
+#   the client's flag and finds by hash whatever the size); 1 MiB takes 8 ms to send at 1 Gbit/s, longer than a
+#   hash's round trip on a LAN;
+# - the CPU's flash attention splits a single query row's KV cells between threads from 512 cells on, which sums
+#   them in another order than a pass of several rows: a draft verified in a pass of several rows (speculative
+#   decoding) would not get the bits of the same token decoded alone. Off unless GGML_CPU_FA_SPLIT_KV=1; a query row
+#   is computed alike in any pass (the threads still share the rows and heads);
+# - the CPU's K-quant matrix products take a tiled kernel from 8 rows on, with other bits than the rows alone: a
+#   decode pass of 8 or more sequences (continuous batching) or of a sequence and its drafts would not give each row
+#   its bits alone, so exact batches held 7 sequences a pass. From TILED_MM_MIN_ROWS rows on instead (a prompt's
+#   passes, 512 rows, keep the tiled kernel; GGML_CPU_TILED_MM_MIN sets another floor at run time).
 HASH_THRESHOLD_MIB = 1
-_PATCH_FROM = "const size_t HASH_THRESHOLD = 10 * 1024 * 1024;"
+TILED_MM_MIN_ROWS = 64
+_FA_SPLIT_KV = ("const bool use_split_kv_path = !use_ref && (neq1 == 1 && neq3 == 1) && kv_is_f32_or_f16 && "
+                "(k->type == v->type) && q->type == GGML_TYPE_F32 && nek1 >= 512;")
+PATCHES = [
+    ("ggml/src/ggml-rpc/ggml-rpc.cpp", "const size_t HASH_THRESHOLD = 10 * 1024 * 1024;",
+     f"const size_t HASH_THRESHOLD = {HASH_THRESHOLD_MIB} * 1024 * 1024;"),
+    ("ggml/src/ggml-cpu/ops.cpp", _FA_SPLIT_KV,
+     _FA_SPLIT_KV[:-1] + ' && [] { static const bool on = [] { const char * e = getenv("GGML_CPU_FA_SPLIT_KV"); '
+     "return e != nullptr && atoi(e) == 1; }(); return on; }();"),
+    ("ggml/src/ggml-cpu/tiled/tiled.cpp", "    return rows >= 8 || ggml_tiled_matmul_forced();",
+     "    static const int64_t floor_rows = [] { const char * e = getenv(\"GGML_CPU_TILED_MM_MIN\"); "
+     f"return e != nullptr ? (int64_t) atoll(e) : (int64_t) {TILED_MM_MIN_ROWS}; }}();\n"
+     "    return rows >= floor_rows || ggml_tiled_matmul_forced();"),
+]
+PATCHES_ID = hashlib.sha256(repr(PATCHES).encode()).hexdigest()[:8]  # in the cache keys of what they build
+
+
+def apply_patches(llama_cpp: Path) -> None:
+    """Apply ``PATCHES`` to a llama.cpp source tree (``vendor/llama.cpp`` of the sdist)."""
+    for rel, old, new in PATCHES:
+        path = llama_cpp / rel
+        text = path.read_text()
+        if text.count(old) != 1:
+            sys.exit(f"[install] ERROR: {path} has no line '{old[:60]}...' to patch (another llama.cpp?); update "
+                     "scripts/install.py")
+        path.write_text(text.replace(old, new))
 
 
 def log(msg: str) -> None:
@@ -52,7 +86,7 @@ def cache_tag(python: str) -> str:
 
 def wheel_dir(python: str) -> Path:
     """Where the llama-cpp-python wheel of these flags and this Python is cached (the key scripts/setup.sh used)."""
-    key = hashlib.sha256(f"{LLAMA_CPP_VERSION}|{flags()}|{cache_tag(python)}|hash-threshold-{HASH_THRESHOLD_MIB}"
+    key = hashlib.sha256(f"{LLAMA_CPP_VERSION}|{flags()}|{cache_tag(python)}|patches-{PATCHES_ID}"
                          .encode()).hexdigest()[:16]
     cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "sharedllm"
     return cache / "wheels" / f"llama-cpp-python-{LLAMA_CPP_VERSION}-{key}"
@@ -63,7 +97,7 @@ def pip(python: str, *args: str, **env: str) -> None:
 
 
 def llama_wheel(python: str) -> Path:
-    """The llama-cpp-python wheel built with RPC (and the hash threshold patched), from the cache or built now."""
+    """The llama-cpp-python wheel built with RPC (and ``PATCHES`` applied), from the cache or built now."""
     wheels = wheel_dir(python)
     found = sorted(wheels.glob("llama_cpp_python-*.whl")) if wheels.is_dir() else []
     if found:
@@ -80,12 +114,7 @@ def llama_wheel(python: str) -> Path:
             else:
                 tar.extractall(src)
         [tree] = [p for p in Path(src).glob("llama_cpp_python-*") if p.is_dir()]
-        rpc = tree / "vendor" / "llama.cpp" / "ggml" / "src" / "ggml-rpc" / "ggml-rpc.cpp"
-        text = rpc.read_text()
-        if text.count(_PATCH_FROM) != 1:
-            sys.exit(f"[install] ERROR: {rpc} has no line '{_PATCH_FROM}' to patch (another llama.cpp?); update "
-                     "scripts/install.py")
-        rpc.write_text(text.replace(_PATCH_FROM, f"const size_t HASH_THRESHOLD = {HASH_THRESHOLD_MIB} * 1024 * 1024;"))
+        apply_patches(tree / "vendor" / "llama.cpp")
         staging = Path(f"{wheels}.tmp")
         shutil.rmtree(staging, ignore_errors=True)
         pip(python, "wheel", "--no-deps", "--no-cache-dir", "-w", str(staging), str(tree), CMAKE_ARGS=flags(),

@@ -75,80 +75,86 @@ async def to_the_end(work: Awaitable[T]) -> T:
         raise
 
 
+END = object()  # the end of a stream: what :meth:`Nested.next` (and a driver's step) returns when it has ended
+
+
 def _step(core: Core, value: Any, error: BaseException | None) -> Any:
     return core.throw(error) if error is not None else core.send(value)
 
 
+class _Driven:
+    """A core as a driver runs it: :meth:`next` resumes it with what its last wait gave (``END`` at its end, its
+    result in ``result``); :meth:`settle` keeps a wait's outcome for the next resume. The four drivers below differ
+    only in how they wait."""
+
+    def __init__(self, core: Core[Any]):
+        self.core = core
+        self.result: Any = None
+        self._outcome: tuple[Any, BaseException | None] = (None, None)
+
+    def next(self) -> Any:
+        (value, error), self._outcome = self._outcome, (None, None)
+        try:
+            return _step(self.core, value, error)
+        except StopIteration as stop:
+            self.result = stop.value
+            return END
+
+    def settle(self, outcome: tuple[Any, BaseException | None]) -> None:
+        self._outcome = outcome
+
+    def close(self) -> None:
+        self.core.close()
+
+
+def _blocked(wait: Wait) -> tuple[Any, BaseException | None]:
+    try:
+        return wait.block(), None
+    except BaseException as exc:  # into the core, whose handlers (or finally blocks) take it
+        return None, exc
+
+
+async def _awaited(wait: Wait) -> tuple[Any, BaseException | None]:
+    try:
+        return await wait.wait(), None
+    except BaseException as exc:
+        return None, exc
+
+
 def run(core: Core[T]) -> T:
     """Run ``core`` to its result, blocking the calling thread on each of its waits."""
-    value, error = None, None
-    while True:
-        try:
-            wait = _step(core, value, error)
-        except StopIteration as stop:
-            return stop.value
-        value, error = None, None
-        try:
-            value = wait.block()
-        except BaseException as exc:  # into the core, whose handlers (or finally blocks) take it
-            error = exc
+    driven = _Driven(core)
+    while (wait := driven.next()) is not END:
+        driven.settle(_blocked(wait))
+    return driven.result
 
 
 async def arun(core: Core[T]) -> T:
     """Run ``core`` to its result, awaiting each of its waits in the running event loop."""
-    value, error = None, None
-    while True:
-        try:
-            wait = _step(core, value, error)
-        except StopIteration as stop:
-            return stop.value
-        value, error = None, None
-        try:
-            value = await wait.wait()
-        except BaseException as exc:
-            error = exc
+    driven = _Driven(core)
+    while (wait := driven.next()) is not END:
+        driven.settle(await _awaited(wait))
+    return driven.result
 
 
 def iterate(core: Core[Any]) -> Iterator[Any]:
     """The items a streamed ``core`` yields, blocking the calling thread on each of its waits."""
-    value, error = None, None
-    try:
-        while True:
-            try:
-                item = _step(core, value, error)
-            except StopIteration:
-                return
-            value, error = None, None
+    with contextlib.closing(_Driven(core)) as driven:
+        while (item := driven.next()) is not END:
             if isinstance(item, Wait):
-                try:
-                    value = item.block()
-                except BaseException as exc:
-                    error = exc
+                driven.settle(_blocked(item))
             else:
                 yield item
-    finally:
-        core.close()
 
 
 async def aiterate(core: Core[Any]) -> AsyncIterator[Any]:
     """The items a streamed ``core`` yields, awaiting each of its waits in the running event loop."""
-    value, error = None, None
-    try:
-        while True:
-            try:
-                item = _step(core, value, error)
-            except StopIteration:
-                return
-            value, error = None, None
+    with contextlib.closing(_Driven(core)) as driven:
+        while (item := driven.next()) is not END:
             if isinstance(item, Wait):
-                try:
-                    value = await item.wait()
-                except BaseException as exc:
-                    error = exc
+                driven.settle(await _awaited(item))
             else:
                 yield item
-    finally:
-        core.close()
 
 
 def each(items: Iterable[Any]) -> Core[None]:
@@ -179,9 +185,6 @@ def aeach(items: AsyncIterator[Any]) -> Core[None]:
 
 def _asyncio_only() -> Any:
     raise RuntimeError("an async iterator can only be read by the asyncio driver (aiterate)")
-
-
-END = object()  # what :meth:`Nested.next` returns when the nested stream has ended
 
 
 class Nested:

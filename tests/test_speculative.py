@@ -25,7 +25,9 @@ PASSAGE = ("The committee met on Tuesday to discuss the new budget. After a long
 REWRITE = f"Repeat the following text exactly.\n\nText: {PASSAGE}\n\nRepeated text:"
 CODE = ("def area(width, height):\n    return width * height\n\n\n"
         "# The same function, with type hints:\ndef area(width: float, height: float) -> float:\n")
-PROMPTS = [REWRITE, CODE, PROMPT]
+# Past 512 cells of context (a kernel may take another path over a longer one: tested at load, and here)
+LONG = "Summarize these minutes.\n\n" + "\n\n".join(f"Meeting {i}. {PASSAGE}" for i in range(1, 13)) + "\n\nSummary:"
+PROMPTS = [REWRITE, CODE, PROMPT, LONG]
 
 
 # --- the parts, alone -----------------------------------------------------------------------------------------------
@@ -140,7 +142,7 @@ def _drafts(llm) -> dict:
 def test_eight_sequences_each_with_its_drafts(mesh, flash_greedy):
     with mesh.load("gemma-3-270m", n_ctx=512, machines=TWO, parallel=8, draft="lookup", draft_min=4) as llm:
         texts: dict[int, str] = {}
-        prompts = [PROMPTS[i % len(PROMPTS)] for i in range(8)]
+        prompts = [PROMPTS[i % 3] for i in range(8)]  # short ones: 512 tokens of context each
 
         def one(i: int) -> None:
             texts[i] = "".join(c["choices"][0]["text"] for c in llm.create_completion(

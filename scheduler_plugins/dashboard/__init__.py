@@ -40,23 +40,17 @@ from distributed.dashboard.components import DashboardComponent, add_periodic_ca
 from distributed.dashboard.components.scheduler import BOKEH_THEME, env
 from distributed.utils import log_errors
 
-from sharedllm.scheduler_plugins.dashboard.components import (
+from sharedllm.scheduler_plugins.dashboard.charts import DeviceMemoryBars, LayerMap, Throughput
+from sharedllm.scheduler_plugins.dashboard.read import (
     INTERVAL_MS,
     PAGE,
-    AuditTrail,
-    DeviceMemoryBars,
-    LayerMap,
-    Leases,
-    MachineTable,
-    MeshSummary,
-    SessionTable,
-    Throughput,
     machine_colors,
     mesh_steps,
     report_intervals,
     session_steps,
     update_table,
 )
+from sharedllm.scheduler_plugins.dashboard.tables import AuditTrail, Leases, MachineTable, MeshSummary, SessionTable
 
 logger = logging.getLogger("sharedllm.dashboard")
 

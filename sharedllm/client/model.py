@@ -196,6 +196,10 @@ class MeshModel(Recovery):
             self._release("closed")
             raise ModelClosed("the model was closed while it was being loaded; load it again")
         self.metadata = info.get("metadata", {})
+        if self.options.draft is not None and (info.get("invariance") or {}).get("verify_rows", 2) < 2:
+            logger.warning("%s: no drafts will be verified on these machines: a pass of several rows of one sequence "
+                           "takes other kernels than one row there (a llama.cpp build without SharedLLM's patches?); "
+                           "load without draft=", name)
         if spec.invariance is None and info.get("invariance"):
             self._measured = (frozenset(topo.machines), info["invariance"])
         self.load_seconds = time.perf_counter() - t0

@@ -352,13 +352,13 @@ class _BatchRunner:
         if drafter is not None and spec.exact_batches:
             # Drafts are verified in passes of no more rows than keep each row's logits those of one token alone
             # (and of no more sequences than invariant_batch allows, where that is fewer).
-            max_rows = known.get("verify_rows") or invariant_verify(llm, spec.draft_max + 1)
+            max_rows = known.get("verify_rows") or invariant_verify(llm, spec.draft_max + 1, n_ctx_seq)
             if self.max_batch < spec.parallel:
                 max_rows = min(max_rows, self.max_batch)
             self.invariance["verify_rows"] = max_rows
             if max_rows < 2:
                 logger.warning("no drafts: a pass of two rows of one sequence changes llama.cpp's kernels on these "
-                               "devices (load with flash_attn=True)")
+                               "devices (flash attention off, or a llama.cpp build without SharedLLM's patches)")
         self.max_rows = max_rows
         self.scheduler = BatchScheduler(llm, spec.parallel, n_ctx_seq, prefill_chunk=spec.prefill_chunk,
                                         max_waiting=spec.max_waiting, max_batch=self.max_batch,
@@ -438,6 +438,7 @@ def child_main(parent_pid: int) -> int:
         runner = _BatchRunner(llm, spec, out, drafter)
     else:
         runner = _SerialRunner(llm, spec, out)
+    marks["measured"] = time.monotonic()  # the runner measured what batches and prompt chunks keep exact
     out.send(("ready", {
         "load_seconds": time.perf_counter() - t0,
         "phases": phase_seconds(started_at, init_at, marks),

@@ -121,11 +121,18 @@ def invariant_chunks(llm: Any, min_chunk: int) -> bool:
         llama_cpp.llama_batch_free(batch)
 
 
+CHUNK_FLOORS = (64, 128)  # chunk sizes tried after ``lo``: SharedLLM's build takes the tiled kernel from 64 rows on
+
+
 def min_chunk(llm: Any, lo: int, n_ctx: int) -> int:
-    """``lo`` where a prompt read in chunks of at least ``lo`` tokens keeps its arithmetic (:func:`invariant_chunks`,
-    measured here when its ``2 * lo + 3``-token prompt fits ``n_batch``, ``n_ubatch`` and ``n_ctx``), else 0."""
-    fits = 2 * lo + 3 <= min(llm.n_batch, llm.context_params.n_ubatch, n_ctx)
-    return lo if fits and invariant_chunks(llm, lo) else 0
+    """The fewest tokens, ``lo`` or more, that a prompt may be read in chunks of while keeping its arithmetic
+    (:func:`invariant_chunks`, tried for ``lo`` then for ``CHUNK_FLOORS``, each where its ``2 * size + 3``-token
+    prompt fits ``n_batch``, ``n_ubatch`` and ``n_ctx``), else 0."""
+    room = min(llm.n_batch, llm.context_params.n_ubatch, n_ctx)
+    for size in sorted({lo, *(f for f in CHUNK_FLOORS if f > lo)}):
+        if 2 * size + 3 <= room and invariant_chunks(llm, size):
+            return size
+    return 0
 
 
 def solo_last_pass(total: int, n_batch: int, n_ubatch: int) -> int:
@@ -152,15 +159,18 @@ def exact_chunk(left: int, final: int, budget: int, cap: int, min_chunk: int) ->
     return take
 
 
-def invariant_verify(llm: Any, max_rows: int) -> int:
+def invariant_verify(llm: Any, max_rows: int, n_ctx: int | None = None) -> int:
     """The most rows (a sequence's next token and the drafts after it) one pass may verify while every row's logits
     stay bit-identical to decoding those tokens one at a time: how long a draft may be, with its greedy (and seeded)
     text unchanged (speculative decoding, :mod:`.speculative`).
 
-    Measured on the loaded model with its devices, for two prompts: the greedy continuation is decoded one token at
-    a time (the logits of each position kept), then verified in one pass of 2, 3, ... rows from the same cells; the
-    answer is the largest row count whose every row matched, for both prompts (``max_rows`` when all do). Costs at
-    most ``2 * 2 * max_rows`` decodes; the cells are freed afterwards."""
+    Measured on the loaded model with its devices, after a short prompt and after a long one (600 tokens, or what
+    ``n_ctx``, each sequence's context, leaves room for: kernels may take other paths over a longer context, as the
+    CPU's flash attention splits a lone row's KV cells between threads from 512 on unless SharedLLM's build turns it
+    off): the greedy continuation is decoded one token at a time (the logits of each position kept), then verified
+    in one pass of 2, 3, ... rows from the same cells; the answer is the largest row count whose every row matched,
+    after both prompts (``max_rows`` when all do). Costs a long prompt's passes and at most ``2 * 2 * max_rows``
+    decodes; the cells are freed afterwards."""
     import ctypes
 
     import llama_cpp
@@ -168,7 +178,9 @@ def invariant_verify(llm: Any, max_rows: int) -> int:
 
     ctx, n_vocab = llm.ctx, llm.n_vocab()
     memory = llama_cpp.llama_get_memory(ctx)
-    batch = llama_cpp.llama_batch_init(max(max_rows, 16), 0, 1)
+    n_ctx = n_ctx or llm.n_ctx()
+    n_batch = min(llm.n_batch, 512)
+    batch = llama_cpp.llama_batch_init(max(max_rows, n_batch), 0, 1)
 
     def decode(tokens: list[int], start: int, rows: list[int]) -> list[np.ndarray]:
         for i, tok in enumerate(tokens):
@@ -185,13 +197,15 @@ def invariant_verify(llm: Any, max_rows: int) -> int:
                                              shape=(n_vocab,)).copy())
         return out
 
+    story = b"Once upon a time, in a small village by the sea, there lived an old fisherman and his daughter. "
+    long = llm.tokenize(story * 80, add_bos=True)[:max(16, min(600, n_ctx - 2 * max_rows - 2))]
     limit = max_rows
     try:
-        for text in (b"Once upon a time, in a small village by the sea, there lived",
-                     b"def fibonacci(n):\n    if n < 2:\n        return n\n    return"):
-            prompt = llm.tokenize(text, add_bos=True)[:14]
+        for prompt in (long[:14], long):
             llama_cpp.llama_memory_seq_rm(memory, 0, -1, -1)
-            [last] = decode(prompt, 0, [len(prompt) - 1])
+            for start in range(0, len(prompt), n_batch):  # the prompt, in passes of n_batch
+                chunk = prompt[start:start + n_batch]
+                [last] = decode(chunk, start, [len(chunk) - 1])
             base = len(prompt)
             tokens, singles = [], []
             for i in range(limit):  # one at a time: the reference
@@ -204,6 +218,8 @@ def invariant_verify(llm: Any, max_rows: int) -> int:
                 if not all(np.array_equal(a, b) for a, b in zip(verified, singles, strict=False)):
                     limit = rows - 1
                     break
+            if limit < 2:
+                break
         return limit
     finally:
         llama_cpp.llama_memory_seq_rm(memory, 0, -1, -1)

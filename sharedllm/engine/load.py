@@ -158,9 +158,9 @@ def phase_seconds(started_at: float, init_at: float, marks: dict[str, float]) ->
     """Durations of the child's load phases from its timestamps (see ``build_engine_llama``); ``started_at`` stays a
     timestamp, for the parent to turn into the spawn time (interpreter start and the import of llama-cpp-python)."""
     order = [("init", init_at), *((k, marks[k]) for k in ("imported", "connected", "weights_start", "weights_end",
-                                                             "built") if k in marks)]
+                                                             "built", "measured") if k in marks)]
     names = {"imported": "import", "connected": "connect", "weights_start": "model_metadata",
-             "weights_end": "weights", "built": "context"}
+             "weights_end": "weights", "built": "context", "measured": "invariance"}
     out = {"started_at": started_at, "wait_init": init_at - started_at}
     for (_, prev), (key, t) in itertools.pairwise(order):
         out[names[key]] = t - prev

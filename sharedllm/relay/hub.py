@@ -4,8 +4,8 @@ through it. No Dask.
 
     client relay ══TLS, end to end══▶ hub ◀══ the machine's relay (it dialled out)
 
-- **Machines.** A machine's relay keeps one control connection to the hub (:class:`HubLink`). The hub sends a
-  challenge and the relay answers with ``HMAC(credential, challenge)``; the credential is
+- **Machines.** A machine's relay keeps one control connection to the hub (``sharedllm.relay.hublink.HubLink``).
+  The hub sends a challenge and the relay answers with ``HMAC(credential, challenge)``; the credential is
   :func:`hub_machine_key` of the hub's key, which the scheduler hands a machine only once the machine has been vouched
   for with the cluster secret (with its relay key). A machine that registers again replaces its old registration.
 - **Clients.** A client relay opens a connection to the hub and sends the machine's id and a *hub token*: a lease
@@ -36,7 +36,6 @@ import socket
 import struct
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from sharedllm.relay.tokens import TokenError, verify_token
@@ -46,7 +45,6 @@ from sharedllm.relay.wire import (
     close_sockets,
     join_endpoint,
     kick,
-    parse_endpoint,
     recv_frame,
     send_frame,
     tune_socket,
@@ -83,7 +81,7 @@ def hub_client_key(key: bytes) -> bytes:
     return hmac.new(key, _CONTEXT + b"|client", hashlib.sha256).digest()
 
 
-def _proof(credential: bytes, what: str) -> str:
+def hub_proof(credential: bytes, what: str) -> str:
     return hmac.new(credential, _CONTEXT + b"|proof|" + what.encode(), hashlib.sha256).hexdigest()
 
 
@@ -301,7 +299,8 @@ class RelayHub:
             kind, proof = recv_frame(sock, deadline)
         except (TimeoutError, ValueError, ConnectionError, OSError, struct.error) as exc:
             return self._refuse(None, peer, f"machine {machine_id} gave no proof ({exc})")
-        if kind != KIND_PROOF or not hmac.compare_digest(proof, _proof(credential, "register|" + challenge).encode()):
+        expected = hub_proof(credential, "register|" + challenge).encode()
+        if kind != KIND_PROOF or not hmac.compare_digest(proof, expected):
             return self._refuse(sock, peer, f"bad proof: {machine_id} is not vouched for by this mesh's scheduler")
         rec = _Machine(machine_id, sock, peer, credential, _Bucket(self.max_bytes_per_s))
         with self._lock:
@@ -356,7 +355,7 @@ class RelayHub:
         if waiting is None or rec is None or waiting.machine_id != machine_id:
             self._refuse(sock, peer, f"unknown connection id for machine {machine_id}")
             return False
-        expected = _proof(rec.credential, "data|" + conn_id).encode()
+        expected = hub_proof(rec.credential, "data|" + conn_id).encode()
         if not hmac.compare_digest(str(msg.get("proof", "")).encode(), expected):
             self._refuse(sock, peer, f"bad proof on a data connection of {machine_id}")
             return False
@@ -460,117 +459,3 @@ class RelayHub:
         back.start()
         pump(client, machine, True)
         back.join()
-
-
-class HubLink:
-    """A machine's registration at a hub: one control connection, dialled again with backoff when it drops; each
-    connection the hub asks for is dialled and handed to ``on_connection(sock, (\"hub\", id))`` (the relay's TLS side).
-    """
-
-    def __init__(self, hub: str, machine_id: str, credential: bytes,
-                 on_connection: Callable[[socket.socket, tuple], None], *, connect_timeout: float = 10.0,
-                 max_backoff: float = 10.0, ping_interval: float = PING_INTERVAL):
-        self.hub = parse_endpoint(hub)
-        self.machine_id = machine_id
-        self._credential = credential
-        self._on_connection = on_connection
-        self.connect_timeout = connect_timeout
-        self.max_backoff = max_backoff
-        self.ping_interval = ping_interval
-        self.connected = threading.Event()
-        self.last_error: str | None = None
-        self._sock: socket.socket | None = None
-        self._stopping = threading.Event()
-        self._thread: threading.Thread | None = None
-
-    @property
-    def endpoint(self) -> str:
-        return join_endpoint(*self.hub)
-
-    def start(self) -> HubLink:
-        self._thread = threading.Thread(target=self._run, name=f"hub-link-{self.machine_id}", daemon=True)
-        self._thread.start()
-        return self
-
-    def stop(self, timeout: float = 5.0) -> None:
-        self._stopping.set()
-        kick(self._sock)
-        if self._thread is not None:
-            self._thread.join(timeout)
-
-    def _dial(self, kind: int, msg: dict) -> socket.socket:
-        sock = socket.create_connection(self.hub, timeout=self.connect_timeout)
-        tune_socket(sock)
-        send_frame(sock, kind, json.dumps(msg).encode())
-        return sock
-
-    def _register(self) -> socket.socket:
-        sock = self._dial(KIND_REGISTER, {"machine": self.machine_id})
-        try:
-            deadline = time.monotonic() + self.connect_timeout
-            status, challenge = recv_frame(sock, deadline)
-            if status != STATUS_OK:
-                raise ConnectionRefusedError(challenge.decode(errors="replace"))
-            send_frame(sock, KIND_PROOF, _proof(self._credential, "register|" + challenge.decode()).encode())
-            status, answer = recv_frame(sock, deadline)
-            if status != STATUS_OK:
-                raise ConnectionRefusedError(answer.decode(errors="replace"))
-            with contextlib.suppress(OSError):
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-            return sock
-        except BaseException:
-            close_sockets(sock)
-            raise
-
-    def _run(self) -> None:
-        backoff = 0.25
-        while not self._stopping.is_set():
-            try:
-                sock = self._sock = self._register()
-            except (OSError, ValueError, struct.error) as exc:
-                self.last_error = f"cannot register at hub {self.endpoint}: {exc}"
-                logger.warning("%s; again in %.1fs", self.last_error, backoff)
-                self._stopping.wait(backoff)
-                backoff = min(backoff * 2, self.max_backoff)
-                continue
-            backoff = 0.25
-            self.last_error = None
-            self.connected.set()
-            logger.info("machine %s registered at hub %s", self.machine_id, self.endpoint)
-            try:
-                self._serve(sock)
-            finally:
-                self.connected.clear()
-                close_sockets(sock)
-            if not self._stopping.is_set():
-                logger.warning("machine %s lost its hub connection to %s; registering again", self.machine_id,
-                               self.endpoint)
-
-    def _serve(self, sock: socket.socket) -> None:
-        while not self._stopping.is_set():
-            try:  # the hub pings within ping_interval of silence: three without a frame, and it is gone
-                kind, payload = recv_frame(sock, time.monotonic() + 3 * self.ping_interval)
-            except (TimeoutError, ValueError, ConnectionError, OSError, struct.error):
-                return
-            if kind == KIND_PING:
-                with contextlib.suppress(OSError):
-                    send_frame(sock, KIND_PING, b"")
-            elif kind == KIND_OPEN:
-                threading.Thread(target=self._open, args=(payload.decode("ascii", "replace"),),
-                                 name="hub-link-open", daemon=True).start()
-
-    def _open(self, conn_id: str) -> None:
-        try:
-            sock = self._dial(KIND_DATA, {"machine": self.machine_id, "conn": conn_id,
-                                          "proof": _proof(self._credential, "data|" + conn_id)})
-            status, reason = recv_frame(sock, time.monotonic() + self.connect_timeout)
-        except (OSError, ValueError, struct.error) as exc:
-            logger.warning("machine %s could not dial the hub back for a client: %s", self.machine_id, exc)
-            return
-        if status != STATUS_OK:
-            logger.warning("hub refused machine %s's data connection: %s", self.machine_id,
-                           reason.decode(errors="replace"))
-            close_sockets(sock)
-            return
-        sock.settimeout(None)
-        self._on_connection(sock, ("hub", conn_id[:8]))

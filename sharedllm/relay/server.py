@@ -236,7 +236,7 @@ class ServerRelay(Acceptor):
             logger.info("relay listening on %s (TLS, %s) for machine %s, forwarding to %s:%d", self.endpoint,
                         self.fingerprint, self.machine_id, *self.target)
         if self.hub:
-            from sharedllm.relay.hub import HubLink
+            from sharedllm.relay.hublink import HubLink
 
             self._stopping.clear()
             self.hub_link = HubLink(self.hub, self.machine_id, self._hub_credential, self._accepted).start()
