@@ -122,8 +122,15 @@ class Setting:
         return self.logs / f"{self.n:03d}-{what.replace(' ', '-')}.log"
 
     def clear_caches(self) -> int:
-        """Empty the rpc-servers' tensor caches (no session is connected now); the files removed."""
+        """Empty the rpc-servers' tensor caches (no session is connected now) and the engine's measures kept on the
+        client (sharedllm.engine.measures: a cold load measures the kernels as a first load does); the files
+        removed."""
+        from sharedllm.engine import measures
+
         n = 0
+        if measures.path().exists():
+            measures.path().unlink()
+            n += 1
         for d in self.cache_dirs:
             for p in d.rglob("*"):
                 if p.is_file():

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import hashlib
 import json
 import logging
 import os
@@ -54,6 +55,21 @@ def lib_dir() -> Path:
     import llama_cpp
 
     return Path(llama_cpp.__file__).parent / "lib"
+
+
+@functools.lru_cache(maxsize=1)
+def kernels_fingerprint() -> str:
+    """A fingerprint of llama.cpp's libraries here (every ``libggml*``/``libllama*`` file: its name and size, and the
+    bytes of those under 64 MiB): two machines with the same one compute alike (sharedllm.engine.measures)."""
+    h = hashlib.sha256()
+    for f in sorted(lib_dir().glob("lib*.so*")):
+        if f.is_symlink() or not f.name.startswith(("libggml", "libllama")):
+            continue
+        size = f.stat().st_size
+        h.update(f"{f.name}:{size}\n".encode())
+        if size < 64 << 20:
+            h.update(f.read_bytes())
+    return h.hexdigest()[:16]
 
 
 @functools.lru_cache(maxsize=1)

@@ -157,8 +157,8 @@ class MeshModel(Recovery):
         topo = self.topology = Topology.from_dict(d["topology"])
         self.estimate = on_client if on_client is not None and topo.output_on_client else on_mesh
         # Which rpc-server process each machine ran when we leased it: a later restart betrays a lost machine.
-        self._servers_seen = {m["machine_id"]: (m.get("rpc") or {}).get("pid") for m in self._channel.machines()
-                              if m["machine_id"] in topo.machines}
+        table = [m for m in self._channel.machines() if m["machine_id"] in topo.machines]
+        self._servers_seen = {m["machine_id"]: (m.get("rpc") or {}).get("pid") for m in table}
         logger.info("leased %s for %s (planned in %.0f ms)", ", ".join(topo.machines), name, self.plan_ms)
         logger.debug("topology for %s:\n%s", name, topo)  # the CLI prints it; llm.topology has it
         try:
@@ -174,6 +174,7 @@ class MeshModel(Recovery):
                 llama_kwargs=self.options.llama_kwargs(),
                 output_on_client=self.estimate.output_on_client,
                 invariance=self._measured[1] if self._measured and set(topo.machines) <= self._measured[0] else None,
+                machines={m["machine_id"]: _kernels_of(m) for m in table},
                 tensor_bytes=self.model.tensor_bytes,
                 **self.options.engine_options(),
             )
@@ -462,3 +463,11 @@ class MeshModel(Recovery):
     async def acreate_chat_completion(self, messages: list[dict], **kwargs) -> dict | AsyncIterator[dict]:
         """``create_chat_completion`` for asyncio."""
         return await self._arun("create_chat_completion", {"messages": messages, **kwargs})
+
+
+def _kernels_of(machine: dict) -> dict:
+    """What of a machine the engine's measures depend on (sharedllm.engine.measures): its kernels' fingerprint (none
+    from a machine of an older SharedLLM: measured), its devices and its rpc-server's threads."""
+    rpc = machine.get("rpc") or {}
+    return {"kernels": (machine.get("build") or {}).get("kernels"), "threads": rpc.get("threads"),
+            "devices": [[d.get("name"), d.get("description"), d.get("kind")] for d in rpc.get("devices") or []]}

@@ -26,6 +26,7 @@ import time
 from collections.abc import Generator, Iterator
 from typing import Any
 
+from sharedllm.engine import measures
 from sharedllm.engine.batch import QueueFull as _BUSY
 from sharedllm.engine.framing import FrameReader, write_frame
 from sharedllm.engine.invariance import exact_chunk, invariant_batch, invariant_verify, min_chunk, solo_last_pass
@@ -33,6 +34,7 @@ from sharedllm.engine.load import build_engine_llama, phase_seconds
 from sharedllm.engine.prompt_cache import PromptCache, common_prefix, keeps_prefix
 from sharedllm.engine.spec import EngineSpec
 from sharedllm.engine.speculative import start_drafter
+from sharedllm.ggml import kernels_fingerprint
 
 logger = logging.getLogger(__name__)
 
@@ -426,6 +428,11 @@ def child_main(parent_pid: int) -> int:
     except ValueError as exc:
         out.send(("error", "value", str(exc)))
         return 1
+    measures_key, measured_by = None, "session" if spec.invariance else "engine"
+    if spec.invariance is None and spec.machines is not None:  # kept from an earlier load of the same things?
+        measures_key = measures.key(spec, kernels_fingerprint())
+        spec.invariance = measures.recall(measures_key)
+        measured_by = "disk" if spec.invariance else "engine"
     try:
         llm, devices = build_engine_llama(spec, out.fd, marks)
     except ValueError as exc:  # llama-cpp-python: "Failed to load model from file"
@@ -439,6 +446,8 @@ def child_main(parent_pid: int) -> int:
     else:
         runner = _SerialRunner(llm, spec, out)
     marks["measured"] = time.monotonic()  # the runner measured what batches and prompt chunks keep exact
+    if measured_by == "engine":
+        measures.remember(measures_key, runner.invariance)
     out.send(("ready", {
         "load_seconds": time.perf_counter() - t0,
         "phases": phase_seconds(started_at, init_at, marks),
@@ -447,6 +456,7 @@ def child_main(parent_pid: int) -> int:
         "parallel": spec.parallel,
         "max_batch": getattr(runner, "max_batch", 1),
         "invariance": runner.invariance,
+        "measured_by": measured_by,  # engine: measured at this load; session, disk: an earlier load's measures
         "n_vocab": llm.n_vocab(),
         "pid": os.getpid(),
         "metadata": dict(llm.metadata),

@@ -83,8 +83,12 @@ class EngineSpec:
     exact_batches: bool = True
     # What an earlier engine of this session measured of these machines' kernels (sharedllm.engine.invariance; the
     # engine's "ready" info gives it): a recovery onto machines that took part in that session takes it instead of
-    # measuring again before its replay (0.6-2.3 s). None: measured at load.
+    # measuring again before its replay (0.6-2.3 s). None: taken from the disk where an earlier load kept them
+    # (sharedllm.engine.measures), else measured at load.
     invariance: dict | None = None
+    # Each machine of the stages as the mesh knows it (its kernels' fingerprint, devices and threads): the key of
+    # the measures kept on disk between loads (sharedllm.engine.measures). None: measured at every load.
+    machines: dict[str, Any] | None = None
     # Benchmarks and tools: ``("module:function", sys.path entry or None, kwargs)``, called in the engine process with
     # the local endpoint of every machine and the engine's client relays before llama.cpp connects; it returns the
     # endpoints to connect to instead (bench/linkem.py puts an emulated link there). None: nothing between.

@@ -78,7 +78,10 @@ class MachineAgent:
         if self._build is None:
             import llama_cpp
 
-            self._build = {"llama_cpp_python": llama_cpp.__version__, "rpc": bool(llama_cpp.llama_supports_rpc())}
+            from sharedllm.ggml import kernels_fingerprint
+
+            self._build = {"llama_cpp_python": llama_cpp.__version__, "rpc": bool(llama_cpp.llama_supports_rpc()),
+                           "kernels": kernels_fingerprint()}
         return self._build
 
     def report(self, worker=None) -> dict:

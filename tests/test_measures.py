@@ -1,0 +1,93 @@
+# SPDX-License-Identifier: AGPL-3.0-or-later
+"""The engine's measures kept on disk between loads (sharedllm.engine.measures): what their key depends on, and the
+file that keeps them."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import random
+
+import pytest
+
+from sharedllm.engine import measures
+from sharedllm.engine.spec import EngineSpec, EngineStage
+from tests.helpers import BATCH_N_CTX, TWO, at_once, text_of
+
+MACHINES = {"m1": {"kernels": "aaaa", "threads": 2, "devices": [["CPU", "AMD EPYC", "cpu"]]},
+            "m2": {"kernels": "bbbb", "threads": 2, "devices": [["CPU", "AMD EPYC", "cpu"]]}}
+
+
+def _spec(tmp_path, **kw) -> EngineSpec:
+    model = tmp_path / "model.gguf"
+    if not model.exists():
+        model.write_bytes(b"GGUF" + bytes(60))
+    base = EngineSpec(model_path=str(model), stages=[EngineStage("127.0.0.1:1", 0, "m1", True),
+                                                     EngineStage("127.0.0.1:2", 0, "m2", True)],
+                      tensor_split=[9.0, 10.0], llama_kwargs={"n_ctx": 4096}, parallel=8, machines=MACHINES)
+    return dataclasses.replace(base, **kw)
+
+
+def test_the_key_changes_with_whatever_the_measures_depend_on(tmp_path):
+    spec = _spec(tmp_path)
+    k = measures.key(spec, "cccc")
+    assert k is not None and k == measures.key(_spec(tmp_path), "cccc")
+    changed = [
+        measures.key(spec, "dddd"),  # this machine's kernels
+        measures.key(_spec(tmp_path, machines={**MACHINES, "m2": {**MACHINES["m2"], "kernels": "eeee"}}), "cccc"),
+        measures.key(_spec(tmp_path, machines={**MACHINES, "m2": {**MACHINES["m2"], "threads": 4}}), "cccc"),
+        measures.key(_spec(tmp_path, tensor_split=[10.0, 9.0]), "cccc"),
+        measures.key(_spec(tmp_path, llama_kwargs={"n_ctx": 4096, "flash_attn": True}), "cccc"),
+        measures.key(_spec(tmp_path, parallel=4), "cccc"),
+        measures.key(_spec(tmp_path, draft="lookup"), "cccc"),
+        measures.key(_spec(tmp_path, output_on_client=True), "cccc"),
+        measures.key(_spec(tmp_path, exact_batches=False), "cccc"),
+    ]
+    assert None not in changed and len({k, *changed}) == len(changed) + 1
+    os.utime(spec.model_path, ns=(1, 1))  # the model file replaced
+    assert measures.key(spec, "cccc") != k
+
+
+def test_a_machine_of_unknown_build_is_measured_again(tmp_path):
+    old = {**MACHINES, "m2": {"kernels": None, "threads": 2, "devices": []}}
+    assert measures.key(_spec(tmp_path, machines=old), "cccc") is None
+    assert measures.key(_spec(tmp_path, model_path=str(tmp_path / "gone.gguf")), "cccc") is None
+    assert measures.recall(None) is None
+
+
+def test_the_file_keeps_the_newest_entries_and_survives_garbage(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert measures.recall("k0") is None  # no file yet
+    measures.remember("k0", {"max_batch": 8, "batch_min_chunk": 64})
+    assert measures.recall("k0") == {"max_batch": 8, "batch_min_chunk": 64}
+    monkeypatch.setattr(measures, "MAX_ENTRIES", 3)
+    for i in range(1, 5):
+        measures.remember(f"k{i}", {"max_batch": i})
+    kept = json.loads(measures.path().read_text())
+    assert sorted(kept) == ["k2", "k3", "k4"]
+    measures.path().write_text("{not json")
+    assert measures.recall("k4") is None  # a damaged file costs a measure, nothing else
+    measures.remember("k5", {"max_batch": 5})
+    assert measures.recall("k5") == {"max_batch": 5}
+
+
+@pytest.mark.mesh
+def test_a_second_load_takes_the_first_loads_measures_from_disk_and_keeps_the_texts(mesh):
+    # A context size no other test uses: a key of its own in the measures file, so the first load measures and the
+    # second finds what it measured; the batched texts are the solo texts in both.
+    prompts = [("Once upon a time", 24), ("The capital of France is", 16), ("def fibonacci(n):", 32),
+               ("Water boils at", 12)]
+    n_ctx = BATCH_N_CTX - 8 * random.randint(1, 40)
+    seen, texts = [], []
+    for _ in range(2):
+        with mesh.load("gemma-3-270m", n_ctx=n_ctx, machines=TWO, parallel=8) as llm:
+            info = llm._engine.info
+            seen.append((info["measured_by"], info["invariance"]))
+            texts.append(at_once(llm, prompts))
+            if len(texts) == 1:
+                assert texts[0] == {p: text_of(llm.create_completion(p, max_tokens=n, temperature=0))
+                                    for p, n in prompts}
+    assert [by for by, _ in seen] == ["engine", "disk"], seen
+    assert seen[0][1] == seen[1][1] and seen[0][1]["max_batch"] >= 1
+    assert texts[0] == texts[1]
