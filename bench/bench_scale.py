@@ -157,7 +157,8 @@ class SimMachine:
     def report(self) -> dict:
         """``MachineAgent.report()``'s payload."""
         return {"machine_id": self.machine_id, "resources": self.resources(), "rpc": self.rpc(),
-                "build": {"llama_cpp_python": "0.3.36", "rpc": True}, "labels": {"region": "eu"}, "max_memory": {},
+                "build": {"llama_cpp_python": "0.3.36", "rpc": True, "kernels": "0123456789abcdef"},
+                "labels": {"region": "eu"}, "max_memory": {},
                 "pid": self.pid}
 
     def metrics(self, template: dict) -> dict:

@@ -232,7 +232,8 @@ def llama_server_run(url: str, prompt: str, tokens: int, links: list[Any]) -> di
     res = common.stream_stats(t0, stamps, time.perf_counter(), parts)
     trips = sum(lk.stats()["round_trips"] - b for lk, b in zip(links, before, strict=True))
     drafted, accepted = timings.get("draft_n", 0), timings.get("draft_n_accepted", 0)
-    res.update({"round_trips": trips, "round_trips_per_token": trips / max(res["tokens"], 1), "drafted": drafted,
+    counted = trips / max(res["tokens"], 1) if links else None  # RTT 0: no emulator in front, nothing counted
+    res.update({"round_trips": trips, "round_trips_per_token": counted, "drafted": drafted,
                 "accepted": accepted, "steps": 0, "tokens": res["tokens"], "text_ok": None})
     return res
 
@@ -296,7 +297,8 @@ def summarize(target: Target, measured: dict[str, Any], args: argparse.Namespace
                     else (1.0 if ratios else None),
                     "acceptance": accepted / drafted if drafted else None,
                     "tokens_per_step": toks / steps if steps else (None if server else 1.0),
-                    "round_trips_per_token": statistics.median(c["round_trips_per_token"] for c in cell),
+                    "round_trips_per_token": statistics.median(c["round_trips_per_token"] for c in cell)
+                    if all(c["round_trips_per_token"] is not None for c in cell) else None,
                     "texts_equal": all(c["text_ok"] for c in cell),
                 })
                 if server:  # its own text without drafts is its oracle; the ratio to ours: ours / its
