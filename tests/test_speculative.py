@@ -52,6 +52,12 @@ def test_allocate_drafts_where_they_pay_and_not_where_they_do_not():
     assert allocate([(sure, 6, 0)], step_ms=12.0, row_ms=3.0, draft_ms=10.0) == [0]
     # Nothing offered, nothing drafted.
     assert allocate([(sure, 0, 0)], step_ms=50.0, row_ms=2.0, draft_ms=0.0) == [0]
+    # A draft model that must first read the context since its last draft pays that once, in its first draft:
+    # locally 60 ms of catch-up makes a sure sequence's drafts too dear, and another's (caught up) still pay.
+    assert allocate([(sure, 6, 0), (sure, 6, 0)], step_ms=15.0, row_ms=2.0, draft_ms=1.0, first_ms=[60.0, 0.0]) \
+        == [0, 6]
+    # Behind a link the same catch-up is worth it.
+    assert allocate([(sure, 6, 0)], step_ms=80.0, row_ms=2.0, draft_ms=1.0, first_ms=[60.0]) == [6]
     # The drafts of one pass share its free rows: cut from the longest first.
     assert group_rows([6, 2, 4], [0, 0, 1], {0: 5, 1: 6}) == [3, 2, 4]
 
@@ -77,6 +83,11 @@ def test_a_sequence_whose_drafts_fail_backs_off_and_probes_again():
     assert allocate([(length, 6, 0)], **costs) == [1]
     # Where a draft would not pay even if always accepted (a draft model as costly as a local step), no probe.
     assert allocate([(length, 6, 0)], step_ms=5.0, row_ms=4.0, draft_ms=10.0) == [0]
+    # Nor where the probe's catch-up would cost more than it could give.
+    for _ in range(4 * PROBE_FIRST):
+        length.observe(0, 0)
+    assert allocate([(length, 6, 0)], **costs) == [1]
+    assert allocate([(length, 6, 0)], **costs, first_ms=[200.0]) == [0]
 
 
 def test_row_cost_is_measured_from_the_steps():

@@ -299,7 +299,8 @@ class BatchScheduler:
             rows = self.llm.n_batch - prompt_rows if self.unified else max(self.max_rows, len(group))
             free[g] = rows - len(group)
         step_ms = self.row_cost.single_ms or self.cost.decode_ms or 0.0
-        ks = allocate(wants, step_ms, self.row_cost.row_ms, self.drafter.on_client_ms)
+        ks = allocate(wants, step_ms, self.row_cost.row_ms, self.drafter.on_client_ms,
+                      [self.drafter.pending_ms(seq) if w[1] else 0.0 for seq, w in zip(order, wants, strict=True)])
         ks = [max(k, min(self.draft_min, most)) for k, (_, most, _) in zip(ks, wants, strict=True)]
         ks = group_rows(ks, [w[2] for w in wants], free)
         logger.debug("drafts %s (offered %s, acceptance %s; step %.1f ms, row %.2f ms, draft %.2f ms)", ks,

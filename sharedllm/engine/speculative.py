@@ -78,8 +78,8 @@ class DraftLength:
         return self.idle >= self.probe_every
 
 
-def allocate(wants: list[tuple[DraftLength, int, int]], step_ms: float, row_ms: float, draft_ms: float
-             ) -> list[int]:
+def allocate(wants: list[tuple[DraftLength, int, int]], step_ms: float, row_ms: float, draft_ms: float,
+             first_ms: list[float] | None = None) -> list[int]:
     """The drafts of each sequence of a step: ``wants`` holds, per sequence, its :class:`DraftLength`, the drafts it
     may take at most (what its drafter has, its limits) and its pass's group (sequences of one ``llama_decode`` share
     the pass's free rows: :func:`group_rows` gives them).
@@ -88,8 +88,11 @@ def allocate(wants: list[tuple[DraftLength, int, int]], step_ms: float, row_ms: 
     costs ``row_ms + draft_ms`` and yields ``a ** (k + 1)`` more tokens on average (``a``: its acceptance). Drafts go,
     the most probable first, while each adds more tokens than the step's average rate would for its cost (so the
     step's tokens per millisecond rise). A sequence that drafted nothing for a while probes with one draft, where
-    a draft accepted ``PROBE_ACCEPTANCE`` of the time would pay (else its acceptance is not what holds it back)."""
+    a draft accepted ``PROBE_ACCEPTANCE`` of the time would pay (else its acceptance is not what holds it back).
+    ``first_ms``: what a sequence's first draft of the step costs on top (a draft model reading the context since its
+    last draft: :meth:`Drafter.pending_ms`)."""
     ks = [0] * len(wants)
+    first = first_ms or [0.0] * len(wants)
     tokens, ms = float(len(wants)), max(step_ms, 1e-3)
     cost = max(row_ms + draft_ms, 1e-6)
     heap = [(-length.acceptance, i) for i, (length, most, _) in enumerate(wants) if most > 0]
@@ -97,16 +100,19 @@ def allocate(wants: list[tuple[DraftLength, int, int]], step_ms: float, row_ms: 
     while heap:
         neg, i = heapq.heappop(heap)
         gain = -neg
-        if gain / cost <= tokens / ms:
-            break  # the most probable draft left does not pay: none after it does
+        this = cost + (first[i] if ks[i] == 0 else 0.0)
+        if gain / this <= tokens / ms:
+            if not first[i]:
+                break  # the most probable draft left does not pay: none after it does
+            continue  # this sequence's catch-up makes it too dear; another's draft may still pay
         length, most, _ = wants[i]
         ks[i] += 1
         tokens += gain
-        ms += cost
+        ms += this
         if ks[i] < most:
             heapq.heappush(heap, (-(gain * length.acceptance), i))
     for i, (length, most, _) in enumerate(wants):
-        if ks[i] == 0 and most > 0 and length.probes() and PROBE_ACCEPTANCE / cost > tokens / ms:
+        if ks[i] == 0 and most > 0 and length.probes() and PROBE_ACCEPTANCE / (cost + first[i]) > tokens / ms:
             ks[i] = 1
     return ks
 
@@ -136,6 +142,11 @@ class Drafter:
     def draft(self, wanted: list[tuple[Any, int]]) -> dict[int, list[int]]:
         """Up to ``k`` drafts for each ``(sequence, k)``, by ``id(sequence)``."""
         raise NotImplementedError
+
+    def pending_ms(self, seq: Any) -> float:
+        """What a draft for ``seq`` costs once before its first guess (a draft model reading the context since its
+        last draft), in ms."""
+        return 0.0
 
     def ahead(self, seqs: list[Any]) -> None:
         """The step's pass is about to run with these sequences' drafts: work ahead meanwhile, if it can."""
@@ -246,9 +257,19 @@ class ModelDrafter(Drafter):
         self._ahead: threading.Thread | None = None
         self._stop = threading.Event()
         self.ahead_hits = 0  # drafts taken from a chain guessed ahead
+        self.read_ms = 0.0  # measured: a context token read to catch up (passes of several tokens, no logits)
+        self._drafted: set[int] = set()  # the sequences (ids) that drafted since they took their slot
 
     def available(self, seq: Any, most: int) -> list[int]:
         return [] if most <= 0 else [0] * most  # any length: the drafts are made once allocated (see draft)
+
+    def pending_ms(self, seq: Any) -> float:
+        """The context tokens the chain of ``seq`` lacks, at the measured cost of reading one. A sequence's first
+        draft, which reads its prompt, is not counted: it is paid once, and without it the drafter never starts."""
+        chain = self._chains.get(seq.slot)
+        if chain is None or id(seq) not in self._drafted:
+            return 0.0
+        return max(0, len(seq.prompt) + len(seq.outputs) - len(chain.cells)) * self.read_ms
 
     def draft(self, wanted: list[tuple[Any, int]]) -> dict[int, list[int]]:
         """Up to ``k`` drafts for each ``(sequence, k)``: the chain's guesses past the sequence's context, guessed
@@ -258,6 +279,7 @@ class ModelDrafter(Drafter):
         if not wanted:
             return {}
         self._catch_up([seq for seq, _ in wanted])
+        self._drafted.update(id(seq) for seq, _ in wanted)
         need = {id(seq): (seq, min(k, self.n_ctx_seq - seq.n_past - 2)) for seq, k in wanted}
         started, rounds = time.monotonic(), 0
         while True:
@@ -361,11 +383,15 @@ class ModelDrafter(Drafter):
                 chain.cells.append(tok)
                 chain.sure.append(1.0)
             lasts.append((seq, history[-1]))
+        started = time.monotonic()
         for start in range(0, len(rest), self._n_batch):
             chunk = rest[start:start + self._n_batch]
             for i, (tok, pos, slot) in enumerate(chunk):
                 self._set(i, tok, pos, slot, False)
             self._decode(len(chunk))
+        if len(rest) >= 4:  # a few tokens at least: a pass's fixed cost spread over them
+            ms = (time.monotonic() - started) * 1000 / len(rest)
+            self.read_ms = ms if not self.read_ms else self.read_ms + 0.3 * (ms - self.read_ms)
         if not lasts:
             return
         for i, (seq, tok) in enumerate(lasts):
@@ -401,6 +427,7 @@ class ModelDrafter(Drafter):
 
     def release(self, seq: Any) -> None:
         """The sequence left its slot: its chain stays (a later sequence in the slot keeps their common prefix)."""
+        self._drafted.discard(id(seq))
 
     def close(self) -> None:
         self.wait()
