@@ -318,27 +318,8 @@ def timed(start: Callable[[], Iterator[str]]) -> dict[str, Any]:
 
 def many(n: int, prompts: list[str], stream: Callable[[str], Iterator[str]]) -> dict[str, Any]:
     """``n`` streams at once, one thread each, released together: aggregate tok/s, TTFT and inter-token latency."""
-    results: list[Any] = [None] * n
-    gate = threading.Barrier(n + 1)
-
-    def one(i: int) -> None:
-        gate.wait()
-        try:
-            results[i] = timed(lambda: stream(prompts[i % len(prompts)]))
-        except BaseException as exc:
-            results[i] = exc
-
-    threads = [threading.Thread(target=one, args=(i,)) for i in range(n)]
-    for t in threads:
-        t.start()
-    t0 = time.perf_counter()
-    gate.wait()
-    for t in threads:
-        t.join()
+    results, t0 = common.released_together(n, lambda i: timed(lambda: stream(prompts[i % len(prompts)])))
     wall = time.perf_counter() - t0
-    failed = [r for r in results if isinstance(r, BaseException)]
-    if failed:
-        raise RuntimeError(f"{len(failed)} of {n} streams failed: {failed[0]!r}")
     ttfts = sorted(r["ttft_ms"] for r in results if r["ttft_ms"] is not None)
     gaps = sorted(g for r in results for g in r["gaps_ms"])
     tokens = sum(r["tokens"] for r in results)

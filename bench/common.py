@@ -205,15 +205,16 @@ def python_stream(llm, prompt: str, tokens: int) -> Iterator[str]:
         yield chunk["choices"][0]["text"]
 
 
-def run_level(n: int, stream: Callable[[str], Iterator[str]]) -> dict[str, Any]:
-    """N streams at once, one thread each, released together."""
-    results: list[dict[str, Any] | BaseException] = [None] * n  # type: ignore[list-item]
+def released_together(n: int, work: Callable[[int], Any]) -> tuple[list[Any], float]:
+    """``work(i)`` for i in 0..n-1, one thread each, released together: their results and when they were released;
+    ``RuntimeError`` naming the first failure when any failed."""
+    results: list[Any] = [None] * n
     gate = threading.Barrier(n + 1)
 
     def one(i: int) -> None:
         gate.wait()
         try:
-            results[i] = consume(lambda: stream(PROMPTS[i % len(PROMPTS)]), time.perf_counter())
+            results[i] = work(i)
         except BaseException as exc:
             results[i] = exc
 
@@ -227,6 +228,13 @@ def run_level(n: int, stream: Callable[[str], Iterator[str]]) -> dict[str, Any]:
     failed = [r for r in results if isinstance(r, BaseException)]
     if failed:
         raise RuntimeError(f"{len(failed)} of {n} streams failed: {failed[0]!r}")
+    return results, t0
+
+
+def run_level(n: int, stream: Callable[[str], Iterator[str]]) -> dict[str, Any]:
+    """N streams at once, one thread each, released together."""
+    results, t0 = released_together(
+        n, lambda i: consume(lambda: stream(PROMPTS[i % len(PROMPTS)]), time.perf_counter()))
     end = max(r["end"] for r in results)
     ttfts = sorted((r["stamps"][0] - r["start"]) * 1000 for r in results if r["stamps"])
     gaps = [(b - a) * 1000 for r in results for a, b in itertools.pairwise(r["stamps"])]
