@@ -13,7 +13,6 @@ import functools
 import hashlib
 import json
 import logging
-import os
 import re
 import socket
 import struct
@@ -21,6 +20,9 @@ import subprocess
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+from sharedllm import settings
+from sharedllm.dataplane import read_json, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -303,21 +305,16 @@ def rpc_protocol_version() -> tuple[int, int, int]:
         return version
     lib = lib_dir() / "libggml-rpc.so"
     st = lib.stat()
-    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "sharedllm" / "rpc-version.json"
+    cache = settings.cache_root() / "rpc-version.json"
     key = f"{lib}:{st.st_size}:{int(st.st_mtime)}"
-    try:
-        known = json.loads(cache.read_text())
-        if key in known:
-            return tuple(known[key])
-    except (OSError, ValueError):
-        known = {}
+    known = read_json(cache) or {}
+    if key in known:
+        return tuple(known[key])
     version = probe_protocol_version()
     try:
         cache.parent.mkdir(parents=True, exist_ok=True)
         known[key] = list(version)
-        tmp = cache.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(known))
-        os.replace(tmp, cache)
+        write_json(cache, known)
     except OSError:
         pass
     return version

@@ -52,8 +52,7 @@ def cache_dir() -> Path:
     from sharedllm import settings
 
     env = settings.get("model-dir")
-    base = Path(env) if env else Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "sharedllm" / "models"
-    return base
+    return Path(env) if env else settings.cache_root() / "models"
 
 
 def default_catalog() -> dict[str, dict]:

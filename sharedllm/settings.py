@@ -90,6 +90,12 @@ def flag(key: str) -> bool:
     return bool(get(key))
 
 
+def cache_root() -> Path:
+    """SharedLLM's folder in the user's cache, ``$XDG_CACHE_HOME/sharedllm`` (``~/.cache/sharedllm``): models, tensor
+    caches, the engine's measures, the RPC protocol probe."""
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "sharedllm"
+
+
 @functools.cache
 def register_with_dask() -> None:
     """Make ``sharedllm.yaml`` the defaults of Dask's ``sharedllm`` namespace (``dask config get sharedllm``)."""

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import logging
 import os
-from pathlib import Path
 
 import click
 from distributed import WorkerPlugin
@@ -98,8 +97,7 @@ class MachineReporter(WorkerPlugin):
         short of disk for a 40 GB model turns it off)."""
         if self.cache_cap == 0:
             return None
-        base = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "sharedllm"
-        return self.cache_dir or str(base / "tensor-cache" / self.machine_id)
+        return self.cache_dir or str(settings.cache_root() / "tensor-cache" / self.machine_id)
 
     def setup(self, worker) -> None:
         host = self.rpc_host or get_address_host(worker.address)

@@ -25,34 +25,35 @@ def _spec(tmp_path, **kw) -> EngineSpec:
         model.write_bytes(b"GGUF" + bytes(60))
     base = EngineSpec(model_path=str(model), stages=[EngineStage("127.0.0.1:1", 0, "m1", True),
                                                      EngineStage("127.0.0.1:2", 0, "m2", True)],
-                      tensor_split=[9.0, 10.0], llama_kwargs={"n_ctx": 4096}, parallel=8, machines=MACHINES)
+                      tensor_split=[9.0, 10.0], llama_kwargs={"n_ctx": 4096}, parallel=8)
     return dataclasses.replace(base, **kw)
 
 
 def test_the_key_changes_with_whatever_the_measures_depend_on(tmp_path):
     spec = _spec(tmp_path)
-    k = measures.key(spec, "cccc")
-    assert k is not None and k == measures.key(_spec(tmp_path), "cccc")
+    k = measures.key(spec, "cccc", MACHINES)
+    assert k is not None and k == measures.key(_spec(tmp_path), "cccc", MACHINES)
     changed = [
-        measures.key(spec, "dddd"),  # this machine's kernels
-        measures.key(_spec(tmp_path, machines={**MACHINES, "m2": {**MACHINES["m2"], "kernels": "eeee"}}), "cccc"),
-        measures.key(_spec(tmp_path, machines={**MACHINES, "m2": {**MACHINES["m2"], "threads": 4}}), "cccc"),
-        measures.key(_spec(tmp_path, tensor_split=[10.0, 9.0]), "cccc"),
-        measures.key(_spec(tmp_path, llama_kwargs={"n_ctx": 4096, "flash_attn": True}), "cccc"),
-        measures.key(_spec(tmp_path, parallel=4), "cccc"),
-        measures.key(_spec(tmp_path, draft="lookup"), "cccc"),
-        measures.key(_spec(tmp_path, output_on_client=True), "cccc"),
-        measures.key(_spec(tmp_path, exact_batches=False), "cccc"),
+        measures.key(spec, "dddd", MACHINES),  # this machine's kernels
+        measures.key(spec, "cccc", {**MACHINES, "m2": {**MACHINES["m2"], "kernels": "eeee"}}),
+        measures.key(spec, "cccc", {**MACHINES, "m2": {**MACHINES["m2"], "threads": 4}}),
+        measures.key(_spec(tmp_path, tensor_split=[10.0, 9.0]), "cccc", MACHINES),
+        measures.key(_spec(tmp_path, llama_kwargs={"n_ctx": 4096, "flash_attn": True}), "cccc", MACHINES),
+        measures.key(_spec(tmp_path, parallel=4), "cccc", MACHINES),
+        measures.key(_spec(tmp_path, draft="lookup"), "cccc", MACHINES),
+        measures.key(_spec(tmp_path, output_on_client=True), "cccc", MACHINES),
+        measures.key(_spec(tmp_path, exact_batches=False), "cccc", MACHINES),
     ]
     assert None not in changed and len({k, *changed}) == len(changed) + 1
     os.utime(spec.model_path, ns=(1, 1))  # the model file replaced
-    assert measures.key(spec, "cccc") != k
+    assert measures.key(spec, "cccc", MACHINES) != k
 
 
 def test_a_machine_of_unknown_build_is_measured_again(tmp_path):
     old = {**MACHINES, "m2": {"kernels": None, "threads": 2, "devices": []}}
-    assert measures.key(_spec(tmp_path, machines=old), "cccc") is None
-    assert measures.key(_spec(tmp_path, model_path=str(tmp_path / "gone.gguf")), "cccc") is None
+    assert measures.key(_spec(tmp_path), "cccc", old) is None
+    assert measures.key(_spec(tmp_path), "cccc", {"m1": MACHINES["m1"]}) is None  # a machine the mesh did not list
+    assert measures.key(_spec(tmp_path, model_path=str(tmp_path / "gone.gguf")), "cccc", MACHINES) is None
     assert measures.recall(None) is None
 
 

@@ -15,8 +15,9 @@ from sharedllm.client.recovery import Recovery
 from sharedllm.client.reports import Reports
 from sharedllm.client.session import SessionChannel
 from sharedllm.effects import Core
-from sharedllm.engine import Engine, EngineSpec, EngineStage, LoadProgress, Standby
+from sharedllm.engine import Engine, EngineSpec, EngineStage, LoadProgress, Standby, measures
 from sharedllm.errors import EngineError, InvalidModel, ModelClosed, WorkerLost, gib
+from sharedllm.ggml import kernels_fingerprint
 from sharedllm.models import Model
 from sharedllm.options import LoadOptions
 from sharedllm.placement import Topology
@@ -174,10 +175,11 @@ class MeshModel(Recovery):
                 llama_kwargs=self.options.llama_kwargs(),
                 output_on_client=self.estimate.output_on_client,
                 invariance=self._measured[1] if self._measured and set(topo.machines) <= self._measured[0] else None,
-                machines={m["machine_id"]: _kernels_of(m) for m in table},
                 tensor_bytes=self.model.tensor_bytes,
                 **self.options.engine_options(),
             )
+            spec.measures_key = measures.key(spec, kernels_fingerprint(),  # once per process: a hash of its libraries
+                                             {m["machine_id"]: _kernels_of(m) for m in table})
             with self._standby_lock:
                 standby, self._standby = self._standby, None
             self._spare()  # the next one, for the next recovery: started beside this load

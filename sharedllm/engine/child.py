@@ -34,7 +34,6 @@ from sharedllm.engine.load import build_engine_llama, phase_seconds
 from sharedllm.engine.prompt_cache import PromptCache, common_prefix, keeps_prefix
 from sharedllm.engine.spec import EngineSpec
 from sharedllm.engine.speculative import start_drafter
-from sharedllm.ggml import kernels_fingerprint
 
 logger = logging.getLogger(__name__)
 
@@ -428,10 +427,9 @@ def child_main(parent_pid: int) -> int:
     except ValueError as exc:
         out.send(("error", "value", str(exc)))
         return 1
-    measures_key, measured_by = None, "session" if spec.invariance else "engine"
-    if spec.invariance is None and spec.machines is not None:  # kept from an earlier load of the same things?
-        measures_key = measures.key(spec, kernels_fingerprint())
-        spec.invariance = measures.recall(measures_key)
+    measured_by = "session" if spec.invariance else "engine"
+    if spec.invariance is None:  # kept from an earlier load of the same things?
+        spec.invariance = measures.recall(spec.measures_key)
         measured_by = "disk" if spec.invariance else "engine"
     try:
         llm, devices = build_engine_llama(spec, out.fd, marks)
@@ -447,7 +445,7 @@ def child_main(parent_pid: int) -> int:
         runner = _SerialRunner(llm, spec, out)
     marks["measured"] = time.monotonic()  # the runner measured what batches and prompt chunks keep exact
     if measured_by == "engine":
-        measures.remember(measures_key, runner.invariance)
+        measures.remember(spec.measures_key, runner.invariance)
     out.send(("ready", {
         "load_seconds": time.perf_counter() - t0,
         "phases": phase_seconds(started_at, init_at, marks),

@@ -12,15 +12,14 @@ again); at most ``MAX_ENTRIES`` keys, the oldest dropped first."""
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
-import os
 import time
 from pathlib import Path
-from typing import Any
 
+from sharedllm import settings
+from sharedllm.dataplane import read_json, write_json
 from sharedllm.engine.spec import EngineSpec
 
 logger = logging.getLogger("sharedllm.engine")
@@ -30,13 +29,13 @@ VERSION = 1
 
 
 def path() -> Path:
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "sharedllm" / "measures.json"
+    return settings.cache_root() / "measures.json"
 
 
-def key(spec: EngineSpec, kernels: str) -> str | None:
-    """The key of ``spec``'s measures (``kernels``: this machine's :func:`sharedllm.ggml.kernels_fingerprint`), or
+def key(spec: EngineSpec, kernels: str, machines: dict[str, dict]) -> str | None:
+    """The key of ``spec``'s measures (``kernels``: this machine's :func:`sharedllm.ggml.kernels_fingerprint`;
+    ``machines``: each machine of the stages as the mesh knows it, its kernels' fingerprint, devices and threads), or
     None where a machine's build is unknown (measure)."""
-    machines = spec.machines or {}
     used = sorted({st.machine_id for st in spec.stages})
     if any(not (machines.get(m) or {}).get("kernels") for m in used):
         return None
@@ -64,19 +63,11 @@ def key(spec: EngineSpec, kernels: str) -> str | None:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def _read(file: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(file.read_text())
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
-
-
 def recall(k: str | None) -> dict | None:
     """The measures kept under ``k``, or None."""
     if k is None:
         return None
-    entry = _read(path()).get(k)
+    entry = (read_json(path()) or {}).get(k)
     return entry.get("invariance") if isinstance(entry, dict) and isinstance(entry.get("invariance"), dict) else None
 
 
@@ -85,18 +76,14 @@ def remember(k: str | None, invariance: dict) -> None:
     if k is None or not invariance:
         return
     file = path()
-    data = _read(file)
+    data = read_json(file) or {}
     data[k] = {"invariance": invariance, "at": time.time()}
     if len(data) > MAX_ENTRIES:
         for old in sorted(data, key=lambda x: data[x].get("at", 0) if isinstance(data[x], dict) else 0)[
                 :len(data) - MAX_ENTRIES]:
             del data[old]
-    tmp = file.with_suffix(f".{os.getpid()}.tmp")
     try:
         file.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_text(json.dumps(data))
-        os.replace(tmp, file)
+        write_json(file, data)
     except OSError as exc:
         logger.debug("could not keep the engine's measures in %s: %s", file, exc)
-        with contextlib.suppress(OSError):
-            tmp.unlink()

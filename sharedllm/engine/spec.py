@@ -86,9 +86,9 @@ class EngineSpec:
     # measuring again before its replay (0.6-2.3 s). None: taken from the disk where an earlier load kept them
     # (sharedllm.engine.measures), else measured at load.
     invariance: dict | None = None
-    # Each machine of the stages as the mesh knows it (its kernels' fingerprint, devices and threads): the key of
-    # the measures kept on disk between loads (sharedllm.engine.measures). None: measured at every load.
-    machines: dict[str, Any] | None = None
+    # The key under which the measures are kept on disk between loads (sharedllm.engine.measures.key, made by the
+    # client, once its kernels' fingerprint is known). None: measured at every load.
+    measures_key: str | None = None
     # Benchmarks and tools: ``("module:function", sys.path entry or None, kwargs)``, called in the engine process with
     # the local endpoint of every machine and the engine's client relays before llama.cpp connects; it returns the
     # endpoints to connect to instead (bench/linkem.py puts an emulated link there). None: nothing between.
