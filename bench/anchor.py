@@ -103,6 +103,20 @@ def stop_all() -> None:
         stop(proc, grace=5.0)
 
 
+def measures_kept(timeout: float = 600.0) -> float:
+    """Seconds until the measures file holds an entry (:mod:`sharedllm.engine.measures`, emptied before a cold load):
+    a first load serves at once and measures its kernels while idle, then keeps them there for the next load."""
+    from sharedllm.dataplane import read_json
+    from sharedllm.engine import measures
+
+    t0 = time.monotonic()
+    while not read_json(measures.path()):
+        if time.monotonic() - t0 > timeout:
+            raise RuntimeError(f"no measures kept in {measures.path()} after {timeout:.0f} s")
+        time.sleep(0.05)
+    return time.monotonic() - t0
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

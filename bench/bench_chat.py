@@ -101,6 +101,7 @@ def main(argv: list[str] | None = None) -> int:
                 logger.info("%s", key)
                 with mesh.load("gemma-3-270m", n_ctx=4096, machines=["machine-1", "machine-2"], parallel=parallel,
                                exact_batches=exact, prompt_cache=cache) as llm:
+                    llm.measured()  # exact batches as wide as measured (a first load measures while idle)
                     llm.create_completion("Once upon a time", max_tokens=4, temperature=0)  # warm up
                     results[key] = {"setup": name, "prompt_cache": cache, **run_chats(llm, args.turns,
                                                                                       args.answer_tokens)}

@@ -103,6 +103,7 @@ def mesh_setups(args: argparse.Namespace, mesh) -> dict[str, dict[str, Any]]:
         # The levels send the same prompts again: without the prompt cache, each reads its prompt as at first.
         with mesh.load("gemma-3-270m", n_ctx=common.STREAM_N_CTX, machines=["machine-1", "machine-2"],
                        parallel=parallel, exact_batches=exact, tunnel_hook=_link(rtt), prompt_cache=False) as llm:
+            llm.measured()  # exact batches as wide as measured (a first load measures while idle)
             llm.create_completion(common.PROMPTS[0], max_tokens=8, temperature=0)  # warm up
             app = create_app(llm, model_id=MODEL_ID, max_queue=256, queue_timeout=3600)
             with ServerThread(app) as server:

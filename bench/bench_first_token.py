@@ -49,6 +49,7 @@ def run(mesh, rtt: float, answer: bool, exact: bool, lengths: int, repeat: int) 
     link = {"rtt_ms": rtt, "process": True, "wire": True, "control_dir": control}
     with mesh.load("gemma-3-270m", n_ctx=512, machines=["machine-1", "machine-2"], parallel=4, exact_batches=exact,
                    tunnel_hook=hook(**link)) as llm:
+        llm.measured()  # prompt chunks as measured (a first load measures while idle)
         llm.create_completion("Hello there", max_tokens=2, temperature=0)
         links = LinkControl.find(control)
         times, first_round_trips = [], None

@@ -92,6 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     for parallel in (1, 4):
         engine = Engine(EngineSpec(model, llama_kwargs={"n_ctx": N_CTX}, parallel=parallel, prompt_cache=False))
         engine.start()
+        engine.measured(300)  # exact batches as wide as measured (a first load measures while idle)
         try:
             call = lambda a, e=engine: e.call("create_completion", a)  # noqa: E731
             best: dict[int | None, float] = {}

@@ -173,6 +173,7 @@ def measure(target: Target, args: argparse.Namespace, lm: Any, work: Path) -> di
             t0 = time.perf_counter()
             with lm.mesh().load(target.path, n_ctx=target.n_ctx, tunnel_hook=hook(**link), **draft) as llm:
                 loads.setdefault(drafter, []).append(time.perf_counter() - t0)
+                llm.measured(300)  # drafts are verified once measured (a first load measures while idle)
                 links = LinkControl.find(control)
                 run_one(llm, links, prompt_of(args.workloads[0], target), 8)  # warm-up
                 for rtt in args.rtt:

@@ -5,8 +5,10 @@ file that keeps them."""
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import os
+from collections.abc import Callable
 
 import pytest
 
@@ -73,10 +75,11 @@ def test_the_file_keeps_the_newest_entries_and_survives_garbage(tmp_path, monkey
 
 
 @pytest.mark.mesh
-def test_a_second_load_takes_the_first_loads_measures_from_disk_and_keeps_the_texts(mesh):
+def test_a_first_load_serves_at_once_measures_while_idle_and_a_second_takes_the_measures_from_disk(mesh):
     # A seed no other load uses (greedy texts do not depend on it): a key of its own in the measures file, which
-    # outlives a test run in the user's cache, so the first load measures and the second finds what it measured; the
-    # batched texts are the solo texts in both.
+    # outlives a test run in the user's cache, so the first load measures and the second finds what it measured;
+    # the batched texts are the solo texts in all three rounds: before the measures (steps of one sequence), after
+    # them, and with them from disk.
     prompts = [("Once upon a time", 24), ("The capital of France is", 16), ("def fibonacci(n):", 32),
                ("Water boils at", 12)]
     seed = int.from_bytes(os.urandom(4), "little") >> 1
@@ -84,11 +87,49 @@ def test_a_second_load_takes_the_first_loads_measures_from_disk_and_keeps_the_te
     for _ in range(2):
         with mesh.load("gemma-3-270m", n_ctx=BATCH_N_CTX, machines=TWO, parallel=8, seed=seed) as llm:
             info = llm._engine.info
-            seen.append((info["measured_by"], info["invariance"]))
+            seen.append((info["measured_by"], info["invariance"], llm.max_batch))
             texts.append(at_once(llm, prompts))
             if len(texts) == 1:
                 assert texts[0] == {p: text_of(llm.create_completion(p, max_tokens=n, temperature=0))
                                     for p, n in prompts}
-    assert [by for by, _ in seen] == ["engine", "disk"], seen
-    assert seen[0][1] == seen[1][1] and seen[0][1]["max_batch"] >= 1
-    assert texts[0] == texts[1]
+                measured = llm.measured(timeout=120)
+                assert measured is not None and measured["max_batch"] >= 1, info
+                assert info["measured_by"] == "engine" and llm.max_batch == measured["max_batch"]
+                assert measures.recall(llm._engine.spec.measures_key) == measured  # kept for the next load
+                texts.append(at_once(llm, prompts))
+    assert [s[:2] for s in seen] == [("measuring", None), ("disk", measured)], seen
+    assert seen[0][2] == 1  # one sequence a step until measured
+    assert texts[0] == texts[1] == texts[2]
+
+
+def test_measures_cut_short_by_work_resume_where_they_stopped_and_find_what_one_run_finds(model_path):
+    # The batch scheduler takes the measures while idle, and work that arrives stops the unit in progress at its
+    # next pass: taken again from its start later, the units done kept. Here "work" arrives at the 13th pass of each
+    # idle moment (a unit takes 5-10 passes).
+    from sharedllm.engine import build_llama
+    from sharedllm.engine.measuring import Measuring
+
+    llm = build_llama(str(model_path), n_ctx=4 * 512, n_threads=2, use_extra_bufts=False, parallel=4,
+                      flash_attn=True)
+    try:
+        def measuring() -> Measuring:
+            return Measuring(llm, 4, 512, {}, batches=True, chunks_from=32, verify_rows=5)
+
+        whole = measuring()
+        assert whole.run(lambda: False) and whole.done
+        assert set(whole.result) == {"max_batch", "batch_min_chunk", "verify_rows"}, whole.result
+        cut, stops = measuring(), 0
+
+        def busy_at_13th_pass() -> Callable[[], bool]:
+            checks = itertools.count()
+            return lambda: next(checks) == 12
+
+        while not cut.run(busy_at_13th_pass()):
+            stops += 1
+            assert not cut.done and stops < 100
+        assert cut.result == whole.result
+        assert stops > 3 and cut.passes_run > whole.passes_run  # stopped units were taken again from their start
+        assert measuring().wanted and not Measuring(llm, 4, 512, whole.result, batches=True, chunks_from=32,
+                                                    verify_rows=5).wanted  # what is known is not measured again
+    finally:
+        llm.close()

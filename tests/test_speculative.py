@@ -152,6 +152,7 @@ def _drafts(llm) -> dict:
 @pytest.mark.mesh
 def test_eight_sequences_each_with_its_drafts(mesh, flash_greedy):
     with mesh.load("gemma-3-270m", n_ctx=512, machines=TWO, parallel=8, draft="lookup", draft_min=4) as llm:
+        assert llm.measured()["verify_rows"] >= 2  # drafts are verified once measured (while idle, a first load)
         texts: dict[int, str] = {}
         prompts = [PROMPTS[i % 3] for i in range(8)]  # short ones: 512 tokens of context each
 
@@ -174,6 +175,7 @@ def test_a_draft_model_with_the_targets_vocabulary(mesh, model_path, flash_greed
 
     draft = quantized(model_path, "Q2_K", tmp_path_factory.mktemp("drafts"))  # llama.cpp's quantizer, cheaper
     with mesh.load("gemma-3-270m", n_ctx=N_CTX, machines=TWO, draft=str(draft), draft_min=4) as llm:
+        assert llm.measured()["verify_rows"] >= 2  # drafts are verified once measured (while idle, a first load)
         assert text_of(llm.create_completion(REWRITE, max_tokens=72, temperature=0)) == flash_greedy[REWRITE]
         draft_counts = _drafts(llm)
         assert draft_counts["drafter"] == draft.name and draft_counts["accepted"] > 0
@@ -209,6 +211,7 @@ def test_a_draft_model_of_another_vocabulary_is_one_clear_error(mesh, model_path
 def test_kill_an_rpc_server_mid_stream_with_drafts(mesh, flash_greedy):
     victim = machine(mesh, "machine-2")["rpc"]
     with mesh.load("gemma-3-270m", n_ctx=N_CTX, machines=TWO, draft="lookup", draft_min=6) as llm:
+        assert llm.measured()["verify_rows"] >= 2  # drafts are verified once measured (while idle, a first load)
         text = ""
         for chunk_text in _stream_killing(llm, lambda: os.kill(victim["pid"], signal.SIGKILL)):
             text += chunk_text
@@ -223,6 +226,7 @@ def drafting(mesh):
     """Gemma on both machines with the lookup drafter, taking every draft offered (up to 6 a step): the test
     mesh's loopback links are so fast that drafting would not pay, and the drafts must be verified to be tested."""
     with mesh.load("gemma-3-270m", n_ctx=N_CTX, machines=TWO, draft="lookup", draft_max=6, draft_min=6) as llm:
+        assert llm.measured()["verify_rows"] >= 2  # drafts are verified once measured (while idle, a first load)
         yield llm
 
 

@@ -56,6 +56,7 @@ def main(argv: list[str] | None = None) -> int:
                                       ("batched (fast)", max(levels), False)):
             with mesh.load(args.model, n_ctx=common.STREAM_N_CTX, machines=["gpu-a"], parallel=parallel,
                            exact_batches=exact) as llm:
+                llm.measured(600)  # exact batches as wide as measured (a first load measures while idle)
                 llm.create_completion(common.PROMPTS[0], max_tokens=8, temperature=0)  # warm up
                 for n in levels if parallel > 1 else [1, max(levels)]:
                     r = common.run_level(n, lambda p, llm=llm: common.python_stream(llm, p, args.tokens))

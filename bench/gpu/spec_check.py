@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
             control = Path(work) / name
             link = {"rtt_ms": 0.0, "process": True, "wire": True, "control_dir": str(control)}
             with mesh.load(str(path), n_ctx=2048, tunnel_hook=hook(**link), **opts) as llm:
-                res["verify_rows"][name] = (llm._engine.info.get("invariance") or {}).get("verify_rows")
+                res["verify_rows"][name] = (llm.measured(600) or {}).get("verify_rows")
                 links = LinkControl.find(control)
                 run(llm, "chat", 8)  # warm-up
                 for rtt in args.rtt:

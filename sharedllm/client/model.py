@@ -125,6 +125,7 @@ class MeshModel(Recovery):
         # What an engine of this handle measured of its machines' kernels (sharedllm.engine.invariance), and on which
         # machines: a recovery onto some of them takes it instead of measuring again before its replay.
         self._measured: tuple[frozenset[str], dict] | None = None
+        self._measured_on: frozenset[str] | None = None  # the machines of the engine now
         # One recovery for all the requests a lost machine broke: the first to get there reloads, the others find
         # the engine replaced (a new ``_generation``) and replay on it.
         self._recovery_lock = threading.Lock()
@@ -174,7 +175,7 @@ class MeshModel(Recovery):
                 tensor_split=topo.tensor_split,
                 llama_kwargs=self.options.llama_kwargs(),
                 output_on_client=self.estimate.output_on_client,
-                invariance=self._measured[1] if self._measured and set(topo.machines) <= self._measured[0] else None,
+                invariance=self._measures_for(topo.machines),
                 tensor_bytes=self.model.tensor_bytes,
                 **self.options.engine_options(),
             )
@@ -203,8 +204,7 @@ class MeshModel(Recovery):
             logger.warning("%s: no drafts will be verified on these machines: a pass of several rows of one sequence "
                            "takes other kernels than one row there (a llama.cpp build without SharedLLM's patches?); "
                            "load without draft=", name)
-        if spec.invariance is None and info.get("invariance"):
-            self._measured = (frozenset(topo.machines), info["invariance"])
+        self._measured_on = frozenset(topo.machines)
         self.load_seconds = time.perf_counter() - t0
         logger.info("loaded %s on %d machine(s) in %.1fs", name, len(topo.machines), self.load_seconds)
 
@@ -280,6 +280,21 @@ class MeshModel(Recovery):
     def max_batch(self) -> int:
         """Sequences per decode pass (see ``exact_batches``); 1 when requests run one at a time."""
         return self._engine.info.get("max_batch", 1)
+
+    def measured(self, timeout: float = 120.0) -> dict | None:
+        """What the engine measured of its machines' kernels for exact batches (``max_batch``, ``batch_min_chunk``,
+        ``verify_rows``: :mod:`sharedllm.engine.invariance`). A first load of a model on some machines serves at
+        once and takes them while idle, with steps of one sequence and no drafts until then: this waits up to
+        ``timeout`` seconds for them (None if they are not had by then, or the load is not exact)."""
+        engine = self._engine
+        return (engine.measured(timeout) if engine is not None else None) or None
+
+    def _measures_for(self, machines: list[str]) -> dict | None:
+        """An earlier engine's measures, for a new engine on ``machines`` (a recovery onto some of them takes them
+        instead of measuring again)."""
+        if self._engine is not None and self._engine.info.get("invariance") and self._measured_on is not None:
+            self._measured = (self._measured_on, self._engine.info["invariance"])
+        return self._measured[1] if self._measured and set(machines) <= self._measured[0] else None
 
     @property
     def failure(self) -> BaseException | None:

@@ -18,8 +18,8 @@ death into a typed exception that names the machine or the file. Tokens are forw
 No Dask here: the engine knows endpoints and a tensor split, nothing about the mesh.
 """
 
-from sharedllm.engine.load import OUTPUT_ON_CLIENT, build_llama
-from sharedllm.engine.process import Engine, LoadProgress
+from sharedllm.engine.load import OUTPUT_ON_CLIENT, LoadProgress, build_llama
+from sharedllm.engine.process import Engine
 from sharedllm.engine.spec import EngineSpec, EngineStage, first_failing_stage, probe_stage
 from sharedllm.engine.standby import Standby
 

@@ -81,7 +81,8 @@ class BatchScheduler:
     def __init__(self, llm: Any, parallel: int, n_ctx_seq: int, *, prefill_chunk: int = 0, max_waiting: int = 64,
                  max_batch: int = 0, unified: bool = False, max_stall_ms: float = 0.0, min_chunk: int = 0,
                  prompt_cache: bool = True, on_stats: Callable[[dict], None] | None = None, drafter: Any = None,
-                 draft_max: int = 0, draft_min: int = 0, max_rows: int = 0):
+                 draft_max: int = 0, draft_min: int = 0, max_rows: int = 0,
+                 on_measured: Callable[[dict], None] | None = None):
         import llama_cpp
 
         self.llm = llm
@@ -127,6 +128,9 @@ class BatchScheduler:
         self.steps = 0  # steps of the loop that evaluated anything
         self.passes = 0  # their llama_decode passes (prompt chunks and decodes)
         self._recent: collections.deque[tuple[int, int]] = collections.deque(maxlen=64)  # (sequences, passes)
+        # The exact mode's measures still to take while idle (.measuring.Measuring), and who is told when they are.
+        self.measuring: Any = None
+        self.on_measured = on_measured
         self._stats_at = 0.0
         self._reported: tuple[int, int] | None = None  # (running, waiting) as last reported
         self._thread = threading.Thread(target=self._loop, name="batch-scheduler", daemon=True)
@@ -212,8 +216,12 @@ class BatchScheduler:
                         return
                     if not decode and not prefills:
                         self._report_stats()
-                        self._cond.wait(0.5)
-                        continue
+                        if self.measuring is None or self._running or self._waiting:
+                            self._cond.wait(0.5)
+                            continue
+                if not decode and not prefills:  # idle, with measures to take: they use every slot's cells
+                    self._measure()
+                    continue
                 groups = [decode] if self.unified else passes(decode, self.max_batch)
                 if self.drafter is not None and decode:
                     self._propose(groups, sum(len(c) for _, c in prefills))
@@ -242,6 +250,29 @@ class BatchScheduler:
                 for seq in [*self._running, *self._waiting]:
                     seq.error, seq.ended = f"the batch scheduler failed: {type(exc).__name__}: {exc}", True
                 self._cond.notify_all()
+
+    def measure_while_idle(self, measuring: Any) -> None:
+        """Take ``measuring``'s measures (a :class:`.measuring.Measuring`) whenever no sequence runs or waits."""
+        with self._cond:
+            self.measuring = measuring
+            self._cond.notify_all()
+
+    def _measure(self) -> None:
+        """Take the measures still to take until work arrives (:mod:`.measuring`), in this thread, the context's
+        only user; once all are had, tell ``on_measured`` (which may widen the steps: :meth:`limit`)."""
+        self.cache.forget()
+        if not self.measuring.run(lambda: bool(self._waiting) or self._closed):
+            return
+        measuring, self.measuring = self.measuring, None
+        logger.info("measured the kernels in %d passes while idle: %s", measuring.passes_run, measuring.result)
+        if self.on_measured is not None:
+            self.on_measured(measuring.result)
+
+    def limit(self, max_batch: int, min_chunk: int, max_rows: int) -> None:
+        """Set what the exact mode allows (in the loop's thread, or before it runs): sequences per decode pass,
+        the least prompt chunk (0: a solo request's passes) and rows per verification pass (1: no drafts)."""
+        self.max_batch, self.min_chunk, self.cache.min_chunk = max_batch, min_chunk, min_chunk
+        self.max_rows = max_rows
 
     def _reap(self) -> None:
         """Free the slots of sequences whose consumer left or that were cancelled; drop cancelled waiting ones."""

@@ -29,8 +29,9 @@ from typing import Any
 from sharedllm.engine import measures
 from sharedllm.engine.batch import QueueFull as _BUSY
 from sharedllm.engine.framing import FrameReader, write_frame
-from sharedllm.engine.invariance import exact_chunk, invariant_batch, invariant_verify, min_chunk, solo_last_pass
+from sharedllm.engine.invariance import exact_chunk, min_chunk, solo_last_pass
 from sharedllm.engine.load import build_engine_llama, phase_seconds
+from sharedllm.engine.measuring import Measuring
 from sharedllm.engine.prompt_cache import PromptCache, common_prefix, keeps_prefix
 from sharedllm.engine.spec import EngineSpec
 from sharedllm.engine.speculative import start_drafter
@@ -329,47 +330,71 @@ class _BatchRunner:
         self._local = threading.local()  # .call: the call this thread runs
         n_ctx_seq = llm.n_ctx() // spec.parallel
         llm._n_ctx = n_ctx_seq  # llama-cpp-python checks prompts and max_tokens against it: one sequence's context
-        # Exact batches: no more sequences per decode than leave each one's arithmetic what it is alone (measured
-        # here, or by an earlier engine of the session on these machines: spec.invariance).
-        known = spec.invariance or {}
-        self.max_batch = spec.parallel
-        if spec.exact_batches:
-            self.max_batch = known.get("max_batch") or invariant_batch(llm, spec.parallel)
-        if self.max_batch < spec.parallel:
-            logger.info("decode steps of at most %d sequences: more change llama.cpp's kernels on these devices",
-                        self.max_batch)
-        # ... and prompts cut within max_stall_ms only where that leaves their arithmetic what it is alone.
-        self.min_chunk = 0
-        if spec.exact_batches and spec.max_stall_ms > 0:
-            self.min_chunk = known.get("batch_min_chunk")
-            if self.min_chunk is None:
-                self.min_chunk = min_chunk(llm, max(MIN_PREFILL, self.max_batch + 1), n_ctx_seq)
-            if not self.min_chunk:
-                logger.info("prompts are read in chunks of n_batch: shorter ones change llama.cpp's kernels on these "
-                            "devices (max_stall_ms bounds a step between prompts only)")
-        self.invariance = {"max_batch": self.max_batch, "batch_min_chunk": self.min_chunk} if spec.exact_batches \
-            else {}
-        max_rows = 0
-        if drafter is not None and spec.exact_batches:
-            # Drafts are verified in passes of no more rows than keep each row's logits those of one token alone
-            # (and of no more sequences than invariant_batch allows, where that is fewer).
-            max_rows = known.get("verify_rows") or invariant_verify(llm, spec.draft_max + 1, n_ctx_seq)
-            if self.max_batch < spec.parallel:
-                max_rows = min(max_rows, self.max_batch)
-            self.invariance["verify_rows"] = max_rows
-            if max_rows < 2:
-                logger.warning("no drafts: a pass of two rows of one sequence changes llama.cpp's kernels on these "
-                               "devices (flash attention off, or a llama.cpp build without SharedLLM's patches)")
-        self.max_rows = max_rows
+        self.spec, self.drafter = spec, drafter
+        # Exact batches: no more sequences per decode, prompt chunks and drafts than leave each sequence's arithmetic
+        # what it is alone, as measured on these machines: by an earlier load (spec.invariance: of the session, or
+        # kept on disk), else while idle (.measuring); until then steps of one sequence, no chunks, no drafts.
+        exact = spec.exact_batches
+        measuring = Measuring(llm, spec.parallel, n_ctx_seq, spec.invariance or {}, batches=exact,
+                              chunks_from=MIN_PREFILL if exact and spec.max_stall_ms > 0 else 0,
+                              verify_rows=spec.draft_max + 1 if exact and drafter is not None else 0)
+        self.measuring = not measuring.done
+        max_batch, min_chunk, max_rows = self._limits(measuring.result)
         self.scheduler = BatchScheduler(llm, spec.parallel, n_ctx_seq, prefill_chunk=spec.prefill_chunk,
-                                        max_waiting=spec.max_waiting, max_batch=self.max_batch,
+                                        max_waiting=spec.max_waiting, max_batch=max_batch,
                                         unified=spec.unified_kv, max_stall_ms=spec.max_stall_ms,
-                                        min_chunk=self.min_chunk, prompt_cache=spec.prompt_cache,
+                                        min_chunk=min_chunk, prompt_cache=spec.prompt_cache,
                                         on_stats=lambda s: out.send(("stats", s)), drafter=drafter,
-                                        draft_max=spec.draft_max, draft_min=spec.draft_min, max_rows=max_rows)
+                                        draft_max=spec.draft_max, draft_min=spec.draft_min, max_rows=max_rows,
+                                        on_measured=self._measured)
+        self._measuring = measuring if self.measuring else None
         llm.generate = self._generate
         llm.set_seed = self._set_seed  # the request's seed is its own, not the shared Llama._seed
         _wrap_create_completion(llm, lambda: self._local.call, batched=True)
+
+    def _limits(self, measured: dict) -> tuple[int, int, int]:
+        """The batch scheduler's ``max_batch``, ``min_chunk`` and ``max_rows`` under the exact mode's measures (those
+        of :class:`.measuring.Measuring`; what is not had yet: one sequence a pass, a solo request's passes, no
+        drafts); ``invariance`` is what the measures say, for the "ready" info and the measures file."""
+        spec = self.spec
+        if not spec.exact_batches:
+            self.max_batch, self.min_chunk, self.max_rows, self.invariance = spec.parallel, 0, 0, {}
+            return self.max_batch, 0, 0
+        self.max_batch = measured.get("max_batch", 1)
+        self.min_chunk = measured.get("batch_min_chunk") or 0
+        self.invariance = {"max_batch": self.max_batch, "batch_min_chunk": self.min_chunk}
+        max_rows = 0
+        if self.drafter is not None:
+            # Drafts are verified in passes of no more rows than keep each row's logits those of one token alone
+            # (and of no more sequences than invariant_batch allows, where that is fewer).
+            max_rows = measured.get("verify_rows", 1)
+            if self.max_batch < spec.parallel:
+                max_rows = min(max_rows, self.max_batch)
+            self.invariance["verify_rows"] = max_rows
+        self.max_rows = max_rows
+        return self.max_batch, self.min_chunk, max_rows
+
+    def _measured(self, measured: dict) -> None:
+        """The measures are had (in the batch scheduler's thread, idle): widen its steps, keep them, say so."""
+        self.scheduler.limit(*self._limits(measured))
+        if self.max_batch < self.spec.parallel:
+            logger.info("decode steps of at most %d sequences: more change llama.cpp's kernels on these devices",
+                        self.max_batch)
+        if self.spec.max_stall_ms > 0 and not self.min_chunk:
+            logger.info("prompts are read in chunks of n_batch: shorter ones change llama.cpp's kernels on these "
+                        "devices (max_stall_ms bounds a step between prompts only)")
+        if self.drafter is not None and self.max_rows < 2:
+            logger.warning("no drafts: a pass of two rows of one sequence changes llama.cpp's kernels on these "
+                           "devices (flash attention off, or a llama.cpp build without SharedLLM's patches)")
+        self.measuring = False
+        measures.remember(self.spec.measures_key, self.invariance)
+        self.out.send(("measured", {"invariance": self.invariance, "max_batch": self.max_batch}))
+
+    def measure_when_idle(self) -> None:
+        """Let the batch scheduler take the measures still to take while idle (once "ready" is sent: the
+        "measured" frame comes after it)."""
+        if self._measuring is not None:
+            self.scheduler.measure_while_idle(self._measuring)
 
     def _set_seed(self, seed: int) -> None:
         self._local.call.seed = seed
@@ -444,7 +469,9 @@ def child_main(parent_pid: int) -> int:
     else:
         runner = _SerialRunner(llm, spec, out)
     marks["measured"] = time.monotonic()  # the runner measured what batches and prompt chunks keep exact
-    if measured_by == "engine":
+    if getattr(runner, "measuring", False):
+        measured_by = "measuring"  # while idle, from now on: the "measured" frame says when they are had
+    elif measured_by == "engine":
         measures.remember(spec.measures_key, runner.invariance)
     out.send(("ready", {
         "load_seconds": time.perf_counter() - t0,
@@ -453,12 +480,15 @@ def child_main(parent_pid: int) -> int:
         "n_ctx": llm._n_ctx,
         "parallel": spec.parallel,
         "max_batch": getattr(runner, "max_batch", 1),
-        "invariance": runner.invariance,
-        "measured_by": measured_by,  # engine: measured at this load; session, disk: an earlier load's measures
+        "invariance": None if measured_by == "measuring" else runner.invariance,
+        # engine: measured at this load; session, disk: an earlier load's measures; measuring: being measured
+        "measured_by": measured_by,
         "n_vocab": llm.n_vocab(),
         "pid": os.getpid(),
         "metadata": dict(llm.metadata),
     }))
+    if isinstance(runner, _BatchRunner):
+        runner.measure_when_idle()
     while True:
         try:
             msg = reader.read()

@@ -9,10 +9,14 @@ at most :func:`invariant_batch` sequences, and prompts read in the passes of a s
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
+BATCH_PROMPTS = (3, 4, 8, 12)  # prompt lengths invariant_batch decodes after
 
-def invariant_batch(llm: Any, parallel: int) -> int:
+
+def invariant_batch(llm: Any, parallel: int, lengths: tuple[int, ...] = BATCH_PROMPTS, limit: int | None = None,
+                    check: Callable[[], None] | None = None) -> int:
     """The largest number of sequences one decode step may hold without changing any sequence's arithmetic.
 
     llama.cpp's kernels may change with the number of rows of a matrix product: on x86 CPUs with Gemma 3 270M
@@ -22,7 +26,8 @@ def invariant_batch(llm: Any, parallel: int) -> int:
     devices, for prompts of 3, 4, 8 and 12 tokens: every sequence reads the prompt, then sequence 0's next token is
     decoded alone and with 1, 2, ... others; the answer is the largest k for which its logits stay bit-identical
     for every batch of at most k and every prompt (``parallel`` when they always do). Costs at most
-    ``4 * (parallel + 1)`` decodes; the cells are freed afterwards.
+    ``4 * (parallel + 1)`` decodes; the cells are freed afterwards. ``lengths``: the prompts' lengths measured now
+    (the others' answer, ``limit``, found before); ``check``: called before every pass (it may raise to stop).
     """
     import ctypes
 
@@ -35,6 +40,8 @@ def invariant_batch(llm: Any, parallel: int) -> int:
     batch = llama_cpp.llama_batch_init(12 * parallel, 0, 1)
 
     def decode(items: list[tuple[int, int, int]], row: int) -> np.ndarray:
+        if check is not None:
+            check()
         for i, (tok, pos, seq) in enumerate(items):
             batch.token[i], batch.pos[i], batch.n_seq_id[i] = tok, pos, 1
             batch.seq_id[i][0] = seq
@@ -49,9 +56,9 @@ def invariant_batch(llm: Any, parallel: int) -> int:
         for s in range(parallel):
             llama_cpp.llama_memory_seq_rm(memory, s, -1, -1)
 
-    limit = parallel
+    limit = parallel if limit is None else limit
     try:
-        for length in (3, 4, 8, 12):
+        for length in lengths:
             prompt = text[:length]
             clear()
             nxt = int(decode([(tok, pos, s) for s in range(parallel) for pos, tok in enumerate(prompt)],
@@ -72,7 +79,7 @@ def invariant_batch(llm: Any, parallel: int) -> int:
         llama_cpp.llama_batch_free(batch)
 
 
-def invariant_chunks(llm: Any, min_chunk: int) -> bool:
+def invariant_chunks(llm: Any, min_chunk: int, check: Callable[[], None] | None = None) -> bool:
     """Whether a prompt read in chunks of at least ``min_chunk`` tokens gives the logits it gives read in one pass.
 
     On x86 CPUs with Gemma 3 270M Q4_K_M a pass of 8 rows or more computes each row as a pass of 512 does (a
@@ -81,7 +88,7 @@ def invariant_chunks(llm: Any, min_chunk: int) -> bool:
     up to 0.42 away). Measured here on the loaded model with its devices: a prompt of ``2 * min_chunk + 3`` tokens
     in one pass, then in chunks of ``min_chunk`` and ``min_chunk + 3``; the last token's logits, and those of the
     next token decoded after it (the KV cells the chunks wrote), must be bit-identical. Costs 5 passes; the cells
-    are freed afterwards.
+    are freed afterwards. ``check``: called before every pass (it may raise to stop).
     """
     import ctypes
 
@@ -96,6 +103,8 @@ def invariant_chunks(llm: Any, min_chunk: int) -> bool:
     batch = llama_cpp.llama_batch_init(length, 0, 1)
 
     def decode(tokens: list[int], start: int) -> np.ndarray:
+        if check is not None:
+            check()
         for i, tok in enumerate(tokens):
             batch.token[i], batch.pos[i], batch.n_seq_id[i] = tok, start + i, 1
             batch.seq_id[i][0] = 0
@@ -124,15 +133,17 @@ def invariant_chunks(llm: Any, min_chunk: int) -> bool:
 CHUNK_FLOORS = (64, 128)  # chunk sizes tried after ``lo``: SharedLLM's build takes the tiled kernel from 64 rows on
 
 
+def chunk_sizes(llm: Any, lo: int, n_ctx: int) -> list[int]:
+    """The chunk sizes :func:`min_chunk` tries, in order: ``lo``, then ``CHUNK_FLOORS``, each where its
+    ``2 * size + 3``-token prompt fits ``n_batch``, ``n_ubatch`` and ``n_ctx``."""
+    room = min(llm.n_batch, llm.context_params.n_ubatch, n_ctx)
+    return [size for size in sorted({lo, *(f for f in CHUNK_FLOORS if f > lo)}) if 2 * size + 3 <= room]
+
+
 def min_chunk(llm: Any, lo: int, n_ctx: int) -> int:
     """The fewest tokens, ``lo`` or more, that a prompt may be read in chunks of while keeping its arithmetic
-    (:func:`invariant_chunks`, tried for ``lo`` then for ``CHUNK_FLOORS``, each where its ``2 * size + 3``-token
-    prompt fits ``n_batch``, ``n_ubatch`` and ``n_ctx``), else 0."""
-    room = min(llm.n_batch, llm.context_params.n_ubatch, n_ctx)
-    for size in sorted({lo, *(f for f in CHUNK_FLOORS if f > lo)}):
-        if 2 * size + 3 <= room and invariant_chunks(llm, size):
-            return size
-    return 0
+    (:func:`invariant_chunks`, tried for each of :func:`chunk_sizes`), else 0."""
+    return next((size for size in chunk_sizes(llm, lo, n_ctx) if invariant_chunks(llm, size)), 0)
 
 
 def solo_last_pass(total: int, n_batch: int, n_ubatch: int) -> int:
@@ -159,7 +170,11 @@ def exact_chunk(left: int, final: int, budget: int, cap: int, min_chunk: int) ->
     return take
 
 
-def invariant_verify(llm: Any, max_rows: int, n_ctx: int | None = None) -> int:
+VERIFY_PROMPTS = (14, 600)  # tokens of the short and the long prompt invariant_verify verifies after
+
+
+def invariant_verify(llm: Any, max_rows: int, n_ctx: int | None = None, prompts: tuple[int, ...] = VERIFY_PROMPTS,
+                     check: Callable[[], None] | None = None) -> int:
     """The most rows (a sequence's next token and the drafts after it) one pass may verify while every row's logits
     stay bit-identical to decoding those tokens one at a time: how long a draft may be, with its greedy (and seeded)
     text unchanged (speculative decoding, :mod:`.speculative`).
@@ -170,7 +185,8 @@ def invariant_verify(llm: Any, max_rows: int, n_ctx: int | None = None) -> int:
     off): the greedy continuation is decoded one token at a time (the logits of each position kept), then verified
     in one pass of 2, 3, ... rows from the same cells; the answer is the largest row count whose every row matched,
     after both prompts (``max_rows`` when all do). Costs a long prompt's passes and at most ``2 * 2 * max_rows``
-    decodes; the cells are freed afterwards."""
+    decodes; the cells are freed afterwards. ``prompts``: those measured now (of ``VERIFY_PROMPTS``; ``max_rows``:
+    the others' answer, found before); ``check``: called before every pass (it may raise to stop)."""
     import ctypes
 
     import llama_cpp
@@ -183,6 +199,8 @@ def invariant_verify(llm: Any, max_rows: int, n_ctx: int | None = None) -> int:
     batch = llama_cpp.llama_batch_init(max(max_rows, n_batch), 0, 1)
 
     def decode(tokens: list[int], start: int, rows: list[int]) -> list[np.ndarray]:
+        if check is not None:
+            check()
         for i, tok in enumerate(tokens):
             batch.token[i], batch.pos[i], batch.n_seq_id[i] = tok, start + i, 1
             batch.seq_id[i][0] = 0
@@ -198,10 +216,10 @@ def invariant_verify(llm: Any, max_rows: int, n_ctx: int | None = None) -> int:
         return out
 
     story = b"Once upon a time, in a small village by the sea, there lived an old fisherman and his daughter. "
-    long = llm.tokenize(story * 80, add_bos=True)[:max(16, min(600, n_ctx - 2 * max_rows - 2))]
+    long = llm.tokenize(story * 80, add_bos=True)[:max(16, min(VERIFY_PROMPTS[-1], n_ctx - 2 * max_rows - 2))]
     limit = max_rows
     try:
-        for prompt in (long[:14], long):
+        for prompt in (long[:n] for n in prompts):
             llama_cpp.llama_memory_seq_rm(memory, 0, -1, -1)
             for start in range(0, len(prompt), n_batch):  # the prompt, in passes of n_batch
                 chunk = prompt[start:start + n_batch]

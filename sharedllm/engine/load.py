@@ -14,6 +14,25 @@ from typing import Any
 from sharedllm.engine.framing import write_frame
 from sharedllm.engine.spec import EngineSpec
 
+
+class LoadProgress(float):
+    """How far a model load has come: the fraction of the model's tensor data loaded (llama.cpp's own count: sent to
+    the rpc-servers, or mapped for the client's CPU), and the same in bytes, ``done_bytes`` of ``total_bytes`` (the
+    tensor data in the GGUF file). A float, so a callback written for the bare fraction keeps working. The values a
+    load reports never decrease."""
+
+    __slots__ = ("done_bytes", "total_bytes")
+
+    def __new__(cls, fraction: float, done_bytes: int | None = None, total_bytes: int | None = None) -> LoadProgress:
+        self = super().__new__(cls, fraction)
+        self.done_bytes = done_bytes
+        self.total_bytes = total_bytes
+        return self
+
+    def __repr__(self) -> str:
+        return f"LoadProgress({float(self):.3f}, done_bytes={self.done_bytes}, total_bytes={self.total_bytes})"
+
+
 # The output layer's tensors (its norm, and the projection: ``output.weight``, or ``token_embd.weight`` loaded a second
 # time when the embeddings are tied) as a ``tensor_buft_overrides`` pattern. With them on the client's CPU the mesh's
 # last machine returns the final hidden state (n_embd floats) instead of the logits (n_vocab floats: 1 MiB a token

@@ -29,29 +29,12 @@ from sharedllm import effects
 from sharedllm.effects import Core
 from sharedllm.engine.framing import FrameReader, write_frame
 from sharedllm.engine.inbox import END_OF_PIPE, Inbox
+from sharedllm.engine.load import LoadProgress
 from sharedllm.engine.spec import EngineSpec, probe_stages
 from sharedllm.engine.standby import Standby, spawn_child
 from sharedllm.errors import EngineError, InvalidModel, MeshError, ModelBusy, ModelClosed, WorkerLost
 
 logger = logging.getLogger(__name__)
-
-class LoadProgress(float):
-    """How far a model load has come: the fraction of the model's tensor data loaded (llama.cpp's own count: sent to
-    the rpc-servers, or mapped for the client's CPU), and the same in bytes, ``done_bytes`` of ``total_bytes`` (the
-    tensor data in the GGUF file). A float, so a callback written for the bare fraction keeps working. The values a
-    load reports never decrease."""
-
-    __slots__ = ("done_bytes", "total_bytes")
-
-    def __new__(cls, fraction: float, done_bytes: int | None = None, total_bytes: int | None = None) -> LoadProgress:
-        self = super().__new__(cls, fraction)
-        self.done_bytes = done_bytes
-        self.total_bytes = total_bytes
-        return self
-
-    def __repr__(self) -> str:
-        return f"LoadProgress({float(self):.3f}, done_bytes={self.done_bytes}, total_bytes={self.total_bytes})"
-
 
 class Engine:
     """Client-side handle on one engine process.
@@ -93,6 +76,7 @@ class Engine:
             prefix="sharedllm-engine-", suffix=".log", delete=False)
         self.info: dict[str, Any] = {}
         self.stats: dict[str, Any] = {}  # the batch scheduler's last report: running, waiting, batch size...
+        self._measured = threading.Event()  # the engine's "measured" frame came
         self._proc: subprocess.Popen | None = None
         self._reader: FrameReader | None = None
         self._inboxes: dict[int, Inbox] = {}
@@ -151,6 +135,9 @@ class Engine:
         """A frame read from the pipe, to its call's inbox (or the statistics)."""
         if msg[0] == "stats":
             self.stats = msg[1]
+        elif msg[0] == "measured":  # taken while idle after the load (sharedllm.engine.measuring)
+            self.info.update(msg[1], measured_by="engine")
+            self._measured.set()
         elif (inbox := self._inboxes.get(msg[1])) is not None:
             inbox.put((msg[0], *msg[2:]))
 
@@ -167,6 +154,15 @@ class Engine:
                 self._pipe.release()
                 self._hand_over()
         return self.stats
+
+    def measured(self, timeout: float) -> dict | None:
+        """The exact mode's measures (``info["invariance"]``), waiting up to ``timeout`` seconds for an engine that
+        takes them while idle (``info["measured_by"] == "measuring"``); None when it has not by then."""
+        deadline = time.monotonic() + timeout
+        while self.info.get("measured_by") == "measuring" and self.alive and time.monotonic() < deadline:
+            self.poll_stats()  # the frame is read by a call waiting on the pipe, or here when none does
+            self._measured.wait(min(0.05, max(0.0, deadline - time.monotonic())))
+        return self.info.get("invariance")
 
     def _pipe_ended(self) -> None:
         self._eof = True

@@ -145,6 +145,12 @@ class PromptCache:
         self.cached_tokens += reuse
         return reuse
 
+    def forget(self) -> None:
+        """Drop every free slot's cells (the engine measures its kernels in them: :mod:`.measuring`)."""
+        for slot in self.slots:
+            self._lib.llama_memory_seq_rm(self._memory, slot, -1, -1)
+        self.slots.clear()
+
     def release(self, seq: Any) -> None:
         """Sequence ``seq`` left its slot: the slot keeps the cells a later prompt may reuse, and drops the rest."""
         keep = seq.n_past if self.unified else seq.reusable
