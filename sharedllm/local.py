@@ -27,11 +27,14 @@ logger = logging.getLogger(__name__)
 
 
 # Every emulated machine shares this host's cores, so idle processes must stay off the CPU: the rpc-servers' OpenMP
-# threads sleep after ~10k spins instead of ~300k (they spin between every RPC call and would starve the other
-# machines' servers: two-server decode ran ~40% faster on 2 cores), and the Dask processes sample less often (the
-# worker's profiler takes the GIL every 10 ms). Values already in the environment win.
+# threads sleep after 100 spins instead of ~300k (they spin between every RPC call and would starve the other
+# machines' servers: two-server decode ran ~40% faster on 2 cores with 10k; ggml's barrier between two nodes of a
+# graph is an OpenMP barrier, and with 10k spins a thread waiting there for one that lost its core kept the core
+# from it: one stream behind a 20 ms link decoded at 13.0 tok/s, with 100 spins at 16.2, the same at RTT 0; with 0 the
+# futex wakes made RTT 0 a third slower: bench/bench_link.py), and the Dask processes sample less often (the worker's
+# profiler takes the GIL every 10 ms). Values already in the environment win.
 _QUIET_ENV = {
-    "GOMP_SPINCOUNT": "10000",
+    "GOMP_SPINCOUNT": "100",
     "DASK_DISTRIBUTED__WORKER__PROFILE__ENABLED": "False",
     "DASK_DISTRIBUTED__ADMIN__TICK__INTERVAL": "1s",
     "DASK_DISTRIBUTED__WORKER__MEMORY__MONITOR_INTERVAL": "1s",
