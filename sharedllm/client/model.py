@@ -205,6 +205,9 @@ class MeshModel(Recovery):
                            "takes other kernels than one row there (a llama.cpp build without SharedLLM's patches?); "
                            "load without draft=", name)
         self._measured_on = frozenset(topo.machines)
+        if info.get("measured_by") == "measuring":
+            logger.info("%s: a first load on these machines; the engine measures their kernels while idle, with steps "
+                        "of one sequence and no drafts until then (llm.measured() waits for them)", name)
         self.load_seconds = time.perf_counter() - t0
         logger.info("loaded %s on %d machine(s) in %.1fs", name, len(topo.machines), self.load_seconds)
 
