@@ -8,13 +8,14 @@ import dataclasses
 import itertools
 import json
 import os
+import threading
 from collections.abc import Callable
 
 import pytest
 
 from sharedllm.engine import measures
 from sharedllm.engine.spec import EngineSpec, EngineStage
-from tests.helpers import BATCH_N_CTX, TWO, at_once, text_of
+from tests.helpers import BATCH_N_CTX, TWO, at_once, text_of, wait_for
 
 MACHINES = {"m1": {"kernels": "aaaa", "threads": 2, "devices": [["CPU", "AMD EPYC", "cpu"]]},
             "m2": {"kernels": "bbbb", "threads": 2, "devices": [["CPU", "AMD EPYC", "cpu"]]}}
@@ -132,4 +133,31 @@ def test_measures_cut_short_by_work_resume_where_they_stopped_and_find_what_one_
         assert measuring().wanted and not Measuring(llm, 4, 512, whole.result, batches=True, chunks_from=32,
                                                     verify_rows=5).wanted  # what is known is not measured again
     finally:
+        llm.close()
+
+
+def test_a_measure_that_fails_leaves_the_engine_serving_as_before_it(model_path):
+    # A measure taken while idle fails (a machine lost mid-pass, say): the batch scheduler logs it and serves on with
+    # what needs no measure, one sequence a step, instead of failing every request after it.
+    from sharedllm.engine import build_llama
+    from sharedllm.engine.batch import BatchScheduler
+
+    llm = build_llama(str(model_path), n_ctx=2 * 256, n_threads=2, use_extra_bufts=False, parallel=2)
+    tried = threading.Event()
+
+    class Failing:
+        def run(self, busy: Callable[[], bool]) -> bool:
+            tried.set()
+            raise RuntimeError("llama_decode failed while measuring the batch")
+
+    scheduler = BatchScheduler(llm, 2, 256, max_batch=1)
+    try:
+        scheduler.measure_while_idle(Failing())
+        assert tried.wait(30)
+        wait_for(lambda: scheduler.measuring is None, 30, what="the failed measure dropped")
+        prompt = llm.tokenize(b"Once upon a time", add_bos=True)
+        got = scheduler.generate(prompt, seed=1, logit_bias=None, stopped=lambda: False, max_tokens=8, temp=0.0)
+        assert len(list(itertools.islice(got, 8))) == 8
+    finally:
+        scheduler.close()
         llm.close()

@@ -261,7 +261,12 @@ class BatchScheduler:
         """Take the measures still to take until work arrives (:mod:`.measuring`), in this thread, the context's
         only user; once all are had, tell ``on_measured`` (which may widen the steps: :meth:`limit`)."""
         self.cache.forget()
-        if not self.measuring.run(lambda: bool(self._waiting) or self._closed):
+        try:
+            if not self.measuring.run(lambda: bool(self._waiting) or self._closed):
+                return
+        except Exception:  # a measure is not worth the engine: it serves on as it did, one sequence a step
+            logger.exception("measuring the kernels failed; decode steps stay at one sequence, without drafts")
+            self.measuring = None
             return
         measuring, self.measuring = self.measuring, None
         logger.info("measured the kernels in %d passes while idle: %s", measuring.passes_run, measuring.result)
