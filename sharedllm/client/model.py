@@ -125,7 +125,6 @@ class MeshModel(Recovery):
         # What an engine of this handle measured of its machines' kernels (sharedllm.engine.invariance), and on which
         # machines: a recovery onto some of them takes it instead of measuring again before its replay.
         self._measured: tuple[frozenset[str], dict] | None = None
-        self._measured_on: frozenset[str] | None = None  # the machines of the engine now
         # One recovery for all the requests a lost machine broke: the first to get there reloads, the others find
         # the engine replaced (a new ``_generation``) and replay on it.
         self._recovery_lock = threading.Lock()
@@ -204,7 +203,6 @@ class MeshModel(Recovery):
             logger.warning("%s: no drafts will be verified on these machines: a pass of several rows of one sequence "
                            "takes other kernels than one row there (a llama.cpp build without SharedLLM's patches?); "
                            "load without draft=", name)
-        self._measured_on = frozenset(topo.machines)
         if info.get("measured_by") == "measuring":
             logger.info("%s: a first load on these machines; the engine measures their kernels while idle, with steps "
                         "of one sequence and no drafts until then (llm.measured() waits for them)", name)
@@ -295,8 +293,9 @@ class MeshModel(Recovery):
     def _measures_for(self, machines: list[str]) -> dict | None:
         """An earlier engine's measures, for a new engine on ``machines`` (a recovery onto some of them takes them
         instead of measuring again)."""
-        if self._engine is not None and self._engine.info.get("invariance") and self._measured_on is not None:
-            self._measured = (self._measured_on, self._engine.info["invariance"])
+        engine = self._engine  # the engine being replaced: its measures may have come while it was idle
+        if engine is not None and engine.info.get("invariance"):
+            self._measured = (frozenset(st.machine_id for st in engine.spec.stages), engine.info["invariance"])
         return self._measured[1] if self._measured and set(machines) <= self._measured[0] else None
 
     @property

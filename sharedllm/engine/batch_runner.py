@@ -35,11 +35,10 @@ class BatchRunner:
         # what it is alone, as measured on these machines: by an earlier load (spec.invariance: of the session, or
         # kept on disk), else while idle (.measuring); until then steps of one sequence, no chunks, no drafts.
         exact = spec.exact_batches
-        measuring = Measuring(llm, spec.parallel, n_ctx_seq, spec.invariance or {}, batches=exact,
-                              chunks_from=MIN_PREFILL if exact and spec.max_stall_ms > 0 else 0,
-                              verify_rows=spec.draft_max + 1 if exact and drafter is not None else 0)
-        self.measuring = not measuring.done
-        max_batch, min_chunk, max_rows = self._limits(measuring.result)
+        self._measuring = Measuring(llm, spec.parallel, n_ctx_seq, spec.invariance or {}, batches=exact,
+                                    chunks_from=MIN_PREFILL if exact and spec.max_stall_ms > 0 else 0,
+                                    verify_rows=spec.draft_max + 1 if exact and drafter is not None else 0)
+        max_batch, min_chunk, max_rows = self._limits(self._measuring.result)
         self.scheduler = BatchScheduler(llm, spec.parallel, n_ctx_seq, prefill_chunk=spec.prefill_chunk,
                                         max_waiting=spec.max_waiting, max_batch=max_batch,
                                         unified=spec.unified_kv, max_stall_ms=spec.max_stall_ms,
@@ -47,7 +46,6 @@ class BatchRunner:
                                         on_stats=lambda s: out.send(("stats", s)), drafter=drafter,
                                         draft_max=spec.draft_max, draft_min=spec.draft_min, max_rows=max_rows,
                                         on_measured=self._measured)
-        self._measuring = measuring if self.measuring else None
         llm.generate = self._generate
         llm.set_seed = self._set_seed  # the request's seed is its own, not the shared Llama._seed
         wrap_create_completion(llm, lambda: self._local.call, batched=True)
@@ -86,14 +84,18 @@ class BatchRunner:
         if self.drafter is not None and self.max_rows < 2:
             logger.warning("no drafts: a pass of two rows of one sequence changes llama.cpp's kernels on these "
                            "devices (flash attention off, or a llama.cpp build without SharedLLM's patches)")
-        self.measuring = False
         measures.remember(self.spec.measures_key, self.invariance)
         self.out.send(("measured", {"invariance": self.invariance, "max_batch": self.max_batch}))
+
+    @property
+    def measuring(self) -> bool:
+        """Whether measures are still to take (by the batch scheduler while idle, after :meth:`measure_when_idle`)."""
+        return not self._measuring.done
 
     def measure_when_idle(self) -> None:
         """Let the batch scheduler take the measures still to take while idle (once "ready" is sent: the
         "measured" frame comes after it)."""
-        if self._measuring is not None:
+        if self.measuring:
             self.scheduler.measure_while_idle(self._measuring)
 
     def _set_seed(self, seed: int) -> None:

@@ -225,8 +225,10 @@ def child_main(parent_pid: int) -> int:
         runner = BatchRunner(llm, spec, out, drafter)
     else:
         runner = _SerialRunner(llm, spec, out)
-    marks["measured"] = time.monotonic()  # the runner measured what batches and prompt chunks keep exact
-    if getattr(runner, "measuring", False):
+    # The serial runner measured its prompt chunks here; the batch runner takes its measures while idle, after "ready".
+    marks["measured"] = time.monotonic()
+    measuring = isinstance(runner, BatchRunner) and runner.measuring
+    if measuring:
         measured_by = "measuring"  # while idle, from now on: the "measured" frame says when they are had
     elif measured_by == "engine":
         measures.remember(spec.measures_key, runner.invariance)
@@ -244,7 +246,7 @@ def child_main(parent_pid: int) -> int:
         "pid": os.getpid(),
         "metadata": dict(llm.metadata),
     }))
-    if isinstance(runner, BatchRunner):
+    if measuring:
         runner.measure_when_idle()
     while True:
         try:
