@@ -28,7 +28,7 @@ attention sums exactly the terms it would sum alone). One thread, the scheduler,
    sequence's consumer.
 
 With a drafter (:mod:`.speculative`), a decoded sequence's pass also holds the drafts its drafter proposed for it, as
-many as :func:`~sharedllm.engine.speculative.allocate` finds worth their cost and the pass's rows allow
+many as :func:`~sharedllm.engine.drafting.allocate` finds worth their cost and the pass's rows allow
 (``max_rows``: in the exact mode no more than keep each row's arithmetic that of single-token decoding); its rows are
 sampled in order up to the first draft the target's token differs from, and the cells after it are removed.
 
@@ -56,12 +56,12 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from sharedllm.engine.cost import RowCost, StepCost
+from sharedllm.engine.drafting import Drafting
 from sharedllm.engine.invariance import exact_chunk, solo_last_pass
 from sharedllm.engine.logprobs import token_logprobs
 from sharedllm.engine.prompt_cache import PromptCache
 from sharedllm.engine.sampling import sampler_chain
 from sharedllm.engine.sequence import Sequence, decode_rows, passes, prefill_order
-from sharedllm.engine.speculative import DraftLength, allocate, group_rows
 
 logger = logging.getLogger(__name__)
 
@@ -103,16 +103,13 @@ class BatchScheduler:
         self._memory = llama_cpp.llama_get_memory(self._ctx)
         self._vocab = llm._model.vocab
         self._n_vocab = llm.n_vocab()
-        # Speculative decoding: the drafter (None: none), the most drafts a sequence takes in a step, and the rows a
-        # pass may hold in the exact mode (sharedllm.engine.invariance.invariant_verify).
+        # Speculative decoding: the drafter (None: none) and its drafts (.drafting), and the rows a pass may hold in
+        # the exact mode (sharedllm.engine.invariance.invariant_verify).
         self.drafter = drafter
         self.draft_max = draft_max if drafter is not None else 0
-        self.draft_min = min(draft_min, self.draft_max)
+        self.drafting = None if drafter is None else Drafting(drafter, self.draft_max, draft_min, n_ctx_seq,
+                                                              self._n_vocab)
         self.max_rows = max_rows or parallel * (1 + self.draft_max)
-        self.row_cost = RowCost()
-        # The acceptance of the drafts of every sequence, slowly decayed: where a new sequence's starts
-        self.draft_prior = DraftLength(decay=0.98)
-        self.drafted = self.accepted = 0  # drafts verified, and accepted
         self.seq_steps = self.step_tokens = 0  # sequences decoded by decode steps, and the tokens that gave
         self._batch = llama_cpp.llama_batch_init(parallel * (1 + self.draft_max) + self.prefill_chunk, 0, 1)
         # Sequences per llama_decode of a decode step; 0: all of them (see invariant_batch).
@@ -223,7 +220,7 @@ class BatchScheduler:
                     self._measure()
                     continue
                 groups = [decode] if self.unified else passes(decode, self.max_batch)
-                if self.drafter is not None and decode:
+                if self.drafting is not None and decode:
                     self._propose(groups, sum(len(c) for _, c in prefills))
                 started = time.monotonic()
                 rows = sum(1 + len(s.draft) for s in decode)
@@ -236,8 +233,8 @@ class BatchScheduler:
                         self.drafter.wait()
                 ms = (time.monotonic() - started) * 1000
                 self.cost.observe(ms, sum(len(c) for _, c in prefills), len(decode))
-                if decode and not prefills:
-                    self.row_cost.observe(rows, len(decode), ms)
+                if decode and not prefills and self.drafting is not None:
+                    self.drafting.row_cost.observe(rows, ms)
                 with self._cond:
                     self.steps += 1
                     self.passes += n
@@ -278,6 +275,8 @@ class BatchScheduler:
         the least prompt chunk (0: a solo request's passes) and rows per verification pass (1: no drafts)."""
         self.max_batch, self.min_chunk, self.cache.min_chunk = max_batch, min_chunk, min_chunk
         self.max_rows = max_rows
+        if self.drafting is not None:
+            self.drafting.row_cost = RowCost()  # steps of other passes cost otherwise: measured anew
 
     def _reap(self) -> None:
         """Free the slots of sequences whose consumer left or that were cancelled; drop cancelled waiting ones."""
@@ -322,41 +321,11 @@ class BatchScheduler:
         return 1
 
     def _propose(self, groups: list[list[Sequence]], prompt_rows: int) -> None:
-        """Each decoded sequence's drafts for this step (``Sequence.draft``): what its drafter offers, within its
-        limits, as many as :func:`allocate` finds worth their cost and each pass's rows hold."""
-        wants, order, free = [], [], {}
-        for g, group in enumerate(groups):
-            for seq in group:
-                seq.draft = []
-                most = self._draft_room(seq)
-                seq.draft_offer = self.drafter.available(seq, most) if most > 0 else []
-                wants.append((seq.draft_length, len(seq.draft_offer), g))
-                order.append(seq)
-            rows = self.llm.n_batch - prompt_rows if self.unified else max(self.max_rows, len(group))
-            free[g] = rows - len(group)
-        step_ms = self.row_cost.single_ms or self.cost.decode_ms or 0.0
-        ks = allocate(wants, step_ms, self.row_cost.row_ms, self.drafter.on_client_ms,
-                      [self.drafter.pending_ms(seq) if w[1] else 0.0 for seq, w in zip(order, wants, strict=True)])
-        ks = [max(k, min(self.draft_min, most)) for k, (_, most, _) in zip(ks, wants, strict=True)]
-        ks = group_rows(ks, [w[2] for w in wants], free)
-        logger.debug("drafts %s (offered %s, acceptance %s; step %.1f ms, row %.2f ms, draft %.2f ms)", ks,
-                     [w[1] for w in wants], [round(w[0].acceptance, 2) for w in wants], step_ms,
-                     self.row_cost.row_ms, self.drafter.on_client_ms)
-        drafts = self.drafter.draft([(seq, k) for seq, k in zip(order, ks, strict=True) if k]) if any(ks) else {}
-        for seq, k in zip(order, ks, strict=True):
-            draft = drafts.get(id(seq), [])[:k]
-            # a token the target does not have (a draft model's vocabulary may be longer) ends the draft
-            seq.draft = draft[:next((i for i, t in enumerate(draft) if not 0 <= t < self._n_vocab), len(draft))]
-            if not seq.draft:
-                seq.draft_length.observe(0, 0)
-
-    def _draft_room(self, seq: Sequence) -> int:
-        """The most drafts ``seq`` may take now: ``draft_max``, within its context and its ``max_tokens`` (drafts
-        past the tokens its consumer takes would be work thrown away)."""
-        room = min(self.draft_max, self.n_ctx_seq - seq.n_past - 1)
-        if seq.limit is not None:
-            room = min(room, seq.limit - seq.sampled - 1)
-        return room
+        """Each decoded sequence's drafts for this step (:meth:`.drafting.Drafting.propose`), within each pass's rows
+        (the exact mode's ``max_rows``; the fast mode's one pass: ``n_batch`` less the prompt rows it reads)."""
+        free = {g: (self.llm.n_batch - prompt_rows if self.unified else max(self.max_rows, len(group))) - len(group)
+                for g, group in enumerate(groups)}
+        self.drafting.propose(groups, free, self.cost.decode_ms or 0.0)
 
     def _decoded(self) -> list[Sequence]:
         """The sequences whose next token this step decodes, in slot order: every running one that has read its
@@ -422,7 +391,8 @@ class BatchScheduler:
             heapq.heapify(self._free)
             seq.slot = slot
             seq.n_past = seq.reusable = seq.cached = self.cache.take(slot, len(seq.prompt), reuse, source)
-            seq.draft_length = DraftLength(prior=self.draft_prior.acceptance)
+            if self.drafting is not None:
+                seq.draft_length = self.drafting.new_length()
             self._running.append(seq)
             if seq.on_admit is not None:
                 seq.on_admit(seq.cached)
@@ -471,14 +441,7 @@ class BatchScheduler:
             for seq, got, n_past in new:
                 seq.n_past = n_past
                 if seq.draft:
-                    accepted = next((i for i, (a, b) in enumerate(zip(got, seq.draft, strict=False)) if a != b),
-                                    min(len(got), len(seq.draft)))
-                    seq.draft_length.observe(len(seq.draft), accepted)
-                    self.draft_prior.observe(len(seq.draft), accepted)
-                    seq.drafted += len(seq.draft)
-                    seq.accepted += accepted
-                    self.drafted += len(seq.draft)
-                    self.accepted += accepted
+                    self.drafting.verified(seq, got)
                 if seq.prefilled and seq.next_input is not None:  # a decode step's, not a prompt's first token
                     self.seq_steps += 1
                     self.step_tokens += len(got)
@@ -513,7 +476,7 @@ class BatchScheduler:
     def draft_stats(self) -> dict:
         """Speculative decoding so far: ``{"draft": {drafter, drafted, accepted, steps, tokens}}`` (the drafts
         verified and accepted; the sequences' decode steps and the tokens they gave), or nothing without a drafter."""
-        if self.drafter is None:
+        if self.drafting is None:
             return {}
-        return {"draft": {"drafter": self.drafter.name, "drafted": self.drafted, "accepted": self.accepted,
-                          "steps": self.seq_steps, "tokens": self.step_tokens}}
+        return {"draft": {"drafter": self.drafter.name, "drafted": self.drafting.drafted,
+                          "accepted": self.drafting.accepted, "steps": self.seq_steps, "tokens": self.step_tokens}}

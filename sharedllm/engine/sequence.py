@@ -9,7 +9,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from sharedllm.engine.speculative import DraftLength
+from sharedllm.engine.drafting import DraftLength
 
 PATIENCE_S = 2.0  # a prompt lets shorter ones go first for at most this long, then goes first itself
 

@@ -14,16 +14,12 @@ same sampler state and random numbers. The cells of rejected drafts are removed 
   context's last tokens proposes what followed it. Strong where answers quote their input (edits, code, summaries).
 - :class:`ModelDrafter` (``draft=MODEL``): a small GGUF with the target's vocabulary (:func:`vocab_mismatch`), loaded
   on the user's own CPU, greedy, each draft cut where the drafter's confidence falls below ``p_min``.
-- :class:`DraftLength` and :func:`allocate`: how many drafts each sequence gets in a step, from its running
-  acceptance and the measured cost of a step and of one more row in it (:class:`~sharedllm.engine.cost.RowCost`), to
-  maximise the expected tokens per second of the step (0 when drafting does not pay: then a probe now and then,
-  backing off).
+- How many drafts each sequence gets in a step is :mod:`.drafting`'s.
 """
 
 from __future__ import annotations
 
 import ctypes
-import heapq
 import logging
 import os
 import threading
@@ -35,105 +31,13 @@ logger = logging.getLogger(__name__)
 LOOKUP = "lookup"
 NGRAM_MAX = 4  # the longest context suffix the lookup drafter matches
 NGRAM_MIN = 2  # ... and the shortest (one token matches almost anywhere, and proposes noise)
-PRIOR_ACCEPTANCE = 0.5  # a sequence's acceptance before it has any, weighted as PRIOR_WEIGHT drafts
-PRIOR_WEIGHT = 4.0
-DECAY = 0.9  # a sequence's acceptance follows its recent drafts: older counts fade by this per verification
-PROBE_FIRST = 4  # steps without drafts before a sequence tries one draft again ...
-PROBE_MAX = 64  # ... doubling after each probe that failed, up to this
-PROBE_ACCEPTANCE = 0.9  # a probe is made only where a draft would pay were it accepted this often
-
-
-class DraftLength:
-    """One sequence's acceptance: the chance that its next draft is accepted, as a decayed count of its drafts'
-    outcomes (each draft token tried until the first rejection), and when it next probes while drafting does not
-    pay."""
-
-    def __init__(self, prior: float = PRIOR_ACCEPTANCE, decay: float = DECAY):
-        self.accepted = prior * PRIOR_WEIGHT
-        self.tried = PRIOR_WEIGHT
-        self.decay = decay
-        self.idle = 0  # steps since it last drafted
-        self.probe_every = PROBE_FIRST
-
-    @property
-    def acceptance(self) -> float:
-        return self.accepted / self.tried if self.tried > 0 else PRIOR_ACCEPTANCE
-
-    def observe(self, drafted: int, accepted: int) -> None:
-        """A verification of ``drafted`` drafts, of which the first ``accepted`` were accepted."""
-        if drafted <= 0:
-            self.idle += 1
-            return
-        tried = accepted + (1 if accepted < drafted else 0)  # the tokens tried up to the first rejection
-        self.accepted = self.accepted * self.decay + accepted
-        self.tried = self.tried * self.decay + tried
-        self.idle = 0
-        if drafted == 1 and accepted == 0:
-            self.probe_every = min(PROBE_MAX, self.probe_every * 2)
-        elif accepted:
-            self.probe_every = PROBE_FIRST
-
-    def probes(self) -> bool:
-        """Whether it tries one draft in this step although drafting does not pay by its acceptance so far."""
-        return self.idle >= self.probe_every
-
-
-def allocate(wants: list[tuple[DraftLength, int, int]], step_ms: float, row_ms: float, draft_ms: float,
-             first_ms: list[float] | None = None) -> list[int]:
-    """The drafts of each sequence of a step: ``wants`` holds, per sequence, its :class:`DraftLength`, the drafts it
-    may take at most (what its drafter has, its limits) and its pass's group (sequences of one ``llama_decode`` share
-    the pass's free rows: :func:`group_rows` gives them).
-
-    The step yields one token per sequence for ``step_ms``; one more draft of a sequence whose ``k`` drafts are in
-    costs ``row_ms + draft_ms`` and yields ``a ** (k + 1)`` more tokens on average (``a``: its acceptance). Drafts go,
-    the most probable first, while each adds more tokens than the step's average rate would for its cost (so the
-    step's tokens per millisecond rise). A sequence that drafted nothing for a while probes with one draft, where
-    a draft accepted ``PROBE_ACCEPTANCE`` of the time would pay (else its acceptance is not what holds it back).
-    ``first_ms``: what a sequence's first draft of the step costs on top (a draft model reading the context since its
-    last draft: :meth:`Drafter.pending_ms`)."""
-    ks = [0] * len(wants)
-    first = first_ms or [0.0] * len(wants)
-    tokens, ms = float(len(wants)), max(step_ms, 1e-3)
-    cost = max(row_ms + draft_ms, 1e-6)
-    heap = [(-length.acceptance, i) for i, (length, most, _) in enumerate(wants) if most > 0]
-    heapq.heapify(heap)
-    while heap:
-        neg, i = heapq.heappop(heap)
-        gain = -neg
-        this = cost + (first[i] if ks[i] == 0 else 0.0)
-        if gain / this <= tokens / ms:
-            if not first[i]:
-                break  # the most probable draft left does not pay: none after it does
-            continue  # this sequence's catch-up makes it too dear; another's draft may still pay
-        length, most, _ = wants[i]
-        ks[i] += 1
-        tokens += gain
-        ms += this
-        if ks[i] < most:
-            heapq.heappush(heap, (-(gain * length.acceptance), i))
-    for i, (length, most, _) in enumerate(wants):
-        if ks[i] == 0 and most > 0 and length.probes() and PROBE_ACCEPTANCE / (cost + first[i]) > tokens / ms:
-            ks[i] = 1
-    return ks
-
-
-def group_rows(ks: list[int], groups: list[int], free: dict[int, int]) -> list[int]:
-    """``ks`` cut so that the drafts of each group fit its ``free`` rows (the fewest cut from those that asked the
-    most: a long draft's last tokens are the least likely accepted)."""
-    ks = list(ks)
-    for g, room in free.items():
-        members = [i for i, grp in enumerate(groups) if grp == g]
-        while sum(ks[i] for i in members) > max(room, 0):
-            i = max(members, key=lambda j: ks[j])
-            ks[i] -= 1
-    return ks
 
 
 class Drafter:
     """What the batch scheduler asks of a drafter (:class:`LookupDrafter`, :class:`ModelDrafter`)."""
 
     name = "drafter"
-    on_client_ms = 0.0  # what a draft token costs the client while it waits for it, for :func:`allocate`
+    on_client_ms = 0.0  # what a draft token costs the client while it waits for it (:func:`.drafting.allocate`)
 
     def available(self, seq: Any, most: int) -> list[int]:
         """Up to ``most`` drafts ``seq`` may get (a drafter that makes them once allocated: placeholders)."""

@@ -1,0 +1,211 @@
+# SPDX-License-Identifier: AGPL-3.0-or-later
+"""How many drafts each sequence of a step gets (speculative decoding, :mod:`.speculative`), and what came of them.
+
+- :class:`DraftLength`: a sequence's running acceptance, and when it probes again after its drafts stopped paying.
+- :func:`allocate`: the drafts of each sequence of a step, from the acceptances and the measured cost of a step by its
+  rows (:class:`~sharedllm.engine.cost.RowCost`), to maximise the step's expected tokens per millisecond (none when
+  drafting does not pay: then a probe now and then, backing off); :func:`group_rows` fits them in each pass's rows.
+- :class:`Drafting`: the batch scheduler's side of it: each decoded sequence's drafts for a step
+  (:meth:`Drafting.propose`), the steps' costs, the counts of drafts verified and accepted.
+"""
+
+from __future__ import annotations
+
+import heapq
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from sharedllm.engine.cost import RowCost
+
+logger = logging.getLogger(__name__)
+
+PRIOR_ACCEPTANCE = 0.5  # a sequence's acceptance before it has any, weighted as PRIOR_WEIGHT drafts
+PRIOR_WEIGHT = 4.0
+DECAY = 0.9  # a sequence's acceptance follows its recent drafts: older counts fade by this per verification
+PROBE_FIRST = 4  # steps without drafts before a sequence tries one draft again ...
+PROBE_MAX = 64  # ... doubling after each probe that failed, up to this
+PROBE_ACCEPTANCE = 0.9  # a probe is made only where a draft would pay were it accepted this often
+
+
+class DraftLength:
+    """One sequence's acceptance: the chance that its next draft is accepted, as a decayed count of its drafts'
+    outcomes (each draft token tried until the first rejection), and when it next probes while drafting does not
+    pay."""
+
+    def __init__(self, prior: float = PRIOR_ACCEPTANCE, decay: float = DECAY):
+        self.accepted = prior * PRIOR_WEIGHT
+        self.tried = PRIOR_WEIGHT
+        self.decay = decay
+        self.idle = 0  # steps since it last drafted
+        self.probe_every = PROBE_FIRST
+
+    @property
+    def acceptance(self) -> float:
+        return self.accepted / self.tried if self.tried > 0 else PRIOR_ACCEPTANCE
+
+    def observe(self, drafted: int, accepted: int) -> None:
+        """A verification of ``drafted`` drafts, of which the first ``accepted`` were accepted."""
+        if drafted <= 0:
+            self.idle += 1
+            return
+        tried = accepted + (1 if accepted < drafted else 0)  # the tokens tried up to the first rejection
+        self.accepted = self.accepted * self.decay + accepted
+        self.tried = self.tried * self.decay + tried
+        self.idle = 0
+        if drafted == 1 and accepted == 0:
+            self.probe_every = min(PROBE_MAX, self.probe_every * 2)
+        elif accepted:
+            self.probe_every = PROBE_FIRST
+
+    def probes(self) -> bool:
+        """Whether it tries one draft in this step although drafting does not pay by its acceptance so far."""
+        return self.idle >= self.probe_every
+
+
+def allocate(wants: list[tuple[DraftLength, int, int]], step_ms: Callable[[int], float], draft_ms: float,
+             first_ms: list[float] | None = None) -> list[int]:
+    """The drafts of each sequence of a step: ``wants`` holds, per sequence, its :class:`DraftLength`, the drafts it
+    may take at most (what its drafter has, its limits) and its pass's group (sequences of one ``llama_decode`` share
+    the pass's free rows: :func:`group_rows` gives them).
+
+    ``step_ms(extra)``: what the step costs with ``extra`` draft rows in all (the measured
+    :class:`~sharedllm.engine.cost.RowCost`); without drafts it yields one token per sequence. The ``k``-th draft of
+    a sequence yields ``a ** k`` more tokens on average (``a``: its acceptance) and costs ``draft_ms`` on the client,
+    and a sequence's first draft of the step ``first_ms`` on top (a draft model reading the context since its last
+    draft: :meth:`Drafter.pending_ms`). The drafts are lined up, the most tokens per millisecond first, and the step
+    takes the first ``n`` of them for the ``n`` that gives the most tokens per millisecond of the step: a step's cost
+    is no line in its rows (one row more can cost a kernel change, the next few little), so drafts that do not pay
+    one by one may pay together. A sequence that drafted nothing for a while probes with one draft where drafts
+    accepted ``PROBE_ACCEPTANCE`` of the time would pay (else its acceptance is not what holds it back)."""
+    first = first_ms or [0.0] * len(wants)
+    base = max(step_ms(0), 1e-3)
+    offered = sum(most for _, most, _ in wants)
+    row = max((step_ms(offered) - base) / offered, 0.0) if offered else 0.0
+    unit = max(row + draft_ms, 1e-6)  # what an average draft costs, to line them up
+    heap = [(-length.acceptance / (unit + first[i]), i, length.acceptance)
+            for i, (length, most, _) in enumerate(wants) if most > 0]
+    heapq.heapify(heap)
+    line: list[tuple[int, float]] = []  # (sequence, tokens its draft adds), in the order they are taken
+    lined = [0] * len(wants)
+    while heap:
+        _, i, gain = heapq.heappop(heap)
+        line.append((i, gain))
+        lined[i] += 1
+        length, most, _ = wants[i]
+        if lined[i] < most:
+            heapq.heappush(heap, (-(gain * length.acceptance) / unit, i, gain * length.acceptance))
+    tokens, client, best, rate = float(len(wants)), 0.0, 0, len(wants) / base
+    taken = [False] * len(wants)
+    for n, (i, gain) in enumerate(line, 1):
+        tokens += gain
+        client += draft_ms + (0.0 if taken[i] else first[i])
+        taken[i] = True
+        if tokens / max(step_ms(n) + client, 1e-3) > rate:
+            best, rate = n, tokens / max(step_ms(n) + client, 1e-3)
+    ks = [0] * len(wants)
+    for i, _ in line[:best]:
+        ks[i] += 1
+    tokens = len(wants) + sum(gain for _, gain in line[:best])
+    client = sum(first[i] for i, k in enumerate(ks) if k) + draft_ms * best
+    for i, (length, most, _) in enumerate(wants):
+        if ks[i] == 0 and most > 0 and length.probes() and _would_pay(
+                most, tokens, best, client + first[i], rate, step_ms, draft_ms):
+            ks[i] = 1
+    return ks
+
+
+def _would_pay(most: int, tokens: float, drafts: int, client: float, rate: float, step_ms: Callable[[int], float],
+               draft_ms: float) -> bool:
+    """Whether up to ``most`` drafts accepted ``PROBE_ACCEPTANCE`` of the time, added to a step of ``tokens``
+    expected tokens, ``drafts`` drafts and ``client`` milliseconds on the client, would raise its ``rate``."""
+    gain = 1.0
+    for j in range(1, most + 1):
+        gain *= PROBE_ACCEPTANCE
+        tokens += gain
+        if tokens / max(step_ms(drafts + j) + client + j * draft_ms, 1e-3) > rate:
+            return True
+    return False
+
+
+def group_rows(ks: list[int], groups: list[int], free: dict[int, int]) -> list[int]:
+    """``ks`` cut so that the drafts of each group fit its ``free`` rows (the fewest cut from those that asked the
+    most: a long draft's last tokens are the least likely accepted)."""
+    ks = list(ks)
+    for g, room in free.items():
+        members = [i for i, grp in enumerate(groups) if grp == g]
+        while sum(ks[i] for i in members) > max(room, 0):
+            i = max(members, key=lambda j: ks[j])
+            ks[i] -= 1
+    return ks
+
+
+class Drafting:
+    """The batch scheduler's drafts: its ``drafter`` (:class:`~sharedllm.engine.speculative.Drafter`), the most
+    drafts a sequence takes in a step (``draft_max``; at least ``draft_min`` where offered), what a decode-only step
+    costs by its rows, and the drafts verified and accepted so far."""
+
+    def __init__(self, drafter: Any, draft_max: int, draft_min: int, n_ctx_seq: int, n_vocab: int):
+        self.drafter = drafter
+        self.draft_max = draft_max
+        self.draft_min = min(draft_min, draft_max)
+        self.n_ctx_seq = n_ctx_seq
+        self.n_vocab = n_vocab
+        self.row_cost = RowCost()
+        self.prior = DraftLength(decay=0.98)  # every sequence's acceptance, slowly decayed: where a new one starts
+        self.drafted = self.accepted = 0  # drafts verified, and accepted
+
+    def new_length(self) -> DraftLength:
+        """A new sequence's :class:`DraftLength`, starting from what the drafts of the others got."""
+        return DraftLength(prior=self.prior.acceptance)
+
+    def room(self, seq: Any) -> int:
+        """The most drafts ``seq`` may take now: ``draft_max``, within its context and its ``max_tokens`` (drafts
+        past the tokens its consumer takes would be work thrown away)."""
+        room = min(self.draft_max, self.n_ctx_seq - seq.n_past - 1)
+        if seq.limit is not None:
+            room = min(room, seq.limit - seq.sampled - 1)
+        return room
+
+    def propose(self, groups: list[list[Any]], free: dict[int, int], decode_ms: float) -> None:
+        """Each decoded sequence's drafts for this step (``Sequence.draft``): what its drafter offers, within its
+        limits, as many as :func:`allocate` finds worth their cost and each pass's ``free`` rows hold (by group)."""
+        wants, order = [], []
+        for g, group in enumerate(groups):
+            for seq in group:
+                seq.draft = []
+                most = self.room(seq)
+                seq.draft_offer = self.drafter.available(seq, most) if most > 0 else []
+                wants.append((seq.draft_length, len(seq.draft_offer), g))
+                order.append(seq)
+        curve, rows = self.row_cost.curve(decode_ms), len(order)
+
+        def step_ms(extra: int) -> float:
+            return curve(rows + extra)
+
+        ks = allocate(wants, step_ms, self.drafter.on_client_ms,
+                      [self.drafter.pending_ms(seq) if w[1] else 0.0 for seq, w in zip(order, wants, strict=True)])
+        ks = [max(k, min(self.draft_min, most)) for k, (_, most, _) in zip(ks, wants, strict=True)]
+        ks = group_rows(ks, [w[2] for w in wants], free)
+        logger.debug("drafts %s (offered %s, acceptance %s; step %.1f ms, %.1f with one draft, %.1f with 8; draft "
+                     "%.2f ms)", ks, [w[1] for w in wants], [round(w[0].acceptance, 2) for w in wants], step_ms(0),
+                     step_ms(1), step_ms(8), self.drafter.on_client_ms)
+        drafts = self.drafter.draft([(seq, k) for seq, k in zip(order, ks, strict=True) if k]) if any(ks) else {}
+        for seq, k in zip(order, ks, strict=True):
+            draft = drafts.get(id(seq), [])[:k]
+            # a token the target does not have (a draft model's vocabulary may be longer) ends the draft
+            seq.draft = draft[:next((i for i, t in enumerate(draft) if not 0 <= t < self.n_vocab), len(draft))]
+            if not seq.draft:
+                seq.draft_length.observe(0, 0)
+
+    def verified(self, seq: Any, got: list[int]) -> None:
+        """``seq``'s drafts were verified and the target sampled ``got``: the drafts up to the first it differs from
+        were accepted."""
+        accepted = next((i for i, (a, b) in enumerate(zip(got, seq.draft, strict=False)) if a != b),
+                        min(len(got), len(seq.draft)))
+        seq.draft_length.observe(len(seq.draft), accepted)
+        self.prior.observe(len(seq.draft), accepted)
+        seq.drafted += len(seq.draft)
+        seq.accepted += accepted
+        self.drafted += len(seq.draft)
+        self.accepted += accepted
