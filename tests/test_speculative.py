@@ -133,6 +133,38 @@ def test_row_cost_is_measured_by_the_rows_of_a_step():
     assert cost.ms(2) == pytest.approx(60.0 + RowCost.PRIOR * 60.0)
 
 
+def test_a_draft_models_costs_are_measured_before_its_first_draft(model_path):
+    """Before any draft, the draft model's pass and a context token read are timed (drafting would look free), and a
+    sequence's first draft, which reads its whole context, is charged spread over the tokens it may still give."""
+    from types import SimpleNamespace
+
+    from sharedllm.engine.load import build_llama
+    from sharedllm.engine.speculative import ModelDrafter
+
+    llm = build_llama(str(model_path), n_ctx=256, parallel=2, unified=True, use_extra_bufts=True, n_threads=2,
+                      n_batch=512)
+    drafter = ModelDrafter(llm, 2, 256, path=str(model_path))
+    try:
+        assert drafter.on_client_ms == drafter.read_ms == 0.0
+        drafter.calibrate()
+        # A token read among 31 costs a fraction of a pass of one (the weights are read once a pass).
+        assert 0.0 < drafter.read_ms < drafter.on_client_ms
+
+        def seq(limit: int | None, acceptance: float):
+            prompt = list(range(100, 200))
+            return SimpleNamespace(slot=0, prompt=prompt, outputs=[], limit=limit, sampled=0, n_past=len(prompt),
+                                   draft_length=DraftLength(prior=acceptance), history=lambda: list(prompt))
+
+        # 100 tokens to read, 50 left to give at 2 tokens a step (acceptance 0.5): 100 * 2 / 50 reads a step.
+        assert drafter.pending_ms(seq(50, 0.5)) == pytest.approx(100 * drafter.read_ms * 2 / 50)
+        assert drafter.pending_ms(seq(1000, 0.5)) == pytest.approx(100 * drafter.read_ms * 2 / 1000)
+        assert drafter.pending_ms(seq(1, 0.5)) == pytest.approx(100 * drafter.read_ms)  # at most the whole read
+        # With no max_tokens, the rest of the context.
+        assert drafter.pending_ms(seq(None, 0.75)) == pytest.approx(100 * drafter.read_ms * 4 / (256 - 100))
+    finally:
+        drafter.close()
+
+
 def test_load_options_of_a_draft():
     opts = LoadOptions(draft="lookup")
     assert opts.llama_kwargs()["flash_attn"] is True

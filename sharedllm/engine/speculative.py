@@ -157,7 +157,7 @@ class ModelDrafter(Drafter):
         self._batch = llama_cpp.llama_batch_init(max(self._n_batch, parallel), 0, 1)
         self._chains: dict[int, _Chain] = {}  # slot -> its chain
         self.n_ctx_seq = n_ctx_seq
-        self.on_client_ms = 0.0  # measured: a draft position's pass, when the client waits for it
+        self.on_client_ms = 0.0  # measured: what a draft costs the client while it waits for it (calibrate, draft)
         self._ahead: threading.Thread | None = None
         self._stop = threading.Event()
         self.ahead_hits = 0  # drafts taken from a chain guessed ahead
@@ -169,11 +169,43 @@ class ModelDrafter(Drafter):
 
     def pending_ms(self, seq: Any) -> float:
         """The context tokens the chain of ``seq`` lacks, at the measured cost of reading one. A sequence's first
-        draft, which reads its prompt, is not counted: it is paid once, and without it the drafter never starts."""
+        draft reads its whole prompt (but what its slot's chain shares with it), once: that cost is spread over the
+        steps the sequence may still take (its ``max_tokens``, else its context), at the tokens a step yields with
+        drafts at its acceptance, so a long answer pays for reading a long prompt and a short one does not."""
         chain = self._chains.get(seq.slot)
-        if chain is None or id(seq) not in self._drafted:
-            return 0.0
-        return max(0, len(seq.prompt) + len(seq.outputs) - len(chain.cells)) * self.read_ms
+        if id(seq) in self._drafted:
+            return max(0, len(seq.prompt) + len(seq.outputs) - (len(chain.cells) if chain else 0)) * self.read_ms
+        from sharedllm.engine.prompt_cache import common_prefix
+
+        history = seq.history()
+        missing = len(history) - (common_prefix(chain.cells, history) if chain else 0)
+        left = (seq.limit - seq.sampled) if seq.limit is not None else self.n_ctx_seq - seq.n_past
+        per_step = min(self.ahead_max + 1.0, 1.0 / max(1.0 - seq.draft_length.acceptance, 1e-3))
+        return missing * self.read_ms * min(1.0, per_step / max(left, 1))
+
+    def calibrate(self, passes: int = 3, read: int = 32) -> None:
+        """First measures of ``on_client_ms`` (a draft position's pass) and ``read_ms`` (a context token read),
+        in a scratch sequence before any runs: until drafts measure them, drafting would look free, and a first draft
+        would be tried where it cannot pay (locally, where the draft model's pass costs about what the target's
+        does)."""
+        tokens = self.llm.tokenize(b"The quick brown fox jumps over the lazy dog. " * 8, add_bos=True)[:read]
+        self._set(0, tokens[0], 0, 0, True)
+        self._decode(1)  # the first pass allocates: not timed
+        started = time.monotonic()
+        for i, tok in enumerate(tokens[1:]):
+            self._set(i, tok, 1 + i, 0, False)
+        self._decode(len(tokens) - 1)
+        self.read_ms = (time.monotonic() - started) * 1000 / (len(tokens) - 1)
+        times = []
+        for j in range(passes):
+            started = time.monotonic()
+            self._set(0, tokens[j], len(tokens) + j, 0, True)
+            self._decode(1)
+            times.append((time.monotonic() - started) * 1000)
+        self.on_client_ms = sorted(times)[len(times) // 2]
+        self._lib.llama_memory_seq_rm(self._memory, 0, 0, -1)
+        logger.info("draft model %s: %.1f ms a draft, %.2f ms a context token read", self.name, self.on_client_ms,
+                    self.read_ms)
 
     def draft(self, wanted: list[tuple[Any, int]]) -> dict[int, list[int]]:
         """Up to ``k`` drafts for each ``(sequence, k)``: the chain's guesses past the sequence's context, guessed
@@ -185,18 +217,19 @@ class ModelDrafter(Drafter):
         self._catch_up([seq for seq, _ in wanted])
         self._drafted.update(id(seq) for seq, _ in wanted)
         need = {id(seq): (seq, min(k, self.n_ctx_seq - seq.n_past - 2)) for seq, k in wanted}
-        started, rounds = time.monotonic(), 0
+        started = time.monotonic()
         while True:
             short = [seq.slot for seq, k in need.values()
                      if len(self._drafts(seq)) < k and self._can_guess(seq.slot)]
             if not short:
                 break
             self._guess_on(short)
-            rounds += 1
-        if rounds:
-            ms = (time.monotonic() - started) * 1000 / rounds
+        drafts = {key: self._drafts(seq)[:k] for key, (seq, k) in need.items()}
+        given = sum(len(d) for d in drafts.values())
+        if given:  # what a draft cost the client here: those guessed ahead, while the mesh verified, cost nothing
+            ms = (time.monotonic() - started) * 1000 / given
             self.on_client_ms = ms if not self.on_client_ms else self.on_client_ms + 0.3 * (ms - self.on_client_ms)
-        return {key: self._drafts(seq)[:k] for key, (seq, k) in need.items()}
+        return drafts
 
     def ahead(self, seqs: list[Any]) -> None:
         """Guess on past the drafts of ``seqs`` in a thread, until :meth:`wait` (the step's pass is done) or
@@ -396,4 +429,6 @@ def start_drafter(spec: Any) -> Drafter | None:
         raise ValueError(f"the draft model {spec.draft} cannot draft for {spec.model_path}: its vocabulary differs "
                          f"({why}); use a draft model with the target's tokenizer (a smaller model of its family, or "
                          "draft='lookup')")
-    return ModelDrafter(draft, spec.parallel, n_ctx, path=spec.draft)
+    drafter = ModelDrafter(draft, spec.parallel, n_ctx, path=spec.draft)
+    drafter.calibrate()
+    return drafter
