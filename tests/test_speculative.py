@@ -80,6 +80,19 @@ def test_allocate_takes_drafts_that_pay_together_though_not_one_by_one():
     assert allocate([(unsure, 8, 0)], cpu, draft_ms=0.0) == [0]  # 1.5 tokens for 35 ms or more: none pays
     # A linear model fitted to such steps (its slope 20 ms a row, or the step's own cost) would draft nothing.
     assert allocate([(sure, 8, 0)], line(15.0, 15.0), draft_ms=0.0) == [0]
+    # A sequence whose drafts fail probes first with as many drafts as would pay best were they accepted 90% of the
+    # time (a probe of one would cost the kernel change all the same), then, after the probe failed, once the next
+    # probe's 48 ms are no more than 5% of the steps it waited, twice (its backoff).
+    failing = DraftLength(prior=0.05)
+    for _ in range(PROBE_FIRST):
+        failing.observe(0, 0)
+    assert allocate([(failing, 8, 0)], cpu, draft_ms=0.0) == [8]
+    failing.observe(8, 0)
+    for _ in range(127):
+        failing.observe(0, 0)
+    assert allocate([(failing, 8, 0)], cpu, draft_ms=0.0) == [0]
+    failing.observe(0, 0)
+    assert allocate([(failing, 8, 0)], cpu, draft_ms=0.0) == [8]  # 128 steps of 15 ms: 5% of them is 2 * 48 ms
 
 
 def test_a_sequence_whose_drafts_fail_backs_off_and_probes_again():
@@ -92,21 +105,20 @@ def test_a_sequence_whose_drafts_fail_backs_off_and_probes_again():
     assert allocate([(length, 6, 0)], **costs) == [0]
     for _ in range(PROBE_FIRST):
         length.observe(0, 0)  # steps without drafts
-    assert allocate([(length, 6, 0)], **costs) == [1]  # a probe
-    length.observe(1, 0)  # the probe failed: the next one waits twice as long
+    assert allocate([(length, 6, 0)], **costs) == [0]  # a probe of 6 drafts costs 24 ms: more than 5% of 4 steps
+    for _ in range(24 - PROBE_FIRST):
+        length.observe(0, 0)
+    assert allocate([(length, 6, 0)], **costs) == [6]  # a probe: the drafts that pay best at 90% acceptance
+    length.observe(6, 0)  # the probe failed: the next one waits twice as long
     assert length.probe_every == 2 * PROBE_FIRST
-    for _ in range(PROBE_FIRST):
+    for _ in range(47):
         length.observe(0, 0)
     assert allocate([(length, 6, 0)], **costs) == [0]
-    for _ in range(PROBE_FIRST):
-        length.observe(0, 0)
-    assert allocate([(length, 6, 0)], **costs) == [1]
+    length.observe(0, 0)
+    assert allocate([(length, 6, 0)], **costs) == [6]
     # Where a draft would not pay even if always accepted (a draft model as costly as a local step), no probe.
     assert allocate([(length, 6, 0)], line(5.0, 4.0), draft_ms=10.0) == [0]
     # Nor where the probe's catch-up would cost more than it could give.
-    for _ in range(4 * PROBE_FIRST):
-        length.observe(0, 0)
-    assert allocate([(length, 6, 0)], **costs) == [1]
     assert allocate([(length, 6, 0)], **costs, first_ms=[200.0]) == [0]
 
 
@@ -127,10 +139,13 @@ def test_row_cost_is_measured_by_the_rows_of_a_step():
     cost.observe(4, 90.0)
     assert cost.ms(4) == pytest.approx(63.0)
     assert cost.ms(3) == pytest.approx(35.0 + (63.0 - 35.0) / 2)
-    # Estimates not renewed for a while are forgotten (the link may have changed): only the latest count is left.
-    for _ in range(RowCost.STALE + 1):
-        cost.observe(1, 60.0)
-    assert cost.ms(2) == pytest.approx(60.0 + RowCost.PRIOR * 60.0)
+    # The link got 40 ms slower: the steps of one row say so, and every count's cost rises alike (a pass's round
+    # trips do not depend on its rows).
+    for _ in range(30):
+        cost.observe(1, 55.0)
+    assert cost.ms(1) == pytest.approx(55.0, abs=0.5)
+    assert cost.ms(2) == pytest.approx(75.0, abs=1.0)
+    assert cost.ms(9) == pytest.approx(103.0, abs=1.0)
 
 
 def test_a_draft_models_costs_are_measured_before_its_first_draft(model_path):

@@ -36,35 +36,37 @@ class StepCost:
 
 class RowCost:
     """What a decode-only step costs by the rows it holds (one per decoded sequence, and each draft it verifies),
-    measured as the scheduler goes: an exponential average per row count.
+    measured as the scheduler goes: a level, what a step of the fewest rows seen costs (its exponential average: a
+    pass's round trips, which the link's latency changes for every row count alike), and for more rows what they
+    cost over it (the compute they add; exponential averages, each moved only by steps of its count).
 
     Not a line through them. On a CPU the output layer's matrix product for two or three rows takes another kernel
     than for one (Gemma 3 270M on 2 cores, the output layer on the client: 15 ms a step of one row, 35 of two, 46 of
-    three, 63 of nine), and behind a link a pass pays its round trips whatever it holds. A row count not measured
-    lately is read off those that were: between two, on the line through them; past the largest, ``PRIOR`` of the
-    smallest one's cost per row more (a guess that the next drafts then measure); below the smallest, as much less.
-    The estimates never fall as rows are added: a count that cost more than a larger one (noise, a slow moment) is
-    taken at the larger one's cost, so one bad step cannot keep drafts from being tried again. An estimate not
-    renewed within ``STALE`` steps is forgotten: the link's latency, which changes every count's cost, may have
-    changed since."""
+    three, 63 of nine), and behind a link a pass pays its round trips whatever it holds. A row count not measured yet
+    is read off those that were: between two, on the line through them; past the largest, ``PRIOR`` of the smallest
+    one's cost per row more (a guess that the next drafts then measure); below the smallest, as much less. The
+    offsets never fall as rows are added: a count that cost more than a larger one (noise, a slow moment) is taken
+    at the larger one's cost, so one bad step cannot keep drafts from being tried again."""
 
     PRIOR = 0.3
     ALPHA = 0.3
-    STALE = 128
 
     def __init__(self) -> None:
-        self._ms: dict[int, float] = {}  # rows -> the average cost of a step of that many rows
-        self._seen: dict[int, int] = {}  # rows -> the step that last had that many
-        self._steps = 0
+        self.base: int | None = None  # the fewest rows a step had: its cost is the level
+        self.level = 0.0
+        self._offset: dict[int, float] = {}  # rows -> what a step of that many costs over the level
 
     def observe(self, rows: int, ms: float) -> None:
-        self._steps += 1
-        old = self._ms.get(rows) if self._fresh(rows) else None
-        self._ms[rows] = ms if old is None else old + self.ALPHA * (ms - old)
-        self._seen[rows] = self._steps
-
-    def _fresh(self, rows: int) -> bool:
-        return rows in self._seen and self._steps - self._seen[rows] <= self.STALE
+        if self.base is None or rows < self.base:  # the new base: the others' offsets kept as costs
+            old = self.level
+            self._offset = {r: old + v - ms for r, v in self._offset.items()}
+            self.base, self.level = rows, ms
+            self._offset[rows] = 0.0
+        elif rows == self.base:
+            self.level += self.ALPHA * (ms - self.level)
+        else:
+            offset = self._offset.get(rows)
+            self._offset[rows] = ms - self.level if offset is None else offset + self.ALPHA * (ms - self.level - offset)
 
     def ms(self, rows: int, unknown: float = 0.0) -> float:
         """The estimated cost of a decode-only step of ``rows`` rows; ``unknown`` before any step was measured."""
@@ -73,13 +75,13 @@ class RowCost:
     def curve(self, unknown: float = 0.0) -> Callable[[int], float]:
         """:meth:`ms` as a function of the rows, with the estimates as they are now (one step's allocation asks
         it many times)."""
-        known = sorted((r, v) for r, v in self._ms.items() if self._fresh(r))
-        if not known:
+        if self.base is None:
             return lambda rows: unknown
+        level = self.level
         envelope: list[tuple[int, float]] = []  # the running minimum from the largest count down: never falling
         lowest = float("inf")
-        for r, v in reversed(known):
-            lowest = min(lowest, v)
+        for r, v in sorted(self._offset.items(), reverse=True):
+            lowest = min(lowest, level + v)
             envelope.append((r, lowest))
         envelope.reverse()
         r0, v0 = envelope[0]

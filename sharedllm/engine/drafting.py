@@ -25,7 +25,8 @@ PRIOR_WEIGHT = 4.0
 DECAY = 0.9  # a sequence's acceptance follows its recent drafts: older counts fade by this per verification
 PROBE_FIRST = 4  # steps without drafts before a sequence tries one draft again ...
 PROBE_MAX = 64  # ... doubling after each probe that failed, up to this
-PROBE_ACCEPTANCE = 0.9  # a probe is made only where a draft would pay were it accepted this often
+PROBE_ACCEPTANCE = 0.9  # a probe is made only where a draft would pay were it accepted this often ...
+PROBE_SHARE = 0.05  # ... and where its cost is no more than this share of the steps since the last (times the backoff)
 
 
 class DraftLength:
@@ -39,6 +40,7 @@ class DraftLength:
         self.decay = decay
         self.idle = 0  # steps since it last drafted
         self.probe_every = PROBE_FIRST
+        self.verified = 0  # its steps with drafts
 
     @property
     def acceptance(self) -> float:
@@ -52,14 +54,16 @@ class DraftLength:
         tried = accepted + (1 if accepted < drafted else 0)  # the tokens tried up to the first rejection
         self.accepted = self.accepted * self.decay + accepted
         self.tried = self.tried * self.decay + tried
+        probe = self.probes()
         self.idle = 0
-        if drafted == 1 and accepted == 0:
+        self.verified += 1
+        if accepted == 0 and (probe or drafted == 1):
             self.probe_every = min(PROBE_MAX, self.probe_every * 2)
         elif accepted:
             self.probe_every = PROBE_FIRST
 
     def probes(self) -> bool:
-        """Whether it tries one draft in this step although drafting does not pay by its acceptance so far."""
+        """Whether it may try drafts in this step although drafting does not pay by its acceptance so far."""
         return self.idle >= self.probe_every
 
 
@@ -76,8 +80,11 @@ def allocate(wants: list[tuple[DraftLength, int, int]], step_ms: Callable[[int],
     draft: :meth:`Drafter.pending_ms`). The drafts are lined up, the most tokens per millisecond first, and the step
     takes the first ``n`` of them for the ``n`` that gives the most tokens per millisecond of the step: a step's cost
     is no line in its rows (one row more can cost a kernel change, the next few little), so drafts that do not pay
-    one by one may pay together. A sequence that drafted nothing for a while probes with one draft where drafts
-    accepted ``PROBE_ACCEPTANCE`` of the time would pay (else its acceptance is not what holds it back)."""
+    one by one may pay together. A sequence that drafted nothing for a while probes where drafts accepted
+    ``PROBE_ACCEPTANCE`` of the time would pay (else its acceptance is not what holds it back), with as many drafts
+    as would pay best so (one more row can cost as much as several: a probe of one would tell as much and give less);
+    after a probe that failed, only where the next one costs at most ``PROBE_SHARE`` of the steps' time since its
+    last draft, times its backoff (a draft that makes a CPU step take another kernel costs more than the step)."""
     first = first_ms or [0.0] * len(wants)
     base = max(step_ms(0), 1e-3)
     offered = sum(most for _, most, _ in wants)
@@ -109,23 +116,30 @@ def allocate(wants: list[tuple[DraftLength, int, int]], step_ms: Callable[[int],
     tokens = len(wants) + sum(gain for _, gain in line[:best])
     client = sum(first[i] for i, k in enumerate(ks) if k) + draft_ms * best
     for i, (length, most, _) in enumerate(wants):
-        if ks[i] == 0 and most > 0 and length.probes() and _would_pay(
-                most, tokens, best, client + first[i], rate, step_ms, draft_ms):
-            ks[i] = 1
+        if ks[i] == 0 and most > 0 and length.probes():
+            k = _probe(most, tokens, best, client + first[i], rate, step_ms, draft_ms)
+            # after a failed probe, the next costs at most PROBE_SHARE of the steps' time while it waited
+            cost = step_ms(best + k) - step_ms(best) + k * draft_ms + first[i]
+            if k and (not length.verified
+                      or length.idle * base * PROBE_SHARE >= cost * length.probe_every / PROBE_FIRST):
+                ks[i] = k
+                best += k
     return ks
 
 
-def _would_pay(most: int, tokens: float, drafts: int, client: float, rate: float, step_ms: Callable[[int], float],
-               draft_ms: float) -> bool:
-    """Whether up to ``most`` drafts accepted ``PROBE_ACCEPTANCE`` of the time, added to a step of ``tokens``
-    expected tokens, ``drafts`` drafts and ``client`` milliseconds on the client, would raise its ``rate``."""
-    gain = 1.0
+def _probe(most: int, tokens: float, drafts: int, client: float, rate: float, step_ms: Callable[[int], float],
+           draft_ms: float) -> int:
+    """The drafts of a probe: of up to ``most``, as many as would raise most the ``rate`` of a step of ``tokens``
+    expected tokens, ``drafts`` drafts and ``client`` milliseconds on the client, were they accepted
+    ``PROBE_ACCEPTANCE`` of the time (0: none would)."""
+    gain, best = 1.0, 0
     for j in range(1, most + 1):
         gain *= PROBE_ACCEPTANCE
         tokens += gain
-        if tokens / max(step_ms(drafts + j) + client + j * draft_ms, 1e-3) > rate:
-            return True
-    return False
+        this = tokens / max(step_ms(drafts + j) + client + j * draft_ms, 1e-3)
+        if this > rate:
+            best, rate = j, this
+    return best
 
 
 def group_rows(ks: list[int], groups: list[int], free: dict[int, int]) -> list[int]:
