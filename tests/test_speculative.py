@@ -80,21 +80,19 @@ def test_allocate_takes_drafts_that_pay_together_though_not_one_by_one():
     assert allocate([(unsure, 8, 0)], cpu, draft_ms=0.0) == [0]  # 1.5 tokens for 35 ms or more: none pays
     # A linear model fitted to such steps (its slope 20 ms a row, or the step's own cost) would draft nothing.
     assert allocate([(sure, 8, 0)], line(15.0, 15.0), draft_ms=0.0) == [0]
-    # A sequence whose drafts fail probes with as many drafts as would pay best were they accepted 90% of the time (a
-    # probe of one would cost the kernel change all the same), once the probe's 48 ms are no more than 3% of the
-    # steps it waited; after a failed probe, twice as many steps (its backoff).
+    # A sequence whose drafts fail probes first with as many drafts as would pay best were they accepted 90% of the
+    # time (a probe of one would cost the kernel change all the same), then, after the probe failed, once the next
+    # probe's 48 ms are no more than 5% of the steps it waited, twice (its backoff).
     failing = DraftLength(prior=0.05)
-    for _ in range(106):
+    for _ in range(PROBE_FIRST):
         failing.observe(0, 0)
-    assert allocate([(failing, 8, 0)], cpu, draft_ms=0.0) == [0]
-    failing.observe(0, 0)
-    assert allocate([(failing, 8, 0)], cpu, draft_ms=0.0) == [8]  # 107 steps of 15 ms: 3% of them is 48 ms
-    failing.observe(8, 0)
-    for _ in range(213):
-        failing.observe(0, 0)
-    assert allocate([(failing, 8, 0)], cpu, draft_ms=0.0) == [0]
-    failing.observe(0, 0)
     assert allocate([(failing, 8, 0)], cpu, draft_ms=0.0) == [8]
+    failing.observe(8, 0)
+    for _ in range(127):
+        failing.observe(0, 0)
+    assert allocate([(failing, 8, 0)], cpu, draft_ms=0.0) == [0]
+    failing.observe(0, 0)
+    assert allocate([(failing, 8, 0)], cpu, draft_ms=0.0) == [8]  # 128 steps of 15 ms: 5% of them is 2 * 48 ms
 
 
 def test_a_sequence_whose_drafts_fail_backs_off_and_probes_again():
@@ -107,13 +105,13 @@ def test_a_sequence_whose_drafts_fail_backs_off_and_probes_again():
     assert allocate([(length, 6, 0)], **costs) == [0]
     for _ in range(PROBE_FIRST):
         length.observe(0, 0)  # steps without drafts
-    assert allocate([(length, 6, 0)], **costs) == [0]  # a probe of 6 drafts costs 24 ms: more than 3% of 4 steps
-    for _ in range(40 - PROBE_FIRST):
+    assert allocate([(length, 6, 0)], **costs) == [0]  # a probe of 6 drafts costs 24 ms: more than 5% of 4 steps
+    for _ in range(24 - PROBE_FIRST):
         length.observe(0, 0)
     assert allocate([(length, 6, 0)], **costs) == [6]  # a probe: the drafts that pay best at 90% acceptance
     length.observe(6, 0)  # the probe failed: the next one waits twice as long
     assert length.probe_every == 2 * PROBE_FIRST
-    for _ in range(79):
+    for _ in range(47):
         length.observe(0, 0)
     assert allocate([(length, 6, 0)], **costs) == [0]
     length.observe(0, 0)

@@ -26,7 +26,7 @@ DECAY = 0.9  # a sequence's acceptance follows its recent drafts: older counts f
 PROBE_FIRST = 4  # steps without drafts before a sequence tries one draft again ...
 PROBE_MAX = 64  # ... doubling after each probe that failed, up to this
 PROBE_ACCEPTANCE = 0.9  # a probe is made only where a draft would pay were it accepted this often ...
-PROBE_SHARE = 0.03  # ... and where its cost is no more than this share of the steps since the last (times the backoff)
+PROBE_SHARE = 0.05  # ... and where its cost is no more than this share of the steps since the last (times the backoff)
 
 
 class DraftLength:
@@ -40,6 +40,7 @@ class DraftLength:
         self.decay = decay
         self.idle = 0  # steps since it last drafted
         self.probe_every = PROBE_FIRST
+        self.verified = 0  # its steps with drafts
 
     @property
     def acceptance(self) -> float:
@@ -55,6 +56,7 @@ class DraftLength:
         self.tried = self.tried * self.decay + tried
         probe = self.probes()
         self.idle = 0
+        self.verified += 1
         if accepted == 0 and (probe or drafted == 1):
             self.probe_every = min(PROBE_MAX, self.probe_every * 2)
         elif accepted:
@@ -80,9 +82,9 @@ def allocate(wants: list[tuple[DraftLength, int, int]], step_ms: Callable[[int],
     is no line in its rows (one row more can cost a kernel change, the next few little), so drafts that do not pay
     one by one may pay together. A sequence that drafted nothing for a while probes where drafts accepted
     ``PROBE_ACCEPTANCE`` of the time would pay (else its acceptance is not what holds it back), with as many drafts
-    as would pay best so (one more row can cost as much as several: a probe of one would tell as much and give less),
-    and only where it costs at most ``PROBE_SHARE`` of the steps' time since the sequence's last draft, times its
-    backoff (a draft that makes a CPU step take another kernel costs more than the step: its probes wait longer)."""
+    as would pay best so (one more row can cost as much as several: a probe of one would tell as much and give less);
+    after a probe that failed, only where the next one costs at most ``PROBE_SHARE`` of the steps' time since its
+    last draft, times its backoff (a draft that makes a CPU step take another kernel costs more than the step)."""
     first = first_ms or [0.0] * len(wants)
     base = max(step_ms(0), 1e-3)
     offered = sum(most for _, most, _ in wants)
@@ -116,9 +118,10 @@ def allocate(wants: list[tuple[DraftLength, int, int]], step_ms: Callable[[int],
     for i, (length, most, _) in enumerate(wants):
         if ks[i] == 0 and most > 0 and length.probes():
             k = _probe(most, tokens, best, client + first[i], rate, step_ms, draft_ms)
-            # a probe costs at most PROBE_SHARE of the steps' time while it waited, times its backoff
+            # after a failed probe, the next costs at most PROBE_SHARE of the steps' time while it waited
             cost = step_ms(best + k) - step_ms(best) + k * draft_ms + first[i]
-            if k and length.idle * base * PROBE_SHARE >= cost * length.probe_every / PROBE_FIRST:
+            if k and (not length.verified
+                      or length.idle * base * PROBE_SHARE >= cost * length.probe_every / PROBE_FIRST):
                 ks[i] = k
                 best += k
     return ks
