@@ -49,6 +49,8 @@ from bench import common
 
 logger = logging.getLogger("bench.speculative")
 LOW_RTT_MS = 5.0
+ANCHOR_RUNS = 1  # runs of a workload per llama-server start: its ngram-mod learns across requests (a second identical
+# request is answered from the first one's n-grams)
 
 PASSAGE = (
     "The committee met on Tuesday to discuss the new budget. After a long debate, the members agreed to increase "
@@ -270,8 +272,8 @@ def measure_anchor(target: Target, args: argparse.Namespace, lm: Any, work: Path
                     server.start()
                     try:
                         llama_server_run(server.url, prompt_of(args.workloads[0], target), 8, links.links)
-                        for workload in args.workloads:  # one run a server: ngram-mod learns across requests
-                            for _ in range(1):
+                        for workload in args.workloads:
+                            for _ in range(ANCHOR_RUNS):
                                 common.wait_for_quiet(5.0)
                                 res = llama_server_run(server.url, prompt_of(workload, target), args.tokens,
                                                        links.links)
