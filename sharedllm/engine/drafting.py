@@ -102,19 +102,20 @@ def allocate(wants: list[tuple[DraftLength, int, int]], step_ms: Callable[[int],
         length, most, _ = wants[i]
         if lined[i] < most:
             heapq.heappush(heap, (-(gain * length.acceptance) / unit, i, gain * length.acceptance))
-    tokens, client, best, rate = float(len(wants)), 0.0, 0, len(wants) / base
+    tokens = float(len(wants))
+    client, best, rate = 0.0, (0, tokens, 0.0), tokens / base  # best: (drafts, their step's tokens, client ms)
     taken = [False] * len(wants)
     for n, (i, gain) in enumerate(line, 1):
         tokens += gain
         client += draft_ms + (0.0 if taken[i] else first[i])
         taken[i] = True
-        if tokens / max(step_ms(n) + client, 1e-3) > rate:
-            best, rate = n, tokens / max(step_ms(n) + client, 1e-3)
+        this = tokens / max(step_ms(n) + client, 1e-3)
+        if this > rate:
+            best, rate = (n, tokens, client), this
+    best, tokens, client = best
     ks = [0] * len(wants)
     for i, _ in line[:best]:
         ks[i] += 1
-    tokens = len(wants) + sum(gain for _, gain in line[:best])
-    client = sum(first[i] for i, k in enumerate(ks) if k) + draft_ms * best
     for i, (length, most, _) in enumerate(wants):
         if ks[i] == 0 and most > 0 and length.probes():
             k = _probe(most, tokens, best, client + first[i], rate, step_ms, draft_ms)
