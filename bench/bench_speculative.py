@@ -46,6 +46,7 @@ if not __package__:  # run as a file, not with python -m: import the bench packa
     __package__ = "bench"
 
 from bench import common
+from sharedllm.options import DRAFT_MAX
 
 logger = logging.getLogger("bench.speculative")
 LOW_RTT_MS = 5.0
@@ -260,7 +261,7 @@ def measure_anchor(target: Target, args: argparse.Namespace, lm: Any, work: Path
     table = {m["machine_id"]: m for m in mesh.machines()}
     rpc = [table[st.machine_id]["rpc"]["endpoint"] for st in topo.stages]
     runs: dict[tuple, list[dict]] = {}
-    modes = anchor_modes(target.draft_path, 8)
+    modes = anchor_modes(target.draft_path, DRAFT_MAX)
     for r in range(args.repeats):
         for rtt in args.anchor_rtt:
             links = anchor.Links(rpc, rtt)

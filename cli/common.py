@@ -10,6 +10,7 @@ import click
 
 from sharedllm import settings
 from sharedllm.errors import MeshError
+from sharedllm.options import DRAFT_MAX
 
 scheduler_option = click.option("--scheduler", required=True, envvar=settings.env("scheduler"), show_envvar=True,
                                 help="the mesh: its user port HOST:PORT (or a Dask address, the operator's way)")
@@ -26,7 +27,7 @@ def draft_options(fn):
     fn = click.option("--draft-min", default=0, show_default=True, type=click.IntRange(min=0),
                       help="with --draft: the fewest drafts a request takes per step when there are any, paying or "
                            "not (llama-server's --draft-min)")(fn)
-    fn = click.option("--draft-max", default=8, show_default=True, type=click.IntRange(min=1),
+    fn = click.option("--draft-max", default=DRAFT_MAX, show_default=True, type=click.IntRange(min=1),
                       help="with --draft: the most drafts a request takes per step (fewer as they pay)")(fn)
     return click.option("--draft", default=None, metavar="lookup|MODEL",
                         help="speculative decoding: 'lookup' (the context's own earlier tokens propose the next ones; "

@@ -18,6 +18,9 @@ from typing import Any
 OUTPUT_LAYERS = ("auto", "client", "mesh")
 STRATEGIES = ("spread", "pack")
 PRIVACY = ("any", "trusted")
+# The most drafts a sequence takes in a step, by default: llama-server's --draft-max. The adaptive length takes fewer
+# as they pay (sharedllm.engine.drafting); a pass of draft_max + 1 rows is measured exact at load.
+DRAFT_MAX = 16
 
 
 @dataclass(frozen=True)
@@ -43,7 +46,7 @@ class LoadOptions:
     # Speculative decoding: "lookup" (n-gram prompt lookup), a draft model (a path, URL or catalog name; Mesh.load
     # makes it a sharedllm.models.Model, run on this machine's CPU), or None; and the most drafts per step.
     draft: Any = None
-    draft_max: int = 8
+    draft_max: int = DRAFT_MAX
     draft_min: int = 0  # the fewest drafts a sequence takes when its drafter offers them, paying or not
     # Benchmarks: a function the engine calls with its tunnel to every machine (see EngineSpec.tunnel_hook;
     # bench/linkem.py's hook(rtt_ms=20) emulates a link there)

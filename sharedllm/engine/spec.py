@@ -7,6 +7,8 @@ import contextlib
 from dataclasses import dataclass, field
 from typing import Any
 
+from sharedllm.options import DRAFT_MAX
+
 
 @dataclass(frozen=True)
 class EngineStage:
@@ -99,7 +101,7 @@ class EngineSpec:
     # speculative.Drafter, or None; the most drafts a sequence takes in one step (the engine takes fewer where a pass
     # would change its kernels, and as drafting pays).
     draft: str | tuple[str, str | None, dict] | None = None
-    draft_max: int = 8
+    draft_max: int = DRAFT_MAX
     draft_min: int = 0  # the fewest drafts a sequence takes when its drafter offers them (paying or not)
     # The bytes of tensor data in the GGUF (what llama.cpp's load progress counts), from the header the client read
     # already; None: the child reads the header for it.
