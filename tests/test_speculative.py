@@ -14,8 +14,8 @@ import threading
 import pytest
 
 from sharedllm.engine.cost import RowCost
-from sharedllm.engine.drafting import PROBE_FIRST, DraftLength, allocate, group_rows
-from sharedllm.engine.speculative import NgramIndex
+from sharedllm.engine.drafting import PRIOR_ACCEPTANCE, PROBE_FIRST, Drafting, DraftLength, allocate, group_rows
+from sharedllm.engine.speculative import LookupDrafter, NgramIndex
 from sharedllm.options import LoadOptions
 from sharedllm.views import draft_summary
 from tests.helpers import N_CTX, PROMPT, TWO, machine, text_of, wait_for
@@ -93,6 +93,31 @@ def test_allocate_takes_drafts_that_pay_together_though_not_one_by_one():
     assert allocate([(failing, 8, 0)], cpu, draft_ms=0.0) == [0]
     failing.observe(0, 0)
     assert allocate([(failing, 8, 0)], cpu, draft_ms=0.0) == [8]  # 128 steps of 15 ms: 5% of them is 2 * 48 ms
+    # Two sequences probing in one step behind a link: the second is judged against the step with the first's probe
+    # in it (the rows that paid the kernel change), and both probe; on the local CPU two tokens a step of 15 ms are
+    # more than any probe of two sequences would give.
+    a, b = DraftLength(prior=0.05), DraftLength(prior=0.05)
+    for _ in range(PROBE_FIRST):
+        a.observe(0, 0)
+        b.observe(0, 0)
+    assert allocate([(a, 8, 0), (b, 8, 0)], lambda extra: 60.0 if extra == 0 else 80.0 + 2.0 * (extra - 1),
+                    draft_ms=0.0) == [8, 8]
+    assert allocate([(a, 8, 0), (b, 8, 0)], cpu, draft_ms=0.0) == [0, 0]
+
+
+def test_a_new_sequence_probes_in_its_first_step():
+    """A load's first request has no acceptance to go by but the prior's: it probes at once rather than after
+    ``PROBE_FIRST`` steps without drafts (which cost that request its first drafts)."""
+    drafting = Drafting(LookupDrafter(), 16, 0, 512, 1000)
+    length = drafting.new_length()
+    assert length.acceptance == PRIOR_ACCEPTANCE and length.probes()
+
+    def cpu(extra: int) -> float:
+        return 15.0 if extra == 0 else 35.0 + 4.0 * (extra - 1)
+
+    assert allocate([(length, 16, 0)], cpu, draft_ms=0.0)[0] > 0
+    length.observe(16, 0)  # the probe failed: the next waits, doubled
+    assert not length.probes() and length.probe_every == 2 * PROBE_FIRST
 
 
 def test_a_sequence_whose_drafts_fail_backs_off_and_probes_again():

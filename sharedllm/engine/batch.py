@@ -55,7 +55,7 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from sharedllm.engine.cost import RowCost, StepCost
+from sharedllm.engine.cost import StepCost
 from sharedllm.engine.drafting import Drafting
 from sharedllm.engine.invariance import exact_chunk, solo_last_pass
 from sharedllm.engine.logprobs import token_logprobs
@@ -276,7 +276,7 @@ class BatchScheduler:
         self.max_batch, self.min_chunk, self.cache.min_chunk = max_batch, min_chunk, min_chunk
         self.max_rows = max_rows
         if self.drafting is not None:
-            self.drafting.row_cost = RowCost()  # steps of other passes cost otherwise: measured anew
+            self.drafting.reset_costs()
 
     def _reap(self) -> None:
         """Free the slots of sequences whose consumer left or that were cancelled; drop cancelled waiting ones."""

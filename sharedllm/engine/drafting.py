@@ -124,7 +124,10 @@ def allocate(wants: list[tuple[DraftLength, int, int]], step_ms: Callable[[int],
             if k and (not length.verified
                       or length.idle * base * PROBE_SHARE >= cost * length.probe_every / PROBE_FIRST):
                 ks[i] = k
-                best += k
+                best += k  # the next sequence's probe is judged against a step with this one in it
+                tokens += sum(PROBE_ACCEPTANCE ** j for j in range(1, k + 1))
+                client += k * draft_ms + first[i]
+                rate = tokens / max(step_ms(best) + client, 1e-3)
     return ks
 
 
@@ -171,8 +174,17 @@ class Drafting:
         self.drafted = self.accepted = 0  # drafts verified, and accepted
 
     def new_length(self) -> DraftLength:
-        """A new sequence's :class:`DraftLength`, starting from what the drafts of the others got."""
-        return DraftLength(prior=self.prior.acceptance)
+        """A new sequence's :class:`DraftLength`, starting from what the drafts of the others got, and due to probe
+        in its first step with drafts where they do not pay by that: the first probe is what starts drafting, and
+        ``PROBE_FIRST`` steps of waiting for it cost a load's first request its first drafts (when the others' drafts
+        are still the prior's guess)."""
+        length = DraftLength(prior=self.prior.acceptance)
+        length.idle = length.probe_every
+        return length
+
+    def reset_costs(self) -> None:
+        """Steps are to cost otherwise (passes of other sizes, after the measures): the row costs are measured anew."""
+        self.row_cost = RowCost()
 
     def room(self, seq: Any) -> int:
         """The most drafts ``seq`` may take now: ``draft_max``, within its context and its ``max_tokens`` (drafts
