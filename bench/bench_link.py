@@ -82,7 +82,8 @@ def raw_child(spec: dict[str, Any]) -> None:
         if not reg:
             raise RuntimeError(f"ggml_backend_rpc_add_server({endpoint}) failed")
         devices.append(ggml.ggml_backend_reg_dev_get(reg, 0))
-    kwargs = {"n_ctx": common.N_CTX, "n_gpu_layers": -1, "tensor_split": spec["tensor_split"], "verbose": False}
+    kwargs = {"n_ctx": common.N_CTX, "n_gpu_layers": -1, "tensor_split": spec["tensor_split"], "verbose": False,
+              "flash_attn": spec["flash_attn"]}
     cpu_buft = None
     if spec["output_on_client"]:  # as the engine: the output layer on this CPU, every core for its projection
         cpu_buft = common.cpu_buffer_type(ggml)
@@ -399,6 +400,7 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
     from bench.linkem import LinkControl, hook
     from sharedllm import models
     from sharedllm.local import LocalMesh
+    from sharedllm.options import FLASH_ATTN  # the mesh's default: the raw path loads as the engine does
 
     model_path = args.model or str(models.default_model_path())
     settings = [(rtt, mbit) for mbit in args.mbit for rtt in args.rtt]
@@ -441,7 +443,7 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
                        for i in range(len(topo.stages))]
             links = [rig.link(ep) for ep in servers]
             spec = {"model_path": model_path, "endpoints": [lk.endpoint for lk in links], "tensor_split": split,
-                    "output_on_client": on_client, "threads": args.threads}
+                    "output_on_client": on_client, "threads": args.threads, "flash_attn": FLASH_ATTN}
             logger.info("%s: loading through the links", name)
             path = RawPath(name, links, spec, work / f"{name[:7]}-child.log")
             rig.stack.callback(path.close)

@@ -105,7 +105,8 @@ def raw_rpc_child(spec: dict[str, Any]) -> dict[str, Any]:
     connect_s = time.perf_counter() - t0
     # The engine's Llama arguments, nothing more: n_ctx, every layer on the given devices, the mesh's split (threads:
     # llama-cpp-python's defaults, as in the engine).
-    kwargs = {"n_ctx": spec["n_ctx"], "n_gpu_layers": -1, "tensor_split": spec["tensor_split"], "verbose": False}
+    kwargs = {"n_ctx": spec["n_ctx"], "n_gpu_layers": -1, "tensor_split": spec["tensor_split"], "verbose": False,
+              "flash_attn": spec["flash_attn"]}
     cpu_buft = None
     if spec["output_on_client"]:  # the mesh's placement of the output layer, and its threads, as the engine does
         cpu_buft = common.cpu_buffer_type(ggml)
@@ -120,8 +121,10 @@ def raw_rpc_child(spec: dict[str, Any]) -> dict[str, Any]:
 def run_raw_rpc(model_path: str, stages: list[tuple[str, int]], tensor_split: list[float], tokens: int,
                 output_on_client: bool, timeout: float = 300.0) -> dict[str, Any]:
     """Run :func:`raw_rpc_child` in a fresh interpreter (llama.cpp aborts the process if an rpc-server misbehaves)."""
+    from sharedllm.options import FLASH_ATTN  # the engine's default
+
     spec = {"model_path": model_path, "stages": stages, "tensor_split": tensor_split, "n_ctx": common.N_CTX,
-            "tokens": tokens, "output_on_client": output_on_client}
+            "tokens": tokens, "output_on_client": output_on_client, "flash_attn": FLASH_ATTN}
     with tempfile.TemporaryFile() as err:
         t0 = time.perf_counter()
         # The environment the engine gives its child (sharedllm.engine.Engine.start): OpenMP threads that sleep soon
@@ -149,7 +152,9 @@ def run_raw_rpc(model_path: str, stages: list[tuple[str, int]], tensor_split: li
 
 
 def run_local(model_path: str, tokens: int, use_extra_bufts: bool) -> dict[str, Any]:
-    kwargs = {"n_ctx": common.N_CTX, "n_threads": os.cpu_count() or 1, "verbose": False}
+    from sharedllm.options import FLASH_ATTN  # the engine's default
+
+    kwargs = {"n_ctx": common.N_CTX, "n_threads": os.cpu_count() or 1, "verbose": False, "flash_attn": FLASH_ATTN}
     return run_llama(model_path, kwargs, tokens, devices=None, use_extra_bufts=use_extra_bufts)
 
 

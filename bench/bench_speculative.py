@@ -19,8 +19,8 @@ ratio); the drafter order rotates between repeats.
 Per cell: decode tokens/s (tokens after the first over the time from the first to the last), its ratio to ``none``
 in the same RTT, workload, repeat and run (the median of the paired ratios), the acceptance (drafts accepted / drafts
 verified), tokens per verification step (per sequence), round trips per token (counted on the emulated links) and
-whether the text equals the oracle's: local llama-cpp-python greedy with the same kernels (with flash attention for
-the drafted rows, as a draft loads the model; without for ``none``).
+whether the text equals the oracle's: local llama-cpp-python greedy with the same kernels and parameters (flash
+attention, the engine's default).
 
 ``--synthetic`` adds a 3B-shape target (``bench/synth_gguf.py``'s ``llama3.2-3b`` at full scale, random weights,
 Q4_K_M) and a drafter of the same vocabulary and tokenizer with 2 of its 28 layers, at the RTTs given: compute and
@@ -112,18 +112,16 @@ def prompt_of(workload: str, target: Target) -> str:
     return GEMMA_TURN.format(WORKLOADS[workload]) if target.chat else WORKLOADS[workload]
 
 
-def oracle(target: Target, workloads: list[str], tokens: int) -> dict[str, dict[str, str]]:
-    """Local llama-cpp-python's greedy text of each workload, with flash attention (``flash``) and without."""
+def oracle(target: Target, workloads: list[str], tokens: int) -> dict[str, str]:
+    """Local llama-cpp-python's greedy text of each workload, with the engine's parameters (flash attention)."""
     from sharedllm.engine import build_llama
 
-    out: dict[str, dict[str, str]] = {}
-    for flash in (False, True):
-        llm = build_llama(target.path, n_ctx=target.n_ctx, use_extra_bufts=False, flash_attn=flash)
-        out["flash" if flash else "plain"] = {
-            w: llm.create_completion(prompt_of(w, target), **common.completion_kwargs(tokens))["choices"][0]["text"]
-            for w in workloads}
+    llm = build_llama(target.path, n_ctx=target.n_ctx, use_extra_bufts=False)
+    try:
+        return {w: llm.create_completion(prompt_of(w, target), **common.completion_kwargs(tokens))["choices"][0]["text"]
+                for w in workloads}
+    finally:
         llm.close()
-    return out
 
 
 def _idle_draft_counts(llm: Any, after_steps: float) -> dict[str, float]:
@@ -194,7 +192,7 @@ def measure(target: Target, args: argparse.Namespace, lm: Any, work: Path) -> di
                         for _ in range(runs_at(rtt, args)):
                             common.wait_for_quiet(5.0)
                             res = run_one(llm, links, prompt_of(workload, target), args.tokens)
-                            res["text_ok"] = res["text"] == truth["plain" if drafter == "none" else "flash"][workload]
+                            res["text_ok"] = res["text"] == truth[workload]
                             runs.setdefault((drafter, rtt, workload), []).append(res)
                             logger.info("%s %s rtt %s %s: %.1f tok/s, %s drafts, %s accepted, text %s", target.name,
                                         drafter, rtt, workload, res["decode_tps"] or 0, res["drafted"],

@@ -281,9 +281,10 @@ def stage_report(stage, buffers: dict[str, int]) -> dict:
     total_m, total_e = sum(measured.values()), sum(estimated.values())
     slack = 0.005 * MiB * len(buffers)  # rounding of each printed buffer
     error = total_e / total_m - 1 if total_m else float("inf")
-    ok = total_e + slack >= total_m and total_e <= (1 + ESTIMATE_BAR) * total_m + slack
+    bound = total_e + slack >= total_m
+    ok = bound and total_e <= (1 + ESTIMATE_BAR) * total_m + slack
     return {"machine": stage.machine_id, "layers": stage.describe_layers(), "measured": measured,
-            "estimated": estimated, "error": error, "ok": ok}
+            "estimated": estimated, "error": error, "ok": ok, "bound": bound}
 
 
 # --- a load's progress reports (bench_load.py, bench_big.py) ----------------------------------------------------

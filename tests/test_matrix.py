@@ -86,7 +86,9 @@ def test_mesh_greedy_and_memory_match(mesh, synth_dir, arch, quant):
     for stage, buffers in zip(stages, devices, strict=True):
         report = common.stage_report(stage, buffers)
         assert report["measured"]["weights"] > 0 and report["measured"]["compute"] > 0, buffers
-        assert report["ok"], report
+        # The estimate follows llama.cpp's graph without flash attention, byte for byte (the three-way split below
+        # holds it to that); with flash attention, the default, no KQ product is allocated: it bounds the buffers.
+        assert report["bound"], report
     assert sum(v for k, v in client.items() if k.startswith("model:")) == pytest.approx(estimate.input_bytes,
                                                                                           abs=0.01 * (1 << 20))
 
@@ -95,13 +97,15 @@ def test_mesh_greedy_and_memory_match(mesh, synth_dir, arch, quant):
 def test_three_way_split_each_stage_kind_within_its_estimate(mesh_cluster, mesh, synth_dir):
     """A 3-way split of a tiny untied Llama 3 70B shape, its output layer on the mesh: the middle stage receives two
     hidden states from the machine before it (the residual stream and its norm, four copies each under pipeline
-    parallelism), the first one from the client, the last one holds the logits. Each stays within its estimate."""
+    parallelism), the first one from the client, the last one holds the logits. Each stays within its estimate, which
+    models llama.cpp's graph without flash attention (its KQ products) to the byte."""
     mesh_cluster.add_machine("machine-3")
     try:
         wait_for(lambda: (m := machine(mesh, "machine-3")) and m["rpc"]["state"] == "ready" and m["rpc"]["relay"],
                  timeout=90, what="machine-3's rpc-server and relay")
         path = synth_gguf.synthesize("llama3-70b", "Q4_K_M", synth_dir)
-        with mesh.load(str(path), n_ctx=N_CTX, machines=THREE, verbose=True, output_layer="mesh") as h:
+        with mesh.load(str(path), n_ctx=N_CTX, machines=THREE, verbose=True, output_layer="mesh",
+                       flash_attn=False) as h:
             assert h.topology.machines == THREE and not h.topology.output_on_client
             devices, _ = common.engine_buffers(Path(h._engine.log_path).read_text(errors="replace"))
             stages = h.topology.stages

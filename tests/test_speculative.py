@@ -209,7 +209,8 @@ def test_load_options_of_a_draft():
     opts = LoadOptions(draft="lookup")
     assert opts.llama_kwargs()["flash_attn"] is True
     assert opts.engine_options()["draft"] == "lookup"
-    assert "flash_attn" not in LoadOptions().llama_kwargs()
+    assert LoadOptions().llama_kwargs()["flash_attn"] is True  # llama-server's default, and the oracle's
+    assert LoadOptions.build(flash_attn=False).llama_kwargs()["flash_attn"] is False
     with pytest.raises(ValueError, match="flash attention"):
         LoadOptions.build(draft="lookup", flash_attn=False)
     with pytest.raises(ValueError, match="draft_max"):

@@ -49,6 +49,7 @@ def build_llama(model_path: str, *, devices: list[int] = (), use_extra_bufts: bo
     ``devices`` (raw ggml device handles) become ``llama_model_params.devices``; ``use_extra_bufts=False`` gives the
     CPU kernels an rpc-server uses, which makes local greedy output the oracle for mesh output (see NOTES).
     ``output_on_client`` keeps the output layer on this process's CPU (:data:`OUTPUT_ON_CLIENT`).
+    Flash attention unless ``flash_attn=False`` (the engine's default, :data:`sharedllm.options.FLASH_ATTN`).
     ``parallel`` > 1: a context for that many sequences (``n_seq_max``), each with its own KV cache stream
     (``kv_unified=False``) of ``n_ctx`` cells; ``n_ctx`` is per sequence, the context holds ``parallel * n_ctx``.
     ``unified``: one KV cache of ``parallel * n_ctx`` cells shared by the sequences instead (``kv_unified=True``,
@@ -58,6 +59,10 @@ def build_llama(model_path: str, *, devices: list[int] = (), use_extra_bufts: bo
 
     import llama_cpp
     import llama_cpp.llama_cpp as lib
+
+    from sharedllm.options import FLASH_ATTN
+
+    kwargs.setdefault("flash_attn", FLASH_ATTN)  # the engine's default, so that a local oracle computes as the mesh
 
     class _Override(ctypes.Structure):  # struct llama_model_tensor_buft_override
         _fields_ = [("pattern", ctypes.c_char_p), ("buft", ctypes.c_void_p)]
