@@ -14,7 +14,15 @@ import threading
 import pytest
 
 from sharedllm.engine.cost import RowCost
-from sharedllm.engine.drafting import PRIOR_ACCEPTANCE, PROBE_FIRST, Drafting, DraftLength, allocate, group_rows
+from sharedllm.engine.drafting import (
+    PRIOR_ACCEPTANCE,
+    PROBE_FIRST,
+    PROBE_SHARE,
+    Drafting,
+    DraftLength,
+    allocate,
+    group_rows,
+)
 from sharedllm.engine.speculative import LookupDrafter, NgramIndex
 from sharedllm.options import LoadOptions
 from sharedllm.views import draft_summary
@@ -82,17 +90,18 @@ def test_allocate_takes_drafts_that_pay_together_though_not_one_by_one():
     assert allocate([(sure, 8, 0)], line(15.0, 15.0), draft_ms=0.0) == [0]
     # A sequence whose drafts fail probes first with as many drafts as would pay best were they accepted 90% of the
     # time (a probe of one would cost the kernel change all the same), then, after the probe failed, once the next
-    # probe's 48 ms are no more than 5% of the steps it waited, twice (its backoff).
+    # probe's 48 ms are no more than PROBE_SHARE of the steps it waited, twice (its backoff).
     failing = DraftLength(prior=0.05)
     for _ in range(PROBE_FIRST):
         failing.observe(0, 0)
     assert allocate([(failing, 8, 0)], cpu, draft_ms=0.0) == [8]
     failing.observe(8, 0)
-    for _ in range(127):
+    wait = round(2 * 48 / (15.0 * PROBE_SHARE))  # steps of 15 ms
+    for _ in range(wait - 1):
         failing.observe(0, 0)
     assert allocate([(failing, 8, 0)], cpu, draft_ms=0.0) == [0]
     failing.observe(0, 0)
-    assert allocate([(failing, 8, 0)], cpu, draft_ms=0.0) == [8]  # 128 steps of 15 ms: 5% of them is 2 * 48 ms
+    assert allocate([(failing, 8, 0)], cpu, draft_ms=0.0) == [8]  # PROBE_SHARE of the steps is 2 * 48 ms
     # Two sequences probing in one step behind a link: the second is judged against the step with the first's probe
     # in it (the rows that paid the kernel change), and both probe; on the local CPU two tokens a step of 15 ms are
     # more than any probe of two sequences would give.
@@ -130,13 +139,14 @@ def test_a_sequence_whose_drafts_fail_backs_off_and_probes_again():
     assert allocate([(length, 6, 0)], **costs) == [0]
     for _ in range(PROBE_FIRST):
         length.observe(0, 0)  # steps without drafts
-    assert allocate([(length, 6, 0)], **costs) == [0]  # a probe of 6 drafts costs 24 ms: more than 5% of 4 steps
-    for _ in range(24 - PROBE_FIRST):
+    assert allocate([(length, 6, 0)], **costs) == [0]  # a probe of 6 drafts (24 ms): over PROBE_SHARE of 4 steps
+    wait = round(24 / (20.0 * PROBE_SHARE))  # steps of 20 ms whose PROBE_SHARE is the probe's 24 ms
+    for _ in range(wait - PROBE_FIRST):
         length.observe(0, 0)
     assert allocate([(length, 6, 0)], **costs) == [6]  # a probe: the drafts that pay best at 90% acceptance
     length.observe(6, 0)  # the probe failed: the next one waits twice as long
     assert length.probe_every == 2 * PROBE_FIRST
-    for _ in range(47):
+    for _ in range(2 * wait - 1):
         length.observe(0, 0)
     assert allocate([(length, 6, 0)], **costs) == [0]
     length.observe(0, 0)

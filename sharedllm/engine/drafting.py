@@ -26,7 +26,9 @@ DECAY = 0.9  # a sequence's acceptance follows its recent drafts: older counts f
 PROBE_FIRST = 4  # steps without drafts before a sequence tries one draft again ...
 PROBE_MAX = 64  # ... doubling after each probe that failed, up to this
 PROBE_ACCEPTANCE = 0.9  # a probe is made only where a draft would pay were it accepted this often ...
-PROBE_SHARE = 0.05  # ... and where its cost is no more than this share of the steps since the last (times the backoff)
+PROBE_SHARE = 0.025  # ... and where its cost is no more than this share of the steps since the last (times the
+# backoff): with draft_max 16 an always-wrong drafter drafted 14 tokens of a 96-token answer at RTT 0 under 5%
+# (0.87x-0.96x of no drafts), 7-8 under 2.5% (0.95x-0.99x)
 
 
 class DraftLength:
