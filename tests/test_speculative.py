@@ -75,13 +75,16 @@ def test_allocate_drafts_where_they_pay_and_not_where_they_do_not():
     assert group_rows([6, 2, 4], [0, 0, 1], {0: 5, 1: 6}) == [3, 2, 4]
 
 
-def test_allocate_takes_drafts_that_pay_together_though_not_one_by_one():
-    """On a CPU a step of two rows can cost another kernel (Gemma 3 270M on 2 cores: 15 ms a step of one row, 35 of
-    two, then about 4 ms a row): one draft does not pay, eight accepted 95% of the time do."""
-    sure, unsure = DraftLength(prior=0.95), DraftLength(prior=0.6)
+def cpu(extra: int) -> float:
+    """A CPU step by its draft rows (Gemma 3 270M on 2 cores): 15 ms for one row, 35 for two (another kernel), then
+    about 4 ms a row."""
+    return 15.0 if extra == 0 else 35.0 + 4.0 * (extra - 1)
 
-    def cpu(extra: int) -> float:
-        return 15.0 if extra == 0 else 35.0 + 4.0 * (extra - 1)
+
+def test_allocate_takes_drafts_that_pay_together_though_not_one_by_one():
+    """On a CPU a step of two rows can cost another kernel (:func:`cpu`): one draft does not pay, eight accepted 95% of
+    the time do."""
+    sure, unsure = DraftLength(prior=0.95), DraftLength(prior=0.6)
 
     assert allocate([(sure, 1, 0)], cpu, draft_ms=0.0) == [0]
     assert allocate([(sure, 8, 0)], cpu, draft_ms=0.0) == [8]
@@ -120,10 +123,6 @@ def test_a_new_sequence_probes_in_its_first_step():
     drafting = Drafting(LookupDrafter(), 16, 0, 512, 1000)
     length = drafting.new_length()
     assert length.acceptance == PRIOR_ACCEPTANCE and length.probes()
-
-    def cpu(extra: int) -> float:
-        return 15.0 if extra == 0 else 35.0 + 4.0 * (extra - 1)
-
     assert allocate([(length, 16, 0)], cpu, draft_ms=0.0)[0] > 0
     length.observe(16, 0)  # the probe failed: the next waits, doubled
     assert not length.probes() and length.probe_every == 2 * PROBE_FIRST

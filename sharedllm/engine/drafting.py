@@ -120,31 +120,30 @@ def allocate(wants: list[tuple[DraftLength, int, int]], step_ms: Callable[[int],
         ks[i] += 1
     for i, (length, most, _) in enumerate(wants):
         if ks[i] == 0 and most > 0 and length.probes():
-            k = _probe(most, tokens, best, client + first[i], rate, step_ms, draft_ms)
+            k, with_probe, rate_with_probe = _probe(most, tokens, best, client + first[i], rate, step_ms, draft_ms)
             # after a failed probe, the next costs at most PROBE_SHARE of the steps' time while it waited
             cost = step_ms(best + k) - step_ms(best) + k * draft_ms + first[i]
             if k and (not length.verified
                       or length.idle * base * PROBE_SHARE >= cost * length.probe_every / PROBE_FIRST):
                 ks[i] = k
-                best += k  # the next sequence's probe is judged against a step with this one in it
-                tokens += sum(PROBE_ACCEPTANCE ** j for j in range(1, k + 1))
+                # the next sequence's probe is judged against a step with this one in it
+                best, tokens, rate = best + k, with_probe, rate_with_probe
                 client += k * draft_ms + first[i]
-                rate = tokens / max(step_ms(best) + client, 1e-3)
     return ks
 
 
 def _probe(most: int, tokens: float, drafts: int, client: float, rate: float, step_ms: Callable[[int], float],
-           draft_ms: float) -> int:
+           draft_ms: float) -> tuple[int, float, float]:
     """The drafts of a probe: of up to ``most``, as many as would raise most the ``rate`` of a step of ``tokens``
     expected tokens, ``drafts`` drafts and ``client`` milliseconds on the client, were they accepted
-    ``PROBE_ACCEPTANCE`` of the time (0: none would)."""
-    gain, best = 1.0, 0
+    ``PROBE_ACCEPTANCE`` of the time (0: none would); with the step's expected tokens and rate with those drafts."""
+    gain, best = 1.0, (0, tokens, rate)
     for j in range(1, most + 1):
         gain *= PROBE_ACCEPTANCE
         tokens += gain
         this = tokens / max(step_ms(drafts + j) + client + j * draft_ms, 1e-3)
-        if this > rate:
-            best, rate = j, this
+        if this > best[2]:
+            best = (j, tokens, this)
     return best
 
 
