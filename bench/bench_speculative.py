@@ -14,7 +14,8 @@ trying costs where drafting does not pay). Workloads, chat completions of ``--to
 ``rewrite`` (repeat a given passage), ``code`` (an edit of a given function, returned whole) and ``chat`` (an open
 question). Each repeat loads each drafter once (the models lease the same machines, one at a time) and runs every
 RTT and workload on it (``--low-rtt-runs`` times at 5 ms or less, where a run is short and noise is most of a
-ratio); the drafter order rotates between repeats.
+ratio; each run goes through the workloads in turn, so that no request follows itself: a draft model would draft it
+from the answer before); the drafter order rotates between repeats.
 
 Per cell: decode tokens/s (tokens after the first over the time from the first to the last), its ratio to ``none``
 in the same RTT, workload, repeat and run (the median of the paired ratios), the acceptance (drafts accepted / drafts
@@ -188,8 +189,11 @@ def measure(target: Target, args: argparse.Namespace, lm: Any, work: Path) -> di
                 for rtt in args.rtt:
                     for lk in links:
                         lk.set(rtt)
-                    for workload in args.workloads:
-                        for _ in range(runs_at(rtt, args)):
+                    # each run goes through the workloads in turn: a draft model's slot keeps the text it was
+                    # last told (a later request drafts from their common prefix), and the same request twice in a
+                    # row would be drafted from the first one's answer
+                    for _ in range(runs_at(rtt, args)):
+                        for workload in args.workloads:
                             common.wait_for_quiet(5.0)
                             res = run_one(llm, links, prompt_of(workload, target), args.tokens)
                             res["text_ok"] = res["text"] == truth[workload]

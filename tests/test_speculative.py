@@ -23,7 +23,8 @@ from sharedllm.engine.drafting import (
     allocate,
     group_rows,
 )
-from sharedllm.engine.speculative import LookupDrafter, NgramIndex
+from sharedllm.engine.sequence import Sequence
+from sharedllm.engine.speculative import Drafter, LookupDrafter, NgramIndex
 from sharedllm.options import LoadOptions
 from sharedllm.views import draft_summary
 from tests.helpers import N_CTX, PROMPT, TWO, machine, text_of, wait_for
@@ -154,6 +155,45 @@ def test_a_sequence_whose_drafts_fail_backs_off_and_probes_again():
     assert allocate([(length, 6, 0)], line(5.0, 4.0), draft_ms=10.0) == [0]
     # Nor where the probe's catch-up would cost more than it could give.
     assert allocate([(length, 6, 0)], **costs, first_ms=[200.0]) == [0]
+
+
+class Unsure(Drafter):
+    """A drafter like a draft model that is never sure of its next token: drafts are made once allocated (any
+    length offered), and none comes."""
+
+    name = "unsure"
+
+    def __init__(self) -> None:
+        self.asked = 0
+
+    def available(self, seq, most):
+        return [0] * most
+
+    def draft(self, wanted):
+        self.asked += 1
+        return {}
+
+
+def test_a_drafter_that_has_no_drafts_when_asked_backs_off_as_a_failed_probe():
+    """Asking a draft model costs the client a pass whether or not it is sure of a token: a sequence whose drafter
+    declines counts a failed draft, and its next asks wait as after a failed probe (before, it was asked again every
+    ``PROBE_FIRST`` steps: a quarter of the steps' time at RTT 0, and not one draft)."""
+    drafter = Unsure()
+    drafting = Drafting(drafter, 16, 0, 512, 1000)
+    seq = Sequence([1, 2, 3], sampler=None, stopped=lambda: False, limit=None)
+    seq.slot, seq.n_past = 0, 3
+    seq.draft_length = drafting.new_length()
+    for _ in range(3):
+        drafting.row_cost.observe(1, 15.0)  # a CPU step: one row, then more (cpu's curve)
+        drafting.row_cost.observe(9, 15.0 + cpu(8) - cpu(0))
+    steps = 200
+    for _ in range(steps):
+        drafting.propose([[seq]], {0: 16}, 15.0)
+        assert seq.draft == []
+    assert seq.draft_length.acceptance < PRIOR_ACCEPTANCE
+    assert seq.draft_length.probe_every > PROBE_FIRST
+    assert drafter.asked <= 6  # asked with backoff (the first step, then after ever longer waits), not every 4 steps
+    assert drafting.drafted == 0 and drafting.accepted == 0
 
 
 def test_row_cost_is_measured_by_the_rows_of_a_step():

@@ -189,6 +189,9 @@ def child_main(parent_pid: int) -> int:
     out = Out(os.dup(1))
     os.dup2(2, 1)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s engine %(levelname)s %(message)s")
+    # SHAREDLLM_ENGINE_DEBUG=sharedllm.engine.drafting,...: these loggers at DEBUG in the engine log (diagnostics)
+    for name in filter(None, os.environ.get("SHAREDLLM_ENGINE_DEBUG", "").split(",")):
+        logging.getLogger(name).setLevel(logging.DEBUG)
     threading.Thread(target=_watch_parent, args=(parent_pid,), daemon=True).start()
     import llama_cpp  # noqa: F401  before the spec comes: a standby process (see Engine) waits with it imported
 
