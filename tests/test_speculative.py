@@ -158,42 +158,64 @@ def test_a_sequence_whose_drafts_fail_backs_off_and_probes_again():
 
 
 class Unsure(Drafter):
-    """A drafter like a draft model that is never sure of its next token: drafts are made once allocated (any
-    length offered), and none comes."""
+    """A drafter like a draft model that is not sure of its next token for its first ``unsure`` asks (all: None):
+    drafts are made once allocated (any length offered), and none comes; once sure, the drafts asked for."""
 
     name = "unsure"
 
-    def __init__(self) -> None:
-        self.asked = 0
+    def __init__(self, unsure: int | None = None, on_client_ms: float = 0.0) -> None:
+        self.asked, self.unsure, self.on_client_ms = 0, unsure, on_client_ms
 
     def available(self, seq, most):
         return [0] * most
 
     def draft(self, wanted):
         self.asked += 1
-        return {}
+        if self.unsure is None or self.asked <= self.unsure:
+            return {}
+        return {id(seq): [7] * k for seq, k in wanted}
 
 
-def test_a_drafter_that_has_no_drafts_when_asked_backs_off_as_a_failed_probe():
-    """Asking a draft model costs the client a pass whether or not it is sure of a token: a sequence whose drafter
-    declines counts a failed draft, and its next asks wait as after a failed probe (before, it was asked again every
-    ``PROBE_FIRST`` steps: a quarter of the steps' time at RTT 0, and not one draft)."""
-    drafter = Unsure()
+def _drafting_one(drafter, step_ms: float, nine_rows_ms: float):
     drafting = Drafting(drafter, 16, 0, 512, 1000)
     seq = Sequence([1, 2, 3], sampler=None, stopped=lambda: False, limit=None)
     seq.slot, seq.n_past = 0, 3
     seq.draft_length = drafting.new_length()
     for _ in range(3):
-        drafting.row_cost.observe(1, 15.0)  # a CPU step: one row, then more (cpu's curve)
-        drafting.row_cost.observe(9, 15.0 + cpu(8) - cpu(0))
-    steps = 200
-    for _ in range(steps):
+        drafting.row_cost.observe(1, step_ms)
+        drafting.row_cost.observe(9, nine_rows_ms)
+    return drafting, seq
+
+
+def test_a_drafter_that_has_no_drafts_when_asked_backs_off_as_a_failed_probe():
+    """Asking a draft model costs the client a pass whether or not it is sure of a token: a sequence whose drafter
+    declines is taken to have drafts less often, and a probe that got none waits as after a failed probe (before, it
+    was asked again every ``PROBE_FIRST`` steps: a quarter of the steps' time at RTT 0, and not one draft)."""
+    drafter = Unsure()
+    drafting, seq = _drafting_one(drafter, 15.0, 15.0 + cpu(8) - cpu(0))  # a CPU step: one row, then nine
+    for _ in range(200):
         drafting.propose([[seq]], {0: 16}, 15.0)
         assert seq.draft == []
-    assert seq.draft_length.acceptance < PRIOR_ACCEPTANCE
-    assert seq.draft_length.probe_every > PROBE_FIRST
-    assert drafter.asked <= 6  # asked with backoff (the first step, then after ever longer waits), not every 4 steps
+    length = seq.draft_length
+    assert length.sure < 0.2 and length.acceptance == PRIOR_ACCEPTANCE  # no draft was tried
+    assert length.probe_every > PROBE_FIRST
+    assert drafter.asked <= 8  # asked with backoff (at first, then after ever longer waits), not every 4 steps
     assert drafting.drafted == 0 and drafting.accepted == 0
+
+
+def test_a_drafter_unsure_at_first_drafts_once_sure():
+    """Behind a link (a step of 60 ms, a draft pass of 10 on the client) drafts pay: a drafter unsure of an answer's
+    first tokens is asked on and drafts once sure (counted as rejected drafts, its declines stopped it for good)."""
+    drafter = Unsure(unsure=3, on_client_ms=10.0)
+    drafting, seq = _drafting_one(drafter, 60.0, 66.0)
+    drafted = []
+    for _ in range(20):
+        drafting.propose([[seq]], {0: 16}, 60.0)
+        drafted.append(len(seq.draft))
+        if seq.draft:
+            drafting.verified(seq, [*seq.draft, 8])  # every draft accepted
+    assert drafted[:3] == [0, 0, 0] and all(drafted[-10:]), drafted  # declined thrice, then drafting every step
+    assert seq.draft_length.sure > 0.5
 
 
 def test_row_cost_is_measured_by_the_rows_of_a_step():

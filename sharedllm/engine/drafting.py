@@ -23,6 +23,7 @@ logger = logging.getLogger(__name__)
 PRIOR_ACCEPTANCE = 0.5  # a sequence's acceptance before it has any, weighted as PRIOR_WEIGHT drafts
 PRIOR_WEIGHT = 4.0
 DECAY = 0.9  # a sequence's acceptance follows its recent drafts: older counts fade by this per verification
+SURE_WEIGHT = 2.0  # a sequence's drafter is taken to have drafts when asked, weighted as this many asks
 PROBE_FIRST = 4  # steps without drafts before a sequence tries one draft again ...
 PROBE_MAX = 64  # ... doubling after each probe that failed, up to this
 PROBE_ACCEPTANCE = 0.9  # a probe is made only where a draft would pay were it accepted this often ...
@@ -33,8 +34,9 @@ PROBE_SHARE = 0.025  # ... and where its cost is no more than this share of the 
 
 class DraftLength:
     """One sequence's acceptance: the chance that its next draft is accepted, as a decayed count of its drafts'
-    outcomes (each draft token tried until the first rejection), and when it next probes while drafting does not
-    pay."""
+    outcomes (each draft token tried until the first rejection); how often its drafter had drafts when asked (a draft
+    model has none where it is not ``p_min`` sure of its next token, and asking cost it a pass); and when it next
+    probes while drafting does not pay."""
 
     def __init__(self, prior: float = PRIOR_ACCEPTANCE, decay: float = DECAY):
         self.accepted = prior * PRIOR_WEIGHT
@@ -43,10 +45,16 @@ class DraftLength:
         self.idle = 0  # steps since it last drafted
         self.probe_every = PROBE_FIRST
         self.verified = 0  # its steps with drafts
+        self.asked = self.given = SURE_WEIGHT  # decayed counts: steps its drafter was asked for drafts, and had some
 
     @property
     def acceptance(self) -> float:
         return self.accepted / self.tried if self.tried > 0 else PRIOR_ACCEPTANCE
+
+    @property
+    def sure(self) -> float:
+        """The chance that its drafter has drafts when asked."""
+        return self.given / self.asked
 
     def observe(self, drafted: int, accepted: int) -> None:
         """A verification of ``drafted`` drafts, of which the first ``accepted`` were accepted."""
@@ -54,6 +62,7 @@ class DraftLength:
             self.idle += 1
             return
         tried = accepted + (1 if accepted < drafted else 0)  # the tokens tried up to the first rejection
+        self.asked, self.given = self.asked * self.decay + 1, self.given * self.decay + 1
         self.accepted = self.accepted * self.decay + accepted
         self.tried = self.tried * self.decay + tried
         probe = self.probes()
@@ -63,6 +72,16 @@ class DraftLength:
             self.probe_every = min(PROBE_MAX, self.probe_every * 2)
         elif accepted:
             self.probe_every = PROBE_FIRST
+
+    def declined(self) -> None:
+        """Its drafter was asked for drafts and had none: no draft was tried (its acceptance stands), but the
+        chance that asking gives drafts falls; a probe that got none waits as after a failed probe."""
+        self.asked, self.given = self.asked * self.decay + 1, self.given * self.decay
+        if self.probes():
+            self.idle = 0
+            self.probe_every = min(PROBE_MAX, self.probe_every * 2)
+        else:
+            self.idle += 1
 
     def probes(self) -> bool:
         """Whether it may try drafts in this step although drafting does not pay by its acceptance so far."""
@@ -77,7 +96,8 @@ def allocate(wants: list[tuple[DraftLength, int, int]], step_ms: Callable[[int],
 
     ``step_ms(extra)``: what the step costs with ``extra`` draft rows in all (the measured
     :class:`~sharedllm.engine.cost.RowCost`); without drafts it yields one token per sequence. The ``k``-th draft of
-    a sequence yields ``a ** k`` more tokens on average (``a``: its acceptance) and costs ``draft_ms`` on the client,
+    a sequence yields ``s * a ** k`` more tokens on average (``a``: its acceptance; ``s``: the chance its drafter has
+    drafts when asked, :attr:`DraftLength.sure`) and costs ``draft_ms`` on the client,
     and a sequence's first draft of the step ``first_ms`` on top (a draft model reading the context since its last
     draft: :meth:`Drafter.pending_ms`). The drafts are lined up, the most tokens per millisecond first, and the step
     takes the first ``n`` of them for the ``n`` that gives the most tokens per millisecond of the step: a step's cost
@@ -92,7 +112,8 @@ def allocate(wants: list[tuple[DraftLength, int, int]], step_ms: Callable[[int],
     offered = sum(most for _, most, _ in wants)
     row = max((step_ms(offered) - base) / offered, 0.0) if offered else 0.0
     unit = max(row + draft_ms, 1e-6)  # what an average draft costs, to line them up
-    heap = [(-length.acceptance / (unit + first[i]), i, length.acceptance)
+    # a sequence's first draft: accepted at its acceptance where its drafter has drafts when asked
+    heap = [(-length.acceptance * length.sure / (unit + first[i]), i, length.acceptance * length.sure)
             for i, (length, most, _) in enumerate(wants) if most > 0]
     heapq.heapify(heap)
     line: list[tuple[int, float]] = []  # (sequence, tokens its draft adds), in the order they are taken
@@ -230,12 +251,13 @@ class Drafting:
 
     def declined(self, seq: Any) -> None:
         """``seq`` was allocated drafts and its drafter had none (a draft model not ``p_min`` sure of its next
-        token): a draft that failed, for its acceptance and its probes' backoff. Asking cost the client a pass of the
-        draft model (and reading the context since the last one): counted as nothing, a drafter that is never sure
-        was asked again every ``PROBE_FIRST`` steps, for a quarter of the steps' time at RTT 0 (Gemma 3 270M drafted
-        by its Q2_K: 45-50 tok/s against 60 without a drafter, and not one draft verified)."""
-        seq.draft_length.observe(1, 0)
-        self.prior.observe(1, 0)
+        token): :meth:`DraftLength.declined`. Asking cost the client a pass of the draft model (and reading the
+        context since the last one): counted as nothing, a drafter that is never sure was asked again every
+        ``PROBE_FIRST`` steps, for a quarter of the steps' time at RTT 0 (Gemma 3 270M drafted by its Q2_K: 45-50
+        tok/s against 60 without a drafter, and not one draft verified). Counted as a rejected draft, it stopped a
+        draft model that is unsure at an answer's first tokens from drafting the rest (RTT 20 ms, open chat: 0.99x
+        of no drafts against 2.5x)."""
+        seq.draft_length.declined()
 
     def verified(self, seq: Any, got: list[int]) -> None:
         """``seq``'s drafts were verified and the target sampled ``got``: the drafts up to the first it differs from
