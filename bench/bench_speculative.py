@@ -3,7 +3,7 @@
 
     .venv/bin/python bench/bench_speculative.py [--rtt 0 5 20 50] [--tokens 96] [--repeats 2] [--quick]
         [--low-rtt-runs 3] [--drafters none lookup model] [--workloads rewrite code chat] [--draft-quant Q2_K]
-        [--synthetic] [--out bench/results/speculative.json] [--markdown]
+        [--targets gemma synthetic] [--out bench/results/speculative.json] [--markdown]
 
 The target, Gemma 3 270M Q4_K_M, on 2 loopback machines of a ``LocalMesh``, each behind its own link emulator
 (``bench/linkem.py``, on the wire between the engine's relays and the machines', every emulator a process of its own),
@@ -23,9 +23,9 @@ verified), tokens per verification step (per sequence), round trips per token (c
 whether the text equals the oracle's: local llama-cpp-python greedy with the same kernels and parameters (flash
 attention, the engine's default).
 
-``--synthetic`` adds a 3B-shape target (``bench/synth_gguf.py``'s ``llama3.2-3b`` at full scale, random weights,
-Q4_K_M) and a drafter of the same vocabulary and tokenizer with 2 of its 28 layers, at the RTTs given: compute and
-link together. The table goes to stdout and the numbers to ``--out``.
+``--targets synthetic`` (or ``--synthetic``, beside Gemma) runs a 3B-shape target (``bench/synth_gguf.py``'s
+``llama3.2-3b`` at full scale, random weights, Q4_K_M) and a drafter of the same vocabulary and tokenizer with 2 of
+its 28 layers, at the RTTs given: compute and link together. The table goes to stdout and the numbers to ``--out``.
 """
 
 from __future__ import annotations
@@ -78,6 +78,7 @@ WORKLOADS = {
 GEMMA_TURN = "<start_of_turn>user\n{}<end_of_turn>\n<start_of_turn>model\n"
 DRAFTERS = ("none", "lookup", "model", "wrong")
 SYNTH_ARCH = "llama3.2-3b"
+GEMMA = "gemma-3-270m"
 
 
 def wrong_drafter(spec: Any) -> Any:
@@ -377,22 +378,24 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
     from sharedllm.local import LocalMesh
 
     t_start = time.perf_counter()
-    gemma = models.default_model_path()
-    targets = [Target("gemma-3-270m", str(gemma), str(models.quantized(gemma, args.draft_quant)))]
+    targets = []
+    if "gemma" in args.targets:
+        gemma = models.default_model_path()
+        targets.append(Target(GEMMA, str(gemma), str(models.quantized(gemma, args.draft_quant))))
     rows: list[dict[str, Any]] = []
     detail: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="bench-spec-") as workdir, \
             contextlib.closing(LocalMesh(machines=2, dashboard=False)) as lm:
         lm.start()
         work = Path(workdir)
-        if args.synthetic:
+        if "synthetic" in args.targets:
             targets.append(synthetic_target(work))
         for target in targets:
             sub = args
-            if target is not targets[0]:  # the big one: fewer tokens, the rewrite workload
+            if target.name != GEMMA:  # the big one: fewer tokens, the rewrite workload
                 sub = argparse.Namespace(**{**vars(args), "tokens": min(args.tokens, 32), "workloads": ["rewrite"]})
             measured = measure(target, sub, lm, work)
-            if args.anchor_rtt and target is targets[0]:
+            if args.anchor_rtt and target.name == GEMMA:
                 anchor_runs = measure_anchor(target, sub, lm, work)
                 measured["runs"].update(anchor_runs)
                 measured["anchor_modes"] = list(dict.fromkeys(k[0] for k in anchor_runs))
@@ -416,7 +419,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="none, lookup, model (the draft model) and wrong (every draft wrong: what trying costs)")
     p.add_argument("--workloads", nargs="+", choices=list(WORKLOADS), default=list(WORKLOADS))
     p.add_argument("--draft-quant", default="Q2_K", help="the draft model's quantization of Gemma (default Q2_K)")
-    p.add_argument("--synthetic", action="store_true", help="add the 3B-shape synthetic target (writes ~15 GB once)")
+    p.add_argument("--targets", nargs="+", choices=["gemma", "synthetic"], default=["gemma"],
+                   help="gemma (Gemma 3 270M and its Q2_K) and synthetic (the 3B-shape target and its 2-layer drafter, "
+                        "written once: ~15 GB while it is made, ~2 GB kept)")
+    p.add_argument("--synthetic", action="store_true", help="the same as --targets gemma synthetic")
     p.add_argument("--anchor-rtt", type=float, nargs="*", default=[0, 20],
                    help="RTTs at which llama-server --rpc runs on the same rpc-servers (scripts/build_anchor.sh); "
                         "none given: no llama-server rows")
@@ -424,6 +430,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--markdown", action="store_true")
     p.add_argument("--out", default="bench/results/speculative.json")
     args = p.parse_args(argv)
+    if args.synthetic:
+        args.targets = list(dict.fromkeys([*args.targets, "synthetic"]))
     if args.quick:
         args.rtt, args.tokens, args.repeats, args.low_rtt_runs = [0, 20], 48, 1, 1
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
