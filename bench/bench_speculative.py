@@ -18,7 +18,9 @@ ratio; each run goes through the workloads in turn, so that no request follows i
 from the answer before); the drafter order rotates between repeats.
 
 Per cell: decode tokens/s (tokens after the first over the time from the first to the last), its ratio to ``none``
-in the same RTT, workload, repeat and run (the median of the paired ratios), the acceptance (drafts accepted / drafts
+in the same RTT, workload, repeat and run (the median of the paired ratios), at RTT 5 ms or less its ratio to the
+same load's runs with drafting off for the request (``draft_max=0``, each run paired with one, in alternating order:
+what drafting costs or gives, free of the differences between two loads), the acceptance (drafts accepted / drafts
 verified), tokens per verification step (per sequence), round trips per token (counted on the emulated links) and
 whether the text equals the oracle's: local llama-cpp-python greedy with the same kernels and parameters (flash
 attention, the engine's default).
@@ -141,13 +143,14 @@ def _idle_draft_counts(llm: Any, after_steps: float) -> dict[str, float]:
         time.sleep(0.05)
 
 
-def run_one(llm: Any, links: list[Any], prompt: str, tokens: int) -> dict[str, Any]:
-    """One streamed completion: its timings, text, the engine's draft counts and the links' round trips."""
+def run_one(llm: Any, links: list[Any], prompt: str, tokens: int, **extra: Any) -> dict[str, Any]:
+    """One streamed completion (``extra``: more arguments of the request): its timings, text, the engine's draft
+    counts and the links' round trips."""
     before_links = [lk.stats()["round_trips"] for lk in links]
     before = dict((llm.engine_stats or {}).get("draft") or {})
     t0 = time.perf_counter()
     stamps, parts = [], []
-    for chunk in llm.create_completion(prompt, stream=True, **common.completion_kwargs(tokens)):
+    for chunk in llm.create_completion(prompt, stream=True, **common.completion_kwargs(tokens), **extra):
         text = chunk["choices"][0].get("text")
         if text:
             stamps.append(time.perf_counter())
@@ -193,15 +196,23 @@ def measure(target: Target, args: argparse.Namespace, lm: Any, work: Path) -> di
                     # each run goes through the workloads in turn: a draft model's slot keeps the text it was
                     # last told (a later request drafts from their common prefix), and the same request twice in a
                     # row would be drafted from the first one's answer
-                    for _ in range(runs_at(rtt, args)):
+                    for i in range(runs_at(rtt, args)):
                         for workload in args.workloads:
-                            common.wait_for_quiet(5.0)
-                            res = run_one(llm, links, prompt_of(workload, target), args.tokens)
-                            res["text_ok"] = res["text"] == truth[workload]
-                            runs.setdefault((drafter, rtt, workload), []).append(res)
-                            logger.info("%s %s rtt %s %s: %.1f tok/s, %s drafts, %s accepted, text %s", target.name,
-                                        drafter, rtt, workload, res["decode_tps"] or 0, res["drafted"],
-                                        res["accepted"], "ok" if res["text_ok"] else "DIFFERS")
+                            # where runs are short (RTT <= 5 ms) each run of a drafter has its pair in the same
+                            # load with drafting off for the request (draft_max=0), in alternating order: the
+                            # "x off" column, free of what differs from one load to the next
+                            modes = [(drafter, {})]
+                            if drafter != "none" and rtt <= LOW_RTT_MS:
+                                modes.append((f"{drafter} off", {"draft_max": 0}))
+                                modes = modes if i % 2 else modes[::-1]
+                            for name, extra in modes:
+                                common.wait_for_quiet(5.0)
+                                res = run_one(llm, links, prompt_of(workload, target), args.tokens, **extra)
+                                res["text_ok"] = res["text"] == truth[workload]
+                                runs.setdefault((name, rtt, workload), []).append(res)
+                                logger.info("%s %s rtt %s %s: %.1f tok/s, %s drafts, %s accepted, text %s",
+                                            target.name, name, rtt, workload, res["decode_tps"] or 0,
+                                            res["drafted"], res["accepted"], "ok" if res["text_ok"] else "DIFFERS")
     return {"runs": runs, "loads": loads, "oracle": truth}
 
 
@@ -305,6 +316,9 @@ def summarize(target: Target, measured: dict[str, Any], args: argparse.Namespace
                 tps = [c["decode_tps"] or 0.0 for c in cell]
                 ratios = [c["decode_tps"] / b["decode_tps"] for c, b in zip(cell, base, strict=False)
                           if c["decode_tps"] and b["decode_tps"]]
+                off = runs.get((f"{drafter} off", rtt, workload), [])
+                paired = [c["decode_tps"] / o["decode_tps"] for c, o in zip(cell, off, strict=False)
+                          if c["decode_tps"] and o["decode_tps"]]
                 drafted, accepted = sum(c["drafted"] for c in cell), sum(c["accepted"] for c in cell)
                 steps, toks = sum(c["steps"] for c in cell), sum(c["tokens"] for c in cell)
                 rows.append({
@@ -312,11 +326,14 @@ def summarize(target: Target, measured: dict[str, Any], args: argparse.Namespace
                     "tok_s": statistics.median(tps), "tok_s_runs": tps,
                     "ratio": statistics.median(ratios) if ratios and drafter not in ("none", "llama-server none")
                     else (1.0 if ratios else None),
+                    # to the same load's runs with drafting off for the request, paired run by run (RTT <= 5 ms)
+                    "ratio_off": statistics.median(paired) if paired else None,
+                    "tok_s_off": statistics.median(o["decode_tps"] or 0.0 for o in off) if off else None,
                     "acceptance": accepted / drafted if drafted else None,
                     "tokens_per_step": toks / steps if steps else (None if server else 1.0),
                     "round_trips_per_token": statistics.median(c["round_trips_per_token"] for c in cell)
                     if all(c["round_trips_per_token"] is not None for c in cell) else None,
-                    "texts_equal": all(c["text_ok"] for c in cell),
+                    "texts_equal": all(c["text_ok"] for c in [*cell, *off]),
                 })
                 if server:  # its own text without drafts is its oracle; the ratio to ours: ours / its
                     rows[-1]["texts_equal"] = all(c["text"] == base[0]["text"] for c in cell) if base else None
@@ -346,10 +363,12 @@ def best_against_anchor(rows: list[dict[str, Any]], target: str) -> list[dict[st
 
 
 def table(rows: list[dict[str, Any]], markdown: bool) -> str:
-    out = [["target", "RTT ms", "workload", "drafter", "tok/s", "x none", "accepted", "tok/step", "RT/tok", "text"]]
+    out = [["target", "RTT ms", "workload", "drafter", "tok/s", "x none", "x off", "accepted", "tok/step", "RT/tok",
+            "text"]]
     for r in rows:
         out.append([r["target"], f"{r['rtt_ms']:g}", r["workload"], r["drafter"], common.fmt(r["tok_s"], 1),
-                    common.fmt(r["ratio"], 2), "-" if r["acceptance"] is None else f"{100 * r['acceptance']:.0f}%",
+                    common.fmt(r["ratio"], 2), common.fmt(r.get("ratio_off"), 2),
+                    "-" if r["acceptance"] is None else f"{100 * r['acceptance']:.0f}%",
                     common.fmt(r["tokens_per_step"], 2), common.fmt(r["round_trips_per_token"], 2),
                     {True: "=", False: "DIFFERS", None: "-"}[r["texts_equal"]]])
     return common.render(out, markdown)

@@ -300,13 +300,14 @@ def link_table(doc: Node) -> str:
 
 def speculative_table(doc: Node, target: str | None = None) -> str:
     """bench_speculative.py's table (of one target, or all)."""
-    rows = [["target", "RTT", "workload", "drafter", "tok/s", "x none", "accepted", "tokens/step", "round trips/token",
-             "text"]]
+    rows = [["target", "RTT", "workload", "drafter", "tok/s", "x none", "x off", "accepted", "tokens/step",
+             "round trips/token", "text"]]
     for r in doc["rows"]:
         if target is not None and r["target"] != target:
             continue
         rows.append([r["target"], f"{r['rtt_ms']:g} ms", r["workload"], r["drafter"], _fmt(r["tok_s"], 1),
                      "-" if r["ratio"] is None else f"{r['ratio']:.2f}x",
+                     "-" if r.get("ratio_off") is None else f"{r['ratio_off']:.2f}x",
                      "-" if r["acceptance"] is None else f"{100 * r['acceptance']:.0f}%",
                      _fmt(r["tokens_per_step"], 2),
                      # llama-server at RTT 0 has no emulator in front of it: nothing counted its round trips

@@ -183,6 +183,10 @@ def test_completions_plain_and_streaming(client, local_greedy):
     assert out.object == "text_completion"
     assert out.choices[0].text == local_greedy["completion"]
     assert out.usage.completion_tokens == 64
+    # draft_max (llama-server's speculative.n_max) passes through; a model loaded without a draft has none to bound
+    bounded = client.completions.create(model=MODEL_ID, prompt=PROMPT, max_tokens=64, temperature=0,
+                                        extra_body={"draft_max": 0})
+    assert bounded.choices[0].text == local_greedy["completion"]
     chunks = list(client.completions.create(model=MODEL_ID, prompt=PROMPT, max_tokens=64, temperature=0,
                                             stream=True))
     assert len(chunks) > 10
@@ -256,6 +260,8 @@ def test_malformed_requests(client, http, local_greedy):
     assert resp.status_code == 400 and _error(resp)["param"] == "messages"
     resp = post("/v1/chat/completions", json={"model": MODEL_ID, "messages": CHAT, "temperature": 7})
     assert resp.status_code == 400 and _error(resp)["param"] == "temperature"
+    resp = post("/v1/completions", json={"model": MODEL_ID, "prompt": "x", "draft_max": -1})
+    assert resp.status_code == 400 and _error(resp)["param"] == "draft_max"
     resp = post("/v1/chat/completions", json={"model": MODEL_ID, "messages": [{"role": "wizard", "content": "x"}]})
     assert resp.status_code == 400 and _error(resp)["param"].startswith("messages.0.role")
     resp = post("/v1/completions", json={"model": MODEL_ID, "prompt": [[1, 2], [3]]})

@@ -322,6 +322,16 @@ def _drafts(llm) -> dict:
     return wait_for(lambda: llm.engine_stats.get("draft"), timeout=30, what="the engine's draft counts")
 
 
+def _drafts_after(llm, before: dict) -> dict:
+    """The engine's draft counts once they report a request's steps after ``before`` and nothing runs."""
+    def counted():
+        stats = llm.engine_stats or {}
+        draft = stats.get("draft")
+        return draft if draft and draft["steps"] > before["steps"] and not stats.get("running") else None
+
+    return wait_for(counted, timeout=30, what="the engine's draft counts after the request")
+
+
 # Each load below leases both machines: the tests that load their own model come before the module's shared one.
 
 
@@ -419,6 +429,25 @@ def test_greedy_text_with_lookup_drafts_is_the_text_without(drafting, flash_gree
     assert draft["accepted"] - before > 50  # the rewrite quotes its passage: most drafts verified were accepted
     assert draft["tokens"] > draft["steps"]  # more than one token per step
     assert drafting._engine.info["invariance"]["verify_rows"] >= 2
+
+
+@pytest.mark.mesh
+def test_a_request_bounds_its_own_drafts(drafting, flash_greedy):
+    """``draft_max`` per request (llama-server's ``speculative.n_max``): 0 turns drafting off for that request alone,
+    with the same text; a bad value is one clear error, and the model serves on."""
+    before = _drafts(drafting)
+    assert text_of(drafting.create_completion(REWRITE, max_tokens=72, temperature=0, draft_max=0)) == \
+        flash_greedy[REWRITE]
+    after = _drafts_after(drafting, before)
+    assert after["drafted"] == before["drafted"]
+    assert text_of(drafting.create_completion(REWRITE, max_tokens=72, temperature=0, draft_max=2)) == \
+        flash_greedy[REWRITE]
+    bounded = _drafts_after(drafting, after)
+    steps = bounded["steps"] - after["steps"]
+    assert 0 < bounded["drafted"] - after["drafted"] <= 2 * steps  # at most 2 drafts a step
+    with pytest.raises(ValueError, match="draft_max must be an integer >= 0"):
+        drafting.create_completion(REWRITE, max_tokens=8, draft_max=-1)
+    assert text_of(drafting.create_completion(REWRITE, max_tokens=72, temperature=0)) == flash_greedy[REWRITE]
 
 
 @pytest.mark.mesh

@@ -137,12 +137,14 @@ class BatchScheduler:
 
     def generate(self, tokens: list[int], *, seed: int, logit_bias: dict | None, stopped: Callable[[], bool],
                  max_tokens: int | None = None, on_admit: Callable[[int], None] | None = None,
-                 logprobs: tuple[int, list] | None = None, **sampling: Any) -> Iterator[int]:
+                 logprobs: tuple[int, list] | None = None, draft_max: int | None = None,
+                 **sampling: Any) -> Iterator[int]:
         """``Llama.generate`` for one request: submit its sequence, yield its tokens as the scheduler samples them.
         ``max_tokens`` (> 0): the consumer takes no more (llama-cpp-python's ``max_tokens``), so the sequence is not
         decoded further ahead of it. ``on_admit``: called with the prompt tokens found in the cache when the
         sequence gets its slot. ``logprobs``: ``(k, records)``, a list to which each sampled token's record goes
-        (:func:`sharedllm.engine.logprobs.token_logprobs`), in order."""
+        (:func:`sharedllm.engine.logprobs.token_logprobs`), in order. ``draft_max``: the most drafts a step of this
+        sequence takes (None: the load's; 0: none)."""
         prompt = list(tokens)
         if not prompt:
             raise ValueError("the prompt is empty")
@@ -150,7 +152,7 @@ class BatchScheduler:
             raise ValueError(f"Requested tokens ({len(prompt)}) exceed context window of {self.n_ctx_seq}")
         limit = min(max_tokens, self.n_ctx_seq - len(prompt)) if max_tokens and max_tokens > 0 else None
         seq = Sequence(prompt, sampler_chain(self.llm, seed=seed, logit_bias=logit_bias, **sampling), stopped, limit)
-        seq.on_admit, seq.logprobs = on_admit, logprobs
+        seq.on_admit, seq.logprobs, seq.draft_max = on_admit, logprobs, draft_max
         with self._cond:
             if self._closed:
                 raise RuntimeError("the engine is closing")

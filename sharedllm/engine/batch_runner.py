@@ -109,7 +109,7 @@ class BatchRunner:
         trail = call.trail
         call.prompt_tokens = len(tokens)
         tokens = self.scheduler.generate(tokens, seed=seed, logit_bias=call.kwargs.get("logit_bias"),
-                                         stopped=call.stopped, max_tokens=call.max_tokens,
+                                         stopped=call.stopped, max_tokens=call.max_tokens, draft_max=call.draft_max,
                                          logprobs=None if trail is None else (trail.k, trail.records),
                                          on_admit=lambda n: setattr(call, "cached_tokens", n), **sampling)
         return call.generated(tokens, self.llm._model.vocab)

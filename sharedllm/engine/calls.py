@@ -40,7 +40,10 @@ class Call:
 
     def __init__(self, msg: dict, out: Out):
         self.rid = msg["rid"]
-        self.method, self.kwargs, self.streamed = msg["method"], msg["kwargs"], msg["stream"]
+        self.method, self.kwargs, self.streamed = msg["method"], dict(msg["kwargs"]), msg["stream"]
+        # the most drafts a step of this request's sequence takes (None: the load's draft_max; 0: none), not an
+        # argument of llama-cpp-python's: llama-server's per-request speculative.n_max
+        self.draft_max = self.kwargs.pop("draft_max", None)
         self.out = out
         self.tokens = 0
         self.stop: str | None = None  # "cancel" or "close" once the parent asked
@@ -83,6 +86,10 @@ class Call:
             # OpenAI's logprobs=True alone: the chosen tokens' (llama-cpp-python would give none without a count)
             self.kwargs = {**self.kwargs, "top_logprobs": 0}
         try:
+            if self.draft_max is not None and (not isinstance(self.draft_max, int) or isinstance(self.draft_max, bool)
+                                               or self.draft_max < 0):
+                raise ValueError(f"draft_max must be an integer >= 0 (0: no drafts for this request), got "
+                                 f"{self.draft_max!r}")
             if not self.streamed:
                 result = fn(**self.kwargs)
                 if self.trail is not None and self.method == "create_chat_completion":

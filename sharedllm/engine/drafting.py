@@ -209,9 +209,10 @@ class Drafting:
         self.row_cost = RowCost()
 
     def room(self, seq: Any) -> int:
-        """The most drafts ``seq`` may take now: ``draft_max``, within its context and its ``max_tokens`` (drafts
-        past the tokens its consumer takes would be work thrown away)."""
-        room = min(self.draft_max, self.n_ctx_seq - seq.n_past - 1)
+        """The most drafts ``seq`` may take now: ``draft_max`` (or the request's own, where it is less), within its
+        context and its ``max_tokens`` (drafts past the tokens its consumer takes would be work thrown away)."""
+        most = self.draft_max if seq.draft_max is None else min(self.draft_max, seq.draft_max)
+        room = min(most, self.n_ctx_seq - seq.n_past - 1)
         if seq.limit is not None:
             room = min(room, seq.limit - seq.sampled - 1)
         return room

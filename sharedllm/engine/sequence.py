@@ -43,6 +43,7 @@ class Sequence:
         # lookup drafter's n-gram index, the running acceptance; the drafts verified and accepted so far.
         self.draft: list[int] = []
         self.draft_offer: list[int] = []
+        self.draft_max: int | None = None  # the request's own bound on its drafts a step (None: the load's)
         self.draft_index: Any = None
         self.draft_length = DraftLength()
         self.drafted = self.accepted = 0

@@ -33,6 +33,10 @@ class RequestBase(BaseModel):
     # Below 0.5 the penalty rewards repetition so much that byte-fallback tokens repeat, and llama-cpp-python then
     # generates past max_tokens while its text is incomplete UTF-8: the engine is stuck until the context is full.
     repeat_penalty: float | None = Field(None, ge=0.5, le=2.0)
+    # Speculative decoding (a model loaded with a draft): the most drafts a step of this request takes (0: none).
+    draft_max: int | None = Field(None, ge=0, le=1024,
+                                  description="The most drafts a step of this request takes, up to the model's "
+                                              "draft_max (0: no drafts). llama-server's speculative.n_max.")
 
 
 class CompletionRequest(RequestBase):

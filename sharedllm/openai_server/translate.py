@@ -10,7 +10,7 @@ from sharedllm.openai_server.schemas import ChatCompletionRequest, ChatMessage, 
 from sharedllm.tool_calls import ToolError, Tools, grammar_error, prepare
 
 _SAMPLING = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "repeat_penalty", "presence_penalty",
-             "frequency_penalty")
+             "frequency_penalty", "draft_max")
 
 
 def _common_kwargs(req: RequestBase, n_vocab: int | None) -> dict[str, Any]:
