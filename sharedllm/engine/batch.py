@@ -231,9 +231,11 @@ class BatchScheduler:
                 try:
                     n = self._mixed_step(decode, prefills) if self.unified else self._separate_steps(groups, prefills)
                 finally:
+                    # what the pass cost, without the wait for the drafter's guess in flight: that is drafting's
+                    # cost (its guesses are the next drafts), not the rows' (RowCost)
+                    ms = (time.monotonic() - started) * 1000
                     if self.drafter is not None:
                         self.drafter.wait()
-                ms = (time.monotonic() - started) * 1000
                 self.cost.observe(ms, sum(len(c) for _, c in prefills), len(decode))
                 if decode and not prefills and self.drafting is not None:
                     self.drafting.row_cost.observe(rows, ms)
