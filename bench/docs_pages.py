@@ -91,6 +91,8 @@ SETTINGS: dict[str, str] = {
     "RTT 5 and 20 ms": "the same",
     "RTT 0-1 ms": "the same",
     "RTT 20 ms": "the same",
+    "RTT 5 ms or less": "where bench_speculative pairs each run with drafting off (LOW_RTT_MS)",
+    "From RTT 5 ms on": "the same",
     "an emulated 20 ms round trip": "the same",
     "behind 20 ms": "the same",
     "a 20 ms link": "the same",
