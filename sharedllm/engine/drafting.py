@@ -74,8 +74,14 @@ class DraftLength:
             self.probe_every = PROBE_FIRST
 
     def declined(self) -> None:
-        """Its drafter was asked for drafts and had none: no draft was tried (its acceptance stands), but the
-        chance that asking gives drafts falls; a probe that got none waits as after a failed probe."""
+        """Its drafter was asked for drafts and had none (a draft model not ``p_min`` sure of its next token): no
+        draft was tried (its acceptance stands), but the chance that asking gives drafts falls; a probe that got none
+        waits as after a failed probe. Asking cost the client a pass of the draft model (and reading the context
+        since the last one): counted as nothing, a drafter that is never sure was asked again every ``PROBE_FIRST``
+        steps, for a quarter of the steps' time at RTT 0 (Gemma 3 270M drafted by its Q2_K: 45-50 tok/s against 60
+        without a drafter, and not one draft verified). Counted as a rejected draft, it stopped a draft model that is
+        unsure at an answer's first tokens from drafting the rest (RTT 20 ms, open chat: 0.99x of no drafts against
+        2.5x)."""
         self.asked, self.given = self.asked * self.decay + 1, self.given * self.decay
         if self.probes():
             self.idle = 0
@@ -245,20 +251,10 @@ class Drafting:
             draft = drafts.get(id(seq), [])[:k]
             # a token the target does not have (a draft model's vocabulary may be longer) ends the draft
             seq.draft = draft[:next((i for i, t in enumerate(draft) if not 0 <= t < self.n_vocab), len(draft))]
-            if not seq.draft and k:
-                self.declined(seq)
+            if not seq.draft and k:  # allocated drafts, and its drafter had none
+                seq.draft_length.declined()
             elif not seq.draft:
                 seq.draft_length.observe(0, 0)
-
-    def declined(self, seq: Any) -> None:
-        """``seq`` was allocated drafts and its drafter had none (a draft model not ``p_min`` sure of its next
-        token): :meth:`DraftLength.declined`. Asking cost the client a pass of the draft model (and reading the
-        context since the last one): counted as nothing, a drafter that is never sure was asked again every
-        ``PROBE_FIRST`` steps, for a quarter of the steps' time at RTT 0 (Gemma 3 270M drafted by its Q2_K: 45-50
-        tok/s against 60 without a drafter, and not one draft verified). Counted as a rejected draft, it stopped a
-        draft model that is unsure at an answer's first tokens from drafting the rest (RTT 20 ms, open chat: 0.99x
-        of no drafts against 2.5x)."""
-        seq.draft_length.declined()
 
     def verified(self, seq: Any, got: list[int]) -> None:
         """``seq``'s drafts were verified and the target sampled ``got``: the drafts up to the first it differs from
