@@ -129,6 +129,23 @@ def test_a_new_sequence_probes_in_its_first_step():
     assert not length.probes() and length.probe_every == 2 * PROBE_FIRST
 
 
+def test_a_probe_pays_a_draft_models_first_read_in_full():
+    """A new sequence's first draft from a draft model reads its prompt first, a cost spread over the steps drafting
+    is to repay it. A probe guesses its acceptance: judged with the read spread, the Q2_K drafter of Gemma 3 270M
+    probed at RTT 0 (20 ms steps, 9 ms a draft, a 100-token prompt read in 142 ms counted as 3 ms), and nothing
+    repaid the read. Judged whole, it does not probe; behind a link its drafts pay at the prior's acceptance and
+    start drafting without a probe, with the read spread."""
+    rtt0, rtt20 = line(19.9, 6.0), line(62.0, 6.0)
+    read, spread = 142.0, 142.0 * 2 / 92  # 92 steps left, 2 tokens a step at acceptance 0.5
+    new = Drafting(LookupDrafter(), 16, 0, 512, 1000).new_length()
+    assert new.probes()
+    assert allocate([(new, 16, 0)], rtt0, draft_ms=9.2, first_ms=[spread]) >= [1]  # spread: it probes
+    assert allocate([(new, 16, 0)], rtt0, draft_ms=9.2, first_ms=[spread], whole_ms=[read]) == [0]
+    assert allocate([(new, 16, 0)], rtt20, draft_ms=9.2, first_ms=[spread], whole_ms=[read]) >= [1]
+    # A chain that has the prompt already (its slot's last request shared it) costs nothing to catch up: a probe.
+    assert allocate([(new, 16, 0)], rtt0, draft_ms=9.2, first_ms=[0.0], whole_ms=[0.0]) >= [1]
+
+
 def test_a_sequence_whose_drafts_fail_backs_off_and_probes_again():
     length = DraftLength(prior=0.5)
     costs = {"step_ms": line(20.0, 4.0), "draft_ms": 0.0}
@@ -231,7 +248,10 @@ def test_row_cost_is_measured_by_the_rows_of_a_step():
     assert cost.ms(9) == pytest.approx(63.0)
     assert cost.ms(5) == pytest.approx(35.0 + 3 * 4.0)  # between two measured counts: on the line through them
     assert cost.ms(11) == pytest.approx(63.0 + 2 * RowCost.PRIOR * 15.0)
-    # A count that cost more than a larger one (a slow moment) is taken at the larger one's cost.
+    # A count seen once is taken halfway between that step and the guess for it (a first step may pay for what
+    # starts with it); a count that cost more than a larger one (a slow moment) is taken at the larger one's cost.
+    cost.observe(4, 90.0)
+    assert cost.ms(4) == pytest.approx(15.0 + (75.0 + 3 * RowCost.PRIOR * 15.0) / 2)
     cost.observe(4, 90.0)
     assert cost.ms(4) == pytest.approx(63.0)
     assert cost.ms(3) == pytest.approx(35.0 + (63.0 - 35.0) / 2)
@@ -242,6 +262,17 @@ def test_row_cost_is_measured_by_the_rows_of_a_step():
     assert cost.ms(1) == pytest.approx(55.0, abs=0.5)
     assert cost.ms(2) == pytest.approx(75.0, abs=1.0)
     assert cost.ms(9) == pytest.approx(103.0, abs=1.0)
+    # A count measured while the level still climbs to a slower link's steps is measured over the new steps.
+    climbing = RowCost()
+    for ms in (15.0, 15.0, 55.0):
+        climbing.observe(1, ms)
+    climbing.observe(2, 75.0)
+    climbing.observe(2, 75.0)
+    assert climbing.ms(1) < 40.0 and climbing.ms(2) - climbing.ms(1) == pytest.approx(20.0)
+    # Past the largest count, no more a row than ROW_TOKENS prompt tokens where a prompt token's cost is known: a
+    # guess from the smallest count's cost alone grows with the link.
+    assert cost.ms(11, token_ms=1.5) == pytest.approx(103.0 + 2 * RowCost.ROW_TOKENS * 1.5, abs=1.0)
+    assert cost.ms(11, token_ms=100.0) == pytest.approx(103.0 + 2 * RowCost.PRIOR * 55.0, abs=1.0)
 
 
 def test_a_draft_models_costs_are_measured_before_its_first_draft(model_path):
@@ -270,6 +301,7 @@ def test_a_draft_models_costs_are_measured_before_its_first_draft(model_path):
         assert drafter.pending_ms(seq(50, 0.5)) == pytest.approx(100 * drafter.read_ms * 2 / 50)
         assert drafter.pending_ms(seq(1000, 0.5)) == pytest.approx(100 * drafter.read_ms * 2 / 1000)
         assert drafter.pending_ms(seq(1, 0.5)) == pytest.approx(100 * drafter.read_ms)  # at most the whole read
+        assert drafter.catch_up_ms(seq(50, 0.5)) == pytest.approx(100 * drafter.read_ms)  # what a probe counts
         # With no max_tokens, the rest of the context.
         assert drafter.pending_ms(seq(None, 0.75)) == pytest.approx(100 * drafter.read_ms * 4 / (256 - 100))
     finally:

@@ -237,6 +237,8 @@ class BatchScheduler:
                     if self.drafter is not None:
                         self.drafter.wait()
                 self.cost.observe(ms, sum(len(c) for _, c in prefills), len(decode))
+                logger.debug("step: prompt chunks %s, %d decoded (%d rows), %d passes, %.1f ms",
+                             [len(c) for _, c in prefills], len(decode), rows, n, ms)
                 if decode and not prefills and self.drafting is not None:
                     self.drafting.row_cost.observe(rows, ms)
                 with self._cond:
@@ -329,7 +331,7 @@ class BatchScheduler:
         (the exact mode's ``max_rows``; the fast mode's one pass: ``n_batch`` less the prompt rows it reads)."""
         free = {g: (self.llm.n_batch - prompt_rows if self.unified else max(self.max_rows, len(group))) - len(group)
                 for g, group in enumerate(groups)}
-        self.drafting.propose(groups, free, self.cost.decode_ms or 0.0)
+        self.drafting.propose(groups, free, self.cost.decode_ms or 0.0, self.cost.token_ms)
 
     def _decoded(self) -> list[Sequence]:
         """The sequences whose next token this step decodes, in slot order: every running one that has read its

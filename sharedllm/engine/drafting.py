@@ -95,7 +95,7 @@ class DraftLength:
 
 
 def allocate(wants: list[tuple[DraftLength, int, int]], step_ms: Callable[[int], float], draft_ms: float,
-             first_ms: list[float] | None = None) -> list[int]:
+             first_ms: list[float] | None = None, whole_ms: list[float] | None = None) -> list[int]:
     """The drafts of each sequence of a step: ``wants`` holds, per sequence, its :class:`DraftLength`, the drafts it
     may take at most (what its drafter has, its limits) and its pass's group (sequences of one ``llama_decode`` share
     the pass's free rows: :func:`group_rows` gives them).
@@ -112,8 +112,16 @@ def allocate(wants: list[tuple[DraftLength, int, int]], step_ms: Callable[[int],
     ``PROBE_ACCEPTANCE`` of the time would pay (else its acceptance is not what holds it back), with as many drafts
     as would pay best so (one more row can cost as much as several: a probe of one would tell as much and give less);
     after a probe that failed, only where the next one costs at most ``PROBE_SHARE`` of the steps' time since its
-    last draft, times its backoff (a draft that makes a CPU step take another kernel costs more than the step)."""
+    last draft, times its backoff (a draft that makes a CPU step take another kernel costs more than the step).
+
+    ``whole_ms``: what a sequence's first draft costs this step in full (``first_ms`` may spread a one-time cost, a
+    draft model's first read of the prompt, over the steps drafting is to pay for: :meth:`Drafter.pending_ms`). A
+    probe pays it in full: its acceptance is a guess, and if the guess is wrong nothing repays the read. (Gemma 3
+    270M drafted by its Q2_K at RTT 0: a new sequence's first probe read a 100-token prompt, 243 ms for a 20 ms step,
+    which the 90% guess spread over the answer's 92 steps counted as 3 ms; drafting then did not pay, and the rewrite
+    workload ran at 0.89x of the same load without drafts.)"""
     first = first_ms or [0.0] * len(wants)
+    whole = whole_ms or first
     base = max(step_ms(0), 1e-3)
     offered = sum(most for _, most, _ in wants)
     row = max((step_ms(offered) - base) / offered, 0.0) if offered else 0.0
@@ -147,15 +155,15 @@ def allocate(wants: list[tuple[DraftLength, int, int]], step_ms: Callable[[int],
         ks[i] += 1
     for i, (length, most, _) in enumerate(wants):
         if ks[i] == 0 and most > 0 and length.probes():
-            k, with_probe, rate_with_probe = _probe(most, tokens, best, client + first[i], rate, step_ms, draft_ms)
+            k, with_probe, rate_with_probe = _probe(most, tokens, best, client + whole[i], rate, step_ms, draft_ms)
             # after a failed probe, the next costs at most PROBE_SHARE of the steps' time while it waited
-            cost = step_ms(best + k) - step_ms(best) + k * draft_ms + first[i]
+            cost = step_ms(best + k) - step_ms(best) + k * draft_ms + whole[i]
             if k and (not length.verified
                       or length.idle * base * PROBE_SHARE >= cost * length.probe_every / PROBE_FIRST):
                 ks[i] = k
                 # the next sequence's probe is judged against a step with this one in it
                 best, tokens, rate = best + k, with_probe, rate_with_probe
-                client += k * draft_ms + first[i]
+                client += k * draft_ms + whole[i]
     return ks
 
 
@@ -223,9 +231,12 @@ class Drafting:
             room = min(room, seq.limit - seq.sampled - 1)
         return room
 
-    def propose(self, groups: list[list[Any]], free: dict[int, int], decode_ms: float) -> None:
+    def propose(self, groups: list[list[Any]], free: dict[int, int], decode_ms: float,
+                token_ms: float | None = None) -> None:
         """Each decoded sequence's drafts for this step (``Sequence.draft``): what its drafter offers, within its
-        limits, as many as :func:`allocate` finds worth their cost and each pass's ``free`` rows hold (by group)."""
+        limits, as many as :func:`allocate` finds worth their cost and each pass's ``free`` rows hold (by group).
+        ``decode_ms``, ``token_ms``: a decode step's cost and a prompt token's on top (:class:`~.cost.StepCost`),
+        the guesses for rows not measured yet."""
         wants, order = [], []
         for g, group in enumerate(groups):
             for seq in group:
@@ -234,13 +245,15 @@ class Drafting:
                 seq.draft_offer = self.drafter.available(seq, most) if most > 0 else []
                 wants.append((seq.draft_length, len(seq.draft_offer), g))
                 order.append(seq)
-        curve, rows = self.row_cost.curve(decode_ms), len(order)
+        curve, rows = self.row_cost.curve(decode_ms, token_ms), len(order)
 
         def step_ms(extra: int) -> float:
             return curve(rows + extra)
 
+        offered = [(seq, w[1] > 0) for seq, w in zip(order, wants, strict=True)]
         ks = allocate(wants, step_ms, self.drafter.on_client_ms,
-                      [self.drafter.pending_ms(seq) if w[1] else 0.0 for seq, w in zip(order, wants, strict=True)])
+                      [self.drafter.pending_ms(seq) if has else 0.0 for seq, has in offered],
+                      [self.drafter.catch_up_ms(seq) if has else 0.0 for seq, has in offered])
         ks = [max(k, min(self.draft_min, most)) for k, (_, most, _) in zip(ks, wants, strict=True)]
         ks = group_rows(ks, [w[2] for w in wants], free)
         logger.debug("drafts %s (offered %s, acceptance %s; step %.1f ms, %.1f with one draft, %.1f with 8; draft "

@@ -49,7 +49,11 @@ class Drafter:
 
     def pending_ms(self, seq: Any) -> float:
         """What a draft for ``seq`` costs once before its first guess (a draft model reading the context since its
-        last draft), in ms."""
+        last draft), in ms, as drafting is to repay it (a one-time read spread over the steps it serves)."""
+        return 0.0
+
+    def catch_up_ms(self, seq: Any) -> float:
+        """What a draft for ``seq`` costs before its first guess in this step, in full (a probe pays it whole)."""
         return 0.0
 
     def ahead(self, seqs: list[Any]) -> None:
@@ -168,20 +172,26 @@ class ModelDrafter(Drafter):
         return [] if most <= 0 else [0] * most  # any length: the drafts are made once allocated (see draft)
 
     def pending_ms(self, seq: Any) -> float:
-        """The context tokens the chain of ``seq`` lacks, at the measured cost of reading one. A sequence's first
-        draft reads its whole prompt (but what its slot's chain shares with it), once: that cost is spread over the
-        steps the sequence may still take (its ``max_tokens``, else its context), at the tokens a step yields with
-        drafts at its acceptance, so a long answer pays for reading a long prompt and a short one does not."""
+        """:meth:`catch_up_ms`, and a sequence's first draft reads its whole prompt (but what its slot's chain shares
+        with it) once: that cost is spread over the steps the sequence may still take (its ``max_tokens``, else its
+        context), at the tokens a step yields with drafts at its acceptance, so a long answer pays for reading a long
+        prompt and a short one does not."""
+        whole = self.catch_up_ms(seq)
+        if id(seq) in self._drafted:
+            return whole
+        left = (seq.limit - seq.sampled) if seq.limit is not None else self.n_ctx_seq - seq.n_past
+        per_step = min(self.ahead_max + 1.0, 1.0 / max(1.0 - seq.draft_length.acceptance, 1e-3))
+        return whole * min(1.0, per_step / max(left, 1))
+
+    def catch_up_ms(self, seq: Any) -> float:
+        """The context tokens the chain of ``seq`` lacks, at the measured cost of reading one."""
         chain = self._chains.get(seq.slot)
         if id(seq) in self._drafted:
             return max(0, len(seq.prompt) + len(seq.outputs) - (len(chain.cells) if chain else 0)) * self.read_ms
         from sharedllm.engine.prompt_cache import common_prefix
 
         history = seq.history()
-        missing = len(history) - (common_prefix(chain.cells, history) if chain else 0)
-        left = (seq.limit - seq.sampled) if seq.limit is not None else self.n_ctx_seq - seq.n_past
-        per_step = min(self.ahead_max + 1.0, 1.0 / max(1.0 - seq.draft_length.acceptance, 1e-3))
-        return missing * self.read_ms * min(1.0, per_step / max(left, 1))
+        return (len(history) - (common_prefix(chain.cells, history) if chain else 0)) * self.read_ms
 
     def calibrate(self, passes: int = 3, read: int = 32) -> None:
         """First measures of ``on_client_ms`` (a draft position's pass) and ``read_ms`` (a context token read),
