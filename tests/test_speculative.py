@@ -146,6 +146,25 @@ def test_a_probe_pays_a_draft_models_first_read_in_full():
     assert allocate([(new, 16, 0)], rtt0, draft_ms=9.2, first_ms=[0.0], whole_ms=[0.0]) >= [1]
 
 
+def test_a_sequence_whose_drafts_were_accepted_probes_again_whatever_the_probe_costs():
+    """Behind a link, a draft model's sequence that drafted once (accepted) at the prior's acceptance, where the
+    steps' costs then said drafting does not pay: it probes after PROBE_FIRST steps (nine in ten accepted would pay),
+    though the probe's catch-up is far over PROBE_SHARE of those steps: only failed drafts back off so."""
+    length = DraftLength(prior=0.5)
+    length.observe(1, 1)
+    costs = {"step_ms": lambda extra: 63.0 if extra == 0 else 100.0 + 4.5 * (extra - 1), "draft_ms": 10.0}
+    assert allocate([(length, 16, 0)], **costs, first_ms=[3.0]) == [0]  # at its acceptance, none pays
+    for _ in range(PROBE_FIRST):
+        length.observe(0, 0)
+    catch_up = PROBE_FIRST * 2.75
+    assert allocate([(length, 16, 0)], **costs, first_ms=[catch_up], whole_ms=[catch_up])[0] > 0
+    failed = DraftLength(prior=0.5)
+    failed.observe(1, 0)
+    for _ in range(PROBE_FIRST * 2):
+        failed.observe(0, 0)
+    assert allocate([(failed, 16, 0)], **costs, first_ms=[catch_up], whole_ms=[catch_up]) == [0]
+
+
 def test_a_sequence_whose_drafts_fail_backs_off_and_probes_again():
     length = DraftLength(prior=0.5)
     costs = {"step_ms": line(20.0, 4.0), "draft_ms": 0.0}

@@ -45,6 +45,7 @@ class DraftLength:
         self.idle = 0  # steps since it last drafted
         self.probe_every = PROBE_FIRST
         self.verified = 0  # its steps with drafts
+        self.failed = False  # its last drafts were all rejected: its probes back off (PROBE_SHARE)
         self.asked = self.given = SURE_WEIGHT  # decayed counts: steps its drafter was asked for drafts, and had some
 
     @property
@@ -68,6 +69,7 @@ class DraftLength:
         probe = self.probes()
         self.idle = 0
         self.verified += 1
+        self.failed = accepted == 0
         if accepted == 0 and (probe or drafted == 1):
             self.probe_every = min(PROBE_MAX, self.probe_every * 2)
         elif accepted:
@@ -111,8 +113,12 @@ def allocate(wants: list[tuple[DraftLength, int, int]], step_ms: Callable[[int],
     one by one may pay together. A sequence that drafted nothing for a while probes where drafts accepted
     ``PROBE_ACCEPTANCE`` of the time would pay (else its acceptance is not what holds it back), with as many drafts
     as would pay best so (one more row can cost as much as several: a probe of one would tell as much and give less);
-    after a probe that failed, only where the next one costs at most ``PROBE_SHARE`` of the steps' time since its
-    last draft, times its backoff (a draft that makes a CPU step take another kernel costs more than the step).
+    after drafts that failed (:attr:`DraftLength.failed`), only where the next one costs at most ``PROBE_SHARE`` of
+    the steps' time since its last draft, times its backoff (a draft that makes a CPU step take another kernel costs
+    more than the step). Not after drafts that were accepted: a sequence whose acceptance is still near the prior's
+    would otherwise stop for good behind a link, where a probe's catch-up (a draft model reading the tokens since its
+    last draft) grows faster than that share of the steps (Gemma 3 270M at RTT 20 ms: one draft, accepted, then none
+    for the rest of the answer).
 
     ``whole_ms``: what a sequence's first draft costs this step in full (``first_ms`` may spread a one-time cost, a
     draft model's first read of the prompt, over the steps drafting is to pay for: :meth:`Drafter.pending_ms`). A
@@ -158,7 +164,7 @@ def allocate(wants: list[tuple[DraftLength, int, int]], step_ms: Callable[[int],
             k, with_probe, rate_with_probe = _probe(most, tokens, best, client + whole[i], rate, step_ms, draft_ms)
             # after a failed probe, the next costs at most PROBE_SHARE of the steps' time while it waited
             cost = step_ms(best + k) - step_ms(best) + k * draft_ms + whole[i]
-            if k and (not length.verified
+            if k and (not length.failed
                       or length.idle * base * PROBE_SHARE >= cost * length.probe_every / PROBE_FIRST):
                 ks[i] = k
                 # the next sequence's probe is judged against a step with this one in it
