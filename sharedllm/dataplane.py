@@ -62,8 +62,37 @@ def control_socket_path(state_dir: str | os.PathLike, name: str = "relay.sock") 
     if short.stat().st_uid != os.getuid() or short.stat().st_mode & 0o077:
         raise PermissionError(f"{short} is not a private directory of this user; remove it, or give the worker a "
                               "shorter --state-dir")
+    sweep_dead_sockets(short)
     digest = hashlib.sha256(os.fsencode(Path(state_dir).resolve())).hexdigest()[:24]
     return short / f"{digest}-{name}"
+
+
+DEAD_SOCKET_AGE = 60.0  # seconds a control socket nobody listens on is left, before it is swept away
+
+
+def sweep_dead_sockets(directory: Path, min_age: float = DEAD_SOCKET_AGE) -> list[Path]:
+    """Remove the control sockets in ``directory`` that nobody listens on (their process was killed before it
+    could unlink them) and that are older than ``min_age`` seconds (a socket just bound may not listen yet): each
+    machine that ever ran there left one. Returns those removed."""
+    import socket
+    import stat
+
+    removed = []
+    for path in directory.glob("*.sock"):
+        try:
+            st = path.lstat()
+            if not stat.S_ISSOCK(st.st_mode) or time.time() - st.st_mtime < min_age:
+                continue
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+                probe.settimeout(1.0)
+                probe.connect(str(path))
+        except ConnectionRefusedError:
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+                removed.append(path)
+        except OSError:  # gone meanwhile, or busy: left alone
+            continue
+    return removed
 
 
 def serve_control(answer, path: str | os.PathLike, stop: threading.Event) -> None:

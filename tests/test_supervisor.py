@@ -179,3 +179,32 @@ def test_a_data_plane_nobody_adopts_stops_after_the_orphan_timeout(tmp_path):
             await asyncio.sleep(0.1)
 
     asyncio.run(scenario())
+
+
+def test_dead_control_sockets_are_swept_and_live_ones_kept(tmp_path):
+    """A relay killed with SIGKILL leaves its control socket; the next one to take a socket in that directory
+    removes those nobody listens on (old enough not to be one just bound), and leaves a live one."""
+    import socket
+
+    from sharedllm.dataplane import DEAD_SOCKET_AGE, sweep_dead_sockets
+
+    def bound(name: str, listening: bool) -> socket.socket:
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.bind(str(tmp_path / name))
+        if listening:
+            s.listen(1)
+        return s
+
+    live, dead, fresh = bound("live.sock", True), bound("dead.sock", False), bound("fresh.sock", False)
+    dead.close()
+    fresh.close()
+    old = time.time() - 2 * DEAD_SOCKET_AGE
+    for name in ("live.sock", "dead.sock"):
+        os.utime(tmp_path / name, (old, old))
+    (tmp_path / "note.sock").write_text("not a socket")
+    os.utime(tmp_path / "note.sock", (old, old))
+    try:
+        assert sweep_dead_sockets(tmp_path) == [tmp_path / "dead.sock"]
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["fresh.sock", "live.sock", "note.sock"]
+    finally:
+        live.close()
