@@ -41,6 +41,7 @@ from pathlib import Path
 import numpy as np
 
 VERSION = 1  # bump when the output changes: cached files of another version are rewritten
+SHALLOW_GAIN = 10.0  # write_f32(shallow=...): the output matrix's scale, so that greedy tokens are likely ones
 
 QUANTS = ("F16", "Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q4_0", "IQ4_XS")
 FTYPES = {"F32": 0, "F16": 1, "Q4_0": 2, "Q8_0": 7, "Q4_K_M": 15, "Q5_K_M": 17, "Q6_K": 18, "IQ4_XS": 30}
@@ -100,6 +101,12 @@ ARCHS: dict[str, Arch] = {a.name: a for a in (
          Dims(3072, 28, 24, 8, 8192, 128256, n_ctx_train=131072),
          Dims(768, 4, 6, 2, 2048, 2000),
          "bpe", "llama-bpe", 500000.0, 1e-5, tied=True, rope_freqs=True, rope_factor=32.0),
+    # Llama 3.2 3B with an output matrix of its own: a model whose tokens do not echo its input embeddings (with
+    # them tied, a random model repeats its last token), for the speculative bench's shallow target.
+    Arch("llama3.2-3b-untied", "llama",
+         Dims(3072, 28, 24, 8, 8192, 128256, n_ctx_train=131072),
+         Dims(768, 4, 6, 2, 2048, 2000),
+         "bpe", "llama-bpe", 500000.0, 1e-5, rope_freqs=True, rope_factor=32.0),
     Arch("qwen2.5-7b", "qwen2",
          Dims(3584, 28, 28, 4, 18944, 152064, n_ctx_train=32768),
          Dims(448, 4, 7, 1, 2368, 2100),
@@ -334,6 +341,13 @@ def _llama3_rope_factors(n: int, base: float, factor: float = 8.0) -> np.ndarray
     return factors.astype(np.float32)
 
 
+def readable(vocab: Vocab) -> list[int]:
+    """The byte tokens that are not printable ASCII on their own (a lone byte of a UTF-8 sequence, a control
+    character): a model that never picks them writes text a streaming decoder passes on token by token."""
+    chars = _byte_chars()
+    return [i for i, t in enumerate(vocab.tokens[:256]) if t == chars[i] and not 0x20 <= i < 0x7F]
+
+
 def _value(a: Arch, d: Dims, name: str, shape: tuple[int, ...], vocab: Vocab, rng: np.random.Generator,
            pool: np.ndarray | None) -> np.ndarray:
     if name == "rope_freqs.weight":
@@ -409,13 +423,22 @@ def _metadata(w, a: Arch, d: Dims, vocab: Vocab, scale: str) -> None:
 
 
 def write_f32(arch: str, path: str | os.PathLike, *, scale: str = "tiny", seed: int = 0,
-              dims: Dims | None = None) -> Path:
-    """Write the F32 source model of ``arch`` at ``scale`` to ``path``, tensor by tensor."""
+              dims: Dims | None = None, shallow: int | None = None) -> Path:
+    """Write the F32 source model of ``arch`` at ``scale`` to ``path``, tensor by tensor.
+
+    ``shallow`` (a number of layers): a model whose every layer from that one on adds nothing to the residual stream
+    (its ``attn_output`` and ``ffn_down`` are zeros, computed all the same), and which never picks a byte token
+    that is not printable ASCII on its own, and whose output logits are ``SHALLOW_GAIN`` times as spread (a random
+    model's next token is otherwise a few percent likely, and a draft model drafts only what it is sure of). Its first
+    ``shallow`` layers, quantized, are its drafter (:func:`truncate`): the same greedy tokens, while the target still
+    costs its full shape a token (speculative decoding's bench: compute and link together)."""
     import gguf
 
     a = ARCHS[arch]
     d = dims or (a.tiny if scale == "tiny" else a.full)
     vocab = vocab_for(a, d.n_vocab)
+    if shallow is not None:
+        vocab.quiet = sorted({*vocab.quiet, *readable(vocab)})
     assert len(vocab.tokens) == d.n_vocab, (arch, len(vocab.tokens), d.n_vocab)
     path = Path(path)
     tmp = path.with_name(path.name + ".part")
@@ -433,7 +456,13 @@ def write_f32(arch: str, path: str | os.PathLike, *, scale: str = "tiny", seed: 
     if scale != "tiny":
         pool = rng.standard_normal((4096, widest), np.float32) * np.float32(0.02)
     for name, shape in shapes:
-        w.write_tensor_data(_value(a, d, name, shape, vocab, rng, pool))
+        value = _value(a, d, name, shape, vocab, rng, pool)
+        if shallow is not None and name.endswith(("attn_output.weight", "ffn_down.weight")) \
+                and int(name.split(".")[1]) >= shallow:
+            value[...] = 0.0
+        if shallow is not None and name == "output.weight":
+            value *= np.float32(SHALLOW_GAIN)
+        w.write_tensor_data(value)
     w.close()
     tmp.replace(path)
     return path
@@ -452,6 +481,38 @@ def quantize(src: str | os.PathLike, dst: str | os.PathLike, quant: str, nthread
     if rc != 0:
         tmp.unlink(missing_ok=True)
         raise RuntimeError(f"llama_model_quantize({src} -> {quant}) failed with {rc}")
+    tmp.replace(dst)
+    return dst
+
+
+def truncate(src: str | os.PathLike, dst: str | os.PathLike, n_layer: int) -> Path:
+    """Copy the quantized model ``src`` to ``dst`` with its first ``n_layer`` layers only: its metadata (the block
+    count set to ``n_layer``) and tensors, byte for byte. Of a ``shallow`` model (:func:`write_f32`) that is its
+    drafter, bit for bit the tensors it shares with the target (quantizing a 2-layer source instead would give its
+    first layer other types: Q4_K_M gives more bits to the first eighth of the layers)."""
+    import gguf
+
+    reader = gguf.GGUFReader(src)
+    arch = reader.get_field(gguf.Keys.General.ARCHITECTURE).contents()
+    dst = Path(dst)
+    tmp = dst.with_name(dst.name + ".part")
+    writer = gguf.GGUFWriter(tmp, arch)
+    blocks = f"{arch}.block_count"
+    for kv in reader.fields.values():
+        if kv.name == gguf.Keys.General.ARCHITECTURE or kv.name.startswith("GGUF."):
+            continue
+        sub = kv.types[-1] if kv.types[0] == gguf.GGUFValueType.ARRAY else None
+        writer.add_key_value(kv.name, n_layer if kv.name == blocks else kv.contents(), kv.types[0], sub_type=sub)
+    kept = [t for t in reader.tensors
+            if not t.name.startswith("blk.") or int(t.name.split(".")[1]) < n_layer]
+    for t in kept:
+        writer.add_tensor_info(t.name, t.data.shape, t.data.dtype, t.data.nbytes, t.tensor_type)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    for t in kept:
+        writer.write_tensor_data(t.data, tensor_endianess=reader.endianess)
+    writer.close()
     tmp.replace(dst)
     return dst
 

@@ -47,6 +47,40 @@ def test_tiny_shapes_keep_the_structure(name):
     assert any(len(s) > 1 and s[-1] % 256 for s in tiny.values()) == (name in ODD_ROWS)
 
 
+def test_a_shallow_target_and_its_drafter_give_the_same_greedy_tokens(tmp_path):
+    """The speculative bench's synthetic pair: a target whose layers past the second add nothing and a drafter of
+    those two layers give the same greedy tokens (the drafter agrees, the target costs its whole shape), and neither
+    picks a byte a streaming decoder would hold back."""
+    import dataclasses
+
+    import llama_cpp
+
+    a = synth_gguf.ARCHS["llama3.2-3b-untied"]
+    src = synth_gguf.write_f32(a.name, tmp_path / "target-F32.gguf", dims=dataclasses.replace(a.tiny, n_layer=8),
+                               shallow=2, seed=1)
+    target = synth_gguf.quantize(src, tmp_path / "target-Q4_K_M.gguf", "Q4_K_M")
+    paths = [target, synth_gguf.truncate(target, tmp_path / "draft-Q4_K_M.gguf", 2)]
+    assert read_gguf(paths[1]).metadata["llama.block_count"] == 2
+    assert {t.name for t in read_gguf(paths[1]).tensors} < {t.name for t in read_gguf(target).tensors}
+    texts = []
+    for path in paths:
+        llm = llama_cpp.Llama(str(path), n_ctx=256, n_threads=2, verbose=False)
+        try:
+            tokens = llm.tokenize(common.SYNTH_PROMPT.encode(), add_bos=True)
+            out = []
+            for tok in llm.generate(tokens, top_k=1, temp=0.0):
+                out.append(tok)
+                if len(out) == 24:
+                    break
+            texts.append((out, [llm.detokenize([t]) for t in out]))
+        finally:
+            llm.close()
+    (want, pieces), (drafted, _) = texts
+    assert want == drafted
+    assert all(p and p.isascii() for p in pieces), pieces
+    assert len(set(want)) >= 4, "a token or two over and over would prove little"
+
+
 @pytest.fixture(scope="session")
 def synth_dir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("synth")
