@@ -446,7 +446,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--draft-quant", default="Q2_K", help="the draft model's quantization of Gemma (default Q2_K)")
     p.add_argument("--targets", nargs="+", choices=["gemma", "synthetic"], default=["gemma"],
                    help="gemma (Gemma 3 270M and its Q2_K) and synthetic (the 3B-shape target and its 2-layer drafter, "
-                        "written once: ~15 GB while it is made, ~2 GB kept)")
+                        "written once: ~13 GB while it is made, ~2.5 GB kept)")
     p.add_argument("--synthetic", action="store_true", help="the same as --targets gemma synthetic")
     p.add_argument("--anchor-rtt", type=float, nargs="*", default=[0, 20],
                    help="RTTs at which llama-server --rpc runs on the same rpc-servers (scripts/build_anchor.sh); "

@@ -62,7 +62,6 @@ def control_socket_path(state_dir: str | os.PathLike, name: str = "relay.sock") 
     if short.stat().st_uid != os.getuid() or short.stat().st_mode & 0o077:
         raise PermissionError(f"{short} is not a private directory of this user; remove it, or give the worker a "
                               "shorter --state-dir")
-    sweep_dead_sockets(short)
     digest = hashlib.sha256(os.fsencode(Path(state_dir).resolve())).hexdigest()[:24]
     return short / f"{digest}-{name}"
 
@@ -72,8 +71,9 @@ DEAD_SOCKET_AGE = 60.0  # seconds a control socket nobody listens on is left, be
 
 def sweep_dead_sockets(directory: Path, min_age: float = DEAD_SOCKET_AGE) -> list[Path]:
     """Remove the control sockets in ``directory`` that nobody listens on (their process was killed before it
-    could unlink them) and that are older than ``min_age`` seconds (a socket just bound may not listen yet): each
-    machine that ever ran there left one. Returns those removed."""
+    could unlink them) and that are older than ``min_age`` seconds (a socket just bound may not listen yet): in
+    ``$TMPDIR/sharedllm-UID`` each machine that ever ran there left one. Called where a control socket is bound
+    (:func:`serve_control`), once a relay. Returns those removed."""
     import socket
     import stat
 
@@ -103,6 +103,7 @@ def serve_control(answer, path: str | os.PathLike, stop: threading.Event) -> Non
 
     with contextlib.suppress(FileNotFoundError):
         os.unlink(path)
+    sweep_dead_sockets(Path(path).parent)  # those of relays killed before they could unlink theirs
     srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     old = os.umask(0o177)
     try:

@@ -185,8 +185,9 @@ def test_dead_control_sockets_are_swept_and_live_ones_kept(tmp_path):
     """A relay killed with SIGKILL leaves its control socket; the next one to take a socket in that directory
     removes those nobody listens on (old enough not to be one just bound), and leaves a live one."""
     import socket
+    import threading
 
-    from sharedllm.dataplane import DEAD_SOCKET_AGE, sweep_dead_sockets
+    from sharedllm.dataplane import DEAD_SOCKET_AGE, serve_control, sweep_dead_sockets
 
     def bound(name: str, listening: bool) -> socket.socket:
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -206,5 +207,15 @@ def test_dead_control_sockets_are_swept_and_live_ones_kept(tmp_path):
     try:
         assert sweep_dead_sockets(tmp_path) == [tmp_path / "dead.sock"]
         assert sorted(p.name for p in tmp_path.iterdir()) == ["fresh.sock", "live.sock", "note.sock"]
+        # A relay binding its control socket sweeps the directory: the dead socket it finds there goes.
+        again = bound("dead.sock", False)
+        again.close()
+        os.utime(tmp_path / "dead.sock", (old, old))
+        stop = threading.Event()
+        serve_control(lambda line: None, tmp_path / "relay.sock", stop)
+        stop.set()
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as waker:  # its accept returns, sees stop, closes
+            waker.connect(str(tmp_path / "relay.sock"))
+        assert not (tmp_path / "dead.sock").exists() and (tmp_path / "live.sock").exists()
     finally:
         live.close()

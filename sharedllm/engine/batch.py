@@ -237,8 +237,9 @@ class BatchScheduler:
                     if self.drafter is not None:
                         self.drafter.wait()
                 self.cost.observe(ms, sum(len(c) for _, c in prefills), len(decode))
-                logger.debug("step: prompt chunks %s, %d decoded (%d rows), %d passes, %.1f ms",
-                             [len(c) for _, c in prefills], len(decode), rows, n, ms)
+                if logger.isEnabledFor(logging.DEBUG):
+                    logger.debug("step: prompt chunks %s, %d decoded (%d rows), %d passes, %.1f ms",
+                                 [len(c) for _, c in prefills], len(decode), rows, n, ms)
                 if decode and not prefills and self.drafting is not None:
                     self.drafting.row_cost.observe(rows, ms)
                 with self._cond:

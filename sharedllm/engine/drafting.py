@@ -44,7 +44,6 @@ class DraftLength:
         self.decay = decay
         self.idle = 0  # steps since it last drafted
         self.probe_every = PROBE_FIRST
-        self.verified = 0  # its steps with drafts
         self.failed = False  # its last drafts were all rejected: its probes back off (PROBE_SHARE)
         self.asked = self.given = SURE_WEIGHT  # decayed counts: steps its drafter was asked for drafts, and had some
 
@@ -68,7 +67,6 @@ class DraftLength:
         self.tried = self.tried * self.decay + tried
         probe = self.probes()
         self.idle = 0
-        self.verified += 1
         self.failed = accepted == 0
         if accepted == 0 and (probe or drafted == 1):
             self.probe_every = min(PROBE_MAX, self.probe_every * 2)
@@ -256,15 +254,15 @@ class Drafting:
         def step_ms(extra: int) -> float:
             return curve(rows + extra)
 
-        offered = [(seq, w[1] > 0) for seq, w in zip(order, wants, strict=True)]
-        ks = allocate(wants, step_ms, self.drafter.on_client_ms,
-                      [self.drafter.pending_ms(seq) if has else 0.0 for seq, has in offered],
-                      [self.drafter.catch_up_ms(seq) if has else 0.0 for seq, has in offered])
+        whole = [self.drafter.catch_up_ms(seq) if w[1] else 0.0 for seq, w in zip(order, wants, strict=True)]
+        first = [self.drafter.pending_ms(seq, ms) if ms else 0.0 for seq, ms in zip(order, whole, strict=True)]
+        ks = allocate(wants, step_ms, self.drafter.on_client_ms, first, whole)
         ks = [max(k, min(self.draft_min, most)) for k, (_, most, _) in zip(ks, wants, strict=True)]
         ks = group_rows(ks, [w[2] for w in wants], free)
-        logger.debug("drafts %s (offered %s, acceptance %s; step %.1f ms, %.1f with one draft, %.1f with 8; draft "
-                     "%.2f ms)", ks, [w[1] for w in wants], [round(w[0].acceptance, 2) for w in wants], step_ms(0),
-                     step_ms(1), step_ms(8), self.drafter.on_client_ms)
+        if logger.isEnabledFor(logging.DEBUG):  # its arguments (lists, the curve read thrice) only when it logs
+            logger.debug("drafts %s (offered %s, acceptance %s; step %.1f ms, %.1f with one draft, %.1f with 8; "
+                         "draft %.2f ms)", ks, [w[1] for w in wants], [round(w[0].acceptance, 2) for w in wants],
+                         step_ms(0), step_ms(1), step_ms(8), self.drafter.on_client_ms)
         drafts = self.drafter.draft([(seq, k) for seq, k in zip(order, ks, strict=True) if k]) if any(ks) else {}
         for seq, k in zip(order, ks, strict=True):
             draft = drafts.get(id(seq), [])[:k]

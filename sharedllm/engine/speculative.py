@@ -47,9 +47,10 @@ class Drafter:
         """Up to ``k`` drafts for each ``(sequence, k)``, by ``id(sequence)``."""
         raise NotImplementedError
 
-    def pending_ms(self, seq: Any) -> float:
+    def pending_ms(self, seq: Any, whole: float | None = None) -> float:
         """What a draft for ``seq`` costs once before its first guess (a draft model reading the context since its
-        last draft), in ms, as drafting is to repay it (a one-time read spread over the steps it serves)."""
+        last draft), in ms, as drafting is to repay it (a one-time read spread over the steps it serves);
+        ``whole``: :meth:`catch_up_ms`, where the caller has it."""
         return 0.0
 
     def catch_up_ms(self, seq: Any) -> float:
@@ -171,12 +172,13 @@ class ModelDrafter(Drafter):
     def available(self, seq: Any, most: int) -> list[int]:
         return [] if most <= 0 else [0] * most  # any length: the drafts are made once allocated (see draft)
 
-    def pending_ms(self, seq: Any) -> float:
-        """:meth:`catch_up_ms`, and a sequence's first draft reads its whole prompt (but what its slot's chain shares
-        with it) once: that cost is spread over the steps the sequence may still take (its ``max_tokens``, else its
-        context), at the tokens a step yields with drafts at its acceptance, so a long answer pays for reading a long
-        prompt and a short one does not."""
-        whole = self.catch_up_ms(seq)
+    def pending_ms(self, seq: Any, whole: float | None = None) -> float:
+        """:meth:`catch_up_ms` (``whole``, where the caller has it), and a sequence's first draft reads its whole
+        prompt (but what its slot's chain shares with it) once: that cost is spread over the steps the sequence may
+        still take (its ``max_tokens``, else its context), at the tokens a step yields with drafts at its acceptance,
+        so a long answer pays for reading a long prompt and a short one does not."""
+        if whole is None:
+            whole = self.catch_up_ms(seq)
         if id(seq) in self._drafted:
             return whole
         left = (seq.limit - seq.sampled) if seq.limit is not None else self.n_ctx_seq - seq.n_past
