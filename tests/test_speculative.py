@@ -15,6 +15,7 @@ import pytest
 
 from sharedllm.engine.cost import RowCost
 from sharedllm.engine.drafting import (
+    FAILING_PRIOR,
     PRIOR_ACCEPTANCE,
     PROBE_FIRST,
     PROBE_SHARE,
@@ -127,6 +128,28 @@ def test_a_new_sequence_probes_in_its_first_step():
     assert allocate([(length, 16, 0)], cpu, draft_ms=0.0)[0] > 0
     length.observe(16, 0)  # the probe failed: the next waits, doubled
     assert not length.probes() and length.probe_every == 2 * PROBE_FIRST
+
+
+def test_a_new_sequence_after_drafts_that_all_failed_probes_as_after_a_failed_probe():
+    """Where the load's drafts are nearly all rejected, a new sequence's first probe is no free one: it waits until
+    the probe costs no more than ``PROBE_SHARE`` of the steps since it started, as after a failed probe; where they
+    are accepted, it probes at once."""
+    drafting = Drafting(LookupDrafter(), 16, 0, 512, 1000)
+    for _ in range(40):
+        drafting.prior.observe(4, 0)  # the load's drafts: all rejected
+    assert drafting.prior.acceptance < FAILING_PRIOR
+    length = drafting.new_length()
+    assert length.failed and length.probes()
+    costs = {"step_ms": line(20.0, 4.0), "draft_ms": 0.0}
+    assert allocate([(length, 6, 0)], **costs) == [0]  # a probe of 6 drafts (24 ms): over PROBE_SHARE of 4 steps
+    for _ in range(round(24 / (20.0 * PROBE_SHARE)) - PROBE_FIRST):
+        length.observe(0, 0)
+    assert allocate([(length, 6, 0)], **costs) == [6]
+    accepted = Drafting(LookupDrafter(), 16, 0, 512, 1000)
+    for _ in range(40):
+        accepted.prior.observe(4, 2)
+    fresh = accepted.new_length()
+    assert not fresh.failed and allocate([(fresh, 6, 0)], **costs)[0] > 0
 
 
 def test_a_probe_pays_a_draft_models_first_read_in_full():

@@ -30,6 +30,7 @@ PROBE_ACCEPTANCE = 0.9  # a probe is made only where a draft would pay were it a
 PROBE_SHARE = 0.025  # ... and where its cost is no more than this share of the steps since the last (times the
 # backoff): with draft_max 16 an always-wrong drafter drafted 14 tokens of a 96-token answer at RTT 0 under 5%
 # (0.87x-0.96x of no drafts), 7-8 under 2.5% (0.95x-0.99x)
+FAILING_PRIOR = 0.25  # a new sequence starts as after a failed probe where the load's drafts are accepted less often
 
 
 class DraftLength:
@@ -217,9 +218,13 @@ class Drafting:
         """A new sequence's :class:`DraftLength`, starting from what the drafts of the others got, and due to probe
         in its first step with drafts where they do not pay by that: the first probe is what starts drafting, and
         ``PROBE_FIRST`` steps of waiting for it cost a load's first request its first drafts (when the others' drafts
-        are still the prior's guess)."""
+        are still the prior's guess). Where the others' drafts are nearly all rejected (their acceptance under
+        ``FAILING_PRIOR``) it starts as after a failed probe: its first probe too waits until it costs no more than
+        ``PROBE_SHARE`` of the steps (an always-wrong drafter at RTT 0 otherwise paid a free first probe in every
+        request, 7-9 drafts of a 96-token answer: 0.94x of the same load without drafts)."""
         length = DraftLength(prior=self.prior.acceptance)
         length.idle = length.probe_every
+        length.failed = self.prior.acceptance < FAILING_PRIOR
         return length
 
     def reset_costs(self) -> None:
