@@ -281,16 +281,18 @@ def serve_linked(rtt_ms: float, args: list[str]) -> int:
 
 
 class Links:
-    """One emulated link of ``rtt_ms`` in front of each endpoint, each in a process of its own; none at 0 ms."""
+    """One emulated link of ``rtt_ms`` in front of each endpoint, each in a process of its own; none at 0 ms unless
+    ``always`` (a comparison with a setup that has its emulators in front at 0 ms too: their hop is not free)."""
 
-    def __init__(self, endpoints: list[str], rtt_ms: float):
+    def __init__(self, endpoints: list[str], rtt_ms: float, always: bool = False):
         from bench.linkem import LinkEmulator
 
-        self.links = [LinkEmulator(ep, rtt_ms=rtt_ms, process=True).start() for ep in endpoints] if rtt_ms else []
+        on = bool(rtt_ms) or always
+        self.links = [LinkEmulator(ep, rtt_ms=rtt_ms, process=True).start() for ep in endpoints] if on else []
         for lk in self.links:
             if lk._proc is not None:
                 _STARTED[lk._proc.pid] = lk._proc
-        self.endpoints = [lk.endpoint for lk in self.links] if rtt_ms else list(endpoints)
+        self.endpoints = [lk.endpoint for lk in self.links] if on else list(endpoints)
 
     def close(self) -> None:
         for lk in self.links:
@@ -327,7 +329,20 @@ def timed(start: Callable[[], Iterator[str]]) -> dict[str, Any]:
             parts.append(piece)
     res = common.stream_stats(t0, stamps, time.perf_counter(), parts)
     res["gaps_ms"] = [(b - a) * 1000 for a, b in itertools.pairwise(stamps)]
+    res["stamps"] = stamps
     return res
+
+
+def steady_tok_s(streams: list[list[float]]) -> float | None:
+    """The streams' tokens per second while all of them decode: from the moment the last one got its first token to
+    the moment the first one got its last (what ``llama-batched-bench`` times as its generation speed: every
+    sequence decoding, no prompt read); None where they never all decode at once."""
+    if not streams or not all(streams):
+        return None
+    start, end = max(s[0] for s in streams), min(s[-1] for s in streams)
+    if end <= start:
+        return None
+    return sum(1 for s in streams for t in s if start < t <= end) / (end - start)
 
 
 def many(n: int, prompts: list[str], stream: Callable[[str], Iterator[str]]) -> dict[str, Any]:
@@ -340,6 +355,7 @@ def many(n: int, prompts: list[str], stream: Callable[[str], Iterator[str]]) -> 
     return {"streams": n, "tokens": tokens, "wall_s": wall, "tok_s": tokens / wall,
             "ttft_p50_ms": statistics.median(ttfts), "ttft_p95_ms": pct(ttfts, 95),
             "itl_p50_ms": statistics.median(gaps) if gaps else None, "itl_p95_ms": pct(gaps, 95),
+            "steady_tok_s": steady_tok_s([r["stamps"] for r in results]),
             "texts": [r["text"] for r in results]}
 
 

@@ -2,7 +2,7 @@
 """Benchmark: speculative decoding on the mesh (drafts on the client, verified many per pass) over emulated links.
 
     .venv/bin/python bench/bench_speculative.py [--rtt 0 5 20 50] [--tokens 96] [--repeats 2] [--quick]
-        [--low-rtt-runs 3] [--drafters none lookup model] [--workloads rewrite code chat] [--draft-quant Q2_K]
+        [--low-rtt-runs 5] [--drafters none lookup model] [--workloads rewrite code chat] [--draft-quant Q2_K]
         [--targets gemma synthetic] [--out bench/results/speculative.json] [--markdown]
 
 The target, Gemma 3 270M Q4_K_M, on 2 loopback machines of a ``LocalMesh``, each behind its own link emulator
@@ -24,6 +24,11 @@ what drafting costs or gives, free of the differences between two loads), the ac
 verified), tokens per verification step (per sequence), round trips per token (counted on the emulated links) and
 whether the text equals the oracle's: local llama-cpp-python greedy with the same kernels and parameters (flash
 attention, the engine's default).
+
+Beside them: ``llama-server --rpc`` on the same rpc-servers with each of its drafting modes, behind emulators of its
+own at every RTT (at 0 ms too: ours has its emulators in front at 0 ms as well, and their hop costs a step time), and
+the moonshot's rows: the same model run on this machine alone, no mesh and no drafts (llama-cpp-python with its own
+fastest kernels and every core), against our best drafter at each RTT.
 
 ``--targets synthetic`` (or ``--synthetic``, beside Gemma) runs a 3B-shape target (``bench/synth_gguf.py``'s
 ``llama3.2-3b-untied`` at full scale, random weights, Q4_K_M, its layers past the second adding nothing: ``shallow``)
@@ -130,6 +135,37 @@ def oracle(target: Target, workloads: list[str], tokens: int) -> dict[str, str]:
         llm.close()
 
 
+def local_speed(target: Target, workloads: list[str], tokens: int, runs: int) -> dict[str, list[float]]:
+    """Decode tok/s of each workload on this machine alone, no mesh and no drafts: what the moonshot compares with
+    (the link with drafts against the same model run locally). llama-cpp-python as a user would run it for speed:
+    its own kernels (repacked weights, ``use_extra_bufts``), every core, the engine's other parameters."""
+    import os
+
+    from sharedllm.engine import build_llama
+
+    llm = build_llama(target.path, n_ctx=target.n_ctx, use_extra_bufts=True, n_threads=os.cpu_count() or 1)
+    out: dict[str, list[float]] = {}
+    try:
+        llm.create_completion(prompt_of(workloads[0], target), **common.completion_kwargs(8))  # warm-up
+        for _ in range(runs):
+            for workload in workloads:
+                common.wait_for_quiet(5.0)
+                t0 = time.perf_counter()
+                stamps, parts = [], []
+                for chunk in llm.create_completion(prompt_of(workload, target), stream=True,
+                                                   **common.completion_kwargs(tokens)):
+                    text = chunk["choices"][0].get("text")
+                    if text:
+                        stamps.append(time.perf_counter())
+                        parts.append(text)
+                res = common.stream_stats(t0, stamps, time.perf_counter(), parts)
+                out.setdefault(workload, []).append(res["decode_tps"] or 0.0)
+                logger.info("%s local, no mesh, %s: %.1f tok/s", target.name, workload, res["decode_tps"] or 0)
+    finally:
+        llm.close()
+    return out
+
+
 def _idle_draft_counts(llm: Any, after_steps: float) -> dict[str, float]:
     """The engine's draft counts once it reported the run's last step (nothing running); {} without a drafter."""
     deadline = time.monotonic() + 10.0
@@ -177,8 +213,11 @@ def measure(target: Target, args: argparse.Namespace, lm: Any, work: Path) -> di
     truth = oracle(target, args.workloads, args.tokens)
     runs: dict[tuple, list[dict]] = {}
     loads: dict[str, list[float]] = {}
+    local: dict[str, list[float]] = {}
     drafters = list(args.drafters)
     for r in range(args.repeats):
+        for workload, tps in local_speed(target, args.workloads, args.tokens, args.low_rtt_runs).items():
+            local.setdefault(workload, []).extend(tps)
         order = drafters[r % len(drafters):] + drafters[:r % len(drafters)]
         for drafter in order:
             control = work / f"{target.name}-{drafter}-{r}"
@@ -215,7 +254,7 @@ def measure(target: Target, args: argparse.Namespace, lm: Any, work: Path) -> di
                                 logger.info("%s %s rtt %s %s: %.1f tok/s, %s drafts, %s accepted, text %s",
                                             target.name, name, rtt, workload, res["decode_tps"] or 0,
                                             res["drafted"], res["accepted"], "ok" if res["text_ok"] else "DIFFERS")
-    return {"runs": runs, "loads": loads, "oracle": truth}
+    return {"runs": runs, "loads": loads, "oracle": truth, "local": local}
 
 
 # llama-server's modes on the same rpc-servers (scripts/build_anchor.sh's build: the same llama.cpp and patches):
@@ -261,7 +300,7 @@ def llama_server_run(url: str, prompt: str, tokens: int, links: list[Any]) -> di
     res = common.stream_stats(t0, stamps, time.perf_counter(), parts)
     trips = sum(lk.stats()["round_trips"] - b for lk, b in zip(links, before, strict=True))
     drafted, accepted = timings.get("draft_n", 0), timings.get("draft_n_accepted", 0)
-    counted = trips / max(res["tokens"], 1) if links else None  # RTT 0: no emulator in front, nothing counted
+    counted = trips / max(res["tokens"], 1) if links else None  # no emulator in front: nothing counted
     res.update({"round_trips": trips, "round_trips_per_token": counted, "drafted": drafted,
                 "accepted": accepted, "steps": 0, "tokens": res["tokens"], "text_ok": None})
     return res
@@ -280,7 +319,8 @@ def measure_anchor(target: Target, args: argparse.Namespace, lm: Any, work: Path
     modes = anchor_modes(target.draft_path, DRAFT_MAX)
     for r in range(args.repeats):
         for rtt in args.anchor_rtt:
-            links = anchor.Links(rpc, rtt)
+            # at every RTT, 0 too: ours runs through its emulators at RTT 0 (set live), and so must llama-server
+            links = anchor.Links(rpc, rtt, always=True)
             try:
                 for mode, extra in modes.items():
                     server = anchor.LlamaServer(bin_dir, target.path, links.endpoints, work / f"llama-{r}-{rtt}.log",
@@ -408,6 +448,7 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
         gemma = models.default_model_path()
         targets.append(Target(GEMMA, str(gemma), str(models.quantized(gemma, args.draft_quant))))
     rows: list[dict[str, Any]] = []
+    local: list[dict[str, Any]] = []
     detail: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="bench-spec-") as workdir, \
             contextlib.closing(LocalMesh(machines=2, dashboard=False)) as lm:
@@ -426,11 +467,37 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
                 measured["anchor_modes"] = list(dict.fromkeys(k[0] for k in anchor_runs))
             rows += summarize(target, measured, sub)
             rows += best_against_anchor(rows, target.name)
+            local += against_local(rows, target.name, measured["local"])
             detail[target.name] = {"loads_s": measured["loads"], "oracle": measured["oracle"],
                                    "runs": {"|".join(map(str, k)): v for k, v in measured["runs"].items()}}
     return {"benchmark": "speculative", "machine": common.machine_info(), "args": vars(args), "rows": rows,
-            "detail": detail, "texts_match": all(r["texts_equal"] for r in rows),
+            "local": local, "detail": detail, "texts_match": all(r["texts_equal"] for r in rows),
             "total_seconds": time.perf_counter() - t_start}
+
+
+def against_local(rows: list[dict[str, Any]], target: str, local: dict[str, list[float]]) -> list[dict[str, Any]]:
+    """The moonshot's rows: per workload and RTT, our best drafter over the link against the same model run on this
+    machine alone without drafts (:func:`local_speed`): tok/s of each, ours / local."""
+    out = []
+    for workload, tps in local.items():
+        base = statistics.median(tps)
+        for rtt in sorted({r["rtt_ms"] for r in rows if r["target"] == target}):
+            ours = max((r for r in rows if (r["target"], r["rtt_ms"], r["workload"]) == (target, rtt, workload)
+                        and r["drafter"] in DRAFTERS and r["drafter"] not in ("none", "wrong")),
+                       key=lambda r: r["tok_s"] or 0, default=None)
+            if ours and base:
+                out.append({"target": target, "workload": workload, "rtt_ms": rtt, "local_tok_s": base,
+                            "local_runs": tps, "drafter": ours["drafter"], "tok_s": ours["tok_s"],
+                            "ratio": ours["tok_s"] / base})
+    return out
+
+
+def local_table(local: list[dict[str, Any]], markdown: bool) -> str:
+    out = [["target", "workload", "RTT ms", "local tok/s (no mesh, no drafts)", "best drafter", "tok/s", "x local"]]
+    for r in local:
+        out.append([r["target"], r["workload"], f"{r['rtt_ms']:g}", common.fmt(r["local_tok_s"], 1), r["drafter"],
+                    common.fmt(r["tok_s"], 1), common.fmt(r["ratio"], 2)])
+    return common.render(out, markdown)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -438,7 +505,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rtt", type=float, nargs="+", default=[0, 5, 20, 50])
     p.add_argument("--tokens", type=int, default=96)
     p.add_argument("--repeats", type=int, default=2)
-    p.add_argument("--low-rtt-runs", type=int, default=3,
+    p.add_argument("--low-rtt-runs", type=int, default=5,
                    help=f"runs of each workload per load at RTT {LOW_RTT_MS:g} ms or less (short, noisy runs)")
     p.add_argument("--drafters", nargs="+", choices=DRAFTERS, default=list(DRAFTERS),
                    help="none, lookup, model (the draft model) and wrong (every draft wrong: what trying costs)")
@@ -461,7 +528,8 @@ def main(argv: list[str] | None = None) -> int:
         args.rtt, args.tokens, args.repeats, args.low_rtt_runs = [0, 20], 48, 1, 1
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     result = benchmark(args)
-    return common.finish(result, args.out, table(result["rows"], args.markdown))
+    return common.finish(result, args.out, table(result["rows"], args.markdown) + "\n\n"
+                         + local_table(result["local"], args.markdown))
 
 
 if __name__ == "__main__":

@@ -311,11 +311,17 @@ def speculative_table(doc: Node, target: str | None = None) -> str:
                      "-" if r["ratio"] is None else f"{r['ratio']:.2f}x",
                      "-" if r.get("ratio_off") is None else f"{r['ratio_off']:.2f}x",
                      "-" if r["acceptance"] is None else f"{100 * r['acceptance']:.0f}%",
-                     _fmt(r["tokens_per_step"], 2),
-                     # llama-server at RTT 0 has no emulator in front of it: nothing counted its round trips
-                     "-" if r["drafter"].startswith("llama-server") and not r["rtt_ms"]
-                     else _fmt(r["round_trips_per_token"], 2),
+                     _fmt(r["tokens_per_step"], 2), _fmt(r["round_trips_per_token"], 2),
                      "same" if r["texts_equal"] else "DIFFERS"])
+    return _md(rows)
+
+
+def speculative_local_table(doc: Node) -> str:
+    """bench_speculative.py's moonshot rows: our best drafter over the link against the model run locally."""
+    rows = [["target", "workload", "RTT", "local tok/s (no mesh, no drafts)", "best drafter", "tok/s", "x local"]]
+    for r in doc["local"]:
+        rows.append([r["target"], r["workload"], f"{r['rtt_ms']:g} ms", _fmt(r["local_tok_s"], 1), r["drafter"],
+                     _fmt(r["tok_s"], 1), f"{r['ratio']:.2f}x"])
     return _md(rows)
 
 
@@ -675,7 +681,8 @@ HELPERS: dict[str, Any] = {
                                load_phases_table, load_memory_table, big_table, matrix_table, recovery_table,
                                faults_table, soak_table, concurrency_table, decode_floor_table, stall_table,
                                chat_table, logprobs_table, openai_table, scale_table, gpu_table,
-                               speculative_table, spec_row, pair_table, anchor_table, anchor_row)},
+                               speculative_table, speculative_local_table, spec_row, pair_table, anchor_table,
+                               anchor_row)},
 }
 
 
