@@ -320,14 +320,7 @@ def sse_stream(client: Any, body: dict) -> Iterator[str]:
 
 def timed(start: Callable[[], Iterator[str]]) -> dict[str, Any]:
     """One stream, timed from the call: TTFT, decode tok/s, the gaps between tokens, the text."""
-    t0 = time.perf_counter()
-    stamps: list[float] = []
-    parts: list[str] = []
-    for piece in start():
-        if piece:
-            stamps.append(time.perf_counter())
-            parts.append(piece)
-    res = common.stream_stats(t0, stamps, time.perf_counter(), parts)
+    res, stamps = common.timed_text(start)
     res["gaps_ms"] = [(b - a) * 1000 for a, b in itertools.pairwise(stamps)]
     res["stamps"] = stamps
     return res

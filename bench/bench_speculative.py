@@ -150,15 +150,9 @@ def local_speed(target: Target, workloads: list[str], tokens: int, runs: int) ->
         for _ in range(runs):
             for workload in workloads:
                 common.wait_for_quiet(5.0)
-                t0 = time.perf_counter()
-                stamps, parts = [], []
-                for chunk in llm.create_completion(prompt_of(workload, target), stream=True,
-                                                   **common.completion_kwargs(tokens)):
-                    text = chunk["choices"][0].get("text")
-                    if text:
-                        stamps.append(time.perf_counter())
-                        parts.append(text)
-                res = common.stream_stats(t0, stamps, time.perf_counter(), parts)
+                prompt = prompt_of(workload, target)
+                res, _ = common.timed_text(lambda p=prompt: (c["choices"][0].get("text") for c in llm.create_completion(
+                    p, stream=True, **common.completion_kwargs(tokens))))
                 out.setdefault(workload, []).append(res["decode_tps"] or 0.0)
                 logger.info("%s local, no mesh, %s: %.1f tok/s", target.name, workload, res["decode_tps"] or 0)
     finally:
@@ -186,14 +180,8 @@ def run_one(llm: Any, links: list[Any], prompt: str, tokens: int, **extra: Any) 
     counts and the links' round trips."""
     before_links = [lk.stats()["round_trips"] for lk in links]
     before = dict((llm.engine_stats or {}).get("draft") or {})
-    t0 = time.perf_counter()
-    stamps, parts = [], []
-    for chunk in llm.create_completion(prompt, stream=True, **common.completion_kwargs(tokens), **extra):
-        text = chunk["choices"][0].get("text")
-        if text:
-            stamps.append(time.perf_counter())
-            parts.append(text)
-    res = common.stream_stats(t0, stamps, time.perf_counter(), parts)
+    res, _ = common.timed_text(lambda: (c["choices"][0].get("text") for c in llm.create_completion(
+        prompt, stream=True, **common.completion_kwargs(tokens), **extra)))
     trips = sum(lk.stats()["round_trips"] - b for lk, b in zip(links, before_links, strict=True))
     after = _idle_draft_counts(llm, before.get("steps", 0))
     draft = {k: after.get(k, 0) - before.get(k, 0) for k in ("drafted", "accepted", "steps", "tokens")}

@@ -91,6 +91,19 @@ def stream_stats(t0: float, stamps: list[float], t_end: float, parts: list[str])
     }
 
 
+def timed_text(start: Callable[[], Iterator[str | None]]) -> tuple[dict[str, Any], list[float]]:
+    """Consume a stream of text pieces and time it from the call: :func:`stream_stats` (a piece without text is no
+    token: a token a streaming decoder holds back, a closing chunk), and the time of each token."""
+    t0 = time.perf_counter()
+    stamps: list[float] = []
+    parts: list[str] = []
+    for piece in start():
+        if piece:
+            stamps.append(time.perf_counter())
+            parts.append(piece)
+    return stream_stats(t0, stamps, time.perf_counter(), parts), stamps
+
+
 # --- llama.cpp by hand: raw RPC clients and the engine's placement (never imports sharedllm) --------------------
 
 
